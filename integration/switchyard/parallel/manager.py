@@ -1,0 +1,188 @@
+"""ProcessGroupManager: one validated object that builds every process group once.
+
+Every rank builds every group in the same order (torch.distributed requires all ranks to take part
+in each ``new_group``). Before anything is built, the ranks compare a fingerprint of their settings,
+so a rank started with different degrees makes *every* rank raise instead of deadlocking inside
+``new_group`` or the first collective.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from switchyard.config import ParallelConfig
+from switchyard.log import get_logger
+from switchyard.parallel.layout import GROUP_KINDS, local_expert_ids, rank_layout
+
+log = get_logger(__name__)
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("SWITCHYARD_DIST_TIMEOUT_S", "600"))
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the world from the launcher's environment (deepspeed, torchrun) unless already joined."""
+    if dist.is_initialized():
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+            # A plain `python script.py`: a world of one.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        else:
+            raise RuntimeError(
+                f"torch.distributed is not initialized and the launcher environment lacks {missing}; "
+                "start with `deepspeed`, `torchrun`, or call torch.distributed.init_process_group first"
+            )
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One rank's view of one kind of group."""
+
+    kind: str
+    ranks: tuple[int, ...]
+    group: dist.ProcessGroup | None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def rank(self) -> int:
+        return self.ranks.index(dist.get_rank())
+
+
+class ProcessGroupManager:
+    """Builds tp / pp / dp / ep / edp / etp groups from one world and hands them to DeepSpeed.
+
+    ``ProcessGroupManager(tp=2, ep=2)`` on 8 ranks gives dp=4, edp=2. Use ``.group("ep")``,
+    ``.rank("dp")``, ``.size("tp")`` for any kind, ``.mpu`` for ``deepspeed.initialize(mpu=...)``.
+    """
+
+    def __init__(
+        self,
+        tp: int = 1,
+        pp: int = 1,
+        ep: int = 1,
+        etp: int | None = None,
+        backend: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        register_with_deepspeed: bool = True,
+    ) -> None:
+        init_distributed(backend, timeout_s)
+        self.world_size = dist.get_world_size()
+        self.global_rank = dist.get_rank()
+        requested = (tp, pp, ep, etp)
+        _check_same_settings_on_every_rank(requested, self.world_size)
+        self.config = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp)
+        self.sizes = self.config.derived(self.world_size)
+        self.layout = rank_layout(self.world_size, tp=tp, pp=pp, ep=ep, etp=etp)
+        self._groups: dict[str, GroupInfo] = {}
+        for kind in GROUP_KINDS:
+            for ranks in self.layout[kind]:
+                group = dist.new_group(ranks)
+                if self.global_rank in ranks:
+                    self._groups[kind] = GroupInfo(kind, tuple(ranks), group)
+        self._groups["world"] = GroupInfo("world", tuple(range(self.world_size)), dist.group.WORLD)
+        self.mpu = _make_mpu(self)
+        if register_with_deepspeed:
+            from switchyard.parallel.deepspeed_groups import register_expert_groups
+
+            register_expert_groups(self)
+        log.info(
+            "process groups built: world=%d %s",
+            self.world_size,
+            " ".join(f"{k}={v}" for k, v in self.sizes.items()),
+            ranks=[0],
+        )
+
+    # -- lookup -------------------------------------------------------------------------------
+    def info(self, kind: str) -> GroupInfo:
+        if kind not in self._groups:
+            raise KeyError(f"no group of kind {kind!r}; kinds are {sorted(self._groups)}")
+        return self._groups[kind]
+
+    def group(self, kind: str) -> dist.ProcessGroup | None:
+        return self.info(kind).group
+
+    def ranks(self, kind: str) -> list[int]:
+        return list(self.info(kind).ranks)
+
+    def rank(self, kind: str) -> int:
+        return self.info(kind).rank
+
+    def size(self, kind: str) -> int:
+        return self.info(kind).size
+
+    @property
+    def ep_group_name(self) -> str:
+        """DeepSpeed's key for our expert groups in ``deepspeed.utils.groups``."""
+        return f"ep_size_{self.size('ep')}"
+
+    def local_expert_ids(self, num_experts: int) -> list[int]:
+        return local_expert_ids(num_experts, self.size("ep"), self.rank("ep"))
+
+    def __repr__(self) -> str:
+        degrees = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"ProcessGroupManager(rank={self.global_rank}/{self.world_size}, {degrees})"
+
+
+def _fingerprint(settings: tuple) -> int:
+    digest = hashlib.sha256(repr(settings).encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def _check_same_settings_on_every_rank(settings: tuple, world_size: int) -> None:
+    """All-gather a hash of the settings; every rank raises if any rank disagrees.
+
+    This runs before validation, so even a rank whose settings are invalid takes part and the
+    others learn about it, instead of waiting on a collective it never joins.
+    """
+    if world_size == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([_fingerprint(settings), *[-1 if s is None else s for s in settings]], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine)
+    rows = [g.tolist() for g in gathered]
+    if any(row[0] != rows[0][0] for row in rows):
+        names = ("tp", "pp", "ep", "etp")
+        table = "; ".join(
+            f"rank {r}: " + ", ".join(f"{n}={'None' if v == -1 else v}" for n, v in zip(names, row[1:]))
+            for r, row in enumerate(rows)
+        )
+        raise ValueError(
+            f"ranks were started with different parallel settings ({table}); "
+            "start every rank with the same tp/pp/ep/etp"
+        )
+
+
+def _make_mpu(manager: ProcessGroupManager):
+    from switchyard.parallel.mpu import DeepSpeedMPU
+
+    return DeepSpeedMPU(manager)

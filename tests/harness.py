@@ -1,0 +1,171 @@
+"""Run a function on N CPU ranks (gloo, fresh processes) or a script under the real deepspeed launcher.
+
+Both have a hard timeout: a hang fails the test in seconds and kills every rank. A failing rank's
+number and traceback are in the assertion message.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, rank, world_size, port, results, collective_timeout_s, args, kwargs) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+        SWITCHYARD_DIST_TIMEOUT_S=str(collective_timeout_s),
+    )
+    try:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=collective_timeout_s))
+        value = fn(*args, **kwargs)
+        # plain pickle: tensors travel by value, not as shared-memory handles that die with this process
+        results.put((rank, "ok", pickle.dumps(value)))
+        dist.barrier()
+        dist.destroy_process_group()
+        code = 0
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+        code = 1
+    results.close()
+    results.join_thread()  # flush the report before the hard exit
+    os._exit(code)
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's return value.
+
+    ``fn`` must be importable (module level). Raises ``AssertionError`` naming the first failing
+    rank with its traceback, or the ranks still running when ``timeout_s`` passes.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    collective_timeout_s = max(5.0, timeout_s * 0.8)
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, rank, world_size, port, results, collective_timeout_s, args, kwargs),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    values: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    try:
+        while len(values) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                silent = [r for r in dead if r not in values and r not in errors]
+                if silent:  # died without reporting (segfault, os._exit from a library)
+                    time.sleep(0.5)  # give the queue a moment to deliver a late report
+                    if all(r not in errors and r not in values for r in silent):
+                        for r in silent:
+                            errors[r] = f"rank {r} exited with code {procs[r].exitcode} without a report"
+                continue
+            if status == "ok":
+                values[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
+            if errors:
+                break  # one failure is enough: do not wait for peers blocked on it
+        if errors:
+            rank = min(errors)
+            raise AssertionError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
+        missing = [r for r in range(world_size) if r not in values]
+        if missing:
+            raise AssertionError(f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f}s (hang?)")
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+        return [values[r] for r in range(world_size)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=5)
+
+
+def collect_rank_errors(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0, **kwargs: Any) -> dict[int, str]:
+    """Run ``fn`` on every rank expecting each to raise; returns {rank: traceback} for all ranks.
+
+    Used to prove that a distributed mistake fails on *every* rank instead of hanging some.
+    """
+    return run_on_ranks(_capture_error, world_size, fn, args, kwargs, timeout_s=timeout_s)
+
+
+def _capture_error(fn, args, kwargs) -> str | None:
+    try:
+        fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001
+        return traceback.format_exc()
+    return None
+
+
+def run_deepspeed_launcher(
+    script: str | Path,
+    num_ranks: int,
+    script_args: list[str] | None = None,
+    timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus N script args`` on CPU ranks; kills the whole process tree on timeout."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    command = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script)]
+    command += script_args or []
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(command)} did not finish within {timeout_s:.0f}s:\n{out[-6000:]}")
+    result = subprocess.CompletedProcess(command, proc.returncode, out, "")
+    return result

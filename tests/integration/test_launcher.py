@@ -1,0 +1,34 @@
+"""Scripts under the real `deepspeed` launcher on CPU ranks."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import REPO_ROOT, run_deepspeed_launcher
+
+pytestmark = pytest.mark.distributed
+
+
+def test_all_to_all_demo_under_deepspeed_launcher():
+    result = run_deepspeed_launcher(REPO_ROOT / "launch" / "all_to_all_demo.py", 2, timeout_s=180)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert result.stdout.count("forward and backward all-to-all verified") == 2, result.stdout[-5000:]
+
+
+def test_cli_layout_prints_the_worked_example():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "switchyard.cli", "layout", "--world", "8", "--tp", "2", "--ep", "2", "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    import json
+
+    layout = json.loads(out)
+    assert layout["ep"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    bad = subprocess.run(
+        [sys.executable, "-m", "switchyard.cli", "layout", "--world", "8", "--ep", "3"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "ep*etp = 3*1 = 3 does not divide tp*dp = 1*8 = 8" in bad.stderr

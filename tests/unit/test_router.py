@@ -1,0 +1,208 @@
+"""Router parity with transformers' own routers (the oracle), plus edge cases and expert-bias updates.
+
+Run: /work/main/.venv/bin/python -m pytest -q tests/unit/test_router.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from switchyard.config import MoEConfig
+from switchyard.moe.router import Router, RouterOutput
+
+H, T = 32, 64
+
+
+def _random_hf_router(router: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn_like(router.weight))
+    return router.eval()
+
+
+def _ours_from(hf_router: torch.nn.Module, config: MoEConfig) -> Router:
+    ours = Router(H, config)
+    with torch.no_grad():
+        ours.weight.copy_(hf_router.weight)
+        if config.expert_bias:
+            ours.expert_bias.copy_(hf_router.e_score_correction_bias)
+    return ours.eval()
+
+
+def _assert_parity(hf_router: torch.nn.Module, ours: Router, x_TH: torch.Tensor) -> RouterOutput:
+    with torch.no_grad():
+        hf_logits, hf_weights, hf_idx = hf_router(x_TH)
+        out = ours(x_TH)
+    assert out.logits_TE.dtype == out.scores_TE.dtype == out.topk_weight_TK.dtype == torch.float32
+    assert out.topk_idx_TK.dtype == torch.int64
+    torch.testing.assert_close(out.logits_TE, hf_logits, rtol=0, atol=0)
+    assert torch.equal(out.topk_idx_TK, hf_idx)
+    torch.testing.assert_close(out.topk_weight_TK, hf_weights, rtol=0, atol=1e-6)
+    return out
+
+
+def _mixtral(top_k: int, num_experts: int = 8):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    cfg = MixtralConfig(
+        hidden_size=H, intermediate_size=64, num_local_experts=num_experts, num_experts_per_tok=top_k
+    )
+    return _random_hf_router(MixtralTopKRouter(cfg))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+def test_mixtral_parity(top_k: int) -> None:
+    hf = _mixtral(top_k)
+    ours = _ours_from(hf, MoEConfig(num_experts=8, top_k=top_k))  # defaults = Mixtral
+    out = _assert_parity(hf, ours, torch.randn(T, H))
+    torch.testing.assert_close(out.topk_weight_TK.sum(-1), torch.ones(T))
+    torch.testing.assert_close(out.scores_TE, torch.softmax(out.logits_TE, -1))
+
+
+@pytest.mark.parametrize(
+    "family,norm",
+    [(f, n) for f in ("qwen2_moe", "qwen3_moe", "olmoe") for n in (False, True)],
+)
+def test_softmax_family_parity(family: str, norm: bool) -> None:
+    if family == "qwen2_moe":
+        from transformers import Qwen2MoeConfig as Cfg
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter as HFRouter
+    elif family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig as Cfg
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter as HFRouter
+    else:
+        from transformers import OlmoeConfig as Cfg
+        from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter as HFRouter
+    cfg = Cfg(hidden_size=H, num_experts=16, num_experts_per_tok=4, norm_topk_prob=norm)
+    hf = _random_hf_router(HFRouter(cfg), seed=1)
+    ours = _ours_from(hf, MoEConfig(num_experts=16, top_k=4, norm_topk_prob=norm))
+    out = _assert_parity(hf, ours, torch.randn(T, H))
+    if not norm:
+        assert (out.topk_weight_TK.sum(-1) < 1).all()
+
+
+@pytest.mark.parametrize("norm,n_group,topk_group", [(True, 4, 2), (False, 4, 2), (True, 1, 1), (True, 8, 3)])
+def test_deepseek_v3_parity(norm: bool, n_group: int, topk_group: int) -> None:
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    E, K, scale = 16, 4, 2.5
+    cfg = DeepseekV3Config(
+        hidden_size=H, n_routed_experts=E, num_experts_per_tok=K, n_group=n_group, topk_group=topk_group,
+        routed_scaling_factor=scale, norm_topk_prob=norm,
+    )
+    hf = _random_hf_router(DeepseekV3TopkRouter(cfg), seed=2)
+    with torch.no_grad():
+        hf.e_score_correction_bias.copy_(torch.randn(E) * 0.3)
+    ours_cfg = MoEConfig(
+        num_experts=E, top_k=K, score_func="sigmoid", norm_topk_prob=norm, expert_bias=True,
+        n_group=n_group, topk_group=topk_group, routed_scaling_factor=scale,
+    )
+    ours = _ours_from(hf, ours_cfg)
+    x_TH = torch.randn(T, H)
+    out = _assert_parity(hf, ours, x_TH)
+    torch.testing.assert_close(out.scores_TE, torch.sigmoid(out.logits_TE))
+    # the bias must matter for the choice but never enter the weights
+    plain = torch.topk(out.scores_TE, K, dim=-1)[1].sort(-1).values
+    assert not torch.equal(plain, out.topk_idx_TK.sort(-1).values)
+    raw = out.scores_TE.gather(1, out.topk_idx_TK)
+    expected = raw / (raw.sum(-1, keepdim=True) + 1e-20) if norm else raw
+    torch.testing.assert_close(out.topk_weight_TK, expected * scale)
+    if n_group > 1:  # every token's experts lie in at most topk_group groups
+        groups_TK = out.topk_idx_TK // (E // n_group)
+        assert max(len(set(row.tolist())) for row in groups_TK) <= topk_group
+
+
+def test_softmax_after_topk_matches_formula() -> None:
+    torch.manual_seed(3)
+    router = Router(H, MoEConfig(num_experts=8, top_k=3, softmax_before_topk=False)).eval()
+    with torch.no_grad():
+        out = router(torch.randn(T, H))
+    top_logits_TK, idx_TK = torch.topk(out.logits_TE, 3, dim=-1)
+    assert torch.equal(out.topk_idx_TK, idx_TK)
+    torch.testing.assert_close(out.topk_weight_TK, torch.softmax(top_logits_TK, dim=-1), rtol=0, atol=1e-6)
+    top1 = Router(H, MoEConfig(num_experts=8, top_k=1, softmax_before_topk=False)).eval()
+    with torch.no_grad():
+        assert torch.equal(top1(torch.randn(T, H)).topk_weight_TK, torch.ones(T, 1))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MoEConfig(num_experts=8, top_k=2),
+        MoEConfig(num_experts=8, top_k=2, softmax_before_topk=False),
+        MoEConfig(num_experts=8, top_k=2, score_func="sigmoid", expert_bias=True, n_group=4, topk_group=2),
+    ],
+)
+def test_empty_input(config: MoEConfig) -> None:
+    router = Router(H, config)
+    x_TH = torch.randn(0, H, requires_grad=True)
+    out = router(x_TH)
+    assert out.logits_TE.shape == out.scores_TE.shape == (0, 8)
+    assert out.topk_idx_TK.shape == out.topk_weight_TK.shape == (0, 2)
+    out.logits_TE.sum().backward()
+    assert router.weight.grad is not None and torch.count_nonzero(router.weight.grad) == 0
+
+
+def test_leading_dims_flattened_and_bf16_input() -> None:
+    router = Router(H, MoEConfig())
+    x = torch.randn(2, 5, H)
+    out = router(x)
+    assert out.topk_idx_TK.shape == (10, 2)
+    out_bf16 = router(x.bfloat16())
+    assert out_bf16.logits_TE.dtype == torch.float32 and out_bf16.topk_weight_TK.dtype == torch.float32
+
+
+def test_jitter_training_only_and_seeded() -> None:
+    router = Router(H, MoEConfig(router_jitter=0.1))
+    x_TH = torch.randn(T, H)
+    router.eval()
+    assert torch.equal(router(x_TH).logits_TE, router(x_TH).logits_TE)
+    clean = router(x_TH).logits_TE
+    router.train()
+    torch.manual_seed(7)
+    first = router(x_TH).logits_TE
+    torch.manual_seed(7)
+    second = router(x_TH).logits_TE
+    assert torch.equal(first, second)
+    assert not torch.allclose(first, clean)
+
+
+def test_expert_bias_buffer_stays_fp32_and_persistent() -> None:
+    router = Router(H, MoEConfig(score_func="sigmoid", expert_bias=True)).to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert router.expert_bias.dtype == torch.float32
+    assert "expert_bias" in router.state_dict()
+    assert "expert_bias" not in Router(H, MoEConfig()).state_dict()
+
+
+def test_update_expert_bias_direction() -> None:
+    router = Router(H, MoEConfig(num_experts=4, top_k=1, expert_bias=True, expert_bias_update_rate=0.01))
+    router.update_expert_bias(torch.tensor([10, 2, 2, 2]))
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    router.update_expert_bias(torch.tensor([4.0, 4.0, 4.0, 4.0]))  # balanced: no change
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    with pytest.raises(ValueError):
+        Router(H, MoEConfig()).update_expert_bias(torch.zeros(8))
+    with pytest.raises(ValueError):
+        router.update_expert_bias(torch.zeros(5))
+
+
+def _update_bias_on_rank() -> list[float]:
+    rank = dist.get_rank()
+    router = Router(H, MoEConfig(num_experts=4, top_k=1, expert_bias=True, expert_bias_update_rate=0.5))
+    # rank 0 overloads expert 0, rank 1 overloads expert 1 more; only the sum decides the sign.
+    counts = torch.tensor([6.0, 0.0, 1.0, 1.0]) if rank == 0 else torch.tensor([0.0, 9.0, 1.0, 1.0])
+    router.update_expert_bias(counts, group=dist.group.WORLD)
+    return router.expert_bias.tolist()
+
+
+def test_update_expert_bias_sums_over_ranks() -> None:
+    from harness import run_on_ranks
+
+    biases = run_on_ranks(_update_bias_on_rank, 2, timeout_s=60)
+    # summed counts [6, 9, 2, 2], mean 4.75: experts 0 and 1 overloaded on both ranks
+    assert biases[0] == biases[1] == [-0.5, -0.5, 0.5, 0.5]

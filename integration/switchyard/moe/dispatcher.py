@@ -1,0 +1,100 @@
+"""Token dispatch: permute token copies by expert, move them to the EP rank owning the expert, and back.
+
+    dispatch:  x_TH ──gather by slot──▶ x_NH (sorted by global expert)
+               ──all-to-all (ep>1)──▶ rows from every source rank ──regroup──▶ x_MH (by local expert)
+    combine:   y_MH ──regroup⁻¹──▶ ──all-to-all⁻¹──▶ y_NH ──× weight, index_add by token──▶ out_TH
+
+Experts are laid out in contiguous blocks per EP rank (expert e lives on rank e // E_local), so
+after sorting by global expert id the rows bound for each rank are contiguous and the all-to-all
+needs no extra permutation on the send side. Dropped (over-capacity) slots are simply never
+gathered. Every step is differentiable; both all-to-alls have the swapped all-to-all as backward.
+
+Tensor suffixes:
+    T tokens on this rank    K top-k    E global experts    L local experts (E // ep)
+    N token copies this rank sends    M token copies this rank's experts receive    H hidden
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from switchyard.parallel.all_to_all import all_to_all, exchange_counts
+
+
+@dataclass
+class DispatchPlan:
+    """Everything ``combine`` needs to undo ``dispatch``."""
+
+    num_tokens: int
+    slot_order_N: torch.Tensor  # flat slot (t * K + k) of each sent row, sorted by expert
+    token_idx_N: torch.Tensor  # source token of each sent row
+    tokens_per_expert_E: torch.Tensor  # rows this rank routes to each global expert (kept only)
+    tokens_per_local_expert_L: torch.Tensor  # rows this rank's experts receive, per local expert
+    input_splits: list[int] | None = None  # rows sent to each EP rank
+    output_splits: list[int] | None = None  # rows received from each EP rank
+    regroup_M: torch.Tensor | None = None  # received (source-major) row for each local-expert-major row
+
+
+class TokenDispatcher:
+    """Moves token copies between the ranks of one expert-parallel group (or stays local)."""
+
+    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup | None = None) -> None:
+        self.num_experts = num_experts
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
+        if num_experts % self.ep_size != 0:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}"
+            )
+        self.num_local_experts = num_experts // self.ep_size
+
+    def dispatch(
+        self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DispatchPlan]:
+        """Token copies for this rank's local experts, grouped by local expert, and the plan to undo it."""
+        num_tokens, top_k = expert_TK.shape
+        flat_expert = expert_TK.reshape(-1)
+        if keep_TK is not None:
+            # dropped slots sort after every real expert and are cut off below
+            flat_expert = torch.where(keep_TK.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_experts))
+        tokens_per_expert_E = torch.bincount(flat_expert, minlength=self.num_experts + 1)[: self.num_experts]
+        slot_order = torch.argsort(flat_expert, stable=True)
+        if keep_TK is not None:
+            slot_order = slot_order[: int(tokens_per_expert_E.sum())]
+        token_idx = torch.div(slot_order, top_k, rounding_mode="floor")
+        x_NH = x_TH.index_select(0, token_idx)
+        plan = DispatchPlan(num_tokens, slot_order, token_idx, tokens_per_expert_E, tokens_per_expert_E)
+        if self.ep_size == 1:
+            return x_NH, plan
+        return self._exchange(x_NH, plan)
+
+    def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, DispatchPlan]:
+        send_RL = plan.tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
+        recv_RL = exchange_counts(send_RL.reshape(-1), self.ep_group).view(self.ep_size, self.num_local_experts)
+        plan.input_splits = send_RL.sum(1).tolist()
+        plan.output_splits = recv_RL.sum(1).tolist()
+        x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
+        # rows arrive grouped by (source rank, local expert); the experts want (local expert, source)
+        chunk_of_row = torch.repeat_interleave(
+            torch.arange(recv_RL.numel(), device=recv_RL.device), recv_RL.reshape(-1), output_size=x_recv.shape[0]
+        )
+        source, local_expert = chunk_of_row // self.num_local_experts, chunk_of_row % self.num_local_experts
+        plan.regroup_M = torch.argsort(local_expert * self.ep_size + source, stable=True)
+        plan.tokens_per_local_expert_L = recv_RL.sum(0)
+        return x_recv.index_select(0, plan.regroup_M), plan
+
+    def combine(self, y_MH: torch.Tensor, plan: DispatchPlan, weight_TK: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of each token's expert outputs, back on the rank and in the order it came from."""
+        if self.ep_size > 1:
+            assert plan.regroup_M is not None and plan.input_splits is not None and plan.output_splits is not None
+            y_recv = torch.empty_like(y_MH).index_copy(0, plan.regroup_M, y_MH)
+            y_NH = all_to_all(y_recv, plan.input_splits, plan.output_splits, self.ep_group)
+        else:
+            y_NH = y_MH
+        weight_N = weight_TK.reshape(-1).index_select(0, plan.slot_order_N)
+        weighted_NH = (y_NH * weight_N.unsqueeze(-1)).to(y_NH.dtype)
+        out_TH = y_NH.new_zeros((plan.num_tokens, y_NH.shape[-1]))
+        return out_TH.index_add(0, plan.token_idx_N, weighted_NH)

@@ -1,0 +1,224 @@
+"""The expert-parallel MoE layer: route → dispatch → experts → combine (+ shared experts).
+
+A drop-in replacement for an FFN block: ``layer(hidden_states)`` takes ``[..., H]`` and returns the
+same shape. With ``groups`` (a ProcessGroupManager) whose ep > 1, each rank holds E / ep experts and
+token copies travel by all-to-all; without, everything stays local. Expert parameters are tagged for
+DeepSpeed (``allreduce=False``, ``group_name``) and the layer subclasses DeepSpeed's MoE marker, so the
+engine reduces their gradients over the expert-data-parallel group and partitions their ZeRO state
+there; router and shared experts stay dense.
+
+The state dict speaks global expert ids (``experts.{id}.gate_up_proj``): a layer saved at ep=N loads
+at ep=M, each rank picking its own experts.
+
+Tensor suffixes: T tokens, K top-k, E global experts, L local experts, M rows for local experts, H hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from switchyard.activations import get_activation
+from switchyard.config import MoEConfig
+from switchyard.moe.capacity import capacity_keep_mask
+from switchyard.moe.dispatcher import TokenDispatcher
+from switchyard.moe.experts import GroupedExperts
+from switchyard.moe.losses import load_balancing_loss, sequence_balance_loss, z_loss
+from switchyard.moe.router import Router, RouterOutput
+from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
+
+if TYPE_CHECKING:
+    from switchyard.parallel.manager import ProcessGroupManager
+
+EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+
+
+@dataclass
+class MoEStats:
+    """Cheap per-forward metrics, detached; read them off the hot path (no host sync here)."""
+
+    tokens_per_expert_E: torch.Tensor  # kept copies this rank routed to each global expert
+    routed_copies: int  # T * K before drops
+    dropped_copies: torch.Tensor  # scalar tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def dropped_fraction(self) -> float:
+        return float(self.dropped_copies) / max(1, self.routed_copies)
+
+    @property
+    def imbalance(self) -> float:
+        """max / mean tokens per expert (1.0 = perfectly balanced)."""
+        counts = self.tokens_per_expert_E.float()
+        return float(counts.max() / counts.mean().clamp_min(1e-9)) if counts.numel() else 1.0
+
+
+class SharedExperts(nn.Module):
+    """Always-on dense FFN beside the routed experts (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``).
+
+    Parameter names follow HF's MLPs (``gate_proj``/``up_proj``/``down_proj``) so weights copy over.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str, gated: bool, bias: bool) -> None:
+        super().__init__()
+        self.gated = gated
+        self.act_fn = get_activation(activation)
+        if gated:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x_TH)) * self.up_proj(x_TH) if self.gated else self.act_fn(self.up_proj(x_TH))
+        return self.down_proj(h)
+
+
+class MoELayer(DeepSpeedMoEModule):
+    def __init__(
+        self,
+        config: MoEConfig,
+        hidden_size: int,
+        intermediate_size: int | None = None,
+        groups: "ProcessGroupManager | None" = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        ffn = config.intermediate_size or intermediate_size
+        if ffn is None:
+            raise ValueError("MoELayer needs intermediate_size (argument or MoEConfig.intermediate_size)")
+        ep_size = groups.size("ep") if groups is not None else 1
+        if config.num_experts % ep_size != 0:
+            raise ValueError(
+                f"num_experts={config.num_experts} is not divisible by ep={ep_size}; "
+                f"choose ep dividing {config.num_experts}"
+            )
+        if groups is not None and groups.size("tp") > 1:
+            raise ValueError(
+                f"tensor parallelism (tp={groups.size('tp')}) inside the MoE layer is not implemented yet; "
+                "use tp=1 with ep for the MoE layers"
+            )
+        group_name = groups.ep_group_name if groups is not None else "ep_size_1"
+        self._init_expert_module(config.num_experts, ep_size, group_name)
+        self.config = config
+        self.hidden_size, self.intermediate_size = hidden_size, ffn
+        self.groups = groups
+        self.ep_rank = groups.rank("ep") if groups is not None else 0
+        self.local_expert_ids = list(
+            range(self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts)
+        )
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
+        self.router = Router(hidden_size, config).to(**kw)
+        self.experts = GroupedExperts(
+            self.num_local_experts, hidden_size, ffn, config.activation, config.gated, config.bias, **kw
+        )
+        tag_expert_parameters(self.experts, group_name)
+        self.dispatcher = TokenDispatcher(config.num_experts, groups.group("ep") if ep_size > 1 else None)
+        self.shared_experts: SharedExperts | None = None
+        self.shared_expert_gate: nn.Linear | None = None
+        if config.num_shared_experts > 0:
+            shared_ffn = config.shared_expert_intermediate_size or ffn * config.num_shared_experts
+            self.shared_experts = SharedExperts(hidden_size, shared_ffn, config.activation, config.gated, config.bias).to(**kw)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, **kw)
+        self.aux_loss: torch.Tensor | None = None
+        self.last_router_output: RouterOutput | None = None
+        self.last_stats: MoEStats | None = None
+        self._bias_counts_E: torch.Tensor | None = None
+        self._register_state_dict_hook(_experts_to_global_ids)
+        self._register_load_state_dict_pre_hook(_experts_from_global_ids, with_module=True)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x_TH = hidden_states.reshape(-1, self.hidden_size)
+        routed = self.router(x_TH)
+        keep_TK = self._capacity_mask(routed)
+        x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK)
+        y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L)
+        out_TH = self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK)
+        if self.shared_experts is not None:
+            shared_TH = self.shared_experts(x_TH)
+            if self.shared_expert_gate is not None:
+                shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
+            out_TH = out_TH + shared_TH
+        self._record(routed, plan.tokens_per_expert_E, keep_TK, batch_size=shape[0] if len(shape) == 3 else 1)
+        return out_TH.reshape(shape)
+
+    def _capacity_mask(self, routed: RouterOutput) -> torch.Tensor | None:
+        factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        if factor is None:
+            return None
+        return capacity_keep_mask(
+            routed.topk_idx_TK, routed.topk_weight_TK, self.num_experts, factor, self.config.drop_policy
+        )
+
+    def _record(self, routed: RouterOutput, tokens_per_expert_E: torch.Tensor, keep_TK, batch_size: int) -> None:
+        cfg = self.config
+        losses: dict[str, torch.Tensor] = {}
+        if torch.is_grad_enabled():
+            if cfg.aux_loss_coef > 0:
+                losses["load_balancing"] = load_balancing_loss(routed.scores_TE, routed.topk_idx_TK, self.num_experts)
+            if cfg.seq_aux_loss_coef > 0:
+                losses["sequence_balance"] = sequence_balance_loss(
+                    routed.scores_TE, routed.topk_idx_TK, self.num_experts, batch_size
+                )
+            if cfg.z_loss_coef > 0:
+                losses["z_loss"] = z_loss(routed.logits_TE)
+        coefs = {"load_balancing": cfg.aux_loss_coef, "sequence_balance": cfg.seq_aux_loss_coef, "z_loss": cfg.z_loss_coef}
+        self.aux_loss = sum((coefs[k] * v for k, v in losses.items()), torch.zeros((), device=routed.logits_TE.device)) if losses else None
+        self.last_router_output = routed
+        counts = tokens_per_expert_E.detach()
+        routed_copies = routed.topk_idx_TK.numel()
+        dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long)
+        self.last_stats = MoEStats(counts, routed_copies, dropped, {k: v.detach() for k, v in losses.items()})
+        if self.training and cfg.expert_bias:
+            self._bias_counts_E = counts if self._bias_counts_E is None else self._bias_counts_E + counts
+
+    # -- training hooks -----------------------------------------------------------------------------
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step (DeepSeek-V3): call once per optimizer step.
+
+        Counts since the last call are summed over the data-parallel group (every rank routing
+        tokens of the same global batch) before the bias moves.
+        """
+        if not self.config.expert_bias or self._bias_counts_E is None:
+            return
+        group = self.groups.group("dp") if self.groups is not None else None
+        self.router.update_expert_bias(self._bias_counts_E, group=group)
+        self._bias_counts_E = None
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.config.top_k}, ep_size={self.ep_size}, "
+                f"local_experts={self.local_expert_ids[0]}..{self.local_expert_ids[-1]}")
+
+
+# -- state dict in global expert ids ----------------------------------------------------------------
+def _experts_to_global_ids(module: MoELayer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for name in EXPERT_PARAM_NAMES:
+        key = f"{prefix}experts.{name}"
+        if key not in state_dict:
+            continue
+        stacked = state_dict.pop(key)
+        for local, global_id in enumerate(module.local_expert_ids):
+            state_dict[f"{prefix}experts.{global_id}.{name}"] = stacked[local]
+
+
+def _experts_from_global_ids(module: MoELayer, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Stack this rank's experts from per-id keys; drop other ranks' experts (not ours to load)."""
+    per_id_prefix = f"{prefix}experts."
+    for name in EXPERT_PARAM_NAMES:
+        wanted = [f"{per_id_prefix}{gid}.{name}" for gid in module.local_expert_ids]
+        if all(key in state_dict for key in wanted):
+            state_dict[f"{per_id_prefix}{name}"] = torch.stack([state_dict.pop(key) for key in wanted])
+    for key in [k for k in state_dict if k.startswith(per_id_prefix)]:
+        rest = key[len(per_id_prefix):].split(".", 1)
+        if len(rest) == 2 and rest[0].isdigit() and rest[1] in EXPERT_PARAM_NAMES:
+            global_id = int(rest[0])
+            if global_id >= module.num_experts:
+                raise ValueError(
+                    f"state dict has expert {global_id} but this layer has {module.num_experts} experts ({key})"
+                )
+            del state_dict[key]

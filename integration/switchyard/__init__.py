@@ -6,4 +6,13 @@ from switchyard.parallel import ProcessGroupManager
 
 __version__ = "0.1.0"
 
-__all__ = ["MoEConfig", "ParallelConfig", "ProcessGroupManager", "parallel", "__version__"]
+__all__ = ["MoEConfig", "MoELayer", "ParallelConfig", "ProcessGroupManager", "parallel", "__version__"]
+
+
+def __getattr__(name: str):
+    # The MoE layer pulls in DeepSpeed; import it on first use so `import switchyard` stays light.
+    if name == "MoELayer":
+        from switchyard.moe.layer import MoELayer
+
+        return MoELayer
+    raise AttributeError(f"module 'switchyard' has no attribute {name!r}")

@@ -1,0 +1,236 @@
+"""The local experts of one expert-parallel rank, stored as 3-D weight tensors.
+
+Parameters use transformers 5's fused layout (``MixtralExperts``: ``gate_up_proj`` [E, 2F, H] with the
+gate rows first, ``down_proj`` [E, H, F]), so HF expert weights load by a plain copy and export back the
+same way. The math is single-device; dispatch/combine live elsewhere.
+
+Tensor suffixes:
+    N  permuted token rows (sorted by local expert)    E  local experts
+    H  hidden size                                     F  expert intermediate (ffn) size
+    O  output features of the first projection (2F when gated, else F)
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from switchyard.activations import get_activation
+
+TokenCounts = Tensor | list[int]
+ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts], Tensor]
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@lru_cache(maxsize=None)
+def _cuda_supports_grouped_mm(device_index: int) -> bool:
+    # F.grouped_mm (torch >= 2.10) runs on SM80+; a bare torch._grouped_mm is trusted on Hopper only.
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if hasattr(F, "grouped_mm"):
+        return (major, minor) >= (8, 0)
+    return major == 9
+
+
+def grouped_mm_available(device: torch.device) -> bool:
+    """Whether the fused grouped GEMM can run on ``device`` (CUDA only: CPU backward is broken)."""
+    if _GROUPED_MM is None or device.type != "cuda":
+        return False
+    return _cuda_supports_grouped_mm(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _apply_act(module: "GroupedExperts", h_NO: Tensor) -> Tensor:
+    if module.gated:
+        gate_NF, up_NF = h_NO.chunk(2, dim=-1)
+        return module.act_fn(gate_NF) * up_NF
+    return module.act_fn(h_NO)
+
+
+def _loop_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+    """One ``F.linear`` pair per expert over its row slice.
+
+    The CPU path and the fallback: CPU ``grouped_mm`` wants 16-byte-aligned strides and its backward
+    failed on torch 2.13 (ARCHITECTURE.md), while this needs only the counts on the host (free on CPU,
+    one sync on CUDA). Empty experts still run on their 0-row slice so every weight gets a (zero)
+    gradient, also when N == 0.
+    """
+    counts = tokens_per_expert.tolist() if isinstance(tokens_per_expert, Tensor) else list(tokens_per_expert)
+    assert len(counts) == module.num_experts, f"{len(counts)} counts for {module.num_experts} experts"
+    w1_EOH, b1_EO, w2_EHF, b2_EH = module.weights()
+    w1s, w2s = w1_EOH.unbind(0), w2_EHF.unbind(0)  # unbind: one stacked grad, not E full-size zeros
+    b1s = b1_EO.unbind(0) if b1_EO is not None else [None] * module.num_experts
+    b2s = b2_EH.unbind(0) if b2_EH is not None else [None] * module.num_experts
+    x_NH = x_NH.to(w1_EOH.dtype)
+    outs = []
+    for e, x_nH in enumerate(x_NH.split(counts, dim=0)):
+        h_nO = F.linear(x_nH, w1s[e], b1s[e])
+        outs.append(F.linear(_apply_act(module, h_nO), w2s[e], b2s[e]))
+    return torch.cat(outs, dim=0)
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward densifies the incoming grad: grouped_mm's backward rejects expanded
+    (stride-0) grads such as the one ``y.sum().backward()`` sends ("Invalid strides/sizes")."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+class _ExpertBias(torch.autograd.Function):
+    """``y_NO + bias_EO[eid_N]`` (grouped_mm's own bias is one vector for all groups).
+
+    The backward sums each expert's grad rows with one ``[E, N] @ [N, O]`` one-hot GEMM: deterministic
+    and fp32-accumulated like ``F.linear``'s bias grad. Autograd's own gather backward (a sort-based
+    bf16 scatter-add) was ~3x slower end to end on an H200 and less accurate."""
+
+    @staticmethod
+    def forward(ctx, y_NO: Tensor, bias_EO: Tensor, eid_N: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(eid_N)
+        ctx.num_experts = bias_EO.shape[0]
+        return y_NO + bias_EO[eid_N]
+
+    @staticmethod
+    def backward(ctx, grad_NO: Tensor) -> tuple[Tensor, Tensor | None, None]:  # type: ignore[override]
+        (eid_N,) = ctx.saved_tensors
+        grad_bias_EO = None
+        if ctx.needs_input_grad[1]:
+            experts_E = torch.arange(ctx.num_experts, device=eid_N.device)
+            onehot_EN = (experts_E[:, None] == eid_N[None, :]).to(grad_NO.dtype)
+            grad_bias_EO = onehot_EN @ grad_NO
+        return grad_NO, grad_bias_EO, None
+
+
+def _grouped_linear(x_NI: Tensor, w_EOI: Tensor, offs_E: Tensor, bias_EO: Tensor | None,
+                    eid_N: Tensor | None) -> Tensor:
+    # grouped_mm wants mat_b as [E, in, out]; the transposed view is the column-major layout it prefers.
+    y_NO = _DenseGrad.apply(_GROUPED_MM(x_NI, w_EOI.transpose(-2, -1), offs=offs_E))  # type: ignore[misc]
+    if bias_EO is None:
+        return y_NO
+    assert eid_N is not None
+    return _ExpertBias.apply(y_NO, bias_EO, eid_N)
+
+
+def _grouped_mm_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+    """One fused grouped GEMM per projection (CUDA): no host sync, no per-expert launches."""
+    if _GROUPED_MM is None:
+        raise RuntimeError(f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm")
+    n_rows, device = x_NH.shape[0], x_NH.device
+    if n_rows == 0:  # all counts are 0 by contract; the loop gives zero grads without a sync
+        return _loop_forward(module, x_NH, [0] * module.num_experts)
+    counts_E = torch.as_tensor(tokens_per_expert, device=device)
+    assert counts_E.shape == (module.num_experts,), f"tokens_per_expert shape {tuple(counts_E.shape)}"
+    offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+    eid_N = None
+    if module.has_bias:
+        experts_E = torch.arange(module.num_experts, device=device)
+        eid_N = torch.repeat_interleave(experts_E, counts_E, output_size=n_rows)  # output_size: no sync
+    w1_EOH, b1_EO, w2_EHF, b2_EH = module.weights()
+    # Like transformers: grouped_mm is not autocast-aware, so compute in the weights' dtype.
+    x_NH = x_NH.to(w1_EOH.dtype).contiguous()
+    h_NO = _grouped_linear(x_NH, w1_EOH, offs_E, b1_EO, eid_N)
+    a_NF = _apply_act(module, h_NO).contiguous()
+    return _grouped_linear(a_NF, w2_EHF, offs_E, b2_EH, eid_N)
+
+
+EXPERT_IMPLS: dict[str, ExpertsImpl] = {
+    "grouped_mm": _grouped_mm_forward,
+    "loop": _loop_forward,
+}
+
+
+class GroupedExperts(nn.Module):
+    """E expert FFNs (gated: ``down(act(gate(x)) * up(x))``; plain: ``down(act(up(x)))``).
+
+    ``impl`` picks the compute path: ``"auto"`` (grouped_mm on capable CUDA, else the loop) or any key
+    of ``EXPERT_IMPLS``, so benchmarks can compare paths on the same weights.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        gated: bool = True,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                            ("intermediate_size", intermediate_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.activation, self.gated, self.has_bias = activation, gated, bias
+        self.act_fn = get_activation(activation)
+        self.impl = impl
+        kw = {"dtype": dtype, "device": device}
+        out1 = 2 * intermediate_size if gated else intermediate_size
+        up_name = "gate_up_proj" if gated else "up_proj"
+        self.register_parameter(up_name, nn.Parameter(torch.empty(num_experts, out1, hidden_size, **kw)))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        if bias:
+            self.register_parameter(f"{up_name}_bias", nn.Parameter(torch.empty(num_experts, out1, **kw)))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **kw))
+        self.reset_parameters()
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value != "auto" and value not in EXPERT_IMPLS:
+            raise ValueError(f"impl={value!r} is unknown; choose 'auto' or one of {sorted(EXPERT_IMPLS)}")
+        self._impl = value
+
+    def weights(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(w1_EOH, b1_EO, w2_EHF, b2_EH) whatever the gated/plain parameter names."""
+        up = "gate_up_proj" if self.gated else "up_proj"
+        b1 = getattr(self, f"{up}_bias") if self.has_bias else None
+        b2 = self.down_proj_bias if self.has_bias else None
+        return getattr(self, up), b1, self.down_proj, b2
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s default per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+
+        (kaiming_uniform_ with a=sqrt(5) reduces to that bound; it cannot be called on the 3-D tensor
+        directly because it would take E as fan_out and F*H as fan_in.)
+        """
+        w1, b1, w2, b2 = self.weights()
+        for w, b, fan_in in ((w1, b1, self.hidden_size), (w2, b2, self.intermediate_size)):
+            bound = 1.0 / math.sqrt(fan_in)
+            w.uniform_(-bound, bound)
+            if b is not None:
+                b.uniform_(-bound, bound)
+
+    def resolve_impl(self, x_NH: Tensor) -> str:
+        if self.impl != "auto":
+            return self.impl
+        # torch < 2.10 (only torch._grouped_mm) took bf16 alone; newer torch runs any float dtype.
+        dtype_ok = hasattr(F, "grouped_mm") or self.down_proj.dtype == torch.bfloat16
+        return "grouped_mm" if dtype_ok and grouped_mm_available(x_NH.device) else "loop"
+
+    def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+        """Rows of ``x_NH`` are sorted by local expert; ``tokens_per_expert[e]`` rows go to expert e."""
+        assert x_NH.dim() == 2 and x_NH.shape[-1] == self.hidden_size, f"x_NH shape {tuple(x_NH.shape)}"
+        y_NH = EXPERT_IMPLS[self.resolve_impl(x_NH)](self, x_NH, tokens_per_expert)
+        return y_NH.to(x_NH.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, "
+                f"gated={self.gated}, bias={self.has_bias}, impl={self.impl!r}")

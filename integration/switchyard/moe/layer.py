@@ -172,7 +172,7 @@ class MoELayer(DeepSpeedMoEModule):
         self.last_router_output = routed
         counts = tokens_per_expert_E.detach()
         routed_copies = routed.topk_idx_TK.numel()
-        dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long)
+        dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long, device=counts.device)
         self.last_stats = MoEStats(counts, routed_copies, dropped, {k: v.detach() for k, v in losses.items()})
         if self.training and cfg.expert_bias:
             self._bias_counts_E = counts if self._bias_counts_E is None else self._bias_counts_E + counts

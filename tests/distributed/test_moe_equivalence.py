@@ -104,3 +104,39 @@ def test_expert_parallel_matches_one_process(world, shape, empty_rank):
 def test_expert_parallel_bf16():
     results = run_on_ranks(_check_cases, 2, dict(ep=2), None, "bfloat16", timeout_s=240)
     assert all(r == list(CASES) for r in results)
+
+
+def _reshard(save_ep: int, load_ep: int):
+    """Each rank of an ep=save_ep layer saves only its experts; the union loads at ep=load_ep."""
+    from switchyard import MoEConfig, ProcessGroupManager
+    from switchyard.moe.layer import MoELayer
+
+    config = MoEConfig(num_experts=EXPERTS, top_k=2, num_shared_experts=1)
+    rank = dist.get_rank()
+    save_groups, load_groups = ProcessGroupManager(ep=save_ep), ProcessGroupManager(ep=load_ep)
+    torch.manual_seed(0)  # dense weights identical on every rank
+    saved = MoELayer(config, HIDDEN, FFN, groups=save_groups)
+    with torch.no_grad():  # experts differ per EP rank: as after training
+        saved.experts.gate_up_proj.add_(float(save_groups.rank("ep")))
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, saved.state_dict())
+    union = {}
+    for shard in shards:
+        union.update(shard)
+    assert sum(k.endswith(".gate_up_proj") and k.startswith("experts.") for k in union) == EXPERTS
+    loaded = MoELayer(config, HIDDEN, FFN, groups=load_groups)
+    loaded.load_state_dict(union)
+    single = MoELayer(config, HIDDEN, FFN)
+    single.load_state_dict(union)
+    x = torch.randn(5 + rank, HIDDEN, generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), single(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(saved(x), single(x), atol=1e-5, rtol=1e-5)
+    return loaded.local_expert_ids
+
+
+@pytest.mark.parametrize("save_ep, load_ep", [(2, 4), (4, 2), (4, 1)])
+def test_state_dict_saved_at_one_ep_loads_at_another(save_ep, load_ep):
+    ids = run_on_ranks(_reshard, 4, save_ep, load_ep, timeout_s=120)
+    per_rank = EXPERTS // load_ep
+    assert ids[1] == list(range((1 % load_ep) * per_rank, (1 % load_ep + 1) * per_rank))

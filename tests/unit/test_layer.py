@@ -1,0 +1,87 @@
+"""MoELayer pieces that need no ranks: capacity, stats, losses, state dict, expert-bias updates."""
+
+import pytest
+import torch
+
+from switchyard import MoEConfig
+from switchyard.moe.capacity import capacity_keep_mask, expert_capacity
+from switchyard.moe.layer import MoELayer
+
+
+def test_capacity_keeps_highest_weights_per_expert():
+    idx = torch.tensor([[0], [0], [0], [1]])
+    weight = torch.tensor([[0.2], [0.9], [0.5], [0.3]])
+    # 4 copies, 2 experts, factor 1 → capacity 2: expert 0 keeps tokens 1 and 2 (0.9, 0.5)
+    keep = capacity_keep_mask(idx, weight, num_experts=2, capacity_factor=1.0, policy="probs")
+    assert keep.squeeze(1).tolist() == [False, True, True, True]
+    keep = capacity_keep_mask(idx, weight, num_experts=2, capacity_factor=1.0, policy="position")
+    assert keep.squeeze(1).tolist() == [True, True, False, True]
+    assert expert_capacity(10, 2, 8, 1.0) == 3
+
+
+def test_dropped_fraction_and_eval_capacity():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=2, capacity_factor=0.5, eval_capacity_factor=None), 8, 16)
+    layer.router.weight.data.zero_()
+    layer.router.weight.data[0] = 5.0  # every token prefers expert 0
+    x = torch.ones(16, 8)
+    layer.train()
+    layer(x)
+    stats = layer.last_stats
+    # capacity ceil(0.5*16*2/4) = 4 per expert; 32 copies, only experts 0 and 1..3 (ties) take 4 each
+    assert stats.tokens_per_expert_E.max().item() <= 4
+    assert stats.dropped_fraction > 0.5
+    layer.eval()
+    layer(x)
+    assert layer.last_stats.dropped_fraction == 0.0  # dropless at eval
+    assert layer.last_stats.imbalance >= 1.0
+
+
+def test_aux_losses_are_weighted_sum_and_absent_without_grad():
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.1, z_loss_coef=0.01, seq_aux_loss_coef=0.5), 8, 16)
+    x = torch.randn(2, 5, 8)
+    layer(x)
+    losses = layer.last_stats.losses
+    assert set(losses) == {"load_balancing", "sequence_balance", "z_loss"}
+    want = 0.1 * losses["load_balancing"] + 0.5 * losses["sequence_balance"] + 0.01 * losses["z_loss"]
+    torch.testing.assert_close(layer.aux_loss.detach(), want)
+    with torch.no_grad():
+        layer(x)
+    assert layer.aux_loss is None
+
+
+def test_state_dict_uses_global_expert_ids_and_rejects_foreign_experts():
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=1, bias=True, gated=False, activation="gelu"), 8, 16)
+    state = layer.state_dict()
+    assert "experts.3.up_proj" in state and "experts.3.down_proj_bias" in state
+    assert "experts.up_proj" not in state
+    assert state["experts.2.up_proj"].shape == (16, 8)
+    fresh = MoELayer(MoEConfig(num_experts=4, top_k=1, bias=True, gated=False, activation="gelu"), 8, 16)
+    fresh.load_state_dict(state)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(fresh(x), layer(x))
+    state["experts.9.up_proj"] = state["experts.0.up_proj"]
+    with pytest.raises(ValueError, match="state dict has expert 9 but this layer has 4 experts"):
+        fresh.load_state_dict(state)
+    missing = {k: v for k, v in layer.state_dict().items() if k != "experts.1.down_proj"}
+    with pytest.raises(RuntimeError, match="experts.down_proj"):
+        fresh.load_state_dict(missing)
+
+
+def test_expert_bias_moves_against_load():
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=1, expert_bias=True, expert_bias_update_rate=0.01), 8, 16)
+    layer.router.weight.data.zero_()
+    layer.router.weight.data[2] = 1.0
+    layer.train()
+    layer(torch.ones(12, 8))
+    layer.update_expert_bias()
+    bias = layer.router.expert_bias
+    assert bias[2] < 0 and (bias[[0, 1, 3]] > 0).all()
+    before = bias.clone()
+    layer.update_expert_bias()  # nothing counted since: no change
+    torch.testing.assert_close(layer.router.expert_bias, before)
+
+
+def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="needs intermediate_size"):
+        MoELayer(MoEConfig(), 8)

@@ -1,0 +1,52 @@
+"""benchmarks/moe_layer.py --tiny runs end to end on CPU and writes the documented JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from harness import REPO_ROOT
+
+SHAPES = ("mixtral_8x7b", "olmoe", "qwen3_30b_a3b")
+IMPLS = ("switchyard", "hf_grouped_mm", "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
+META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "tokens", "dtype", "flops_formula", "date")
+
+
+def test_moe_layer_benchmark_tiny(tmp_path):
+    out = tmp_path / "moe_layer.json"
+    # One thread: spinning OpenMP barriers make a busy 2-core CI machine far slower than one thread is.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # --device cpu: a test of the logic (fp32, exact comparisons) even on a machine with a GPU.
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "moe_layer.py"), "--tiny", "--device", "cpu",
+               "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, log
+    results = json.loads(out.read_text())
+
+    assert set(results) == {*SHAPES, "meta"}, log
+    meta = results["meta"]
+    for key in META_KEYS:
+        assert meta.get(key) not in (None, ""), f"meta lacks {key}: {meta}"
+    assert meta["tiny"] is True and meta["command"].startswith("python benchmarks/moe_layer.py --tiny")
+
+    switchyard_exists = importlib.util.find_spec("switchyard.moe.layer") is not None
+    for shape in SHAPES:
+        assert set(results[shape]) == set(IMPLS), (shape, results[shape])
+        for impl in IMPLS:
+            entry = results[shape][impl]
+            if impl == "switchyard" and not switchyard_exists:
+                continue  # the layer is not written yet: an error entry is the honest result
+            assert "error" not in entry, (shape, impl, entry, log)
+            assert entry["ms"] > 0 and entry["tflops"] > 0, (shape, impl, entry)
+            assert "peak_mem_gb" in entry and entry["peak_mem_gb"] is None  # CPU: no device memory
+        assert results[shape]["dense_ceiling"]["ms"] > 0
+        assert results[shape]["hf_grouped_mm"]["variant"]
+        # Every dropless implementation computes the same function with the shared weights as transformers.
+        for impl in ("switchyard", "deepspeed_autoep"):
+            if "rel_err_vs_hf" in results[shape][impl]:
+                assert results[shape][impl]["rel_err_vs_hf"] < 1e-4, (shape, impl, results[shape][impl])
+        assert 0.0 <= results[shape]["deepspeed_moe"]["dropped_fraction"] < 1.0

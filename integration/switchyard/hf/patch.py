@@ -1,0 +1,259 @@
+"""``patch_model``: swap a transformers model's FFNs for expert-parallel MoE layers, in place.
+
+Two modes, chosen by what the model holds:
+
+* **upcycle** — a dense model: each selected FFN becomes a ``MoELayer`` whose experts are initialized
+  from the FFN's weights (``MoEConfig.init``: copy, granular, drop_upcycle, random).
+* **adopt** — a model with transformers' own MoE blocks (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3):
+  each block becomes a ``MoELayer`` with the same weights and routing, so it runs expert-parallel.
+
+Everything is planned and built first — adapters resolved, targets matched, weights read and checked,
+new layers materialized — and only then installed, so an error leaves the model exactly as it was.
+The model stays a ``PreTrainedModel``: a forward hook adds the router losses to ``output.loss`` (like
+transformers' ``router_aux_loss_coef``) and serves ``output_router_logits``; the MoE settings go to
+``model.config.switchyard`` so a saved model rebuilds itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from switchyard.config import MoEConfig
+from switchyard.hf.adopt import SUPPORTED_BLOCKS, layer_from_hf_block, moe_config_from_hf
+from switchyard.hf.architectures import ADAPTERS, DenseFFN, FFNAdapter, FFNSite, adapter_for, read_generic
+from switchyard.hf.matching import Selection, layer_index_of, select, sites_from_names
+from switchyard.hf.upcycle import expert_fields, expert_intermediate_size, output_preserving_issues, upcycle_layer
+from switchyard.log import get_logger
+from switchyard.moe.layer import MoELayer
+from switchyard.parallel.deepspeed_groups import tag_expert_parameters
+
+if TYPE_CHECKING:
+    from switchyard.parallel.manager import ProcessGroupManager
+
+log = get_logger(__name__)
+
+CONFIG_KEY = "switchyard"
+_LAYER_SEED_STRIDE = 7919  # experts of different layers must not share random draws
+
+
+@dataclass
+class PatchPlan:
+    mode: str  # "upcycle" | "adopt"
+    moe_config: MoEConfig
+    sites: list[FFNSite]
+    layers: list[MoELayer]
+    adapter: str | None
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def patch_model(
+    model: nn.Module,
+    moe_config: MoEConfig | None = None,
+    groups: "ProcessGroupManager | None" = None,
+    *,
+    layers: Sequence[int] | None = None,
+    every_n: int | None = None,
+    targets: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    adapter: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Swap FFNs (dense model) or MoE blocks (HF MoE model) for switchyard MoE layers; returns ``model``.
+
+    ``layers`` / ``every_n`` (layers 0, n, 2n, … as Megatron's ``moe_layer_freq``) / ``targets`` and
+    ``exclude`` (exact, suffix or ``"re:<regex>"`` module names) select what to swap. For architectures
+    outside the registry, name the modules with ``targets`` and say how to read them with ``adapter``.
+    ``overrides`` adjusts an adopted model's derived ``MoEConfig`` (e.g. ``{"capacity_factor": 1.25}``).
+    """
+    if getattr(model.config, CONFIG_KEY, None):
+        raise ValueError("this model is already patched by switchyard (model.config.switchyard is set)")
+    selection = Selection.of(layers=layers, every_n=every_n, targets=targets, exclude=exclude)
+    moe_blocks = _hf_moe_sites(model)
+    if moe_blocks:
+        if moe_config is not None:
+            raise ValueError(
+                f"{type(model).__name__} already has MoE blocks ({type(moe_blocks[0].parent.get_submodule(moe_blocks[0].attribute)).__name__}); "
+                "its routing comes from its config: pass moe_config=None and overrides={...} to change settings"
+            )
+        plan = _plan_adoption(model, moe_blocks, selection, groups, overrides or {})
+    else:
+        if moe_config is None:
+            raise ValueError("a dense model needs a MoEConfig: patch_model(model, MoEConfig(num_experts=8, top_k=2))")
+        if overrides:
+            raise ValueError("overrides apply to adopted MoE models; put the settings in moe_config instead")
+        plan = _plan_upcycle(model, moe_config, selection, groups, adapter, targets, seed)
+    # nothing above touched the model; from here on nothing can fail halfway
+    for site, layer in zip(plan.sites, plan.layers):
+        _install(plan, site, layer)
+    _record(model, plan, seed)
+    attach_router_loss_hooks(model)
+    log.info(
+        "patched %d modules (%s, %d experts, top-%d)", len(plan.layers), plan.mode,
+        plan.moe_config.num_experts, plan.moe_config.top_k, ranks=[0],
+    )
+    return model
+
+
+# -- planning ----------------------------------------------------------------------------------------
+def _hf_moe_sites(model: nn.Module) -> list[FFNSite]:
+    sites = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in SUPPORTED_BLOCKS:
+            parent_name, _, attribute = name.rpartition(".")
+            index = layer_index_of(name)
+            sites.append(FFNSite(index if index is not None else len(sites), name,
+                                 model.get_submodule(parent_name), attribute))
+    return sites
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    return getattr(config, "get_text_config", lambda: config)()
+
+
+def _plan_adoption(model, sites, selection, groups, overrides) -> PatchPlan:
+    hf_config = _text_config(model)
+    num_layers = getattr(hf_config, "num_hidden_layers", len(sites))
+    chosen = select(sites, selection, num_layers)
+    built = [layer_from_hf_block(site.parent.get_submodule(site.attribute), hf_config, groups, **overrides)
+             for site in chosen]
+    block_name = type(chosen[0].parent.get_submodule(chosen[0].attribute)).__name__
+    return PatchPlan("adopt", moe_config_from_hf(hf_config, block_name, **overrides), chosen, built, None,
+                     dict(overrides))
+
+
+def _plan_upcycle(model, moe_config, selection, groups, adapter_name, targets, seed) -> PatchPlan:
+    if adapter_name is not None and adapter_name not in ADAPTERS:
+        raise ValueError(f"adapter {adapter_name!r} is unknown; choose one of {sorted(ADAPTERS)}")
+    if adapter_name is not None and targets is not None:
+        ffn_adapter: FFNAdapter = ADAPTERS[adapter_name]
+        sites = sites_from_names(model, selection.targets or ())
+        num_layers = max((s.layer_index for s in sites), default=-1) + 1
+        activation = _hidden_act(model)
+        read = lambda site: read_generic(site.parent.get_submodule(site.attribute), adapter_name, activation)  # noqa: E731
+    else:
+        ffn_adapter = adapter_for(model)
+        sites = ffn_adapter.sites(model)
+        num_layers = len(ffn_adapter.layers(model))
+        read = lambda site: ffn_adapter.read(site, _text_config(model))  # noqa: E731
+    chosen = select(sites, selection, num_layers)
+    denses = [read(site) for site in chosen]
+    config = _config_for(moe_config, denses[0])
+    ep = groups.size("ep") if groups is not None else 1
+    if config.num_experts % ep != 0:
+        raise ValueError(f"num_experts={config.num_experts} is not divisible by ep={ep}")
+    for site, dense in zip(chosen, denses):
+        if (dense.hidden_size, dense.intermediate_size, dense.gated, dense.has_bias) != (
+            denses[0].hidden_size, denses[0].intermediate_size, denses[0].gated, denses[0].has_bias
+        ):
+            raise ValueError(f"{site.qualified_name} differs in shape from {chosen[0].qualified_name}; patch them separately")
+    built = [_upcycled_layer(dense, config, groups, seed * _LAYER_SEED_STRIDE + site.layer_index)
+             for site, dense in zip(chosen, denses)]
+    return PatchPlan("upcycle", config, chosen, built, ffn_adapter.name)
+
+
+def _hidden_act(model: nn.Module) -> str:
+    config = _text_config(model)
+    for attr in ("hidden_act", "activation_function"):
+        if isinstance(getattr(config, attr, None), str):
+            return getattr(config, attr)
+    return "silu"
+
+
+def _config_for(moe_config: MoEConfig, dense: DenseFFN) -> MoEConfig:
+    """The expert FFN's form (activation, gating, bias) comes from the FFN being replaced."""
+    changes = expert_fields(dense)
+    differing = {k: (getattr(moe_config, k), v) for k, v in changes.items() if getattr(moe_config, k) != v}
+    if differing:
+        log.info("expert FFN form taken from the dense model: %s", differing, ranks=[0])
+    config = dataclasses.replace(moe_config, **changes)
+    for issue in output_preserving_issues(config):
+        log.warning("upcycled layers will not reproduce the dense output at step 0: %s", issue, ranks=[0])
+    return config
+
+
+@torch.no_grad()
+def _upcycled_layer(dense: DenseFFN, config: MoEConfig, groups, seed: int) -> MoELayer:
+    """Build on the meta device, then materialize only this rank's experts from the dense weights."""
+    device, dtype = dense.down.device, dense.down.dtype
+    ffn = expert_intermediate_size(dense, config)
+    layer = MoELayer(config, dense.hidden_size, ffn, groups=groups, dtype=dtype, device="meta")
+    layer.to_empty(device=device)
+    tag_expert_parameters(layer.experts, layer.expert_group_name)  # to_empty made new Parameter objects
+    upcycle_layer(layer, dense, seed=seed)
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias.zero_()
+    return layer
+
+
+# -- installing and recording ---------------------------------------------------------------------------
+def _install(plan: PatchPlan, site: FFNSite, layer: MoELayer) -> None:
+    layer.train(site.parent.training)
+    if plan.mode == "upcycle" and plan.adapter is not None:
+        ADAPTERS[plan.adapter].install(site, layer)
+    else:
+        setattr(site.parent, site.attribute, layer)
+
+
+def _record(model: nn.Module, plan: PatchPlan, seed: int) -> None:
+    record = {
+        "version": 1,
+        "mode": plan.mode,
+        "moe": plan.moe_config.to_dict(),
+        "modules": [site.qualified_name for site in plan.sites],
+        "layer_indices": [site.layer_index for site in plan.sites],
+        "adapter": plan.adapter,
+        "overrides": plan.overrides,
+        "seed": seed,
+    }
+    setattr(model.config, CONFIG_KEY, record)
+    if hasattr(model.config, "output_router_logits"):
+        # transformers' own aux-loss path looks for its router modules, which are gone; ours replaces it
+        model.config.output_router_logits = False
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+# -- router losses and router logits on the model's output -----------------------------------------------
+def attach_router_loss_hooks(model: nn.Module) -> None:
+    """Add the MoE layers' weighted router losses to ``output.loss``; serve ``output_router_logits``."""
+    if getattr(model, "_switchyard_hooks", None):
+        return
+    state = {"router_logits": False, "warned": False}
+
+    def before(module, args, kwargs):
+        state["router_logits"] = bool(kwargs.pop("output_router_logits", False))
+        return args, kwargs
+
+    def after(module, args, kwargs, output):
+        if not hasattr(output, "keys"):
+            return output  # return_dict=False tuples are left as transformers made them
+        layers = moe_layers(module)
+        losses = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
+        if module.training and torch.is_grad_enabled() and len(losses) < len(layers) and not state["warned"]:
+            if any(l.config.aux_loss_coef or l.config.seq_aux_loss_coef or l.config.z_loss_coef for l in layers):
+                log.warning("some MoE layers produced no router loss (reentrant gradient checkpointing runs "
+                            "them without grad); use use_reentrant=False", ranks=[0])
+                state["warned"] = True
+        if losses:
+            aux = torch.stack([loss.float() for loss in losses]).sum()
+            output["aux_loss"] = aux
+            if output.get("loss") is not None:
+                output["loss"] = output["loss"] + aux.to(output["loss"].dtype)
+        if state["router_logits"]:
+            output["router_logits"] = tuple(
+                layer.last_router_output.logits_TE for layer in layers if layer.last_router_output is not None
+            )
+        return output
+
+    handles = (model.register_forward_pre_hook(before, with_kwargs=True),
+               model.register_forward_hook(after, with_kwargs=True))
+    object.__setattr__(model, "_switchyard_hooks", handles)

@@ -1,0 +1,177 @@
+"""patch_model on whole transformers models, against the unpatched model as the oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import switchyard as sy
+from switchyard.hf.patch import moe_layers
+from switchyard.moe.layer import MoELayer
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+            max_position_embeddings=64)
+
+MOE_MODELS = {
+    "mixtral": dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                      num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[1]),
+    "qwen3_moe": dict(intermediate_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, head_dim=8),
+    "olmoe": dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2),
+    "deepseek_v3": dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4,
+                        qk_nope_head_dim=4, v_head_dim=8),
+}
+
+
+def build(model_type: str, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY, **extra})
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():  # HF zero-inits some routers/biases: make routing non-trivial
+        for name, param in model.named_parameters():
+            if "e_score_correction_bias" in name or (name.endswith("gate.weight") and param.abs().sum() == 0):
+                param.normal_(0, 0.5)
+    return model
+
+
+def ids(batch=2, length=7, vocab=96):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_MODELS))
+def test_adopted_moe_model_has_the_same_logits(model_type):
+    model = build(model_type, **MOE_MODELS[model_type])
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    n_blocks = sum(type(m).__name__ in sy.hf.SUPPORTED_BLOCKS for m in model.modules())
+    sy.patch_model(model)
+    assert len(moe_layers(model)) == n_blocks > 0
+    assert not any(type(m).__name__ in sy.hf.SUPPORTED_BLOCKS for m in model.modules())
+    with torch.no_grad():
+        got = model(x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert model.config.switchyard["mode"] == "adopt"
+
+
+@pytest.mark.parametrize("every_n", [None, 2])
+def test_copy_upcycled_llama_equals_dense(every_n):
+    dense = build("llama", intermediate_size=48)
+    model = copy.deepcopy(dense)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2), every_n=every_n)
+    assert len(moe_layers(model)) == (4 if every_n is None else 2)
+    if every_n == 2:
+        assert isinstance(model.model.layers[0].mlp, MoELayer) and not isinstance(model.model.layers[1].mlp, MoELayer)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)
+    record = model.config.switchyard
+    assert record["mode"] == "upcycle" and record["moe"]["num_experts"] == 4
+    assert record["modules"][0] == "model.layers.0.mlp"
+
+
+def test_loss_adds_weighted_router_losses_and_router_logits_are_returned():
+    dense = build("llama", intermediate_size=48)
+    model = copy.deepcopy(dense).train()
+    dense.train()
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.1, z_loss_coef=0.01))
+    x = ids()
+    out = model(x, labels=x, output_router_logits=True)
+    lm_loss = dense(x, labels=x).loss
+    layers = moe_layers(model)
+    aux = sum(layer.aux_loss for layer in layers)
+    torch.testing.assert_close(out.loss, lm_loss + aux)
+    torch.testing.assert_close(out.aux_loss, aux)
+    assert len(out.router_logits) == len(layers) and out.router_logits[0].shape == (14, 4)
+    out.loss.backward()
+    assert layers[0].router.weight.grad is not None and layers[0].router.weight.grad.abs().sum() > 0
+
+
+def test_generate_matches_dense_greedy_and_gradient_checkpointing_trains():
+    dense = build("llama", intermediate_size=48)
+    model = copy.deepcopy(dense)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+    x = ids(batch=1, length=5)
+    want = dense.generate(x, max_new_tokens=6, do_sample=False)
+    got = model.generate(x, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    model.train()
+    model.gradient_checkpointing_enable()
+    out = model(x, labels=x)
+    out.loss.backward()
+    assert all(p.grad is not None for p in moe_layers(model)[0].experts.parameters())
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m).__name__ for m in model.modules()]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(moe_config=sy.MoEConfig(num_experts=4, top_k=2), layers=[7]), "layer indices \\[7\\] are out of range"),
+        (dict(moe_config=sy.MoEConfig(num_experts=4, top_k=2), targets="re:.*attn.*", layers=None),
+         "no FFN matched"),
+        (dict(moe_config=sy.MoEConfig(num_experts=4, top_k=2), adapter="nope", targets="mlp"), "adapter 'nope' is unknown"),
+        (dict(moe_config=None), "a dense model needs a MoEConfig"),
+    ],
+)
+def test_errors_leave_the_model_untouched(kwargs, message):
+    model = build("llama", intermediate_size=48)
+    before, types = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        sy.patch_model(model, **kwargs)
+    after, types_after = _snapshot(model)
+    assert types == types_after and before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not getattr(model.config, "switchyard", None)
+
+
+def test_unsupported_architecture_lists_supported_and_how_to_target():
+    config = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, vocab_size=96)
+    from transformers import AutoModel
+
+    model = AutoModel.from_config(config)
+    with pytest.raises(ValueError, match="(?s)bert.*llama.*targets"):
+        sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+
+
+def test_patching_twice_and_moe_config_on_moe_model_are_errors():
+    model = build("mixtral", **MOE_MODELS["mixtral"])
+    with pytest.raises(ValueError, match="already has MoE blocks"):
+        sy.patch_model(model, sy.MoEConfig())
+    sy.patch_model(model)
+    with pytest.raises(ValueError, match="already patched"):
+        sy.patch_model(model)
+
+
+@pytest.mark.parametrize(
+    "model_type, moe",
+    [
+        ("llama", dict(num_experts=8, top_k=2, init="granular")),
+        ("qwen2", dict(num_experts=4, top_k=2, num_shared_experts=1, shared_expert_gate=True)),
+        ("gpt2", dict(num_experts=4, top_k=1)),
+        ("opt", dict(num_experts=4, top_k=2)),
+        ("gpt_neox", dict(num_experts=4, top_k=2)),
+        ("phi3", dict(num_experts=4, top_k=2)),
+    ],
+)
+def test_output_preserving_upcycling_through_patch_model(model_type, moe):
+    extra = {"gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+             "opt": dict(ffn_dim=48, word_embed_proj_dim=32),
+             "phi3": dict(intermediate_size=48, pad_token_id=0),
+             }.get(model_type, dict(intermediate_size=48))
+    dense = build(model_type, **extra)
+    model = copy.deepcopy(dense)
+    sy.patch_model(model, sy.MoEConfig(**moe))
+    assert len(moe_layers(model)) >= 2
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,391 @@
+"""Training data through HF ``datasets``: load, tokenize (cached), pack, split, shard over DP ranks.
+
+Every example leaving this module has exactly ``seq_len`` tokens, so a micro-batch is a plain
+stack and a step's token count is known up front. ``labels`` is ``-100`` wherever loss must not
+apply (prompts in chat / prompt-response data, padding); the model shifts labels itself.
+
+Tokenization is one batched ``datasets.map`` per split whose fingerprint we compute from the split's
+own fingerprint + a hash of the tokenizer's serialization + the settings (pickling a tokenizer is
+not a stable hash), so a second run with the same inputs loads the cached Arrow file instead of
+tokenizing again. Shuffling happens at batch time from ``(seed, epoch)``, so resuming at a step
+needs no re-tokenization and no stored permutation.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from switchyard.log import get_logger
+from switchyard.train.tiny import _resolve_cache, settings_hash, stdlib_corpus, tokenizer_fingerprint
+
+log = get_logger(__name__)
+
+FORMATS = ("text", "chat", "prompt_response")
+SAMPLE_BY = ("paragraph", "line", "document")
+BUILDERS = {
+    ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"
+}
+IGNORE_INDEX = -100
+_RECIPE_VERSION = 1  # bump when the processing below changes: invalidates tokenized caches
+_MAP_BATCH = 1000  # packing drops < seq_len tokens at the end of every map batch of this many docs
+
+
+def _is_local(source: str) -> bool:
+    return (
+        any(c in source for c in "*?[")
+        or os.path.exists(os.path.expanduser(source))
+        or Path(source).suffix.lower() in BUILDERS
+        or source.startswith(("/", "./", "../", "~"))
+    )
+
+
+def resolve_local_files(source: str) -> tuple[str, list[str]] | None:
+    """``(builder, sorted files)`` for a local file/dir/glob, ``None`` for a hub dataset name."""
+    if not _is_local(source):
+        return None
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        files = [str(p) for p in sorted(Path(path).rglob("*")) if p.is_file() and p.suffix.lower() in BUILDERS]
+    else:
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    if not files:
+        raise ValueError(f"data.source={source!r} matches no {'/'.join(BUILDERS)} file; fix the path or glob")
+    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(
+            f"data.source={source!r} matches files of types {sorted(str(k) for k in kinds)}; use one of "
+            f"{sorted(set(BUILDERS.values()))} (suffixes {'/'.join(BUILDERS)}), one type per source"
+        )
+    return kinds.pop(), files
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it becomes fixed-length examples.
+
+    ``source``: "stdlib" (the embedded default), a local file/dir/glob, or a hub dataset name
+    (``name`` or ``name:config``; needs network unless already in the cache). ``sample_by`` says
+    how ``.txt`` files split into documents (each gets an eos).
+    """
+
+    source: str = "stdlib"
+    format: str = "text"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    seq_len: int = 128
+    packing: bool = True
+    eval_fraction: float = 0.05
+    seed: int = 0
+    max_samples: int | None = None
+    num_proc: int | None = None
+    sample_by: str = "paragraph"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ValueError(
+                f"data.source={self.source!r} must be 'stdlib', a local path/glob or a hub dataset name"
+            )
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format={self.format!r} is not one of {FORMATS}")
+        if self.source == "stdlib" and self.format != "text":
+            raise ValueError(f"data.source='stdlib' is plain text; set data.format='text' (got {self.format!r})")
+        for name in ("text_field", "messages_field", "prompt_field", "response_field"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"data.{name}={getattr(self, name)!r} must be a non-empty column name")
+        if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.seq_len!r} must be an integer >= 2")
+        if not isinstance(self.packing, bool):
+            raise ValueError(f"data.packing={self.packing!r} must be true or false")
+        if not isinstance(self.eval_fraction, (int, float)) or not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction={self.eval_fraction!r} must be in [0, 1); 0 disables eval")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"data.seed={self.seed!r} must be a non-negative integer")
+        for name in ("max_samples", "num_proc"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"data.{name}={value!r} must be a positive integer or null")
+        if self.sample_by not in SAMPLE_BY:
+            raise ValueError(f"data.sample_by={self.sample_by!r} is not one of {SAMPLE_BY}")
+        if self.source != "stdlib":
+            resolve_local_files(self.source)  # a local path that matches nothing fails here, early
+
+
+def _load_raw(cfg: DataConfig, cache: Path) -> datasets.Dataset:
+    hf_cache = str(cache / "datasets")
+    if cfg.source == "stdlib":
+        key = settings_hash({"max_files": cfg.max_samples, "python": platform.python_version(), "v": 1})
+        corpus = cache / "corpus" / f"stdlib-{key}.jsonl"
+        if not corpus.is_file():  # written once, atomically: ranks may race here
+            corpus.parent.mkdir(parents=True, exist_ok=True)
+            tmp = corpus.with_name(f"{corpus.name}.tmp-{os.getpid()}")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for text in stdlib_corpus(max_files=cfg.max_samples):
+                    f.write(json.dumps({"text": text}) + "\n")
+            os.replace(tmp, corpus)
+        return datasets.load_dataset("json", data_files=[str(corpus)], split="train", cache_dir=hf_cache)
+    local = resolve_local_files(cfg.source)
+    if local is not None:
+        builder, files = local
+        kwargs: dict[str, Any] = {"sample_by": cfg.sample_by} if builder == "text" else {}
+        return datasets.load_dataset(
+            builder, data_files=files, split="train", cache_dir=hf_cache, num_proc=cfg.num_proc, **kwargs
+        )
+    name, _, config = cfg.source.partition(":")
+    try:
+        return datasets.load_dataset(
+            name, config or None, split="train", cache_dir=hf_cache, num_proc=cfg.num_proc
+        )
+    except Exception as e:
+        raise RuntimeError(
+            f"data.source={cfg.source!r} is not a local file/dir/glob, and loading it as a Hugging Face hub "
+            f"dataset failed ({type(e).__name__}: {e}). Hub datasets need network access (or an existing "
+            f"cache); otherwise point data.source at local .txt/.jsonl/.json/.parquet/.csv files"
+        ) from e
+
+
+def _check_columns(cfg: DataConfig, raw: datasets.Dataset) -> None:
+    needed = {
+        "text": ["text_field"], "chat": ["messages_field"], "prompt_response": ["prompt_field", "response_field"]
+    }
+    for name in needed[cfg.format]:
+        column = getattr(cfg, name)
+        if column not in raw.column_names:
+            raise ValueError(
+                f"data.{name}={column!r} is not a column of data.source={cfg.source!r} "
+                f"(columns: {raw.column_names}); set data.{name} to the right column"
+            )
+
+
+def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and labels that keep only the assistant turns.
+
+    Renders growing prefixes with the tokenizer's own template (prompt up to each assistant turn
+    with the generation prompt, then through that turn) and tokenizes the string segments between
+    them separately, so the mask is exact by construction for any template whose renders are
+    string prefixes of each other; other templates get a clear error instead of a wrong mask.
+    """
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        got = type(messages).__name__
+        raise ValueError(f"chat data: expected a list of {{role, content}} messages, got {got}")
+
+    def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError(
+                "the tokenizer's chat template does not render conversation prefixes as string prefixes, so "
+                "the response mask cannot be derived; use format='prompt_response' or a prefix-stable template"
+            )
+        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    rest = render(messages, False)
+    if not rest.startswith(done):
+        raise ValueError("the tokenizer's chat template is not prefix-stable after the last assistant turn")
+    segments.append((rest[len(done) :], False))
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in segments:
+        if text:
+            seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += seg
+            labels += seg if trained else [IGNORE_INDEX] * len(seg)
+    return ids, labels
+
+
+def _bos_prefix(tokenizer: Any) -> list[int]:
+    """``[bos]`` if this tokenizer adds bos by itself (Llama-style), else ``[]`` (respect its convention)."""
+    bos = tokenizer.bos_token_id
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if bos is not None and with_special and with_special[0] == bos else []
+
+
+def _process_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any]) -> dict[str, list]:
+    """Raw rows → fixed-length rows (a batched map may change the row count: packing, filtering)."""
+    eos, seq_len, fmt = tokenizer.eos_token_id, cfg["seq_len"], cfg["format"]
+    prefix = _bos_prefix(tokenizer) if fmt != "chat" else []
+    examples: list[tuple[list[int], list[int]]] = []
+    if fmt == "text":
+        texts = [t for t in batch[cfg["text_field"]] if t]  # blank lines (sample_by=line) are no documents
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        examples = [(prefix + ids + [eos], prefix + ids + [eos]) for ids in encoded]
+    elif fmt == "prompt_response":
+        prompts = tokenizer([t or "" for t in batch[cfg["prompt_field"]]], add_special_tokens=False)["input_ids"]
+        answers = tokenizer([t or "" for t in batch[cfg["response_field"]]], add_special_tokens=False)["input_ids"]
+        for p, r in zip(prompts, answers):
+            examples.append((prefix + p + r + [eos], [IGNORE_INDEX] * (len(prefix) + len(p)) + r + [eos]))
+    else:
+        examples = [chat_ids_labels(tokenizer, m) for m in batch[cfg["messages_field"]]]
+
+    out: dict[str, list] = {"input_ids": [], "labels": []}
+    if cfg["packing"]:
+        stream = [t for ids, _ in examples for t in ids]
+        label_stream = [t for _, labels in examples for t in labels]
+        for start in range(0, len(stream) - seq_len + 1, seq_len):
+            out["input_ids"].append(stream[start : start + seq_len])
+            out["labels"].append(label_stream[start : start + seq_len])
+    else:
+        out["attention_mask"] = []
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        for ids, labels in examples:
+            ids, labels, n_pad = ids[:seq_len], labels[:seq_len], max(0, seq_len - len(ids))
+            out["input_ids"].append(ids + [pad] * n_pad)
+            out["labels"].append(labels + [IGNORE_INDEX] * n_pad)
+            out["attention_mask"].append([1] * len(ids) + [0] * n_pad)
+    keep = [i for i, labels in enumerate(out["labels"]) if any(t != IGNORE_INDEX for t in labels)]
+    if len(keep) != len(out["labels"]):  # nothing to learn (e.g. prompt truncated away): drop, avoids NaN loss
+        out = {k: [v[i] for i in keep] for k, v in out.items()}
+    return out
+
+
+def _features(cfg: DataConfig) -> datasets.Features:
+    seq = lambda dtype: datasets.List(datasets.Value(dtype), length=cfg.seq_len)  # noqa: E731
+    cols = {"input_ids": seq("int32"), "labels": seq("int32")}
+    if not cfg.packing:
+        cols["attention_mask"] = seq("int8")
+    return datasets.Features(cols)
+
+
+def load_datasets(
+    cfg: DataConfig, tokenizer: Any, cache_dir: str | os.PathLike | None = None
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Train and eval datasets of ``seq_len``-token examples (eval is ``None`` if disabled or empty).
+
+    Columns: ``input_ids``, ``labels`` and, unpacked, ``attention_mask``. The eval split is taken
+    from documents before packing (no document straddles both splits). Safe to call on every rank
+    at once (cache writes are atomic); calling it on one rank first, then a barrier, saves work.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; it is needed to separate documents and end responses")
+    if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.format='chat' needs a tokenizer with a chat template; use format='prompt_response'")
+    cache = _resolve_cache(cache_dir) / "data"
+    raw = _load_raw(cfg, cache)
+    _check_columns(cfg, raw)
+    if cfg.max_samples is not None and len(raw) > cfg.max_samples:
+        raw = raw.select(range(cfg.max_samples))
+    splits: dict[str, datasets.Dataset] = {"train": raw}
+    if cfg.eval_fraction > 0:
+        n_eval = math.ceil(len(raw) * cfg.eval_fraction)
+        if len(raw) < 2 or n_eval >= len(raw):
+            raise ValueError(
+                f"data.eval_fraction={cfg.eval_fraction} leaves no training documents out of {len(raw)}; "
+                f"lower it, set it to 0, or add data (for one .txt file try data.sample_by='paragraph')"
+            )
+        parts = raw.train_test_split(test_size=n_eval, shuffle=True, seed=cfg.seed)
+        splits = {"train": parts["train"], "eval": parts["test"]}
+
+    # what the split fingerprint does not already cover (source, seed, max_samples, eval_fraction)
+    processing = ("format", "text_field", "messages_field", "prompt_field", "response_field", "seq_len", "packing")
+    settings = {k: getattr(cfg, k) for k in processing}
+    tok_key = tokenizer_fingerprint(tokenizer)
+    out: dict[str, datasets.Dataset] = {}
+    for split, ds in splits.items():
+        key = {"in": ds._fingerprint, "tok": tok_key, "cfg": settings, "v": _RECIPE_VERSION}
+        fingerprint = settings_hash(key, 16)
+        out[split] = ds.map(
+            _process_batch,
+            batched=True,
+            batch_size=_MAP_BATCH,
+            remove_columns=ds.column_names,
+            features=_features(cfg),
+            fn_kwargs={"tokenizer": tokenizer, "cfg": settings},
+            num_proc=cfg.num_proc,
+            new_fingerprint=fingerprint,
+            desc=f"tokenize {split}",
+        )
+    if len(out["train"]) == 0:
+        raise ValueError(
+            f"data.source={cfg.source!r} gave no training examples of seq_len={cfg.seq_len}; lower seq_len or add data"
+        )
+    eval_ds = out.get("eval")
+    if eval_ds is not None and len(eval_ds) == 0:
+        log.warning(f"the eval split has no complete seq_len={cfg.seq_len} example; eval is disabled", ranks=[0])
+        eval_ds = None
+    log.info(
+        f"data {cfg.source!r}: {len(out['train'])} train / {len(eval_ds) if eval_ds is not None else 0} eval "
+        f"examples of {cfg.seq_len} tokens",
+        ranks=[0],
+    )
+    return out["train"], eval_ds
+
+
+def steps_per_epoch(dataset: datasets.Dataset, micro_batch_size: int, dp_size: int) -> int:
+    """Complete global batches (``micro_batch_size * dp_size`` examples) in one epoch."""
+    return len(dataset) // (micro_batch_size * dp_size)
+
+
+def rank_batches(
+    dataset: datasets.Dataset,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    epoch: int,
+    seed: int,
+    start_step: int = 0,
+    shuffle: bool = True,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches of one epoch, as int64 tensors ``[micro_batch, seq_len]``.
+
+    The epoch's order is a permutation drawn from ``(seed, epoch)`` (a pair, so seed 1/epoch 0
+    and seed 0/epoch 1 differ). The global batch of step ``s`` is the examples at positions
+    ``[s*G, (s+1)*G)`` with ``G = dp_size * micro_batch_size``; rank ``dp_rank`` takes the
+    contiguous slice ``[dp_rank*mb, (dp_rank+1)*mb)`` of it. So the union over ranks is exactly the
+    single-rank batch of ``G``, and ``start_step`` resumes exactly where a run stopped. The
+    incomplete last global batch is dropped. Pass the *data-parallel* coordinates: ranks of one
+    tensor/pipeline group share a dp_rank and so see the same batch; expert-parallel ranks are
+    data-parallel ranks and see different batches. For eval pass ``shuffle=False``.
+    """
+    checks = (("micro_batch_size", micro_batch_size, 1), ("dp_size", dp_size, 1), ("epoch", epoch, 0), ("seed", seed, 0))
+    for name, value, low in checks:
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    if not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank!r} must be in [0, dp_size={dp_size})")
+    n_steps = steps_per_epoch(dataset, micro_batch_size, dp_size)
+    if n_steps == 0:
+        raise ValueError(
+            f"the dataset has {len(dataset)} examples, fewer than one global batch of "
+            f"micro_batch_size*dp_size = {micro_batch_size}*{dp_size}; lower the batch size or add data"
+        )
+    if not isinstance(start_step, int) or not 0 <= start_step <= n_steps:
+        raise ValueError(f"start_step={start_step!r} must be in [0, steps_per_epoch={n_steps}]")
+    order = np.random.default_rng([seed, epoch]).permutation(len(dataset)) if shuffle else np.arange(len(dataset))
+    columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
+    formatted = dataset.with_format("torch", columns=columns)
+    return _iterate(formatted, order, columns, micro_batch_size, dp_rank, dp_size, start_step, n_steps)
+
+
+def _iterate(
+    ds: datasets.Dataset,
+    order: np.ndarray,
+    columns: list[str],
+    mb: int,
+    dp_rank: int,
+    dp_size: int,
+    start: int,
+    stop: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    for step in range(start, stop):
+        first = step * dp_size * mb + dp_rank * mb
+        rows = ds[order[first : first + mb].tolist()]
+        yield {c: rows[c].to(torch.long) for c in columns}

@@ -10,7 +10,6 @@ the reference run in-process. Then DeepSpeed's engine takes a step with our mpu 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
@@ -29,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    from switchyard.deepspeed import fill_deepspeed_config, optimizer_param_groups
     from switchyard import MoEConfig, ProcessGroupManager
     from switchyard.moe.layer import MoELayer
 
@@ -54,10 +53,9 @@ def main() -> None:
         print("token copies per expert (all ranks):", counts.tolist(),
               f"imbalance max/mean = {float(counts.max() / counts.float().mean()):.2f}", flush=True)
 
-    with open(args.deepspeed_config) as f:
-        ds_config = json.load(f)
-    ds_config["train_micro_batch_size_per_gpu"] = args.tokens
-    params = split_params_into_different_moe_groups_for_optimizer({"params": list(layer.parameters()), "name": "moe"})
+    ds_config = fill_deepspeed_config(args.deepspeed_config, micro_batch_size=args.tokens, grad_accum=1,
+                                      dp_size=manager.size("dp"), clip=1.0, precision="fp32")
+    params = optimizer_param_groups(layer, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=layer, optimizer=torch.optim.AdamW(params, lr=1e-3), config=ds_config,
                                       mpu=manager.mpu)
     loss = engine(x).square().mean() + layer.aux_loss

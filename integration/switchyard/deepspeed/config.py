@@ -1,0 +1,71 @@
+"""DeepSpeed JSON configs: "auto" values filled from the run config, conflicts refused, MoE param groups.
+
+The JSON in ``configs/deepspeed/`` says *how* DeepSpeed runs (ZeRO stage, communication); the run
+config says *what* (batch sizes, clipping, precision). ``"auto"`` takes the run config's value; a
+concrete value that disagrees with it is an error naming both, so the two files cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+ZERO3_MESSAGE = (
+    "ZeRO stage 3 is not supported with switchyard MoE layers: DeepSpeed 0.19 rejects MoE modules under "
+    "stage 3 (only its AutoEP layer is partitioned there). Use stage 0, 1 or 2 (configs/deepspeed/zero*.json); "
+    "expert optimizer state is already partitioned over the expert-data-parallel group at stages 1-2"
+)
+
+
+def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
+    current = config.get(key, "auto")
+    if current == "auto":
+        config[key] = value
+    elif current != value:
+        raise ValueError(f"deepspeed config has {key}={current!r} but the run config implies {value!r} ({source}); "
+                         f"set it to \"auto\" or make them agree")
+
+
+def fill_deepspeed_config(
+    path: str | Path, *, micro_batch_size: int, grad_accum: int, dp_size: int, clip: float, precision: str
+) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"deepspeed config {path} does not exist (see configs/deepspeed/)")
+    config = json.loads(path.read_text())
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ValueError(ZERO3_MESSAGE)
+    _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size")
+    _fill(config, "gradient_accumulation_steps", grad_accum, "train.grad_accum")
+    _fill(config, "train_batch_size", micro_batch_size * grad_accum * dp_size, "micro_batch × grad_accum × dp")
+    _fill(config, "gradient_clipping", clip, "train.clip")
+    bf16 = config.setdefault("bf16", {})
+    _fill(bf16, "enabled", precision == "bf16", "train.precision")
+    if config.get("fp16", {}).get("enabled") is True:
+        raise ValueError("fp16 is not supported (use train.precision: bf16); remove the fp16 section")
+    if "optimizer" in config or "scheduler" in config:
+        raise ValueError("remove the optimizer/scheduler sections: switchyard builds them from the run config "
+                         "(train.lr, train.schedule, …) with MoE-aware parameter groups")
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay / no-decay groups (biases and norms don't decay), then split for MoE as DeepSpeed requires:
+    expert parameters in their own groups, marked ``moe=True`` with their expert group name."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups)

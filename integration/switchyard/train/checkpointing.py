@@ -1,0 +1,183 @@
+"""Crash-proof checkpoints: a directory is either complete or ignored.
+
+Layout of ``<output_dir>/checkpoints/``::
+
+    step_000050/            a complete checkpoint (renamed from step_000050.partial/ once every rank is done)
+      engine/rank00000.pt   each rank's optimizer partition, lr scheduler and step counters (exact resume)
+      model/                switchyard safetensors checkpoint (serve, export, resume at another ep)
+      rng/rank00000.safetensors   each rank's RNG states
+      meta.json             step, world/ep layout, run config
+      COMPLETE              written last, before the rename
+    latest                  name of the newest complete checkpoint (replaced atomically)
+
+Killing the job at any moment leaves at worst a ``*.partial`` directory, which resume skips and the
+next save removes; ``latest`` only ever names a renamed, complete directory.
+
+Why not ``engine.save_checkpoint``: DeepSpeed 0.19's MoE checkpoint path parses expert keys of its own
+MoE class (``deepspeed_moe.experts.deepspeed_experts.N``) and fails on any other layer. Model weights go
+to safetensors in global expert ids instead; the optimizer's per-rank state (ZeRO partition or full
+state at stage 0) is saved per rank, which is exact when resuming on the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from switchyard.log import get_logger
+
+log = get_logger(__name__)
+
+PARTIAL = ".partial"
+MARKER = "COMPLETE"
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def same_layout(self, world_size: int, ep: int) -> bool:
+        return self.meta.get("world_size") == world_size and self.meta.get("ep") == ep
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and not path.name.endswith(PARTIAL) and (path / MARKER).is_file() and (path / "meta.json").is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if _is_complete(p)), key=lambda p: p.name)
+
+
+def find_resume(root: Path, resume: str | None) -> ResumePoint | None:
+    """``None`` → start fresh; ``"auto"`` → newest complete (``latest`` if it is complete); else a path."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        pointer = root / "latest"
+        candidate = root / pointer.read_text().strip() if pointer.is_file() else None
+        if candidate is None or not _is_complete(candidate):
+            found = complete_checkpoints(root)
+            candidate = found[-1] if found else None
+        if candidate is None:
+            log.info("resume=auto: no complete checkpoint under %s, starting fresh", root, ranks=[0])
+            return None
+    else:
+        candidate = Path(resume)
+        if not _is_complete(candidate):
+            raise ValueError(f"checkpoint.resume={resume!r} is not a complete switchyard checkpoint "
+                             f"(needs {MARKER} and meta.json; partial saves end in {PARTIAL})")
+    return ResumePoint(candidate, json.loads((candidate / "meta.json").read_text()))
+
+
+def save_rng(path: Path, rank: int) -> None:
+    from safetensors.torch import save_file
+
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(states, str(path / f"rank{rank:05d}.safetensors"))
+
+
+def load_rng(path: Path, rank: int) -> None:
+    from safetensors.torch import load_file
+
+    file = path / f"rank{rank:05d}.safetensors"
+    if not file.is_file():
+        log.warning("no RNG state %s; continuing with the current generator", file, ranks=None)
+        return
+    states = load_file(str(file))
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def inject_fault(point: str, step: int) -> None:
+    """Crash-safety test hook: ``SWITCHYARD_FAULT=<point>:<rank>:<step>`` SIGKILLs that rank at that
+    point ("step": after the optimizer step; "save": mid-save, before the checkpoint is complete)."""
+    spec = os.environ.get("SWITCHYARD_FAULT")
+    if not spec:
+        return
+    want_point, want_rank, want_step = spec.split(":")
+    if want_point == point and int(want_rank) == dist.get_rank() and int(want_step) == step:
+        log.warning("SWITCHYARD_FAULT=%s: killing rank %d", spec, dist.get_rank(), ranks=None)
+        os.kill(os.getpid(), 9)
+
+
+def save_engine_state(engine, path: Path, rank: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "optimizer": engine.optimizer.state_dict(),
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "micro_steps": engine.micro_steps,
+    }
+    torch.save(state, path / f"rank{rank:05d}.pt")
+
+
+def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int) -> None:
+    """Restore this rank's optimizer partition, scheduler and counters (same layout only)."""
+    file = path / f"rank{rank:05d}.pt"
+    if not file.is_file():
+        raise ValueError(f"checkpoint is missing {file}: was it written with a different number of ranks?")
+    state = torch.load(file, map_location="cpu", weights_only=False)  # our own file, written by save_engine_state
+    if engine.zero_optimization_stage() >= 1:
+        # ZeRO indexes a list of every data-parallel rank's state by this rank's dp rank; ours is enough
+        states = [None] * dp_size
+        states[dp_rank] = state["optimizer"]
+        engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        engine.optimizer.load_state_dict(state["optimizer"])
+    if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state["global_samples"]
+    engine.micro_steps = state["micro_steps"]
+
+
+def save_checkpoint(engine, model, tokenizer, groups, root: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """Collective: every rank calls it. Returns the final directory."""
+    from switchyard.hf.checkpoint import save_pretrained
+
+    rank = dist.get_rank()
+    final = root / f"step_{step:06d}"
+    partial = root / f"step_{step:06d}{PARTIAL}"
+    if rank == 0:
+        for stale in root.glob(f"*{PARTIAL}"):  # left by a job killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # re-saving a step after resume: replace it
+            shutil.rmtree(final)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    save_engine_state(engine, partial / "engine", rank)
+    save_pretrained(model, partial / "model", groups=groups, tokenizer=tokenizer)
+    save_rng(partial / "rng", rank)
+    inject_fault("save", step)
+    dist.barrier()
+    if rank == 0:
+        (partial / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, default=str))
+        (partial / MARKER).write_text("")
+        os.replace(partial, final)
+        pointer_tmp = root / "latest.tmp"
+        pointer_tmp.write_text(final.name)
+        os.replace(pointer_tmp, root / "latest")
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final

@@ -1,0 +1,229 @@
+"""The fine-tune loop under DeepSpeed: one step = grad_accum micro-batches per rank, then one optimizer step.
+
+    deepspeed --num_gpus N launch/finetune.py --config configs/finetune/tiny.yaml [key.sub=value …]
+
+Order of work: validate the config against the world → build every group → find the checkpoint to
+resume → model (patched, this rank's experts only) → data → DeepSpeed engine with MoE parameter groups
+→ steps (router losses in the loss, expert-bias updates, metrics, eval, atomic checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from switchyard.log import get_logger
+from switchyard.train.run_config import RunConfig
+
+log = get_logger(__name__)
+
+H200_BF16_PEAK_FLOPS = 989e12  # dense bf16 datasheet value, for MFU
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _dp_mean(value: torch.Tensor, groups) -> float:
+    value = value.detach().float().reshape(1).clone()
+    dist.all_reduce(value, group=groups.group("dp"))
+    return value.item() / groups.size("dp")
+
+
+class StepBatches:
+    """This rank's micro-batches, step by step across epochs; resumable at any step."""
+
+    def __init__(self, dataset, config: RunConfig, dp_rank: int, dp_size: int, start_step: int) -> None:
+        from switchyard.train.data import rank_batches, steps_per_epoch
+
+        self.dataset, self.config, self.dp_rank, self.dp_size = dataset, config, dp_rank, dp_size
+        t = config.train
+        self.per_step = t.micro_batch_size * t.grad_accum
+        self.steps_per_epoch = steps_per_epoch(dataset, self.per_step, dp_size)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the training set ({len(dataset)} sequences) is smaller than one global batch "
+                f"({self.per_step} × dp {dp_size}); lower train.micro_batch_size / grad_accum or add data"
+            )
+        self._rank_batches = rank_batches
+        self.step = start_step
+        self._iter: Iterator | None = None
+
+    def _open(self) -> None:
+        epoch, within = divmod(self.step, self.steps_per_epoch)
+        self._iter = self._rank_batches(self.dataset, self.per_step, self.dp_rank, self.dp_size, epoch,
+                                        self.config.data.seed, start_step=within)
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        if self._iter is None or self.step % self.steps_per_epoch == 0:
+            self._open()
+        assert self._iter is not None
+        batch = next(self._iter)
+        self.step += 1
+        mb = self.config.train.micro_batch_size
+        return [{k: v[i * mb:(i + 1) * mb] for k, v in batch.items()} for i in range(self.config.train.grad_accum)]
+
+
+def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
+    candidates = [s for s in (config.train.max_steps,
+                              config.train.epochs * steps_per_epoch if config.train.epochs else None) if s]
+    return min(candidates)
+
+
+def train(config: RunConfig) -> dict[str, Any]:
+    import deepspeed
+
+    from switchyard.deepspeed import fill_deepspeed_config, optimizer_param_groups
+    from switchyard.hf.patch import moe_layers
+    from switchyard.parallel import ProcessGroupManager, init_distributed
+    from switchyard.train import checkpointing
+    from switchyard.train.data import load_datasets
+    from switchyard.train.metrics import ExpertLoad, MetricsWriter
+    from switchyard.train.model_source import cache_dir, load_model, rank0_first, resolve_source
+    from switchyard.train.schedule import build_scheduler
+
+    init_distributed()
+    world = dist.get_world_size()
+    config.check_world(world)
+    p = config.parallel
+    groups = ProcessGroupManager(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp)
+    rank, dp_rank, dp_size = dist.get_rank(), groups.rank("dp"), groups.size("dp")
+    run_dir = Path(config.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume = checkpointing.find_resume(ckpt_root, config.checkpoint.resume)
+    reshard = resume is not None and not resume.same_layout(world, groups.size("ep"))
+    torch.manual_seed(config.train.seed)
+
+    source = resolve_source(config)
+    model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
+    layers = {name: m for name, m in model.named_modules() if m in set(moe_layers(model))}
+    train_set, eval_set = rank0_first(load_datasets, config.data, tokenizer, cache_dir() / "datasets")
+
+    start_step = resume.step if resume is not None else 0
+    batches = StepBatches(train_set, config, dp_rank, dp_size, start_step)
+    steps = total_steps(config, batches.steps_per_epoch)
+    t = config.train
+    ds_config = fill_deepspeed_config(config.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                                      dp_size=dp_size, clip=t.clip, precision=t.precision)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr)
+    scheduler = build_scheduler(optimizer, steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, mpu=groups.mpu)
+    if resume is not None and not reshard:
+        checkpointing.load_engine_state(engine, resume.path / "engine", rank, dp_rank, dp_size)
+        checkpointing.load_rng(resume.path / "rng", rank)
+        log.info("resumed from %s at step %d", resume.path, start_step, ranks=[0])
+    elif reshard:
+        for _ in range(start_step):
+            engine.lr_scheduler.step()
+        log.warning("resumed from %s at step %d with a different layout (world %s → %d, ep %s → %d): model "
+                    "weights resharded, optimizer state restarts", resume.path, start_step,
+                    resume.meta.get("world_size"), world, resume.meta.get("ep"), groups.size("ep"), ranks=[0])
+
+    metrics = MetricsWriter(run_dir, enabled=rank == 0, total_steps=steps, start_step=start_step)
+    load = ExpertLoad()
+    device = engine.device
+    active_params = _active_params(model)
+    meta = {"world_size": world, "ep": groups.size("ep"), "dp": dp_size, "config": config.to_dict()}
+    history: list[float] = []
+    last_eval: dict[str, float] = {}
+
+    for step in range(start_step, steps):
+        started = time.perf_counter()
+        engine.train()
+        lm_losses, aux_losses, tokens = [], [], 0
+        for micro in batches.next_step():
+            micro = {k: v.to(device) for k, v in micro.items()}
+            out = engine(**micro)
+            engine.backward(out.loss)
+            engine.step()
+            aux = out.get("aux_loss")
+            lm_losses.append((out.loss - aux).detach() if aux is not None else out.loss.detach())
+            aux_losses.append(aux.detach() if aux is not None else torch.zeros((), device=device))
+            tokens += int((micro["labels"] != -100).sum())
+            for name, layer in layers.items():
+                stats = layer.last_stats
+                load.add(name, stats.tokens_per_expert_E, stats.dropped_copies, stats.routed_copies)
+        for layer in layers.values():
+            layer.update_expert_bias()
+        checkpointing.inject_fault("step", step + 1)
+        loss = _dp_mean(torch.stack(lm_losses).mean(), groups)
+        history.append(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower train.lr or check the data")
+        global_tokens = tokens * dp_size
+        elapsed = time.perf_counter() - started
+        values: dict[str, Any] = {
+            "loss": loss,
+            "router_loss": _dp_mean(torch.stack(aux_losses).mean(), groups),
+            "lr": engine.lr_scheduler.get_last_lr()[0],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": global_tokens / elapsed,
+        }
+        if device.type == "cuda":
+            values["mfu"] = 6 * active_params * global_tokens / elapsed / (H200_BF16_PEAK_FLOPS * world)
+        fractions = None
+        if (step + 1) % t.log_every == 0 or step + 1 == steps:
+            fractions = _expert_fractions(load, groups, values)
+        if (step + 1) % t.eval_every == 0 or step + 1 == steps:
+            last_eval = evaluate(engine, eval_set, config, dp_rank, dp_size, groups)
+            values.update(last_eval)
+        metrics.log(step + 1, values, fractions)
+        metrics.advance()
+        if (step + 1) % config.checkpoint.every == 0 or step + 1 == steps:
+            checkpointing.save_checkpoint(engine, model, tokenizer, groups, ckpt_root, step + 1, meta,
+                                          config.checkpoint.keep)
+    heatmap = metrics.close()
+    return {"steps": steps, "start_step": start_step, "losses": history, **last_eval,
+            "heatmap": str(heatmap) if heatmap else None, "run_dir": str(run_dir)}
+
+
+@torch.no_grad()
+def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, groups) -> dict[str, float]:
+    if eval_set is None or len(eval_set) < config.train.micro_batch_size * dp_size:
+        return {}
+    from switchyard.train.data import rank_batches
+
+    engine.eval()
+    losses = []
+    for i, batch in enumerate(rank_batches(eval_set, config.train.micro_batch_size, dp_rank, dp_size, 0,
+                                           config.data.seed)):
+        if i >= config.train.eval_batches:
+            break
+        out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
+        aux = out.get("aux_loss")
+        losses.append(out.loss - aux if aux is not None else out.loss)
+    engine.train()
+    loss = _dp_mean(torch.stack(losses).mean(), groups)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _expert_fractions(load, groups, values: dict[str, Any]) -> dict[str, list[float]]:
+    counts, dropped = load.take()
+    fractions = {}
+    for name, c in counts.items():
+        c = c.float().clone()
+        dist.all_reduce(c, group=groups.group("dp"))
+        share = c / c.sum().clamp_min(1)
+        fractions[name] = [round(x, 5) for x in share.tolist()]
+        values[f"load_max_over_mean/{name}"] = float(share.max() * share.numel())
+        values[f"dropped_fraction/{name}"] = dropped[name]
+    return fractions
+
+
+def _active_params(model) -> int:
+    """Parameters a token passes through: dense ones plus top_k / E of the routed experts (global)."""
+    from switchyard.hf.patch import moe_layers
+
+    total = sum(p.numel() for p in model.parameters())
+    for layer in moe_layers(model):
+        local = sum(p.numel() for p in layer.experts.parameters())
+        total += -local + local * layer.ep_size * layer.config.top_k // layer.num_experts
+    return total

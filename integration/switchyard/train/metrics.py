@@ -1,0 +1,114 @@
+"""What the user sees: a progress bar and per-step line on rank 0, ``metrics.jsonl``, TensorBoard
+events, and at the end a PNG heatmap of expert load per layer over training.
+
+Only rank 0 writes; values arrive already reduced over the data-parallel group.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ExpertLoad:
+    """Token copies per expert per MoE layer, summed over steps between ``take()`` calls (detached, on device)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+        self.dropped: dict[str, torch.Tensor] = {}
+        self.routed: dict[str, int] = {}
+
+    def add(self, name: str, counts: torch.Tensor, dropped: torch.Tensor, routed: int) -> None:
+        if name in self.counts:
+            self.counts[name] = self.counts[name] + counts
+            self.dropped[name] = self.dropped[name] + dropped
+            self.routed[name] += routed
+        else:
+            self.counts[name], self.dropped[name], self.routed[name] = counts.clone(), dropped.clone(), routed
+
+    def take(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        counts, dropped, routed = self.counts, self.dropped, self.routed
+        self.counts, self.dropped, self.routed = {}, {}, {}
+        return counts, {k: float(dropped[k]) / max(1, routed[k]) for k in dropped}
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int = 0) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.load_history: list[tuple[int, dict[str, list[float]]]] = []
+        self._started = time.perf_counter()
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():  # a resumed run recomputes the steps after its checkpoint: drop their old rows
+            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            path.write_text("".join(row + "\n" for row in rows))
+        self._jsonl = open(path, "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="fine-tune", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, Any], expert_fractions: dict[str, list[float]] | None = None) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time_s": round(time.perf_counter() - self._started, 3), **values}
+        if expert_fractions:
+            record["expert_load"] = expert_fractions
+            self.load_history.append((step, expert_fractions))
+        self._jsonl.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, step)
+        shown = {k: values[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in values}
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self._bar.update(n)
+
+    def write_line(self, text: str) -> None:
+        if self.enabled:
+            self._bar.write(text)
+
+    def close(self) -> Path | None:
+        if not self.enabled:
+            return None
+        self._bar.close()
+        self._tb.close()
+        self._jsonl.close()
+        return write_expert_load_heatmap(self.load_history, self.run_dir / "expert_load.png")
+
+
+def write_expert_load_heatmap(history: list[tuple[int, dict[str, list[float]]]], path: Path) -> Path | None:
+    """One panel per MoE layer: expert (y) × logged step (x), colour = fraction of the layer's token copies."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(history[-1][1])
+    steps = [s for s, _ in history]
+    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.6 + 1.2 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers):
+        grid = torch.tensor([fractions.get(layer, [0.0] * len(history[-1][1][layer])) for _, fractions in history]).T
+        image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+                          extent=(steps[0] - 0.5, steps[-1] + 0.5, grid.shape[0] - 0.5, -0.5))
+        ax.set_ylabel("expert")
+        ax.set_title(f"{layer}: fraction of token copies per expert", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

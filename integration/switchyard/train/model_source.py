@@ -1,0 +1,75 @@
+"""Turn ``model.source`` into a patched, expert-parallel model and its tokenizer.
+
+Sources, recognized in this order: ``"tiny"`` (the embedded default, built offline and cached), a
+switchyard checkpoint dir (``config.json`` has a ``switchyard`` record), an HF MoE model (adopted),
+any other HF causal LM (upcycled with ``moe``). Rank 0 builds caches first; the others wait.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from switchyard.hf.adopt import SUPPORTED_BLOCKS
+from switchyard.log import get_logger
+from switchyard.train.run_config import RunConfig
+
+log = get_logger(__name__)
+
+# model_type of transformers' MoE models whose blocks switchyard adopts
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SWITCHYARD_CACHE", Path.home() / ".cache" / "switchyard"))
+
+
+def rank0_first(fn, *args, **kwargs) -> Any:
+    """Run ``fn`` on rank 0, then on the others (which then find rank 0's cache)."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return fn(*args, **kwargs)
+    result = fn(*args, **kwargs)
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def resolve_source(config: RunConfig) -> str:
+    """The directory or hub id to load; builds the embedded tiny model when asked for it."""
+    if config.model.source != "tiny":
+        return config.model.source
+    from switchyard.train.tiny import build_tiny_dense_model, build_tokenizer
+
+    def build() -> str:
+        tokenizer = build_tokenizer(cache_dir())
+        return str(build_tiny_dense_model(cache_dir(), tokenizer, **config.model.tiny))
+
+    return rank0_first(build)
+
+
+def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | None = None):
+    """(model, tokenizer). ``from_checkpoint``: a switchyard model dir that overrides ``source``
+    (resuming at another expert-parallel layout)."""
+    import switchyard as sy
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or source)
+    if from_checkpoint is not None:
+        log.info("loading model weights from %s (resharded to ep=%d)", from_checkpoint, groups.size("ep"), ranks=[0])
+        return sy.from_pretrained(from_checkpoint, groups=groups), tokenizer
+    hf_config = AutoConfig.from_pretrained(source)
+    if getattr(hf_config, "switchyard", None):
+        return sy.from_pretrained(source, groups=groups), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
+    if hf_config.model_type in MOE_MODEL_TYPES or any(type(m).__name__ in SUPPORTED_BLOCKS for m in model.modules()):
+        sy.patch_model(model, None, groups, overrides=config.moe.overrides or None, layers=config.moe.layers,
+                       every_n=config.moe.every_n, targets=config.moe.targets, exclude=config.moe.exclude)
+    else:
+        sy.patch_model(model, config.moe_config(), groups, layers=config.moe.layers, every_n=config.moe.every_n,
+                       targets=config.moe.targets, exclude=config.moe.exclude, adapter=config.moe.adapter,
+                       seed=config.train.seed)
+    return model, tokenizer

@@ -1,0 +1,202 @@
+"""The fine-tune run config: one YAML file plus ``key.sub=value`` overrides, validated before any step.
+
+Sections: ``output_dir``, ``model``, ``moe``, ``parallel``, ``data``, ``train``, ``checkpoint``,
+``deepspeed``. Unknown keys and inconsistent values are ``ValueError``s that name the key, the value
+and the fix; checks that need the world size (global batch, ep dividing the world) run in
+:meth:`RunConfig.check_world`, still before the model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from switchyard.config import MoEConfig, ParallelConfig
+from switchyard.train.data import DataConfig
+
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "linear", "constant")
+MODEL_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class ModelSection:
+    """``source``: "tiny" (the embedded default), a dense HF dir or hub id (upcycled on the fly), a
+    switchyard dir (``save_pretrained``), or an HF MoE model (adopted)."""
+
+    source: str = "tiny"
+    tokenizer: str | None = None  # defaults to the model's own
+    tiny: dict[str, Any] = field(default_factory=dict)  # overrides for the embedded tiny model
+
+
+@dataclass
+class MoESection:
+    """MoEConfig fields (flat in the YAML: ``moe.num_experts``) plus which layers to swap (see
+    ``switchyard.patch_model``); the MoEConfig fields are gathered into ``config``."""
+
+    config: dict[str, Any] = field(default_factory=lambda: {"num_experts": 4, "top_k": 2})
+    layers: list[int] | None = None
+    every_n: int | None = None
+    targets: list[str] | None = None
+    exclude: list[str] | None = None
+    adapter: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # for adopted HF MoE models
+
+
+@dataclass
+class TrainSection:
+    max_steps: int | None = 50
+    epochs: int | None = None
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    global_batch_size: int | None = None  # if set, must equal micro_batch_size * grad_accum * dp
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    eval_every: int = 25
+    eval_batches: int = 8
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("train needs max_steps or epochs (or both: whichever ends first)")
+        for name in ("max_steps", "epochs", "global_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"train.{name} must be a positive integer or null, got {value!r}")
+        for name in ("micro_batch_size", "grad_accum", "eval_every", "eval_batches", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.clip < 0 or self.weight_decay < 0:
+            raise ValueError("train.warmup_steps, train.clip and train.weight_decay must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={self.schedule!r} is unknown; choose one of {SCHEDULES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} is unknown; choose one of {PRECISIONS}")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 25  # steps; a checkpoint is also written at the end
+    keep: int = 2  # complete checkpoints kept (older ones are deleted)
+    resume: str | None = None  # None | "auto" | a checkpoint dir
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep < 1:
+            raise ValueError(f"checkpoint.every and checkpoint.keep must be >= 1, got {self.every}, {self.keep}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/tiny"
+    model: ModelSection = field(default_factory=ModelSection)
+    moe: MoESection = field(default_factory=MoESection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    deepspeed: str = "configs/deepspeed/zero2.json"
+
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig.from_dict(self.moe.config)
+
+    def check_world(self, world_size: int) -> dict[str, int]:
+        """Checks that need the world size; returns the derived degrees (dp, edp, …)."""
+        sizes = self.parallel.derived(world_size)
+        if self.parallel.tp > 1 or self.parallel.pp > 1:
+            raise ValueError(
+                f"parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp}: fine-tuning with tensor or "
+                "pipeline parallelism is not implemented yet; use tp=1, pp=1 with ep and data parallelism"
+            )
+        num_experts = self.moe.config.get("num_experts")
+        if num_experts is not None and num_experts % self.parallel.ep != 0:
+            raise ValueError(f"moe.num_experts={num_experts} is not divisible by parallel.ep={self.parallel.ep}")
+        t = self.train
+        implied = t.micro_batch_size * t.grad_accum * sizes["dp"]
+        if t.global_batch_size is not None and t.global_batch_size != implied:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} but micro_batch_size × grad_accum × dp = "
+                f"{t.micro_batch_size} × {t.grad_accum} × {sizes['dp']} = {implied}; make them agree"
+            )
+        return sizes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """Build a (nested) dataclass from plain YAML values, rejecting unknown keys by their full path."""
+    if not dataclasses.is_dataclass(cls):
+        return values
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; known keys here are {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        kwargs[name] = _build(hint, value, f"{where}.{name}" if where else name) if dataclasses.is_dataclass(hint) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{where or 'config'}: {err}") from None
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """``train.lr=1e-4`` → tree["train"]["lr"] = 1e-4 (the value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} must look like key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def _gather_moe_fields(moe: dict[str, Any]) -> dict[str, Any]:
+    """Flat ``moe:`` keys → selection keys stay, MoEConfig keys go under ``config``."""
+    if not isinstance(moe, dict):
+        raise ValueError(f"moe must be a mapping, got {moe!r}")
+    selection = {f.name for f in dataclasses.fields(MoESection)} - {"config"}
+    gathered: dict[str, Any] = {k: v for k, v in moe.items() if k in selection}
+    config = {**MoESection().config, **(moe.get("config") or {})}
+    config.update({k: v for k, v in moe.items() if k not in selection and k != "config"})
+    gathered["config"] = config
+    return gathered
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"run config {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"run config {path} must be a YAML mapping")
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    tree["moe"] = _gather_moe_fields(tree.get("moe") or {})
+    config = _build(RunConfig, tree, "")
+    config.moe_config()  # validates the MoE section now
+    return config

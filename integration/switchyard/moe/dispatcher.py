@@ -2,7 +2,14 @@
 
     dispatch:  x_TH ──gather by slot──▶ x_NH (sorted by global expert)
                ──all-to-all (ep>1)──▶ rows from every source rank ──regroup──▶ x_MH (by local expert)
-    combine:   y_MH ──regroup⁻¹──▶ ──all-to-all⁻¹──▶ y_NH ──× weight, index_add by token──▶ out_TH
+    combine:   y_MH ──regroup⁻¹──▶ ──all-to-all⁻¹──▶ y_NH ──gather by slot, Σ_k weight·row──▶ out_TH
+
+The local permutation has no host sync: counts come from a binary search over the sorted expert ids
+(``torch.bincount`` reads its max back to the host on CUDA). With the fused kernels on (default;
+``SWITCHYARD_FUSED_KERNELS=0`` or ``switchyard.moe.kernels.set_fused_kernels(False)`` for the unfused
+path) both directions go through ``row_of_slot_TK``, the inverse of the sort: the gather's backward and
+the combine are per-token gathers with fp32 sums over the K copies (Triton on CUDA), so no atomics, no
+fp32 [N, H] temporaries, and deterministic results.
 
 Experts are laid out in contiguous blocks per EP rank (expert e lives on rank e // E_local), so
 after sorting by global expert id the rows bound for each rank are contiguous and the all-to-all
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from switchyard.moe.kernels import fused_kernels_enabled, gather_rows, unpermute_combine
 from switchyard.parallel.all_to_all import all_to_all, exchange_counts
 
 
@@ -36,6 +44,7 @@ class DispatchPlan:
     input_splits: list[int] | None = None  # rows sent to each EP rank
     output_splits: list[int] | None = None  # rows received from each EP rank
     regroup_M: torch.Tensor | None = None  # received (source-major) row for each local-expert-major row
+    row_of_slot_TK: torch.Tensor | None = None  # sent row of each slot (t, k), -1 if dropped (fused path)
 
 
 class TokenDispatcher:
@@ -56,9 +65,39 @@ class TokenDispatcher:
     ) -> tuple[torch.Tensor, DispatchPlan]:
         """Token copies for this rank's local experts, grouped by local expert, and the plan to undo it."""
         num_tokens, top_k = expert_TK.shape
-        flat_expert = expert_TK.reshape(-1)
+        if not fused_kernels_enabled():
+            return self._dispatch_unfused(x_TH, expert_TK, keep_TK)
+        flat_expert = expert_TK.reshape(-1).to(torch.int32)  # int32 keys: half the radix-sort passes
         if keep_TK is not None:
             # dropped slots sort after every real expert and are cut off below
+            flat_expert = torch.where(keep_TK.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_experts))
+        sorted_expert, slot_order = torch.sort(flat_expert, stable=True)
+        # bounds[e] = first sorted position with expert >= e: counts without bincount's host sync
+        experts = torch.arange(self.num_experts + 1, device=flat_expert.device, dtype=torch.int32)
+        bounds = torch.searchsorted(sorted_expert, experts)
+        tokens_per_expert_E = bounds.diff()
+        if keep_TK is not None:
+            slot_order = slot_order[: int(bounds[-1])]
+            row_of_slot = torch.full_like(flat_expert, -1, dtype=torch.int64)
+        else:
+            row_of_slot = torch.empty_like(slot_order)
+        row_of_slot.scatter_(0, slot_order, torch.arange(slot_order.numel(), device=slot_order.device))
+        token_idx = torch.div(slot_order, top_k, rounding_mode="floor")
+        row_of_slot_TK = row_of_slot.view(num_tokens, top_k)
+        x_NH = gather_rows(x_TH, token_idx, row_of_slot_TK)
+        plan = DispatchPlan(num_tokens, slot_order, token_idx, tokens_per_expert_E, tokens_per_expert_E,
+                            row_of_slot_TK=row_of_slot_TK)
+        if self.ep_size == 1:
+            return x_NH, plan
+        return self._exchange(x_NH, plan)
+
+    def _dispatch_unfused(
+        self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DispatchPlan]:
+        """The reference path: bincount (a host sync on CUDA), argsort, index_select (atomic backward)."""
+        num_tokens, top_k = expert_TK.shape
+        flat_expert = expert_TK.reshape(-1)
+        if keep_TK is not None:
             flat_expert = torch.where(keep_TK.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_experts))
         tokens_per_expert_E = torch.bincount(flat_expert, minlength=self.num_experts + 1)[: self.num_experts]
         slot_order = torch.argsort(flat_expert, stable=True)
@@ -94,6 +133,8 @@ class TokenDispatcher:
             y_NH = all_to_all(y_recv, plan.input_splits, plan.output_splits, self.ep_group)
         else:
             y_NH = y_MH
+        if plan.row_of_slot_TK is not None:
+            return unpermute_combine(y_NH, weight_TK, plan.row_of_slot_TK)
         weight_N = weight_TK.reshape(-1).index_select(0, plan.slot_order_N)
         weighted_NH = (y_NH * weight_N.unsqueeze(-1)).to(y_NH.dtype)
         out_TH = y_NH.new_zeros((plan.num_tokens, y_NH.shape[-1]))

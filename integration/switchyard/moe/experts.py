@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from switchyard.activations import get_activation
+from switchyard.moe.kernels import fused_kernels_enabled, silu_mul
 
 TokenCounts = Tensor | list[int]
 ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts], Tensor]
@@ -44,7 +45,13 @@ def grouped_mm_available(device: torch.device) -> bool:
     return _cuda_supports_grouped_mm(device.index if device.index is not None else torch.cuda.current_device())
 
 
+_SILU_NAMES = ("silu", "swish")
+
+
 def _apply_act(module: "GroupedExperts", h_NO: Tensor) -> Tensor:
+    if module.gated and module.activation in _SILU_NAMES and fused_kernels_enabled():
+        # SwiGLU in one pass (Triton on CUDA): stores only h_NO for the backward, not silu(gate) too
+        return silu_mul(h_NO)
     if module.gated:
         gate_NF, up_NF = h_NO.chunk(2, dim=-1)
         return module.act_fn(gate_NF) * up_NF

@@ -1,0 +1,177 @@
+"""Autograd ops for the MoE hot path: Triton on CUDA, the same math in PyTorch elsewhere.
+
+    gather_rows(x_TH, token_idx_N, idx_TK)        x_TH[token_idx_N]; backward: each token sums its K
+                                                  copies' grads through the inverse map idx_TK (a gather,
+                                                  fp32 sum, one rounding) instead of an atomic index_add
+    unpermute_combine(y_RH, weight_TK, idx_TK)    out[t] = sum_k weight[t, k] * y[idx[t, k]] in fp32, one
+                                                  rounding; backward writes grad_y row by row (no atomics)
+                                                  and grad_weight as fp32 dot products
+    silu_mul(h_NO)                                silu(h[:, :F]) * h[:, F:] (SwiGLU) without storing
+                                                  silu(gate); backward recomputes it from h
+
+``idx_TK[t, k]`` is the permuted row of token t's k-th copy, -1 where the copy was dropped.
+
+Versus the unfused path (index_add of ``(y * w).to(dtype)``): the same function with fp32 accumulation
+over the k copies and one rounding, so bf16 results move by rounding only (they get closer to the fp32
+result); fp32 results differ by summation order. No fp32 [R, H] temporaries, no atomics.
+
+Tensor suffixes: T tokens, K top-k, R permuted rows, H hidden, N expert rows, O = 2F, F expert width.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA torch; CPU-only installs (CI) go without it
+    from switchyard.moe.kernels import triton_kernels as _tk
+except Exception:  # noqa: BLE001 - ImportError, or a Triton that cannot initialise here
+    _tk = None
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ENABLED = os.environ.get("SWITCHYARD_FUSED_KERNELS", "1") != "0"
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Switch the fused path (these ops, Triton where possible) on or off for the whole process."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def fused_kernels_enabled() -> bool:
+    return _ENABLED
+
+
+def triton_available() -> bool:
+    return _tk is not None
+
+
+def _triton_ok(*tensors: torch.Tensor) -> bool:
+    return (_ENABLED and _tk is not None and all(t.is_cuda for t in tensors)
+            and all(t.dtype in _KERNEL_DTYPES for t in tensors if t.is_floating_point()))
+
+
+# -- PyTorch fallbacks (the kernels' math) ------------------------------------------------------------------
+def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    acc = torch.float32
+    for d in dtypes:
+        acc = torch.promote_types(acc, d)
+    return acc
+
+
+def _gather_sum_torch(src_RH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    num_tokens, top_k = idx_TK.shape
+    hidden = src_RH.shape[-1]
+    if num_tokens == 0 or src_RH.shape[0] == 0:
+        return src_RH.new_zeros((num_tokens, hidden), dtype=out_dtype)
+    acc = _acc_dtype(src_RH.dtype, *([w_TK.dtype] if w_TK is not None else []))
+    valid_TK1 = (idx_TK >= 0).unsqueeze(-1)
+    rows_TKH = src_RH.index_select(0, idx_TK.clamp_min(0).reshape(-1)).view(num_tokens, top_k, hidden).to(acc)
+    if w_TK is not None:
+        rows_TKH = rows_TKH * w_TK.to(acc).unsqueeze(-1)
+    return rows_TKH.masked_fill(~valid_TK1, 0).sum(1).to(out_dtype)
+
+
+def _combine_backward_torch(grad_TH: torch.Tensor, y_RH: torch.Tensor, idx_TK: torch.Tensor,
+                            w_TK: torch.Tensor, need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    num_tokens, top_k = idx_TK.shape
+    rows, hidden = y_RH.shape
+    acc = _acc_dtype(grad_TH.dtype, y_RH.dtype, w_TK.dtype)
+    flat_valid = (idx_TK >= 0).reshape(-1)
+    flat_idx = idx_TK.reshape(-1)
+    g_T1H = grad_TH.to(acc).unsqueeze(1)
+    grad_rows = (g_T1H * w_TK.to(acc).unsqueeze(-1)).to(y_RH.dtype).reshape(num_tokens * top_k, hidden)
+    grad_y_RH = y_RH.new_zeros((rows, hidden))
+    grad_y_RH.index_copy_(0, flat_idx[flat_valid], grad_rows[flat_valid])
+    grad_w_TK = None
+    if need_w:
+        if rows == 0:
+            grad_w_TK = torch.zeros_like(w_TK)
+        else:
+            y_TKH = y_RH.index_select(0, flat_idx.clamp_min(0)).view(num_tokens, top_k, hidden).to(acc)
+            dots_TK = (g_T1H * y_TKH).sum(-1)
+            grad_w_TK = dots_TK.masked_fill(~flat_valid.view(num_tokens, top_k), 0).to(w_TK.dtype)
+    return grad_y_RH, grad_w_TK
+
+
+def _gather_sum(src_RH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    tensors = [src_RH, idx_TK] + ([w_TK] if w_TK is not None else [])
+    if _triton_ok(*tensors) and idx_TK.shape[0] > 0 and src_RH.shape[0] > 0 and out_dtype in _KERNEL_DTYPES:
+        return _tk.gather_sum(src_RH, idx_TK, w_TK, out_dtype)
+    return _gather_sum_torch(src_RH, idx_TK, w_TK, out_dtype)
+
+
+# -- autograd ops -------------------------------------------------------------------------------------------
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TH: torch.Tensor, token_idx_N: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(idx_TK)
+        return x_TH.index_select(0, token_idx_N)
+
+    @staticmethod
+    def backward(ctx, grad_NH: torch.Tensor):  # type: ignore[override]
+        (idx_TK,) = ctx.saved_tensors
+        grad_TH = _gather_sum(grad_NH.contiguous(), idx_TK, None, grad_NH.dtype) if ctx.needs_input_grad[0] else None
+        return grad_TH, None, None
+
+
+class _UnpermuteCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RH: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y_RH, w_TK = y_RH.contiguous(), w_TK.contiguous()
+        ctx.save_for_backward(y_RH, w_TK, idx_TK)
+        return _gather_sum(y_RH, idx_TK, w_TK, y_RH.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TH: torch.Tensor):  # type: ignore[override]
+        y_RH, w_TK, idx_TK = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_y or need_w):
+            return None, None, None
+        grad_TH = grad_TH.contiguous()
+        if (_triton_ok(grad_TH, y_RH, idx_TK, w_TK) and idx_TK.shape[0] > 0 and y_RH.shape[0] > 0):
+            grad_y, grad_w = _tk.combine_backward(grad_TH, y_RH, idx_TK, w_TK, need_w)
+        else:
+            grad_y, grad_w = _combine_backward_torch(grad_TH, y_RH, idx_TK, w_TK, need_w)
+        return (grad_y if need_y else None), grad_w, None
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_NO: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(h_NO)
+        return _tk.silu_mul_fwd(h_NO)
+
+    @staticmethod
+    def backward(ctx, da_NF: torch.Tensor):  # type: ignore[override]
+        (h_NO,) = ctx.saved_tensors
+        return _tk.silu_mul_bwd(h_NO, da_NF.contiguous())
+
+
+def gather_rows(x_TH: torch.Tensor, token_idx_N: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+    """``x_TH[token_idx_N]`` whose backward sums each token's copies through ``idx_TK`` (no atomics)."""
+    return _GatherRows.apply(x_TH, token_idx_N, idx_TK)
+
+
+def unpermute_combine(y_RH: torch.Tensor, weight_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k weight[t, k] * y[idx[t, k]]`` (fp32 accumulation), in y's dtype."""
+    return _UnpermuteCombine.apply(y_RH, weight_TK, idx_TK)
+
+
+def silu_mul_supported(h_NO: torch.Tensor) -> bool:
+    return (_triton_ok(h_NO) and h_NO.dim() == 2 and h_NO.shape[0] > 0 and h_NO.shape[1] % 2 == 0
+            and h_NO.stride(-1) == 1)
+
+
+def silu_mul(h_NO: torch.Tensor) -> torch.Tensor:
+    """SwiGLU ``silu(gate) * up`` of the fused ``[N, 2F]`` projection (gate columns first)."""
+    if silu_mul_supported(h_NO):
+        return _SiluMul.apply(h_NO)
+    gate_NF, up_NF = h_NO.chunk(2, dim=-1)
+    if h_NO.dtype in (torch.bfloat16, torch.float16):  # the kernel's math: fp32, one rounding
+        return (F.silu(gate_NF.float()) * up_NF.float()).to(h_NO.dtype)
+    return F.silu(gate_NF) * up_NF

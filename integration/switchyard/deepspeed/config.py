@@ -20,6 +20,13 @@ ZERO3_MESSAGE = (
 )
 
 
+def zero_stage(path: str | Path) -> int:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"deepspeed config {path} does not exist (see configs/deepspeed/)")
+    return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
 def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
     current = config.get(key, "auto")
     if current == "auto":

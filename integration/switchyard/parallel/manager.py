@@ -41,6 +41,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
+            os.environ.setdefault("LOCAL_RANK", "0")
         else:
             raise RuntimeError(
                 f"torch.distributed is not initialized and the launcher environment lacks {missing}; "

@@ -80,7 +80,8 @@ def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
 def train(config: RunConfig) -> dict[str, Any]:
     import deepspeed
 
-    from switchyard.deepspeed import fill_deepspeed_config, optimizer_param_groups
+    from switchyard.deepspeed import fill_deepspeed_config, optimizer_param_groups, zero_stage
+    from switchyard.deepspeed.clipping import clip_global_grad_norm_
     from switchyard.hf.patch import moe_layers
     from switchyard.parallel import ProcessGroupManager, init_distributed
     from switchyard.train import checkpointing
@@ -110,9 +111,16 @@ def train(config: RunConfig) -> dict[str, Any]:
     batches = StepBatches(train_set, config, dp_rank, dp_size, start_step)
     steps = total_steps(config, batches.steps_per_epoch)
     t = config.train
+    stage = zero_stage(config.deepspeed)
+    # stage 0: DeepSpeed's norm is wrong with sharded experts; clip_global_grad_norm_ does it instead
+    own_clipping = stage == 0
     ds_config = fill_deepspeed_config(config.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                                      dp_size=dp_size, clip=t.clip, precision=t.precision)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr)
+                                      dp_size=dp_size, clip=0.0 if own_clipping else t.clip, precision=t.precision)
+    param_groups = optimizer_param_groups(model, t.weight_decay)
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=t.lr)
     scheduler = build_scheduler(optimizer, steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups.mpu)
@@ -139,10 +147,13 @@ def train(config: RunConfig) -> dict[str, Any]:
         started = time.perf_counter()
         engine.train()
         lm_losses, aux_losses, tokens = [], [], 0
+        grad_norm = None
         for micro in batches.next_step():
             micro = {k: v.to(device) for k, v in micro.items()}
             out = engine(**micro)
             engine.backward(out.loss)
+            if own_clipping and engine.is_gradient_accumulation_boundary():
+                grad_norm = clip_global_grad_norm_(model, t.clip, groups.group("ep"))
             engine.step()
             aux = out.get("aux_loss")
             lm_losses.append((out.loss - aux).detach() if aux is not None else out.loss.detach())
@@ -164,7 +175,7 @@ def train(config: RunConfig) -> dict[str, Any]:
             "loss": loss,
             "router_loss": _dp_mean(torch.stack(aux_losses).mean(), groups),
             "lr": engine.lr_scheduler.get_last_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "grad_norm": grad_norm if grad_norm is not None else float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": global_tokens / elapsed,
         }
         if device.type == "cuda":

@@ -20,6 +20,7 @@ from switchyard.train.data import DataConfig
 
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 MODEL_DTYPES = ("float32", "bfloat16")
 
 
@@ -54,7 +55,9 @@ class TrainSection:
     micro_batch_size: int = 4
     grad_accum: int = 1
     global_batch_size: int | None = None  # if set, must equal micro_batch_size * grad_accum * dp
+    optimizer: str = "adamw"  # "adamw" | "sgd"
     lr: float = 3e-4
+    momentum: float = 0.0  # sgd only
     min_lr_ratio: float = 0.1
     warmup_steps: int = 5
     schedule: str = "cosine"
@@ -80,6 +83,8 @@ class TrainSection:
             raise ValueError(f"train.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.clip < 0 or self.weight_decay < 0:
             raise ValueError("train.warmup_steps, train.clip and train.weight_decay must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer={self.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule={self.schedule!r} is unknown; choose one of {SCHEDULES}")
         if self.precision not in PRECISIONS:

@@ -1,6 +1,8 @@
 """`switchyard …` command line. Each subcommand is one entry in ``COMMANDS``.
 
     switchyard layout --world 8 --tp 2 --ep 2 --num-experts 8
+    switchyard upcycle --model ./llama --num-experts 8 --top-k 2 --init drop_upcycle --out ./llama-moe
+    switchyard export --model ./llama-moe --out ./llama-moe-hf
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from switchyard.parallel.layout import local_expert_ids, rank_coordinates, rank_layout
 
@@ -56,8 +59,74 @@ def cmd_layout(args: argparse.Namespace) -> int:
     return 0
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _tokenizer_of(model_dir: str) -> Any:
+    """The tokenizer stored beside a model, or None: a local dir without tokenizer files has none."""
+    from transformers import AutoTokenizer
+
+    local = Path(model_dir)
+    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        print(f"switchyard: no tokenizer copied from {model_dir}: {err}", file=sys.stderr)
+        return None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,2,4, got {text!r}") from None
+
+
+def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
+    from switchyard.config import INIT_METHODS
+
+    p.add_argument("--model", required=True, help="dense transformers model: a local dir (or a hub id)")
+    p.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer")
+    p.add_argument("--top-k", type=int, required=True, help="experts each token is routed to")
+    p.add_argument("--init", choices=INIT_METHODS, default="copy", help="how experts start from the dense FFN")
+    p.add_argument("--every-n", type=int, default=None, help="make layers 0, n, 2n, … MoE (others stay dense)")
+    p.add_argument("--layers", type=_int_list, default=None, help="comma-separated layer indices to make MoE")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initializers and the router")
+    p.add_argument("--out", required=True, help="directory for the switchyard checkpoint")
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    import switchyard as sy
+
+    moe_config = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init=args.init)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    sy.patch_model(model, moe_config, layers=args.layers, every_n=args.every_n, seed=args.seed)
+    sy.save_pretrained(model, args.out, tokenizer=_tokenizer_of(args.model))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a switchyard checkpoint (switchyard upcycle / save_pretrained)")
+    p.add_argument("--out", required=True, help="directory for the transformers MoE checkpoint")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import switchyard as sy
+
+    model = sy.from_pretrained(args.model)
+    out = sy.export_hf(model, args.out, tokenizer=_tokenizer_of(args.model))
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "layout": ("print every rank's coordinates, groups and experts", _add_layout_args, cmd_layout),
+    "upcycle": ("turn a dense transformers model into a switchyard MoE checkpoint", _add_upcycle_args, cmd_upcycle),
+    "export": ("write a switchyard checkpoint as a standard transformers MoE checkpoint", _add_export_args, cmd_export),
 }
 
 
@@ -69,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # user mistakes: bad settings, missing or unreadable files
         print(f"switchyard {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -175,7 +175,13 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    node[keys[-1]] = value
 
 
 def _gather_moe_fields(moe: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,400 @@
+"""Save and load patched models as sharded safetensors that any EP size can read.
+
+    sy.save_pretrained(model, "out/")          # every rank calls it
+    model = sy.from_pretrained("out/", groups=ProcessGroupManager(ep=4))
+
+Layout (see docs/checkpoints.md): global rank 0 writes the dense tensors once
+(``dense-00001-of-0000N.safetensors``); each EP rank's first expert-data-parallel replica writes its
+experts (``experts-ep{r:03d}-of-{ep:03d}-00001-of-0000N.safetensors``), keyed by *global* expert id
+(``…mlp.experts.{id}.gate_up_proj``); rank 0 writes one ``model.safetensors.index.json`` covering every
+key of the whole model, plus ``config.json`` carrying the ``switchyard`` record that rebuilds the model.
+
+Loading rebuilds the model with parameters on the meta device (no memory for weights, not even the
+dense FFNs or HF experts that patching replaces), re-patches it from the record, and reads exactly this
+rank's keys with ``safe_open`` — its own experts and the dense tensors, nothing else — straight into
+place (``load_state_dict(assign=True)``). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from switchyard.config import MoEConfig
+from switchyard.hf.patch import CONFIG_KEY, moe_layers, patch_model
+from switchyard.log import get_logger
+from switchyard.moe.layer import EXPERT_PARAM_NAMES
+
+if TYPE_CHECKING:
+    from switchyard.parallel.manager import ProcessGroupManager
+
+log = get_logger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+_OUR_FILES = re.compile(r"^(dense|experts-ep\d+-of-\d+)-\d{5}-of-\d{5}\.safetensors$")
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<id>\d+)\.(?P<name>" + "|".join(EXPERT_PARAM_NAMES) + r")$")
+# Initializers that need real weights (drop_upcycle reads the dense statistics); rebuilding only needs
+# the shapes, which these share with the substitute, and every tensor is overwritten by the load.
+_SHAPE_TWIN_INIT = {"drop_upcycle": "copy"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the tensor."""
+
+
+# -- shared helpers (also used by export) ---------------------------------------------------------------
+def no_init_weights() -> contextlib.AbstractContextManager:
+    """transformers' ``no_init_weights`` (5.x: ``transformers.initialization``), or a no-op."""
+    try:
+        from transformers.initialization import no_init_weights as ctx
+    except ImportError:  # pragma: no cover - other transformers layouts; parameters are on meta anyway
+        return contextlib.nullcontext()
+    return ctx()
+
+
+def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` with parameters on meta and buffers real.
+
+    Non-persistent buffers (rotary ``inv_freq``) are computed in ``__init__`` and never saved, so they
+    must stay real; everything saved is filled later with ``load_state_dict(assign=True)``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with no_init_weights(), init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def switchyard_record(model: nn.Module) -> dict[str, Any]:
+    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if not record:
+        raise ValueError(
+            f"{type(model).__name__} is not patched by switchyard (no model.config.{CONFIG_KEY}); "
+            "call switchyard.patch_model first, or save it with its own save_pretrained"
+        )
+    return record
+
+
+def moe_prefixes(model: nn.Module) -> list[str]:
+    """Qualified names of the model's MoE layers (the state-dict prefix of their keys)."""
+    from switchyard.moe.layer import MoELayer
+
+    return [name for name, module in model.named_modules() if isinstance(module, MoELayer)]
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", size.upper())
+    if not found:
+        raise ValueError(f"max_shard_size={size!r} is not a size like '2GB', '500MB' or an int of bytes")
+    return int(float(found.group(1)) * units[found.group(2)])
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+def _gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (small: key→file maps), or ``[value]`` in one process."""
+    if not _distributed():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _drop_tied(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Keep one name per shared tensor (the first, e.g. ``embed_tokens`` before ``lm_head``)."""
+    kept: dict[tuple, str] = {}
+    out, dropped = {}, {}
+    for key, t in tensors.items():
+        ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else None
+        if ident is not None and ident in kept:
+            dropped[key] = kept[ident]
+            continue
+        if ident is not None:
+            kept[ident] = key
+        out[key] = t
+    return out, dropped
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], out: Path, stem: str, max_bytes: int) -> tuple[dict[str, str], int]:
+    """Greedy shards of at most ``max_bytes`` (a bigger tensor gets its own); returns key→file, bytes."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t.detach().contiguous()
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.cpu() for k, v in shard.items()}, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+    return weight_map, total
+
+
+def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupManager | None" = None,
+                    max_shard_size: int | str = "2GB", tokenizer: Any = None) -> None:
+    """Write ``model`` (patched by ``switchyard.patch_model``) as a switchyard checkpoint.
+
+    Call it on every rank when distributed: experts are written by the ranks that hold them and the
+    index needs every writer's key list. ``groups`` defaults to the one the MoE layers were built with.
+    """
+    record = switchyard_record(model)
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("model.config.switchyard is set but the model holds no MoE layers")
+    groups = groups if groups is not None else layers[0].groups
+    if groups is not None and groups.size("pp") > 1:
+        raise ValueError(f"saving a pipeline-parallel model (pp={groups.size('pp')}) is not supported yet")
+    ep, ep_rank = layers[0].ep_size, layers[0].ep_rank
+    assert all((l.ep_size, l.ep_rank) == (ep, ep_rank) for l in layers), "MoE layers disagree on their EP rank"
+    max_bytes = _parse_size(max_shard_size)
+    rank, out = dist.get_rank() if _distributed() else 0, Path(path)
+    writes_experts = groups.rank("edp") == 0 if groups is not None else rank == 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in [p for p in out.iterdir() if _OUR_FILES.match(p.name)] + [out / INDEX_NAME]:
+            stale.unlink(missing_ok=True)  # shards of an earlier save at another EP size
+    if _distributed():
+        dist.barrier()
+    state = model.state_dict()
+    prefixes = tuple(f"{p}.experts." for p in moe_prefixes(model))
+    expert_keys = [k for k in state if k.startswith(prefixes) and _EXPERT_KEY.match(k)]
+    mine: tuple[dict[str, str], int, dict[str, str]] = ({}, 0, {})
+    if rank == 0:
+        dense, tied = _drop_tied({k: v for k, v in state.items() if k not in set(expert_keys)})
+        weight_map, nbytes = _write_shards(dense, out, "dense", max_bytes)
+        mine = (weight_map, nbytes, tied)
+    if writes_experts:
+        weight_map, nbytes = _write_shards({k: state[k] for k in expert_keys}, out,
+                                           f"experts-ep{ep_rank:03d}-of-{ep:03d}", max_bytes)
+        mine = ({**mine[0], **weight_map}, mine[1] + nbytes, mine[2])
+    parts = _gather(mine)
+    if rank == 0:
+        _write_index(out, parts, record, ep, expert_keys, layers[0].num_experts)
+        model.config.save_pretrained(out)
+        if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
+            model.generation_config.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        files = {name for part in parts for name in part[0].values()}
+        log.info("saved %s: %d tensors in %d files, experts from %d EP ranks", out,
+                 sum(len(p[0]) for p in parts), len(files), ep, ranks=[0])
+    if _distributed():
+        dist.barrier()
+
+
+def _write_index(out: Path, parts: list, record: dict, ep: int, expert_keys: list[str], num_experts: int) -> None:
+    weight_map: dict[str, str] = {}
+    for part_map, _, _ in parts:
+        weight_map.update(part_map)
+    tied = parts[0][2]
+    # Every layer's every expert must have a writer; a hole means some rank did not call save_pretrained.
+    names = {(m["prefix"], m["name"]) for m in map(_EXPERT_KEY.match, expert_keys) if m}
+    holes = [f"{p}.experts.{i}.{n}" for p, n in sorted(names) for i in range(num_experts)
+             if f"{p}.experts.{i}.{n}" not in weight_map]
+    assert not holes, f"no rank wrote {len(holes)} expert tensors, e.g. {holes[:3]}"
+    metadata = {"total_size": sum(p[1] for p in parts), "format": "switchyard", "version": record.get("version", 1),
+                "num_experts": num_experts, "saved_ep": ep, "tied_weights": tied}
+    index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# -- loading --------------------------------------------------------------------------------------------
+def read_record(path: Path) -> dict[str, Any]:
+    """config.json's switchyard record, or a CheckpointError saying what this directory is."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} does not exist; is {path} a saved model directory?")
+    raw = json.loads(config_file.read_text())
+    if not raw.get(CONFIG_KEY):
+        raise CheckpointError(
+            f"{config_file} has no {CONFIG_KEY!r} record: not a switchyard checkpoint; load it with "
+            "transformers or patch it with switchyard.patch_model"
+        )
+    return raw[CONFIG_KEY]
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    index_file = path / INDEX_NAME
+    if not index_file.is_file():
+        raise CheckpointError(f"{index_file} is missing; switchyard checkpoints list every tensor there")
+    index = json.loads(index_file.read_text())
+    if not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(f"{index_file} has no weight_map")
+    return index
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Patching warns about step-0 initialization, which the load overwrites: noise when loading."""
+    logger, level = logging.getLogger(name), logging.getLogger(name).level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _repatch(model: nn.Module, record: dict[str, Any], groups: "ProcessGroupManager | None") -> None:
+    """Re-apply ``patch_model`` exactly as recorded (on meta parameters: only shapes matter here)."""
+    from switchyard.hf.architectures import adapter_for
+
+    kwargs: dict[str, Any] = {"layers": record["layer_indices"]}
+    moe = None
+    if record["mode"] == "adopt":
+        kwargs["overrides"] = record.get("overrides") or {}
+    else:
+        moe = MoEConfig.from_dict(record["moe"])
+        moe.init = _SHAPE_TWIN_INIT.get(moe.init, moe.init)
+        kwargs["seed"] = record.get("seed", 0)
+        try:
+            registry = adapter_for(model)
+            sites = [s.qualified_name for s in registry.sites(model) if s.layer_index in record["layer_indices"]]
+        except ValueError:
+            sites = None
+        if sites != record["modules"]:  # it was patched by module name with an explicit adapter
+            kwargs.update(adapter=record["adapter"], targets=record["modules"])
+    with _quiet("switchyard.hf"):
+        patch_model(model, moe, groups, **kwargs)
+
+
+def _check_experts(model: nn.Module, weight_map: dict[str, str], index_file: Path) -> None:
+    found: dict[str, set[int]] = defaultdict(set)
+    for key in weight_map:
+        m = _EXPERT_KEY.match(key)
+        if m:
+            found[m["prefix"]].add(int(m["id"]))
+    for prefix in moe_prefixes(model):
+        want = model.get_submodule(prefix).num_experts
+        ids = found.get(prefix, set())
+        have = max(ids) + 1 if ids else 0
+        if have != want:
+            raise CheckpointError(
+                f"{index_file}: {prefix} has {have} experts in the checkpoint (max expert id + 1) but "
+                f"config.json's switchyard record says num_experts={want}"
+            )
+
+
+@contextlib.contextmanager
+def _open(file: Path) -> Iterator[Any]:
+    if not file.is_file():
+        raise CheckpointError(f"shard file {file} (listed in {INDEX_NAME}) is missing")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            yield handle
+    except SafetensorError as err:
+        raise CheckpointError(f"cannot read {file}: truncated or corrupt safetensors file ({err})") from err
+
+
+def _plan(model: nn.Module, wanted: dict[str, torch.Tensor], weight_map: dict[str, str], tied: dict[str, str],
+          index_file: Path) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
+    """{file: [(model key, checkpoint key)]} for this rank, and the tied parameters to share again.
+
+    Strict both ways: every key of this rank's model must be in the index, and every key of the index
+    must belong to the model (another EP rank's experts do; anything else means a different model).
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    retie = {k: v for k, v in tied.items() if k in params and v in params}
+    plan: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for key in wanted:
+        source = key if key in weight_map else tied.get(key)
+        if key in retie:
+            continue
+        if source not in weight_map:
+            raise CheckpointError(f"tensor {key} is not in {index_file} (the model built from config.json has it)")
+        plan[weight_map[source]].append((key, source))
+    prefixes = set(moe_prefixes(model))
+    others = [k for k in weight_map if k not in wanted and not ((m := _EXPERT_KEY.match(k)) and m["prefix"] in prefixes)]
+    if others:
+        raise CheckpointError(f"{index_file} lists {len(others)} tensors the model built from config.json does not "
+                              f"have, e.g. {others[:3]}")
+    return dict(plan), retie
+
+
+def _read_tensors(path: Path, plan: dict[str, list[tuple[str, str]]], wanted: dict[str, torch.Tensor],
+                  device: torch.device | str | None) -> dict[str, torch.Tensor]:
+    """Read ``plan`` lazily, file by file; every tensor's shape is checked before it is read."""
+    out: dict[str, torch.Tensor] = {}
+    for name, pairs in plan.items():
+        file = path / name
+        with _open(file) as handle:
+            present = set(handle.keys())
+            for key, source in pairs:
+                if source not in present:
+                    raise CheckpointError(f"{file} lacks tensor {source}, which {INDEX_NAME} places there")
+                shape = tuple(handle.get_slice(source).get_shape())
+                target = wanted[key]
+                if shape != tuple(target.shape):
+                    raise CheckpointError(f"{file}: tensor {source} has shape {shape} in the checkpoint but the "
+                                          f"model built from config.json expects {tuple(target.shape)}")
+                try:
+                    tensor = handle.get_tensor(source)
+                except SafetensorError as err:
+                    raise CheckpointError(f"cannot read tensor {source} from {file}: corrupt file ({err})") from err
+                out[key] = tensor.to(device=device or "cpu", dtype=target.dtype)
+    return out
+
+
+def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = None, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> nn.Module:
+    """Rebuild a model saved by ``save_pretrained`` at any EP size; each rank reads only its experts.
+
+    ``dtype`` defaults to the one in config.json; ``device`` to CPU. Returns the model in eval mode.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    path = Path(path)
+    record = read_record(path)
+    index = _read_index(path)
+    config = AutoConfig.from_pretrained(path)
+    delattr(config, CONFIG_KEY)
+    model = empty_model(config, dtype)
+    _repatch(model, record, groups)
+    setattr(model.config, CONFIG_KEY, copy.deepcopy(record))
+    _check_experts(model, index["weight_map"], path / INDEX_NAME)
+
+    wanted = model.state_dict(keep_vars=True)
+    tied = index.get("metadata", {}).get("tied_weights", {})
+    plan, retie = _plan(model, wanted, index["weight_map"], tied, path / INDEX_NAME)
+    state = _read_tensors(path, plan, wanted, device)
+    # assign=True makes new Parameter objects: keep DeepSpeed's expert tags (allreduce, group_name) and HF's flags
+    attributes = {name: dict(p.__dict__) for name, p in model.named_parameters(remove_duplicate=False)}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    assert not unexpected and set(missing) <= set(retie), f"planned read mismatch: {unexpected[:3]} {missing[:3]}"
+    for dropped, kept in retie.items():  # stored once, shared again as saved
+        parent, _, leaf = dropped.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, model.get_parameter(kept))
+    model.tie_weights()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        for attr, value in attributes.get(name, {}).items():
+            setattr(param, attr, value)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"tensors left on the meta device after loading: {left[:5]}"
+    if device is not None:
+        model.to(device)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()

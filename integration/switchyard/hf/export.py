@@ -1,0 +1,294 @@
+"""Export a switchyard model as a standard transformers MoE checkpoint (no switchyard needed to load it).
+
+    sy.export_hf(model, "hf-out/")   # then AutoModelForCausalLM.from_pretrained("hf-out/") or vLLM
+
+``EXPORTS`` maps the source ``model_type`` to a transformers MoE family: upcycled Llama/Mistral →
+Mixtral, Qwen2 → Qwen2-MoE, Qwen3 → Qwen3-MoE; adopted MoE models go back to their own class.
+Correctness rests on one rule: the target config is built first and its routing is read back with
+``switchyard.hf.adopt.moe_config_from_hf`` (the same code that adopts those blocks, parity-tested
+against transformers), then compared field by field with ours — whatever the target cannot compute
+is a ``ValueError`` naming the setting, before anything is written. The target model is built with
+meta parameters, filled with our tensors (shared storage, no copy) by a strict ``load_state_dict``,
+and saved by its own ``save_pretrained``, so the on-disk layout is whatever that transformers
+version (and vLLM) expects.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from switchyard.config import MoEConfig
+from switchyard.hf.adopt import ADAPTERS as BLOCK_ADAPTERS
+from switchyard.hf.adopt import _PER_EXPERT_NAMES, moe_config_from_hf
+from switchyard.hf.checkpoint import empty_model, moe_prefixes, switchyard_record
+from switchyard.log import get_logger
+from switchyard.moe.layer import MoELayer
+
+log = get_logger(__name__)
+
+# Routing / FFN settings that change what the model computes at inference; the rest (loss
+# coefficients, jitter, init, bias update rate) only shape training.
+SEMANTIC_FIELDS = ("num_experts", "top_k", "intermediate_size", "score_func", "softmax_before_topk",
+                   "norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor", "expert_bias",
+                   "activation", "gated", "bias", "eval_capacity_factor", "shared")
+KEEP_SWITCHYARD = "or keep the switchyard checkpoint (switchyard.save_pretrained)"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the upcycled model looks like, for building the target config."""
+
+    moe: MoEConfig
+    expert_size: int
+    shared_size: int | None
+    dense_layers: list[int]
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """A transformers MoE family we can write: its block and how to describe an upcycled model to it."""
+
+    model_type: str
+    block: str  # key of switchyard.hf.adopt.ADAPTERS
+    upcycled_fields: Callable[[Shape], dict[str, Any]] | None = None  # None: adopt-only family
+    dense_layers_ok: bool = False  # upcycled_fields lists dense layers (mlp_only_layers); else all must be MoE
+    always_shared_expert: bool = False  # the block has a shared expert; ours may lack one → zero expert
+    hints: dict[str, str] = field(default_factory=dict)
+
+
+def _mixtral_fields(s: Shape) -> dict[str, Any]:
+    return {"num_local_experts": s.moe.num_experts, "num_experts_per_tok": s.moe.top_k,
+            "intermediate_size": s.expert_size, "router_aux_loss_coef": s.moe.aux_loss_coef,
+            "router_jitter_noise": s.moe.router_jitter}
+
+
+def _qwen_fields(s: Shape) -> dict[str, Any]:
+    return {"num_experts": s.moe.num_experts, "num_experts_per_tok": s.moe.top_k,
+            "moe_intermediate_size": s.expert_size, "norm_topk_prob": s.moe.norm_topk_prob,
+            "router_aux_loss_coef": s.moe.aux_loss_coef, "decoder_sparse_step": 1,
+            "mlp_only_layers": s.dense_layers}
+
+
+def _qwen2_moe_fields(s: Shape) -> dict[str, Any]:
+    # No shared expert of ours → a zero one (its down_proj is 0); expert-sized keeps it TP-shardable.
+    return {**_qwen_fields(s), "shared_expert_intermediate_size": s.shared_size or s.expert_size}
+
+
+_QWEN_NORM = "set norm_topk_prob to match, or keep the switchyard checkpoint"
+MIXTRAL = MoEFamily("mixtral", "MixtralSparseMoeBlock", _mixtral_fields, hints={
+    "norm_topk_prob": "Mixtral always renormalizes the top-k weights; use norm_topk_prob=True, or upcycle a "
+                      "Qwen2/Qwen3 model instead (qwen2_moe/qwen3_moe export norm_topk_prob either way)",
+    "shared": "Mixtral has no shared expert; upcycle Qwen2 instead (Qwen2-MoE has one)",
+    "dense_layers": "Mixtral has no dense layers: patch every layer (no every_n/layers), or upcycle Qwen2/Qwen3 "
+                    "instead (their mlp_only_layers keep dense layers)",
+})
+QWEN2_MOE = MoEFamily("qwen2_moe", "Qwen2MoeSparseMoeBlock", _qwen2_moe_fields, True, True, hints={
+    "shared": "Qwen2-MoE's shared expert always has a sigmoid gate: use shared_expert_gate=True"})
+QWEN3_MOE = MoEFamily("qwen3_moe", "Qwen3MoeSparseMoeBlock", _qwen_fields, True, hints={
+    "shared": "Qwen3-MoE has no shared expert; upcycle Qwen2 instead (Qwen2-MoE has one)"})
+OLMOE = MoEFamily("olmoe", "OlmoeSparseMoeBlock")
+DEEPSEEK_V3 = MoEFamily("deepseek_v3", "DeepseekV3MoE")
+
+EXPORTS: dict[str, MoEFamily] = {
+    "llama": MIXTRAL, "mistral": MIXTRAL, "qwen2": QWEN2_MOE, "qwen3": QWEN3_MOE,  # upcycled
+    "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen3_moe": QWEN3_MOE, "olmoe": OLMOE, "deepseek_v3": DEEPSEEK_V3,
+}
+
+
+def _no_attention_bias(cfg: Any) -> list[str]:
+    return ["attention_bias=True: Mixtral's attention has no biases"] if getattr(cfg, "attention_bias", False) else []
+
+
+SOURCE_CHECKS: dict[str, Callable[[Any], list[str]]] = {"llama": _no_attention_bias}
+
+
+def supported_exports() -> str:
+    return ", ".join(f"{src}→{fam.model_type}" for src, fam in EXPORTS.items())
+
+
+def _class_name(model_type: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
+
+
+def _windows(cfg: Any) -> list[int | None]:
+    """Per-layer sliding window as the model applies it (layer_types if the config has them)."""
+    n = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None) or None
+    if isinstance(types, list) and len(types) == n:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * n
+
+
+# -- planning: target config and the checks ----------------------------------------------------------------
+def _target_config(model: nn.Module, family: MoEFamily, record: dict, layers: list[MoELayer]) -> Any:
+    from transformers import AutoConfig
+
+    source = model.config
+    values = {k: v for k, v in source.to_dict().items()
+              if k not in ("model_type", "architectures", "transformers_version", "auto_map", "switchyard")}
+    values["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    moe = MoEConfig.from_dict(record["moe"])
+    if source.model_type == family.model_type:  # adopted: same class, only loss settings may have moved
+        if hasattr(source, "router_aux_loss_coef"):
+            values["router_aux_loss_coef"] = moe.aux_loss_coef
+        return AutoConfig.for_model(family.model_type, **values)
+    assert family.upcycled_fields is not None
+    n_layers = source.num_hidden_layers
+    dense = [i for i in range(n_layers) if i not in record["layer_indices"]]
+    if dense and not family.dense_layers_ok:
+        raise ValueError(f"cannot export {source.model_type} to {_class_name(family.model_type)}: layers {dense} of "
+                         f"{n_layers} stayed dense; {family.hints['dense_layers']}; {KEEP_SWITCHYARD}")
+    shared = layers[0].shared_experts
+    shape = Shape(moe, layers[0].intermediate_size, shared.up_proj.weight.shape[0] if shared is not None else None,
+                  dense)
+    return AutoConfig.for_model(family.model_type, **{**values, **family.upcycled_fields(shape)})
+
+
+def _semantics(cfg: MoEConfig, layer: MoELayer) -> dict[str, Any]:
+    shared = layer.shared_experts
+    values = {name: getattr(cfg, name) for name in SEMANTIC_FIELDS if name != "shared"}
+    values["intermediate_size"] = layer.intermediate_size
+    values["shared"] = ((shared.up_proj.weight.shape[0], cfg.shared_expert_gate) if shared is not None else None)
+    return values
+
+
+def _describe(name: str, value: Any) -> str:
+    if name != "shared":
+        return f"{name}={value!r}"
+    if value is None:
+        return "no shared expert"
+    return f"a shared expert of size {value[0]} ({'sigmoid-gated' if value[1] else 'no gate'})"
+
+
+def _expected(target_config: Any, family: MoEFamily) -> dict[str, Any]:
+    """What the target's block computes, read back through the adopt code (parity-tested with HF)."""
+    cfg = moe_config_from_hf(target_config, family.block)
+    values = {name: getattr(cfg, name) for name in SEMANTIC_FIELDS if name != "shared"}
+    if cfg.num_shared_experts:
+        size = cfg.shared_expert_intermediate_size or values["intermediate_size"] * cfg.num_shared_experts
+        values["shared"] = (size, cfg.shared_expert_gate)
+    else:
+        values["shared"] = None
+    return values
+
+
+def _check(model: nn.Module, target_config: Any, family: MoEFamily, record: dict, layers: list[MoELayer]) -> bool:
+    """ValueError naming every setting the target cannot compute; True if a zero shared expert is added."""
+    cls = _class_name(family.model_type)
+    moe = MoEConfig.from_dict(record["moe"])
+    ours = _semantics(moe, layers[0])
+    theirs = _expected(target_config, family)
+    zero_shared = family.always_shared_expert and ours["shared"] is None
+    if zero_shared:
+        ours["shared"] = theirs["shared"]
+    problems = [f"{_describe(k, ours[k])} but {cls} computes {_describe(k, theirs[k])}"
+                + (f" ({family.hints[k]})" if k in family.hints else "") for k in SEMANTIC_FIELDS if ours[k] != theirs[k]]
+    problems += SOURCE_CHECKS.get(model.config.model_type, lambda c: [])(model.config)
+    if _windows(model.config) != _windows(target_config):
+        problems.append(f"sliding windows per layer {_windows(model.config)} become {_windows(target_config)} in {cls}")
+    if problems:
+        raise ValueError(f"cannot export {model.config.model_type} to {cls}: " + "; ".join(problems)
+                         + f"; {KEEP_SWITCHYARD}")
+    if moe.capacity_factor is not None:
+        log.warning("capacity_factor=%s drops tokens in training only; %s is dropless", moe.capacity_factor, cls, ranks=[0])
+    dropped = {k: getattr(moe, k) for k in ("seq_aux_loss_coef", "z_loss_coef") if getattr(moe, k)}
+    if dropped:
+        log.warning("%s has no equivalent of %s (training losses); not exported", cls, dropped, ranks=[0])
+    return zero_shared
+
+
+# -- mapping tensors ------------------------------------------------------------------------------------
+def _expert_tensors(layer: MoELayer, experts: nn.Module) -> dict[str, torch.Tensor]:
+    """Our fused [E, 2F, H] / [E, H, F] in the target experts' layout (inverse of adopt's reading)."""
+    gate_up, down = layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach()
+    f = down.shape[-1]
+    if isinstance(experts, nn.ModuleList):
+        names = next(n for n in _PER_EXPERT_NAMES if all(hasattr(experts[0], a) for a in n))
+        out = {}
+        for i in range(gate_up.shape[0]):
+            for name, value in zip(names, (gate_up[i, :f], gate_up[i, f:], down[i])):
+                out[f"experts.{i}.{name}.weight"] = value
+        return out
+    if not getattr(experts, "is_concatenated", True):  # rows g0, u0, g1, u1, …
+        gate_up = torch.stack([gate_up[:, :f], gate_up[:, f:]], dim=2).reshape(gate_up.shape)
+    if getattr(experts, "is_transposed", False):
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    return {"experts.gate_up_proj": gate_up, "experts.down_proj": down}
+
+
+def _block_tensors(layer: MoELayer, block: nn.Module, family: MoEFamily, zero_shared: bool) -> dict[str, torch.Tensor]:
+    adapter = BLOCK_ADAPTERS[family.block]
+    out = {"gate.weight": layer.router.weight.detach(), **_expert_tensors(layer, block.experts)}
+    if layer.router.expert_bias is not None:
+        out["gate.e_score_correction_bias"] = layer.router.expert_bias.detach()
+    if layer.shared_experts is not None:
+        out.update({f"{adapter.shared_attr}.{k}": v.detach() for k, v in layer.shared_experts.state_dict().items()})
+        if layer.shared_expert_gate is not None:
+            out[f"{adapter.shared_gate_attr}.weight"] = layer.shared_expert_gate.weight.detach()
+    elif zero_shared:  # output 0: act(0) * 0 → down 0
+        dtype, device = layer.router.weight.dtype, layer.router.weight.device
+        shared = block.get_submodule(adapter.shared_attr)
+        out.update({f"{adapter.shared_attr}.{k}": torch.zeros(v.shape, dtype=dtype, device=device)
+                    for k, v in shared.state_dict().items()})
+        out[f"{adapter.shared_gate_attr}.weight"] = torch.zeros(1, layer.hidden_size, dtype=dtype, device=device)
+    return out
+
+
+def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None) -> str:
+    """Write ``model`` as a plain transformers MoE checkpoint in ``path``; returns the path.
+
+    The model is only read (the written tensors share its storage while saving).
+    """
+    record = switchyard_record(model)
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    sharded = sorted({l.ep_size for l in layers if l.ep_size > 1})
+    if sharded:
+        raise ValueError(f"this model is expert-parallel (ep={sharded[0]}): each rank holds only its experts; "
+                         "switchyard.save_pretrained it, then run `switchyard export --model <that dir> --out <dir>` "
+                         "in one process")
+    model_type = model.config.model_type
+    family = EXPORTS.get(model_type)
+    if family is None or (model_type != family.model_type and record["mode"] != "upcycle"):
+        raise ValueError(f"no standard transformers MoE class fits {model_type}; save with switchyard.save_pretrained "
+                         f"instead (supported exports: {supported_exports()})")
+    target_config = _target_config(model, family, record, layers)
+    zero_shared = _check(model, target_config, family, record, layers)
+    target = empty_model(target_config)
+    prefixes = moe_prefixes(model)
+    cls = type(target).__name__
+    wrong = [p for p in prefixes if type(target.get_submodule(p)).__name__ != family.block]
+    if wrong:
+        raise ValueError(f"{cls} has no {family.block} at {wrong}; its layer layout differs from this model's")
+    state = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith(tuple(f"{p}." for p in prefixes))}
+    for prefix in prefixes:
+        layer = model.get_submodule(prefix)
+        block = target.get_submodule(prefix)
+        state.update({f"{prefix}.{k}": v for k, v in _block_tensors(layer, block, family, zero_shared).items()})
+    try:
+        target.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"cannot map this model's tensors onto {cls}: {err}") from err
+    target.tie_weights()
+    if zero_shared:
+        log.info("%s needs a shared expert and this model has none: wrote a zero shared expert (down_proj = 0, "
+                 "outputs unchanged)", cls, ranks=[0])
+    if getattr(model, "generation_config", None) is not None:
+        target.generation_config = copy.deepcopy(model.generation_config)
+    out = Path(path)
+    target.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    log.info("exported %s (%s) to %s", cls, model_type, out, ranks=[0])
+    return str(out)
+
+
+__all__ = ["EXPORTS", "MoEFamily", "export_hf", "supported_exports"]

@@ -1,0 +1,161 @@
+"""save_pretrained / from_pretrained in one process: round trips against the saved model's own logits,
+the on-disk layout, and every failure naming its file and tensor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import switchyard as sy
+from switchyard.hf.checkpoint import INDEX_NAME, CheckpointError
+from switchyard.hf.patch import moe_layers
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+            max_position_embeddings=64)
+
+
+def build(model_type: str, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **extra})).float().eval()
+
+
+def ids(batch: int = 2, length: int = 7) -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids()).logits
+
+
+def upcycled(model_type: str = "llama", init: str = "copy", every_n: int | None = None, **extra) -> torch.nn.Module:
+    model = build(model_type, intermediate_size=48, **extra)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2, init=init), every_n=every_n)
+    with torch.no_grad():  # decisive routing, so logits compare tightly
+        for layer in moe_layers(model):
+            layer.router.weight.mul_(50)
+    return model
+
+
+CASES = {
+    "llama_copy_tied": lambda: upcycled("llama", "copy", tie_word_embeddings=True),
+    "llama_drop_upcycle": lambda: upcycled("llama", "drop_upcycle"),
+    "qwen3_every_2": lambda: upcycled("qwen3", "drop_upcycle", every_n=2, head_dim=8),
+    "mixtral_adopted": lambda: sy.patch_model(build("mixtral", intermediate_size=48, num_local_experts=4,
+                                                    num_experts_per_tok=2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_gives_the_same_logits(case, tmp_path):
+    model = CASES[case]()
+    want = logits(model)
+    sy.save_pretrained(model, tmp_path, max_shard_size="40KB")
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert all(f.endswith((".safetensors", ".json")) for f in files), files  # nothing pickled
+    assert sum(f.startswith("dense-") for f in files) > 1  # sharded
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    tied = index["metadata"]["tied_weights"]
+    assert set(index["weight_map"]) | set(tied) == set(model.state_dict())
+    assert set(index["weight_map"].values()) == {f for f in files if f.endswith(".safetensors")}
+    assert json.loads((tmp_path / "config.json").read_text())["switchyard"] == model.config.switchyard
+
+    loaded = sy.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(loaded), want, atol=1e-6, rtol=1e-6)
+    assert loaded.config.switchyard == model.config.switchyard
+    assert not loaded.training
+    for layer in moe_layers(loaded):
+        assert all(p.allreduce is False and p.group_name == "ep_size_1" for p in layer.experts.parameters())
+    if case == "llama_copy_tied":
+        assert tied == {"lm_head.weight": "model.embed_tokens.weight"}
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    if case == "llama_drop_upcycle":
+        experts = moe_layers(loaded)[0].experts.gate_up_proj
+        assert not torch.equal(experts[0], experts[1])
+
+
+def test_loads_in_another_dtype_and_saving_again_replaces_old_shards(tmp_path):
+    model = upcycled("llama", "drop_upcycle")
+    sy.save_pretrained(model, tmp_path, max_shard_size="40KB")
+    sy.save_pretrained(model, tmp_path)  # one shard now: the 40KB shards must be gone
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "dense-00001-of-00001.safetensors", "experts-ep000-of-001-00001-of-00001.safetensors"]
+    loaded = sy.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(logits(loaded).float(), logits(model), atol=0.3, rtol=0.05)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("saved")
+    sy.save_pretrained(upcycled("llama", "drop_upcycle"), path)
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _expert_file(path: Path) -> Path:
+    return next(path.glob("experts-*.safetensors"))
+
+
+FAILURES = {
+    "missing_shard": (lambda p: _expert_file(p).unlink(), r"shard file .*experts-ep000-of-001-00001-of-00001\.safetensors .*missing"),
+    "truncated": (lambda p: _expert_file(p).write_bytes(_expert_file(p).read_bytes()[: _expert_file(p).stat().st_size // 2]),
+                  r"cannot read .*experts-ep000-of-001-00001-of-00001\.safetensors: truncated or corrupt"),
+    "shape": (lambda p: _edit_json(p / "config.json", lambda c: c.update(intermediate_size=40)),
+              r"experts-ep000.*: tensor model\.layers\.\d\.mlp\.experts\.\d\.gate_up_proj has shape \(96, 32\) in the "
+              r"checkpoint but the model built from config\.json expects \(80, 32\)"),
+    "expert_count": (lambda p: _edit_json(p / "config.json", lambda c: c["switchyard"]["moe"].update(num_experts=8)),
+                     r"index\.json: model\.layers\.0\.mlp has 4 experts in the checkpoint .* num_experts=8"),
+    "key_not_in_index": (lambda p: _edit_json(p / INDEX_NAME, lambda i: i["weight_map"].pop("model.norm.weight")),
+                         r"tensor model\.norm\.weight is not in .*model\.safetensors\.index\.json"),
+    "tensor_the_model_lacks": (lambda p: _edit_json(p / INDEX_NAME, lambda i: i["weight_map"].update(
+        {"model.layers.9.mlp.router.weight": _expert_file(p).name})),
+        r"index\.json lists 1 tensors the model built from config\.json does not have, e\.g\. \['model\.layers\.9"),
+    "no_index": (lambda p: (p / INDEX_NAME).unlink(), r"model\.safetensors\.index\.json is missing"),
+    "tensor_not_in_file": (lambda p: _edit_json(p / INDEX_NAME, lambda i: i["weight_map"].update(
+        {"model.norm.weight": _expert_file(p).name})), r"experts-ep000.* lacks tensor model\.norm\.weight"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_broken_checkpoints_name_the_file_and_tensor(case, saved, tmp_path):
+    damage, message = FAILURES[case]
+    path = _copy(saved, tmp_path / "ckpt")
+    damage(path)
+    with pytest.raises(CheckpointError, match=message):
+        sy.from_pretrained(path)
+
+
+def test_plain_transformers_dirs_and_unpatched_models_are_refused(tmp_path):
+    model = build("llama", intermediate_size=48)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a switchyard checkpoint; load it with transformers or patch it"):
+        sy.from_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not patched by switchyard"):
+        sy.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    patched = upcycled("llama")
+    snapshot = {k: v.clone() for k, v in patched.state_dict().items()}
+    with pytest.raises(ValueError, match="max_shard_size='2 bananas'"):
+        sy.save_pretrained(patched, tmp_path / "out", max_shard_size="2 bananas")
+    assert not (tmp_path / "out").exists()
+    for untouched, snap in ((model, before), (patched, snapshot)):
+        after = untouched.state_dict()
+        assert after.keys() == snap.keys() and all(torch.equal(after[k], snap[k]) for k in snap)

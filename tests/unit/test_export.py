@@ -1,0 +1,134 @@
+"""export_hf against transformers itself: the exported dir loads with transformers' own MoE classes (no
+switchyard objects) and gives the switchyard model's logits and greedy tokens; what a target cannot
+compute is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import switchyard as sy
+from switchyard.hf.patch import moe_layers
+from switchyard.moe.layer import MoELayer
+
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+            max_position_embeddings=64)
+
+
+def build(model_type: str, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **extra})).float().eval()
+
+
+def ids(batch: int = 2, length: int = 7) -> torch.Tensor:
+    return torch.randint(0, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+def upcycled(model_type: str, every_n: int | None = None, extra: dict | None = None, **moe) -> torch.nn.Module:
+    model = build(model_type, intermediate_size=48, **(extra or {}))
+    config = sy.MoEConfig(**{"num_experts": 4, "top_k": 2, "init": "drop_upcycle", **moe})
+    sy.patch_model(model, config, every_n=every_n)
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            layer.router.weight.mul_(50)  # decisive routing: no near-ties between implementations
+            if layer.shared_experts is not None:  # upcycling starts them at zero output: make them count
+                gate = [layer.shared_expert_gate.weight] if layer.shared_expert_gate is not None else []
+                for p in [*layer.shared_experts.parameters(), *gate]:
+                    p.normal_(0, 0.2)
+    return model
+
+
+def adopted(model_type: str, **extra) -> torch.nn.Module:
+    model = build(model_type, **extra)
+    with torch.no_grad():  # HF zero-inits some routers and biases: make routing non-trivial
+        for name, param in model.named_parameters():
+            if "e_score_correction_bias" in name or (name.endswith("gate.weight") and param.abs().sum() == 0):
+                param.normal_(0, 0.5)
+        for name, buffer in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                buffer.normal_(0, 0.5)
+    return sy.patch_model(model)
+
+
+CASES = {
+    "llama_to_mixtral": (lambda: upcycled("llama"), "MixtralForCausalLM", {}),
+    "qwen2_every_2_to_qwen2_moe": (lambda: upcycled("qwen2", every_n=2), "Qwen2MoeForCausalLM",
+                                   {"mlp_only_layers": [1, 3], "num_experts": 4}),
+    "qwen2_shared_to_qwen2_moe": (lambda: upcycled("qwen2", num_shared_experts=1, shared_expert_gate=True),
+                                  "Qwen2MoeForCausalLM", {"shared_expert_intermediate_size": 48}),
+    "qwen3_to_qwen3_moe": (lambda: upcycled("qwen3", extra={"head_dim": 8}, norm_topk_prob=False),
+                           "Qwen3MoeForCausalLM", {"norm_topk_prob": False, "moe_intermediate_size": 48}),
+    "adopted_qwen2_moe_back": (lambda: adopted(
+        "qwen2_moe", intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
+        num_experts_per_tok=2, mlp_only_layers=[1]), "Qwen2MoeForCausalLM", {"mlp_only_layers": [1]}),
+    "adopted_deepseek_v3_back": (lambda: adopted(
+        "deepseek_v3", intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
+        "DeepseekV3ForCausalLM", {"n_routed_experts": 8}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_loads_in_transformers_with_the_same_logits_and_tokens(case, tmp_path):
+    make, class_name, config_fields = CASES[case]
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = ids()
+    with torch.no_grad():
+        want = model(x).logits
+    sy.export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "switchyard" not in config and all(config[k] == v for k, v in config_fields.items())
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == class_name
+    assert not any(isinstance(m, MoELayer) for m in hf.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, want, atol=1e-5, rtol=1e-5)
+    prompt = x[:1, :4]
+    assert torch.equal(hf.generate(prompt, max_new_tokens=8, do_sample=False),
+                       model.generate(prompt, max_new_tokens=8, do_sample=False))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # export only reads the model
+
+
+def _fake_ep2(model):
+    for layer in moe_layers(model):
+        layer.ep_size = 2
+
+
+ERRORS = {
+    "gpt2": (lambda: upcycled("gpt2", extra={"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}),
+             None, r"no standard transformers MoE class fits gpt2; save with switchyard\.save_pretrained instead "
+                   r"\(supported exports: llama→mixtral"),
+    "mixtral_no_renormalize": (lambda: upcycled("llama", norm_topk_prob=False), None,
+                               r"norm_topk_prob=False but MixtralForCausalLM computes norm_topk_prob=True \(Mixtral "
+                               r"always renormalizes.*qwen2_moe/qwen3_moe.*switchyard\.save_pretrained"),
+    "mixtral_dense_layers": (lambda: upcycled("llama", every_n=2), None,
+                             r"cannot export llama to MixtralForCausalLM: layers \[1, 3\] of 4 stayed dense; Mixtral has no dense layers"),
+    "eval_capacity": (lambda: upcycled("qwen3", extra={"head_dim": 8}, eval_capacity_factor=1.0), None,
+                      r"eval_capacity_factor=1\.0 but Qwen3MoeForCausalLM computes eval_capacity_factor=None"),
+    "sigmoid": (lambda: upcycled("qwen3", extra={"head_dim": 8}, score_func="sigmoid"), None,
+                r"score_func='sigmoid' but Qwen3MoeForCausalLM computes score_func='softmax'"),
+    "mixtral_shared": (lambda: upcycled("llama", num_shared_experts=1), None, r"Mixtral has no shared expert"),
+    "expert_parallel": (lambda: upcycled("llama"), _fake_ep2,
+                        r"expert-parallel \(ep=2\).*save_pretrained.*switchyard export"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_what_the_target_cannot_compute_is_refused_before_writing(case, tmp_path):
+    make, tweak, message = ERRORS[case]
+    model = make()
+    if tweak is not None:
+        tweak(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        sy.export_hf(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

@@ -1,0 +1,76 @@
+"""The fine-tune run config: YAML + overrides, errors before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from switchyard.deepspeed import fill_deepspeed_config
+from switchyard.train.run_config import load_run_config
+from switchyard.train.schedule import lr_multiplier
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "finetune" / "tiny.yaml"
+
+
+def test_tiny_yaml_loads_with_overrides():
+    config = load_run_config(TINY, ["train.lr=5e-4", "moe.num_experts=8", "moe.every_n=2", "parallel.ep=4"])
+    assert config.train.lr == 5e-4
+    assert config.moe_config().num_experts == 8 and config.moe.every_n == 2
+    assert config.parallel.ep == 4
+    assert config.check_world(8)["dp"] == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lrr=1"], r"unknown config keys \['train.lrr'\]"),
+        (["moe.num_expert=8"], r"unknown MoEConfig keys \['num_expert'\]"),
+        (["moe.top_k=9"], "top_k=9 exceeds num_experts=4"),
+        (["train.precision=fp16"], "train.precision='fp16' is unknown"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size must be a positive integer"),
+        (["train.max_steps=null"], "train needs max_steps or epochs"),
+        (["data.seq_len=0"], "seq_len"),
+        (["checkpoint.every=0"], "checkpoint.every and checkpoint.keep must be >= 1"),
+        (["nonsense"], "must look like key.sub=value"),
+    ],
+)
+def test_bad_values_are_errors_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(TINY, overrides)
+
+
+def test_world_dependent_checks():
+    config = load_run_config(TINY, ["train.global_batch_size=32"])
+    with pytest.raises(ValueError, match=r"global_batch_size=32 but micro_batch_size × grad_accum × dp = 4 × 1 × 2 = 8"):
+        config.check_world(2)
+    with pytest.raises(ValueError, match="ep\\*etp = 2\\*1 = 2 does not divide tp\\*dp = 1\\*3 = 3"):
+        load_run_config(TINY).check_world(3)
+    with pytest.raises(ValueError, match="num_experts=4 is not divisible by parallel.ep=8"):
+        load_run_config(TINY, ["parallel.ep=8"]).check_world(8)
+
+
+def test_deepspeed_auto_values_filled_and_conflicts_refused(tmp_path):
+    filled = fill_deepspeed_config(REPO / "configs/deepspeed/zero2.json", micro_batch_size=4, grad_accum=2,
+                                   dp_size=4, clip=1.0, precision="bf16")
+    assert filled["train_batch_size"] == 32 and filled["bf16"]["enabled"] is True
+    assert filled["gradient_accumulation_steps"] == 2 and filled["zero_optimization"]["stage"] == 2
+    conflicting = json.loads((REPO / "configs/deepspeed/zero2.json").read_text())
+    conflicting["train_micro_batch_size_per_gpu"] = 16
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(conflicting))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=16 but the run config implies 4"):
+        fill_deepspeed_config(path, micro_batch_size=4, grad_accum=1, dp_size=1, clip=1.0, precision="fp32")
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        fill_deepspeed_config(REPO / "configs/deepspeed/zero3.json", micro_batch_size=4, grad_accum=1, dp_size=1,
+                              clip=1.0, precision="fp32")
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    values = [lr_multiplier(s, 10, 2, "cosine", 0.1) for s in range(10)]
+    assert values[0] == 0.5 and values[1] == 1.0
+    assert all(a >= b for a, b in zip(values[1:], values[2:]))
+    assert values[-1] >= 0.1 and lr_multiplier(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(5, 10, 0, "constant", 0.1) == 1.0

@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 launch/finetune.py --config configs/finetune/tiny.yaml [key.sub=value …]
     python launch/finetune.py --config configs/finetune/tiny.yaml parallel.ep=1     # one process
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml launch/finetune.py --config …
 
 CPU ranks use gloo, GPUs NCCL; multi-node runs take deepspeed's --hostfile. See docs/finetune.md.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     from switchyard.train.run_config import load_run_config
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    accelerate_ds = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if accelerate_ds:  # `accelerate launch` with the DeepSpeed plugin: its JSON is the run's (CLI overrides win)
+        overrides.insert(0, f"deepspeed={accelerate_ds}")
     try:
         config = load_run_config(args.config, overrides)
     except ValueError as err:

@@ -1,0 +1,96 @@
+"""The README's main job on the embedded default: dense → upcycle → expert-parallel fine-tune → save.
+
+    python launch/demo.py [--ranks 2] [--dense-steps 60] [--out runs/demo]      # what `make demo` runs
+
+1. builds the tiny Llama and BPE tokenizer offline (cached) and trains it densely for a few steps;
+2. fine-tunes it with `deepspeed --num_gpus N launch/finetune.py` (upcycled to 4 experts, top-2,
+   copy init, ep=N), which saves a switchyard checkpoint;
+3. prints the dense loss, the upcycled model's loss at step 0 on the same batch (equal: copy init
+   reproduces the dense model) and the loss after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "finetune" / "tiny.yaml"
+
+
+def train_dense(out: Path, steps: int, ranks: int) -> tuple[float, float]:
+    """Short dense pre-training in one process; returns (loss before, loss on the fine-tune's first batch)."""
+    from transformers import AutoModelForCausalLM
+
+    from switchyard.train.data import load_datasets, rank_batches
+    from switchyard.train.model_source import cache_dir
+    from switchyard.train.run_config import load_run_config
+    from switchyard.train.tiny import build_tiny_dense_model, build_tokenizer
+
+    config = load_run_config(CONFIG)
+    tokenizer = build_tokenizer(cache_dir())
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_dense_model(cache_dir(), tokenizer))
+    train_set, _ = load_datasets(config.data, tokenizer, cache_dir() / "datasets")
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    batches = rank_batches(train_set, 8, 0, 1, epoch=99, seed=config.data.seed)  # not the fine-tune's batches
+    first = None
+    for step in range(steps):
+        loss = model(**next(batches)).loss
+        first = loss.item() if first is None else first
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if (step + 1) % 20 == 0:
+            print(f"  dense step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # the fine-tune's first global batch: epoch 0, step 0, all data-parallel ranks together
+    t = config.train
+    batch = next(rank_batches(train_set, t.micro_batch_size * t.grad_accum * ranks, 0, 1, 0, config.data.seed))
+    with torch.no_grad():
+        return first, model(**batch).loss.item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ranks", type=int, default=int(os.environ.get("RANKS", "2")))
+    parser.add_argument("--dense-steps", type=int, default=60)
+    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("overrides", nargs="*", help="extra key.sub=value settings for the fine-tune")
+    args = parser.parse_args()
+    out = Path(args.out)
+    print(f"== dense: tiny Llama trained for {args.dense_steps} steps ==", flush=True)
+    loss_start, dense_loss = train_dense(out / "dense", args.dense_steps, args.ranks)
+    print(f"  dense loss {loss_start:.3f} -> {dense_loss:.3f} (on the fine-tune's first batch)", flush=True)
+
+    print(f"== upcycle to 4 experts (copy) and fine-tune on {args.ranks} ranks, ep={args.ranks} ==", flush=True)
+    launcher = Path(sys.executable).with_name("deepspeed")
+    command = [str(launcher), "--num_gpus", str(args.ranks), "launch/finetune.py", "--config", str(CONFIG),
+               f"model.source={out / 'dense'}", f"output_dir={out / 'finetune'}", f"parallel.ep={args.ranks}",
+               "checkpoint.resume=null", *args.overrides]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        print(result.stdout[-4000:], result.stderr[-4000:], sep="\n")
+        return result.returncode
+    summary = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("SUMMARY "))[8:])
+    rows = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    checkpoint = out / "finetune" / "checkpoints" / (out / "finetune" / "checkpoints" / "latest").read_text()
+    print(f"  dense model loss on batch 1:        {dense_loss:.4f}")
+    print(f"  upcycled model loss at step 0:      {rows[0]['loss']:.4f}   (copy init: equal to the dense loss)")
+    print(f"  loss after {summary['steps']} fine-tune steps:     {rows[-1]['loss']:.4f}"
+          f"   eval loss {summary.get('eval_loss', float('nan')):.4f}")
+    print(f"  switchyard checkpoint: {checkpoint / 'model'}")
+    print(f"  metrics: {out / 'finetune' / 'metrics.jsonl'}, heatmap: {summary['heatmap']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -175,3 +175,19 @@ def test_output_preserving_upcycling_through_patch_model(model_type, moe):
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_trainer_trains_a_patched_model(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = build("llama", intermediate_size=48)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.01))
+    rows = ids(batch=16, length=12).tolist()
+    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    before = moe_layers(model)[0].experts.gate_up_proj.detach().clone()
+    result = Trainer(model=model, args=args, train_dataset=data).train()
+    assert result.global_step == 4 and result.training_loss > 0
+    assert not torch.equal(moe_layers(model)[0].experts.gate_up_proj.detach(), before)

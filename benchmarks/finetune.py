@@ -1,0 +1,819 @@
+"""Fine-tuning throughput, MFU and peak memory: switchyard vs DeepSpeed AutoEP vs transformers' grouped_mm.
+
+    python benchmarks/finetune.py --out benchmarks/results/finetune.json --variant-moe-max-group-size 1300000000
+
+(on one H200 through the device tool, with the deepspeed + pydantic wheels of .whl carried and installed; the
+committed JSON came from exactly this command). CPU smoke run of the same logic (tiny shape, fp32,
+2 timed steps; writes to a temp file):
+
+    python benchmarks/finetune.py --tiny
+
+One process, one rank (a world of one is initialized here, as in benchmarks/moe_layer.py), DeepSpeed
+ZeRO-2 (``configs/deepspeed/zero2.json`` filled by ``switchyard.deepspeed.fill_deepspeed_config``), bf16
+on CUDA, torch AdamW (``fused=True`` on CUDA) over ``switchyard.deepspeed.optimizer_param_groups``,
+gradient clipping 1.0, the same random token ids (fixed generator) for every implementation, and
+``loss = model(input_ids, labels=input_ids).loss``:
+
+    switchyard        a Llama-shaped dense model with random weights (``AutoConfig.for_model("llama")``,
+                      ``AutoModelForCausalLM.from_config``) upcycled by ``switchyard.patch_model`` into
+                      E experts, top-k (``init="copy"``, aux_loss_coef 0.01, its router loss is inside
+                      ``.loss``); ``deepspeed.initialize(..., mpu=ProcessGroupManager(ep=1).mpu)``
+    deepspeed_autoep  the same MoE as a standard transformers ``MixtralForCausalLM`` (same hidden size,
+                      layers, heads, experts, top-k, expert FFN; ``output_router_logits=True`` with
+                      ``router_aux_loss_coef`` 0.01 so its loss has the same router term) under DeepSpeed
+                      AutoEP (``expert_parallel: {enabled, autoep_size: 1, preset_model: mixtral}``); the
+                      optimizer is a callable so DeepSpeed builds it after AutoEP swapped the blocks, from
+                      param groups that mark AutoEP's expert parameters as MoE (else ZeRO asserts)
+    hf_grouped_mm     the same ``MixtralForCausalLM`` with ``experts_implementation="grouped_mm"`` under plain
+                      DeepSpeed ZeRO-2 (falls back to "eager" where grouped_mm's backward cannot run: CPU)
+
+The weights are random (not shared across implementations); the shapes are identical, so the losses of
+the first step should be close (about ln(vocab)), not equal.
+
+Per implementation: ``tokens_per_s`` (batch * seq_len * steps / wall time of the timed steps, each step
+ended by a device synchronize), ``ms_per_step`` (median), ``fwd/bwd/opt_ms`` (median, CUDA events),
+``mfu`` = 6 * active_params * tokens_per_s / 989e12 (H200 dense bf16 datasheet peak; active params =
+dense + top_k/E of the expert parameters, from the shape, the same number for all three; attention
+score FLOPs are not counted), ``peak_mem_gb`` (torch.cuda.max_memory_allocated during the timed steps,
+stats reset after warm-up, minus what was allocated before the implementation was built),
+``loss_first`` (the first step's loss, router term included) and ``lm_loss_first`` (cross-entropy of
+that step's logits, computed here the same way for every implementation). On CUDA a short
+torch.profiler pass after the timed steps (first round only) records the top kernels, kernel time by
+category and each phase's host time (``profile``). On CUDA the implementations run in two rounds, in
+``RUN_ORDER`` and then reversed (build order changes allocator and clock state); the round with the higher
+tokens/s is reported and every round is listed under ``rounds``. ``--variant-moe-max-group-size N`` then
+reruns switchyard and AutoEP with DeepSpeed's MoE param-group size cap raised to N (default cap: 178956971
+elements, i.e. 14 expert groups here, each one more ZeRO partition and optimizer call) and stores them
+under ``variants``. One implementation failing records ``{"error": ...}`` and the run goes on.
+
+Output: ``{"meta": {command, versions, device, shape (+ parameter counts), batch, seq_len, steps, rounds,
+training, flops_formula, date, git_commit (SWITCHYARD_GIT_COMMIT wins), target, ...}, "results": {impl:
+{tokens_per_s, ms_per_step, mfu, peak_mem_gb, loss_first, lm_loss_first, fwd_ms, bwd_ms, opt_ms, vs_autoep,
+vs_hf, rounds, profile, ...} or {"error"}}, "variants": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT / "integration"))
+
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "finetune.json"
+ZERO2_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
+PEAK_FLOPS = 989e12  # H200 dense bf16 datasheet value (the same constant as switchyard.train.loop)
+IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
+# Competitors first: switchyard's ProcessGroupManager registers its groups with DeepSpeed last, so it
+# cannot change what the others ran with.
+RUN_ORDER = ("hf_grouped_mm", "deepspeed_autoep", "switchyard")
+AUX_LOSS_COEF = 0.01
+LR, WEIGHT_DECAY, CLIP = 1e-5, 0.01, 1.0
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int  # dense FFN = per-expert FFN (copy upcycling)
+    experts: int
+    top_k: int
+    max_positions: int = 4096
+
+    def params(self) -> dict[str, int]:
+        """Total, expert and active parameter counts of the MoE model (untied embeddings, no biases)."""
+        head_dim = self.hidden // self.heads
+        attn = self.hidden * head_dim * (2 * self.heads + 2 * self.kv_heads)
+        expert = 3 * self.hidden * self.ffn
+        per_layer_dense = attn + 2 * self.hidden + self.experts * self.hidden  # + 2 norms + router
+        dense = 2 * self.vocab * self.hidden + self.hidden + self.layers * per_layer_dense
+        experts = self.layers * self.experts * expert
+        active = dense + self.layers * self.top_k * expert
+        return {"total": dense + experts, "experts": experts, "dense": dense, "active": active,
+                "dense_model": dense - self.layers * self.experts * self.hidden + self.layers * expert}
+
+
+# ~0.5B dense Llama/Qwen2-shaped model (GQA 12/4 heads of 128) -> 2.6B-parameter 8-expert top-2 MoE.
+SHAPE = Shape(vocab=32000, hidden=1536, layers=16, heads=12, kv_heads=4, ffn=4096, experts=8, top_k=2)
+TINY_SHAPE = Shape(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, experts=8, top_k=2,
+                   max_positions=128)
+
+
+def flops_formula(shape: Shape) -> str:
+    return (f"MFU = 6 * active_params * tokens_per_s / {PEAK_FLOPS:.4g}; active_params = dense + top_k/E * "
+            f"expert params = {shape.params()['active']} (attention score FLOPs not counted)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# World, configs, models
+# ----------------------------------------------------------------------------------------------------------
+
+_DIST_READY = False
+
+
+def ensure_world(device: torch.device) -> None:
+    """A one-rank world for DeepSpeed and switchyard's process groups (no launcher needed)."""
+    global _DIST_READY
+    if _DIST_READY:
+        return
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    _DIST_READY = True
+
+
+@dataclass
+class Run:
+    """What every implementation shares."""
+
+    shape: Shape
+    device: torch.device
+    dtype: torch.dtype
+    batch: int
+    seq_len: int
+    input_ids: torch.Tensor  # [B, S] on device
+    seed: int = 0
+    moe_max_group_size: int | None = None
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
+
+@dataclass
+class Built:
+    engine: Any
+    variant: str
+    notes: list[str] = field(default_factory=list)
+    keep: list[Any] = field(default_factory=list)
+    params_total: int | None = None
+    params_experts: int | None = None
+
+
+def ds_config(run: Run, **extra: Any) -> dict:
+    from switchyard.deepspeed import fill_deepspeed_config
+
+    config = fill_deepspeed_config(ZERO2_CONFIG, micro_batch_size=run.batch, grad_accum=1, dp_size=1, clip=CLIP,
+                                   precision=run.precision)
+    config.update(extra)
+    return config
+
+
+def make_optimizer(model: nn.Module, run: "Run") -> torch.optim.Optimizer:
+    """torch AdamW over ``optimizer_param_groups``. ``run.moe_max_group_size`` (an experiment, off by default)
+    raises the size cap at which DeepSpeed's ``split_params_into_different_moe_groups_for_optimizer`` cuts MoE
+    groups (default 178956971 elements: the 2.4B expert parameters here become 14 groups, each one more
+    ZeRO partition and one more optimizer step call)."""
+    import contextlib
+    import functools
+    from unittest import mock
+
+    import deepspeed.moe.utils as ds_moe_utils
+
+    from switchyard.deepspeed import optimizer_param_groups
+
+    patch: Any = contextlib.nullcontext()
+    if run.moe_max_group_size:
+        split = functools.partial(ds_moe_utils.split_params_into_different_moe_groups_for_optimizer,
+                                  max_group_size=run.moe_max_group_size)
+        patch = mock.patch.object(ds_moe_utils, "split_params_into_different_moe_groups_for_optimizer", split)
+    with patch:
+        groups = optimizer_param_groups(model, WEIGHT_DECAY)
+    kwargs = {"fused": True} if run.device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=LR, **kwargs)
+
+
+def llama_config(shape: Shape):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "llama", vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, hidden_act="silu")
+
+
+def mixtral_config(shape: Shape):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        num_local_experts=shape.experts, num_experts_per_tok=shape.top_k, router_jitter_noise=0.0,
+        output_router_logits=True, router_aux_loss_coef=AUX_LOSS_COEF, sliding_window=None, hidden_act="silu")
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, expert) parameters; expert = tagged for DeepSpeed's expert groups or inside ``.experts``."""
+    total = experts = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if getattr(p, "allreduce", True) is False or ".experts." in f".{name}.":
+            experts += p.numel()
+    return total, experts
+
+
+def build_switchyard(run: Run, aux: bool) -> Built:
+    ensure_world(run.device)
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    import switchyard as sy
+
+    groups = sy.ProcessGroupManager(ep=1)
+    with torch.device(run.device):
+        model = AutoModelForCausalLM.from_config(llama_config(run.shape), dtype=torch.float32)
+    sy.patch_model(model, sy.MoEConfig(num_experts=run.shape.experts, top_k=run.shape.top_k, init="copy",
+                                       aux_loss_coef=AUX_LOSS_COEF))
+    model.to(dtype=run.dtype).train()
+    total, experts = count_params(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, run),
+                                           config=ds_config(run), mpu=groups.mpu)
+    return Built(engine, variant="switchyard.patch_model (upcycle, init=copy)", keep=[groups],
+                 params_total=total, params_experts=experts)
+
+
+def _mixtral(run: Run, aux: bool, experts_impl: str | None) -> nn.Module:
+    from transformers import MixtralForCausalLM
+
+    config = mixtral_config(run.shape)
+    config.output_router_logits = aux
+    if experts_impl is not None:
+        config._experts_implementation = experts_impl
+    with torch.device(run.device):
+        model = MixtralForCausalLM(config)
+    if experts_impl is not None and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(experts_impl)
+    model.to(dtype=run.dtype).train()
+    return model
+
+
+def _probe_backward(model: nn.Module, run: Run) -> None:
+    ids = run.input_ids[:1, : min(16, run.seq_len)]
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def build_hf_grouped_mm(run: Run, aux: bool) -> Built:
+    ensure_world(run.device)
+    import deepspeed
+
+    notes = []
+    model = _mixtral(run, aux, "grouped_mm")
+    if run.device.type != "cuda":  # CPU grouped_mm has no dependable backward (ARCHITECTURE.md)
+        try:
+            _probe_backward(model, run)
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot use grouped_mm here"
+            notes.append(f"grouped_mm failed here, ran eager: {type(exc).__name__}: {str(exc)[:160]}")
+            del model
+            model = _mixtral(run, aux, "eager")
+    impl = getattr(model.config, "_experts_implementation", None)
+    total, experts = count_params(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, run),
+                                           config=ds_config(run))
+    return Built(engine, variant=f"MixtralForCausalLM, experts_implementation={impl}", notes=notes,
+                 params_total=total, params_experts=experts)
+
+
+def build_deepspeed_autoep(run: Run, aux: bool) -> Built:
+    ensure_world(run.device)
+    import deepspeed
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    ep = {"enabled": True, "autoep_size": 1, "preset_model": "mixtral"}
+    notes = []
+    if run.device.type != "cuda":
+        ep["use_grouped_mm"] = False  # CPU torch._grouped_mm: no dependable backward
+        notes.append("use_grouped_mm=false off CUDA")
+    model = _mixtral(run, aux, None)
+    # A callable: DeepSpeed calls it after AutoEP replaced the blocks, so the param groups see AutoEP's
+    # expert parameters (tagged allreduce=False) and mark them moe=True, as ZeRO with MoE requires.
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=lambda _params: make_optimizer(model, run),
+                                           config=ds_config(run, expert_parallel=ep))
+    layers = [m for m in engine.module.modules() if isinstance(m, AutoEPMoELayer)]
+    if len(layers) != run.shape.layers:
+        raise RuntimeError(f"AutoEP replaced {len(layers)} of {run.shape.layers} MoE blocks")
+    experts = layers[0].experts
+    if getattr(experts, "use_triton_grouped_mm", False):
+        kernel = "triton grouped GEMM"
+    elif getattr(experts, "use_grouped_mm", False):
+        kernel = f"torch._grouped_mm, gate_up_impl={getattr(experts, 'gate_up_impl', '?')}"
+    else:
+        kernel = "per-expert for-loop"
+    total, n_experts = count_params(engine.module)
+    return Built(engine, variant=f"AutoEPMoELayer x{len(layers)} ({kernel})", notes=notes,
+                 params_total=total, params_experts=n_experts)
+
+
+BUILDERS: dict[str, Callable[[Run, bool], Built]] = {
+    "switchyard": build_switchyard,
+    "deepspeed_autoep": build_deepspeed_autoep,
+    "hf_grouped_mm": build_hf_grouped_mm,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing, memory, profile
+# ----------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def gb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 2**30, 3)
+
+
+class _GroupedMMSpy:
+    """Counts calls of F.grouped_mm / torch._grouped_mm (which kernel a forward+backward reached)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._patched: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> "_GroupedMMSpy":
+        for owner, attr in ((F, "grouped_mm"), (torch, "_grouped_mm")):
+            original = getattr(owner, attr, None)
+            if original is None:
+                continue
+
+            def spy(*args, _orig=original, **kwargs):
+                self.calls += 1
+                return _orig(*args, **kwargs)
+
+            setattr(owner, attr, spy)
+            self._patched.append((owner, attr, original))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, attr, original in self._patched:
+            setattr(owner, attr, original)
+
+
+def train_step(engine, input_ids: torch.Tensor, events: list | None = None, first: dict | None = None,
+               annotate: bool = False) -> None:
+    from torch.profiler import record_function
+
+    phase = record_function if annotate else (lambda _name: contextlib.nullcontext())
+    if events:
+        events[0].record()
+    with phase("phase:forward"):
+        out = engine(input_ids=input_ids, labels=input_ids)
+    loss = out.loss
+    if first is not None:
+        first["loss_first"] = float(loss.detach().float())
+        with torch.no_grad():
+            logits = out.logits[:, :-1].float()
+            first["lm_loss_first"] = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                           input_ids[:, 1:].reshape(-1)))
+            del logits
+    del out
+    if events:
+        events[1].record()
+    with phase("phase:backward"):
+        engine.backward(loss)
+    if events:
+        events[2].record()
+    with phase("phase:optimizer"):
+        engine.step()
+    if events:
+        events[3].record()
+
+
+def profile_steps(engine, input_ids: torch.Tensor, device: torch.device, steps: int, top: int = 15) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            train_step(engine, input_ids, annotate=True)
+        synchronize(device)
+    rows, phases = [], {}
+    for evt in prof.key_averages():
+        if evt.key.startswith("phase:"):  # host time of the phase; its GPU span when the profiler gives one
+            entry = phases.setdefault(evt.key[6:], {})
+            entry["host_ms"] = round(max(evt.cpu_time_total / 1e3 / steps, entry.get("host_ms", 0.0)), 3)
+            dev = getattr(evt, "device_time_total", None)
+            if dev:
+                entry["gpu_span_ms"] = round(dev / 1e3 / steps, 3)
+            continue
+        if evt.key.startswith(("Optimizer.", "ProfilerStep")):  # user annotations (Optimizer.step#AdamW.step)
+            continue
+        self_us = getattr(evt, "self_device_time_total", None)
+        if self_us is None:
+            self_us = getattr(evt, "self_cuda_time_total", 0)
+        if self_us and self_us > 0 and getattr(evt, "device_type", None) != torch.autograd.DeviceType.CPU:
+            rows.append((evt.key, self_us / 1e3 / steps, evt.count / steps))
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    categories: dict[str, float] = {}
+    for name, ms, _ in rows:
+        categories[_kernel_category(name)] = categories.get(_kernel_category(name), 0.0) + ms
+    return {"steps": steps, "kernel_ms_per_step": round(total, 3), "phases": phases,
+            "by_category_ms_per_step": {k: round(v, 3) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:140], "ms_per_step": round(ms, 3), "calls_per_step": round(c, 1),
+                             "share": round(ms / total, 4) if total else None} for n, ms, c in rows[:top]]}
+
+
+_CATEGORIES = (
+    ("grouped_gemm", ("grouped", "group_gemm", "groupedgemm", "grouped_mm", "groupproblem")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("comm", ("nccl",)),
+    ("copy", ("memcpy", "memset", "copy_", "cat", "index", "gather", "scatter")),
+)
+
+
+def _kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, keys in _CATEGORIES:
+        if any(k in low for k in keys):
+            return category
+    return "other"
+
+
+def _param_group_count(engine) -> int | None:
+    """How many optimizer param groups (= ZeRO flat partitions = optimizer.step calls per step)."""
+    basic = getattr(engine, "basic_optimizer", None)
+    return len(basic.param_groups) if basic is not None else None
+
+
+def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> dict:
+    """Build, one sanity step, warm-up, timed steps, optional profile; failures become ``{"error"}``."""
+    device = run.device
+    result: dict = {}
+    notes: list[str] = []
+    attempts = (True, False) if name != "switchyard" else (True,)  # aux (router logits) on, then off
+    for aux in attempts:
+        free_memory(device)
+        baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        built: Built | None = None
+        t_build = time.perf_counter()
+        torch.manual_seed(run.seed)  # the same random weights on every run of one implementation
+        try:
+            built = BUILDERS[name](run, aux)
+            engine = built.engine
+            engine.train()
+            build_s = time.perf_counter() - t_build
+            build_peak = (torch.cuda.max_memory_allocated(device) - baseline) if baseline is not None else None
+            first: dict = {}
+            with _GroupedMMSpy() as spy:
+                train_step(engine, run.input_ids, first=first)  # step 1 of the warm-up
+            synchronize(device)
+            for _ in range(max(warmup - 1, 0)):
+                train_step(engine, run.input_ids)
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times, fwd, bwd, opt = [], [], [], []
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                events = ([torch.cuda.Event(enable_timing=True) for _ in range(4)]
+                          if device.type == "cuda" else None)
+                ts = time.perf_counter()
+                train_step(engine, run.input_ids, events)
+                synchronize(device)
+                times.append((time.perf_counter() - ts) * 1e3)
+                if events:
+                    fwd.append(events[0].elapsed_time(events[1]))
+                    bwd.append(events[1].elapsed_time(events[2]))
+                    opt.append(events[2].elapsed_time(events[3]))
+            wall = time.perf_counter() - t0
+            peak = (torch.cuda.max_memory_allocated(device) - baseline) if baseline is not None else None
+            tokens = run.batch * run.seq_len * steps
+            tps = tokens / wall
+            result = {
+                "tokens_per_s": round(tps, 1),
+                "ms_per_step": round(statistics.median(times), 3),
+                "tokens_per_s_median": round(run.batch * run.seq_len / (statistics.median(times) / 1e3), 1),
+                "mfu": round(6 * run.shape.params()["active"] * tps / PEAK_FLOPS, 4) if device.type == "cuda" else None,
+                "peak_mem_gb": gb(peak),
+                "build_peak_mem_gb": gb(build_peak),
+                "mem_before_build_gb": gb(baseline),
+                **first,
+                "fwd_ms": round(statistics.median(fwd), 3) if fwd else None,
+                "bwd_ms": round(statistics.median(bwd), 3) if bwd else None,
+                "opt_ms": round(statistics.median(opt), 3) if opt else None,
+                "ms_min": round(min(times), 3), "ms_max": round(max(times), 3), "steps": steps,
+                "build_s": round(build_s, 1),
+                "router_loss_in_loss": aux,
+                "grouped_mm_calls_first_step": spy.calls,
+                "params_total": built.params_total, "params_experts": built.params_experts,
+                "variant": built.variant,
+                "optimizer_param_groups": _param_group_count(engine),
+            }
+            notes += built.notes
+            if profile_n > 0:
+                try:
+                    result["profile"] = profile_steps(engine, run.input_ids, device, profile_n)
+                except Exception as exc:  # noqa: BLE001 - a profile failing keeps the timing
+                    result["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+            break
+        except Exception as exc:  # noqa: BLE001 - one implementation failing must not end the run
+            print(f"[{name}] failed (router logits {'on' if aux else 'off'}):\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+            err = f"{type(exc).__name__}: {str(exc)[:600]}"
+            result = {"error": err}
+            if aux and len(attempts) > 1:
+                notes.append(f"with output_router_logits=True it failed ({err[:200]}); retried without")
+        finally:
+            if built is not None:
+                destroy = getattr(built.engine, "destroy", None)
+                if callable(destroy):
+                    try:
+                        destroy()
+                    except Exception:  # noqa: BLE001
+                        pass
+            built = engine = None  # noqa: F841
+            free_memory(device)
+    if notes:
+        result["notes"] = notes
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str | None]:
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    for mod in ("deepspeed", "triton"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001
+            out[mod] = f"unavailable ({type(exc).__name__})"
+    return out
+
+
+def _git_commit() -> str | None:
+    if os.environ.get("SWITCHYARD_GIT_COMMIT"):
+        return os.environ["SWITCHYARD_GIT_COMMIT"]
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return None
+    return out if len(out) == 40 else None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+ROUND_KEYS = ("tokens_per_s", "tokens_per_s_median", "ms_per_step", "fwd_ms", "bwd_ms", "opt_ms", "peak_mem_gb")
+
+
+def merge_round(best: dict | None, new: dict, rnd: int, position: int) -> dict:
+    """Keep the round with the higher tokens/s (its fields), list every round under ``rounds``; the profile
+    (round 1 only) stays."""
+    summary = {"round": rnd + 1, "position": position + 1,
+               **({k: new.get(k) for k in ROUND_KEYS} if "error" not in new else {"error": new["error"]})}
+    if best is None:
+        return {**new, "rounds": [summary]}
+    rounds = [*best.get("rounds", []), summary]
+    profile = best.get("profile") or new.get("profile")
+    if "error" in best or ("error" not in new and new["tokens_per_s"] > best["tokens_per_s"]):
+        best = dict(new)
+    best = {k: v for k, v in best.items() if k not in ("rounds", "profile")}
+    best["rounds"] = rounds
+    if profile is not None:
+        best["profile"] = profile
+    return best
+
+
+def add_ratios(results: dict) -> None:
+    for ref, key in (("deepspeed_autoep", "vs_autoep"), ("hf_grouped_mm", "vs_hf")):
+        ref_tps = results.get(ref, {}).get("tokens_per_s")
+        ref_mem = results.get(ref, {}).get("peak_mem_gb")
+        for entry in results.values():
+            if ref_tps and entry.get("tokens_per_s"):
+                entry[key] = round(entry["tokens_per_s"] / ref_tps, 3)
+            if ref_mem and entry.get("peak_mem_gb") is not None:
+                entry[f"mem_{key}"] = round(entry["peak_mem_gb"] / ref_mem, 3)
+
+
+def target_check(results: dict) -> dict:
+    sy_r, ep_r = results.get("switchyard", {}), results.get("deepspeed_autoep", {})
+    if "tokens_per_s" not in sy_r or "tokens_per_s" not in ep_r:
+        return {"met": None, "why": "switchyard or deepspeed_autoep has no result"}
+    speed = sy_r["tokens_per_s"] / ep_r["tokens_per_s"]
+    mem_ok = (sy_r.get("peak_mem_gb") is not None and ep_r.get("peak_mem_gb") is not None
+              and sy_r["peak_mem_gb"] <= ep_r["peak_mem_gb"])
+    return {"target": ">= 1.3x AutoEP tokens/s at equal or lower peak memory",
+            "speedup_vs_autoep": round(speed, 3), "speed_met": speed >= 1.3, "memory_met": mem_ok,
+            "met": speed >= 1.3 and mem_ok}
+
+
+def print_table(results: dict) -> None:
+    headers = ["impl", "tokens/s", "ms/step", "fwd", "bwd", "opt", "MFU", "peak GB", "vs autoep", "vs hf",
+               "loss1", "lm1", "variant / error"]
+    rows = []
+    for impl in [i for i in IMPLS if i in results]:
+        r = results[impl]
+
+        def f(key: str, fmt: str) -> str:
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+
+        rows.append([impl, f("tokens_per_s", ".0f"), f("ms_per_step", ".1f"), f("fwd_ms", ".1f"), f("bwd_ms", ".1f"),
+                     f("opt_ms", ".1f"), f("mfu", ".1%"), f("peak_mem_gb", ".2f"), f("vs_autoep", ".2f"),
+                     f("vs_hf", ".2f"), f("loss_first", ".3f"), f("lm_loss_first", ".3f"),
+                     (r.get("error") or r.get("variant") or "")[:90]])
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for row in [headers, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)), flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    p.add_argument("--batch", type=int, default=None, help="micro-batch (default 8; 2 with --tiny)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default 1024; 32 with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps, the first is the sanity step "
+                   "(default 3; 1 with --tiny)")
+    p.add_argument("--profile-steps", type=int, default=None,
+                   help="steps under torch.profiler after timing (default 2 on CUDA, 0 otherwise)")
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny shape, fp32, 2 steps: a CPU test of the logic")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds over the implementations, alternating forward and reverse order; the round with "
+                        "the higher tokens/s is reported, all are listed (default 2 on CUDA, 1 otherwise)")
+    p.add_argument("--variant-moe-max-group-size", type=int, default=None, metavar="N",
+                   help="after the main runs, rerun switchyard and deepspeed_autoep with DeepSpeed's MoE "
+                        "param-group size cap raised to N elements (an experiment; stored under 'variants')")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO_ROOT)}; a temp file with --tiny)")
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cuda" and args.device.index is None:
+        args.device = torch.device("cuda", 0)
+    args.batch = args.batch or (2 if args.tiny else 8)
+    args.seq_len = args.seq_len or (32 if args.tiny else 1024)
+    args.steps = args.steps or (2 if args.tiny else 20)
+    if args.rounds is None:
+        args.rounds = 2 if args.device.type == "cuda" and not args.tiny else 1
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.warmup = max(args.warmup, 1)
+    if args.profile_steps is None:
+        args.profile_steps = 2 if args.device.type == "cuda" and not args.tiny else 0
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "finetune_tiny.json" if args.tiny else DEFAULT_OUT
+    if args.tiny and args.out.resolve() == DEFAULT_OUT.resolve():
+        p.error(f"--tiny numbers must not overwrite {DEFAULT_OUT.relative_to(REPO_ROOT)}; pass another --out")
+    if not args.tiny and args.device.type == "cpu":
+        print("warning: the full shape on CPU takes very long; use --tiny to test the logic", file=sys.stderr)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    shape = TINY_SHAPE if args.tiny else SHAPE
+    dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    if args.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    gen = torch.Generator().manual_seed(args.seed)
+    input_ids = torch.randint(0, shape.vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
+    run = Run(shape, args.device, dtype, args.batch, args.seq_len, input_ids, args.seed)
+    argv_used = sys.argv[1:] if argv is None else argv
+    meta = {
+        "command": shlex.join(["python", "benchmarks/finetune.py", *argv_used]),
+        **_versions(),
+        "device": _device_name(args.device),
+        "shape": {**asdict(shape), "model": "llama (switchyard, upcycled) / mixtral (deepspeed_autoep, hf_grouped_mm)",
+                  "params": shape.params()},
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "tokens_per_step": args.batch * args.seq_len,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "profile_steps": args.profile_steps,
+        "dtype": run.precision,
+        "training": {"zero_stage": 2, "config": "configs/deepspeed/zero2.json via fill_deepspeed_config",
+                      "optimizer": f"torch.optim.AdamW(lr={LR}, weight_decay={WEIGHT_DECAY}"
+                                   f"{', fused=True' if args.device.type == 'cuda' else ''}) over "
+                                   "switchyard.deepspeed.optimizer_param_groups", "gradient_clipping": CLIP,
+                      "world_size": 1},
+        "aux_loss_coef": AUX_LOSS_COEF,
+        "flops_formula": flops_formula(shape),
+        "peak_flops": PEAK_FLOPS,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "tiny": args.tiny,
+        "timing": "tokens_per_s = batch*seq_len*steps / wall time of the timed steps (each ended by a device "
+                  "synchronize); ms_per_step and fwd/bwd/opt_ms are medians; with rounds > 1 the implementations "
+                  "run in RUN_ORDER, then reversed, and the round with the higher tokens_per_s is reported "
+                  "(all rounds under 'rounds')",
+        "peak_mem": "GiB, torch.cuda.max_memory_allocated during the timed steps (stats reset after warm-up) minus "
+                    "memory allocated before the implementation was built",
+        "ratios": "vs_autoep / vs_hf = tokens_per_s ratios; mem_vs_* = peak_mem_gb ratios",
+    }
+    results: dict = {}
+    variants: dict = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        ordered = {impl: results[impl] for impl in IMPLS if impl in results}
+        data = {"meta": meta, "results": ordered}
+        if variants:
+            data["variants"] = variants
+        args.out.write_text(json.dumps(data, indent=2) + "\n")
+
+    if args.device.type == "cuda":  # wake the clocks before the first implementation
+        a = torch.randn(4096, 4096, device=args.device, dtype=dtype)
+        for _ in range(20):
+            a @ a
+        synchronize(args.device)
+        del a
+    order = [i for i in RUN_ORDER if i in args.impls]
+    for rnd in range(args.rounds):
+        for position, impl in enumerate(order if rnd % 2 == 0 else order[::-1]):
+            print(f"[finetune] round {rnd + 1}/{args.rounds}: {impl} ...", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            r = run_impl(impl, run, args.warmup, args.steps, args.profile_steps if rnd == 0 else 0)
+            print(f"[finetune] {impl} done in {time.perf_counter() - t:.1f}s: "
+                  f"{ {k: v for k, v in r.items() if k != 'profile'} }", file=sys.stderr, flush=True)
+            results[impl] = merge_round(results.get(impl), r, rnd, position)
+            add_ratios(results)
+            meta["target"] = target_check(results)
+            write()
+    add_ratios(results)
+    meta["target"] = target_check(results)
+    write()
+    print_table(results)
+    if args.variant_moe_max_group_size:
+        key = f"moe_max_group_size={args.variant_moe_max_group_size}"
+        variants[key] = {"what": "switchyard and deepspeed_autoep rerun (same process, same inputs) with "
+                                 "split_params_into_different_moe_groups_for_optimizer(max_group_size="
+                                 f"{args.variant_moe_max_group_size}) instead of DeepSpeed's default 178956971",
+                         "results": {}}
+        vrun = dataclasses.replace(run, moe_max_group_size=args.variant_moe_max_group_size)
+        for impl in [i for i in RUN_ORDER if i in args.impls and i != "hf_grouped_mm"]:
+            print(f"[finetune] {impl} ({key}) ...", file=sys.stderr, flush=True)
+            variants[key]["results"][impl] = r = run_impl(impl, vrun, args.warmup, args.steps, args.profile_steps)
+            print(f"[finetune] {impl} ({key}): { {k: v for k, v in r.items() if k != 'profile'} }",
+                  file=sys.stderr, flush=True)
+            write()
+        print(f"variant {key}:")
+        print_table(variants[key]["results"])
+    print(f"target: {meta['target']}")
+    print(f"wrote {args.out}")
+    return {"meta": meta, "results": results}
+
+
+if __name__ == "__main__":
+    main()

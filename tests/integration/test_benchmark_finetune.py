@@ -1,0 +1,59 @@
+"""benchmarks/finetune.py --tiny runs end to end on CPU and writes the documented JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+from harness import REPO_ROOT
+
+IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
+META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "shape", "batch", "seq_len", "steps",
+             "date", "flops_formula")
+
+
+def test_finetune_benchmark_tiny(tmp_path):
+    out = tmp_path / "finetune.json"
+    # One thread: spinning OpenMP barriers make a busy 2-core CI machine far slower than one thread is.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "finetune.py"), "--tiny", "--device", "cpu",
+               "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    log = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, log
+    data = json.loads(out.read_text())
+
+    assert set(data) == {"meta", "results"}, log
+    meta = data["meta"]
+    for key in META_KEYS:
+        assert meta.get(key) not in (None, ""), f"meta lacks {key}: {meta}"
+    assert meta["tiny"] is True and meta["command"].startswith("python benchmarks/finetune.py --tiny")
+    assert meta["dtype"] == "fp32" and meta["training"]["zero_stage"] == 2
+    params = meta["shape"]["params"]
+    assert 0 < params["active"] < params["total"]
+
+    results = data["results"]
+    assert set(results) == set(IMPLS), results
+    for impl in IMPLS:
+        entry = results[impl]
+        if impl == "deepspeed_autoep" and "error" in entry and not torch.cuda.is_available():
+            # deepspeed 0.19.8's AutoEP fails inside deepspeed.initialize with the transformers installed
+            # here (_CanRecordRegistry.get() TypeError while retargeting output recorders); on the GPU
+            # image (transformers 5.17) it runs. An error entry is the honest CPU result.
+            assert entry["error"], entry
+            continue
+        assert "error" not in entry, (impl, entry, log)
+        assert entry["tokens_per_s"] > 0 and entry["ms_per_step"] > 0, (impl, entry)
+        assert entry["peak_mem_gb"] is None and entry["mfu"] is None  # CPU: no device memory, no MFU
+        assert math.isfinite(entry["loss_first"]) and math.isfinite(entry["lm_loss_first"])
+        # random weights, vocab 256: the first loss is about ln(256) = 5.5
+        assert abs(entry["lm_loss_first"] - math.log(meta["shape"]["vocab"])) < 1.0, (impl, entry)
+        assert entry["params_total"] == params["total"], (impl, entry, params)  # the same model size
+        assert entry["variant"]
+    assert results["switchyard"]["router_loss_in_loss"] is True
+    assert "vs_hf" in results["switchyard"]

@@ -85,7 +85,7 @@ def test_loss_adds_weighted_router_losses_and_router_logits_are_returned():
     out = model(x, labels=x, output_router_logits=True)
     lm_loss = dense(x, labels=x).loss
     layers = moe_layers(model)
-    aux = sum(layer.aux_loss for layer in layers)
+    aux = sum(layer.aux_loss for layer in layers) / len(layers)  # mean over layers, like HF's pooled loss
     torch.testing.assert_close(out.loss, lm_loss + aux)
     torch.testing.assert_close(out.aux_loss, aux)
     assert len(out.router_logits) == len(layers) and out.router_logits[0].shape == (14, 4)

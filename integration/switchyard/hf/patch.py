@@ -224,7 +224,8 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 # -- router losses and router logits on the model's output -----------------------------------------------
 def attach_router_loss_hooks(model: nn.Module) -> None:
-    """Add the MoE layers' weighted router losses to ``output.loss``; serve ``output_router_logits``."""
+    """Add the MoE layers' weighted router losses (mean over layers) to ``output.loss``; serve
+    ``output_router_logits``."""
     if getattr(model, "_switchyard_hooks", None):
         return
     state = {"router_logits": False, "warned": False}
@@ -244,7 +245,9 @@ def attach_router_loss_hooks(model: nn.Module) -> None:
                             "them without grad); use use_reentrant=False", ranks=[0])
                 state["warned"] = True
         if losses:
-            aux = torch.stack([loss.float() for loss in losses]).sum()
+            # mean over layers: transformers pools every layer's router logits into one loss, so a
+            # coefficient means the same here as its router_aux_loss_coef (a sum would scale with depth)
+            aux = torch.stack([loss.float() for loss in losses]).mean()
             output["aux_loss"] = aux
             if output.get("loss") is not None:
                 output["loss"] = output["loss"] + aux.to(output["loss"].dtype)

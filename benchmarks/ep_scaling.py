@@ -46,7 +46,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
@@ -55,11 +54,12 @@ import torch
 import torch.distributed as dist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for _p in (REPO_ROOT / "integration", Path(__file__).resolve().parent):  # run from a checkout
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, moe_layer sit here, also when loaded by path
 
-from moe_layer import SHAPES, TINY_SHAPES, Shape, _git_commit  # noqa: E402  one source of truth for shapes
+from bench_common import _git_commit, _versions, synchronize, time_step_ms  # noqa: E402
+from moe_layer import SHAPES, TINY_SHAPES, Shape  # noqa: E402  one source of truth for shapes
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "ep_scaling.json"
 MODEL_EP_SIZES = (2, 4, 8, 16, 32, 64)
@@ -113,11 +113,6 @@ def print_cost_model(rows: list[dict], tokens: int, bytes_per_elem: int) -> None
 # --------------------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(step: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
     """Per-step ms; a world barrier first, so a late peer's start is not counted as our collective time."""
     for _ in range(warmup):
@@ -125,18 +120,8 @@ def time_ms(step: Callable[[], object], device: torch.device, warmup: int, iters
     times = []
     for _ in range(iters):
         dist.barrier()
-        _sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+        synchronize(device)
+        times.append(time_step_ms(step, device))
     return times
 
 
@@ -287,16 +272,10 @@ def _meta(args: argparse.Namespace, argv: list[str]) -> dict:
         launcher = ["deepspeed", "--num_gpus", str(world)]
     else:
         launcher = ["python"]
-    try:
-        import deepspeed
-
-        ds: str | None = deepspeed.__version__
-    except Exception as exc:  # noqa: BLE001
-        ds = f"unavailable ({type(exc).__name__})"
     cuda = args.device.type == "cuda"
     return {
         "command": shlex.join([*launcher, "benchmarks/ep_scaling.py", *argv]),
-        "torch": torch.__version__, "deepspeed": ds,
+        **_versions(("deepspeed",), required=(), error_detail=False),
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "backend": dist.get_backend(), "world_size": world,
         "device": torch.cuda.get_device_name(args.device) if cuda else f"cpu ({platform.machine()})",

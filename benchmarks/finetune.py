@@ -58,16 +58,10 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import gc
 import json
-import math
-import os
-import platform
 import shlex
-import socket
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -81,6 +75,11 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits here, also when loaded by path
+
+from bench_common import (  # noqa: E402
+    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, mem_allocated, peak_gb,
+    reset_peak, resolve_out, synchronize)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "finetune.json"
 ZERO2_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
@@ -132,29 +131,6 @@ def flops_formula(shape: Shape) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # World, configs, models
 # ----------------------------------------------------------------------------------------------------------
-
-_DIST_READY = False
-
-
-def ensure_world(device: torch.device) -> None:
-    """A one-rank world for DeepSpeed and switchyard's process groups (no launcher needed)."""
-    global _DIST_READY
-    if _DIST_READY:
-        return
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
-                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    _DIST_READY = True
-
 
 @dataclass
 class Run:
@@ -328,13 +304,7 @@ def build_deepspeed_autoep(run: Run, aux: bool) -> Built:
     layers = [m for m in engine.module.modules() if isinstance(m, AutoEPMoELayer)]
     if len(layers) != run.shape.layers:
         raise RuntimeError(f"AutoEP replaced {len(layers)} of {run.shape.layers} MoE blocks")
-    experts = layers[0].experts
-    if getattr(experts, "use_triton_grouped_mm", False):
-        kernel = "triton grouped GEMM"
-    elif getattr(experts, "use_grouped_mm", False):
-        kernel = f"torch._grouped_mm, gate_up_impl={getattr(experts, 'gate_up_impl', '?')}"
-    else:
-        kernel = "per-expert for-loop"
+    kernel = autoep_kernel(layers[0].experts)
     total, n_experts = count_params(engine.module)
     return Built(engine, variant=f"AutoEPMoELayer x{len(layers)} ({kernel})", notes=notes,
                  params_total=total, params_experts=n_experts)
@@ -350,21 +320,6 @@ BUILDERS: dict[str, Callable[[Run, bool], Built]] = {
 # ----------------------------------------------------------------------------------------------------------
 # Timing, memory, profile
 # ----------------------------------------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def gb(nbytes: int | None) -> float | None:
-    return None if nbytes is None else round(nbytes / 2**30, 3)
 
 
 class _GroupedMMSpy:
@@ -490,9 +445,8 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
     attempts = (True, False) if name != "switchyard" else (True,)  # aux (router logits) on, then off
     for aux in attempts:
         free_memory(device)
-        baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        baseline = mem_allocated(device)
+        reset_peak(device)
         built: Built | None = None
         t_build = time.perf_counter()
         torch.manual_seed(run.seed)  # the same random weights on every run of one implementation
@@ -501,7 +455,7 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
             engine = built.engine
             engine.train()
             build_s = time.perf_counter() - t_build
-            build_peak = (torch.cuda.max_memory_allocated(device) - baseline) if baseline is not None else None
+            build_peak_mem_gb = peak_gb(device, baseline)
             first: dict = {}
             with _GroupedMMSpy() as spy:
                 train_step(engine, run.input_ids, first=first)  # step 1 of the warm-up
@@ -509,8 +463,7 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
             for _ in range(max(warmup - 1, 0)):
                 train_step(engine, run.input_ids)
             synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            reset_peak(device)
             times, fwd, bwd, opt = [], [], [], []
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -525,7 +478,7 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
                     bwd.append(events[1].elapsed_time(events[2]))
                     opt.append(events[2].elapsed_time(events[3]))
             wall = time.perf_counter() - t0
-            peak = (torch.cuda.max_memory_allocated(device) - baseline) if baseline is not None else None
+            peak_mem_gb = peak_gb(device, baseline)
             tokens = run.batch * run.seq_len * steps
             tps = tokens / wall
             result = {
@@ -533,8 +486,8 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
                 "ms_per_step": round(statistics.median(times), 3),
                 "tokens_per_s_median": round(run.batch * run.seq_len / (statistics.median(times) / 1e3), 1),
                 "mfu": round(6 * run.shape.params()["active"] * tps / PEAK_FLOPS, 4) if device.type == "cuda" else None,
-                "peak_mem_gb": gb(peak),
-                "build_peak_mem_gb": gb(build_peak),
+                "peak_mem_gb": peak_mem_gb,
+                "build_peak_mem_gb": build_peak_mem_gb,
                 "mem_before_build_gb": gb(baseline),
                 **first,
                 "fwd_ms": round(statistics.median(fwd), 3) if fwd else None,
@@ -580,37 +533,6 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
 # ----------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str | None]:
-    import transformers
-
-    out = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-    for mod in ("deepspeed", "triton"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as exc:  # noqa: BLE001
-            out[mod] = f"unavailable ({type(exc).__name__})"
-    return out
-
-
-def _git_commit() -> str | None:
-    if os.environ.get("SWITCHYARD_GIT_COMMIT"):
-        return os.environ["SWITCHYARD_GIT_COMMIT"]
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
-    return out if len(out) == 40 else None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 ROUND_KEYS = ("tokens_per_s", "tokens_per_s_median", "ms_per_step", "fwd_ms", "bwd_ms", "opt_ms", "peak_mem_gb")
@@ -710,12 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = max(args.warmup, 1)
     if args.profile_steps is None:
         args.profile_steps = 2 if args.device.type == "cuda" and not args.tiny else 0
-    if args.out is None:
-        args.out = Path(tempfile.gettempdir()) / "finetune_tiny.json" if args.tiny else DEFAULT_OUT
-    if args.tiny and args.out.resolve() == DEFAULT_OUT.resolve():
-        p.error(f"--tiny numbers must not overwrite {DEFAULT_OUT.relative_to(REPO_ROOT)}; pass another --out")
-    if not args.tiny and args.device.type == "cpu":
-        print("warning: the full shape on CPU takes very long; use --tiny to test the logic", file=sys.stderr)
+    resolve_out(p, args, DEFAULT_OUT, "finetune_tiny.json", "the full shape on CPU takes very long")
     return args
 
 
@@ -731,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv_used = sys.argv[1:] if argv is None else argv
     meta = {
         "command": shlex.join(["python", "benchmarks/finetune.py", *argv_used]),
-        **_versions(),
+        **_versions(("deepspeed", "triton"), python=True, error_detail=False),
         "device": _device_name(args.device),
         "shape": {**asdict(shape), "model": "llama (switchyard, upcycled) / mixtral (deepspeed_autoep, hf_grouped_mm)",
                   "params": shape.params()},

@@ -49,18 +49,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import math
-import os
 import platform
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +67,11 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits here, also when loaded by path
+
+from bench_common import (  # noqa: E402  (moe_decode.py and moe_layer_profile.py also use them as ml.<name>)
+    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, mem_allocated, peak_gb,
+    reset_peak, resolve_out, synchronize, time_step_ms)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "moe_layer.json"
 FLOPS_FORMULA = ("expert GEMMs only (router excluded): fwd = 2*tokens*K*(H*2F + F*H); "
@@ -293,31 +292,8 @@ class SwiGLUExpert(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-_DIST_READY = False
-
-
-def ensure_deepspeed_world(device: torch.device) -> None:
-    """A one-rank world for DeepSpeed's process groups (no launcher needed)."""
-    global _DIST_READY
-    if _DIST_READY:
-        return
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
-                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
-            os.environ.setdefault(key, value)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    _DIST_READY = True
-
-
 def build_deepspeed_moe(b: Bench) -> Built:
-    ensure_deepspeed_world(b.device)
+    ensure_world(b.device)  # a one-rank world for DeepSpeed's process groups
     from deepspeed.moe.layer import MoE
 
     s = b.shape
@@ -395,7 +371,7 @@ def _autoep_layer_directly(model: nn.Module, ep_config: dict) -> nn.Module:
 
 
 def build_deepspeed_autoep(b: Bench) -> Built:
-    ensure_deepspeed_world(b.device)
+    ensure_world(b.device)  # a one-rank world for DeepSpeed's process groups
     import deepspeed
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
@@ -428,13 +404,7 @@ def build_deepspeed_autoep(b: Bench) -> Built:
         del model  # the layer holds copies of the router and expert weights
         keep = [layer]
     layer.train()
-    experts = layer.experts
-    if getattr(experts, "use_triton_grouped_mm", False):
-        kernel = "triton grouped GEMM"
-    elif getattr(experts, "use_grouped_mm", False):
-        kernel = f"torch._grouped_mm, gate_up_impl={getattr(experts, 'gate_up_impl', '?')}"
-    else:
-        kernel = "per-expert for-loop"
+    kernel = autoep_kernel(layer.experts)
     if not ep_config.get("use_grouped_mm", True):
         note += "; use_grouped_mm=false off CUDA"
     return Built(forward=lambda x: _first(layer(x)), params=list(layer.parameters()),
@@ -485,32 +455,6 @@ BUILDERS: dict[str, Callable[[Bench], Built]] = {
 # ----------------------------------------------------------------------------------------------------------
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def mem_allocated(device: torch.device) -> int | None:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gb(device: torch.device, baseline: int | None) -> float | None:
-    if device.type != "cuda" or baseline is None:
-        return None
-    return round((torch.cuda.max_memory_allocated(device) - baseline) / 2**30, 3)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def time_steps(step: Callable[[], object], zero: Callable[[], None], device: torch.device, warmup: int,
                iters: int) -> list[float]:
     """Milliseconds of each timed step; every step starts on an idle device."""
@@ -522,17 +466,7 @@ def time_steps(step: Callable[[], object], zero: Callable[[], None], device: tor
     for _ in range(iters):
         zero()
         synchronize(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_step_ms(step, device))
     return times
 
 
@@ -600,36 +534,6 @@ def run_impl(name: str, b: Bench, warmup: int, iters: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _versions() -> dict[str, str | None]:
-    import transformers
-
-    try:
-        import deepspeed
-
-        ds_version: str | None = deepspeed.__version__
-    except Exception as exc:  # noqa: BLE001
-        ds_version = f"unavailable ({type(exc).__name__}: {exc})"
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": ds_version}
-
-
-def _git_commit() -> str | None:
-    """The commit measured; SWITCHYARD_GIT_COMMIT wins (the GPU machine gets a tree without .git)."""
-    if os.environ.get("SWITCHYARD_GIT_COMMIT"):
-        return os.environ["SWITCHYARD_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return None
-    return out if len(out) == 40 else None
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def add_ratios(shape_results: dict) -> None:
@@ -702,12 +606,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.iters = args.iters or (2 if args.tiny else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.dtype = args.dtype or ("fp32" if args.tiny and args.device.type == "cpu" else "bf16")
-    if args.out is None:
-        args.out = Path(tempfile.gettempdir()) / "moe_layer_tiny.json" if args.tiny else DEFAULT_OUT
-    if args.tiny and args.out.resolve() == DEFAULT_OUT.resolve():
-        p.error(f"--tiny numbers must not overwrite {DEFAULT_OUT.relative_to(REPO_ROOT)}; pass another --out")
-    if not args.tiny and args.device.type == "cpu":
-        print("warning: full shapes on CPU take very long; use --tiny to test the logic", file=sys.stderr)
+    resolve_out(p, args, DEFAULT_OUT, "moe_layer_tiny.json", "full shapes on CPU take very long")
     return args
 
 
@@ -741,8 +640,7 @@ def main(argv: list[str] | None = None) -> dict:
         shape = shapes[shape_name]
         bench = make_bench(shape_name, shape, args.tokens, args.device, dtype, args.seed)
         meta["shapes"][shape_name] = {**asdict(shape), "fwd_bwd_flops": expert_flops(shape, args.tokens),
-                                      "shared_mem_gb": (round(mem_allocated(args.device) / 2**30, 3)
-                                                        if args.device.type == "cuda" else None)}
+                                      "shared_mem_gb": gb(mem_allocated(args.device))}
         results[shape_name] = {}
         for impl in impls:
             print(f"[{shape_name}] {impl} ...", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""The README's main job on the embedded default: dense → upcycle → expert-parallel fine-tune → save.
+"""The README's main job on the embedded default: dense → upcycle → EP fine-tune → export → EP serve.
 
     python launch/demo.py [--ranks 2] [--dense-steps 60] [--out runs/demo]      # what `make demo` runs
 
@@ -6,7 +6,10 @@
 2. fine-tunes it with `deepspeed --num_gpus N launch/finetune.py` (upcycled to 4 experts, top-2,
    copy init, ep=N), which saves a switchyard checkpoint;
 3. prints the dense loss, the upcycled model's loss at step 0 on the same batch (equal: copy init
-   reproduces the dense model) and the loss after fine-tuning.
+   reproduces the dense model) and the loss after fine-tuning;
+4. exports the checkpoint as a standard transformers Mixtral checkpoint (`switchyard export`);
+5. serves it with `deepspeed --num_gpus N launch/serve.py --ep N`, asks one chat question with the
+   official `openai` client, prints the answer, and shuts the server down with SIGTERM (drain, exit 0).
 """
 
 from __future__ import annotations
@@ -88,8 +91,38 @@ def main() -> int:
     print(f"  loss after {summary['steps']} fine-tune steps:     {rows[-1]['loss']:.4f}"
           f"   eval loss {summary.get('eval_loss', float('nan')):.4f}")
     print(f"  switchyard checkpoint: {checkpoint / 'model'}")
-    print(f"  metrics: {out / 'finetune' / 'metrics.jsonl'}, heatmap: {summary['heatmap']}")
-    return 0
+    print(f"  metrics: {out / 'finetune' / 'metrics.jsonl'}, heatmap: {summary['heatmap']}", flush=True)
+
+    print("== export to a standard transformers MoE checkpoint ==", flush=True)
+    exported = out / "export"
+    subprocess.run([str(Path(sys.executable).with_name("switchyard")), "export", "--model", str(checkpoint / "model"),
+                    "--out", str(exported)], cwd=REPO, check=True, capture_output=True, text=True)
+    config = json.loads((exported / "config.json").read_text())
+    print(f"  {exported}: {config['architectures'][0]}, {config.get('num_local_experts')} experts, loads with "
+          "transformers alone (and vLLM / SGLang)", flush=True)
+
+    print(f"== serve it with ep={args.ranks} and ask a question with the openai client ==", flush=True)
+    return serve_and_ask(exported, args.ranks)
+
+
+def serve_and_ask(model_dir: Path, ranks: int) -> int:
+    from openai import OpenAI
+
+    from switchyard.serve.launcher import ServerProcess
+
+    with ServerProcess.start(model_dir, ep=ranks) as server:
+        server.wait_ready()
+        client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+        model_id = client.models.list().data[0].id
+        question = "def fibonacci(n):"
+        reply = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": question}],
+                                               max_tokens=24, temperature=0)
+        print(f"  user: {question}")
+        print(f"  {model_id} (ep={ranks}): {reply.choices[0].message.content!r}")
+        print(f"  usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens")
+        code = server.drain()  # SIGTERM to rank 0: drain in-flight requests, stop every rank
+    print(f"  server drained and stopped (launcher exit code {code})")
+    return code
 
 
 if __name__ == "__main__":

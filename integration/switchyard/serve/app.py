@@ -1,0 +1,379 @@
+"""The HTTP face of the engine (FastAPI): OpenAI's completions, chat, models; health and metrics.
+
+    app = create_app(engine, tokenizer, "my-model", ServeConfig(...), ServeMetrics())
+
+Handlers run on uvicorn's event loop (a thread of rank 0); they tokenize, validate against the model
+(context length, vocabulary), hand ``Sequence``s to the engine and wait on an asyncio queue that the
+engine's thread fills. A guard in front of every route enforces the body-size limit, the API key (all
+routes but /health), and the drain (503 once SIGTERM arrived); every error is OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from http import HTTPStatus
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from switchyard.log import get_logger
+from switchyard.serve import protocol as P
+from switchyard.serve.config import ServeConfig
+from switchyard.serve.engine import Engine, EngineDraining, Sequence, SeqOutput
+from switchyard.serve.metrics import CONTENT_TYPE, ServeMetrics
+from switchyard.serve.sampling import SamplingParams
+
+log = get_logger(__name__)
+
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+KNOWN_PATHS = (*GENERATE_PATHS, "/v1/models", "/health", "/metrics")
+DISCONNECT_POLL_S = 0.25
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(P.error_body(status, message, param, code), status_code=status)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """Outermost ASGI wrapper: API key (401), body-size limit (413), drain (503), request metrics.
+
+    A body without a Content-Length is counted as it arrives; past the limit the read fails, and
+    whatever error the framework then writes is replaced by the 413. Any other non-JSON error the
+    framework writes (its own 404/405 pages …) is rewritten into OpenAI's error body as well."""
+
+    def __init__(self, app: Any, engine: Engine, config: ServeConfig, metrics: ServeMetrics) -> None:
+        self.app, self.engine, self.config, self.metrics = app, engine, config, metrics
+        self._key = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, limit = scope.get("path", ""), self.config.max_body_bytes
+        state = {"code": 500, "started": False, "replaced": False, "too_large": False, "seen": 0}
+
+        async def receive_limited() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["seen"] += len(message.get("body", b""))
+                if state["seen"] > limit:
+                    state["too_large"] = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def send_checked(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                state["code"] = code = 413 if state["too_large"] else message["status"]
+                content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+                if state["too_large"] or (code >= 400 and not content_type.startswith(b"application/json")):
+                    state["replaced"] = True
+                    await self._error_for(code)(scope, receive, send)
+                    return
+            if not state["replaced"]:
+                await send(message)
+
+        try:
+            early = self._reject(scope, path)
+            await (early or self.app)(scope, receive_limited, send_checked)
+        except _BodyTooLarge:
+            if not state["started"]:
+                state["code"] = 413
+                await self._error_for(413)(scope, receive, send)
+        finally:
+            self.metrics.request(path if path in KNOWN_PATHS else "other", state["code"])
+
+    def _error_for(self, code: int) -> JSONResponse:
+        if code == 413:
+            return _error(413, f"request body is larger than the limit of {self.config.max_body_bytes} bytes",
+                          code="request_too_large")
+        return _error(code, HTTPStatus(code).phrase)
+
+    def _reject(self, scope: dict, path: str) -> JSONResponse | None:
+        headers = dict(scope.get("headers") or [])
+        if self._key is not None and path != "/health":
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self._key):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
+            return self._error_for(413)
+        if self.engine.draining and path in GENERATE_PATHS:
+            return _error(503, "the server is shutting down and takes no new requests", code="shutting_down")
+        return None
+
+
+class _SSE(StreamingResponse):
+    """Server-sent events whose generator is closed (and its sequences aborted) however the stream ends."""
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+def _token_ids_of(wanted: bool):
+    """A streamed chunk's new token ids (the ``return_token_ids`` extension), or None when not asked for."""
+    return lambda out: ([out.token_id] if out.token_id is not None else []) if wanted else None
+
+
+def _sse(body: dict | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+class _Generation:
+    """The sequences of one request and the queue their outputs arrive on."""
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], n: int, params: SamplingParams) -> None:
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[SeqOutput] = asyncio.Queue()
+        self.seqs = [Sequence(prompt, params, sink=self._sink, index=i * n + j)
+                     for i, prompt in enumerate(prompts) for j in range(n)]
+        self.prompt_tokens = sum(len(p) for p in prompts)
+
+    def _sink(self, out: SeqOutput) -> None:  # the engine's thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            pass
+
+    def submit(self) -> None:
+        try:
+            self.engine.submit(self.seqs)
+        except EngineDraining as err:
+            raise APIError(503, str(err), code="shutting_down") from err
+        except ValueError as err:
+            raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from err
+
+    async def events(self, request: Request) -> AsyncIterator[SeqOutput]:
+        """Outputs until every sequence finished; aborts them all if the client goes away."""
+        left, checked = len(self.seqs), time.monotonic()
+        while left:
+            try:
+                out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                out = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:  # also while tokens keep coming
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    self.abort()
+                    return
+            if out is not None:
+                left -= out.finish_reason is not None
+                yield out
+
+    def abort(self) -> None:
+        for seq in self.seqs:
+            if not seq.finished:
+                self.engine.abort(seq)
+
+    def usage(self) -> P.Usage:
+        completion = sum(len(s.output_ids) for s in self.seqs)
+        return P.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                       total_tokens=self.prompt_tokens + completion)
+
+
+def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeConfig,
+               metrics: ServeMetrics) -> "Guard":
+    """The ASGI app for uvicorn: the FastAPI routes behind the ``Guard`` (``.app`` is the FastAPI object)."""
+    app = FastAPI(title="switchyard", docs_url=None, redoc_url=None, openapi_url=None)
+    created = P.now()
+    vocab_size = int(getattr(engine.runner.model.config, "vocab_size", 0) or len(tokenizer))
+    max_len = engine.max_model_len
+
+    # -- errors ---------------------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return _error(err.status, err.message, err.param, err.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            return _error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
+                          code="invalid_json")
+        where = ".".join(loc)
+        return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid value')}",
+                      param=loc[0] if loc else None, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        log.error("internal error on %s: %r", request.url.path, err)
+        return _error(500, "internal server error")
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def check_ids(ids: list[int]) -> list[int]:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param="prompt")
+        return ids
+
+    def budget(prompts: list[list[int]], max_tokens: int | None) -> int:
+        longest = max(len(p) for p in prompts)
+        if max_tokens is None:
+            max_tokens = max_len - longest
+        if longest + max_tokens > max_len or max_tokens < 1:
+            raise APIError(400, f"this model's context is {max_len} tokens; the prompt has {longest} and "
+                           f"max_tokens asks for {max_tokens} more", param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def params_of(req: P._SamplingRequest, max_tokens: int, limit_n: int) -> SamplingParams:
+        if req.n > limit_n:
+            raise APIError(400, f"n={req.n} is larger than this server's limit of {limit_n}", param="n")
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                              stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos)
+
+    async def collect(gen: _Generation, request: Request) -> tuple[list[str], list[str | None], list[list[int]]]:
+        texts = [""] * len(gen.seqs)
+        reasons: list[str | None] = [None] * len(gen.seqs)
+        async for out in gen.events(request):
+            texts[out.index] += out.text
+            reasons[out.index] = out.finish_reason or reasons[out.index]
+        return texts, reasons, [s.output_ids for s in gen.seqs]
+
+    # -- routes ---------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return P.ModelList(data=[P.ModelCard(id=model_name, created=created, max_model_len=max_len)]).model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(req: P.CompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        raw = req.prompt
+        if isinstance(raw, str):
+            prompts = [tokenizer(raw).input_ids]
+        elif all(isinstance(x, int) for x in raw):
+            prompts = [list(raw)]  # type: ignore[arg-type]
+        elif all(isinstance(x, str) for x in raw):
+            prompts = [tokenizer(x).input_ids for x in raw]  # type: ignore[union-attr]
+        else:
+            prompts = [list(x) for x in raw]  # type: ignore[arg-type]
+        if len(prompts) > config.max_prompts:
+            raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {config.max_prompts}",
+                           param="prompt")
+        prompts = [check_ids(p) for p in prompts]
+        params = params_of(req, budget(prompts, req.max_tokens or config.default_max_tokens), config.max_n)
+        gen = _Generation(engine, prompts, req.n, params)
+        gen.submit()
+        rid, model = P.new_id("cmpl"), model_name
+        ids_of = _token_ids_of(req.return_token_ids)
+
+        if req.stream:
+            async def stream() -> AsyncIterator[str]:
+                try:
+                    async for out in gen.events(request):
+                        if not (out.text or out.finish_reason or req.return_token_ids):
+                            continue
+                        choice = P.CompletionChoice(index=out.index, text=out.text, finish_reason=out.finish_reason,
+                                                    token_ids=ids_of(out))
+                        yield _sse(P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=[choice])))
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield _sse(P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=[],
+                                                               usage=gen.usage())))
+                    yield _sse("[DONE]")
+                finally:
+                    gen.abort()
+
+            return _SSE(stream())
+        try:
+            texts, reasons, ids = await collect(gen, request)
+        finally:
+            gen.abort()
+        choices = [P.CompletionChoice(index=i, text=t, finish_reason=r,
+                                      token_ids=ids[i] if req.return_token_ids else None)
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=gen.usage(),
+                                           prompt_token_ids=prompts if req.return_token_ids else None))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: P.ChatCompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        if not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template may reject a role order, etc.
+            raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from err
+        prompt = check_ids(tokenizer(text, add_special_tokens=False).input_ids)
+        params = params_of(req, budget([prompt], req.max_new_tokens), config.max_n)
+        gen = _Generation(engine, [prompt], req.n, params)
+        gen.submit()
+        rid, model = P.new_id("chatcmpl"), model_name
+        ids_of = _token_ids_of(req.return_token_ids)
+
+        if req.stream:
+            async def stream() -> AsyncIterator[str]:
+                try:
+                    first = [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
+                             for i in range(len(gen.seqs))]
+                    yield _sse(P.dump(P.ChatCompletionChunk(id=rid, created=P.now(), model=model, choices=first)))
+                    async for out in gen.events(request):
+                        if not (out.text or out.finish_reason or req.return_token_ids):
+                            continue
+                        delta = P.DeltaMessage(content=out.text) if out.text else P.DeltaMessage()
+                        choice = P.ChatChunkChoice(index=out.index, delta=delta, finish_reason=out.finish_reason,
+                                                   token_ids=ids_of(out))
+                        chunk = P.ChatCompletionChunk(id=rid, created=P.now(), model=model, choices=[choice])
+                        yield _sse(P.dump(chunk))
+                    if req.stream_options and req.stream_options.include_usage:
+                        yield _sse(P.dump(P.ChatCompletionChunk(id=rid, created=P.now(), model=model, choices=[],
+                                                                usage=gen.usage())))
+                    yield _sse("[DONE]")
+                finally:
+                    gen.abort()
+
+            return _SSE(stream())
+        try:
+            texts, reasons, ids = await collect(gen, request)
+        finally:
+            gen.abort()
+        choices = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=t), finish_reason=r,
+                                token_ids=ids[i] if req.return_token_ids else None)
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        return P.dump(P.ChatCompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=gen.usage(),
+                                               prompt_token_ids=prompt if req.return_token_ids else None))
+
+    return Guard(app, engine, config, metrics)

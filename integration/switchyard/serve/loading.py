@@ -1,0 +1,117 @@
+"""Load what ``--model`` names into this rank's expert-parallel model, and build the tiny demo model.
+
+* a switchyard checkpoint (``config.json`` has a ``switchyard`` record): ``switchyard.from_pretrained``
+  — each EP rank reads only its own experts' shard files plus the dense tensors;
+* an HF MoE directory (exported by ``switchyard export``, or Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
+  DeepSeek-V3): transformers loads it, then ``switchyard.patch_model`` adopts its MoE blocks, keeping
+  this rank's experts. Every rank reads the whole checkpoint first (the HF blocks are freed after
+  patching); convert big models once to a switchyard checkpoint to load only own experts;
+* ``tiny``: the embedded tiny Llama, upcycled to 4 experts and cached (``SWITCHYARD_CACHE``).
+
+Only safetensors files are read (``use_safetensors=True``): nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from switchyard.log import get_logger
+
+if TYPE_CHECKING:
+    from switchyard.parallel.manager import ProcessGroupManager
+
+log = get_logger(__name__)
+
+TINY_MODEL_KW: dict[str, Any] = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=256,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY_TOKENIZER_KW: dict[str, Any] = dict(vocab_size=1024, max_bytes=1_000_000)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_tiny_moe(out: str | Path, cache_dir: str | Path | None = None, num_experts: int = 4, top_k: int = 2,
+                   **model_overrides: Any) -> Path:
+    """A tiny Llama (offline: stdlib-trained BPE, seeded weights) upcycled with drop-upcycling, saved
+    as a switchyard checkpoint in ``out`` (experts differ, so routing matters). Returns ``out``."""
+    import switchyard as sy
+    from transformers import AutoModelForCausalLM
+
+    from switchyard.train.tiny import build_tiny_dense_model, build_tokenizer
+
+    out = Path(out)
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    tokenizer = build_tokenizer(cache_dir, **TINY_TOKENIZER_KW)
+    dense = build_tiny_dense_model(cache_dir, tokenizer, **{**TINY_MODEL_KW, **model_overrides})
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32, use_safetensors=True)
+    sy.patch_model(model, sy.MoEConfig(num_experts=num_experts, top_k=top_k, init="drop_upcycle"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:  # written aside, then renamed: a concurrent or killed build never leaves a half-written dir
+        sy.save_pretrained(model, tmp, tokenizer=tokenizer)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "model.safetensors.index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_dir(model: str) -> Path:
+    """``tiny`` → the cached tiny MoE (built by rank 0 first); else the directory, checked."""
+    if model == "tiny":
+        import torch.distributed as dist
+
+        from switchyard.train.model_source import cache_dir
+
+        out = cache_dir() / "serve-tiny-moe"
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return build_tiny_moe(out, cache_dir())
+        if dist.get_rank() == 0:  # save_pretrained inside a world of N would wait for the other ranks: build aside
+            code = ("from switchyard.serve.loading import build_tiny_moe; "
+                    f"build_tiny_moe({str(out)!r}, {str(cache_dir())!r})")
+            subprocess.run([sys.executable, "-c", code], check=True)
+        dist.barrier()
+        return out
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {model}: no config.json there; pass a switchyard checkpoint, an HF MoE "
+                         "model directory (e.g. from `switchyard export`), or `tiny`")
+    return path
+
+
+def load_for_serving(path: Path, groups: "ProcessGroupManager | None", dtype: str = "auto",
+                     device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
+    """(model in eval mode on ``device``, tokenizer) for this rank."""
+    import switchyard as sy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _DTYPES.get(dtype)
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("switchyard"):
+        model = sy.from_pretrained(path, groups=groups, dtype=torch_dtype, device=device)
+    else:
+        if not list(path.glob("*.safetensors")):
+            raise ValueError(f"{path} has no *.safetensors files; switchyard reads checkpoints only as "
+                             "safetensors (convert .bin files with transformers' save_pretrained)")
+        from switchyard.hf.adopt import SUPPORTED_BLOCKS
+
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch_dtype or "auto")
+        if not any(type(m).__name__ in SUPPORTED_BLOCKS for m in model.modules()):
+            raise ValueError(f"{path} ({raw.get('model_type')}) has no MoE blocks switchyard can adopt "
+                             f"({sorted(SUPPORTED_BLOCKS)}); upcycle a dense model first: `switchyard upcycle`")
+        sy.patch_model(model, None, groups)
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer

@@ -1,0 +1,97 @@
+"""Wire one rank of the server: groups → model shard → runner → (rank 0) engine + app + uvicorn, else worker.
+
+``run(config)`` is what ``launch/serve.py`` calls on every rank; it returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from switchyard.log import get_logger
+from switchyard.serve.config import ServeConfig
+
+log = get_logger(__name__)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def run(config: ServeConfig) -> int:
+    import torch.distributed as dist
+
+    from switchyard.parallel.manager import ProcessGroupManager
+    from switchyard.serve.loading import load_for_serving, resolve_model_dir
+    from switchyard.serve.runner import ModelRunner
+    from switchyard.serve.token_split import split_moe_tokens
+    from switchyard.serve.workers import ControlChannel, worker_loop
+
+    try:  # setup: a user mistake is a message and exit code 2 on every rank, not a traceback
+        groups = ProcessGroupManager(ep=config.ep, register_with_deepspeed=False)
+        if groups.size("edp") > 1:
+            log.warning("world %d > ep %d: the %d expert-parallel groups compute the same steps redundantly",
+                        groups.world_size, config.ep, groups.size("edp"), ranks=[0])
+        channel = ControlChannel()
+        path = resolve_model_dir(config.model)
+        model, tokenizer = load_for_serving(path, groups if groups.world_size > 1 else None, config.dtype, _device())
+    except ValueError as err:
+        log.error("serve: %s", err)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
+    rank = dist.get_rank()
+    stats_group = None
+    if groups.size("ep") > 1:
+        split_moe_tokens(model, groups)  # each EP rank routes a share of the (replicated) tokens
+        stats_group = _gloo_group_of(groups, "ep")  # the shares' per-expert counts meet here (CPU)
+    runner = ModelRunner(model, count_experts=rank == 0 or stats_group is not None, decode=config.decode,
+                         stats_group=stats_group)
+    try:
+        if rank != 0:
+            return worker_loop(runner, channel)
+        return _serve_rank0(config, runner, tokenizer, channel, path)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _gloo_group_of(groups, kind: str):
+    """A gloo twin of this rank's ``kind`` group (every rank builds every one, in the same order)."""
+    import torch.distributed as dist
+
+    mine = None
+    for ranks in groups.layout[kind]:
+        group = dist.new_group(ranks, backend="gloo")
+        if groups.global_rank in ranks:
+            mine = group
+    return mine
+
+
+def _serve_rank0(config: ServeConfig, runner, tokenizer, channel, path: Path) -> int:
+    import uvicorn
+
+    from switchyard.hf.checkpoint import moe_prefixes
+    from switchyard.serve.app import create_app
+    from switchyard.serve.engine import Engine
+    from switchyard.serve.metrics import ServeMetrics
+    from switchyard.serve.workers import Rank0Loop
+
+    metrics = ServeMetrics(expert_counts=runner.expert_counts if runner.expert_counts_LE is not None else None,
+                           layer_names=moe_prefixes(runner.model))
+    model_len = getattr(runner.model.config, "max_position_embeddings", None)
+    max_len = min(x for x in (config.max_model_len, model_len) if x) if (config.max_model_len or model_len) else None
+    engine = Engine(runner, tokenizer, max_batch=config.max_batch, max_model_len=max_len,
+                    broadcast=channel.send, metrics=metrics)
+    name = config.served_model_name or path.name
+    app = create_app(engine, tokenizer, name, config, metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
+                                           access_log=False, timeout_graceful_shutdown=10, lifespan="off"))
+    log.info("serving %r (%s) on http://%s:%d/v1 — rank 0 pid %d (SIGTERM it to drain and stop every rank)%s",
+             name, path, config.host, config.port, os.getpid(), " — API key required" if config.api_key else "")
+    return Rank0Loop(engine, channel, server, heartbeat_s=config.heartbeat_s,
+                     drain_timeout_s=config.drain_timeout_s).run()

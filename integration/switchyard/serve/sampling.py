@@ -1,0 +1,111 @@
+"""Per-sequence token choice and text: sampling parameters, the sampler, incremental detokenization.
+
+Single-device math, no threads, no HTTP: the engine calls these once per generated token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15  # spreads (seed, choice index) over the generator's seed space
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one sequence asks for. ``temperature == 0`` is greedy (argmax, as ``generate(do_sample=False)``)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(params: SamplingParams, choice_index: int, device: torch.device) -> torch.Generator | None:
+    """A private generator per sequence: a seeded request samples the same tokens whatever else runs."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed((params.seed * _MIX + choice_index) % (1 << 63))
+    return generator
+
+
+def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from the last position's logits ``[V]`` (temperature, then nucleus, then a draw)."""
+    if params.greedy:
+        return int(torch.argmax(logits_V))
+    scaled_V = logits_V.float() / params.temperature
+    if params.top_p < 1:
+        sorted_V, order_V = torch.sort(scaled_V, descending=True)
+        probs_V = torch.softmax(sorted_V, dim=-1)
+        # drop a token once the tokens before it already hold top_p of the mass (the first always stays)
+        drop_V = probs_V.cumsum(-1) - probs_V >= params.top_p
+        sorted_V = sorted_V.masked_fill(drop_V, float("-inf"))
+        scaled_V = torch.full_like(scaled_V, float("-inf")).scatter(0, order_V, sorted_V)
+    probs_V = torch.softmax(scaled_V, dim=-1)
+    return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing list of token ids, decoding only a short window each time.
+
+    A byte-level token may end inside a multi-byte character; text ending in U+FFFD is held back
+    until the next token completes it (or ``flush`` at the end), so deltas concatenate to the same
+    text as decoding all ids at once.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # window start: decoded together with the new ids for context
+        self.read_offset = 0  # ids before this are already in the emitted text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished byte sequence at the very end)."""
+        if self.read_offset == len(self.ids):
+            return ""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):] if len(text) > len(prefix) else ""
+
+
+def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
+    """Index of the earliest stop string in ``text`` beginning at or after ``start`` (-1: none)."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else -1

@@ -1,0 +1,225 @@
+"""The serving engine in one process (no HTTP, no ranks): continuous batching, stops, sampling.
+
+Oracle: ``model.generate(do_sample=False)`` of the same model, token for token.
+
+    python -m pytest -q tests/unit/test_serve_engine.py
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import switchyard as sy
+from switchyard.serve.engine import Engine, ModelRunner, Sequence, SeqOutput, StepPlan
+from switchyard.serve.runner import DecodeBatch
+from switchyard.serve.loading import build_tiny_moe
+from switchyard.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop
+
+PROMPTS = ["def hello(world):\n    return", "import os\n", "class Foo", "x", "for i in range(10):", "# comment\n"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add overhead (and the machine has 2 cores)
+    base = tmp_path_factory.getbasetemp()
+    path = build_tiny_moe(base / "serve-tiny-moe", base / "serve-cache")
+    yield sy.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    torch.set_num_threads(threads)
+
+
+def greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, len(ids):].tolist()
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.outputs: dict[int, list[SeqOutput]] = {}
+
+    def sink(self, out: SeqOutput) -> None:
+        self.outputs.setdefault(out.index, []).append(out)
+
+    def text(self, index: int) -> str:
+        return "".join(o.text for o in self.outputs[index])
+
+
+def engine_for(model, tok, decode: str = "batched", **kwargs) -> Engine:
+    return Engine(ModelRunner(model, count_experts=True, decode=decode), tok, **kwargs)
+
+
+@pytest.mark.parametrize("decode", ["batched", "sequential"])
+def test_requests_join_between_steps_and_match_generate(model_and_tok, decode):
+    model, tok = model_and_tok
+    engine, got = engine_for(model, tok, decode, max_batch=4), Collector()
+    lengths = [6 + 5 * i for i in range(len(PROMPTS))]
+    seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0), got.sink, index=i)
+            for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    engine.submit(seqs[:2])
+    plans = [engine.step(), engine.step()]
+    engine.submit(seqs[2:])
+    while (plan := engine.step()) is not None:
+        plans.append(plan)
+        assert len(plan.items) <= 4
+    # a later request was prefilled (fresh) in the same step as earlier ones decoded
+    assert any(any(f for _, _, f in p.items) and any(not f for _, _, f in p.items) for p in plans[2:])
+    assert engine.idle() and not engine.running and sorted(engine._free_slots) == [0, 1, 2, 3]
+    for i, (seq, n) in enumerate(zip(seqs, lengths)):
+        want = greedy(model, seq.prompt_ids, n)
+        assert seq.output_ids == want, i
+        assert got.text(i) == tok.decode(want, skip_special_tokens=True)
+        assert seq.finish_reason == "length" and got.outputs[i][-1].finish_reason == "length"
+    assert engine.runner.batch.cache is None and not engine.runner.caches  # every cache freed
+    forwards = sum(len(p.items) for p in plans) if decode == "sequential" else \
+        sum(sum(f for _, _, f in p.items) + any(not f for _, _, f in p.items) for p in plans)
+    assert engine.runner.forwards == forwards  # batched: one forward per prefill + one for all decodes
+    counts = engine.runner.expert_counts()
+    assert counts is not None and len(counts) == 2 and len(counts[0]) == 4
+    routed = sum(len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs) * 2  # top-2 copies of every fed token
+    assert [sum(row) for row in counts] == [routed, routed]
+
+
+def test_stop_string_ends_one_sequence_and_frees_its_slot(model_and_tok):
+    model, tok = model_and_tok
+    ids = tok(PROMPTS[0]).input_ids
+    full_ids = greedy(model, ids, 40)
+    full = tok.decode(full_ids, skip_special_tokens=True)
+    stop = full[12:15]
+    expected = full[: full.find(stop)]
+    engine, got = engine_for(model, tok, max_batch=2), Collector()
+    stopped = Sequence(ids, SamplingParams(max_tokens=40, temperature=0, stop=(stop, "never-there")), got.sink, 0)
+    other = Sequence(tok(PROMPTS[1]).input_ids, SamplingParams(max_tokens=40, temperature=0), got.sink, 1)
+    engine.submit([stopped, other])
+    while not stopped.finished:
+        engine.step()
+    assert stopped.finish_reason == "stop" and got.text(0) == expected
+    assert stop not in got.text(0)
+    assert len(stopped.output_ids) < 40 and stopped.output_ids == full_ids[: len(stopped.output_ids)]
+    assert stopped.slot is None and list(engine.running.values()) == [other]
+    engine.run_until_idle()
+    assert other.output_ids == greedy(model, other.prompt_ids, 40)
+
+
+def test_eos_ends_a_sequence_unless_ignored(model_and_tok):
+    model, tok = model_and_tok
+    ids = tok(PROMPTS[2]).input_ids
+    want = greedy(model, ids, 12)
+    eos = want[4]  # pretend the 5th greedy token is EOS
+    first = want.index(eos)
+    engine, got = engine_for(model, tok, max_batch=2, eos_token_ids=[eos]), Collector()
+    ends = Sequence(ids, SamplingParams(max_tokens=12, temperature=0), got.sink, 0)
+    goes_on = Sequence(ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), got.sink, 1)
+    engine.submit([ends, goes_on])
+    engine.run_until_idle()
+    assert ends.finish_reason == "stop" and ends.output_ids == want[: first + 1]
+    assert got.text(0) == tok.decode(want[:first], skip_special_tokens=True)
+    assert goes_on.finish_reason == "length" and goes_on.output_ids == want
+
+
+def test_more_requests_than_slots_wait_and_abort_frees_the_slot(model_and_tok):
+    model, tok = model_and_tok
+    engine, got = engine_for(model, tok, max_batch=2), Collector()
+    seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=30, temperature=0), got.sink, i)
+            for i, p in enumerate(PROMPTS[:4])]
+    engine.submit(seqs)
+    engine.step()
+    assert len(engine.running) == 2 and len(engine.waiting) == 2
+    engine.abort(seqs[0])
+    engine.abort(seqs[3])  # still waiting: leaves the queue without ever running
+    plan = engine.step()
+    assert seqs[0].finish_reason == "abort" and seqs[3].finish_reason == "abort" and not seqs[3].output_ids
+    assert plan is not None and 0 in plan.release
+    assert {s.seq_id for s in engine.running.values()} == {seqs[1].seq_id, seqs[2].seq_id}
+    engine.run_until_idle()
+    for seq in seqs[1:3]:
+        assert seq.output_ids == greedy(model, seq.prompt_ids, 30)
+
+
+def test_sampling_is_seeded_per_sequence(model_and_tok):
+    model, tok = model_and_tok
+    ids = tok(PROMPTS[3]).input_ids
+
+    def run(**kw) -> list[int]:
+        engine = engine_for(model, tok, max_batch=4)
+        seq = Sequence(ids, SamplingParams(max_tokens=20, **kw))
+        noise = Sequence(tok(PROMPTS[4]).input_ids, SamplingParams(max_tokens=20, temperature=1.0))
+        engine.submit([noise, seq] if kw.get("seed") == 1 else [seq])  # other traffic must not matter
+        engine.run_until_idle()
+        return seq.output_ids
+
+    assert run(temperature=0.9, seed=1) == run(temperature=0.9, seed=1)
+    assert run(temperature=0.9, seed=1) != run(temperature=0.9, seed=2)
+    assert run(temperature=1.0, top_p=1e-6, seed=3) == greedy(model, ids, 20)
+
+
+def test_context_limit_and_bad_params_are_refused(model_and_tok):
+    model, tok = model_and_tok
+    engine = engine_for(model, tok, max_batch=1)
+    assert engine.max_model_len == model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="context"):
+        engine.submit([Sequence([1] * 200, SamplingParams(max_tokens=57))])
+    for bad in (dict(max_tokens=0), dict(max_tokens=4, temperature=-1), dict(max_tokens=4, top_p=0),
+                dict(max_tokens=4, stop=("",))):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_draining_engine_refuses_new_sequences(model_and_tok):
+    from switchyard.serve.engine import EngineDraining
+
+    model, tok = model_and_tok
+    engine = engine_for(model, tok)
+    running = Sequence(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=5, temperature=0))
+    engine.submit([running])
+    engine.begin_drain()
+    with pytest.raises(EngineDraining):
+        engine.submit([Sequence([1, 2], SamplingParams(max_tokens=2))])
+    engine.run_until_idle()
+    assert running.finish_reason == "length" and engine.idle()
+
+
+def test_detokenizer_deltas_concatenate_to_the_full_decode(model_and_tok):
+    _, tok = model_and_tok
+    rng = random.Random(0)
+    for _ in range(30):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
+        detok = IncrementalDetokenizer(tok)
+        text = "".join(detok.push(t) for t in ids) + detok.flush()
+        assert text == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_decode_batch_pads_joins_and_trims_leavers():
+    from transformers import DynamicCache, LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=8)
+
+    def cache(length: int, value: float):
+        c = DynamicCache(config=config)
+        c.update(torch.full((1, 1, length, 4), value), torch.full((1, 1, length, 4), -value), 0)
+        return c
+
+    batch = DecodeBatch()
+    batch.add(5, cache(3, 1.0), 3)
+    batch.add(2, cache(6, 2.0), 6)  # longer: the first row is padded on the left
+    assert batch.slots == [5, 2] and batch.length_B == [3, 6]
+    assert batch.mask_BL.tolist() == [[0, 0, 0, 1, 1, 1], [1] * 6]
+    keys = batch.cache.layers[0].keys
+    assert keys.shape == (2, 1, 6, 4) and keys[0, 0, :3].abs().sum() == 0 and keys[0, 0, 3:].eq(1).all()
+    batch.drop(2)  # the long row leaves: the columns only it used go too
+    assert batch.slots == [5] and batch.mask_BL.tolist() == [[1, 1, 1]]
+    assert batch.cache.layers[0].keys.shape == (1, 1, 3, 4) and batch.cache.layers[0].values.eq(-1).all()
+    batch.drop(5)
+    assert batch.cache is None and batch.slots == []
+
+
+def test_plan_wire_round_trip_and_find_stop():
+    plan = StepPlan([(0, [1, 2, 3], True), (3, [7], False)], [2], False, True)
+    assert StepPlan.from_wire(plan.to_wire()) == plan
+    assert find_stop("abcXYdefXY", ("XY", "de"), 0) == 3
+    assert find_stop("abcXYdefXY", ("XY",), 4) == 8
+    assert find_stop("abc", ("z",), 0) == -1

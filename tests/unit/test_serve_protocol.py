@@ -1,0 +1,96 @@
+"""Serving pieces without a server: settings, request validation, response bodies, model loading.
+
+    python -m pytest -q tests/unit/test_serve_protocol.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from switchyard.serve import protocol as P
+from switchyard.serve.config import ServeConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_defaults_yaml_and_overrides(tmp_path):
+    config = ServeConfig.load(REPO / "configs" / "serve" / "tiny.yaml", {"port": 9001, "host": None})
+    assert (config.model, config.ep, config.port, config.host) == ("tiny", 2, 9001, "127.0.0.1")
+    defaults = ServeConfig.load(REPO / "configs" / "serve" / "default.yaml")
+    assert defaults == ServeConfig()  # the commented reference file lists the real defaults
+    for bad in ({"ep": 0}, {"port": 70000}, {"dtype": "int8"}, {"api_key": " "}, {"max_batch": True},
+                {"heartbeat_s": 0}):
+        with pytest.raises(ValueError):
+            ServeConfig(**bad)
+    (tmp_path / "x.yaml").write_text("mdoel: tiny\n")
+    with pytest.raises(ValueError, match="unknown serve settings"):
+        ServeConfig.load(tmp_path / "x.yaml")
+
+
+def test_requests_validate_types_and_ranges():
+    ok = P.CompletionRequest(model="m", prompt="hi", stop="\n")
+    assert ok.stop == ["\n"] and ok.max_tokens is None and ok.temperature == 1.0
+    assert P.CompletionRequest(model="m", prompt=[[1, 2], [3]]).prompt == [[1, 2], [3]]
+    chat = P.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                     {"type": "text", "text": "b"}]}],
+                                   max_completion_tokens=5, unknown_field=1)
+    assert chat.messages[0].text() == "ab" and chat.max_new_tokens == 5
+    bad = [dict(prompt="x", max_tokens=0), dict(prompt="x", temperature=-0.1), dict(prompt="x", top_p=0),
+           dict(prompt="x", n=0), dict(prompt="x", stop=["a"] * 5), dict(prompt="x", stop=[""]), dict(prompt=3),
+           dict(prompt=[]), dict(prompt="x", echo=True), dict(prompt="x", logprobs=1), dict(prompt="x", max_tokens="a"),
+           dict(prompt="x", presence_penalty=0.5)]
+    for fields in bad:
+        with pytest.raises(ValidationError):
+            P.CompletionRequest(model="m", **fields)
+    for messages in ([], "hi", [{"role": "robot", "content": "x"}]):
+        with pytest.raises(ValidationError):
+            P.ChatCompletionRequest(model="m", messages=messages)
+    with pytest.raises(ValidationError):
+        P.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}])
+
+
+def test_bodies_keep_openai_nulls_and_drop_unrequested_extensions():
+    usage = P.Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
+    body = P.dump(P.CompletionResponse(id="c", created=0, model="m", usage=usage,
+                                       choices=[P.CompletionChoice(index=0, text="a", finish_reason=None)]))
+    assert body["choices"][0] == {"index": 0, "text": "a", "finish_reason": None, "logprobs": None}
+    assert "prompt_token_ids" not in body and body["object"] == "text_completion"
+    body = P.dump(P.CompletionResponse(id="c", created=0, model="m", prompt_token_ids=[[1]],
+                                       choices=[P.CompletionChoice(index=0, text="a", finish_reason="stop",
+                                                                   token_ids=[5])]))
+    assert body["choices"][0]["token_ids"] == [5] and body["prompt_token_ids"] == [[1]]
+    chunk = P.dump(P.ChatCompletionChunk(id="x", created=0, model="m",
+                                         choices=[P.ChatChunkChoice(index=0, delta=P.DeltaMessage(content="hi"))]))
+    assert chunk["choices"][0]["delta"] == {"content": "hi"} and chunk["object"] == "chat.completion.chunk"
+    assert P.error_body(404, "no", "model", "model_not_found") == {
+        "error": {"message": "no", "type": "not_found_error", "param": "model", "code": "model_not_found"}}
+
+
+def test_an_exported_hf_moe_dir_serves_the_same_tokens(tmp_path_factory):
+    """``--model <exported dir>``: transformers loads it, patch_model adopts its blocks; same greedy tokens."""
+    import switchyard as sy
+    from switchyard.serve.engine import Engine, ModelRunner, Sequence
+    from switchyard.serve.loading import build_tiny_moe, load_for_serving
+    from switchyard.serve.sampling import SamplingParams
+
+    base = tmp_path_factory.getbasetemp()
+    ours = build_tiny_moe(base / "serve-tiny-moe", base / "serve-cache")
+    model, tok = load_for_serving(ours, None)
+    exported = sy.export_hf(model, base / "serve-exported", tokenizer=tok)
+    adopted, tok2 = load_for_serving(Path(exported), None)
+    assert sy.hf.patch.moe_layers(adopted) and adopted.config.switchyard["mode"] == "adopt"
+    ids = tok("def main():").input_ids
+    want = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12)[0, len(ids):].tolist()
+    engine = Engine(ModelRunner(adopted), tok2)
+    seq = Sequence(ids, SamplingParams(max_tokens=12, temperature=0))
+    engine.submit([seq])
+    engine.run_until_idle()
+    assert seq.output_ids == want
+    (base / "dense-only").mkdir(exist_ok=True)
+    (base / "dense-only" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="safetensors"):
+        load_for_serving(base / "dense-only", None)

@@ -1,0 +1,77 @@
+"""The step protocol on 2 gloo ranks (no HTTP, no launcher): rank 0's engine broadcasts plans, rank 1
+follows them, the MoE layers split the tokens across the EP group — and everything equals one process.
+
+    python -m pytest -q tests/unit/test_serve_ranks.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import run_on_ranks
+
+pytestmark = pytest.mark.distributed
+
+PROMPTS = ["def hello(world):\n    return", "import os\n", "class Foo", "x", "for i in range(10):"]
+LENGTHS = [9, 3, 14, 6, 11]
+
+
+def serve(model_dir: str, ep: int, decode: str) -> tuple[list[list[int]], list[list[int]], int]:
+    """(output ids per prompt, per-expert counts, forwards) — rank 0 drives, the others follow."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    import switchyard as sy
+    from switchyard.serve.engine import Engine, ModelRunner, Sequence
+    from switchyard.serve.sampling import SamplingParams
+    from switchyard.serve.token_split import split_moe_tokens
+    from switchyard.serve.workers import ControlChannel, worker_loop
+
+    distributed = dist.is_initialized()
+    groups = sy.ProcessGroupManager(ep=ep, register_with_deepspeed=False) if distributed else None
+    channel = ControlChannel() if distributed else None
+    model = sy.from_pretrained(model_dir, groups=groups)
+    stats_group = None
+    if groups is not None and ep > 1:
+        split_moe_tokens(model, groups)
+        stats_group = dist.new_group(groups.ranks("ep"), backend="gloo")
+    runner = ModelRunner(model, count_experts=True, decode=decode, stats_group=stats_group)
+    if distributed and dist.get_rank() != 0:
+        assert worker_loop(runner, channel) == 0
+        return [], [], runner.forwards
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(runner, tok, max_batch=3, broadcast=channel.send if channel else None)
+    seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(PROMPTS, LENGTHS)]
+    engine.submit(seqs[:2])
+    engine.step()
+    engine.heartbeat()  # an empty plan in between must not disturb the followers
+    engine.submit(seqs[2:])
+    engine.run_until_idle()
+    if channel is not None:
+        from switchyard.serve.engine import StepPlan
+
+        channel.send(StepPlan(stop=True))
+    return [s.output_ids for s in seqs], runner.expert_counts(), runner.forwards
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from switchyard.serve.loading import build_tiny_moe
+
+    base = tmp_path_factory.getbasetemp()
+    return str(build_tiny_moe(base / "serve-tiny-moe", base / "serve-cache"))
+
+
+@pytest.mark.parametrize("decode", ["batched", "sequential"])
+def test_two_ranks_follow_rank_0_and_match_one_process(model_dir, decode):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want_ids, want_counts, want_forwards = serve(model_dir, 1, decode)
+    finally:
+        torch.set_num_threads(threads)
+    rank0, rank1 = run_on_ranks(serve, 2, model_dir, 2, decode, timeout_s=120)
+    assert rank0[0] == want_ids  # bitwise: the split gives each expert the same rows as one process
+    assert rank0[1] == want_counts  # rank 0's counts = both ranks' shares, summed
+    assert rank0[2] == rank1[2] == want_forwards  # every rank ran every forward

@@ -29,6 +29,14 @@ import torch.nn.functional as F
 
 from switchyard.log import get_logger
 
+
+def cache_kwarg(model: nn.Module) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name still works there until
+    5.40); 5.17, on the GPU image, knows only ``past_key_values`` and silently ignores ``cache``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
 log = get_logger(__name__)
 
 DECODE_MODES = ("batched", "sequential")
@@ -109,8 +117,8 @@ class DecodeBatch:
         input_ids = torch.tensor([[next_token[s]] for s in self.slots], dtype=torch.long, device=device)
         self.mask_BL = torch.cat([self.mask_BL, self.mask_BL.new_ones(len(self.slots), 1)], dim=1)
         positions = torch.tensor([[n] for n in self.length_B], dtype=torch.long, device=device)
-        out = model(input_ids=input_ids, attention_mask=self.mask_BL, position_ids=positions, cache=self.cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, attention_mask=self.mask_BL, position_ids=positions,
+                    use_cache=True, logits_to_keep=1, **{cache_kwarg(model): self.cache})
         self.length_B = [n + 1 for n in self.length_B]
         return out.logits[:, -1]
 
@@ -154,7 +162,8 @@ class ModelRunner:
                 self.decode = "sequential"
         assert slot in self.caches, f"slot {slot} decodes without a cache (plans out of order?)"
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, cache=self.caches[slot], use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
+                         **{cache_kwarg(self.model): self.caches[slot]})
         self._count()
         return out.logits[0, -1]
 

@@ -4,7 +4,8 @@
 #     bash launch/quickstart.sh        # after `make install`, with .venv/bin on PATH
 #
 # 1. the rank layout of an 8-GPU job (tp=2, ep=2) and which experts each rank holds;
-# 2. dense tiny Llama → upcycle (4 experts, top-2) → fine-tune on 2 ranks with ep=2 → switchyard checkpoint.
+# 2. dense tiny Llama → upcycle (4 experts, top-2) → fine-tune on 2 ranks with ep=2 → export (Mixtral)
+#    → serve with ep=2 → one chat request with the openai client → SIGTERM drain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RANKS="${RANKS:-2}"

@@ -29,6 +29,7 @@ from switchyard.moe.experts import GroupedExperts
 from switchyard.moe.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from switchyard.moe.router import Router, RouterOutput
 from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
+from switchyard.parallel.layout import local_expert_ids
 
 if TYPE_CHECKING:
     from switchyard.parallel.manager import ProcessGroupManager
@@ -106,9 +107,7 @@ class MoELayer(DeepSpeedMoEModule):
         self.hidden_size, self.intermediate_size = hidden_size, ffn
         self.groups = groups
         self.ep_rank = groups.rank("ep") if groups is not None else 0
-        self.local_expert_ids = list(
-            range(self.ep_rank * self.num_local_experts, (self.ep_rank + 1) * self.num_local_experts)
-        )
+        self.local_expert_ids = local_expert_ids(config.num_experts, ep_size, self.ep_rank)
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
         self.router = Router(hidden_size, config).to(**kw)
         self.experts = GroupedExperts(

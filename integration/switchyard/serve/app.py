@@ -15,7 +15,7 @@ import hmac
 import json
 import time
 from http import HTTPStatus
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -134,6 +134,24 @@ class _SSE(StreamingResponse):
 def _token_ids_of(wanted: bool):
     """A streamed chunk's new token ids (the ``return_token_ids`` extension), or None when not asked for."""
     return lambda out: ([out.token_id] if out.token_id is not None else []) if wanted else None
+
+
+async def _event_stream(gen: "_Generation", request: Request, req: Any, chunk: Callable[..., dict],
+                        choice: Callable[[Any], Any], first: list | None = None) -> AsyncIterator[str]:
+    """The SSE body shared by both endpoints: an optional opening chunk, one chunk per event that carries
+    text, a finish reason or token ids, the usage chunk when asked for, then ``[DONE]``; the generation is
+    aborted however the stream ends (a client disconnect included)."""
+    try:
+        if first is not None:
+            yield _sse(chunk(first))
+        async for out in gen.events(request):
+            if out.text or out.finish_reason or req.return_token_ids:
+                yield _sse(chunk([choice(out)]))
+        if req.stream_options and req.stream_options.include_usage:
+            yield _sse(chunk([], gen.usage()))
+        yield _sse("[DONE]")
+    finally:
+        gen.abort()
 
 
 def _sse(body: dict | str) -> str:
@@ -301,22 +319,14 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
         ids_of = _token_ids_of(req.return_token_ids)
 
         if req.stream:
-            async def stream() -> AsyncIterator[str]:
-                try:
-                    async for out in gen.events(request):
-                        if not (out.text or out.finish_reason or req.return_token_ids):
-                            continue
-                        choice = P.CompletionChoice(index=out.index, text=out.text, finish_reason=out.finish_reason,
-                                                    token_ids=ids_of(out))
-                        yield _sse(P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=[choice])))
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield _sse(P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=[],
-                                                               usage=gen.usage())))
-                    yield _sse("[DONE]")
-                finally:
-                    gen.abort()
+            def chunk(choices: list, usage: Any = None) -> dict:
+                return P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=usage))
 
-            return _SSE(stream())
+            def choice(out: Any) -> Any:
+                return P.CompletionChoice(index=out.index, text=out.text, finish_reason=out.finish_reason,
+                                          token_ids=ids_of(out))
+
+            return _SSE(_event_stream(gen, request, req, chunk, choice))
         try:
             texts, reasons, ids = await collect(gen, request)
         finally:
@@ -345,27 +355,17 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
         ids_of = _token_ids_of(req.return_token_ids)
 
         if req.stream:
-            async def stream() -> AsyncIterator[str]:
-                try:
-                    first = [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
-                             for i in range(len(gen.seqs))]
-                    yield _sse(P.dump(P.ChatCompletionChunk(id=rid, created=P.now(), model=model, choices=first)))
-                    async for out in gen.events(request):
-                        if not (out.text or out.finish_reason or req.return_token_ids):
-                            continue
-                        delta = P.DeltaMessage(content=out.text) if out.text else P.DeltaMessage()
-                        choice = P.ChatChunkChoice(index=out.index, delta=delta, finish_reason=out.finish_reason,
-                                                   token_ids=ids_of(out))
-                        chunk = P.ChatCompletionChunk(id=rid, created=P.now(), model=model, choices=[choice])
-                        yield _sse(P.dump(chunk))
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield _sse(P.dump(P.ChatCompletionChunk(id=rid, created=P.now(), model=model, choices=[],
-                                                                usage=gen.usage())))
-                    yield _sse("[DONE]")
-                finally:
-                    gen.abort()
+            def chunk(choices: list, usage: Any = None) -> dict:
+                return P.dump(P.ChatCompletionChunk(id=rid, created=P.now(), model=model, choices=choices, usage=usage))
 
-            return _SSE(stream())
+            def choice(out: Any) -> Any:
+                delta = P.DeltaMessage(content=out.text) if out.text else P.DeltaMessage()
+                return P.ChatChunkChoice(index=out.index, delta=delta, finish_reason=out.finish_reason,
+                                         token_ids=ids_of(out))
+
+            first = [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
+                     for i in range(len(gen.seqs))]
+            return _SSE(_event_stream(gen, request, req, chunk, choice, first=first))
         try:
             texts, reasons, ids = await collect(gen, request)
         finally:

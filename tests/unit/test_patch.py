@@ -163,15 +163,17 @@ def test_patching_twice_and_moe_config_on_moe_model_are_errors():
         ("phi3", dict(num_experts=4, top_k=2)),
     ],
 )
-def test_output_preserving_upcycling_through_patch_model(model_type, moe):
+@pytest.mark.parametrize("every_n", [None, 2])
+def test_output_preserving_upcycling_through_patch_model(model_type, moe, every_n):
     extra = {"gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
              "opt": dict(ffn_dim=48, word_embed_proj_dim=32),
              "phi3": dict(intermediate_size=48, pad_token_id=0),
              }.get(model_type, dict(intermediate_size=48))
     dense = build(model_type, **extra)
     model = copy.deepcopy(dense)
-    sy.patch_model(model, sy.MoEConfig(**moe))
-    assert len(moe_layers(model)) >= 2
+    sy.patch_model(model, sy.MoEConfig(**moe), every_n=every_n)
+    layers = model.config.num_hidden_layers
+    assert len(moe_layers(model)) == (layers if every_n is None else -(-layers // every_n))
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)

@@ -148,6 +148,16 @@ def _capture_error(fn, args, kwargs) -> str | None:
     return None
 
 
+def run_script(
+    script: str | Path, args: list[str] | None = None, timeout_s: float = 300.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python script args`` in one process, as the tests run scripts: one OpenMP thread (spinning
+    OpenMP barriers make a busy 2-core machine far slower than one thread) and unbuffered output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(script), *(args or [])], cwd=REPO_ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
 def run_deepspeed_launcher(
     script: str | Path,
     num_ranks: int,

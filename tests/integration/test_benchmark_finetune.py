@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import torch
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, run_script
 
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
 META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "shape", "batch", "seq_len", "steps",
@@ -19,11 +16,8 @@ META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "shape",
 
 def test_finetune_benchmark_tiny(tmp_path):
     out = tmp_path / "finetune.json"
-    # One thread: spinning OpenMP barriers make a busy 2-core CI machine far slower than one thread is.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "finetune.py"), "--tiny", "--device", "cpu",
-               "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_script(REPO_ROOT / "benchmarks" / "finetune.py", ["--tiny", "--device", "cpu", "--out", str(out)],
+                      timeout_s=240)
     log = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, log
     data = json.loads(out.read_text())

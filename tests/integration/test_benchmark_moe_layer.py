@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, run_script
 
 SHAPES = ("mixtral_8x7b", "olmoe", "qwen3_30b_a3b")
 IMPLS = ("switchyard", "hf_grouped_mm", "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
@@ -17,12 +14,9 @@ META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "tokens"
 
 def test_moe_layer_benchmark_tiny(tmp_path):
     out = tmp_path / "moe_layer.json"
-    # One thread: spinning OpenMP barriers make a busy 2-core CI machine far slower than one thread is.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     # --device cpu: a test of the logic (fp32, exact comparisons) even on a machine with a GPU.
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "moe_layer.py"), "--tiny", "--device", "cpu",
-               "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(REPO_ROOT / "benchmarks" / "moe_layer.py", ["--tiny", "--device", "cpu", "--out", str(out)],
+                      timeout_s=300)
     log = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, log
     results = json.loads(out.read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import REPO_ROOT, run_deepspeed_launcher
+from harness import REPO_ROOT, run_deepspeed_launcher, run_script
 
 pytestmark = pytest.mark.distributed
 
@@ -32,15 +32,8 @@ def finetune(ranks: int, out: Path, overrides: list[str], env: dict[str, str] | 
              timeout_s: float = 300) -> subprocess.CompletedProcess:
     args = ["--config", CONFIG, f"output_dir={out}", *overrides]
     if ranks == 1:
-        return subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "finetune.py"), *args], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=timeout_s, env=_env(env))
+        return run_script(REPO_ROOT / "launch" / "finetune.py", args, timeout_s=timeout_s, env=env)
     return run_deepspeed_launcher(REPO_ROOT / "launch" / "finetune.py", ranks, args, timeout_s=timeout_s, env=env)
-
-
-def _env(extra):
-    import os
-
-    return {**os.environ, "OMP_NUM_THREADS": "1", **(extra or {})}
 
 
 def output_of(result) -> str:

@@ -229,6 +229,7 @@ def attach_router_loss_hooks(model: nn.Module) -> None:
     if getattr(model, "_switchyard_hooks", None):
         return
     state = {"router_logits": False, "warned": False}
+    layers = moe_layers(model)  # fixed once patched; not re-walked on every forward (decode is a hot path)
 
     def before(module, args, kwargs):
         state["router_logits"] = bool(kwargs.pop("output_router_logits", False))
@@ -237,7 +238,6 @@ def attach_router_loss_hooks(model: nn.Module) -> None:
     def after(module, args, kwargs, output):
         if not hasattr(output, "keys"):
             return output  # return_dict=False tuples are left as transformers made them
-        layers = moe_layers(module)
         losses = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
         if module.training and torch.is_grad_enabled() and len(losses) < len(layers) and not state["warned"]:
             if any(l.config.aux_loss_coef or l.config.seq_aux_loss_coef or l.config.z_loss_coef for l in layers):

@@ -82,7 +82,7 @@ def train(config: RunConfig) -> dict[str, Any]:
 
     from switchyard.deepspeed import fill_deepspeed_config, optimizer_param_groups, zero_stage
     from switchyard.deepspeed.clipping import clip_global_grad_norm_
-    from switchyard.hf.patch import moe_layers
+    from switchyard.moe.layer import MoELayer
     from switchyard.parallel import ProcessGroupManager, init_distributed
     from switchyard.train import checkpointing
     from switchyard.train.data import load_datasets
@@ -104,7 +104,7 @@ def train(config: RunConfig) -> dict[str, Any]:
 
     source = resolve_source(config)
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
-    layers = {name: m for name, m in model.named_modules() if m in set(moe_layers(model))}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
     train_set, eval_set = rank0_first(load_datasets, config.data, tokenizer, cache_dir() / "datasets")
 
     start_step = resume.step if resume is not None else 0

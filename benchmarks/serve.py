@@ -10,7 +10,8 @@ expert ffn 512, vocab 32000, ~1.7B parameters); ``--tiny`` shrinks it. Both side
     transformers   ``model.generate`` of the HF model, experts ``_experts_implementation="grouped_mm"``
                    (eager where grouped_mm cannot run), one batch of B prompts of equal length
     switchyard     the same model after ``patch_model`` (adopted blocks), driven by the server's own
-                   ``Engine`` + ``ModelRunner`` in process (no HTTP), B sequences submitted at once
+                   ``Engine`` + ``ModelRunner`` in process (no HTTP), B sequences submitted at once;
+                   decode="auto" (static KV cache + CUDA graphs on GPU), graphs captured in a warm-up
 
 Per batch size B: ``ttft_s`` = time until every sequence has its first token (the prefill step),
 ``decode_tok_s`` = B·(N−1) / (time from then to the last token); greedy, EOS ignored, N new tokens.
@@ -90,8 +91,10 @@ def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, de
     from switchyard.serve.engine import Engine, ModelRunner, Sequence
     from switchyard.serve.sampling import SamplingParams
 
+    runner = ModelRunner(model, max_batch=len(prompts))  # one runner: the warm-up captures its graphs
+
     def run(n: int) -> tuple[float, float]:
-        engine = Engine(ModelRunner(model), tokenizer, max_batch=len(prompts))
+        engine = Engine(runner, tokenizer)
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         seqs = [Sequence(p, params) for p in prompts]
         sync(device)
@@ -108,7 +111,7 @@ def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, de
     run(2)  # warm-up
     ttft, decode = run(new_tokens)
     return {"ttft_s": ttft, "decode_tok_s": len(prompts) * (new_tokens - 1) / max(decode, 1e-9),
-            "total_s": ttft + decode}
+            "total_s": ttft + decode, "decode_mode": runner.decode}
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--served-model-name", dest="served_model_name", help="model id in the API (default: dir name)")
     parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--max-batch", dest="max_batch", type=int, help="sequences decoding at once (default 16)")
-    parser.add_argument("--decode", help="batched (default) | sequential (one forward per sequence, generate's math)")
+    parser.add_argument("--decode", help="auto (default: static where the model allows, else batched) | static | batched | sequential")
     parser.add_argument("--max-model-len", dest="max_model_len", type=int, help="context limit (default: the model's)")
     parser.add_argument("--config", help="YAML of the same settings (configs/serve/*.yaml); flags win")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher

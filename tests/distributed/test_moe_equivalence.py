@@ -140,3 +140,38 @@ def test_state_dict_saved_at_one_ep_loads_at_another(save_ep, load_ep):
     ids = run_on_ranks(_reshard, 4, save_ep, load_ep, timeout_s=120)
     per_rank = EXPERTS // load_ep
     assert ids[1] == list(range((1 % load_ep) * per_rank, (1 % load_ep + 1) * per_rank))
+
+
+def _replicated_cases(shape: dict) -> list[str]:
+    """Serving mode: every EP rank holds the same tokens; outputs equal one process on those tokens."""
+    from switchyard import MoEConfig, ProcessGroupManager
+    from switchyard.moe.layer import MoELayer
+
+    manager = ProcessGroupManager(**shape)
+    checked = []
+    for name, kwargs in CASES.items():
+        config = MoEConfig(num_experts=EXPERTS, eval_capacity_factor=kwargs.pop("capacity_factor", None), **kwargs)
+        torch.manual_seed(0)
+        reference = MoELayer(config, HIDDEN, FFN).eval()
+        with torch.no_grad():
+            reference.router.weight.mul_(20)
+        layer = MoELayer(config, HIDDEN, FFN, groups=manager).eval()
+        layer.load_state_dict(reference.state_dict())
+        layer.replicated_tokens = True
+        for tokens in (1, 7):  # one token: most ranks hold none of its experts
+            x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+            with torch.no_grad():
+                want, got = reference(x), layer(x)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{name}, {tokens} tokens")
+            # every rank routes every token: its per-expert counts are the totals
+            assert torch.equal(layer.last_stats.tokens_per_expert_E, reference.last_stats.tokens_per_expert_E)
+        with pytest.raises(RuntimeError, match="inference mode"):
+            layer(x.requires_grad_(True))
+        checked.append(name)
+    return checked
+
+
+@pytest.mark.parametrize("world, shape", [(2, dict(ep=2)), (4, dict(ep=4))], ids=["ep2", "ep4"])
+def test_replicated_tokens_match_one_process(world, shape):
+    results = run_on_ranks(_replicated_cases, world, shape, timeout_s=180)
+    assert all(r == list(CASES) for r in results)

@@ -49,11 +49,12 @@ class Collector:
         return "".join(o.text for o in self.outputs[index])
 
 
-def engine_for(model, tok, decode: str = "batched", **kwargs) -> Engine:
-    return Engine(ModelRunner(model, count_experts=True, decode=decode), tok, **kwargs)
+def engine_for(model, tok, decode: str = "auto", **kwargs) -> Engine:
+    runner = ModelRunner(model, count_experts=True, decode=decode, max_batch=kwargs.get("max_batch", 16))
+    return Engine(runner, tok, **kwargs)
 
 
-@pytest.mark.parametrize("decode", ["batched", "sequential"])
+@pytest.mark.parametrize("decode", ["static", "batched", "sequential"])
 def test_requests_join_between_steps_and_match_generate(model_and_tok, decode):
     model, tok = model_and_tok
     engine, got = engine_for(model, tok, decode, max_batch=4), Collector()
@@ -74,7 +75,7 @@ def test_requests_join_between_steps_and_match_generate(model_and_tok, decode):
         assert seq.output_ids == want, i
         assert got.text(i) == tok.decode(want, skip_special_tokens=True)
         assert seq.finish_reason == "length" and got.outputs[i][-1].finish_reason == "length"
-    assert engine.runner.batch.cache is None and not engine.runner.caches  # every cache freed
+    assert len(engine.runner.batch) == 0 and not engine.runner.caches  # every row and cache freed
     forwards = sum(len(p.items) for p in plans) if decode == "sequential" else \
         sum(sum(f for _, _, f in p.items) + any(not f for _, _, f in p.items) for p in plans)
     assert engine.runner.forwards == forwards  # batched: one forward per prefill + one for all decodes
@@ -203,7 +204,7 @@ def test_decode_batch_pads_joins_and_trims_leavers():
         c.update(torch.full((1, 1, length, 4), value), torch.full((1, 1, length, 4), -value), 0)
         return c
 
-    batch = DecodeBatch()
+    batch = DecodeBatch(torch.nn.Linear(1, 1))
     batch.add(5, cache(3, 1.0), 3)
     batch.add(2, cache(6, 2.0), 6)  # longer: the first row is padded on the left
     assert batch.slots == [5, 2] and batch.length_B == [3, 6]
@@ -217,8 +218,43 @@ def test_decode_batch_pads_joins_and_trims_leavers():
     assert batch.cache is None and batch.slots == []
 
 
+def test_auto_decode_picks_static_and_engine_fits_the_runner(model_and_tok):
+    model, tok = model_and_tok
+    runner = ModelRunner(model, max_batch=3)
+    assert runner.decode == "static"
+    with pytest.raises(ValueError, match=r"max_batch must be in \[1, 3\].*ModelRunner with max_batch=8"):
+        Engine(runner, tok, max_batch=8)
+    with pytest.raises(ValueError, match="max_model_len=99999 exceeds"):
+        Engine(runner, tok, max_model_len=99999)
+
+
+def test_static_rows_compact_and_the_cache_grows_without_changing_tokens(model_and_tok):
+    """Rows leave from the middle (the last row moves in) and the cache doubles from 4 positions
+    several times mid-run; every sequence still equals generate() token for token."""
+    from switchyard.serve.slot_cache import StaticDecoder
+
+    model, tok = model_and_tok
+    runner = ModelRunner(model, count_experts=True, decode="static", max_batch=3)
+    runner.batch = StaticDecoder(model, 3, runner.max_model_len, on_step=runner._count_routed, initial_len=4)
+    engine = Engine(runner, tok)
+    lengths = [3, 25, 9, 14, 30]
+    seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(PROMPTS, lengths)]
+    engine.submit(seqs)
+    engine.run_until_idle()
+    for seq, n in zip(seqs, lengths):
+        assert seq.output_ids == greedy(model, seq.prompt_ids, n)
+    assert runner.batch.cache_len >= max(len(s.prompt_ids) + n for s, n in zip(seqs, lengths)) - 1
+    assert len(runner.batch) == 0
+
+
+def test_graph_buckets_cover_every_batch_size():
+    from switchyard.serve.slot_cache import buckets_for
+
+    assert buckets_for(1) == [1] and buckets_for(6) == [1, 2, 4, 6] and buckets_for(8) == [1, 2, 4, 8]
+
+
 def test_plan_wire_round_trip_and_find_stop():
-    plan = StepPlan([(0, [1, 2, 3], True), (3, [7], False)], [2], False, True)
+    plan = StepPlan([(0, [1, 2, 3], True), (3, [7], False)], [2], False)
     assert StepPlan.from_wire(plan.to_wire()) == plan
     assert find_stop("abcXYdefXY", ("XY", "de"), 0) == 3
     assert find_stop("abcXYdefXY", ("XY",), 4) == 8

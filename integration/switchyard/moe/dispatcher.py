@@ -11,6 +11,11 @@ path) both directions go through ``row_of_slot_TK``, the inverse of the sort: th
 the combine are per-token gathers with fp32 sums over the K copies (Triton on CUDA), so no atomics, no
 fp32 [N, H] temporaries, and deterministic results.
 
+Serving replicates the tokens on every EP rank (each rank runs the same dense layers on the same
+batch). ``dispatch_replicated`` then keeps only the copies bound for this rank's experts, and
+``combine`` ends in one all-reduce over the EP group instead of two all-to-alls: no split sizes cross
+to the host, so the whole step can be captured in a CUDA graph. Inference only (no backward).
+
 Experts are laid out in contiguous blocks per EP rank (expert e lives on rank e // E_local), so
 after sorting by global expert id the rows bound for each rank are contiguous and the all-to-all
 needs no extra permutation on the send side. Dropped (over-capacity) slots are simply never
@@ -45,6 +50,7 @@ class DispatchPlan:
     output_splits: list[int] | None = None  # rows received from each EP rank
     regroup_M: torch.Tensor | None = None  # received (source-major) row for each local-expert-major row
     row_of_slot_TK: torch.Tensor | None = None  # sent row of each slot (t, k), -1 if dropped (fused path)
+    replicated: bool = False  # every EP rank holds the same tokens: combine all-reduces partial sums
 
 
 class TokenDispatcher:
@@ -59,6 +65,7 @@ class TokenDispatcher:
                 f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}"
             )
         self.num_local_experts = num_experts // self.ep_size
+        self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
 
     def dispatch(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
@@ -90,6 +97,39 @@ class TokenDispatcher:
         if self.ep_size == 1:
             return x_NH, plan
         return self._exchange(x_NH, plan)
+
+    def dispatch_replicated(
+        self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DispatchPlan]:
+        """Copies bound for this rank's experts when every EP rank holds the same ``x_TH`` (serving).
+
+        Sorted by global expert, this rank's copies form one block; rotating the sorted order to start
+        at that block puts them in rows ``[0, n_local)`` without reading ``n_local`` on the host. While a
+        CUDA graph is captured all ``T*K`` rows are kept (the rest are never combined: their slots map to
+        -1); otherwise the rows are cut to ``n_local`` (one sync, free on CPU).
+        """
+        num_tokens, top_k = expert_TK.shape
+        flat_expert = expert_TK.reshape(-1).to(torch.int32)
+        if keep_TK is not None:
+            flat_expert = torch.where(keep_TK.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_experts))
+        sorted_expert, slot_order = torch.sort(flat_expert, stable=True)
+        experts = torch.arange(self.num_experts + 1, device=flat_expert.device, dtype=torch.int32)
+        bounds = torch.searchsorted(sorted_expert, experts)
+        tokens_per_expert_E = bounds.diff()
+        first = self.ep_rank * self.num_local_experts
+        start, n_local = bounds[first], bounds[first + self.num_local_experts] - bounds[first]
+        rows = torch.arange(slot_order.numel(), device=slot_order.device)
+        local_order = slot_order[(rows + start) % max(1, slot_order.numel())]
+        row_of_slot = torch.empty_like(local_order).scatter_(0, local_order, rows)
+        row_of_slot = torch.where(row_of_slot < n_local, row_of_slot, torch.full_like(row_of_slot, -1))
+        if not (x_TH.is_cuda and torch.cuda.is_current_stream_capturing()):
+            local_order = local_order[: int(n_local)]
+        token_idx = torch.div(local_order, top_k, rounding_mode="floor")
+        row_of_slot_TK = row_of_slot.view(num_tokens, top_k)
+        x_MH = gather_rows(x_TH, token_idx, row_of_slot_TK)
+        local_counts = tokens_per_expert_E[first: first + self.num_local_experts]
+        return x_MH, DispatchPlan(num_tokens, local_order, token_idx, tokens_per_expert_E, local_counts,
+                                  row_of_slot_TK=row_of_slot_TK, replicated=True)
 
     def _dispatch_unfused(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None
@@ -127,6 +167,12 @@ class TokenDispatcher:
 
     def combine(self, y_MH: torch.Tensor, plan: DispatchPlan, weight_TK: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's expert outputs, back on the rank and in the order it came from."""
+        if plan.replicated:
+            assert plan.row_of_slot_TK is not None
+            out_TH = unpermute_combine(y_MH, weight_TK, plan.row_of_slot_TK)
+            if self.ep_group is not None:
+                dist.all_reduce(out_TH, group=self.ep_group)  # each token's copies, summed over their ranks
+            return out_TH
         if self.ep_size > 1:
             assert plan.regroup_M is not None and plan.input_splits is not None and plan.output_splits is not None
             y_recv = torch.empty_like(y_MH).index_copy(0, plan.regroup_M, y_MH)

@@ -122,6 +122,7 @@ class MoELayer(DeepSpeedMoEModule):
             self.shared_experts = SharedExperts(hidden_size, shared_ffn, config.activation, config.gated, config.bias).to(**kw)
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False, **kw)
+        self.replicated_tokens = False  # serving: every EP rank holds the same tokens (see dispatcher.py)
         self.aux_loss: torch.Tensor | None = None
         self.last_router_output: RouterOutput | None = None
         self.last_stats: MoEStats | None = None
@@ -135,7 +136,13 @@ class MoELayer(DeepSpeedMoEModule):
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         routed = self.router(x_TH)
         keep_TK = self._capacity_mask(routed)
-        x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK)
+        if self.replicated_tokens and self.ep_size > 1:
+            if torch.is_grad_enabled():
+                raise RuntimeError("replicated_tokens is an inference mode (its all-reduce has no backward); "
+                                   "run under torch.no_grad() / inference_mode(), or set replicated_tokens=False")
+            x_MH, plan = self.dispatcher.dispatch_replicated(x_TH, routed.topk_idx_TK, keep_TK)
+        else:
+            x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK)
         y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L)
         out_TH = self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK)
         if self.shared_experts is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DECODE_MODES = ("batched", "sequential")  # switchyard.serve.runner.DECODE_MODES (kept import-light here)
+DECODE_MODES = ("auto", "static", "batched", "sequential")  # switchyard.serve.runner.DECODE_MODES (kept import-light here)
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ServeConfig:
     served_model_name: str | None = None  # default: the model directory's name
     dtype: str = "auto"  # "auto": config.json's dtype (fp32 for the tiny model)
     max_batch: int = 16  # sequences decoding at once (slots); more requests wait
-    decode: str = "batched"  # "batched": one forward for all decoding sequences; "sequential": one per sequence
+    decode: str = "auto"  # static (fixed-shape KV cache, CUDA graphs) where possible, else batched; or sequential
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_n: int = 8  # largest `n` (choices per request) accepted
     max_prompts: int = 16  # largest batch of prompts in one /v1/completions request

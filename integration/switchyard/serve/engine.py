@@ -1,7 +1,7 @@
 """The generation engine: a continuous-batching scheduler over slots, on rank 0.
 
-    runner = ModelRunner(model)                     # every rank: executes step plans (runner.py)
-    engine = Engine(runner, tokenizer, max_batch=16) # rank 0: decides the plans, samples, emits text
+    runner = ModelRunner(model, max_batch=16)       # every rank: executes step plans (runner.py)
+    engine = Engine(runner, tokenizer)              # rank 0: decides the plans, samples, emits text
     engine.submit([Sequence(prompt_ids, SamplingParams(max_tokens=32, temperature=0), sink=print)])
     while engine.step(): pass
 
@@ -32,7 +32,7 @@ from switchyard.serve.sampling import IncrementalDetokenizer, SamplingParams, fi
 __all__ = ["Engine", "EngineDraining", "ModelRunner", "Sequence", "SeqOutput", "StepPlan", "default_eos_ids"]
 
 FINISH_REASONS = ("stop", "length", "abort")
-STATS_EVERY = 32  # steps between the ranks' expert-count all-reduces
+STATS_EVERY = 32  # steps between copies of the per-expert counts to the host
 
 
 class EngineDraining(RuntimeError):
@@ -97,16 +97,21 @@ class Engine:
     ``broadcast`` (rank 0 → other ranks) is called with each plan before this rank executes it.
     """
 
-    def __init__(self, runner: ModelRunner, tokenizer: Any, max_batch: int = 16, max_model_len: int | None = None,
+    def __init__(self, runner: ModelRunner, tokenizer: Any, max_batch: int | None = None,
+                 max_model_len: int | None = None,
                  eos_token_ids: list[int] | None = None, broadcast: Callable[[StepPlan], None] | None = None,
                  metrics: Any = None) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        max_batch = runner.max_batch if max_batch is None else max_batch
+        if not 1 <= max_batch <= runner.max_batch:
+            raise ValueError(f"max_batch must be in [1, {runner.max_batch}] (the runner's), got {max_batch}; "
+                             f"build the ModelRunner with max_batch={max_batch}")
+        if max_model_len is not None and max_model_len > runner.max_model_len:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the runner's {runner.max_model_len}; "
+                             f"build the ModelRunner with max_model_len={max_model_len}")
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        config = runner.model.config
-        self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 2048
+        self.max_model_len = max_model_len or runner.max_model_len
         if eos_token_ids is None:
             eos_token_ids = default_eos_ids(runner.model, tokenizer)
         self.eos_token_ids = set(eos_token_ids)
@@ -169,20 +174,25 @@ class Engine:
                  for slot, seq in sorted(self.running.items())]
         plan = StepPlan(items, self._to_release)
         self._to_release = []
-        if not plan.items and not plan.release and not self._unsynced_steps:
+        if not plan.items and not plan.release:
+            if self._unsynced_steps:  # idle: the per-expert counts catch up
+                self.runner.sync_stats()
+                self._unsynced_steps = 0
             self.metrics.step(running=len(self.running), waiting=len(self.waiting), ran=False)
             return None
-        # the ranks' per-expert counts meet every STATS_EVERY steps, and once more when the engine idles
-        plan.sync_stats = self._unsynced_steps >= STATS_EVERY or not plan.items
-        self._unsynced_steps = 0 if plan.sync_stats else self._unsynced_steps + 1
         if self.broadcast is not None:
             self.broadcast(plan)
         logits = self.runner.execute(plan)
+        self._unsynced_steps += 1
+        if self._unsynced_steps >= STATS_EVERY:
+            self.runner.sync_stats()
+            self._unsynced_steps = 0
         seqs = [self.running[slot] for slot, _, _ in plan.items]
         greedy = [i for i, seq in enumerate(seqs) if seq.params.greedy]
         tokens: dict[int, int] = {}
         if greedy:  # one argmax (one device sync) for every greedy sequence of the step
-            picked = torch.stack([logits[i] for i in greedy]).argmax(-1).tolist()
+            rows = logits if len(greedy) == len(seqs) else logits[torch.tensor(greedy, device=logits.device)]
+            picked = rows.argmax(-1).tolist()
             tokens = dict(zip(greedy, picked))
         now = time.monotonic()
         for i, seq in enumerate(seqs):

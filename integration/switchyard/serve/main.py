@@ -27,8 +27,8 @@ def run(config: ServeConfig) -> int:
 
     from switchyard.parallel.manager import ProcessGroupManager
     from switchyard.serve.loading import load_for_serving, resolve_model_dir
+    from switchyard.hf.patch import moe_layers
     from switchyard.serve.runner import ModelRunner
-    from switchyard.serve.token_split import split_moe_tokens
     from switchyard.serve.workers import ControlChannel, worker_loop
 
     try:  # setup: a user mistake is a message and exit code 2 on every rank, not a traceback
@@ -45,12 +45,10 @@ def run(config: ServeConfig) -> int:
             dist.destroy_process_group()
         return 2
     rank = dist.get_rank()
-    stats_group = None
-    if groups.size("ep") > 1:
-        split_moe_tokens(model, groups)  # each EP rank routes a share of the (replicated) tokens
-        stats_group = _gloo_group_of(groups, "ep")  # the shares' per-expert counts meet here (CPU)
-    runner = ModelRunner(model, count_experts=rank == 0 or stats_group is not None, decode=config.decode,
-                         stats_group=stats_group)
+    for layer in moe_layers(model):  # every rank holds every token: each computes its experts' share
+        layer.replicated_tokens = True
+    runner = ModelRunner(model, count_experts=rank == 0, decode=config.decode, max_batch=config.max_batch,
+                         max_model_len=context_length(config, model))
     try:
         if rank != 0:
             return worker_loop(runner, channel)
@@ -60,16 +58,11 @@ def run(config: ServeConfig) -> int:
             dist.destroy_process_group()
 
 
-def _gloo_group_of(groups, kind: str):
-    """A gloo twin of this rank's ``kind`` group (every rank builds every one, in the same order)."""
-    import torch.distributed as dist
-
-    mine = None
-    for ranks in groups.layout[kind]:
-        group = dist.new_group(ranks, backend="gloo")
-        if groups.global_rank in ranks:
-            mine = group
-    return mine
+def context_length(config: ServeConfig, model) -> int:
+    """Prompt + completion bound: the config's, capped by the model's ``max_position_embeddings``."""
+    model_len = getattr(model.config, "max_position_embeddings", None)
+    bounds = [n for n in (config.max_model_len, model_len) if n]
+    return min(bounds) if bounds else 2048
 
 
 def _serve_rank0(config: ServeConfig, runner, tokenizer, channel, path: Path) -> int:
@@ -83,9 +76,7 @@ def _serve_rank0(config: ServeConfig, runner, tokenizer, channel, path: Path) ->
 
     metrics = ServeMetrics(expert_counts=runner.expert_counts if runner.expert_counts_LE is not None else None,
                            layer_names=moe_prefixes(runner.model))
-    model_len = getattr(runner.model.config, "max_position_embeddings", None)
-    max_len = min(x for x in (config.max_model_len, model_len) if x) if (config.max_model_len or model_len) else None
-    engine = Engine(runner, tokenizer, max_batch=config.max_batch, max_model_len=max_len,
+    engine = Engine(runner, tokenizer, max_batch=config.max_batch, max_model_len=runner.max_model_len,
                     broadcast=channel.send, metrics=metrics)
     name = config.served_model_name or path.name
     app = create_app(engine, tokenizer, name, config, metrics)

@@ -3,13 +3,17 @@
 A ``StepPlan`` lists the slots freed since the last step, then one item per running sequence: a new
 sequence's whole prompt (prefill into a fresh ``DynamicCache``) or a running one's last token (decode).
 
-    decode="batched"     every prefill is its own batch-1 forward; then ONE forward decodes every
-                         other running sequence: their caches live as rows of one left-padded
-                         ``DynamicCache`` with a 2-D padding mask and per-row positions (what
-                         ``generate`` does for a padded batch); a sequence joins by padding the shorter
-                         side, leaves by dropping its row (and all-padding columns).
+    decode="static"      every prefill is its own batch-1 forward; then ONE forward decodes every
+                         other running sequence as a row of a preallocated KV cache, with static shapes
+                         and, on CUDA, a captured graph per batch-size bucket (slot_cache.py)
+    decode="batched"     the same, but the rows live in one left-padded ``DynamicCache``: it works with
+                         any attention implementation (2-D padding mask), at the price of copies as
+                         rows join and leave and one eager forward per step
+                         (what ``generate`` does for a padded batch)
     decode="sequential"  one batch-1 forward per item: bitwise the math of ``generate(do_sample=False)``
                          on that prompt alone, at one forward per sequence per step.
+    decode="auto"        static where the model allows it (sdpa/eager attention, full-attention layers),
+                         else batched (and sequential for sliding-window caches)
 
 Every rank derives the same forwards from the same plan, in the same order, so the MoE layers'
 all-to-alls always pair up.
@@ -39,7 +43,7 @@ def cache_kwarg(model: nn.Module) -> str:
 
 log = get_logger(__name__)
 
-DECODE_MODES = ("batched", "sequential")
+DECODE_MODES = ("auto", "static", "batched", "sequential")
 
 
 @dataclass
@@ -49,16 +53,15 @@ class StepPlan:
     items: list[tuple[int, list[int], bool]] = field(default_factory=list)  # (slot, input ids, fresh cache)
     release: list[int] = field(default_factory=list)
     stop: bool = False
-    sync_stats: bool = False  # every rank adds its per-expert token counts into rank 0's (one all-reduce)
 
     def to_wire(self) -> tuple:
         items = tuple((s, tuple(ids), fresh) for s, ids, fresh in self.items)
-        return (self.stop, tuple(self.release), items, self.sync_stats)
+        return (self.stop, tuple(self.release), items)
 
     @classmethod
     def from_wire(cls, wire: tuple) -> "StepPlan":
-        stop, release, items, sync_stats = wire
-        return cls([(s, list(ids), fresh) for s, ids, fresh in items], list(release), stop, sync_stats)
+        stop, release, items = wire
+        return cls([(s, list(ids), fresh) for s, ids, fresh in items], list(release), stop)
 
 
 def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
@@ -72,7 +75,9 @@ def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
 class DecodeBatch:
     """The running sequences' KV caches as rows of one left-padded ``DynamicCache``."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
         self.slots: list[int] = []
         self.cache: Any = None
         self.mask_BL: torch.Tensor | None = None  # 1 = a real position, 0 = left padding
@@ -111,8 +116,12 @@ class DecodeBatch:
             layer.values = layer.values.index_select(0, index)[:, :, first:]
         self.mask_BL = mask_BL[:, first:]
 
-    def forward(self, model: nn.Module, next_token: dict[int, int], device: torch.device) -> torch.Tensor:
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def forward(self, next_token: dict[int, int]) -> torch.Tensor:
         """One decode forward for every row; returns the logits ``[B, V]`` in row order."""
+        model, device = self.model, self.device
         assert self.mask_BL is not None and set(next_token) == set(self.slots), (sorted(next_token), self.slots)
         input_ids = torch.tensor([[next_token[s]] for s in self.slots], dtype=torch.long, device=device)
         self.mask_BL = torch.cat([self.mask_BL, self.mask_BL.new_ones(len(self.slots), 1)], dim=1)
@@ -124,32 +133,48 @@ class DecodeBatch:
 
 
 class ModelRunner:
-    """Runs step plans on this rank's model shard (see the module docstring for the two decode modes)."""
+    """Runs step plans on this rank's model shard (see the module docstring for the decode modes)."""
 
-    def __init__(self, model: nn.Module, count_experts: bool = False, decode: str = "batched",
-                 stats_group: Any = None) -> None:
-        """``count_experts``: keep per-expert token counts. With ``stats_group`` (the ranks that each route
-        a share of the tokens, see token_split.py) every rank counts and a plan's ``sync_stats`` sums the
-        counts into rank 0's ``expert_counts_LE``; without, this rank's counts are the totals."""
+    def __init__(self, model: nn.Module, count_experts: bool = False, decode: str = "auto", max_batch: int = 16,
+                 max_model_len: int | None = None) -> None:
+        """``count_experts``: keep per-expert token counts (rank 0: in serving every EP rank routes every
+        token, so one rank's counts are the totals). ``max_batch`` / ``max_model_len`` size the static
+        cache; every rank of a server must pass the same values (the captured graphs must pair up)."""
         from switchyard.hf.patch import moe_layers
+        from switchyard.serve.slot_cache import static_decode_unsupported
 
         if decode not in DECODE_MODES:
             raise ValueError(f"decode={decode!r} is not one of {DECODE_MODES}")
         self.model = model.eval()
-        self.decode = decode
         self.device = next(model.parameters()).device
+        self.max_batch = max_batch
+        self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 2048
+        if decode in ("auto", "static"):
+            reason = static_decode_unsupported(model)
+            if reason is not None and decode == "static":
+                raise ValueError(f"decode='static' is not possible for this model: {reason}; use decode='batched'")
+            if reason is not None:
+                log.info("decode=auto: batched, not static (%s)", reason, ranks=[0])
+            decode = "batched" if reason is not None else "static"
+        self.decode = decode
         self.caches: dict[int, Any] = {}  # per-slot caches: sequential mode, or prefilled and not yet batched
-        self.batch = DecodeBatch()
         self.forwards = 0
-        self.stats_group = stats_group
         self._layers = moe_layers(model) if count_experts else []
-        # tokens routed to each global expert, per MoE layer: the totals (rank 0), and this rank's unsynced part
+        # tokens routed to each global expert, per MoE layer: host totals, and the device part not yet added
         self.expert_counts_LE: torch.Tensor | None = None
         self._unsynced_LE: torch.Tensor | None = None
         if self._layers:
             shape = (len(self._layers), self._layers[0].num_experts)
             self.expert_counts_LE = torch.zeros(shape, dtype=torch.long)
             self._unsynced_LE = torch.zeros(shape, dtype=torch.long, device=self.device)
+        self.batch: Any = self._new_batch()
+
+    def _new_batch(self) -> Any:
+        from switchyard.serve.slot_cache import StaticDecoder
+
+        if self.decode == "static":
+            return StaticDecoder(self.model, self.max_batch, self.max_model_len, on_step=self._count_routed)
+        return DecodeBatch(self.model)
 
     def _forward_one(self, slot: int, ids: list[int], fresh: bool) -> torch.Tensor:
         from transformers import DynamicCache
@@ -164,7 +189,8 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1,
                          **{cache_kwarg(self.model): self.caches[slot]})
-        self._count()
+        self._count_routed(None)
+        self.forwards += 1
         return out.logits[0, -1]
 
     @staticmethod
@@ -173,35 +199,35 @@ class ModelRunner:
 
         return all(type(layer) is DynamicLayer for layer in cache.layers)
 
-    def _count(self) -> None:
-        self.forwards += 1
-        if self._unsynced_LE is not None:
-            for i, layer in enumerate(self._layers):
-                if layer.last_stats is not None:
-                    self._unsynced_LE[i] += layer.last_stats.tokens_per_expert_E
+    def _count_routed(self, valid_T: torch.Tensor | None) -> None:
+        """Add the last forward's routed copies per expert (rows with ``valid_T == 0`` are padding).
+
+        Device ops only, no host sync: the static decoder captures this inside its graphs."""
+        if self._unsynced_LE is None:
+            return
+        for counts_E, layer in zip(self._unsynced_LE, self._layers):
+            routed = layer.last_router_output
+            if routed is None:
+                continue
+            experts_TK = routed.topk_idx_TK
+            weight_TK = (valid_T.view(-1, 1).expand_as(experts_TK) if valid_T is not None
+                         else torch.ones_like(experts_TK))
+            counts_E.index_add_(0, experts_TK.reshape(-1), weight_TK.reshape(-1).to(counts_E.dtype))
 
     def expert_counts(self) -> list[list[int]] | None:
-        """Tokens routed to each expert of each MoE layer so far (rank 0; safe from the metrics thread)."""
-        if self.expert_counts_LE is None or self._unsynced_LE is None:
-            return None
-        total_LE = self.expert_counts_LE.clone()
-        if self.stats_group is None:  # nothing to meet: this rank's own counts are the totals
-            total_LE += self._unsynced_LE.cpu()
-        return total_LE.tolist()
+        """Tokens routed to each expert of each MoE layer, up to the last ``sync_stats`` (any thread)."""
+        return self.expert_counts_LE.tolist() if self.expert_counts_LE is not None else None
 
     def sync_stats(self) -> None:
-        """Add every rank's counts since the last sync to the totals (a collective when ``stats_group``)."""
+        """Move the device-side counts into the host totals (the engine's thread; one small copy)."""
         if self._unsynced_LE is None or self.expert_counts_LE is None:
             return
-        counts_LE = self._unsynced_LE.cpu()
-        if self.stats_group is not None:
-            dist.all_reduce(counts_LE, group=self.stats_group)
-        self.expert_counts_LE += counts_LE
+        self.expert_counts_LE += self._unsynced_LE.cpu()
         self._unsynced_LE.zero_()
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[torch.Tensor]:
-        """Last-position logits ``[V]`` of each item, in plan order."""
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Last-position logits ``[items, V]``, one row per item in plan order."""
         for slot in plan.release:
             self.caches.pop(slot, None)
             self.batch.drop(slot)
@@ -214,14 +240,18 @@ class ModelRunner:
                 logits[slot] = self._forward_one(slot, ids, fresh)
             else:
                 decode[slot] = ids[-1]
-        if decode:
-            for slot in decode:
-                if slot not in self.batch.slots:  # prefilled last step: joins the batch now
-                    cache = self.caches.pop(slot)
-                    self.batch.add(slot, cache, cache.get_seq_length())
-            logits_BV = self.batch.forward(self.model, decode, self.device)
-            self._count()
-            logits.update({slot: logits_BV[row] for row, slot in enumerate(self.batch.slots)})
-        if plan.sync_stats and self.stats_group is not None:
-            self.sync_stats()
-        return [logits[slot] for slot, _, _ in plan.items]
+        if not decode:
+            return torch.stack([logits[slot] for slot, _, _ in plan.items]) if plan.items else torch.empty(0)
+        for slot in decode:
+            if slot not in self.batch.slots:  # prefilled last step: joins the batch now
+                cache = self.caches.pop(slot)
+                self.batch.add(slot, cache, cache.get_seq_length())
+        logits_BV = self.batch.forward(decode)
+        if self.decode == "batched":
+            self._count_routed(None)
+        self.forwards += 1
+        if len(decode) == len(plan.items) and list(decode) == self.batch.slots:
+            return logits_BV  # a pure decode step in row order: no gather
+        row_of = {slot: row for row, slot in enumerate(self.batch.slots)}
+        logits.update({slot: logits_BV[row_of[slot]] for slot in decode})
+        return torch.stack([logits[slot] for slot, _, _ in plan.items])

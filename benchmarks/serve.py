@@ -110,8 +110,19 @@ def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, de
 
     run(2)  # warm-up
     ttft, decode = run(new_tokens)
-    return {"ttft_s": ttft, "decode_tok_s": len(prompts) * (new_tokens - 1) / max(decode, 1e-9),
-            "total_s": ttft + decode, "decode_mode": runner.decode}
+    row = {"ttft_s": ttft, "decode_tok_s": len(prompts) * (new_tokens - 1) / max(decode, 1e-9),
+           "total_s": ttft + decode, "decode_mode": runner.decode}
+    graphs = getattr(runner.batch, "_graphs", {})
+    if graphs:  # the GPU's share of a step: one graph replayed back to back (the rest of a step is host work)
+        graph = graphs[max(graphs)]
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            graph.replay()
+        sync(device)
+        row["graph_replay_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+        row["step_ms"] = decode / (new_tokens - 1) * 1e3
+    return row
 
 
 def percentile(values: list[float], q: float) -> float | None:

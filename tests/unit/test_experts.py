@@ -296,3 +296,20 @@ def test_grouped_mm_backward_accepts_expanded_grad() -> None:
     x = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ex(x, torch.tensor([8, 8, 0, 16], device="cuda")).sum().backward()
     assert x.grad is not None and ex.gate_up_proj.grad[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("gated, bias, activation", [(True, False, "silu"), (False, True, "gelu")])
+def test_gathered_mm_equals_the_loop_and_ignores_rows_past_the_counts(gated, bias, activation) -> None:
+    """The graph-capture path: per-row gathered weights; trailing rows (serving's replicated mode) are
+    computed with some expert but never read."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(E, H, FF, activation=activation, gated=gated, bias=bias)
+    counts = [2, 0, 3, 1]
+    x = torch.randn(sum(counts) + 4, H, dtype=torch.float64)
+    ex = ex.double()
+    ex.impl = "loop"
+    want = ex(x[: sum(counts)], torch.tensor(counts))
+    ex.impl = "gathered_mm"
+    got = ex(x, torch.tensor(counts))
+    assert got.shape == x.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got[: sum(counts)], want, rtol=1e-12, atol=1e-12)

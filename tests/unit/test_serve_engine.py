@@ -76,9 +76,11 @@ def test_requests_join_between_steps_and_match_generate(model_and_tok, decode):
         assert got.text(i) == tok.decode(want, skip_special_tokens=True)
         assert seq.finish_reason == "length" and got.outputs[i][-1].finish_reason == "length"
     assert len(engine.runner.batch) == 0 and not engine.runner.caches  # every row and cache freed
-    forwards = sum(len(p.items) for p in plans) if decode == "sequential" else \
-        sum(sum(f for _, _, f in p.items) + any(not f for _, _, f in p.items) for p in plans)
-    assert engine.runner.forwards == forwards  # batched: one forward per prefill + one for all decodes
+    prefills = {"sequential": lambda p: len(p.items), "batched": lambda p: sum(f for _, _, f in p.items),
+                "static": lambda p: any(f for _, _, f in p.items)}[decode]  # static: the prompts go together
+    decodes = {"sequential": lambda p: 0}.get(decode, lambda p: any(not f for _, _, f in p.items))
+    # one forward per prefill (static: per step's prompts) + one for all decodes
+    assert engine.runner.forwards == sum(prefills(p) + decodes(p) for p in plans)
     counts = engine.runner.expert_counts()
     assert counts is not None and len(counts) == 2 and len(counts[0]) == 4
     routed = sum(len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs) * 2  # top-2 copies of every fed token
@@ -245,6 +247,15 @@ def test_static_rows_compact_and_the_cache_grows_without_changing_tokens(model_a
         assert seq.output_ids == greedy(model, seq.prompt_ids, n)
     assert runner.batch.cache_len >= max(len(s.prompt_ids) + n for s, n in zip(seqs, lengths)) - 1
     assert len(runner.batch) == 0
+
+
+def test_prefill_groups_bound_padded_tokens():
+    from switchyard.serve.runner import _prefill_groups
+
+    prompts = [(0, [1] * 3), (1, [1] * 5), (2, [1] * 2), (3, [1] * 12), (4, [1])]
+    groups = _prefill_groups(prompts, 10)
+    assert [[slot for slot, _ in g] for g in groups] == [[0, 1], [2], [3], [4]]
+    assert all(len(g) * max(len(ids) for _, ids in g) <= 10 or len(g) == 1 for g in groups)
 
 
 def test_graph_buckets_cover_every_batch_size():

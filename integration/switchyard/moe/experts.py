@@ -149,9 +149,33 @@ def _grouped_mm_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_exper
     return _grouped_linear(a_NF, w2_EHF, offs_E, b2_EH, eid_N)
 
 
+def _gathered_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+    """Each row multiplies its own expert's gathered weights (``bmm``): no host sync, any dtype.
+
+    What CUDA-graph capture uses where grouped_mm is not capturable (its non-bf16 path reads the
+    offsets on the host). Memory is ``N`` copies of an expert's weights, so it is meant for decode-sized
+    ``N``. Rows past ``sum(tokens_per_expert)`` (serving's replicated mode keeps them) get the last
+    expert and are never combined.
+    """
+    device = x_NH.device
+    counts_E = torch.as_tensor(tokens_per_expert, device=device)
+    offs_E = torch.cumsum(counts_E, dim=0)
+    rows_N = torch.arange(x_NH.shape[0], device=device)
+    eid_N = torch.searchsorted(offs_E, rows_N, right=True).clamp_max(module.num_experts - 1)
+    w1_EOH, b1_EO, w2_EHF, b2_EH = module.weights()
+    x_N1H = x_NH.to(w1_EOH.dtype).unsqueeze(1)
+    h_NO = torch.bmm(x_N1H, w1_EOH[eid_N].transpose(1, 2)).squeeze(1)
+    if b1_EO is not None:
+        h_NO = h_NO + b1_EO[eid_N]
+    a_N1F = _apply_act(module, h_NO).unsqueeze(1)
+    y_NH = torch.bmm(a_N1F, w2_EHF[eid_N].transpose(1, 2)).squeeze(1)
+    return y_NH + b2_EH[eid_N] if b2_EH is not None else y_NH
+
+
 EXPERT_IMPLS: dict[str, ExpertsImpl] = {
     "grouped_mm": _grouped_mm_forward,
     "loop": _loop_forward,
+    "gathered_mm": _gathered_forward,
 }
 
 
@@ -227,8 +251,11 @@ class GroupedExperts(nn.Module):
     def resolve_impl(self, x_NH: Tensor) -> str:
         if self.impl != "auto":
             return self.impl
+        bf16 = self.down_proj.dtype == torch.bfloat16
+        if x_NH.is_cuda and not bf16 and torch.cuda.is_current_stream_capturing():
+            return "gathered_mm"  # grouped_mm's non-bf16 path reads its offsets on the host
         # torch < 2.10 (only torch._grouped_mm) took bf16 alone; newer torch runs any float dtype.
-        dtype_ok = hasattr(F, "grouped_mm") or self.down_proj.dtype == torch.bfloat16
+        dtype_ok = hasattr(F, "grouped_mm") or bf16
         return "grouped_mm" if dtype_ok and grouped_mm_available(x_NH.device) else "loop"
 
     def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:

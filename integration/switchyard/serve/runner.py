@@ -3,10 +3,11 @@
 A ``StepPlan`` lists the slots freed since the last step, then one item per running sequence: a new
 sequence's whole prompt (prefill into a fresh ``DynamicCache``) or a running one's last token (decode).
 
-    decode="static"      every prefill is its own batch-1 forward; then ONE forward decodes every
-                         other running sequence as a row of a preallocated KV cache, with static shapes
-                         and, on CUDA, a captured graph per batch-size bucket (slot_cache.py)
-    decode="batched"     the same, but the rows live in one left-padded ``DynamicCache``: it works with
+    decode="static"      the step's new prompts are prefilled together (left-padded, up to
+                         PREFILL_TOKENS per forward); then ONE forward decodes every other running
+                         sequence as a row of a preallocated KV cache, with static shapes and, on
+                         CUDA, a captured graph per batch-size bucket (slot_cache.py)
+    decode="batched"     batch-1 prefills; the decode rows live in one left-padded ``DynamicCache``: it works with
                          any attention implementation (2-D padding mask), at the price of copies as
                          rows join and leave and one eager forward per step
                          (what ``generate`` does for a padded batch)
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -44,6 +44,7 @@ def cache_kwarg(model: nn.Module) -> str:
 log = get_logger(__name__)
 
 DECODE_MODES = ("auto", "static", "batched", "sequential")
+PREFILL_TOKENS = 8192  # padded prompt tokens per batched-prefill forward (static mode)
 
 
 @dataclass
@@ -193,6 +194,33 @@ class ModelRunner:
         self.forwards += 1
         return out.logits[0, -1]
 
+    def _prefill_together(self, prompts: list[tuple[int, list[int]]]) -> dict[int, torch.Tensor]:
+        """Prefill several prompts per forward, left-padded as ``generate`` pads a batch; each slot keeps
+        its rows of K/V (``self.caches[slot] = (kv, length)``) until it joins the decode rows."""
+        from transformers import DynamicCache
+
+        logits: dict[int, torch.Tensor] = {}
+        for group in _prefill_groups(prompts, PREFILL_TOKENS):
+            width = max(len(ids) for _, ids in group)
+            ids_BP = torch.zeros(len(group), width, dtype=torch.long)
+            mask_BP = torch.zeros(len(group), width, dtype=torch.long)
+            for row, (_, ids) in enumerate(group):
+                ids_BP[row, width - len(ids):] = torch.tensor(ids)
+                mask_BP[row, width - len(ids):] = 1
+            ids_BP, mask_BP = ids_BP.to(self.device), mask_BP.to(self.device)
+            positions_BP = (mask_BP.cumsum(-1) - 1).clamp_min(0)
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=positions_BP, use_cache=True,
+                             logits_to_keep=1, **{cache_kwarg(self.model): cache})
+            self._count_routed(mask_BP.reshape(-1))
+            self.forwards += 1
+            for row, (slot, ids) in enumerate(group):
+                n = len(ids)
+                kv = [(layer.keys[row, :, width - n:], layer.values[row, :, width - n:]) for layer in cache.layers]
+                self.caches[slot] = (kv, n)
+                logits[slot] = out.logits[row, -1]
+        return logits
+
     @staticmethod
     def _batchable(cache: Any) -> bool:
         from transformers.cache_utils import DynamicLayer
@@ -233,7 +261,14 @@ class ModelRunner:
             self.batch.drop(slot)
         logits: dict[int, torch.Tensor] = {}
         decode: dict[int, int] = {}
+        if self.decode == "static":
+            prompts = [(slot, ids) for slot, ids, fresh in plan.items if fresh]
+            for slot, _ in prompts:
+                self.batch.drop(slot)
+            logits.update(self._prefill_together(prompts))
         for slot, ids, fresh in plan.items:
+            if slot in logits:
+                continue
             if fresh or self.decode == "sequential":
                 if fresh:
                     self.batch.drop(slot)  # a reused slot whose release this rank has not seen: impossible
@@ -244,8 +279,11 @@ class ModelRunner:
             return torch.stack([logits[slot] for slot, _, _ in plan.items]) if plan.items else torch.empty(0)
         for slot in decode:
             if slot not in self.batch.slots:  # prefilled last step: joins the batch now
-                cache = self.caches.pop(slot)
-                self.batch.add(slot, cache, cache.get_seq_length())
+                if self.decode == "static":
+                    self.batch.add(slot, *self.caches.pop(slot))
+                else:
+                    cache = self.caches.pop(slot)
+                    self.batch.add(slot, cache, cache.get_seq_length())
         logits_BV = self.batch.forward(decode)
         if self.decode == "batched":
             self._count_routed(None)
@@ -255,3 +293,19 @@ class ModelRunner:
         row_of = {slot: row for row, slot in enumerate(self.batch.slots)}
         logits.update({slot: logits_BV[row_of[slot]] for slot in decode})
         return torch.stack([logits[slot] for slot, _, _ in plan.items])
+
+
+def _prefill_groups(prompts: list[tuple[int, list[int]]], max_tokens: int) -> list[list[tuple[int, list[int]]]]:
+    """Consecutive prompts per forward while rows x longest prompt stays within ``max_tokens``
+    (a longer prompt goes alone). The same plan gives the same groups on every rank."""
+    groups: list[list[tuple[int, list[int]]]] = []
+    width = 0
+    for item in prompts:
+        n = len(item[1])
+        if groups and (len(groups[-1]) + 1) * max(width, n) <= max_tokens:
+            groups[-1].append(item)
+            width = max(width, n)
+        else:
+            groups.append([item])
+            width = n
+    return groups

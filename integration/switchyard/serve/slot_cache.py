@@ -1,7 +1,7 @@
 """Static-shape decoding: a preallocated KV cache whose rows are the running sequences, and CUDA graphs.
 
     decoder = StaticDecoder(model, max_rows=64, max_len=4096)
-    decoder.add(slot, prefill_cache, length)    # copy a prefilled DynamicCache into a free row
+    decoder.add(slot, kv, length)               # copy a prefilled sequence's K/V into a free row
     logits_RV = decoder.forward({slot: token})  # one decode step for every row (a graph replay on CUDA)
     decoder.drop(slot)                          # the last row moves into the freed one: rows stay dense
 
@@ -159,23 +159,25 @@ class StaticDecoder:
     def __len__(self) -> int:
         return len(self.slots)
 
-    def add(self, slot: int, cache: Any, length: int) -> None:
-        """Copy a prefilled ``DynamicCache`` (one row, ``length`` positions) into the next free row."""
+    def add(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        """Copy one prefilled sequence — per layer ``(keys [H, length, D], values [H, length, D])`` — into
+        the next free row."""
         if slot in self.slots:
             raise ValueError(f"slot {slot} is already decoding")
         if len(self.slots) >= self.max_rows:
             raise ValueError(f"all {self.max_rows} rows are taken; raise max_batch")
         if length >= self.max_len:
             raise ValueError(f"a sequence of {length} tokens does not fit the cache of {self.max_len} positions")
-        layers = cache.layers
+        if len(kv) != self.num_layers:
+            raise ValueError(f"{len(kv)} layers of K/V for a model of {self.num_layers}")
         if not self.keys:
-            self._allocate(layers[0].keys, layers[0].values)
+            self._allocate(*kv[0])
         if length >= self.cache_len:
             self._grow(length + 1)
         row = len(self.slots)
-        for i, layer in enumerate(layers):
-            self.keys[i][row, :, :length] = layer.keys[0]
-            self.values[i][row, :, :length] = layer.values[0]
+        for i, (keys_HLD, values_HLD) in enumerate(kv):
+            self.keys[i][row, :, :length] = keys_HLD
+            self.values[i][row, :, :length] = values_HLD
         self.mask_R11L[row].fill_(self.blocked)
         self.mask_R11L[row, ..., :length] = self.attend
         self.slots.append(slot)
@@ -196,13 +198,13 @@ class StaticDecoder:
         self.slots.pop()
         self.length_R.pop()
 
-    def _allocate(self, keys_1HLD: torch.Tensor, values_1HLD: torch.Tensor) -> None:
+    def _allocate(self, keys_HLD: torch.Tensor, values_HLD: torch.Tensor) -> None:
         def zeros(like: torch.Tensor) -> torch.Tensor:
-            shape = (self.max_rows, like.shape[1], self.cache_len, like.shape[3])
+            shape = (self.max_rows, like.shape[0], self.cache_len, like.shape[2])
             return torch.zeros(shape, dtype=like.dtype, device=self.device)
 
-        self.keys = [zeros(keys_1HLD) for _ in range(self.num_layers)]
-        self.values = [zeros(values_1HLD) for _ in range(self.num_layers)]
+        self.keys = [zeros(keys_HLD) for _ in range(self.num_layers)]
+        self.values = [zeros(values_HLD) for _ in range(self.num_layers)]
         gib = sum(t.numel() * t.element_size() for t in self.keys + self.values) / 2**30
         log.info("static KV cache: %d rows x %d positions x %d layers (%.2f GiB; grows to %d positions)%s",
                  self.max_rows, self.cache_len, self.num_layers, gib, self.max_len,

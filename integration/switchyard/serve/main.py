@@ -49,13 +49,39 @@ def run(config: ServeConfig) -> int:
         layer.replicated_tokens = True
     runner = ModelRunner(model, count_experts=rank == 0, decode=config.decode, max_batch=config.max_batch,
                          max_model_len=context_length(config, model))
+    code = 1  # an exception below: non-zero, whatever the teardown does
     try:
-        if rank != 0:
-            return worker_loop(runner, channel)
-        return _serve_rank0(config, runner, tokenizer, channel, path)
+        code = worker_loop(runner, channel) if rank != 0 else _serve_rank0(config, runner, tokenizer, channel, path)
+        return code
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        runner.close()  # graphs that captured NCCL all-reduces go before their communicator does
+        _destroy_process_group(code)
+
+
+def _destroy_process_group(code: int, timeout_s: float = 30.0) -> None:
+    """Tear the groups down, but never let a stuck communicator keep a finished rank alive."""
+    import threading
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy() -> None:
+        dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("destroy_process_group did not return within %.0fs; exiting with %d without it", timeout_s, code)
+        import logging
+        import sys
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # every rank has stopped; only the teardown hung
 
 
 def context_length(config: ServeConfig, model) -> int:

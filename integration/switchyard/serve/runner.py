@@ -253,6 +253,12 @@ class ModelRunner:
         self.expert_counts_LE += self._unsynced_LE.cpu()
         self._unsynced_LE.zero_()
 
+    def close(self) -> None:
+        """Free the KV caches and any captured graphs (before the process groups are destroyed)."""
+        if hasattr(self.batch, "close"):
+            self.batch.close()
+        self.caches.clear()
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Last-position logits ``[items, V]``, one row per item in plan order."""

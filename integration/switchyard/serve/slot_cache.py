@@ -198,6 +198,15 @@ class StaticDecoder:
         self.slots.pop()
         self.length_R.pop()
 
+    def close(self) -> None:
+        """Release the graphs, then the buffers (graphs first: they may hold NCCL work)."""
+        if self._graphs:
+            torch.cuda.synchronize(self.device)
+        self._graphs.clear()
+        self._caches.clear()
+        self._pool = None
+        self.keys, self.values, self.slots, self.length_R = [], [], [], []
+
     def _allocate(self, keys_HLD: torch.Tensor, values_HLD: torch.Tensor) -> None:
         def zeros(like: torch.Tensor) -> torch.Tensor:
             shape = (self.max_rows, like.shape[0], self.cache_len, like.shape[2])

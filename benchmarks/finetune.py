@@ -1,6 +1,6 @@
 """Fine-tuning throughput, MFU and peak memory: switchyard vs DeepSpeed AutoEP vs transformers' grouped_mm.
 
-    python benchmarks/finetune.py --out benchmarks/results/finetune.json --variant-moe-max-group-size 1300000000
+    python benchmarks/finetune.py --out benchmarks/results/finetune.json --variant-moe-max-group-size 178956971
 
 (on one H200 through the device tool, with the deepspeed + pydantic wheels of .whl carried and installed; the
 committed JSON came from exactly this command). CPU smoke run of the same logic (tiny shape, fp32,
@@ -9,8 +9,9 @@ committed JSON came from exactly this command). CPU smoke run of the same logic 
     python benchmarks/finetune.py --tiny
 
 One process, one rank (a world of one is initialized here, as in benchmarks/moe_layer.py), DeepSpeed
-ZeRO-2 (``configs/deepspeed/zero2.json`` filled by ``switchyard.deepspeed.fill_deepspeed_config``), bf16
-on CUDA, torch AdamW (``fused=True`` on CUDA) over ``switchyard.deepspeed.optimizer_param_groups``,
+ZeRO-2 (``configs/deepspeed/zero2.json`` filled by ``switchyard.deepspeed.fill_deepspeed_config``; its
+``bf16.check_grad_overflow`` is false), bf16 on CUDA, torch AdamW (``fused=True`` on CUDA) over
+``switchyard.deepspeed.optimizer_param_groups`` (MoE groups capped at ``MOE_MAX_GROUP_SIZE`` elements),
 gradient clipping 1.0, the same random token ids (fixed generator) for every implementation, and
 ``loss = model(input_ids, labels=input_ids).loss``:
 
@@ -42,9 +43,10 @@ torch.profiler pass after the timed steps (first round only) records the top ker
 category and each phase's host time (``profile``). On CUDA the implementations run in two rounds, in
 ``RUN_ORDER`` and then reversed (build order changes allocator and clock state); the round with the higher
 tokens/s is reported and every round is listed under ``rounds``. ``--variant-moe-max-group-size N`` then
-reruns switchyard and AutoEP with DeepSpeed's MoE param-group size cap raised to N (default cap: 178956971
-elements, i.e. 14 expert groups here, each one more ZeRO partition and optimizer call) and stores them
-under ``variants``. One implementation failing records ``{"error": ...}`` and the run goes on.
+reruns switchyard and AutoEP with the MoE param-group size cap set to N instead of
+``switchyard.deepspeed.config.MOE_MAX_GROUP_SIZE`` (each group is one more ZeRO partition and optimizer
+call; DeepSpeed's own default, 178956971, makes 14 expert groups here) and stores them under ``variants``.
+One implementation failing records ``{"error": ...}`` and the run goes on.
 
 Output: ``{"meta": {command, versions, device, shape (+ parameter counts), batch, seq_len, steps, rounds,
 training, flops_formula, date, git_commit (SWITCHYARD_GIT_COMMIT wins), target, ...}, "results": {impl:
@@ -170,25 +172,12 @@ def ds_config(run: Run, **extra: Any) -> dict:
 
 
 def make_optimizer(model: nn.Module, run: "Run") -> torch.optim.Optimizer:
-    """torch AdamW over ``optimizer_param_groups``. ``run.moe_max_group_size`` (an experiment, off by default)
-    raises the size cap at which DeepSpeed's ``split_params_into_different_moe_groups_for_optimizer`` cuts MoE
-    groups (default 178956971 elements: the 2.4B expert parameters here become 14 groups, each one more
-    ZeRO partition and one more optimizer step call)."""
-    import contextlib
-    import functools
-    from unittest import mock
-
-    import deepspeed.moe.utils as ds_moe_utils
-
+    """torch AdamW over ``optimizer_param_groups`` (its default MoE group size cap, ``MOE_MAX_GROUP_SIZE``;
+    ``run.moe_max_group_size`` overrides it for the ``--variant-moe-max-group-size`` experiment)."""
     from switchyard.deepspeed import optimizer_param_groups
 
-    patch: Any = contextlib.nullcontext()
-    if run.moe_max_group_size:
-        split = functools.partial(ds_moe_utils.split_params_into_different_moe_groups_for_optimizer,
-                                  max_group_size=run.moe_max_group_size)
-        patch = mock.patch.object(ds_moe_utils, "split_params_into_different_moe_groups_for_optimizer", split)
-    with patch:
-        groups = optimizer_param_groups(model, WEIGHT_DECAY)
+    cap = {"max_group_size": run.moe_max_group_size} if run.moe_max_group_size else {}
+    groups = optimizer_param_groups(model, WEIGHT_DECAY, **cap)
     kwargs = {"fused": True} if run.device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=LR, **kwargs)
 
@@ -615,8 +604,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rounds over the implementations, alternating forward and reverse order; the round with "
                         "the higher tokens/s is reported, all are listed (default 2 on CUDA, 1 otherwise)")
     p.add_argument("--variant-moe-max-group-size", type=int, default=None, metavar="N",
-                   help="after the main runs, rerun switchyard and deepspeed_autoep with DeepSpeed's MoE "
-                        "param-group size cap raised to N elements (an experiment; stored under 'variants')")
+                   help="after the main runs, rerun switchyard and deepspeed_autoep with the MoE param-group "
+                        "size cap set to N elements (an experiment; stored under 'variants')")
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO_ROOT)}; a temp file with --tiny)")
     args = p.parse_args(argv)
@@ -637,6 +626,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from switchyard.deepspeed.config import MOE_MAX_GROUP_SIZE
+
     args = parse_args(argv)
     shape = TINY_SHAPE if args.tiny else SHAPE
     dtype = torch.bfloat16 if args.device.type == "cuda" else torch.float32
@@ -664,6 +655,9 @@ def main(argv: list[str] | None = None) -> dict:
                       "optimizer": f"torch.optim.AdamW(lr={LR}, weight_decay={WEIGHT_DECAY}"
                                    f"{', fused=True' if args.device.type == 'cuda' else ''}) over "
                                    "switchyard.deepspeed.optimizer_param_groups", "gradient_clipping": CLIP,
+                      "moe_max_group_size": MOE_MAX_GROUP_SIZE,
+                      "bf16_check_grad_overflow": json.loads(ZERO2_CONFIG.read_text()).get("bf16", {}).get(
+                          "check_grad_overflow", True),
                       "world_size": 1},
         "aux_loss_coef": AUX_LOSS_COEF,
         "flops_formula": flops_formula(shape),
@@ -716,7 +710,8 @@ def main(argv: list[str] | None = None) -> dict:
         key = f"moe_max_group_size={args.variant_moe_max_group_size}"
         variants[key] = {"what": "switchyard and deepspeed_autoep rerun (same process, same inputs) with "
                                  "split_params_into_different_moe_groups_for_optimizer(max_group_size="
-                                 f"{args.variant_moe_max_group_size}) instead of DeepSpeed's default 178956971",
+                                 f"{args.variant_moe_max_group_size}) instead of optimizer_param_groups' default "
+                                 f"{MOE_MAX_GROUP_SIZE}",
                          "results": {}}
         vrun = dataclasses.replace(run, moe_max_group_size=args.variant_moe_max_group_size)
         for impl in [i for i in RUN_ORDER if i in args.impls and i != "hf_grouped_mm"]:

@@ -57,6 +57,7 @@ def test_deepspeed_auto_values_filled_and_conflicts_refused(tmp_path):
                                    dp_size=4, clip=1.0, precision="bf16")
     assert filled["train_batch_size"] == 32 and filled["bf16"]["enabled"] is True
     assert filled["gradient_accumulation_steps"] == 2 and filled["zero_optimization"]["stage"] == 2
+    assert filled["bf16"]["check_grad_overflow"] is False  # docs/performance.md: 12-15 ms of each ZeRO step
     conflicting = json.loads((REPO / "configs/deepspeed/zero2.json").read_text())
     conflicting["train_micro_batch_size_per_gpu"] = 16
     path = tmp_path / "ds.json"
@@ -74,3 +75,24 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(values[1:], values[2:]))
     assert values[-1] >= 0.1 and lr_multiplier(10, 10, 2, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_multiplier(5, 10, 0, "constant", 0.1) == 1.0
+
+
+def test_optimizer_param_groups_split_moe_groups_at_the_cap():
+    import torch
+    import torch.nn as nn
+
+    from switchyard.deepspeed import optimizer_param_groups
+    from switchyard.deepspeed.config import MOE_MAX_GROUP_SIZE
+
+    model = nn.ModuleDict({"proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4),
+                           "experts": nn.ParameterList([nn.Parameter(torch.zeros(10, 10)) for _ in range(4)])})
+    for param in model["experts"].parameters():  # how switchyard tags expert parameters for DeepSpeed
+        param.allreduce, param.group_name = False, "ep_size_1"
+    groups = optimizer_param_groups(model, 0.1)
+    assert MOE_MAX_GROUP_SIZE > 400
+    assert [(g["name"], len(g["params"]), g["weight_decay"], g.get("moe", False)) for g in groups] == [
+        ("decay", 1, 0.1, False), ("no_decay", 3, 0.0, False), ("ep_size_1", 4, 0.1, True)]
+    capped = [g for g in optimizer_param_groups(model, 0.1, max_group_size=250) if g.get("moe")]
+    assert [len(g["params"]) for g in capped] == [2, 2]
+    with pytest.raises(ValueError, match="max_group_size=0"):
+        optimizer_param_groups(model, 0.1, max_group_size=0)

@@ -62,10 +62,24 @@ def fill_deepspeed_config(
     return config
 
 
-def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+# Largest expert param group (elements). DeepSpeed's own default (178956971) cut the 2.4B expert parameters
+# of benchmarks/finetune.py into 14 groups; every group is one more ZeRO flat partition, flatten + fp32 cast,
+# clip and optimizer call, and ~3 host syncs inside ZeRO's step (the is-finite check of the norm per group).
+# 5e8 makes 8 groups there (the optimizer-phase measurement is in docs/performance.md). The cost is memory
+# inside the step: ZeRO casts one group's gradients to a fresh fp32 copy (after a bf16 flatten), ~6 bytes
+# per element of the group's partition, 2.8 GiB at this cap, while the activations are already freed.
+MOE_MAX_GROUP_SIZE = 500_000_000
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float,
+                           max_group_size: int | None = MOE_MAX_GROUP_SIZE) -> list[dict[str, Any]]:
     """Decay / no-decay groups (biases and norms don't decay), then split for MoE as DeepSpeed requires:
-    expert parameters in their own groups, marked ``moe=True`` with their expert group name."""
+    expert parameters in their own groups, marked ``moe=True`` with their expert group name, each group at
+    most ``max_group_size`` elements (``None``: one group per expert group and decay class)."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    if max_group_size is not None and max_group_size < 1:
+        raise ValueError(f"max_group_size={max_group_size} must be a positive number of elements or None")
 
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -75,4 +89,4 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     groups = [g for g in groups if g["params"]]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+    return split_params_into_different_moe_groups_for_optimizer(groups, max_group_size=max_group_size)

@@ -31,10 +31,19 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _dp_means(values: list[torch.Tensor], groups, extra: list[torch.Tensor] = ()) -> list[float]:
+    """Means of scalar tensors over the data-parallel group, then ``extra`` scalars as they are: one
+    all-reduce and one host sync for all of them (each ``.item()`` would stall the device queue)."""
+    sums = torch.stack([v.detach().float().reshape(()) for v in values])
+    dist.all_reduce(sums, group=groups.group("dp"))
+    if extra:
+        sums = torch.cat([sums, torch.stack([e.detach().float().reshape(()).to(sums.device) for e in extra])])
+    out = sums.tolist()
+    return [x / groups.size("dp") for x in out[:len(values)]] + out[len(values):]
+
+
 def _dp_mean(value: torch.Tensor, groups) -> float:
-    value = value.detach().float().reshape(1).clone()
-    dist.all_reduce(value, group=groups.group("dp"))
-    return value.item() / groups.size("dp")
+    return _dp_means([value], groups)[0]
 
 
 class StepBatches:
@@ -120,7 +129,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum)
     else:
-        optimizer = torch.optim.AdamW(param_groups, lr=t.lr)
+        # fused: one kernel per param group on CUDA (what benchmarks/finetune.py measures); foreach on CPU
+        optimizer = torch.optim.AdamW(param_groups, lr=t.lr, fused=torch.cuda.is_available() or None)
     scheduler = build_scheduler(optimizer, steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups.mpu)
@@ -149,6 +159,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         lm_losses, aux_losses, tokens = [], [], 0
         grad_norm = None
         for micro in batches.next_step():
+            tokens += int((micro["labels"] != -100).sum())  # on the host batch: no device sync
             micro = {k: v.to(device) for k, v in micro.items()}
             out = engine(**micro)
             engine.backward(out.loss)
@@ -158,14 +169,18 @@ def train(config: RunConfig) -> dict[str, Any]:
             aux = out.get("aux_loss")
             lm_losses.append((out.loss - aux).detach() if aux is not None else out.loss.detach())
             aux_losses.append(aux.detach() if aux is not None else torch.zeros((), device=device))
-            tokens += int((micro["labels"] != -100).sum())
             for name, layer in layers.items():
                 stats = layer.last_stats
                 load.add(name, stats.tokens_per_expert_E, stats.dropped_copies, stats.routed_copies)
         for layer in layers.values():
             layer.update_expert_bias()
         checkpointing.inject_fault("step", step + 1)
-        loss = _dp_mean(torch.stack(lm_losses).mean(), groups)
+        engine_norm = engine.get_global_grad_norm() if grad_norm is None else None
+        norm_t = [engine_norm] if torch.is_tensor(engine_norm) else []
+        loss, router_loss, *norm_v = _dp_means([torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean()],
+                                               groups, extra=norm_t)
+        if grad_norm is None:
+            grad_norm = norm_v[0] if norm_v else float(engine_norm or 0.0)
         history.append(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower train.lr or check the data")
@@ -173,9 +188,9 @@ def train(config: RunConfig) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         values: dict[str, Any] = {
             "loss": loss,
-            "router_loss": _dp_mean(torch.stack(aux_losses).mean(), groups),
+            "router_loss": router_loss,
             "lr": engine.lr_scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm if grad_norm is not None else float(engine.get_global_grad_norm() or 0.0),
+            "grad_norm": grad_norm,
             "tokens_per_s": global_tokens / elapsed,
         }
         if device.type == "cuda":

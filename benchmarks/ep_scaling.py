@@ -8,15 +8,17 @@ Cost model only (no process group, no GPU), and a CPU check of the logic on gloo
     python benchmarks/ep_scaling.py --cost-model-only
     torchrun --nproc_per_node 4 benchmarks/ep_scaling.py --tiny
 
-For each EP in 2, 4, … (powers of two dividing the world, or ``--ep-sizes``) every rank builds
-``ProcessGroupManager(ep=EP)`` and a ``MoELayer``, ``--tokens`` tokens per rank, and measures:
+For each EP in 1, 2, 4, … (powers of two dividing the world, or ``--ep-sizes``) every rank builds
+``ProcessGroupManager(ep=EP)`` and a ``MoELayer``, ``--tokens`` tokens per rank, and measures (EP=1: every
+rank holds all experts and no token leaves it, the weak-scaling baseline; it has no raw all-to-all):
 
     dispatcher   the layer's TokenDispatcher alone: dispatch → identity experts → combine (count exchange,
                  permutation, both all-to-alls, weighted combine) under no_grad, with the layer's router
     raw_a2a      two ``all_to_all_single`` calls with the same split sizes (there and back) on the same EP
                  group and buffers of the same bytes: what NCCL alone costs, so ``overhead`` = dispatcher /
                  raw shows what our dispatcher adds
-    layer        forward + backward of the whole layer (weak scaling: tokens per rank fixed as EP grows)
+    layer        forward + backward of the whole layer (weak scaling: tokens per rank fixed as EP grows;
+                 ``weak_scaling_eff`` = layer ms at the smallest EP measured / layer ms at this EP)
 
 Bytes are the off-rank bytes a rank sends in dispatch + combine (the self chunk is a local copy), counted
 from the dispatch's split sizes; combine sends back what dispatch received, so sent == received. ``gbps``
@@ -234,7 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default: all three (olmoe with --tiny)")
     for name in ("hidden", "ffn", "experts", "top-k"):
         p.add_argument(f"--{name}", type=int, default=None, help="override this field of one --shape")
-    p.add_argument("--ep-sizes", type=int, nargs="+", default=None, help="default: 2, 4, … dividing the world")
+    p.add_argument("--ep-sizes", type=int, nargs="+", default=None, help="default: 1, 2, 4, … dividing the world")
     p.add_argument("--tokens", type=int, default=None, help="tokens per rank (default 8192; 64 with --tiny)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; 1 with --tiny)")
@@ -312,10 +314,9 @@ def run(argv: list[str] | None = None) -> dict[str, dict[int, dict]]:
 
     init_distributed("nccl" if args.device.type == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    ep_sizes = args.ep_sizes or [2**i for i in range(1, world.bit_length()) if world % 2**i == 0]
+    ep_sizes = args.ep_sizes or [2**i for i in range(world.bit_length()) if world % 2**i == 0]
     if not ep_sizes or any(ep < 1 or world % ep for ep in ep_sizes):
-        raise ValueError(f"EP sizes {ep_sizes} must divide the world size {world} "
-                         "(a world of one rank measures only the layer: pass --ep-sizes 1)")
+        raise ValueError(f"EP sizes {ep_sizes} must be >= 1 and divide the world size {world}")
     results: dict[str, dict[int, dict]] = {}
     for name, shape in args.shapes.items():
         results[name] = {}

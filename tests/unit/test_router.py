@@ -206,3 +206,23 @@ def test_update_expert_bias_sums_over_ranks() -> None:
     biases = run_on_ranks(_update_bias_on_rank, 2, timeout_s=60)
     # summed counts [6, 9, 2, 2], mean 4.75: experts 0 and 1 overloaded on both ranks
     assert biases[0] == biases[1] == [-0.5, -0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_logits_grads_equal_autograds(dtype: torch.dtype) -> None:
+    """The router's logits op (saves x in its own dtype, not an fp32 copy) == F.linear on fp32 copies."""
+    from switchyard.moe.router import router_logits_fp32
+
+    torch.manual_seed(0)
+    x = torch.randn(T, H).to(dtype).requires_grad_(True)
+    w = (torch.randn(8, H) * 0.02).to(dtype).requires_grad_(True)
+    grad = torch.randn(T, 8)
+    ours = router_logits_fp32(x, w)
+    ours.backward(grad)
+    x_ref, w_ref = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x_ref.float(), w_ref.float())
+    ref.backward(grad)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, ref) and torch.equal(x.grad, x_ref.grad) and torch.equal(w.grad, w_ref.grad)
+    with torch.no_grad():  # the graph-free path (decode) gives the same logits
+        assert torch.equal(router_logits_fp32(x, w), ref)

@@ -46,6 +46,41 @@ class RouterOutput:
     topk_weight_TK: torch.Tensor  # fp32 final combine weights
 
 
+class _Fp32Logits(torch.autograd.Function):
+    """``F.linear(x.float(), w.float())`` that saves ``x`` and ``w`` in their own dtype, not as fp32 copies.
+
+    Autograd's version keeps the fp32 copy of ``x`` (``[T, H]``, 4 bytes an element: 128 MiB for 8192
+    tokens of hidden 4096) alive until the router's backward, which runs last, so it sits on top of the
+    layer's peak (the experts' backward). Here the copy is rebuilt in the backward. The backward is the
+    same two fp32 matmuls as ``F.linear``'s, then the cast back, so results are bitwise those of the
+    autograd version.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x_TH, weight_EH)
+        return F.linear(x_TH.float(), weight_EH.float())
+
+    @staticmethod
+    def backward(ctx, grad_TE: torch.Tensor):  # type: ignore[override]
+        x_TH, weight_EH = ctx.saved_tensors
+        grad_x = grad_w = None
+        grad_TE = grad_TE.float()
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_TE.mm(weight_EH.float()).to(x_TH.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_TE.t().mm(x_TH.float()).to(weight_EH.dtype)
+        return grad_x, grad_w
+
+
+def router_logits_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
+    """fp32 router logits ``x @ w.T`` of a ``[T, H]`` input (any float dtype)."""
+    if torch.is_grad_enabled() and (x_TH.requires_grad or weight_EH.requires_grad):
+        return _Fp32Logits.apply(x_TH, weight_EH)
+    # no graph to record (inference): skip the Function, whose host overhead shows in a decode step
+    return F.linear(x_TH.float(), weight_EH.float())
+
+
 def _softmax_fp32(logits_TE: torch.Tensor) -> torch.Tensor:
     return F.softmax(logits_TE, dim=-1, dtype=torch.float32)
 
@@ -105,7 +140,7 @@ class Router(nn.Module):
             # Switch/Mixtral multiplicative jitter; only the router's copy of x is perturbed here.
             noise_TH = torch.empty_like(x_TH).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
             x_TH = x_TH * noise_TH
-        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        logits_TE = router_logits_fp32(x_TH, self.weight)
         scores_TE = _SCORE_FUNCS[cfg.score_func](logits_TE)
 
         topk_on_logits = cfg.score_func == "softmax" and not cfg.softmax_before_topk
@@ -114,12 +149,13 @@ class Router(nn.Module):
             choice_TE = choice_TE + self.expert_bias  # bias steers the choice only, never the weights
         if cfg.n_group is not None:
             choice_TE = self._mask_groups(choice_TE)
-        topk_idx_TK = torch.topk(choice_TE, k=self.top_k, dim=-1, sorted=self._topk_sorted)[1]
+        topk_val_TK, topk_idx_TK = torch.topk(choice_TE, k=self.top_k, dim=-1, sorted=self._topk_sorted)
 
         if topk_on_logits:
             topk_weight_TK = _softmax_fp32(logits_TE.gather(1, topk_idx_TK))
         else:
-            topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
+            # top-k ran on the scores themselves: its values are the gather, bit for bit (one launch less)
+            topk_weight_TK = topk_val_TK if choice_TE is scores_TE else scores_TE.gather(1, topk_idx_TK)
             if cfg.norm_topk_prob:
                 topk_weight_TK = self._renormalize(topk_weight_TK)
         if cfg.routed_scaling_factor != 1.0:

@@ -152,13 +152,24 @@ class _SiluMul(torch.autograd.Function):
         return _tk.silu_mul_bwd(h_NO, da_NF.contiguous())
 
 
+def _records_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record an op on ``tensors``. When not (inference, decode), the ops below
+    call their forward directly: ``Function.apply`` costs tens of µs of host time per call, which is a
+    visible share of a host-bound decode step."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def gather_rows(x_TH: torch.Tensor, token_idx_N: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
     """``x_TH[token_idx_N]`` whose backward sums each token's copies through ``idx_TK`` (no atomics)."""
+    if not _records_graph(x_TH):
+        return x_TH.index_select(0, token_idx_N)
     return _GatherRows.apply(x_TH, token_idx_N, idx_TK)
 
 
 def unpermute_combine(y_RH: torch.Tensor, weight_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_k weight[t, k] * y[idx[t, k]]`` (fp32 accumulation), in y's dtype."""
+    if not _records_graph(y_RH, weight_TK):
+        return _gather_sum(y_RH.contiguous(), idx_TK, weight_TK.contiguous(), y_RH.dtype)
     return _UnpermuteCombine.apply(y_RH, weight_TK, idx_TK)
 
 
@@ -170,7 +181,7 @@ def silu_mul_supported(h_NO: torch.Tensor) -> bool:
 def silu_mul(h_NO: torch.Tensor) -> torch.Tensor:
     """SwiGLU ``silu(gate) * up`` of the fused ``[N, 2F]`` projection (gate columns first)."""
     if silu_mul_supported(h_NO):
-        return _SiluMul.apply(h_NO)
+        return _SiluMul.apply(h_NO) if _records_graph(h_NO) else _tk.silu_mul_fwd(h_NO)
     gate_NF, up_NF = h_NO.chunk(2, dim=-1)
     if h_NO.dtype in (torch.bfloat16, torch.float16):  # the kernel's math: fp32, one rounding
         return (F.silu(gate_NF.float()) * up_NF.float()).to(h_NO.dtype)

@@ -91,7 +91,8 @@ def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, de
     from switchyard.serve.engine import Engine, ModelRunner, Sequence
     from switchyard.serve.sampling import SamplingParams
 
-    runner = ModelRunner(model, max_batch=len(prompts))  # one runner: the warm-up captures its graphs
+    runner = ModelRunner(model, max_batch=len(prompts))  # as the server: graphs captured up front
+    runner.warmup()
 
     def run(n: int) -> tuple[float, float]:
         engine = Engine(runner, tokenizer)

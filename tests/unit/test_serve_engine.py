@@ -249,6 +249,42 @@ def test_static_rows_compact_and_the_cache_grows_without_changing_tokens(model_a
     assert len(runner.batch) == 0
 
 
+def test_warmup_captures_every_bucket_and_leaves_no_trace(model_and_tok, monkeypatch):
+    """The server's warm-up (graphs faked on CPU: a 'replay' runs the step eagerly): one capture per
+    bucket, largest first; afterwards nothing is decoding, counts are zero, outputs equal generate()."""
+    from switchyard.serve.slot_cache import StaticDecoder
+
+    captured = []
+
+    class EagerGraph:
+        def __init__(self, decoder, bucket):
+            self.decoder, self.bucket = decoder, bucket
+
+        def replay(self):
+            self.decoder._step(self.bucket)
+
+    def fake_capture(self, bucket):
+        captured.append(bucket)
+        self._graphs[bucket] = EagerGraph(self, bucket)
+
+    monkeypatch.setattr(StaticDecoder, "_capture", fake_capture)
+    model, tok = model_and_tok
+    runner = ModelRunner(model, count_experts=True, decode="static", max_batch=6)
+    runner.batch.use_graphs = True
+    runner.warmup()
+    assert captured == [6, 4, 2, 1] and len(runner.batch) == 0 and not runner.caches
+    assert runner._unsynced_LE.sum() == 0
+    engine = Engine(runner, tok)
+    seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=9, temperature=0)) for p in PROMPTS[:3]]
+    engine.submit(seqs)
+    engine.run_until_idle()
+    assert captured == [6, 4, 2, 1]  # no capture while serving
+    for seq in seqs:
+        assert seq.output_ids == greedy(model, seq.prompt_ids, 9)
+    routed = sum(len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs) * 2
+    assert [sum(row) for row in runner.expert_counts()] == [routed, routed]  # padding rows not counted
+
+
 def test_prefill_groups_bound_padded_tokens():
     from switchyard.serve.runner import _prefill_groups
 

@@ -49,6 +49,7 @@ def run(config: ServeConfig) -> int:
         layer.replicated_tokens = True
     runner = ModelRunner(model, count_experts=rank == 0, decode=config.decode, max_batch=config.max_batch,
                          max_model_len=context_length(config, model))
+    runner.warmup()  # every rank: the graphs (and their all-reduces) are captured together, before serving
     code = 1  # an exception below: non-zero, whatever the teardown does
     try:
         code = worker_loop(runner, channel) if rank != 0 else _serve_rank0(config, runner, tokenizer, channel, path)

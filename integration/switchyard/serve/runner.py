@@ -253,6 +253,29 @@ class ModelRunner:
         self.expert_counts_LE += self._unsynced_LE.cpu()
         self._unsynced_LE.zero_()
 
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Capture every decode graph before the first request (static mode on CUDA; a no-op otherwise).
+
+        Without it the first steps at each new batch size capture a graph (and compile kernels) while
+        clients wait. Dummy one-token sequences fill every slot, then decode once at each bucket size,
+        largest first (the graphs share one memory pool), and leave. Every rank runs the same steps, so
+        the EP all-reduces pair up; the per-expert counts are reset afterwards."""
+        from switchyard.serve.slot_cache import buckets_for
+
+        if self.decode != "static" or not self.batch.use_graphs:
+            return
+        slots = list(range(self.max_batch))
+        self.execute(StepPlan([(slot, [0], True) for slot in slots]))
+        live = len(slots)
+        for bucket in reversed(buckets_for(self.max_batch)):
+            self.execute(StepPlan([(slot, [0], False) for slot in slots[:bucket]], release=slots[bucket:live]))
+            live = bucket
+        self.execute(StepPlan([], release=slots[:live]))
+        if self._unsynced_LE is not None:
+            self._unsynced_LE.zero_()
+        log.info("decode graphs captured for batch sizes %s", buckets_for(self.max_batch), ranks=[0])
+
     def close(self) -> None:
         """Free the KV caches and any captured graphs (before the process groups are destroyed)."""
         if hasattr(self.batch, "close"):

@@ -7,6 +7,8 @@ one process.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,3 +76,44 @@ def test_two_ranks_follow_rank_0_and_match_one_process(model_dir, decode):
     assert rank0[0] == want_ids  # each token meets the same experts; only the sum over ranks is reordered
     assert rank0[1] == want_counts  # every rank routes every token: rank 0's counts are the totals
     assert rank0[2] == rank1[2] == want_forwards  # every rank ran every forward
+
+
+def _load_hf_dir(exported: str, cache: str) -> tuple[list[int], list[float], list[str]]:
+    """This rank's expert ids, the logits of a fixed input (replicated tokens), the cache's entries."""
+    import os
+    from pathlib import Path
+
+    import switchyard as sy
+    from switchyard.hf.patch import moe_layers
+    from switchyard.serve.loading import load_for_serving
+
+    os.environ["SWITCHYARD_CACHE"] = cache
+    groups = sy.ProcessGroupManager(ep=2, register_with_deepspeed=False)
+    model, _ = load_for_serving(Path(exported), groups)
+    layers = moe_layers(model)
+    for layer in layers:
+        layer.replicated_tokens = True
+    with torch.no_grad():
+        logits = model(torch.arange(3, 40).view(1, -1)).logits[0, -1]
+    return layers[0].local_expert_ids, logits.tolist(), sorted(p.name for p in (Path(cache) / "adopted").iterdir())
+
+
+def test_an_hf_moe_dir_is_converted_once_then_each_rank_reads_its_experts(model_dir, tmp_path):
+    """--model <HF MoE dir> on 2 ranks: rank 0 converts it into the cache once; each rank then holds only
+    its experts, and the logits equal the HF dir's model in one process."""
+    import switchyard as sy
+    from switchyard.serve.loading import load_for_serving
+
+    model, tok = load_for_serving(Path(model_dir), None)
+    exported = sy.export_hf(model, tmp_path / "exported", tokenizer=tok)
+    reference, _ = load_for_serving(Path(exported), None)
+    with torch.no_grad():
+        want = reference(torch.arange(3, 40).view(1, -1)).logits[0, -1]
+    cache = str(tmp_path / "cache")
+    rank0, rank1 = run_on_ranks(_load_hf_dir, 2, str(exported), cache, timeout_s=180)
+    assert rank0[0] == [0, 1] and rank1[0] == [2, 3]
+    assert len(rank0[2]) == 1 and rank0[2] == rank1[2]  # one conversion, shared by both ranks
+    for got in (rank0[1], rank1[1]):
+        torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=1e-5)
+    run_on_ranks(_load_hf_dir, 2, str(exported), cache, timeout_s=180)  # a second start reuses it
+    assert len(list((tmp_path / "cache" / "adopted").iterdir())) == 1

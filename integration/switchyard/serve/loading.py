@@ -3,9 +3,10 @@
 * a switchyard checkpoint (``config.json`` has a ``switchyard`` record): ``switchyard.from_pretrained``
   — each EP rank reads only its own experts' shard files plus the dense tensors;
 * an HF MoE directory (exported by ``switchyard export``, or Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE /
-  DeepSeek-V3): transformers loads it, then ``switchyard.patch_model`` adopts its MoE blocks, keeping
-  this rank's experts. Every rank reads the whole checkpoint first (the HF blocks are freed after
-  patching); convert big models once to a switchyard checkpoint to load only own experts;
+  DeepSeek-V3): in one process transformers loads it and ``switchyard.patch_model`` adopts its MoE
+  blocks. With more ranks, rank 0 first converts it once into a switchyard checkpoint in the cache
+  (``SWITCHYARD_CACHE``/adopted, keyed by the directory and its files' sizes and times; a subprocess
+  holds the whole model once), then every rank reads only its own experts from that;
 * ``tiny``: the embedded tiny Llama, upcycled to 4 experts and cached (``SWITCHYARD_CACHE``).
 
 Only safetensors files are read (``use_safetensors=True``): nothing is unpickled.
@@ -99,19 +100,98 @@ def load_for_serving(path: Path, groups: "ProcessGroupManager | None", dtype: st
 
     torch_dtype = _DTYPES.get(dtype)
     raw = json.loads((path / "config.json").read_text())
-    if raw.get("switchyard"):
+    if not raw.get("switchyard"):
+        check_adoptable(path)  # on every rank, before any rank converts: a bad directory fails everywhere
+        if groups is not None and groups.world_size > 1:
+            path = adopted_checkpoint(path)  # then each rank reads only its experts, as below
+    if json.loads((path / "config.json").read_text()).get("switchyard"):
         model = sy.from_pretrained(path, groups=groups, dtype=torch_dtype, device=device)
     else:
-        if not list(path.glob("*.safetensors")):
-            raise ValueError(f"{path} has no *.safetensors files; switchyard reads checkpoints only as "
-                             "safetensors (convert .bin files with transformers' save_pretrained)")
-        from switchyard.hf.adopt import SUPPORTED_BLOCKS
-
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch_dtype or "auto")
-        if not any(type(m).__name__ in SUPPORTED_BLOCKS for m in model.modules()):
-            raise ValueError(f"{path} ({raw.get('model_type')}) has no MoE blocks switchyard can adopt "
-                             f"({sorted(SUPPORTED_BLOCKS)}); upcycle a dense model first: `switchyard upcycle`")
         sy.patch_model(model, None, groups)
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def check_adoptable(path: Path) -> None:
+    """An HF MoE directory switchyard can serve: safetensors weights, MoE blocks it adopts (checked on
+    the meta device: no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from switchyard.hf.adopt import SUPPORTED_BLOCKS
+
+    if not list(path.glob("*.safetensors")):
+        raise ValueError(f"{path} has no *.safetensors files; switchyard reads checkpoints only as "
+                         "safetensors (convert .bin files with transformers' save_pretrained)")
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    if not any(type(m).__name__ in SUPPORTED_BLOCKS for m in skeleton.modules()):
+        raise ValueError(f"{path} ({config.model_type}) has no MoE blocks switchyard can adopt "
+                         f"({sorted(SUPPORTED_BLOCKS)}); upcycle a dense model first: `switchyard upcycle`")
+
+
+def _source_key(path: Path) -> str:
+    """Changes whenever the directory's weights or config change (path, names, sizes, mtimes)."""
+    import hashlib
+
+    digest = hashlib.sha256(str(path.resolve()).encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json") or f.name.startswith("tokenizer")):
+            stat = f.stat()
+            digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def convert_hf_moe_dir(src: str | Path, out: str | Path) -> Path:
+    """Adopt an HF MoE directory's blocks (all experts, one process) and save it as a switchyard
+    checkpoint at ``out`` (written aside, then renamed: a crash never leaves half a checkpoint)."""
+    import switchyard as sy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = Path(src), Path(out)
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(src, use_safetensors=True, dtype="auto")
+    sy.patch_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        sy.save_pretrained(model, tmp, tokenizer=AutoTokenizer.from_pretrained(src))
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first
+            if not (out / "model.safetensors.index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def adopted_checkpoint(path: Path) -> Path:
+    """The switchyard checkpoint of HF MoE directory ``path`` in the cache, built by rank 0 (in a
+    subprocess: a save inside this world would wait for the other ranks) while the others wait; a failed
+    build is an error on every rank. Multi-node: ``SWITCHYARD_CACHE`` must be shared."""
+    import torch.distributed as dist
+
+    from switchyard.train.model_source import cache_dir
+
+    out = cache_dir() / "adopted" / f"{path.resolve().name}-{_source_key(path)}"
+    status: list[str | None] = [None]
+    if dist.get_rank() == 0 and not (out / "model.safetensors.index.json").is_file():
+        log.info("converting %s into a switchyard checkpoint at %s (once; then each rank reads only its "
+                 "experts)", path, out)
+        code = f"from switchyard.serve.loading import convert_hf_moe_dir; convert_hf_moe_dir({str(path)!r}, {str(out)!r})"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if done.returncode != 0:
+            status[0] = f"converting {path} failed:\n{done.stderr[-3000:]}"
+    # the others wait on a gloo group of their own: a big model's conversion outlasts the usual timeout
+    import datetime
+
+    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+    dist.broadcast_object_list(status, src=0, group=waiting)
+    dist.destroy_process_group(waiting)
+    if status[0] is not None:
+        raise ValueError(status[0])
+    return out

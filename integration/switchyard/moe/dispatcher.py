@@ -153,8 +153,7 @@ class TokenDispatcher:
     def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, DispatchPlan]:
         send_RL = plan.tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
         recv_RL = exchange_counts(send_RL.reshape(-1), self.ep_group).view(self.ep_size, self.num_local_experts)
-        plan.input_splits = send_RL.sum(1).tolist()
-        plan.output_splits = recv_RL.sum(1).tolist()
+        plan.input_splits, plan.output_splits = torch.stack([send_RL.sum(1), recv_RL.sum(1)]).tolist()  # one sync
         x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
         # rows arrive grouped by (source rank, local expert); the experts want (local expert, source)
         chunk_of_row = torch.repeat_interleave(

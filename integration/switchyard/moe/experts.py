@@ -120,7 +120,9 @@ class _ExpertBias(torch.autograd.Function):
 def _grouped_linear(x_NI: Tensor, w_EOI: Tensor, offs_E: Tensor, bias_EO: Tensor | None,
                     eid_N: Tensor | None) -> Tensor:
     # grouped_mm wants mat_b as [E, in, out]; the transposed view is the column-major layout it prefers.
-    y_NO = _DenseGrad.apply(_GROUPED_MM(x_NI, w_EOI.transpose(-2, -1), offs=offs_E))  # type: ignore[misc]
+    y_NO = _GROUPED_MM(x_NI, w_EOI.transpose(-2, -1), offs=offs_E)  # type: ignore[misc]
+    if torch.is_grad_enabled():  # the Function's host cost is wasted where nothing is recorded (decode)
+        y_NO = _DenseGrad.apply(y_NO)
     if bias_EO is None:
         return y_NO
     assert eid_N is not None

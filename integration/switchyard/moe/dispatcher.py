@@ -74,18 +74,11 @@ class TokenDispatcher:
         num_tokens, top_k = expert_TK.shape
         if not fused_kernels_enabled():
             return self._dispatch_unfused(x_TH, expert_TK, keep_TK)
-        flat_expert = expert_TK.reshape(-1).to(torch.int32)  # int32 keys: half the radix-sort passes
-        if keep_TK is not None:
-            # dropped slots sort after every real expert and are cut off below
-            flat_expert = torch.where(keep_TK.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_experts))
-        sorted_expert, slot_order = torch.sort(flat_expert, stable=True)
-        # bounds[e] = first sorted position with expert >= e: counts without bincount's host sync
-        experts = torch.arange(self.num_experts + 1, device=flat_expert.device, dtype=torch.int32)
-        bounds = torch.searchsorted(sorted_expert, experts)
+        slot_order, bounds = self._sort_by_expert(expert_TK, keep_TK)
         tokens_per_expert_E = bounds.diff()
-        if keep_TK is not None:
+        if keep_TK is not None:  # dropped slots sorted after every real expert: cut off
             slot_order = slot_order[: int(bounds[-1])]
-            row_of_slot = torch.full_like(flat_expert, -1, dtype=torch.int64)
+            row_of_slot = torch.full((num_tokens * top_k,), -1, dtype=torch.int64, device=slot_order.device)
         else:
             row_of_slot = torch.empty_like(slot_order)
         row_of_slot.scatter_(0, slot_order, torch.arange(slot_order.numel(), device=slot_order.device))
@@ -98,6 +91,16 @@ class TokenDispatcher:
             return x_NH, plan
         return self._exchange(x_NH, plan)
 
+    def _sort_by_expert(self, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat slots sorted by expert, dropped slots last; ``bounds[e]`` = first sorted position with
+        expert >= e, for e in 0..E) — counts without bincount's host sync."""
+        flat_expert = expert_TK.reshape(-1).to(torch.int32)  # int32 keys: half the radix-sort passes
+        if keep_TK is not None:
+            flat_expert = torch.where(keep_TK.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_experts))
+        sorted_expert, slot_order = torch.sort(flat_expert, stable=True)
+        experts = torch.arange(self.num_experts + 1, device=flat_expert.device, dtype=torch.int32)
+        return slot_order, torch.searchsorted(sorted_expert, experts)
+
     def dispatch_replicated(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, DispatchPlan]:
@@ -109,12 +112,7 @@ class TokenDispatcher:
         -1); otherwise the rows are cut to ``n_local`` (one sync, free on CPU).
         """
         num_tokens, top_k = expert_TK.shape
-        flat_expert = expert_TK.reshape(-1).to(torch.int32)
-        if keep_TK is not None:
-            flat_expert = torch.where(keep_TK.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_experts))
-        sorted_expert, slot_order = torch.sort(flat_expert, stable=True)
-        experts = torch.arange(self.num_experts + 1, device=flat_expert.device, dtype=torch.int32)
-        bounds = torch.searchsorted(sorted_expert, experts)
+        slot_order, bounds = self._sort_by_expert(expert_TK, keep_TK)
         tokens_per_expert_E = bounds.diff()
         first = self.ep_rank * self.num_local_experts
         start, n_local = bounds[first], bounds[first + self.num_local_experts] - bounds[first]

@@ -55,9 +55,17 @@ def build_tiny_moe(out: str | Path, cache_dir: str | Path | None = None, num_exp
     dense = build_tiny_dense_model(cache_dir, tokenizer, **{**TINY_MODEL_KW, **model_overrides})
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32, use_safetensors=True)
     sy.patch_model(model, sy.MoEConfig(num_experts=num_experts, top_k=top_k, init="drop_upcycle"))
+    return _save_aside(model, tokenizer, out)
+
+
+def _save_aside(model: nn.Module, tokenizer: Any, out: Path) -> Path:
+    """``save_pretrained`` into a temp dir beside ``out``, then rename: a concurrent or killed build
+    never leaves a half-written checkpoint (a concurrent one that finished first wins)."""
+    import switchyard as sy
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:  # written aside, then renamed: a concurrent or killed build never leaves a half-written dir
+    try:
         sy.save_pretrained(model, tmp, tokenizer=tokenizer)
         try:
             os.rename(tmp, out)
@@ -155,18 +163,7 @@ def convert_hf_moe_dir(src: str | Path, out: str | Path) -> Path:
         return out
     model = AutoModelForCausalLM.from_pretrained(src, use_safetensors=True, dtype="auto")
     sy.patch_model(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        sy.save_pretrained(model, tmp, tokenizer=AutoTokenizer.from_pretrained(src))
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process finished first
-            if not (out / "model.safetensors.index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return _save_aside(model, AutoTokenizer.from_pretrained(src), out)
 
 
 def adopted_checkpoint(path: Path) -> Path:

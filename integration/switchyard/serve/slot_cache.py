@@ -199,13 +199,19 @@ class StaticDecoder:
         self.length_R.pop()
 
     def close(self) -> None:
-        """Release the graphs, then the buffers (graphs first: they may hold NCCL work)."""
-        if self._graphs:
-            torch.cuda.synchronize(self.device)
-        self._graphs.clear()
+        """Release the graphs, then the buffers. Graphs that captured NCCL collectives must go before the
+        communicator, else ``destroy_process_group`` hangs in ``ncclCommDestroy`` (pytorch#115388)."""
+        self._drop_graphs()
         self._caches.clear()
         self._pool = None
         self.keys, self.values, self.slots, self.length_R = [], [], [], []
+
+    def _drop_graphs(self) -> None:
+        if self._graphs:
+            torch.cuda.synchronize(self.device)
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
 
     def _allocate(self, keys_HLD: torch.Tensor, values_HLD: torch.Tensor) -> None:
         def zeros(like: torch.Tensor) -> torch.Tensor:
@@ -223,6 +229,7 @@ class StaticDecoder:
         """Re-allocate every buffer with room for ``needed`` positions (at least double); graphs recapture."""
         if needed > self.max_len:
             raise ValueError(f"{needed} positions exceed the cache's maximum of {self.max_len}")
+        self._drop_graphs()  # they point at the buffers about to be replaced
         old = self.cache_len
         self.cache_len = min(self.max_len, max(needed, 2 * old))
 
@@ -237,7 +244,6 @@ class StaticDecoder:
         self.values = [widen(t, 2) for t in self.values]
         self.mask_R11L = widen(self.mask_R11L, 3, self.blocked)
         self._caches.clear()
-        self._graphs.clear()
         log.info("static KV cache grew from %d to %d positions", old, self.cache_len, ranks=[0])
 
     # -- one step -----------------------------------------------------------------------------------------------

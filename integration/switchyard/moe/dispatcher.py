@@ -153,12 +153,17 @@ class TokenDispatcher:
         recv_RL = exchange_counts(send_RL.reshape(-1), self.ep_group).view(self.ep_size, self.num_local_experts)
         plan.input_splits, plan.output_splits = torch.stack([send_RL.sum(1), recv_RL.sum(1)]).tolist()  # one sync
         x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
-        # rows arrive grouped by (source rank, local expert); the experts want (local expert, source)
-        chunk_of_row = torch.repeat_interleave(
-            torch.arange(recv_RL.numel(), device=recv_RL.device), recv_RL.reshape(-1), output_size=x_recv.shape[0]
-        )
-        source, local_expert = chunk_of_row // self.num_local_experts, chunk_of_row % self.num_local_experts
-        plan.regroup_M = torch.argsort(local_expert * self.ep_size + source, stable=True)
+        # rows arrive grouped by (source rank, local expert); the experts want (local expert, source).
+        # Each chunk moves as a block: row i of chunk c goes to out_start[c] + (i - in_start[c]); no sort.
+        counts_C = recv_RL.reshape(-1)
+        in_start_C = torch.cumsum(counts_C, 0) - counts_C
+        counts_LR = recv_RL.t().reshape(-1)
+        out_start_C = (torch.cumsum(counts_LR, 0) - counts_LR).view(self.num_local_experts, self.ep_size).t().reshape(-1)
+        rows = x_recv.shape[0]
+        chunk_of_row = torch.repeat_interleave(torch.arange(counts_C.numel(), device=counts_C.device), counts_C,
+                                               output_size=rows)
+        dest_M = torch.arange(rows, device=counts_C.device) + (out_start_C - in_start_C)[chunk_of_row]
+        plan.regroup_M = torch.empty_like(dest_M).scatter_(0, dest_M, torch.arange(rows, device=dest_M.device))
         plan.tokens_per_local_expert_L = recv_RL.sum(0)
         return x_recv.index_select(0, plan.regroup_M), plan
 

@@ -36,7 +36,9 @@ def capacity_keep_mask(
         raise ValueError(f"drop policy {policy!r} is unknown; choose 'probs' or 'position'")
     # group copies by expert, best first inside each group; a copy's rank in its group decides
     by_expert = priority[torch.argsort(flat_expert[priority], stable=True)]
-    counts = torch.bincount(flat_expert, minlength=num_experts)
+    # not bincount: on CUDA it reads the max back to the host, which a captured (serving) graph forbids
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_expert.device).index_add_(
+        0, flat_expert, torch.ones_like(flat_expert, dtype=torch.long))
     group_start = torch.cumsum(counts, 0) - counts
     rank_in_group = torch.arange(flat_expert.numel(), device=flat_expert.device) - group_start[flat_expert[by_expert]]
     keep = torch.zeros_like(flat_expert, dtype=torch.bool)

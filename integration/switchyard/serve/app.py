@@ -187,10 +187,13 @@ class _Generation:
         """Outputs until every sequence finished; aborts them all if the client goes away."""
         left, checked = len(self.seqs), time.monotonic()
         while left:
-            try:
-                out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                out = None
+            try:  # an output already queued costs no task and no timer (wait_for makes both)
+                out = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    out = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    out = None
             if time.monotonic() - checked >= DISCONNECT_POLL_S:  # also while tokens keep coming
                 checked = time.monotonic()
                 if await request.is_disconnected():

@@ -306,3 +306,33 @@ def test_plan_wire_round_trip_and_find_stop():
     assert find_stop("abcXYdefXY", ("XY", "de"), 0) == 3
     assert find_stop("abcXYdefXY", ("XY",), 4) == 8
     assert find_stop("abc", ("z",), 0) == -1
+
+
+def test_sliding_window_models_decode_without_the_static_cache():
+    """A model with sliding-window layers cannot use the full-length static cache: auto falls back (to
+    batched, then sequential once the cache kinds show), static is refused with the reason, and the
+    tokens still equal generate()."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                           max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+
+    class Tok:
+        def decode(self, ids, **kwargs):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    with pytest.raises(ValueError, match="sliding-window"):
+        ModelRunner(model, decode="static")
+    runner = ModelRunner(model, decode="auto", max_batch=2)
+    assert runner.decode == "batched"
+    engine = Engine(runner, Tok(), eos_token_ids=[])
+    prompts = [[5, 9, 3, 7, 11, 4, 8, 20, 30], [6, 2, 40]]
+    seqs = [Sequence(p, SamplingParams(max_tokens=10, temperature=0)) for p in prompts]
+    engine.submit(seqs)
+    engine.run_until_idle()
+    assert runner.decode == "sequential"
+    for seq in seqs:
+        assert seq.output_ids == greedy(model, seq.prompt_ids, 10)

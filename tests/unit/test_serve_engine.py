@@ -336,3 +336,16 @@ def test_sliding_window_models_decode_without_the_static_cache():
     assert runner.decode == "sequential"
     for seq in seqs:
         assert seq.output_ids == greedy(model, seq.prompt_ids, 10)
+
+
+def test_static_cache_out_of_memory_names_the_fix(model_and_tok, monkeypatch):
+    model, _ = model_and_tok
+    decoder = ModelRunner(model, decode="static", max_batch=2).batch
+    kv = [(torch.zeros(2, 3, 16), torch.zeros(2, 3, 16))] * decoder.num_layers
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(torch, "zeros", out_of_memory)
+    with pytest.raises(ValueError, match=r"static KV cache \(2 rows x 256 positions.*lower max_batch or max_model_len"):
+        decoder.add(0, kv, 3)

@@ -31,6 +31,7 @@ def run(config: ServeConfig) -> int:
     from switchyard.serve.runner import ModelRunner
     from switchyard.serve.workers import ControlChannel, worker_loop
 
+    runner = None
     try:  # setup: a user mistake is a message and exit code 2 on every rank, not a traceback
         groups = ProcessGroupManager(ep=config.ep, register_with_deepspeed=False)
         if groups.size("edp") > 1:
@@ -39,17 +40,18 @@ def run(config: ServeConfig) -> int:
         channel = ControlChannel()
         path = resolve_model_dir(config.model)
         model, tokenizer = load_for_serving(path, groups if groups.world_size > 1 else None, config.dtype, _device())
+        rank = dist.get_rank()
+        for layer in moe_layers(model):  # every rank holds every token: each computes its experts' share
+            layer.replicated_tokens = True
+        runner = ModelRunner(model, count_experts=rank == 0, decode=config.decode, max_batch=config.max_batch,
+                             max_model_len=context_length(config, model))
+        runner.warmup()  # every rank: the graphs (and their all-reduces) are captured together, before serving
     except ValueError as err:
         log.error("serve: %s", err)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if runner is not None:
+            runner.close()
+        _destroy_process_group(2)
         return 2
-    rank = dist.get_rank()
-    for layer in moe_layers(model):  # every rank holds every token: each computes its experts' share
-        layer.replicated_tokens = True
-    runner = ModelRunner(model, count_experts=rank == 0, decode=config.decode, max_batch=config.max_batch,
-                         max_model_len=context_length(config, model))
-    runner.warmup()  # every rank: the graphs (and their all-reduces) are captured together, before serving
     code = 1  # an exception below: non-zero, whatever the teardown does
     try:
         code = worker_loop(runner, channel) if rank != 0 else _serve_rank0(config, runner, tokenizer, channel, path)

@@ -19,7 +19,8 @@ Tensor suffixes: R rows (slots decoding together), H KV heads, L cache positions
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -206,6 +207,15 @@ class StaticDecoder:
         self._pool = None
         self.keys, self.values, self.slots, self.length_R = [], [], [], []
 
+    @contextlib.contextmanager
+    def _explained_oom(self) -> Iterator[None]:
+        try:
+            yield
+        except torch.OutOfMemoryError as err:
+            raise ValueError(f"out of device memory for the static KV cache ({self.max_rows} rows x {self.cache_len} "
+                             f"positions x {self.num_layers} layers); lower max_batch or max_model_len, or use "
+                             f"decode: batched") from err
+
     def _drop_graphs(self) -> None:
         if self._graphs:
             torch.cuda.synchronize(self.device)
@@ -218,8 +228,9 @@ class StaticDecoder:
             shape = (self.max_rows, like.shape[0], self.cache_len, like.shape[2])
             return torch.zeros(shape, dtype=like.dtype, device=self.device)
 
-        self.keys = [zeros(keys_HLD) for _ in range(self.num_layers)]
-        self.values = [zeros(values_HLD) for _ in range(self.num_layers)]
+        with self._explained_oom():
+            self.keys = [zeros(keys_HLD) for _ in range(self.num_layers)]
+            self.values = [zeros(values_HLD) for _ in range(self.num_layers)]
         gib = sum(t.numel() * t.element_size() for t in self.keys + self.values) / 2**30
         log.info("static KV cache: %d rows x %d positions x %d layers (%.2f GiB; grows to %d positions)%s",
                  self.max_rows, self.cache_len, self.num_layers, gib, self.max_len,
@@ -240,9 +251,10 @@ class StaticDecoder:
             new.narrow(dim, 0, old).copy_(t)
             return new
 
-        self.keys = [widen(t, 2) for t in self.keys]
-        self.values = [widen(t, 2) for t in self.values]
-        self.mask_R11L = widen(self.mask_R11L, 3, self.blocked)
+        with self._explained_oom():
+            self.keys = [widen(t, 2) for t in self.keys]
+            self.values = [widen(t, 2) for t in self.values]
+            self.mask_R11L = widen(self.mask_R11L, 3, self.blocked)
         self._caches.clear()
         log.info("static KV cache grew from %d to %d positions", old, self.cache_len, ranks=[0])
 

@@ -117,3 +117,38 @@ def test_an_hf_moe_dir_is_converted_once_then_each_rank_reads_its_experts(model_
         torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=1e-5)
     run_on_ranks(_load_hf_dir, 2, str(exported), cache, timeout_s=180)  # a second start reuses it
     assert len(list((tmp_path / "cache" / "adopted").iterdir())) == 1
+
+
+def _load_broken(exported: str, cache: str) -> str:
+    import os
+
+    import switchyard as sy
+    from switchyard.serve.loading import load_for_serving
+
+    os.environ["SWITCHYARD_CACHE"] = cache
+    groups = sy.ProcessGroupManager(ep=2, register_with_deepspeed=False)
+    try:
+        load_for_serving(Path(exported), groups)
+    except ValueError as err:
+        return str(err)
+    return "loaded"
+
+
+def test_a_failed_conversion_is_an_error_on_every_rank(model_dir, tmp_path):
+    """The weights do not match the config: rank 0's conversion fails, and both ranks raise (no hang)."""
+    import json
+    import shutil
+
+    import switchyard as sy
+    from switchyard.serve.loading import load_for_serving
+
+    model, tok = load_for_serving(Path(model_dir), None)
+    exported = Path(sy.export_hf(model, tmp_path / "exported", tokenizer=tok))
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] *= 2  # every weight now has the wrong shape
+    (broken / "config.json").write_text(json.dumps(config))
+    messages = run_on_ranks(_load_broken, 2, str(broken), str(tmp_path / "cache"), timeout_s=180)
+    assert all("converting" in m and "failed" in m for m in messages), messages
+    assert not list((tmp_path / "cache" / "adopted").glob("broken-*"))  # nothing half-written is kept

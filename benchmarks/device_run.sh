@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Run the GPU benchmarks and GPU tests on a lent device machine, writing everything under $OUT.
+#
+#   bash benchmarks/device_run.sh serve        # GPU tests (1 and 2 GPUs) + serving benchmark     ~4 min
+#   bash benchmarks/device_run.sh layer        # MoE layer, its profile, and the decode regime     ~6 min
+#   bash benchmarks/device_run.sh finetune     # fine-tune throughput vs AutoEP and HF             ~3 min
+#   bash benchmarks/device_run.sh ep           # EP scaling over every GPU of the machine          ~2 min
+#
+# The device image lacks deepspeed, datasets and the HTTP stack: the wheels in .whl (git-ignored; how to
+# fetch them: /work/.library/device/README.md) are installed into /tmp/site first, so the call needs
+# carry [".whl"]. Each group fits one call (10 minutes); results land in $OUT as <name>.json and
+# <name>.log, to be copied into benchmarks/results/ with the command recorded in each JSON's meta.
+set -uo pipefail
+group=${1:?"usage: bash benchmarks/device_run.sh serve|layer|finetune|ep"}
+out=${OUT:?"OUT must name the folder results go to"}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/integration:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# the serve launcher starts `deepspeed` from beside the interpreter
+cp /tmp/site/bin/deepspeed "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/" 2>/dev/null
+gpus=$(nvidia-smi -L | wc -l)
+
+run() {  # run NAME SECONDS COMMAND...: log to $out/NAME.log, print its tail
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name (${seconds}s max): $*"
+    timeout "$seconds" "$@" >"$out/$name.log" 2>&1
+    echo "   exit $?"
+    grep -v -i warning "$out/$name.log" | tail -n 6
+}
+
+case $group in
+serve)
+    run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_serve_cuda_graphs.py tests/unit/test_experts.py -m gpu
+    run serve 300 python3 benchmarks/serve.py --out "$out/serve.json" --ep "$((gpus >= 2 ? 2 : 1))"
+    ;;
+layer)
+    run moe_layer 240 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_layer.py --out "$out/moe_layer.json"
+    run moe_decode 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_decode.py --out "$out/moe_decode.json"
+    run moe_layer_profile 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_layer_profile.py --out "$out/moe_layer_profile.json"
+    ;;
+finetune)
+    run finetune 560 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/finetune.py --out "$out/finetune.json"
+    ;;
+ep)
+    if [ "$gpus" -lt 2 ]; then echo "ep needs 2+ GPUs, this machine has $gpus"; exit 1; fi
+    run ep_scaling 500 torchrun --nproc_per_node "$gpus" benchmarks/ep_scaling.py --out "$out/ep_scaling.json"
+    ;;
+*)
+    echo "unknown group $group: serve | layer | finetune | ep"
+    exit 2
+    ;;
+esac

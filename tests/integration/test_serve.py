@@ -68,6 +68,7 @@ def reference(model_dir):
         return out[0, len(ids):].tolist()
 
     greedy.tok = tok  # type: ignore[attr-defined]
+    greedy.model = model  # type: ignore[attr-defined]
     yield greedy
     torch.set_num_threads(threads)
 
@@ -153,6 +154,59 @@ def test_chat_and_streaming_match_generate(client, reference):
     assert "".join(c.choices[0].text for c in stream) == tok.decode(want, skip_special_tokens=True)
 
 
+def _logprobs_of(model, prompt: list[int], output: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output[:-1]])).logits[0, len(prompt) - 1:]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_logprobs_completion_and_chat_streamed_or_not(client, reference):
+    """logprobs (completions: top n; chat: logprobs + top_logprobs) equal the model's log-softmax at each
+    generated position, computed in this process; the token strings are the tokens' own decodes."""
+    tok, model = reference.tok, reference.model
+    ids = tok(PROMPTS[4]).input_ids
+    want_ids = reference(ids, 10)
+    want = _logprobs_of(model, ids, want_ids)
+    chosen = want.gather(1, torch.tensor(want_ids).view(-1, 1)).view(-1)
+
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=10, temperature=0, logprobs=2)
+    lp = response.choices[0].logprobs
+    assert lp.tokens == [tok.decode([t]) for t in want_ids]
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs), chosen, atol=1e-4, rtol=1e-4)
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(lp_t, abs=1e-4)
+               for top, lp_t in zip(lp.top_logprobs, lp.token_logprobs))  # greedy: the chosen token is the best
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=10, temperature=0, logprobs=1,
+                                       stream=True)
+    streamed = [c.choices[0].logprobs for c in stream if c.choices[0].logprobs is not None]
+    torch.testing.assert_close(torch.tensor([x for s in streamed for x in s.token_logprobs]), chosen,
+                               atol=1e-4, rtol=1e-4)
+    assert [x for s in streamed for x in s.text_offset] == lp.text_offset
+
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    chat_ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False).input_ids
+    chat_want = reference(chat_ids, 8)
+    chat_lp = _logprobs_of(model, chat_ids, chat_want)
+    for stream in (False, True):
+        result = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                logprobs=True, top_logprobs=3, stream=stream)
+        if stream:
+            content = [e for c in result if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        else:
+            content = result.choices[0].logprobs.content
+        assert [e.token for e in content] == [tok.decode([t]) for t in chat_want]
+        assert all(bytes(e.bytes).decode("utf-8", "replace") == e.token for e in content)
+        for entry, row in zip(content, chat_lp):
+            values, top_ids = row.topk(3)
+            assert [t.token for t in entry.top_logprobs] == [tok.decode([t]) for t in top_ids.tolist()]
+            torch.testing.assert_close(torch.tensor([t.logprob for t in entry.top_logprobs]), values,
+                                       atol=1e-4, rtol=1e-4)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_sse_wire_format(server):
     request = urllib.request.Request(
         server.base_url + "/v1/completions", method="POST",
@@ -227,7 +281,10 @@ BAD = {
     "token id out of vocab": ("/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, None, 400),
     "empty prompt": ("/v1/completions", {"model": MODEL, "prompt": ""}, None, 400),
     "too many stops": ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": list("abcde")}, None, 400),
-    "logprobs unsupported": ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, None, 400),
+    "logprobs too many": ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, None, 400),
+    "top_logprobs alone": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                    "top_logprobs": 2}, None, 400),
+    "echo unsupported": ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, None, 400),
     "unknown route": ("/v1/engines", {"model": MODEL}, None, 404),
 }
 

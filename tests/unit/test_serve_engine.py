@@ -349,3 +349,39 @@ def test_static_cache_out_of_memory_names_the_fix(model_and_tok, monkeypatch):
     monkeypatch.setattr(torch, "zeros", out_of_memory)
     with pytest.raises(ValueError, match=r"static KV cache \(2 rows x 256 positions.*lower max_batch or max_model_len"):
         decoder.add(0, kv, 3)
+
+
+def _model_logprobs(model, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """log_softmax of the model's logits at each generated position, one forward over prompt + output."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output[:-1]])).logits[0, len(prompt) - 1:]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@pytest.mark.parametrize("decode", ["static", "sequential"])
+def test_logprobs_are_the_models_log_softmax(model_and_tok, decode):
+    model, tok = model_and_tok
+    engine, got = engine_for(model, tok, decode, max_batch=3), Collector()
+    prompts = [tok(p).input_ids for p in PROMPTS[:3]]
+    seqs = [Sequence(prompts[0], SamplingParams(max_tokens=12, temperature=0, logprobs=3), got.sink, 0),
+            Sequence(prompts[1], SamplingParams(max_tokens=12, temperature=0.8, seed=5, logprobs=0), got.sink, 1),
+            Sequence(prompts[2], SamplingParams(max_tokens=12, temperature=0), got.sink, 2)]  # none asked
+    engine.submit(seqs)
+    engine.run_until_idle()
+    for i, seq in enumerate(seqs[:2]):
+        outs = [o for o in got.outputs[i] if o.token_id is not None]
+        assert [o.token_id for o in outs] == seq.output_ids
+        want = _model_logprobs(model, seq.prompt_ids, seq.output_ids)
+        chosen = torch.tensor([o.logprob[0] for o in outs])
+        torch.testing.assert_close(chosen, want.gather(1, torch.tensor(seq.output_ids).view(-1, 1)).view(-1),
+                                   atol=1e-5, rtol=1e-5)
+        for o, row in zip(outs, want):
+            top = o.logprob[1]
+            assert len(top) == seq.params.logprobs
+            if top:  # the best alternatives, best first; greedy picks the first
+                values, ids = row.topk(len(top))
+                assert [t for t, _ in top] == ids.tolist() and top[0][0] == o.token_id
+                torch.testing.assert_close(torch.tensor([lp for _, lp in top]), values, atol=1e-5, rtol=1e-5)
+    assert all(o.logprob is None for o in got.outputs[2])
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(max_tokens=1, logprobs=21)

@@ -41,7 +41,8 @@ def test_requests_validate_types_and_ranges():
     assert chat.messages[0].text() == "ab" and chat.max_new_tokens == 5
     bad = [dict(prompt="x", max_tokens=0), dict(prompt="x", temperature=-0.1), dict(prompt="x", top_p=0),
            dict(prompt="x", n=0), dict(prompt="x", stop=["a"] * 5), dict(prompt="x", stop=[""]), dict(prompt=3),
-           dict(prompt=[]), dict(prompt="x", echo=True), dict(prompt="x", logprobs=1), dict(prompt="x", max_tokens="a"),
+           dict(prompt=[]), dict(prompt="x", echo=True), dict(prompt="x", logprobs=21), dict(prompt="x", logprobs=-1),
+           dict(prompt="x", max_tokens="a"),
            dict(prompt="x", presence_penalty=0.5)]
     for fields in bad:
         with pytest.raises(ValidationError):

@@ -145,7 +145,7 @@ async def _event_stream(gen: "_Generation", request: Request, req: Any, chunk: C
         if first is not None:
             yield _sse(chunk(first))
         async for out in gen.events(request):
-            if out.text or out.finish_reason or req.return_token_ids:
+            if out.text or out.finish_reason or req.return_token_ids or out.logprob is not None:
                 yield _sse(chunk([choice(out)]))
         if req.stream_options and req.stream_options.include_usage:
             yield _sse(chunk([], gen.usage()))
@@ -156,6 +156,45 @@ async def _event_stream(gen: "_Generation", request: Request, req: Any, chunk: C
 
 def _sse(body: dict | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+class _Logprobs:
+    """OpenAI's two logprobs shapes from the engine's ``(token id, (logprob, top (id, logprob) pairs))``.
+
+    A token's text is its own decode (a byte-level token may be part of a character: then its text has
+    U+FFFD and ``bytes`` still holds what the token decodes to)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._text: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self._text:
+            self._text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False,
+                                                         clean_up_tokenization_spaces=False)
+        return self._text[token_id]
+
+    def completion(self, steps: list[tuple[int, Any]], offset: int = 0) -> P.CompletionLogprobs:
+        out = P.CompletionLogprobs()
+        for token_id, (logprob, top) in steps:
+            out.tokens.append(self.text(token_id))
+            out.token_logprobs.append(logprob)
+            best: dict[str, float] = {}
+            for t, lp in top:  # best first; tokens decoding to the same text keep the best one's value
+                best.setdefault(self.text(t), lp)
+            out.top_logprobs.append(best)
+            out.text_offset.append(offset)
+            offset += len(out.tokens[-1])
+        return out
+
+    def chat(self, steps: list[tuple[int, Any]]) -> P.ChatLogprobs:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return P.ChatLogprobs(content=[
+            P.TokenLogprob(**entry(token_id, logprob), top_logprobs=[P.TopLogprob(**entry(t, lp)) for t, lp in top])
+            for token_id, (logprob, top) in steps])
 
 
 class _Generation:
@@ -221,6 +260,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
     created = P.now()
     vocab_size = int(getattr(engine.runner.model.config, "vocab_size", 0) or len(tokenizer))
     max_len = engine.max_model_len
+    logprobs_of = _Logprobs(tokenizer)
 
     # -- errors ---------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -270,19 +310,23 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
                            f"max_tokens asks for {max_tokens} more", param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def params_of(req: P._SamplingRequest, max_tokens: int, limit_n: int) -> SamplingParams:
+    def params_of(req: P._SamplingRequest, max_tokens: int, limit_n: int, logprobs: int | None) -> SamplingParams:
         if req.n > limit_n:
             raise APIError(400, f"n={req.n} is larger than this server's limit of {limit_n}", param="n")
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos)
+                              stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos, logprobs=logprobs)
 
-    async def collect(gen: _Generation, request: Request) -> tuple[list[str], list[str | None], list[list[int]]]:
+    async def collect(gen: _Generation, request: Request) -> tuple[list[str], list[str | None], list[list[int]],
+                                                                   list[list[tuple[int, Any]]]]:
         texts = [""] * len(gen.seqs)
         reasons: list[str | None] = [None] * len(gen.seqs)
+        steps: list[list[tuple[int, Any]]] = [[] for _ in gen.seqs]  # (token id, logprob) per choice
         async for out in gen.events(request):
             texts[out.index] += out.text
             reasons[out.index] = out.finish_reason or reasons[out.index]
-        return texts, reasons, [s.output_ids for s in gen.seqs]
+            if out.logprob is not None and out.token_id is not None:
+                steps[out.index].append((out.token_id, out.logprob))
+        return texts, reasons, [s.output_ids for s in gen.seqs], steps
 
     # -- routes ---------------------------------------------------------------------------------------
     @app.get("/health")
@@ -315,7 +359,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {config.max_prompts}",
                            param="prompt")
         prompts = [check_ids(p) for p in prompts]
-        params = params_of(req, budget(prompts, req.max_tokens or config.default_max_tokens), config.max_n)
+        params = params_of(req, budget(prompts, req.max_tokens or config.default_max_tokens), config.max_n,
+                           req.logprobs)
         gen = _Generation(engine, prompts, req.n, params)
         gen.submit()
         rid, model = P.new_id("cmpl"), model_name
@@ -325,17 +370,24 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             def chunk(choices: list, usage: Any = None) -> dict:
                 return P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=usage))
 
+            offsets = [0] * len(gen.seqs)  # text_offset runs on across a choice's chunks
+
             def choice(out: Any) -> Any:
+                logprobs = None
+                if out.logprob is not None and out.token_id is not None:
+                    logprobs = logprobs_of.completion([(out.token_id, out.logprob)], offsets[out.index])
+                    offsets[out.index] += len(logprobs.tokens[0])
                 return P.CompletionChoice(index=out.index, text=out.text, finish_reason=out.finish_reason,
-                                          token_ids=ids_of(out))
+                                          token_ids=ids_of(out), logprobs=logprobs)
 
             return _SSE(_event_stream(gen, request, req, chunk, choice))
         try:
-            texts, reasons, ids = await collect(gen, request)
+            texts, reasons, ids, steps = await collect(gen, request)
         finally:
             gen.abort()
         choices = [P.CompletionChoice(index=i, text=t, finish_reason=r,
-                                      token_ids=ids[i] if req.return_token_ids else None)
+                                      token_ids=ids[i] if req.return_token_ids else None,
+                                      logprobs=logprobs_of.completion(steps[i]) if req.logprobs is not None else None)
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=gen.usage(),
                                            prompt_token_ids=prompts if req.return_token_ids else None))
@@ -351,7 +403,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
         except Exception as err:  # noqa: BLE001 - a template may reject a role order, etc.
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from err
         prompt = check_ids(tokenizer(text, add_special_tokens=False).input_ids)
-        params = params_of(req, budget([prompt], req.max_new_tokens), config.max_n)
+        params = params_of(req, budget([prompt], req.max_new_tokens), config.max_n, req.logprobs_wanted)
         gen = _Generation(engine, [prompt], req.n, params)
         gen.submit()
         rid, model = P.new_id("chatcmpl"), model_name
@@ -363,18 +415,21 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
 
             def choice(out: Any) -> Any:
                 delta = P.DeltaMessage(content=out.text) if out.text else P.DeltaMessage()
+                logprobs = (logprobs_of.chat([(out.token_id, out.logprob)])
+                            if out.logprob is not None and out.token_id is not None else None)
                 return P.ChatChunkChoice(index=out.index, delta=delta, finish_reason=out.finish_reason,
-                                         token_ids=ids_of(out))
+                                         token_ids=ids_of(out), logprobs=logprobs)
 
             first = [P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
                      for i in range(len(gen.seqs))]
             return _SSE(_event_stream(gen, request, req, chunk, choice, first=first))
         try:
-            texts, reasons, ids = await collect(gen, request)
+            texts, reasons, ids, steps = await collect(gen, request)
         finally:
             gen.abort()
         choices = [P.ChatChoice(index=i, message=P.ChatMessageOut(content=t), finish_reason=r,
-                                token_ids=ids[i] if req.return_token_ids else None)
+                                token_ids=ids[i] if req.return_token_ids else None,
+                                logprobs=logprobs_of.chat(steps[i]) if req.logprobs else None)
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return P.dump(P.ChatCompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=gen.usage(),
                                                prompt_token_ids=prompt if req.return_token_ids else None))

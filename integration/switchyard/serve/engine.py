@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from switchyard.serve.runner import ModelRunner, StepPlan
-from switchyard.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop, make_generator, sample_token
+from switchyard.serve.sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, find_stop, make_generator,
+                                       sample_token, token_logprobs)
 
 __all__ = ["Engine", "EngineDraining", "ModelRunner", "Sequence", "SeqOutput", "StepPlan", "default_eos_ids"]
 
@@ -47,6 +48,7 @@ class SeqOutput:
     text: str
     token_id: int | None
     finish_reason: str | None
+    logprob: TokenLogprob | None = None  # when the sequence asked for logprobs
 
 
 _ids = itertools.count()
@@ -192,13 +194,20 @@ class Engine:
         tokens: dict[int, int] = {}
         if greedy:  # one argmax (one device sync) for every greedy sequence of the step
             rows = logits if len(greedy) == len(seqs) else logits[torch.tensor(greedy, device=logits.device)]
-            picked = rows.argmax(-1).tolist()
-            tokens = dict(zip(greedy, picked))
+            tokens = dict(zip(greedy, rows.argmax(-1).tolist()))
+        for i, seq in enumerate(seqs):
+            if i not in tokens:
+                tokens[i] = sample_token(logits[i], seq.params, seq.generator)
+        wants = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        logprobs: dict[int, TokenLogprob] = {}
+        if wants:
+            rows = logits[torch.tensor(wants, device=logits.device)]
+            found = token_logprobs(rows, [tokens[i] for i in wants], [seqs[i].params.logprobs or 0 for i in wants])
+            logprobs = dict(zip(wants, found))
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             seq.prefilled = True
-            token = tokens[i] if i in tokens else sample_token(logits[i], seq.params, seq.generator)
-            self._append(seq, token, now)
+            self._append(seq, tokens[i], now, logprobs.get(i))
         self.steps += 1
         self.last_plan = plan
         self.metrics.step(running=len(self.running), waiting=len(self.waiting) + len(self._inbox))
@@ -216,7 +225,7 @@ class Engine:
         for seq in [s for s in self.running.values() if s.aborted]:
             self._finish(seq, "abort", "", None)
 
-    def _append(self, seq: Sequence, token: int, now: float) -> None:
+    def _append(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.metrics.first_token(now - seq.arrival_time)
@@ -227,7 +236,7 @@ class Engine:
         self.metrics.generated_tokens(1)
         assert seq.detok is not None
         if token in self.eos_token_ids and not seq.params.ignore_eos:
-            return self._finish(seq, "stop", seq._decoded[len(seq.text):] + seq.detok.flush(), token)
+            return self._finish(seq, "stop", seq._decoded[len(seq.text):] + seq.detok.flush(), token, logprob)
         before = len(seq._decoded)
         seq._decoded += seq.detok.push(token)
         stops = seq.params.stop
@@ -235,17 +244,18 @@ class Engine:
             longest = max(map(len, stops))
             at = find_stop(seq._decoded, stops, max(0, before - longest + 1))
             if at >= 0:
-                return self._finish(seq, "stop", seq._decoded[len(seq.text):at], token)
+                return self._finish(seq, "stop", seq._decoded[len(seq.text):at], token, logprob)
         full = len(seq.prompt_ids) + len(seq.output_ids) >= self.max_model_len
         if len(seq.output_ids) >= seq.params.max_tokens or full:
-            return self._finish(seq, "length", seq._decoded[len(seq.text):] + seq.detok.flush(), token)
+            return self._finish(seq, "length", seq._decoded[len(seq.text):] + seq.detok.flush(), token, logprob)
         # hold back a tail that could be the start of a stop string
         safe_end = len(seq._decoded) - (max(map(len, stops)) - 1 if stops else 0)
         delta = seq._decoded[len(seq.text):safe_end] if safe_end > len(seq.text) else ""
         seq.text += delta
-        self._emit(seq, SeqOutput(seq.index, delta, token, None))
+        self._emit(seq, SeqOutput(seq.index, delta, token, None, logprob))
 
-    def _finish(self, seq: Sequence, reason: str, delta: str, token: int | None) -> None:
+    def _finish(self, seq: Sequence, reason: str, delta: str, token: int | None,
+                logprob: TokenLogprob | None = None) -> None:
         assert reason in FINISH_REASONS
         seq.text += delta
         seq.finish_reason = reason
@@ -255,7 +265,7 @@ class Engine:
             self._to_release.append(seq.slot)
             seq.slot = None
         self.metrics.finished(seq)
-        self._emit(seq, SeqOutput(seq.index, delta, token, reason))
+        self._emit(seq, SeqOutput(seq.index, delta, token, reason, logprob))
 
     def _emit(self, seq: Sequence, out: SeqOutput) -> None:
         if seq.sink is not None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
 _MIX = 0x9E3779B97F4A7C15  # spreads (seed, choice index) over the generator's seed space
 
 
@@ -23,6 +24,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -33,6 +36,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +70,23 @@ def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torc
         scaled_V = torch.full_like(scaled_V, float("-inf")).scatter(0, order_V, sorted_V)
     probs_V = torch.softmax(scaled_V, dim=-1)
     return int(torch.multinomial(probs_V, 1, generator=generator))
+
+
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]  # (chosen token's, top (id, logprob) pairs)
+
+
+def token_logprobs(logits_RV: torch.Tensor, tokens_R: list[int], top_n: list[int]) -> list[TokenLogprob]:
+    """Log-probabilities of the chosen tokens under the model's distribution (log-softmax of the raw
+    logits: before temperature and top-p, as vLLM reports them) and each row's ``top_n`` best; one copy
+    to the host for all rows."""
+    logp_RV = torch.log_softmax(logits_RV.float(), dim=-1)
+    chosen_R = logp_RV.gather(1, torch.tensor(tokens_R, device=logp_RV.device).view(-1, 1)).view(-1)
+    k = max(top_n)
+    if k:
+        top_val_RK, top_idx_RK = logp_RV.topk(k, dim=-1)
+        values, ids = top_val_RK.tolist(), top_idx_RK.tolist()
+    chosen = chosen_R.tolist()
+    return [(chosen[r], tuple(zip(ids[r][:n], values[r][:n])) if n else ()) for r, n in enumerate(top_n)]
 
 
 class IncrementalDetokenizer:

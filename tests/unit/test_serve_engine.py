@@ -186,12 +186,18 @@ def test_draining_engine_refuses_new_sequences(model_and_tok):
     assert running.finish_reason == "length" and engine.idle()
 
 
-def test_detokenizer_deltas_concatenate_to_the_full_decode(model_and_tok):
+@pytest.mark.parametrize("mode", ["stream", "window"])
+def test_detokenizer_deltas_concatenate_to_the_full_decode(model_and_tok, mode):
+    """Both paths (tokenizers' DecodeStream for fast tokenizers, the two-window decode otherwise),
+    on random ids: byte tokens split characters, special tokens are skipped."""
     _, tok = model_and_tok
     rng = random.Random(0)
     for _ in range(30):
         ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
         detok = IncrementalDetokenizer(tok)
+        assert detok._stream is not None  # the tiny tokenizer is a fast one
+        if mode == "window":
+            detok._stream = None
         text = "".join(detok.push(t) for t in ids) + detok.flush()
         assert text == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 

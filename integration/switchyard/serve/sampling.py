@@ -90,19 +90,31 @@ def token_logprobs(logits_RV: torch.Tensor, tokens_R: list[int], top_n: list[int
 
 
 class IncrementalDetokenizer:
-    """Text deltas for a growing list of token ids, decoding only a short window each time.
+    """Text deltas for a growing list of token ids.
 
-    A byte-level token may end inside a multi-byte character; text ending in U+FFFD is held back
-    until the next token completes it (or ``flush`` at the end), so deltas concatenate to the same
-    text as decoding all ids at once.
+    A byte-level token may end inside a multi-byte character; such text is held back until the next
+    token completes it (or ``flush`` at the end), so the deltas concatenate to the same text as decoding
+    all ids at once. A fast (Rust) tokenizer streams through ``tokenizers``' ``DecodeStream`` (one Rust
+    call per token: this runs for every sequence at every step on rank 0); others decode a short window
+    twice per token.
     """
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
+        self.emitted = 0  # characters of text returned so far
         self.prefix_offset = 0  # window start: decoded together with the new ids for context
         self.read_offset = 0  # ids before this are already in the emitted text
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = None
+        if self._backend is not None:
+            try:
+                from tokenizers.decoders import DecodeStream
+            except ImportError:  # tokenizers < 0.21
+                self._backend = None
+            else:
+                self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
@@ -110,21 +122,32 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        if self._stream is not None:
+            text = self._stream.step(self._backend, token_id) or ""
+            self.emitted += len(text)
+            return text
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         text = self._decode(self.ids[self.prefix_offset:])
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self.emitted += len(text) - len(prefix)
             return text[len(prefix):]
         return ""
 
     def flush(self) -> str:
         """Whatever is still held back (an unfinished byte sequence at the very end)."""
+        if self._stream is not None:
+            rest = self._decode(self.ids)[self.emitted:]  # one full decode, once per sequence
+            self.emitted += len(rest)
+            return rest
         if self.read_offset == len(self.ids):
             return ""
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         text = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix):] if len(text) > len(prefix) else ""
+        rest = text[len(prefix):] if len(text) > len(prefix) else ""
+        self.emitted += len(rest)
+        return rest
 
 
 def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:

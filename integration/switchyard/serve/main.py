@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -63,8 +66,6 @@ def run(config: ServeConfig) -> int:
 
 def _destroy_process_group(code: int, timeout_s: float = 30.0) -> None:
     """Tear the groups down, but never let a stuck communicator keep a finished rank alive."""
-    import threading
-
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -78,9 +79,6 @@ def _destroy_process_group(code: int, timeout_s: float = 30.0) -> None:
     threading.Thread(target=destroy, daemon=True).start()
     if not done.wait(timeout_s):
         log.warning("destroy_process_group did not return within %.0fs; exiting with %d without it", timeout_s, code)
-        import logging
-        import sys
-
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -26,7 +26,6 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
-
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
@@ -103,7 +102,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = 0  # characters of text returned so far
+        self.emitted = 0  # characters the stream has returned (its flush decodes the rest)
         self.prefix_offset = 0  # window start: decoded together with the new ids for context
         self.read_offset = 0  # ids before this are already in the emitted text
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -130,7 +129,6 @@ class IncrementalDetokenizer:
         text = self._decode(self.ids[self.prefix_offset:])
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.emitted += len(text) - len(prefix)
             return text[len(prefix):]
         return ""
 
@@ -145,9 +143,7 @@ class IncrementalDetokenizer:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         text = self._decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
-        rest = text[len(prefix):] if len(text) > len(prefix) else ""
-        self.emitted += len(rest)
-        return rest
+        return text[len(prefix):] if len(text) > len(prefix) else ""
 
 
 def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:

@@ -11,7 +11,9 @@ Every implementation runs in the same process on the same input ``x`` [1, tokens
 (copied from one reference set), so they send each token to the same experts (up to near-ties: the
 routers compute logits at different precisions; ``rel_err_vs_hf`` shows how close each output is):
 
-    switchyard        switchyard.moe.layer.MoELayer (dropless)
+    switchyard        switchyard.moe.layer.MoELayer (dropless), experts impl "auto"
+    switchyard_autograd    the same layer, experts as autograd's grouped_mm → SwiGLU → grouped_mm
+    switchyard_per_expert  the same layer, the SwiGLU Function over one cuBLAS GEMM per expert
     hf_grouped_mm     transformers' MixtralSparseMoeBlock with config._experts_implementation="grouped_mm"
                       (falls back to "eager" where grouped_mm cannot run; "variant" says what ran)
     deepspeed_moe     deepspeed.moe.layer.MoE (GShard-style, capacity_factor=1.0, drop_tokens=True,
@@ -97,9 +99,11 @@ TINY_SHAPES: dict[str, Shape] = {
     "olmoe": Shape(hidden=32, ffn=64, experts=64, top_k=8),
     "qwen3_30b_a3b": Shape(hidden=32, ffn=48, experts=128, top_k=8),
 }
-IMPLS = ("switchyard", "hf_grouped_mm", "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
+IMPLS = ("switchyard", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm", "deepspeed_moe",
+         "deepspeed_autoep", "dense_ceiling")
 # hf_grouped_mm first: its output is the reference the others are compared with.
-RUN_ORDER = ("hf_grouped_mm", "switchyard", "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
+RUN_ORDER = ("hf_grouped_mm", "switchyard", "switchyard_autograd", "switchyard_per_expert", "deepspeed_moe",
+             "deepspeed_autoep", "dense_ceiling")
 
 
 def expert_flops(shape: Shape, tokens: int) -> int:
@@ -192,7 +196,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_switchyard(b: Bench) -> Built:
+def build_switchyard(b: Bench, experts_impl: str | None = None) -> Built:
     from switchyard.config import MoEConfig
     from switchyard.moe.layer import MoELayer  # written concurrently; an ImportError is recorded as the result
 
@@ -204,6 +208,8 @@ def build_switchyard(b: Bench) -> Built:
                                     "gate_up_proj": b.gate_up_EOH, "down_proj": b.down_EHF})
     variant = None
     experts = getattr(layer, "experts", None)
+    if experts_impl is not None:
+        experts.impl = experts_impl
     if experts is not None and hasattr(experts, "resolve_impl"):
         variant = f"experts impl {experts.resolve_impl(b.x_BTH.reshape(-1, s.hidden)[:1])!r}"
     note = None if len(copied) >= 3 else f"only these weights were shared: {copied}"
@@ -441,8 +447,22 @@ def build_dense_ceiling(b: Bench) -> Built:
                  step=step, zero=lambda: None)
 
 
+def build_switchyard_autograd(b: Bench) -> Built:
+    """The layer with the experts as autograd's composition of grouped_mm, SwiGLU, grouped_mm (the default
+    before the SwiGLU Function; it keeps a = silu(gate) * up for the backward). CPU: the loop (torch's
+    CPU grouped_mm has no working backward)."""
+    return build_switchyard(b, "grouped_mm" if b.device.type == "cuda" else "loop")
+
+
+def build_switchyard_per_expert(b: Bench) -> Built:
+    """The SwiGLU Function with one cuBLAS GEMM per expert instead of grouped GEMMs (one host sync)."""
+    return build_switchyard(b, "swiglu_per_expert")
+
+
 BUILDERS: dict[str, Callable[[Bench], Built]] = {
     "switchyard": build_switchyard,
+    "switchyard_autograd": build_switchyard_autograd,
+    "switchyard_per_expert": build_switchyard_per_expert,
     "hf_grouped_mm": build_hf_grouped_mm,
     "deepspeed_moe": build_deepspeed_moe,
     "deepspeed_autoep": build_deepspeed_autoep,

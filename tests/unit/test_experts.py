@@ -256,13 +256,17 @@ def test_grouped_mm_matches_loop_on_cuda_bf16(bias: bool, counts: list[int]) -> 
     """Both paths in bf16 against an fp64 loop reference: same error level, nothing path-specific."""
     torch.manual_seed(0)
     ex = GroupedExperts(4, 128, 256, bias=bias, device="cuda", dtype=torch.bfloat16)
-    assert ex.resolve_impl(torch.zeros(1, 128, device="cuda")) == "grouped_mm"
+    auto = ex.resolve_impl(torch.zeros(1, 128, device="cuda"))
+    assert auto == ("grouped_mm" if bias else "swiglu_grouped")  # grad mode: training picks the Function
+    with torch.no_grad():
+        assert ex.resolve_impl(torch.zeros(1, 128, device="cuda")) == "grouped_mm"
     ref = GroupedExperts(4, 128, 256, bias=bias, device="cuda", dtype=torch.float64, impl="loop")
     ref.load_state_dict(ex.state_dict())
     x = torch.randn(sum(counts), 128, device="cuda", dtype=torch.bfloat16)
     cot = torch.randn_like(x)
     expect = _fwd_and_grads(ref, x.double(), counts, cot.double())
-    for impl in ("grouped_mm", "loop"):
+    impls = ("grouped_mm", "loop") if bias else ("grouped_mm", "loop", "swiglu_grouped", "swiglu_per_expert")
+    for impl in impls:
         ex.impl = impl
         for got, want in zip(_fwd_and_grads(ex, x, counts, cot), expect, strict=True):
             assert got.dtype == torch.bfloat16
@@ -282,11 +286,12 @@ def test_grouped_mm_matches_loop_on_cuda_fp32(bias: bool) -> None:
     counts = [33, 0, 1, 30]
     x = torch.randn(sum(counts), 64, device="cuda")
     cot = torch.randn_like(x)
-    ex.impl = "grouped_mm"
-    got = _fwd_and_grads(ex, x, counts, cot)
     ex.impl = "loop"
-    for a, b in zip(got, _fwd_and_grads(ex, x, counts, cot), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    want = _fwd_and_grads(ex, x, counts, cot)
+    for impl in ("grouped_mm",) if bias else ("grouped_mm", "swiglu_grouped", "swiglu_per_expert"):
+        ex.impl = impl
+        for a, b in zip(_fwd_and_grads(ex, x, counts, cot), want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=impl)
 
 
 @pytest.mark.gpu

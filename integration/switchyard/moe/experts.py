@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from switchyard.activations import get_activation
 from switchyard.moe.kernels import fused_kernels_enabled, silu_mul
+from switchyard.moe.swiglu_ffn import swiglu_ffn
 
 TokenCounts = Tensor | list[int]
 ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts], Tensor]
@@ -174,18 +175,33 @@ def _gathered_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert:
     return y_NH + b2_EH[eid_N] if b2_EH is not None else y_NH
 
 
+def _swiglu_impl(backend: str) -> ExpertsImpl:
+    def forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+        if x_NH.shape[0] == 0:  # all counts are 0 by contract; the loop gives zero grads without a sync
+            return _loop_forward(module, x_NH, [0] * module.num_experts)
+        w1_EOH, _, w2_EHF, _ = module.weights()
+        counts_E = torch.as_tensor(tokens_per_expert, device=x_NH.device)
+        return swiglu_ffn(x_NH.to(w1_EOH.dtype).contiguous(), w1_EOH, w2_EHF, counts_E, backend)
+    forward.__doc__ = f"SwiGLU experts as one autograd Function, {backend} GEMMs (see swiglu_ffn.py)."
+    return forward
+
+
 EXPERT_IMPLS: dict[str, ExpertsImpl] = {
     "grouped_mm": _grouped_mm_forward,
     "loop": _loop_forward,
     "gathered_mm": _gathered_forward,
+    "swiglu_grouped": _swiglu_impl("grouped"),
+    "swiglu_per_expert": _swiglu_impl("per_expert"),
 }
+_SWIGLU_IMPLS = ("swiglu_grouped", "swiglu_per_expert")
 
 
 class GroupedExperts(nn.Module):
     """E expert FFNs (gated: ``down(act(gate(x)) * up(x))``; plain: ``down(act(up(x)))``).
 
-    ``impl`` picks the compute path: ``"auto"`` (grouped_mm on capable CUDA, else the loop) or any key
-    of ``EXPERT_IMPLS``, so benchmarks can compare paths on the same weights.
+    ``impl`` picks the compute path: ``"auto"`` (on capable CUDA: the SwiGLU Function over grouped GEMMs
+    when training gated-SiLU experts, grouped_mm otherwise; the loop elsewhere) or any key of
+    ``EXPERT_IMPLS``, so benchmarks can compare paths on the same weights.
     """
 
     def __init__(
@@ -227,7 +243,15 @@ class GroupedExperts(nn.Module):
     def impl(self, value: str) -> None:
         if value != "auto" and value not in EXPERT_IMPLS:
             raise ValueError(f"impl={value!r} is unknown; choose 'auto' or one of {sorted(EXPERT_IMPLS)}")
+        if value in _SWIGLU_IMPLS and not self.swiglu:
+            raise ValueError(f"impl={value!r} needs gated silu experts without bias; these are gated={self.gated}, "
+                             f"activation={self.activation!r}, bias={self.has_bias}: use 'grouped_mm' or 'loop'")
         self._impl = value
+
+    @property
+    def swiglu(self) -> bool:
+        """Gated SiLU without bias: the FFN the SwiGLU Function (and the fused kernels) cover."""
+        return self.gated and self.activation in _SILU_NAMES and not self.has_bias
 
     def weights(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(w1_EOH, b1_EO, w2_EHF, b2_EH) whatever the gated/plain parameter names."""
@@ -258,7 +282,11 @@ class GroupedExperts(nn.Module):
             return "gathered_mm"  # grouped_mm's non-bf16 path reads its offsets on the host
         # torch < 2.10 (only torch._grouped_mm) took bf16 alone; newer torch runs any float dtype.
         dtype_ok = hasattr(F, "grouped_mm") or bf16
-        return "grouped_mm" if dtype_ok and grouped_mm_available(x_NH.device) else "loop"
+        if not (dtype_ok and grouped_mm_available(x_NH.device)):
+            return "loop"
+        if self.swiglu and fused_kernels_enabled() and torch.is_grad_enabled():
+            return "swiglu_grouped"  # training: a_NF is recomputed in the backward instead of kept
+        return "grouped_mm"
 
     def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
         """Rows of ``x_NH`` are sorted by local expert; ``tokens_per_expert[e]`` rows go to expert e."""

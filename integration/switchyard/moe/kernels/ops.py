@@ -178,6 +178,29 @@ def silu_mul_supported(h_NO: torch.Tensor) -> bool:
             and h_NO.stride(-1) == 1)
 
 
+def silu_mul_forward(h_NO: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` outside autograd (callers that write their own backward)."""
+    if silu_mul_supported(h_NO):
+        return _tk.silu_mul_fwd(h_NO)
+    gate_NF, up_NF = h_NO.float().chunk(2, dim=-1)
+    return (F.silu(gate_NF) * up_NF).to(h_NO.dtype)
+
+
+def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's input gradient written over ``h_NO`` (in place, outside autograd); returns ``h_NO``.
+
+    For callers whose ``h`` is dead once its gradient exists: the two never take memory side by side.
+    """
+    if silu_mul_supported(h_NO) and h_NO.is_contiguous():
+        return _tk.silu_mul_bwd(h_NO, da_NF.contiguous(), out=h_NO)
+    gate_NF, up_NF = h_NO.float().chunk(2, dim=-1)
+    da_NF = da_NF.float()
+    sig_NF = torch.sigmoid(gate_NF)
+    d_gate_NF = da_NF * up_NF * sig_NF * (1.0 + gate_NF * (1.0 - sig_NF))
+    d_up_NF = da_NF * gate_NF * sig_NF
+    return h_NO.copy_(torch.cat([d_gate_NF, d_up_NF], dim=-1))
+
+
 def silu_mul(h_NO: torch.Tensor) -> torch.Tensor:
     """SwiGLU ``silu(gate) * up`` of the fused ``[N, 2F]`` projection (gate columns first)."""
     if silu_mul_supported(h_NO):

@@ -121,9 +121,10 @@ def silu_mul_fwd(h_NO: torch.Tensor) -> torch.Tensor:
     return a_NF
 
 
-def silu_mul_bwd(h_NO: torch.Tensor, da_NF: torch.Tensor) -> torch.Tensor:
+def silu_mul_bwd(h_NO: torch.Tensor, da_NF: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` may be ``h_NO`` itself: each program reads its elements of h before writing the same ones."""
     rows, width = da_NF.shape
-    dh_NO = torch.empty_like(h_NO)
+    dh_NO = torch.empty_like(h_NO) if out is None else out
     block = _block(width, 2048)
     _silu_mul_bwd_kernel[(rows, triton.cdiv(width, block))](h_NO, da_NF, dh_NO, width, h_NO.stride(0),
                                                             da_NF.stride(0), dh_NO.stride(0),

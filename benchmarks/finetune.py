@@ -46,6 +46,7 @@ tokens/s is reported and every round is listed under ``rounds``. ``--variant-moe
 reruns switchyard and AutoEP with the MoE param-group size cap set to N instead of
 ``switchyard.deepspeed.config.MOE_MAX_GROUP_SIZE`` (each group is one more ZeRO partition and optimizer
 call; DeepSpeed's own default, 178956971, makes 14 expert groups here) and stores them under ``variants``.
+``--variant-experts-impl IMPL`` likewise reruns switchyard with its experts' compute path forced to IMPL.
 One implementation failing records ``{"error": ...}`` and the run goes on.
 
 Output: ``{"meta": {command, versions, device, shape (+ parameter counts), batch, seq_len, steps, rounds,
@@ -146,6 +147,7 @@ class Run:
     input_ids: torch.Tensor  # [B, S] on device
     seed: int = 0
     moe_max_group_size: int | None = None
+    experts_impl: str | None = None  # switchyard's GroupedExperts.impl ("auto" when None)
 
     @property
     def precision(self) -> str:
@@ -226,10 +228,16 @@ def build_switchyard(run: Run, aux: bool) -> Built:
     sy.patch_model(model, sy.MoEConfig(num_experts=run.shape.experts, top_k=run.shape.top_k, init="copy",
                                        aux_loss_coef=AUX_LOSS_COEF))
     model.to(dtype=run.dtype).train()
+    impls = set()
+    for module in model.modules():
+        if isinstance(module, sy.moe.experts.GroupedExperts):
+            module.impl = run.experts_impl or module.impl
+            impls.add(module.impl)
     total, experts = count_params(model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, run),
                                            config=ds_config(run), mpu=groups.mpu)
-    return Built(engine, variant="switchyard.patch_model (upcycle, init=copy)", keep=[groups],
+    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}",
+                 keep=[groups],
                  params_total=total, params_experts=experts)
 
 
@@ -606,6 +614,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant-moe-max-group-size", type=int, default=None, metavar="N",
                    help="after the main runs, rerun switchyard and deepspeed_autoep with the MoE param-group "
                         "size cap set to N elements (an experiment; stored under 'variants')")
+    p.add_argument("--variant-experts-impl", default=None, metavar="IMPL",
+                   help="after the main runs, rerun switchyard with every MoE layer's GroupedExperts.impl = IMPL "
+                        "(e.g. grouped_mm, swiglu_per_expert; stored under 'variants')")
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO_ROOT)}; a temp file with --tiny)")
     args = p.parse_args(argv)
@@ -706,15 +717,24 @@ def main(argv: list[str] | None = None) -> dict:
     meta["target"] = target_check(results)
     write()
     print_table(results)
+    experiments = []
     if args.variant_moe_max_group_size:
-        key = f"moe_max_group_size={args.variant_moe_max_group_size}"
-        variants[key] = {"what": "switchyard and deepspeed_autoep rerun (same process, same inputs) with "
-                                 "split_params_into_different_moe_groups_for_optimizer(max_group_size="
-                                 f"{args.variant_moe_max_group_size}) instead of optimizer_param_groups' default "
-                                 f"{MOE_MAX_GROUP_SIZE}",
-                         "results": {}}
-        vrun = dataclasses.replace(run, moe_max_group_size=args.variant_moe_max_group_size)
-        for impl in [i for i in RUN_ORDER if i in args.impls and i != "hf_grouped_mm"]:
+        experiments.append((
+            f"moe_max_group_size={args.variant_moe_max_group_size}",
+            "switchyard and deepspeed_autoep rerun (same process, same inputs) with "
+            "split_params_into_different_moe_groups_for_optimizer(max_group_size="
+            f"{args.variant_moe_max_group_size}) instead of optimizer_param_groups' default {MOE_MAX_GROUP_SIZE}",
+            dataclasses.replace(run, moe_max_group_size=args.variant_moe_max_group_size),
+            [i for i in RUN_ORDER if i in args.impls and i != "hf_grouped_mm"]))
+    if args.variant_experts_impl:
+        experiments.append((
+            f"experts_impl={args.variant_experts_impl}",
+            f"switchyard rerun (same process, same inputs) with every GroupedExperts.impl = "
+            f"{args.variant_experts_impl!r} instead of 'auto'",
+            dataclasses.replace(run, experts_impl=args.variant_experts_impl), ["switchyard"]))
+    for key, what, vrun, vimpls in experiments:
+        variants[key] = {"what": what, "results": {}}
+        for impl in vimpls:
             print(f"[finetune] {impl} ({key}) ...", file=sys.stderr, flush=True)
             variants[key]["results"][impl] = r = run_impl(impl, vrun, args.warmup, args.steps, args.profile_steps)
             print(f"[finetune] {impl} ({key}): { {k: v for k, v in r.items() if k != 'profile'} }",

@@ -88,7 +88,7 @@ def test_saves_x_and_h_only() -> None:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             ex(torch.randn(n, H, requires_grad=True), torch.tensor([16] * E))
         activations = sorted(s for s in packed if s[0] == n)
-        assert activations == [(n, H), (n, 2 * FF)], (impl, packed)
+        assert activations == [(n, H), (n, 2 * FF)], (impl, packed)  # x for GEMM 1, h for the SwiGLU
 
 
 def test_second_backward_is_an_error_not_wrong_grads() -> None:
@@ -106,3 +106,19 @@ def test_impl_needs_gated_silu_without_bias_and_auto_stays_the_loop_on_cpu() -> 
     assert GroupedExperts(E, H, FF).resolve_impl(torch.zeros(1, H)) == "loop"
     with pytest.raises(ValueError, match="backend"):
         swiglu_ffn(torch.zeros(1, H), torch.zeros(E, 2 * FF, H), torch.zeros(E, H, FF), torch.tensor([1, 0, 0, 0]), "x")
+
+
+def test_auto_picks_per_expert_gemms_only_for_few_big_experts_in_training(monkeypatch) -> None:
+    import switchyard.moe.experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "grouped_mm_available", lambda device: True)  # as on an H200
+    few = GroupedExperts(8, 64, 128, device="meta")
+    many = GroupedExperts(64, 64, 128, device="meta")
+    rows_big = 8 * experts_mod.PER_EXPERT_MIN_GEMM_MACS // (64 * 128)  # average GEMM exactly at the bound
+    x_big, x_small = torch.empty(rows_big, 64, device="meta"), torch.empty(rows_big // 2, 64, device="meta")
+    assert few.resolve_impl(x_big) == "swiglu_per_expert"
+    assert few.resolve_impl(x_small) == "swiglu_grouped"
+    assert many.resolve_impl(torch.empty(8 * rows_big, 64, device="meta")) == "swiglu_grouped"
+    with torch.no_grad():  # inference keeps autograd-free grouped_mm
+        assert few.resolve_impl(x_big) == "grouped_mm"
+    assert GroupedExperts(8, 64, 128, bias=True, device="meta").resolve_impl(x_big) == "grouped_mm"

@@ -194,6 +194,11 @@ EXPERT_IMPLS: dict[str, ExpertsImpl] = {
     "swiglu_per_expert": _swiglu_impl("per_expert"),
 }
 _SWIGLU_IMPLS = ("swiglu_grouped", "swiglu_per_expert")
+# "auto" takes one cuBLAS GEMM per expert over the grouped GEMM at <= this many local experts whose average
+# GEMM 1 half (rows x H x F multiply-adds) is at least this big: measured on an H200 (docs/performance.md),
+# mixtral's 8 x (2048 x 4096 x 14336) ran 4 % faster that way, olmoe/qwen3's 64-128 small groups 3-7x slower.
+PER_EXPERT_MAX_EXPERTS = 8
+PER_EXPERT_MIN_GEMM_MACS = 2**35
 
 
 class GroupedExperts(nn.Module):
@@ -285,7 +290,11 @@ class GroupedExperts(nn.Module):
         if not (dtype_ok and grouped_mm_available(x_NH.device)):
             return "loop"
         if self.swiglu and fused_kernels_enabled() and torch.is_grad_enabled():
-            return "swiglu_grouped"  # training: a_NF is recomputed in the backward instead of kept
+            # training: a_NF is recomputed in the backward instead of kept. Few experts with big GEMMs
+            # (mixtral-shaped) run faster as one cuBLAS GEMM each, worth the host sync for the counts.
+            rows_per_expert = x_NH.shape[0] / self.num_experts
+            big = rows_per_expert * self.hidden_size * self.intermediate_size >= PER_EXPERT_MIN_GEMM_MACS
+            return "swiglu_per_expert" if self.num_experts <= PER_EXPERT_MAX_EXPERTS and big else "swiglu_grouped"
         return "grouped_mm"
 
     def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:

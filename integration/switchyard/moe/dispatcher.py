@@ -167,14 +167,18 @@ class TokenDispatcher:
         plan.tokens_per_local_expert_L = recv_RL.sum(0)
         return x_recv.index_select(0, plan.regroup_M), plan
 
+    def reduce_replicated(self, out_TH: torch.Tensor) -> torch.Tensor:
+        """Each token's partial output summed over the EP ranks (in place), when every rank holds every
+        token and added only its own experts' copies."""
+        if self.ep_group is not None:
+            dist.all_reduce(out_TH, group=self.ep_group)
+        return out_TH
+
     def combine(self, y_MH: torch.Tensor, plan: DispatchPlan, weight_TK: torch.Tensor) -> torch.Tensor:
         """Weighted sum of each token's expert outputs, back on the rank and in the order it came from."""
         if plan.replicated:
             assert plan.row_of_slot_TK is not None
-            out_TH = unpermute_combine(y_MH, weight_TK, plan.row_of_slot_TK)
-            if self.ep_group is not None:
-                dist.all_reduce(out_TH, group=self.ep_group)  # each token's copies, summed over their ranks
-            return out_TH
+            return self.reduce_replicated(unpermute_combine(y_MH, weight_TK, plan.row_of_slot_TK))
         if self.ep_size > 1:
             assert plan.regroup_M is not None and plan.input_splits is not None and plan.output_splits is not None
             y_recv = torch.empty_like(y_MH).index_copy(0, plan.regroup_M, y_MH)

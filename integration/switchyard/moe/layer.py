@@ -7,6 +7,10 @@ DeepSpeed (``allreduce=False``, ``group_name``) and the layer subclasses DeepSpe
 engine reduces their gradients over the expert-data-parallel group and partitions their ZeRO state
 there; router and shared experts stay dense.
 
+Small batches at inference (``T * K`` up to ``small_batch_rows``, no autograd graph, gated SiLU experts
+without bias) skip the permutation: ``routed_swiglu_combine`` runs the experts on the unsorted
+(token, k) copies and combines them in two kernels instead of ~25 (docs/moe-layer.md, "Small-batch path").
+
 The state dict speaks global expert ids (``experts.{id}.gate_up_proj``): a layer saved at ep=N loads
 at ep=M, each rank picking its own experts.
 
@@ -26,6 +30,7 @@ from switchyard.config import MoEConfig
 from switchyard.moe.capacity import capacity_keep_mask
 from switchyard.moe.dispatcher import TokenDispatcher
 from switchyard.moe.experts import GroupedExperts
+from switchyard.moe.kernels import fused_kernels_enabled, routed_swiglu_combine
 from switchyard.moe.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from switchyard.moe.router import Router, RouterOutput
 from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
@@ -33,6 +38,15 @@ from switchyard.parallel.layout import local_expert_ids
 
 if TYPE_CHECKING:
     from switchyard.parallel.manager import ProcessGroupManager
+
+# The small-batch path runs while T * K <= min(SMALL_BATCH_MAX_ROWS, SMALL_BATCH_ROWS_PER_EXPERT * E).
+# Its GEMV kernels read an expert's weights once per copy (a copy sharing an expert reads them again, at
+# best from L2, whose bandwidth is not far above HBM's), so its cost grows with copies per expert; the
+# sort path reads each expert once but pays ~25 launches. On an H200 (bf16, mixtral / olmoe / qwen3
+# shapes) the small path won or tied up to 2 copies per expert and lost from 4 (mixtral: 32 copies); at
+# 256 copies it already trailed in a CUDA graph (docs/moe-layer.md, "Small-batch path").
+SMALL_BATCH_ROWS_PER_EXPERT = 2
+SMALL_BATCH_MAX_ROWS = 128
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
@@ -78,6 +92,9 @@ class SharedExperts(nn.Module):
 
 
 class MoELayer(DeepSpeedMoEModule):
+    # most T * K copies for the small-batch path; None: min(SMALL_BATCH_MAX_ROWS, 2 * E); 0: never
+    small_batch_rows: int | None = None
+
     def __init__(
         self,
         config: MoEConfig,
@@ -136,6 +153,21 @@ class MoELayer(DeepSpeedMoEModule):
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         routed = self.router(x_TH)
         keep_TK = self._capacity_mask(routed)
+        if self._small_batch(routed.topk_idx_TK):
+            out_TH, tokens_per_expert_E = self._small_batch_forward(x_TH, routed, keep_TK)
+        else:
+            out_TH, tokens_per_expert_E = self._sorted_forward(x_TH, routed, keep_TK)
+        if self.shared_experts is not None:
+            shared_TH = self.shared_experts(x_TH)
+            if self.shared_expert_gate is not None:
+                shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
+            out_TH = out_TH + shared_TH
+        self._record(routed, tokens_per_expert_E, keep_TK, batch_size=shape[0] if len(shape) == 3 else 1)
+        return out_TH.reshape(shape)
+
+    def _sorted_forward(self, x_TH: torch.Tensor, routed: RouterOutput,
+                        keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """dispatch (sort by expert, all-to-all) → grouped experts → combine: (out_TH, tokens_per_expert_E)."""
         if self.replicated_tokens and self.ep_size > 1:
             if torch.is_grad_enabled():
                 raise RuntimeError("replicated_tokens is an inference mode (its all-reduce has no backward); "
@@ -144,14 +176,28 @@ class MoELayer(DeepSpeedMoEModule):
         else:
             x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK)
         y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L)
-        out_TH = self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK)
-        if self.shared_experts is not None:
-            shared_TH = self.shared_experts(x_TH)
-            if self.shared_expert_gate is not None:
-                shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
-            out_TH = out_TH + shared_TH
-        self._record(routed, plan.tokens_per_expert_E, keep_TK, batch_size=shape[0] if len(shape) == 3 else 1)
-        return out_TH.reshape(shape)
+        return self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK), plan.tokens_per_expert_E
+
+    def _small_batch(self, topk_idx_TK: torch.Tensor) -> bool:
+        """Whether this forward takes the small-batch path: inference (nothing recorded for a backward),
+        few copies, gated SiLU experts without bias on the default impl, fused kernels on, and every
+        token on this rank's experts either local (ep=1) or replicated (serving)."""
+        ex = self.experts
+        rows = self.small_batch_rows
+        if rows is None:
+            rows = min(SMALL_BATCH_MAX_ROWS, SMALL_BATCH_ROWS_PER_EXPERT * self.num_experts)
+        return (not torch.is_grad_enabled() and topk_idx_TK.numel() <= rows and ex.swiglu and ex.impl == "auto"
+                and fused_kernels_enabled() and (self.ep_size == 1 or self.replicated_tokens))
+
+    def _small_batch_forward(self, x_TH: torch.Tensor, routed: RouterOutput,
+                             keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts on the unsorted copies, combined in fp32 (two kernels on CUDA); at ep > 1 (replicated
+        tokens) each rank adds its experts' share and the EP all-reduce sums them, as ``combine`` does."""
+        w1_LOH, _, w2_LHF, _ = self.experts.weights()
+        out_TH, tokens_per_expert_E = routed_swiglu_combine(
+            x_TH, w1_LOH, w2_LHF, routed.topk_idx_TK, routed.topk_weight_TK, keep_TK,
+            first_expert=self.local_expert_ids[0], num_experts=self.num_experts)
+        return self.dispatcher.reduce_replicated(out_TH), tokens_per_expert_E
 
     def _capacity_mask(self, routed: RouterOutput) -> torch.Tensor | None:
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor

@@ -1,4 +1,5 @@
-"""Fused kernels for the MoE hot path (permute backward, weighted unpermute-combine, SwiGLU).
+"""Fused kernels for the MoE hot path (permute backward, weighted unpermute-combine, SwiGLU, and the
+small-batch experts-and-combine on unsorted copies, routed.py).
 
 Each op has a Triton kernel for CUDA and a PyTorch fallback with the same math (fp32 accumulation,
 one rounding to the output dtype), used on CPU, without Triton, or with the kernels switched off.
@@ -18,10 +19,14 @@ from switchyard.moe.kernels.ops import (
     triton_available,
     unpermute_combine,
 )
+from switchyard.moe.kernels.routed import routed_kernels_apply, routed_swiglu_combine, routed_swiglu_combine_torch
 
 __all__ = [
     "fused_kernels_enabled",
     "gather_rows",
+    "routed_kernels_apply",
+    "routed_swiglu_combine",
+    "routed_swiglu_combine_torch",
     "set_fused_kernels",
     "silu_mul",
     "silu_mul_supported",

@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
                 for t in args.tokens:
                     x = b.x_BTH[:, :t].contiguous()
                     row[str(t)] = time_decode(built.forward, x, device, args.warmup, args.iters)
+                    if impl == "switchyard":  # which path the layer took at this size
+                        layer = built.keep[0]
+                        with torch.no_grad():
+                            small = layer._small_batch(torch.zeros(t, b.shape.top_k, device=device))
+                        row[f"path_{t}"] = "small-batch kernels" if small else "sort + grouped_mm"
                 entry[impl] = row
             except Exception as exc:  # noqa: BLE001
                 entry[impl] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -93,11 +93,16 @@ SHAPES: dict[str, Shape] = {
     "olmoe": Shape(hidden=2048, ffn=1024, experts=64, top_k=8),
     "qwen3_30b_a3b": Shape(hidden=2048, ffn=768, experts=128, top_k=8),
 }
+# Opt-in with --shapes: one MoE layer of benchmarks/finetune.py's upcycled model (hidden 1536, FFN 4096).
+EXTRA_SHAPES: dict[str, Shape] = {
+    "finetune_llama_8x": Shape(hidden=1536, ffn=4096, experts=8, top_k=2),
+}
 # Same experts and top-k (they decide the code paths: top-2 vs top-k gating, 128-expert loops), tiny widths.
 TINY_SHAPES: dict[str, Shape] = {
     "mixtral_8x7b": Shape(hidden=64, ffn=128, experts=8, top_k=2),
     "olmoe": Shape(hidden=32, ffn=64, experts=64, top_k=8),
     "qwen3_30b_a3b": Shape(hidden=32, ffn=48, experts=128, top_k=8),
+    "finetune_llama_8x": Shape(hidden=48, ffn=64, experts=8, top_k=2),
 }
 IMPLS = ("switchyard", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm", "deepspeed_moe",
          "deepspeed_autoep", "dense_ceiling")
@@ -210,8 +215,9 @@ def build_switchyard(b: Bench, experts_impl: str | None = None) -> Built:
     experts = getattr(layer, "experts", None)
     if experts_impl is not None:
         experts.impl = experts_impl
-    if experts is not None and hasattr(experts, "resolve_impl"):
-        variant = f"experts impl {experts.resolve_impl(b.x_BTH.reshape(-1, s.hidden)[:1])!r}"
+    if experts is not None and hasattr(experts, "resolve_impl"):  # what the experts see: tokens*K rows
+        rows_NH = b.x_BTH.reshape(-1, s.hidden)[:1].expand(b.tokens * s.top_k, s.hidden)
+        variant = f"experts impl {experts.resolve_impl(rows_NH)!r}"
     note = None if len(copied) >= 3 else f"only these weights were shared: {copied}"
     return Built(forward=lambda x: _first(layer(x)), params=list(layer.parameters()), variant=variant,
                  note=note, keep=[layer])
@@ -606,7 +612,7 @@ def print_table(results: dict, shapes: list[str], impls: list[str]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", choices=[*SHAPES, *EXTRA_SHAPES], default=list(SHAPES))
     p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
     p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 8192; 128 with --tiny)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
@@ -633,7 +639,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    shapes = TINY_SHAPES if args.tiny else SHAPES
+    shapes = TINY_SHAPES if args.tiny else {**SHAPES, **EXTRA_SHAPES}
     argv_used = sys.argv[1:] if argv is None else argv
     meta = {
         "command": shlex.join(["python", "benchmarks/moe_layer.py", *argv_used]),

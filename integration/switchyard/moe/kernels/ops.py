@@ -48,9 +48,14 @@ def triton_available() -> bool:
     return _tk is not None
 
 
-def _triton_ok(*tensors: torch.Tensor) -> bool:
-    return (_ENABLED and _tk is not None and all(t.is_cuda for t in tensors)
+def kernel_inputs_ok(*tensors: torch.Tensor) -> bool:
+    """Fused kernels on, and every tensor on CUDA with a float dtype the Triton kernels take."""
+    return (_ENABLED and all(t.is_cuda for t in tensors)
             and all(t.dtype in _KERNEL_DTYPES for t in tensors if t.is_floating_point()))
+
+
+def _triton_ok(*tensors: torch.Tensor) -> bool:
+    return _tk is not None and kernel_inputs_ok(*tensors)
 
 
 # -- PyTorch fallbacks (the kernels' math) ------------------------------------------------------------------
@@ -141,6 +146,8 @@ class _UnpermuteCombine(torch.autograd.Function):
 
 
 class _SiluMul(torch.autograd.Function):
+    """The Triton SwiGLU under autograd: saves ``h`` only (silu(gate) is recomputed in the backward)."""
+
     @staticmethod
     def forward(ctx, h_NO: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(h_NO)
@@ -179,7 +186,8 @@ def silu_mul_supported(h_NO: torch.Tensor) -> bool:
 
 
 def silu_mul_forward(h_NO: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` outside autograd (callers that write their own backward)."""
+    """``silu(gate) * up``: the Triton kernel (no autograd) where it runs, else its math in PyTorch (fp32,
+    one rounding), which autograd can differentiate."""
     if silu_mul_supported(h_NO):
         return _tk.silu_mul_fwd(h_NO)
     gate_NF, up_NF = h_NO.float().chunk(2, dim=-1)
@@ -203,9 +211,6 @@ def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(h_NO: torch.Tensor) -> torch.Tensor:
     """SwiGLU ``silu(gate) * up`` of the fused ``[N, 2F]`` projection (gate columns first)."""
-    if silu_mul_supported(h_NO):
-        return _SiluMul.apply(h_NO) if _records_graph(h_NO) else _tk.silu_mul_fwd(h_NO)
-    gate_NF, up_NF = h_NO.chunk(2, dim=-1)
-    if h_NO.dtype in (torch.bfloat16, torch.float16):  # the kernel's math: fp32, one rounding
-        return (F.silu(gate_NF.float()) * up_NF.float()).to(h_NO.dtype)
-    return F.silu(gate_NF) * up_NF
+    if silu_mul_supported(h_NO) and _records_graph(h_NO):
+        return _SiluMul.apply(h_NO)
+    return silu_mul_forward(h_NO)  # the kernel without a graph to record, or its math in PyTorch (autograd-able)

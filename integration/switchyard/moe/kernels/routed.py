@@ -23,20 +23,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from switchyard.moe.kernels.ops import fused_kernels_enabled
+from switchyard.moe.kernels.ops import kernel_inputs_ok
 
 try:  # Triton ships with CUDA torch; CPU-only installs (CI) go without it
     from switchyard.moe.kernels import routed_kernels as _rk
 except Exception:  # noqa: BLE001 - ImportError, or a Triton that cannot initialise here
     _rk = None
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def routed_kernels_apply(x_TH: torch.Tensor, w1_LOH: torch.Tensor, w2_LHF: torch.Tensor) -> bool:
     """Whether ``routed_swiglu_combine`` runs the Triton kernels for these tensors."""
-    return (_rk is not None and fused_kernels_enabled()
-            and all(t.is_cuda and t.dtype in _KERNEL_DTYPES for t in (x_TH, w1_LOH, w2_LHF)))
+    return _rk is not None and kernel_inputs_ok(x_TH, w1_LOH, w2_LHF)
 
 
 def routed_swiglu_combine_torch(x_TH: torch.Tensor, w1_LOH: torch.Tensor, w2_LHF: torch.Tensor,

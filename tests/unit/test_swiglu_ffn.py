@@ -122,3 +122,23 @@ def test_auto_picks_per_expert_gemms_only_for_few_big_experts_in_training(monkey
     with torch.no_grad():  # inference keeps autograd-free grouped_mm
         assert few.resolve_impl(x_big) == "grouped_mm"
     assert GroupedExperts(8, 64, 128, bias=True, device="meta").resolve_impl(x_big) == "grouped_mm"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_grads(impl: str, use_reentrant: bool) -> None:
+    """Under torch.utils.checkpoint the saved h is a recomputed tensor that the backward overwrites in
+    place; the gradients must equal those of the plain graph."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ex = GroupedExperts(E, H, FF, impl=impl)
+    counts = torch.tensor([5, 0, 7, 4])
+    x, cot = torch.randn(16, H), torch.randn(16, H)
+    want = _fwd_and_grads(ex, x, counts.tolist(), cot)
+    ex.zero_grad(set_to_none=True)
+    xc = x.clone().requires_grad_()
+    y = checkpoint(lambda t: ex(t, counts), xc, use_reentrant=use_reentrant)
+    (y * cot).sum().backward()
+    for g, w in zip([y.detach(), xc.grad, ex.gate_up_proj.grad, ex.down_proj.grad], want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run the GPU benchmarks and GPU tests on a lent device machine, writing everything under $OUT.
 #
-#   bash benchmarks/device_run.sh serve        # GPU tests (1 and 2 GPUs) + serving benchmark     ~4 min
-#   bash benchmarks/device_run.sh layer        # MoE layer, its profile, and the decode regime     ~6 min
+#   bash benchmarks/device_run.sh serve        # GPU tests (1 and 2 GPUs) + serving benchmark(s)  ~6 min
+#   bash benchmarks/device_run.sh layer        # MoE layer, profile, decode regime, small-batch sweep ~7 min
 #   bash benchmarks/device_run.sh finetune     # fine-tune throughput vs AutoEP and HF             ~3 min
 #   bash benchmarks/device_run.sh ep           # EP scaling over every GPU of the machine          ~2 min
 #
@@ -30,16 +30,23 @@ run() {  # run NAME SECONDS COMMAND...: log to $out/NAME.log, print its tail
 
 case $group in
 serve)
-    run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_serve_cuda_graphs.py tests/unit/test_experts.py -m gpu
-    run serve 300 python3 benchmarks/serve.py --out "$out/serve.json" --ep "$((gpus >= 2 ? 2 : 1))"
+    run gpu_tests 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_serve_cuda_graphs.py \
+        tests/unit/test_experts.py tests/unit/test_swiglu_ffn.py tests/unit/test_moe_small_batch.py tests/unit/test_kernels.py
+    run serve 240 python3 benchmarks/serve.py --out "$out/serve.json" --ep 1
+    if [ "$gpus" -ge 2 ]; then
+        run serve_ep2 150 python3 benchmarks/serve.py --out "$out/serve_ep2.json" --ep 2 --skip-generate --batches 1,64
+    fi
     ;;
 layer)
-    run moe_layer 240 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_layer.py --out "$out/moe_layer.json"
+    run moe_layer 240 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_layer.py --out "$out/moe_layer.json" \
+        --shapes mixtral_8x7b olmoe qwen3_30b_a3b finetune_llama_8x
     run moe_decode 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_decode.py --out "$out/moe_decode.json"
     run moe_layer_profile 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_layer_profile.py --out "$out/moe_layer_profile.json"
+    run small_batch_sweep 60 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/small_batch_sweep.py --out "$out/small_batch_sweep.json"
     ;;
 finetune)
-    run finetune 560 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/finetune.py --out "$out/finetune.json"
+    run finetune 560 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/finetune.py --out "$out/finetune.json" \
+        --variant-experts-impl grouped_mm
     ;;
 ep)
     if [ "$gpus" -lt 2 ]; then echo "ep needs 2+ GPUs, this machine has $gpus"; exit 1; fi

@@ -12,7 +12,6 @@ import importlib
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,10 +38,9 @@ def ensure_world(device: torch.device) -> None:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+        from switchyard.parallel.ports import free_port
+
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
                            ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
             os.environ.setdefault(key, value)
         if device.type == "cuda":

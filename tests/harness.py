@@ -11,7 +11,6 @@ import os
 import pickle
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from switchyard.parallel.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(fn, rank, world_size, port, results, collective_timeout_s, args, kwargs) -> None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from switchyard.config import ParallelConfig
 from switchyard.log import get_logger
 from switchyard.parallel.layout import GROUP_KINDS, local_expert_ids, rank_layout
+from switchyard.parallel.ports import free_port
 
 log = get_logger(__name__)
 
@@ -38,7 +39,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
             # A plain `python script.py`: a world of one.
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
@@ -51,14 +52,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from switchyard.parallel.ports import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SERVE_SCRIPT = REPO_ROOT / "launch" / "serve.py"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

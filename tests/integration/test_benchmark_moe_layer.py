@@ -45,3 +45,18 @@ def test_moe_layer_benchmark_tiny(tmp_path):
             if "rel_err_vs_hf" in results[shape][impl]:
                 assert results[shape][impl]["rel_err_vs_hf"] < 1e-4, (shape, impl, results[shape][impl])
         assert 0.0 <= results[shape]["deepspeed_moe"]["dropped_fraction"] < 1.0
+
+
+def test_moe_layer_benchmark_takes_the_finetune_shape(tmp_path):
+    """--shapes finetune_llama_8x (opt-in) runs, and the experts' variant label names the impl used."""
+    out = tmp_path / "moe_layer.json"
+    proc = run_script(REPO_ROOT / "benchmarks" / "moe_layer.py",
+                      ["--tiny", "--device", "cpu", "--shapes", "finetune_llama_8x", "--impls", "switchyard",
+                       "switchyard_per_expert", "dense_ceiling", "--out", str(out)], timeout_s=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results = json.loads(out.read_text())
+    assert set(results) == {"finetune_llama_8x", "meta"}
+    entry = results["finetune_llama_8x"]
+    assert entry["switchyard"]["variant"] == "experts impl 'loop'"  # CPU: auto is the loop
+    assert entry["switchyard_per_expert"]["variant"] == "experts impl 'swiglu_per_expert'"
+    assert all(entry[i]["ms"] > 0 for i in entry)

@@ -195,8 +195,10 @@ EXPERT_IMPLS: dict[str, ExpertsImpl] = {
 }
 _SWIGLU_IMPLS = ("swiglu_grouped", "swiglu_per_expert")
 # "auto" takes one cuBLAS GEMM per expert over the grouped GEMM at <= this many local experts whose average
-# GEMM 1 half (rows x H x F multiply-adds) is at least this big: measured on an H200 (docs/performance.md),
-# mixtral's 8 x (2048 x 4096 x 14336) ran 4 % faster that way, olmoe/qwen3's 64-128 small groups 3-7x slower.
+# GEMM 1 half (rows x H x F multiply-adds) is at least this big. On an H200 (benchmarks/results/
+# moe_layer.json) mixtral's 8 x (2048 x 4096 x 14336) layer ran 4 % faster that way than autograd's grouped
+# composition; per-expert GEMMs made olmoe / qwen3 (64 / 128 small groups) 4-6x and the fine-tune model's
+# layer (8 x 2048 x 1536 x 4096, under the bound) 1.26x slower.
 PER_EXPERT_MAX_EXPERTS = 8
 PER_EXPERT_MIN_GEMM_MACS = 2**35
 

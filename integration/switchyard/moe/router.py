@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from switchyard.config import MoEConfig
+from switchyard.moe.kernels import records_graph
 from switchyard.log import get_logger
 
 log = get_logger(__name__)
@@ -75,7 +76,7 @@ class _Fp32Logits(torch.autograd.Function):
 
 def router_logits_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
     """fp32 router logits ``x @ w.T`` of a ``[T, H]`` input (any float dtype)."""
-    if torch.is_grad_enabled() and (x_TH.requires_grad or weight_EH.requires_grad):
+    if records_graph(x_TH, weight_EH):
         return _Fp32Logits.apply(x_TH, weight_EH)
     # no graph to record (inference): skip the Function, whose host overhead shows in a decode step
     return F.linear(x_TH.float(), weight_EH.float())

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from switchyard.moe.kernels.ops import silu_mul_backward_, silu_mul_forward
+from switchyard.moe.kernels.ops import records_graph, silu_mul_backward_, silu_mul_forward
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 BACKENDS = ("grouped", "per_expert")
@@ -53,19 +53,28 @@ def _weight_grad(grad_NO: Tensor, a_NI: Tensor, groups: Groups) -> Tensor:
     return out_EOI
 
 
+def _save(ctx, a: Tensor, w: Tensor, groups: Groups) -> None:
+    """Save an activation and a weight, plus the groups: offsets as a saved tensor, host counts on ctx."""
+    ctx.save_for_backward(a, w, *([groups] if isinstance(groups, Tensor) else []))
+    ctx.counts = None if isinstance(groups, Tensor) else groups
+
+
+def _saved(ctx) -> tuple[Tensor, Tensor, Groups]:
+    a, w, *offs = ctx.saved_tensors
+    return a, w, offs[0] if offs else ctx.counts
+
+
 class _UpProj(torch.autograd.Function):
     """GEMM 1: ``h = x @ w1[e].T`` per expert."""
 
     @staticmethod
     def forward(ctx, x_NH: Tensor, w1_EOH: Tensor, groups: Groups) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x_NH, w1_EOH, *([groups] if isinstance(groups, Tensor) else []))
-        ctx.counts = None if isinstance(groups, Tensor) else groups
+        _save(ctx, x_NH, w1_EOH, groups)
         return _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups)
 
     @staticmethod
     def backward(ctx, grad_h_NO: Tensor):  # type: ignore[override]
-        x_NH, w1_EOH, *offs = ctx.saved_tensors
-        groups = offs[0] if offs else ctx.counts
+        x_NH, w1_EOH, groups = _saved(ctx)
         grad_h_NO = grad_h_NO.contiguous()
         grad_w1 = _weight_grad(grad_h_NO, x_NH, groups) if ctx.needs_input_grad[1] else None
         grad_x = _matmul_by_expert(grad_h_NO, w1_EOH, groups) if ctx.needs_input_grad[0] else None
@@ -77,8 +86,8 @@ class _SwiGLUDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_NO: Tensor, w2_EHF: Tensor, groups: Groups) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(h_NO, w2_EHF, *([groups] if isinstance(groups, Tensor) else []))
-        ctx.counts, ctx.h_consumed = (None if isinstance(groups, Tensor) else groups), False
+        _save(ctx, h_NO, w2_EHF, groups)
+        ctx.h_consumed = False
         return _matmul_by_expert(silu_mul_forward(h_NO), w2_EHF.transpose(-2, -1), groups)
 
     @staticmethod
@@ -86,15 +95,15 @@ class _SwiGLUDown(torch.autograd.Function):
         if ctx.h_consumed:
             raise RuntimeError("the SwiGLU experts' backward ran twice (retain_graph=True), but the first one "
                                "overwrote its saved activations; set GroupedExperts.impl='grouped_mm' for that")
-        h_NO, w2_EHF, *offs = ctx.saved_tensors
+        h_NO, w2_EHF, groups = _saved(ctx)
         ctx.h_consumed = True
         grad_NH = grad_NH.contiguous()  # y.sum().backward() sends an expanded (stride-0) grad
         need_w2 = ctx.needs_input_grad[1]
-        if offs:
-            grad_w2 = _weight_grad(grad_NH, silu_mul_forward(h_NO), offs[0]) if need_w2 else None
-            return silu_mul_backward_(h_NO, _GROUPED_MM(grad_NH, w2_EHF, offs=offs[0])), grad_w2, None
+        if isinstance(groups, Tensor):
+            grad_w2 = _weight_grad(grad_NH, silu_mul_forward(h_NO), groups) if need_w2 else None
+            return silu_mul_backward_(h_NO, _GROUPED_MM(grad_NH, w2_EHF, offs=groups)), grad_w2, None
         grad_w2 = torch.empty_like(w2_EHF) if need_w2 else None
-        for e, (g_nH, h_nO) in enumerate(zip(grad_NH.split(ctx.counts), h_NO.split(ctx.counts))):
+        for e, (g_nH, h_nO) in enumerate(zip(grad_NH.split(groups), h_NO.split(groups))):
             if grad_w2 is not None:
                 torch.mm(g_nH.t(), silu_mul_forward(h_nO), out=grad_w2[e])
             silu_mul_backward_(h_nO, g_nH @ w2_EHF[e])  # over h: dead from here on
@@ -106,7 +115,7 @@ def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, b
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
     groups: Groups = torch.cumsum(counts_E, 0, dtype=torch.int32) if backend == "grouped" else counts_E.tolist()
-    if torch.is_grad_enabled() and (x_NH.requires_grad or w1_EOH.requires_grad or w2_EHF.requires_grad):
+    if records_graph(x_NH, w1_EOH, w2_EHF):
         return _SwiGLUDown.apply(_UpProj.apply(x_NH, w1_EOH, groups), w2_EHF, groups)
     h_NO = _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups)
     return _matmul_by_expert(silu_mul_forward(h_NO), w2_EHF.transpose(-2, -1), groups)

@@ -13,6 +13,7 @@ one rounding to the output dtype), used on CPU, without Triton, or with the kern
 from switchyard.moe.kernels.ops import (
     fused_kernels_enabled,
     gather_rows,
+    records_graph,
     set_fused_kernels,
     silu_mul,
     silu_mul_supported,
@@ -24,6 +25,7 @@ from switchyard.moe.kernels.routed import routed_kernels_apply, routed_swiglu_co
 __all__ = [
     "fused_kernels_enabled",
     "gather_rows",
+    "records_graph",
     "routed_kernels_apply",
     "routed_swiglu_combine",
     "routed_swiglu_combine_torch",

@@ -159,23 +159,23 @@ class _SiluMul(torch.autograd.Function):
         return _tk.silu_mul_bwd(h_NO, da_NF.contiguous())
 
 
-def _records_graph(*tensors: torch.Tensor) -> bool:
+def records_graph(*tensors: torch.Tensor) -> bool:
     """Whether autograd would record an op on ``tensors``. When not (inference, decode), the ops below
     call their forward directly: ``Function.apply`` costs tens of µs of host time per call, which is a
-    visible share of a host-bound decode step."""
+    visible share of a host-bound decode step (the router and the SwiGLU experts use it the same way)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def gather_rows(x_TH: torch.Tensor, token_idx_N: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
     """``x_TH[token_idx_N]`` whose backward sums each token's copies through ``idx_TK`` (no atomics)."""
-    if not _records_graph(x_TH):
+    if not records_graph(x_TH):
         return x_TH.index_select(0, token_idx_N)
     return _GatherRows.apply(x_TH, token_idx_N, idx_TK)
 
 
 def unpermute_combine(y_RH: torch.Tensor, weight_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
     """``out[t] = sum_k weight[t, k] * y[idx[t, k]]`` (fp32 accumulation), in y's dtype."""
-    if not _records_graph(y_RH, weight_TK):
+    if not records_graph(y_RH, weight_TK):
         return _gather_sum(y_RH.contiguous(), idx_TK, weight_TK.contiguous(), y_RH.dtype)
     return _UnpermuteCombine.apply(y_RH, weight_TK, idx_TK)
 
@@ -211,6 +211,6 @@ def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(h_NO: torch.Tensor) -> torch.Tensor:
     """SwiGLU ``silu(gate) * up`` of the fused ``[N, 2F]`` projection (gate columns first)."""
-    if silu_mul_supported(h_NO) and _records_graph(h_NO):
+    if silu_mul_supported(h_NO) and records_graph(h_NO):
         return _SiluMul.apply(h_NO)
     return silu_mul_forward(h_NO)  # the kernel without a graph to record, or its math in PyTorch (autograd-able)

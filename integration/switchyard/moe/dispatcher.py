@@ -4,8 +4,9 @@
                ──all-to-all (ep>1)──▶ rows from every source rank ──regroup──▶ x_MH (by local expert)
     combine:   y_MH ──regroup⁻¹──▶ ──all-to-all⁻¹──▶ y_NH ──gather by slot, Σ_k weight·row──▶ out_TH
 
-The local permutation has no host sync: counts come from a binary search over the sorted expert ids
-(``torch.bincount`` reads its max back to the host on CUDA). With the fused kernels on (default;
+The local permutation has no host sync: the slots are sorted by expert and counted in one call
+(``sort_slots_by_expert``: a two-launch Triton counting sort on CUDA, ``torch.sort`` and a binary search
+elsewhere; ``torch.bincount`` would read its max back to the host on CUDA). With the fused kernels on (default;
 ``SWITCHYARD_FUSED_KERNELS=0`` or ``switchyard.moe.kernels.set_fused_kernels(False)`` for the unfused
 path) both directions go through ``row_of_slot_TK``, the inverse of the sort: the gather's backward and
 the combine are per-token gathers with fp32 sums over the K copies (Triton on CUDA), so no atomics, no
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from switchyard.moe.kernels import fused_kernels_enabled, gather_rows, unpermute_combine
+from switchyard.moe.kernels.expert_sort import sort_slots_by_expert
 from switchyard.parallel.all_to_all import all_to_all, exchange_counts
 
 
@@ -46,6 +48,7 @@ class DispatchPlan:
     token_idx_N: torch.Tensor  # source token of each sent row
     tokens_per_expert_E: torch.Tensor  # rows this rank routes to each global expert (kept only)
     tokens_per_local_expert_L: torch.Tensor  # rows this rank's experts receive, per local expert
+    local_offsets_L: torch.Tensor | None = None  # their int32 cumulative sum, where the sort gave it (ep=1)
     input_splits: list[int] | None = None  # rows sent to each EP rank
     output_splits: list[int] | None = None  # rows received from each EP rank
     regroup_M: torch.Tensor | None = None  # received (source-major) row for each local-expert-major row
@@ -74,32 +77,19 @@ class TokenDispatcher:
         num_tokens, top_k = expert_TK.shape
         if not fused_kernels_enabled():
             return self._dispatch_unfused(x_TH, expert_TK, keep_TK)
-        slot_order, bounds = self._sort_by_expert(expert_TK, keep_TK)
+        slot_order, token_idx, row_of_slot_TK, bounds, offsets_E = sort_slots_by_expert(
+            expert_TK, keep_TK, self.num_experts)
         tokens_per_expert_E = bounds.diff()
-        if keep_TK is not None:  # dropped slots sorted after every real expert: cut off
-            slot_order = slot_order[: int(bounds[-1])]
-            row_of_slot = torch.full((num_tokens * top_k,), -1, dtype=torch.int64, device=slot_order.device)
-        else:
-            row_of_slot = torch.empty_like(slot_order)
-        row_of_slot.scatter_(0, slot_order, torch.arange(slot_order.numel(), device=slot_order.device))
-        token_idx = torch.div(slot_order, top_k, rounding_mode="floor")
-        row_of_slot_TK = row_of_slot.view(num_tokens, top_k)
+        if keep_TK is not None:  # dropped slots sorted after every real expert: cut off (one host sync)
+            kept = int(bounds[-1])
+            slot_order, token_idx = slot_order[:kept], token_idx[:kept]
         x_NH = gather_rows(x_TH, token_idx, row_of_slot_TK)
         plan = DispatchPlan(num_tokens, slot_order, token_idx, tokens_per_expert_E, tokens_per_expert_E,
                             row_of_slot_TK=row_of_slot_TK)
         if self.ep_size == 1:
+            plan.local_offsets_L = offsets_E
             return x_NH, plan
         return self._exchange(x_NH, plan)
-
-    def _sort_by_expert(self, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat slots sorted by expert, dropped slots last; ``bounds[e]`` = first sorted position with
-        expert >= e, for e in 0..E) — counts without bincount's host sync."""
-        flat_expert = expert_TK.reshape(-1).to(torch.int32)  # int32 keys: half the radix-sort passes
-        if keep_TK is not None:
-            flat_expert = torch.where(keep_TK.reshape(-1), flat_expert, torch.full_like(flat_expert, self.num_experts))
-        sorted_expert, slot_order = torch.sort(flat_expert, stable=True)
-        experts = torch.arange(self.num_experts + 1, device=flat_expert.device, dtype=torch.int32)
-        return slot_order, torch.searchsorted(sorted_expert, experts)
 
     def dispatch_replicated(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
@@ -112,7 +102,7 @@ class TokenDispatcher:
         -1); otherwise the rows are cut to ``n_local`` (one sync, free on CPU).
         """
         num_tokens, top_k = expert_TK.shape
-        slot_order, bounds = self._sort_by_expert(expert_TK, keep_TK)
+        slot_order, _, _, bounds, _ = sort_slots_by_expert(expert_TK, keep_TK, self.num_experts)
         tokens_per_expert_E = bounds.diff()
         first = self.ep_rank * self.num_local_experts
         start, n_local = bounds[first], bounds[first + self.num_local_experts] - bounds[first]

@@ -175,7 +175,7 @@ class MoELayer(DeepSpeedMoEModule):
             x_MH, plan = self.dispatcher.dispatch_replicated(x_TH, routed.topk_idx_TK, keep_TK)
         else:
             x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK)
-        y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L)
+        y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_offsets_L)
         return self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK), plan.tokens_per_expert_E
 
     def _small_batch(self, topk_idx_TK: torch.Tensor) -> bool:

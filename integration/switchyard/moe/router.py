@@ -54,13 +54,13 @@ class _Fp32Logits(torch.autograd.Function):
     tokens of hidden 4096) alive until the router's backward, which runs last, so it sits on top of the
     layer's peak (the experts' backward). Here the copy is rebuilt in the backward. The backward is the
     same two fp32 matmuls as ``F.linear``'s, then the cast back, so results are bitwise those of the
-    autograd version.
+    autograd version (the forward too, except for 16-bit inputs on CUDA: see ``_linear_fp32``).
     """
 
     @staticmethod
     def forward(ctx, x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x_TH, weight_EH)
-        return F.linear(x_TH.float(), weight_EH.float())
+        return _linear_fp32(x_TH, weight_EH)
 
     @staticmethod
     def backward(ctx, grad_TE: torch.Tensor):  # type: ignore[override]
@@ -74,12 +74,27 @@ class _Fp32Logits(torch.autograd.Function):
         return grad_x, grad_w
 
 
+# torch.mm(a, b, out_dtype=torch.float32): 16-bit inputs, fp32 accumulation and output (CUDA, torch >= 2.8)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _linear_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` in fp32. A bf16/fp16 pair on CUDA runs one GEMM with fp32 output instead of two casts
+    and an fp32 GEMM: a product of two 16-bit floats is exact in fp32 and the sums are fp32 either way,
+    so only the summation order differs (2.6e-6 relative on an H200, olmoe router). One launch instead of
+    three, at the start of the layer, where the GPU waits for the host (docs/performance.md)."""
+    if (_MM_OUT_DTYPE and x_TH.is_cuda and x_TH.dtype in (torch.bfloat16, torch.float16)
+            and weight_EH.dtype == x_TH.dtype):
+        return torch.mm(x_TH, weight_EH.t(), out_dtype=torch.float32)
+    return F.linear(x_TH.float(), weight_EH.float())
+
+
 def router_logits_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
     """fp32 router logits ``x @ w.T`` of a ``[T, H]`` input (any float dtype)."""
     if records_graph(x_TH, weight_EH):
         return _Fp32Logits.apply(x_TH, weight_EH)
     # no graph to record (inference): skip the Function, whose host overhead shows in a decode step
-    return F.linear(x_TH.float(), weight_EH.float())
+    return _linear_fp32(x_TH, weight_EH)
 
 
 def _softmax_fp32(logits_TE: torch.Tensor) -> torch.Tensor:

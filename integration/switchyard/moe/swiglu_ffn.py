@@ -110,11 +110,17 @@ class _SwiGLUDown(torch.autograd.Function):
         return h_NO, grad_w2, None
 
 
-def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, backend: str) -> Tensor:
-    """``down(silu(gate(x)) * up(x))`` per expert over rows sorted by expert; ``counts_E`` rows each."""
+def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, backend: str,
+               offsets_E: Tensor | None = None) -> Tensor:
+    """``down(silu(gate(x)) * up(x))`` per expert over rows sorted by expert; ``counts_E`` rows each
+    (``offsets_E``: their int32 cumulative sum, if the caller has it)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
-    groups: Groups = torch.cumsum(counts_E, 0, dtype=torch.int32) if backend == "grouped" else counts_E.tolist()
+    groups: Groups
+    if backend == "grouped":
+        groups = offsets_E if offsets_E is not None else torch.cumsum(counts_E, 0, dtype=torch.int32)
+    else:
+        groups = counts_E.tolist()
     if records_graph(x_NH, w1_EOH, w2_EHF):
         return _SwiGLUDown.apply(_UpProj.apply(x_NH, w1_EOH, groups), w2_EHF, groups)
     h_NO = _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups)

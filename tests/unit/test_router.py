@@ -226,3 +226,27 @@ def test_fp32_logits_grads_equal_autograds(dtype: torch.dtype) -> None:
     assert torch.equal(ours, ref) and torch.equal(x.grad, x_ref.grad) and torch.equal(w.grad, w_ref.grad)
     with torch.no_grad():  # the graph-free path (decode) gives the same logits
         assert torch.equal(router_logits_fp32(x, w), ref)
+
+
+@pytest.mark.gpu
+def test_fp32_logits_on_cuda_16_bit_match_the_fp32_route() -> None:
+    """bf16 on CUDA: tensor-core GEMMs (fp32 output forward; backward on the logits' gradient rounded to
+    bf16) against the fp32 route: forward to summation order, gradients to bf16 rounding."""
+    from switchyard.moe.router import router_logits_fp32
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 256, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(64, 256, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_(True)
+    grad = torch.randn(512, 64, device="cuda")
+    ours = router_logits_fp32(x, w)
+    ours.backward(grad)
+    x_ref, w_ref = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    ref = x_ref @ w_ref.t()
+    ref.backward(grad.double())
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert ours.dtype == torch.float32 and rel(ours, ref) < 1e-6
+    assert x.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert rel(x.grad, x_ref.grad) < 1e-2 and rel(w.grad, w_ref.grad) < 1e-2

@@ -77,9 +77,8 @@ class TokenDispatcher:
         num_tokens, top_k = expert_TK.shape
         if not fused_kernels_enabled():
             return self._dispatch_unfused(x_TH, expert_TK, keep_TK)
-        slot_order, token_idx, row_of_slot_TK, bounds, offsets_E = sort_slots_by_expert(
+        slot_order, token_idx, row_of_slot_TK, bounds, offsets_E, tokens_per_expert_E = sort_slots_by_expert(
             expert_TK, keep_TK, self.num_experts)
-        tokens_per_expert_E = bounds.diff()
         if keep_TK is not None:  # dropped slots sorted after every real expert: cut off (one host sync)
             kept = int(bounds[-1])
             slot_order, token_idx = slot_order[:kept], token_idx[:kept]
@@ -102,8 +101,7 @@ class TokenDispatcher:
         -1); otherwise the rows are cut to ``n_local`` (one sync, free on CPU).
         """
         num_tokens, top_k = expert_TK.shape
-        slot_order, _, _, bounds, _ = sort_slots_by_expert(expert_TK, keep_TK, self.num_experts)
-        tokens_per_expert_E = bounds.diff()
+        slot_order, _, _, bounds, _, tokens_per_expert_E = sort_slots_by_expert(expert_TK, keep_TK, self.num_experts)
         first = self.ep_rank * self.num_local_experts
         start, n_local = bounds[first], bounds[first + self.num_local_experts] - bounds[first]
         rows = torch.arange(slot_order.numel(), device=slot_order.device)

@@ -47,14 +47,37 @@ class RouterOutput:
     topk_weight_TK: torch.Tensor  # fp32 final combine weights
 
 
+# torch.mm(a, b, out_dtype=torch.float32): 16-bit inputs, fp32 accumulation and output (CUDA, torch >= 2.8)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _tensor_core_pair(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> bool:
+    """A bf16/fp16 pair on CUDA: the router's GEMMs run on tensor cores (see ``_Fp32Logits``)."""
+    return (_MM_OUT_DTYPE and x_TH.is_cuda and x_TH.dtype in (torch.bfloat16, torch.float16)
+            and weight_EH.dtype == x_TH.dtype)
+
+
+def _linear_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` in fp32. A 16-bit pair on CUDA runs one GEMM with fp32 output instead of two casts and
+    an fp32 GEMM: a product of two 16-bit floats is exact in fp32 and the sums are fp32 either way, so
+    only the summation order differs (2.6e-6 relative on an H200, olmoe router); one launch, not three."""
+    if _tensor_core_pair(x_TH, weight_EH):
+        return torch.mm(x_TH, weight_EH.t(), out_dtype=torch.float32)
+    return F.linear(x_TH.float(), weight_EH.float())
+
+
 class _Fp32Logits(torch.autograd.Function):
     """``F.linear(x.float(), w.float())`` that saves ``x`` and ``w`` in their own dtype, not as fp32 copies.
 
     Autograd's version keeps the fp32 copy of ``x`` (``[T, H]``, 4 bytes an element: 128 MiB for 8192
     tokens of hidden 4096) alive until the router's backward, which runs last, so it sits on top of the
-    layer's peak (the experts' backward). Here the copy is rebuilt in the backward. The backward is the
-    same two fp32 matmuls as ``F.linear``'s, then the cast back, so results are bitwise those of the
-    autograd version (the forward too, except for 16-bit inputs on CUDA: see ``_linear_fp32``).
+    layer's peak (the experts' backward). Here nothing fp32 of that size is kept.
+
+    fp32 inputs, and anything off CUDA: forward and backward are ``F.linear``'s fp32 matmuls, bitwise
+    (CPU-tested). A 16-bit pair on CUDA: the forward is ``_linear_fp32``'s one GEMM; the backward rounds the
+    logits' gradient to the input dtype (as the backward of any bf16 ``nn.Linear`` receives it) and runs two
+    tensor-core GEMMs with fp32 accumulation, where the fp32 route cast ``x`` to fp32 and ran two SIMT fp32
+    GEMMs. Routing decisions and combine weights stay fp32.
     """
 
     @staticmethod
@@ -66,27 +89,19 @@ class _Fp32Logits(torch.autograd.Function):
     def backward(ctx, grad_TE: torch.Tensor):  # type: ignore[override]
         x_TH, weight_EH = ctx.saved_tensors
         grad_x = grad_w = None
+        if _tensor_core_pair(x_TH, weight_EH):
+            grad_TE = grad_TE.to(x_TH.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_TE.mm(weight_EH)
+            if ctx.needs_input_grad[1]:
+                grad_w = grad_TE.t().mm(x_TH)
+            return grad_x, grad_w
         grad_TE = grad_TE.float()
         if ctx.needs_input_grad[0]:
             grad_x = grad_TE.mm(weight_EH.float()).to(x_TH.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = grad_TE.t().mm(x_TH.float()).to(weight_EH.dtype)
         return grad_x, grad_w
-
-
-# torch.mm(a, b, out_dtype=torch.float32): 16-bit inputs, fp32 accumulation and output (CUDA, torch >= 2.8)
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-
-
-def _linear_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` in fp32. A bf16/fp16 pair on CUDA runs one GEMM with fp32 output instead of two casts
-    and an fp32 GEMM: a product of two 16-bit floats is exact in fp32 and the sums are fp32 either way,
-    so only the summation order differs (2.6e-6 relative on an H200, olmoe router). One launch instead of
-    three, at the start of the layer, where the GPU waits for the host (docs/performance.md)."""
-    if (_MM_OUT_DTYPE and x_TH.is_cuda and x_TH.dtype in (torch.bfloat16, torch.float16)
-            and weight_EH.dtype == x_TH.dtype):
-        return torch.mm(x_TH, weight_EH.t(), out_dtype=torch.float32)
-    return F.linear(x_TH.float(), weight_EH.float())
 
 
 def router_logits_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:

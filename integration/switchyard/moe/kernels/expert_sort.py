@@ -6,6 +6,7 @@
         row_of_slot_TK  the sorted row of each slot, -1 where dropped (the inverse permutation)
         bounds_E1       bounds[e] = first sorted row whose expert is >= e (bounds[E] = kept slots)
         offsets_E       bounds[1:] as int32: the cumulative row counts torch's grouped GEMMs take
+        counts_E        kept slots per expert (bounds.diff())
 
 On CUDA a two-launch Triton counting sort (expert_sort_kernels.py); elsewhere, or with the fused kernels
 off, ``torch.sort`` (stable) and a binary search. Both give the same integers. The Triton version
@@ -36,6 +37,7 @@ class SortedSlots(NamedTuple):
     row_of_slot_TK: torch.Tensor
     bounds_E1: torch.Tensor
     offsets_E: torch.Tensor
+    counts_E: torch.Tensor
 
 
 def sort_slots_torch(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> SortedSlots:
@@ -53,12 +55,12 @@ def sort_slots_torch(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_
         row_of_slot_S = torch.where(row_of_slot_S < bounds_E1[-1], row_of_slot_S, torch.full_like(row_of_slot_S, -1))
     token_idx_S = torch.div(slot_order_S, top_k, rounding_mode="floor")
     return SortedSlots(slot_order_S, token_idx_S, row_of_slot_S.view(num_tokens, top_k), bounds_E1,
-                       bounds_E1[1:].to(torch.int32))
+                       bounds_E1[1:].to(torch.int32), bounds_E1.diff())
 
 
 def sort_slots_by_expert(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> SortedSlots:
     """The slots of ``expert_TK`` ([T, K] expert ids) sorted by expert; see the module docstring."""
     if _sk is not None and expert_TK.numel() > 0 and kernel_inputs_ok(expert_TK):
-        slot_order_S, token_idx_S, row_of_slot_S, bounds_E1, offsets_E = _sk.sort_slots(expert_TK, keep_TK, num_experts)
-        return SortedSlots(slot_order_S, token_idx_S, row_of_slot_S.view(expert_TK.shape), bounds_E1, offsets_E)
+        slot_order_S, token_idx_S, row_of_slot_S, *rest = _sk.sort_slots(expert_TK, keep_TK, num_experts)
+        return SortedSlots(slot_order_S, token_idx_S, row_of_slot_S.view(expert_TK.shape), *rest)
     return sort_slots_torch(expert_TK, keep_TK, num_experts)

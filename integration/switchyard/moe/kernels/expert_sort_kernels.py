@@ -38,7 +38,7 @@ def _slot_hist_kernel(expert_ptr, keep_ptr, hist_ptr, n, E,
 
 @triton.jit
 def _slot_place_kernel(expert_ptr, keep_ptr, hist_ptr, adj_ptr, slot_order_ptr, token_ptr, row_of_slot_ptr,
-                       bounds_ptr, offsets_ptr, n, E, num_blocks, top_k,
+                       bounds_ptr, offsets_ptr, counts_ptr, n, E, num_blocks, top_k,
                        HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, NB)
@@ -56,6 +56,7 @@ def _slot_place_kernel(expert_ptr, keep_ptr, hist_ptr, adj_ptr, slot_order_ptr, 
     if pid == 0:
         tl.store(bounds_ptr + cols, start.to(tl.int64), mask=cols <= E)
         tl.store(offsets_ptr + cols - 1, start, mask=(cols >= 1) & (cols <= E))  # bounds[1:] as int32
+        tl.store(counts_ptr + cols, total.to(tl.int64), mask=cols < E)
     tl.debug_barrier()  # adj is read back below by other threads of this program
 
     lane = tl.arange(0, BLOCK)
@@ -72,8 +73,8 @@ def _slot_place_kernel(expert_ptr, keep_ptr, hist_ptr, adj_ptr, slot_order_ptr, 
 
 
 def sort_slots(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(slot_order_S, token_idx_S, row_of_slot_S, bounds_E1, offsets_E); see expert_sort.py."""
+               ) -> tuple[torch.Tensor, ...]:
+    """(slot_order_S, token_idx_S, row_of_slot_S, bounds_E1, offsets_E, counts_E); see expert_sort.py."""
     num_slots = expert_TK.numel()
     top_k = expert_TK.shape[-1]
     device = expert_TK.device
@@ -87,13 +88,14 @@ def sort_slots(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_expert
     row_of_slot = torch.empty(num_slots, dtype=torch.int64, device=device)
     bounds = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
     offsets = torch.empty(num_experts, dtype=torch.int32, device=device)
+    counts = torch.empty(num_experts, dtype=torch.int64, device=device)
     experts_flat = expert_TK.reshape(-1)
     keep_flat = keep_TK.reshape(-1) if keep_TK is not None else experts_flat
     warps = 4 if block == 1024 else 16
     _slot_hist_kernel[(num_blocks,)](experts_flat, keep_flat, hist, num_slots, num_experts,
                                      HAS_KEEP=keep_TK is not None, BLOCK=block, NB=nb, num_warps=warps)
     _slot_place_kernel[(num_blocks,)](experts_flat, keep_flat, hist, adj, slot_order, token_idx, row_of_slot,
-                                      bounds, offsets, num_slots, num_experts, num_blocks, top_k,
+                                      bounds, offsets, counts, num_slots, num_experts, num_blocks, top_k,
                                       HAS_KEEP=keep_TK is not None, BLOCK=block, NB=nb,
                                       CHUNK=max(1, min(16, 4096 // nb)), num_warps=warps)
-    return slot_order, token_idx, row_of_slot, bounds, offsets
+    return slot_order, token_idx, row_of_slot, bounds, offsets, counts

@@ -34,13 +34,17 @@ router excluded, gated (SwiGLU) experts,
 TFLOP/s = FLOPs / median time. Timing: ``warmup`` untimed steps, then ``iters`` steps, each started
 after a device synchronize and bracketed by CUDA events (time.perf_counter on CPU); the median is
 reported. Gradients are set to None before every step, so each step allocates its gradients like a
-training step after ``zero_grad()``. ``peak_mem_gb`` is the peak memory allocated during the timed
+training step after ``zero_grad()``. ``ms_back_to_back``: the same number of steps issued without a
+synchronize between them, CUDA events around all of them, divided by the count: the device's throughput
+when each step's host work (routing ops, launches) overlaps the previous step's kernels, as inside a
+model; the ``*_back_to_back`` ratios compare those times. ``peak_mem_gb`` is the peak memory allocated during the timed
 steps minus what was allocated before the implementation was built (the shared input, grad_output and
 reference weights): the implementation's own weights, gradients and activations. ``build_peak_mem_gb``
 is the same for its construction. Memory is null on CPU.
 
 Output: ``{shape: {impl: {"ms", "tflops", "peak_mem_gb", "build_peak_mem_gb", "ms_min", "ms_max", "iters",
-"vs_autoep", "vs_dense_ceiling" (TFLOP/s ratios), and where they apply "rel_err_vs_hf", "variant", "note",
+"ms_back_to_back", "vs_autoep", "vs_dense_ceiling" (TFLOP/s ratios), "vs_autoep_back_to_back",
+"vs_dense_ceiling_back_to_back", and where they apply "rel_err_vs_hf", "variant", "note",
 "dropped_fraction"} or {"error"}}, "meta": {"command", "torch", "transformers", "deepspeed", "device",
 "tokens", "dtype", "flops_formula", "date", ...}}``. One implementation failing records its error and the
 run goes on.
@@ -73,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits he
 
 from bench_common import (  # noqa: E402  (moe_decode.py and moe_layer_profile.py also use them as ml.<name>)
     _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, mem_allocated, peak_gb,
-    reset_peak, resolve_out, synchronize, time_step_ms)
+    reset_peak, resolve_out, synchronize, time_back_to_back_ms, time_step_ms)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "moe_layer.json"
 FLOPS_FORMULA = ("expert GEMMs only (router excluded): fwd = 2*tokens*K*(H*2F + F*H); "
@@ -538,10 +542,12 @@ def run_impl(name: str, b: Bench, warmup: int, iters: int) -> dict:
         synchronize(device)
         reset_peak(device)
         times = time_steps(step, zero, device, warmup, iters)
+        peak = peak_gb(device, baseline)
         ms = statistics.median(times)
         result = {"ms": _sig(ms), "tflops": _sig(expert_flops(b.shape, b.tokens) / (ms * 1e-3) / 1e12),
-                  "peak_mem_gb": peak_gb(device, baseline), **result,
-                  "ms_min": _sig(min(times)), "ms_max": _sig(max(times)), "iters": len(times)}
+                  "peak_mem_gb": peak, **result,
+                  "ms_min": _sig(min(times)), "ms_max": _sig(max(times)), "iters": len(times),
+                  "ms_back_to_back": _sig(time_back_to_back_ms(step, zero, device, iters))}
         result.update(built.extra)
         for key in ("variant", "note"):
             if getattr(built, key):
@@ -563,16 +569,21 @@ def run_impl(name: str, b: Bench, warmup: int, iters: int) -> dict:
 
 
 def add_ratios(shape_results: dict) -> None:
-    """``vs_autoep`` and ``vs_dense_ceiling``: TFLOP/s ratios (= inverse time ratios, the FLOPs being equal)."""
+    """``vs_autoep`` and ``vs_dense_ceiling``: TFLOP/s ratios (= inverse time ratios, the FLOPs being equal);
+    ``*_back_to_back``: the same ratios of the back-to-back times."""
     for ref_impl, key in (("deepspeed_autoep", "vs_autoep"), ("dense_ceiling", "vs_dense_ceiling")):
         ref = shape_results.get(ref_impl, {}).get("tflops")
+        ref_b2b = shape_results.get(ref_impl, {}).get("ms_back_to_back")
         for entry in shape_results.values():
             if ref and entry.get("tflops"):
                 entry[key] = _sig(entry["tflops"] / ref, 4)
+            if ref_b2b and entry.get("ms_back_to_back"):
+                entry[f"{key}_back_to_back"] = _sig(ref_b2b / entry["ms_back_to_back"], 4)
 
 
 def print_table(results: dict, shapes: list[str], impls: list[str]) -> None:
-    headers = ["shape", "impl", "ms", "TFLOP/s", "vs autoep", "vs dense", "peak GB", "variant / error"]
+    headers = ["shape", "impl", "ms", "TFLOP/s", "vs autoep", "vs dense", "b2b ms", "b2b vs dense", "peak GB",
+               "variant / error"]
     rows = []
     for shape in shapes:
         autoep = results[shape].get("deepspeed_autoep", {}).get("tflops")
@@ -586,6 +597,8 @@ def print_table(results: dict, shapes: list[str], impls: list[str]) -> None:
                 f"{tf:.4g}" if tf is not None else "-",
                 f"{tf / autoep:.2f}x" if tf and autoep else "-",
                 f"{100 * tf / dense:.0f}%" if tf and dense else "-",
+                f"{r['ms_back_to_back']:.3f}" if "ms_back_to_back" in r else "-",
+                f"{100 * r['vs_dense_ceiling_back_to_back']:.0f}%" if "vs_dense_ceiling_back_to_back" in r else "-",
                 f"{r['peak_mem_gb']:.2f}" if r.get("peak_mem_gb") is not None else "-",
                 (r.get("error") or r.get("variant") or "")[:70],
             ])

@@ -36,7 +36,9 @@ def test_moe_layer_benchmark_tiny(tmp_path):
             if impl.startswith("switchyard") and not switchyard_exists:
                 continue  # the layer is not written yet: an error entry is the honest result
             assert "error" not in entry, (shape, impl, entry, log)
-            assert entry["ms"] > 0 and entry["tflops"] > 0, (shape, impl, entry)
+            assert entry["ms"] > 0 and entry["tflops"] > 0 and entry["ms_back_to_back"] > 0, (shape, impl, entry)
+            b2b_ratio = results[shape]["dense_ceiling"]["ms_back_to_back"] / entry["ms_back_to_back"]
+            assert abs(entry["vs_dense_ceiling_back_to_back"] - b2b_ratio) <= 1e-3 * b2b_ratio, (shape, impl, entry)
             assert "peak_mem_gb" in entry and entry["peak_mem_gb"] is None  # CPU: no device memory
         assert results[shape]["dense_ceiling"]["ms"] > 0
         assert results[shape]["hf_grouped_mm"]["variant"]

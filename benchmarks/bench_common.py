@@ -104,24 +104,16 @@ def time_step_ms(step: Callable[[], object], device: torch.device) -> float:
 
 def time_back_to_back_ms(step: Callable[[], object], zero: Callable[[], None], device: torch.device,
                          iters: int) -> float:
-    """Milliseconds per step of ``iters`` steps issued back to back (no synchronize between them), CUDA
-    events around all of them: the device's throughput, with each step's host work overlapping the
-    previous step's kernels, as inside a model where the layer before keeps the device busy."""
-    synchronize(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    """Milliseconds per step of ``iters`` steps issued back to back (no synchronize between them), timed
+    as one ``time_step_ms``: the device's throughput, with each step's host work overlapping the previous
+    step's kernels, as inside a model where the layer before keeps the device busy."""
+    def all_steps() -> None:
         for _ in range(iters):
             zero()
             step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        zero()
-        step()
-    return (time.perf_counter() - t0) * 1e3 / iters
+
+    synchronize(device)
+    return time_step_ms(all_steps, device) / iters
 
 
 def autoep_kernel(experts: Any) -> str:

@@ -37,10 +37,10 @@ reported. Gradients are set to None before every step, so each step allocates it
 training step after ``zero_grad()``. ``ms_back_to_back``: the same number of steps issued without a
 synchronize between them, CUDA events around all of them, divided by the count: the device's throughput
 when each step's host work (routing ops, launches) overlaps the previous step's kernels, as inside a
-model; the ``*_back_to_back`` ratios compare those times. ``peak_mem_gb`` is the peak memory allocated during the timed
-steps minus what was allocated before the implementation was built (the shared input, grad_output and
-reference weights): the implementation's own weights, gradients and activations. ``build_peak_mem_gb``
-is the same for its construction. Memory is null on CPU.
+model; the ``*_back_to_back`` ratios compare those times. ``peak_mem_gb`` is the peak memory allocated
+during the timed steps minus what was allocated before the implementation was built (the shared input,
+grad_output and reference weights): the implementation's own weights, gradients and activations.
+``build_peak_mem_gb`` is the same for its construction. Memory is null on CPU.
 
 Output: ``{shape: {impl: {"ms", "tflops", "peak_mem_gb", "build_peak_mem_gb", "ms_min", "ms_max", "iters",
 "ms_back_to_back", "vs_autoep", "vs_dense_ceiling" (TFLOP/s ratios), "vs_autoep_back_to_back",

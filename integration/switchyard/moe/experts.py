@@ -22,12 +22,10 @@ from torch import Tensor, nn
 
 from switchyard.activations import get_activation
 from switchyard.moe.kernels import fused_kernels_enabled, silu_mul
-from switchyard.moe.swiglu_ffn import swiglu_ffn
+from switchyard.moe.swiglu_ffn import GROUPED_MM as _GROUPED_MM, swiglu_ffn
 
 TokenCounts = Tensor | list[int]
 ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts, "Tensor | None"], Tensor]  # (.., offsets_E)
-
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 @lru_cache(maxsize=None)

@@ -28,7 +28,8 @@ from torch import Tensor
 
 from switchyard.moe.kernels.ops import records_graph, silu_mul_backward_, silu_mul_forward
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# torch >= 2.10: F.grouped_mm; before: the private op (bf16 only, see experts.py); None: neither
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 BACKENDS = ("grouped", "per_expert")
 Groups = Tensor | list[int]  # grouped: int32 cumulative offsets; per_expert: counts on the host
 
@@ -36,7 +37,7 @@ Groups = Tensor | list[int]  # grouped: int32 cumulative offsets; per_expert: co
 def _matmul_by_expert(a_NI: Tensor, w_EIO: Tensor, groups: Groups) -> Tensor:
     """``a[rows of e] @ w[e]`` for every expert e (``w`` given as ``[E, in, out]``, any strides)."""
     if isinstance(groups, Tensor):
-        return _GROUPED_MM(a_NI, w_EIO, offs=groups)
+        return GROUPED_MM(a_NI, w_EIO, offs=groups)
     out_NO = a_NI.new_empty((a_NI.shape[0], w_EIO.shape[2]))
     for e, (a_nI, out_nO) in enumerate(zip(a_NI.split(groups), out_NO.split(groups))):
         torch.mm(a_nI, w_EIO[e], out=out_nO)
@@ -46,7 +47,7 @@ def _matmul_by_expert(a_NI: Tensor, w_EIO: Tensor, groups: Groups) -> Tensor:
 def _weight_grad(grad_NO: Tensor, a_NI: Tensor, groups: Groups) -> Tensor:
     """``grad[rows of e].T @ a[rows of e]`` for every expert e: ``[E, O, I]`` (zeros for empty experts)."""
     if isinstance(groups, Tensor):
-        return _GROUPED_MM(grad_NO.t(), a_NI, offs=groups)
+        return GROUPED_MM(grad_NO.t(), a_NI, offs=groups)
     out_EOI = grad_NO.new_empty((len(groups), grad_NO.shape[1], a_NI.shape[1]))
     for e, (g_nO, a_nI) in enumerate(zip(grad_NO.split(groups), a_NI.split(groups))):
         torch.mm(g_nO.t(), a_nI, out=out_EOI[e])  # an empty expert gets zeros: mm over 0 rows
@@ -101,7 +102,7 @@ class _SwiGLUDown(torch.autograd.Function):
         need_w2 = ctx.needs_input_grad[1]
         if isinstance(groups, Tensor):
             grad_w2 = _weight_grad(grad_NH, silu_mul_forward(h_NO), groups) if need_w2 else None
-            return silu_mul_backward_(h_NO, _GROUPED_MM(grad_NH, w2_EHF, offs=groups)), grad_w2, None
+            return silu_mul_backward_(h_NO, GROUPED_MM(grad_NH, w2_EHF, offs=groups)), grad_w2, None
         grad_w2 = torch.empty_like(w2_EHF) if need_w2 else None
         for e, (g_nH, h_nO) in enumerate(zip(grad_NH.split(groups), h_NO.split(groups))):
             if grad_w2 is not None:

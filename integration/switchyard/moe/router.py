@@ -123,6 +123,8 @@ _SCORE_FUNCS = {"softmax": _softmax_fp32, "sigmoid": torch.sigmoid}
 class Router(nn.Module):
     """Linear gate ``[E, H]`` (HF layout, so HF router weights load by copy) plus the routing rule."""
 
+    fused = True  # the one-launch softmax top-k path where it applies (False: the unfused ops, for A/B runs)
+
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size < 1:
@@ -201,8 +203,8 @@ class Router(nn.Module):
         """The plain softmax → top-k router (Mixtral, Qwen, OLMoE) on CUDA runs as one Triton launch
         (``moe/kernels/router_fused.py``): no bias, no groups, no jitter being applied."""
         cfg = self.config
-        return (cfg.score_func == "softmax" and cfg.softmax_before_topk and self.expert_bias is None
-                and cfg.n_group is None and not (self.training and cfg.router_jitter > 0)
+        return (self.fused and cfg.score_func == "softmax" and cfg.softmax_before_topk
+                and self.expert_bias is None and cfg.n_group is None and not (self.training and cfg.router_jitter > 0)
                 and softmax_topk_supported(x_TH, self.weight, self.top_k))
 
     def _renormalize(self, w_TK: torch.Tensor) -> torch.Tensor:

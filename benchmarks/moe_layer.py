@@ -14,6 +14,8 @@ routers compute logits at different precisions; ``rel_err_vs_hf`` shows how clos
     switchyard        switchyard.moe.layer.MoELayer (dropless), experts impl "auto"
     switchyard_autograd    the same layer, experts as autograd's grouped_mm → SwiGLU → grouped_mm
     switchyard_per_expert  the same layer, the SwiGLU Function over one cuBLAS GEMM per expert
+    switchyard_torch_router  (opt-in) the same layer with the one-launch router switched off
+                      (``Router.fused = False``): the A/B of moe/kernels/router_fused.py
     hf_grouped_mm     transformers' MixtralSparseMoeBlock with config._experts_implementation="grouped_mm"
                       (falls back to "eager" where grouped_mm cannot run; "variant" says what ran)
     deepspeed_moe     deepspeed.moe.layer.MoE (GShard-style, capacity_factor=1.0, drop_tokens=True,
@@ -111,8 +113,11 @@ TINY_SHAPES: dict[str, Shape] = {
 IMPLS = ("switchyard", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm", "deepspeed_moe",
          "deepspeed_autoep", "dense_ceiling")
 # hf_grouped_mm first: its output is the reference the others are compared with.
-RUN_ORDER = ("hf_grouped_mm", "switchyard", "switchyard_autograd", "switchyard_per_expert", "deepspeed_moe",
-             "deepspeed_autoep", "dense_ceiling")
+# Opt-in with --impls: A/B variants of switchyard's layer.
+EXTRA_IMPLS = ("switchyard_torch_router",)
+ALL_IMPLS = (*IMPLS, *EXTRA_IMPLS)
+RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard", "switchyard_autograd", "switchyard_per_expert",
+             "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
 
 
 def expert_flops(shape: Shape, tokens: int) -> int:
@@ -469,10 +474,19 @@ def build_switchyard_per_expert(b: Bench) -> Built:
     return build_switchyard(b, "swiglu_per_expert")
 
 
+def build_switchyard_torch_router(b: Bench) -> Built:
+    """The default layer with the router's one-launch Triton path switched off (the unfused router ops)."""
+    built = build_switchyard(b)
+    built.keep[0].router.fused = False
+    built.variant = f"{built.variant}; router unfused"
+    return built
+
+
 BUILDERS: dict[str, Callable[[Bench], Built]] = {
     "switchyard": build_switchyard,
     "switchyard_autograd": build_switchyard_autograd,
     "switchyard_per_expert": build_switchyard_per_expert,
+    "switchyard_torch_router": build_switchyard_torch_router,
     "hf_grouped_mm": build_hf_grouped_mm,
     "deepspeed_moe": build_deepspeed_moe,
     "deepspeed_autoep": build_deepspeed_autoep,
@@ -626,7 +640,7 @@ def print_table(results: dict, shapes: list[str], impls: list[str]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", choices=[*SHAPES, *EXTRA_SHAPES], default=list(SHAPES))
-    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=list(ALL_IMPLS), default=list(IMPLS))
     p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 8192; 128 with --tiny)")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; 1 with --tiny)")
@@ -684,14 +698,14 @@ def main(argv: list[str] | None = None) -> dict:
         for impl in impls:
             print(f"[{shape_name}] {impl} ...", file=sys.stderr, flush=True)
             results[shape_name][impl] = run_impl(impl, bench, args.warmup, args.iters)
-        results[shape_name] = {impl: results[shape_name][impl] for impl in IMPLS if impl in args.impls}
+        results[shape_name] = {impl: results[shape_name][impl] for impl in ALL_IMPLS if impl in args.impls}
         add_ratios(results[shape_name])
         del bench
         free_memory(args.device)
     results["meta"] = meta
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print_table(results, args.shapes, [i for i in IMPLS if i in args.impls])
+    print_table(results, args.shapes, [i for i in ALL_IMPLS if i in args.impls])
     print(f"wrote {args.out}")
     return results
 

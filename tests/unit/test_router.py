@@ -250,3 +250,77 @@ def test_fp32_logits_on_cuda_16_bit_match_the_fp32_route() -> None:
     assert ours.dtype == torch.float32 and rel(ours, ref) < 1e-6
     assert x.grad.dtype == w.grad.dtype == torch.bfloat16
     assert rel(x.grad, x_ref.grad) < 1e-2 and rel(w.grad, w_ref.grad) < 1e-2
+
+
+# -- the fused softmax top-k router (moe/kernels/router_fused.py) -------------------------------------------
+def _kernel_math(x: torch.Tensor, w: torch.Tensor, top_k: int, normalize: bool, scale: float):
+    """What the Triton kernel computes, in torch: logits, softmax, top-k of the scores, renormalised, scaled."""
+    logits = x.float() @ w.float().t()
+    scores = logits.softmax(-1)
+    val, idx = scores.topk(top_k, dim=-1)
+    return logits, scores, idx, (val / val.sum(-1, keepdim=True) if normalize else val) * scale
+
+
+def _router_loss(logits, scores, weight, seed: int = 1) -> torch.Tensor:
+    """A loss touching all three differentiable outputs: combine weights, balance (scores), z-loss (logits)."""
+    g = torch.Generator().manual_seed(seed)
+    gw = torch.randn(weight.shape, generator=g).to(weight.device)
+    gs = torch.randn(scores.shape, generator=g).to(scores.device)
+    return (weight * gw).sum() + (scores * gs).sum() + torch.logsumexp(logits, -1).square().mean()
+
+
+@pytest.mark.parametrize("normalize, scale", [(False, 1.0), (True, 1.0), (True, 2.5)])
+def test_fused_softmax_topk_backward_equals_autograd(normalize: bool, scale: float, monkeypatch) -> None:
+    """The written-out backward against autograd through the same math (fp32, CPU: the forward stands in for
+    the Triton kernel, which the GPU tests below check on its own)."""
+    from switchyard.moe.kernels import router_fused
+
+    monkeypatch.setattr(router_fused, "_rk", type("TorchKernel", (), {"softmax_topk": staticmethod(_kernel_math)}))
+    torch.manual_seed(0)
+    x = torch.randn(T, H, requires_grad=True)
+    w = (torch.randn(8, H) * 0.3).requires_grad_(True)
+    logits, scores, idx, weight = router_fused.softmax_topk(x, w, 3, normalize, scale)
+    _router_loss(logits, scores, weight).backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = _kernel_math(x_ref, w_ref, 3, normalize, scale)
+    _router_loss(ref[0], ref[1], ref[3]).backward()
+    assert torch.equal(idx, ref[2])
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts, top_k, normalize, scale", [(64, 8, False, 1.0), (128, 8, True, 1.0),
+                                                              (8, 2, True, 1.0), (12, 4, False, 2.5), (256, 8, True, 1.0)])
+def test_fused_softmax_topk_on_cuda_matches_the_unfused_router(experts: int, top_k: int, normalize: bool,
+                                                              scale: float) -> None:
+    """The Triton router against the unfused ops on the same bf16 input: logits to fp32 summation order,
+    the top-k of its own scores exactly, gradients (x, w) to bf16 rounding; the Router module takes it."""
+    from switchyard.moe.kernels.router_fused import softmax_topk, softmax_topk_supported
+
+    torch.manual_seed(experts)
+    x = torch.randn(700, 256, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(experts, 256, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_(True)
+    assert softmax_topk_supported(x, w, top_k)
+    logits, scores, idx, weight = softmax_topk(x, w, top_k, normalize, scale)
+    _router_loss(logits, scores, weight).backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = _kernel_math(x_ref, w_ref, top_k, normalize, scale)
+    _router_loss(ref[0], ref[1], ref[3]).backward()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    assert rel(logits, ref[0]) < 1e-5 and rel(scores, ref[1]) < 1e-5
+    own_val, own_idx = scores.topk(top_k, dim=-1)  # the kernel's choice, from its own scores
+    assert torch.equal(idx, own_idx)
+    own_w = (own_val / own_val.sum(-1, keepdim=True) if normalize else own_val) * scale
+    torch.testing.assert_close(weight, own_w, rtol=1e-6, atol=1e-7)
+    assert rel(x.grad, x_ref.grad) < 2e-2 and rel(w.grad, w_ref.grad) < 2e-2
+
+    config = MoEConfig(num_experts=experts, top_k=top_k, norm_topk_prob=normalize, routed_scaling_factor=scale)
+    router = Router(256, config).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        router.weight.copy_(w)
+        out = router(x.detach())  # graph-free call: the kernel without the Function
+    assert torch.equal(out.topk_idx_TK, idx) and torch.equal(out.topk_weight_TK, weight)

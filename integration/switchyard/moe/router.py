@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from switchyard.config import MoEConfig
 from switchyard.moe.kernels import records_graph
+from switchyard.moe.kernels.router_fused import softmax_topk, softmax_topk_supported
 from switchyard.log import get_logger
 
 log = get_logger(__name__)
@@ -122,6 +123,8 @@ _SCORE_FUNCS = {"softmax": _softmax_fp32, "sigmoid": torch.sigmoid}
 class Router(nn.Module):
     """Linear gate ``[E, H]`` (HF layout, so HF router weights load by copy) plus the routing rule."""
 
+    fused = True  # the one-launch softmax top-k path where it applies (False: the unfused ops, for A/B runs)
+
     def __init__(self, hidden_size: int, config: MoEConfig) -> None:
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size < 1:
@@ -167,6 +170,9 @@ class Router(nn.Module):
         """Route ``x_TH`` (any leading shape is flattened to T); all routing math is fp32."""
         x_TH = x_TH.reshape(-1, self.hidden_size)
         cfg = self.config
+        if self._fused_softmax_topk(x_TH):
+            return RouterOutput(*softmax_topk(x_TH, self.weight, self.top_k, cfg.norm_topk_prob,
+                                              cfg.routed_scaling_factor))
         if self.training and cfg.router_jitter > 0:
             # Switch/Mixtral multiplicative jitter; only the router's copy of x is perturbed here.
             noise_TH = torch.empty_like(x_TH).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
@@ -192,6 +198,14 @@ class Router(nn.Module):
         if cfg.routed_scaling_factor != 1.0:
             topk_weight_TK = topk_weight_TK * cfg.routed_scaling_factor
         return RouterOutput(logits_TE, scores_TE, topk_idx_TK, topk_weight_TK)
+
+    def _fused_softmax_topk(self, x_TH: torch.Tensor) -> bool:
+        """The plain softmax → top-k router (Mixtral, Qwen, OLMoE) on CUDA runs as one Triton launch
+        (``moe/kernels/router_fused.py``): no bias, no groups, no jitter being applied."""
+        cfg = self.config
+        return (self.fused and cfg.score_func == "softmax" and cfg.softmax_before_topk
+                and self.expert_bias is None and cfg.n_group is None and not (self.training and cfg.router_jitter > 0)
+                and softmax_topk_supported(x_TH, self.weight, self.top_k))
 
     def _renormalize(self, w_TK: torch.Tensor) -> torch.Tensor:
         # Softmax probabilities of the top-k are > 0 (Mixtral/Qwen divide plainly); sigmoid scores can

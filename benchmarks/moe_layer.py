@@ -14,6 +14,8 @@ routers compute logits at different precisions; ``rel_err_vs_hf`` shows how clos
     switchyard        switchyard.moe.layer.MoELayer (dropless), experts impl "auto"
     switchyard_autograd    the same layer, experts as autograd's grouped_mm → SwiGLU → grouped_mm
     switchyard_per_expert  the same layer, the SwiGLU Function over one cuBLAS GEMM per expert
+    switchyard_cuda_graph  the same layer with ``cuda_graph = True``: its routed path, forward and backward,
+                      replayed as two CUDA graphs (moe/cuda_graph.py; the first step captures)
     switchyard_torch_router  (opt-in) the same layer with the one-launch router switched off
                       (``Router.fused = False``): the A/B of moe/kernels/router_fused.py
     hf_grouped_mm     transformers' MixtralSparseMoeBlock with config._experts_implementation="grouped_mm"
@@ -42,7 +44,9 @@ when each step's host work (routing ops, launches) overlaps the previous step's 
 model; the ``*_back_to_back`` ratios compare those times. ``peak_mem_gb`` is the peak memory allocated
 during the timed steps minus what was allocated before the implementation was built (the shared input,
 grad_output and reference weights): the implementation's own weights, gradients and activations.
-``build_peak_mem_gb`` is the same for its construction. Memory is null on CPU.
+``build_peak_mem_gb`` is the same for its construction. Memory is null on CPU. For
+``switchyard_cuda_graph`` ``peak_mem_gb`` undercounts: the replays use the graph pool's blocks while no
+tensor owns them, and the allocator counts only owned blocks.
 
 Output: ``{shape: {impl: {"ms", "tflops", "peak_mem_gb", "build_peak_mem_gb", "ms_min", "ms_max", "iters",
 "ms_back_to_back", "vs_autoep", "vs_dense_ceiling" (TFLOP/s ratios), "vs_autoep_back_to_back",
@@ -110,14 +114,14 @@ TINY_SHAPES: dict[str, Shape] = {
     "qwen3_30b_a3b": Shape(hidden=32, ffn=48, experts=128, top_k=8),
     "finetune_llama_8x": Shape(hidden=48, ffn=64, experts=8, top_k=2),
 }
-IMPLS = ("switchyard", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm", "deepspeed_moe",
-         "deepspeed_autoep", "dense_ceiling")
+IMPLS = ("switchyard", "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm",
+         "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
 # hf_grouped_mm first: its output is the reference the others are compared with.
 # Opt-in with --impls: A/B variants of switchyard's layer.
 EXTRA_IMPLS = ("switchyard_torch_router",)
 ALL_IMPLS = (*IMPLS, *EXTRA_IMPLS)
-RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard", "switchyard_autograd", "switchyard_per_expert",
-             "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
+RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard", "switchyard_cuda_graph", "switchyard_autograd",
+             "switchyard_per_expert", "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
 
 
 def expert_flops(shape: Shape, tokens: int) -> int:
@@ -474,6 +478,15 @@ def build_switchyard_per_expert(b: Bench) -> Built:
     return build_switchyard(b, "swiglu_per_expert")
 
 
+def build_switchyard_cuda_graph(b: Bench) -> Built:
+    """The default layer with ``cuda_graph = True`` (a CPU run takes the eager path: same numbers)."""
+    built = build_switchyard(b)
+    built.keep[0].cuda_graph = True
+    # per-expert GEMMs read the counts on the host, which a capture cannot: the graph holds grouped GEMMs
+    built.variant = f"{built.variant.replace('swiglu_per_expert', 'swiglu_grouped')}; cuda_graph"
+    return built
+
+
 def build_switchyard_torch_router(b: Bench) -> Built:
     """The default layer with the router's one-launch Triton path switched off (the unfused router ops)."""
     built = build_switchyard(b)
@@ -486,6 +499,7 @@ BUILDERS: dict[str, Callable[[Bench], Built]] = {
     "switchyard": build_switchyard,
     "switchyard_autograd": build_switchyard_autograd,
     "switchyard_per_expert": build_switchyard_per_expert,
+    "switchyard_cuda_graph": build_switchyard_cuda_graph,
     "switchyard_torch_router": build_switchyard_torch_router,
     "hf_grouped_mm": build_hf_grouped_mm,
     "deepspeed_moe": build_deepspeed_moe,

@@ -8,8 +8,8 @@ import json
 from harness import REPO_ROOT, run_script
 
 SHAPES = ("mixtral_8x7b", "olmoe", "qwen3_30b_a3b")
-IMPLS = ("switchyard", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm", "deepspeed_moe",
-         "deepspeed_autoep", "dense_ceiling")
+IMPLS = ("switchyard", "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm",
+         "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
 META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "tokens", "dtype", "flops_formula", "date")
 
 
@@ -43,7 +43,8 @@ def test_moe_layer_benchmark_tiny(tmp_path):
         assert results[shape]["dense_ceiling"]["ms"] > 0
         assert results[shape]["hf_grouped_mm"]["variant"]
         # Every dropless implementation computes the same function with the shared weights as transformers.
-        for impl in ("switchyard", "switchyard_autograd", "switchyard_per_expert", "deepspeed_autoep"):
+        for impl in ("switchyard", "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert",
+                     "deepspeed_autoep"):
             if "rel_err_vs_hf" in results[shape][impl]:
                 assert results[shape][impl]["rel_err_vs_hf"] < 1e-4, (shape, impl, results[shape][impl])
         assert 0.0 <= results[shape]["deepspeed_moe"]["dropped_fraction"] < 1.0

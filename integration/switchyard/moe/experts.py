@@ -295,10 +295,14 @@ class GroupedExperts(nn.Module):
             return "loop"
         if self.swiglu and fused_kernels_enabled() and torch.is_grad_enabled():
             # training: a_NF is recomputed in the backward instead of kept. Few experts with big GEMMs
-            # (mixtral-shaped) run faster as one cuBLAS GEMM each, worth the host sync for the counts.
+            # (mixtral-shaped) run faster as one cuBLAS GEMM each, worth the host sync for the counts
+            # (not while a CUDA graph is captured: there a sync is an error).
             rows_per_expert = x_NH.shape[0] / self.num_experts
             big = rows_per_expert * self.hidden_size * self.intermediate_size >= PER_EXPERT_MIN_GEMM_MACS
-            return "swiglu_per_expert" if self.num_experts <= PER_EXPERT_MAX_EXPERTS and big else "swiglu_grouped"
+            per_expert = self.num_experts <= PER_EXPERT_MAX_EXPERTS and big
+            if per_expert and not (x_NH.is_cuda and torch.cuda.is_current_stream_capturing()):
+                return "swiglu_per_expert"
+            return "swiglu_grouped"
         return "grouped_mm"
 
     def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts, offsets: Tensor | None = None) -> Tensor:

@@ -27,7 +27,9 @@ import torch.nn as nn
 
 from switchyard.activations import get_activation
 from switchyard.config import MoEConfig
+from switchyard.log import get_logger
 from switchyard.moe.capacity import capacity_keep_mask
+from switchyard.moe.cuda_graph import LayerGraph
 from switchyard.moe.dispatcher import TokenDispatcher
 from switchyard.moe.experts import GroupedExperts
 from switchyard.moe.kernels import fused_kernels_enabled, routed_swiglu_combine
@@ -38,6 +40,8 @@ from switchyard.parallel.layout import local_expert_ids
 
 if TYPE_CHECKING:
     from switchyard.parallel.manager import ProcessGroupManager
+
+log = get_logger(__name__)
 
 # The small-batch path runs while T * K <= min(SMALL_BATCH_MAX_ROWS, SMALL_BATCH_ROWS_PER_EXPERT * E).
 # Its GEMV kernels read an expert's weights once per copy (a copy sharing an expert reads them again, at
@@ -94,6 +98,8 @@ class SharedExperts(nn.Module):
 class MoELayer(DeepSpeedMoEModule):
     # most T * K copies for the small-batch path; None: min(SMALL_BATCH_MAX_ROWS, 2 * E); 0: never
     small_batch_rows: int | None = None
+    # training steps' routed path as CUDA graph replays where it can be (moe/cuda_graph.py: rules, memory)
+    cuda_graph: bool = False
 
     def __init__(
         self,
@@ -144,6 +150,8 @@ class MoELayer(DeepSpeedMoEModule):
         self.last_router_output: RouterOutput | None = None
         self.last_stats: MoEStats | None = None
         self._bias_counts_E: torch.Tensor | None = None
+        self._graph: LayerGraph | None = None
+        self._graph_skip_reason: str | None = None  # last reason logged for running eagerly
         self._register_state_dict_hook(_experts_to_global_ids)
         self._register_load_state_dict_pre_hook(_experts_from_global_ids, with_module=True)
 
@@ -151,12 +159,17 @@ class MoELayer(DeepSpeedMoEModule):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, self.hidden_size)
-        routed = self.router(x_TH)
-        keep_TK = self._capacity_mask(routed)
-        if self._small_batch(routed.topk_idx_TK):
-            out_TH, tokens_per_expert_E = self._small_batch_forward(x_TH, routed, keep_TK)
+        graph = self._replayable_graph(x_TH) if self.cuda_graph else None
+        if graph is not None:
+            out_TH, *router_outputs, tokens_per_expert_E = graph.run(x_TH)
+            routed, keep_TK = RouterOutput(*router_outputs), None
         else:
-            out_TH, tokens_per_expert_E = self._sorted_forward(x_TH, routed, keep_TK)
+            routed = self.router(x_TH)
+            keep_TK = self._capacity_mask(routed)
+            if self._small_batch(routed.topk_idx_TK):
+                out_TH, tokens_per_expert_E = self._small_batch_forward(x_TH, routed, keep_TK)
+            else:
+                out_TH, tokens_per_expert_E = self._sorted_forward(x_TH, routed, keep_TK)
         if self.shared_experts is not None:
             shared_TH = self.shared_experts(x_TH)
             if self.shared_expert_gate is not None:
@@ -177,6 +190,46 @@ class MoELayer(DeepSpeedMoEModule):
             x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK)
         y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_offsets_L)
         return self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK), plan.tokens_per_expert_E
+
+    def _routed_core(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What ``cuda_graph`` captures: the dropless routed path, outputs as tensors only."""
+        routed = self.router(x_TH)
+        out_TH, tokens_per_expert_E = self._sorted_forward(x_TH, routed, None)
+        return (out_TH, routed.logits_TE, routed.scores_TE, routed.topk_idx_TK, routed.topk_weight_TK,
+                tokens_per_expert_E)
+
+    def _graph_rules_broken(self, x_TH: torch.Tensor) -> str | None:
+        """Why this call cannot replay a graph (None: it can); see moe/cuda_graph.py."""
+        cfg = self.config
+        checks = (
+            (x_TH.is_cuda, "input not on CUDA"),
+            (self.training and torch.is_grad_enabled(), "not a training step with grad enabled"),
+            (not torch.is_autocast_enabled("cuda"), "under torch.autocast"),
+            (not hasattr(self.experts.down_proj, "ds_id"), "ZeRO-3 partitions the parameters"),
+            (self.ep_size == 1 and not self.replicated_tokens, f"ep={self.ep_size}"),
+            (cfg.capacity_factor is None, f"capacity_factor={cfg.capacity_factor} (drops need a host sync)"),
+            (cfg.router_jitter == 0, f"router_jitter={cfg.router_jitter}"),
+            (fused_kernels_enabled(), "fused kernels off (the unfused dispatch syncs)"),
+            (self.experts.impl in ("auto", "swiglu_grouped", "grouped_mm", "gathered_mm"),
+             f"experts impl {self.experts.impl!r} syncs on the host"),
+            (self._graph is None or not self._graph.pending,
+             "the last replayed forward's backward has not run yet"),
+        )
+        return next((why for ok, why in checks if not ok), None)
+
+    def _replayable_graph(self, x_TH: torch.Tensor) -> LayerGraph | None:
+        """The captured graph for this call (capturing it first if needed), or None: run eagerly."""
+        why = self._graph_rules_broken(x_TH)
+        if why is not None:
+            if why != self._graph_skip_reason:
+                log.info(f"MoE layer cuda_graph: running eagerly ({why})")
+                self._graph_skip_reason = why
+            return None
+        tensors = [*self.router.parameters(), *self.router.buffers(), *self.experts.parameters()]
+        if self._graph is None or not self._graph.matches(x_TH, tensors):
+            self._graph = None  # its pool goes back before the new capture
+            self._graph = LayerGraph(self._routed_core, x_TH, tensors)
+        return self._graph
 
     def _small_batch(self, topk_idx_TK: torch.Tensor) -> bool:
         """Whether this forward takes the small-batch path: inference (nothing recorded for a backward),
@@ -227,7 +280,8 @@ class MoELayer(DeepSpeedMoEModule):
         dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long, device=counts.device)
         self.last_stats = MoEStats(counts, routed_copies, dropped, {k: v.detach() for k, v in losses.items()})
         if self.training and cfg.expert_bias:
-            self._bias_counts_E = counts if self._bias_counts_E is None else self._bias_counts_E + counts
+            # a copy: under cuda_graph ``counts`` is a graph buffer that the next replay overwrites
+            self._bias_counts_E = counts.clone() if self._bias_counts_E is None else self._bias_counts_E + counts
 
     # -- training hooks -----------------------------------------------------------------------------
     def update_expert_bias(self) -> None:

@@ -1,0 +1,205 @@
+"""MoELayer.cuda_graph: the routed path replayed as CUDA graphs gives the eager layer's numbers, step after
+step, through optimizer updates, router losses, gradient accumulation and a second forward before a
+backward; where a rule is broken (CPU, eval, capacity, ...) it runs eagerly.
+
+Run: /work/main/.venv/bin/python -m pytest -q tests/unit/test_cuda_graph.py
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import switchyard.moe.layer as layer_module
+from switchyard.config import MoEConfig
+from switchyard.moe.cuda_graph import LayerGraph, signature
+from switchyard.moe.layer import MoELayer
+
+
+def _pair(config: MoEConfig, device: str, dtype: torch.dtype, hidden: int = 64, ffn: int = 96
+          ) -> tuple[MoELayer, MoELayer]:
+    torch.manual_seed(0)
+    eager = MoELayer(config, hidden_size=hidden, intermediate_size=ffn).to(device=device, dtype=dtype).train()
+    graphed = copy.deepcopy(eager)
+    graphed.cuda_graph = True
+    return eager, graphed
+
+
+def _step(layer: MoELayer, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    xg = x.clone().requires_grad_(True)
+    out = layer(xg)
+    loss = (out.float() * grad.float()).sum()
+    if layer.aux_loss is not None:
+        loss = loss + layer.aux_loss
+    loss.backward()
+    return [out.detach().clone(), xg.grad.clone()]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def test_cpu_runs_eagerly_with_the_same_numbers() -> None:
+    eager, graphed = _pair(MoEConfig(num_experts=8, top_k=2, aux_loss_coef=0.01), "cpu", torch.float32)
+    x, g = torch.randn(2, 10, 64), torch.randn(2, 10, 64)
+    for a, b in zip(_step(graphed, x, g), _step(eager, x, g)):
+        assert torch.equal(a, b)
+    assert graphed._graph is None and graphed._graph_skip_reason == "input not on CUDA"
+
+
+class _EmulatedGraph(LayerGraph):
+    """A CPU stand-in with a CUDA graph's buffer semantics, at their most hostile: every forward replay
+    recomputes into the same static outputs and first poisons the gradient buffers (in a real pool they may
+    share memory with the forward's temporaries); every backward replay writes into the same gradient
+    buffers. So it tests what ``_Replay`` does with those buffers, on any machine."""
+
+    def __init__(self, core, x_TH, params) -> None:  # noqa: D107 - the same contract as LayerGraph
+        self.key, self.params, self.pending = signature(x_TH, params), tuple(params), False
+        self.static_x = x_TH.detach().clone().requires_grad_(x_TH.requires_grad)
+        inputs = self._grad_inputs()
+        outs = tuple(core(self.static_x))
+        self.static_outs = tuple(o.detach().clone() for o in outs)
+        self.differentiable = tuple(o.requires_grad for o in outs)
+        self.static_grad_outs = tuple(torch.empty_like(o) for o in outs if o.requires_grad)
+        self.static_grads = tuple(torch.empty_like(t) if t.requires_grad else None for t in (self.static_x, *params))
+        live: list[tuple[torch.Tensor, ...]] = []
+
+        def forward_replay() -> None:
+            for g in self.static_grads:
+                if g is not None:
+                    g.fill_(float("nan"))
+            with torch.enable_grad():
+                live[:] = [tuple(core(self.static_x))]
+            for static, new in zip(self.static_outs, live[0]):
+                static.copy_(new.detach())
+
+        def backward_replay() -> None:
+            diff = [o for o in live[0] if o.requires_grad]
+            grads = torch.autograd.grad(diff, inputs, self.static_grad_outs, allow_unused=True)
+            by_input = dict(zip((id(t) for t in inputs), grads))
+            for static, t in zip(self.static_grads, (self.static_x, *self.params)):
+                if static is not None:
+                    static.copy_(by_input[id(t)])
+
+        self.fwd_graph = SimpleNamespace(replay=forward_replay)
+        self.bwd_graph = SimpleNamespace(replay=backward_replay)
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """MoELayer.cuda_graph on CPU through ``_EmulatedGraph``; of the rules only the pending one stays."""
+    monkeypatch.setattr(layer_module, "LayerGraph", _EmulatedGraph)
+    monkeypatch.setattr(MoELayer, "_graph_rules_broken",
+                        lambda self, x: "pending" if self._graph is not None and self._graph.pending else None)
+
+
+def test_emulated_replays_match_eager_through_accumulation_and_two_forwards(emulated_graphs) -> None:
+    eager, graphed = _pair(MoEConfig(num_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3), "cpu",
+                           torch.float32)
+    xs = [torch.randn(40, 64) for _ in range(4)]
+    for layer in (eager, graphed):
+        layer.zero_grad(set_to_none=True)
+        _step(layer, xs[0], xs[1])  # capture; .grad becomes the gradient buffers
+        _step(layer, xs[1], xs[2])  # accumulate: the forward replay poisons the buffers .grad still is
+        outs = [layer(x.clone().requires_grad_(True)) for x in xs[2:]]  # the second forward runs eagerly
+        sum((o * xs[0]).sum() for o in outs).backward()
+    assert isinstance(graphed._graph, _EmulatedGraph)
+    for p_eager, p_graphed in zip(eager.parameters(), graphed.parameters()):
+        assert _rel(p_graphed.grad, p_eager.grad) < 1e-5
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, graphed)]
+    for step in range(3):  # optimizer steps in between, grads set to None
+        x, g = torch.randn(40, 64), torch.randn(40, 64)
+        results = []
+        for layer, opt in zip((eager, graphed), opts):
+            opt.zero_grad(set_to_none=True)
+            results.append(_step(layer, x, g) + [p.grad.clone() for p in layer.parameters()])
+            opt.step()
+        for a, b in zip(*results):
+            assert _rel(b, a) < 1e-5, f"step {step}"
+
+
+def test_backward_twice_through_one_replay_is_an_error(emulated_graphs) -> None:
+    _, graphed = _pair(MoEConfig(num_experts=8, top_k=2), "cpu", torch.float32)
+    out = graphed(torch.randn(16, 64, requires_grad=True))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.sum().backward()
+
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("config", [
+    MoEConfig(num_experts=16, top_k=4, aux_loss_coef=0.01, z_loss_coef=1e-3),
+    MoEConfig(num_experts=8, top_k=2, num_shared_experts=1, shared_expert_gate=True),
+    MoEConfig(num_experts=16, top_k=4, score_func="sigmoid", expert_bias=True, routed_scaling_factor=2.5),
+], ids=["softmax_losses", "shared_experts", "sigmoid_bias"])
+def test_replays_match_eager_through_optimizer_steps(config: MoEConfig) -> None:
+    eager, graphed = _pair(config, "cuda", torch.bfloat16)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (eager, graphed)]
+    for step in range(4):  # capture on the first call, replays after; new input, new weights each step
+        x = torch.randn(3, 128, 64, device="cuda", dtype=torch.bfloat16)
+        g = torch.randn_like(x)
+        results = []
+        for layer, opt in zip((eager, graphed), opts):
+            opt.zero_grad(set_to_none=True)
+            results.append(_step(layer, x, g) + [p.grad.clone() for p in layer.parameters()])
+            opt.step()
+            if config.expert_bias:
+                layer.update_expert_bias()
+        (out_e, xgrad_e, *grads_e), (out_g, xgrad_g, *grads_g) = results
+        for name, a, b in [("out", out_e, out_g), *(("grad", a, b) for a, b in zip(grads_e, grads_g))]:
+            assert _rel(b, a) < 1e-3, f"step {step}: {name}"  # the same kernels on the same data (bitwise on an H200)
+        # x feeds the router, the gather and the shared experts: in the graph the first two are summed before
+        # the others are added, a different association of the bf16 sum
+        assert _rel(xgrad_g, xgrad_e) < 1e-2, f"step {step}: x.grad"
+    assert graphed._graph is not None and graphed._graph_skip_reason is None
+
+
+@gpu
+def test_gradient_accumulation_and_two_forwards_before_backward() -> None:
+    eager, graphed = _pair(MoEConfig(num_experts=16, top_k=4), "cuda", torch.bfloat16)
+    xs = [torch.randn(256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    for layer in (eager, graphed):
+        layer.zero_grad(set_to_none=True)
+        _step(layer, xs[0], xs[1])  # capture (graphed), .grad set
+        _step(layer, xs[1], xs[2])  # accumulates into .grad: the graph's buffers must not overwrite it
+        outs = [layer(x.clone().requires_grad_(True)) for x in xs[2:]]  # the second runs eagerly (pending)
+        sum((o.float() * xs[0].float()).sum() for o in outs).backward()
+    assert graphed._graph is not None
+    for p_eager, p_graphed in zip(eager.parameters(), graphed.parameters()):
+        assert _rel(p_graphed.grad, p_eager.grad) < 1e-3
+
+
+@gpu
+def test_rules_fall_back_to_eager() -> None:
+    _, graphed = _pair(MoEConfig(num_experts=8, top_k=2, capacity_factor=1.0), "cuda", torch.bfloat16)
+    _step(graphed, torch.randn(64, 64, device="cuda", dtype=torch.bfloat16),
+          torch.randn(64, 64, device="cuda", dtype=torch.bfloat16))
+    assert graphed._graph is None and "capacity_factor" in graphed._graph_skip_reason
+    _, graphed = _pair(MoEConfig(num_experts=8, top_k=2), "cuda", torch.bfloat16)
+    with torch.no_grad():
+        graphed(torch.randn(64, 64, device="cuda", dtype=torch.bfloat16))
+    assert graphed._graph is None and "grad" in graphed._graph_skip_reason
+
+
+@gpu
+def test_new_shape_or_moved_weights_capture_again() -> None:
+    eager, graphed = _pair(MoEConfig(num_experts=8, top_k=2), "cuda", torch.bfloat16)
+    for tokens in (128, 128, 96):
+        x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16)
+        for a, b in zip(_step(graphed, x, x), _step(eager, x, x)):
+            assert _rel(a, b) < 1e-3
+    first = graphed._graph
+    with torch.no_grad():
+        for p_eager, p_graphed in zip(eager.parameters(), graphed.parameters()):
+            p_graphed.data = p_graphed.data * 1.5  # new storage: the captured graph would read the old one
+            p_eager.mul_(1.5)
+    x = torch.randn(96, 64, device="cuda", dtype=torch.bfloat16)
+    for a, b in zip(_step(graphed, x, x), _step(eager, x, x)):
+        assert _rel(a, b) < 1e-3
+    assert graphed._graph is not first

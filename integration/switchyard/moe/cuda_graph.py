@@ -38,10 +38,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from switchyard.log import get_logger
-
-log = get_logger(__name__)
-
 CoreOutputs = tuple[torch.Tensor, ...]
 WARMUP_STEPS = 3  # eager passes on a side stream before capture: lazy inits (cuBLAS handles, Triton) stay out
 

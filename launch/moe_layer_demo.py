@@ -64,6 +64,8 @@ def main() -> None:
     if rank == 0:
         print(f"DeepSpeed ZeRO-{engine.zero_optimization_stage()} step done: loss {loss.item():.4f}, "
               f"expert grads reduced over edp group {manager.ranks('edp')}", flush=True)
+    dist.barrier()  # leave together, groups torn down before the interpreter exits (see all_to_all_demo.py)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ Run: /work/main/.venv/bin/python -m pytest -q tests/unit/test_cuda_graph.py
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-import switchyard.moe.layer as layer_module
+from emulated_graph import EmulatedGraph, use_emulated_graphs
 from switchyard.config import MoEConfig
-from switchyard.moe.cuda_graph import LayerGraph, signature
 from switchyard.moe.layer import MoELayer
 
 
@@ -50,50 +48,10 @@ def test_cpu_runs_eagerly_with_the_same_numbers() -> None:
     assert graphed._graph is None and graphed._graph_skip_reason == "input not on CUDA"
 
 
-class _EmulatedGraph(LayerGraph):
-    """A CPU stand-in with a CUDA graph's buffer semantics, at their most hostile: every forward replay
-    recomputes into the same static outputs and first poisons the gradient buffers (in a real pool they may
-    share memory with the forward's temporaries); every backward replay writes into the same gradient
-    buffers. So it tests what ``_Replay`` does with those buffers, on any machine."""
-
-    def __init__(self, core, x_TH, params) -> None:  # noqa: D107 - the same contract as LayerGraph
-        self.key, self.params, self.pending = signature(x_TH, params), tuple(params), False
-        self.static_x = x_TH.detach().clone().requires_grad_(x_TH.requires_grad)
-        inputs = self._grad_inputs()
-        outs = tuple(core(self.static_x))
-        self.static_outs = tuple(o.detach().clone() for o in outs)
-        self.differentiable = tuple(o.requires_grad for o in outs)
-        self.static_grad_outs = tuple(torch.empty_like(o) for o in outs if o.requires_grad)
-        self.static_grads = tuple(torch.empty_like(t) if t.requires_grad else None for t in (self.static_x, *params))
-        live: list[tuple[torch.Tensor, ...]] = []
-
-        def forward_replay() -> None:
-            for g in self.static_grads:
-                if g is not None:
-                    g.fill_(float("nan"))
-            with torch.enable_grad():
-                live[:] = [tuple(core(self.static_x))]
-            for static, new in zip(self.static_outs, live[0]):
-                static.copy_(new.detach())
-
-        def backward_replay() -> None:
-            diff = [o for o in live[0] if o.requires_grad]
-            grads = torch.autograd.grad(diff, inputs, self.static_grad_outs, allow_unused=True)
-            by_input = dict(zip((id(t) for t in inputs), grads))
-            for static, t in zip(self.static_grads, (self.static_x, *self.params)):
-                if static is not None:
-                    static.copy_(by_input[id(t)])
-
-        self.fwd_graph = SimpleNamespace(replay=forward_replay)
-        self.bwd_graph = SimpleNamespace(replay=backward_replay)
-
-
 @pytest.fixture
 def emulated_graphs(monkeypatch):
-    """MoELayer.cuda_graph on CPU through ``_EmulatedGraph``; of the rules only the pending one stays."""
-    monkeypatch.setattr(layer_module, "LayerGraph", _EmulatedGraph)
-    monkeypatch.setattr(MoELayer, "_graph_rules_broken",
-                        lambda self, x: "pending" if self._graph is not None and self._graph.pending else None)
+    """MoELayer.cuda_graph on CPU through ``EmulatedGraph``; of the rules only the pending one stays."""
+    use_emulated_graphs(monkeypatch.setattr)
 
 
 def test_emulated_replays_match_eager_through_accumulation_and_two_forwards(emulated_graphs) -> None:
@@ -106,7 +64,7 @@ def test_emulated_replays_match_eager_through_accumulation_and_two_forwards(emul
         _step(layer, xs[1], xs[2])  # accumulate: the forward replay poisons the buffers .grad still is
         outs = [layer(x.clone().requires_grad_(True)) for x in xs[2:]]  # the second forward runs eagerly
         sum((o * xs[0]).sum() for o in outs).backward()
-    assert isinstance(graphed._graph, _EmulatedGraph)
+    assert isinstance(graphed._graph, EmulatedGraph)
     for p_eager, p_graphed in zip(eager.parameters(), graphed.parameters()):
         assert _rel(p_graphed.grad, p_eager.grad) < 1e-5
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, graphed)]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from switchyard.config import MoEConfig
 from switchyard.moe.kernels import records_graph
-from switchyard.moe.kernels.router_fused import softmax_topk, softmax_topk_supported
+from switchyard.moe.kernels.router_fused import logits_grads_16bit, softmax_topk, softmax_topk_supported
 from switchyard.log import get_logger
 
 log = get_logger(__name__)
@@ -91,12 +91,7 @@ class _Fp32Logits(torch.autograd.Function):
         x_TH, weight_EH = ctx.saved_tensors
         grad_x = grad_w = None
         if _tensor_core_pair(x_TH, weight_EH):
-            grad_TE = grad_TE.to(x_TH.dtype)
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_TE.mm(weight_EH)
-            if ctx.needs_input_grad[1]:
-                grad_w = grad_TE.t().mm(x_TH)
-            return grad_x, grad_w
+            return logits_grads_16bit(grad_TE, x_TH, weight_EH, *ctx.needs_input_grad)
         grad_TE = grad_TE.float()
         if ctx.needs_input_grad[0]:
             grad_x = grad_TE.mm(weight_EH.float()).to(x_TH.dtype)

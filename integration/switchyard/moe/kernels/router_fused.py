@@ -39,6 +39,15 @@ def softmax_topk_supported(x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: i
             and 0 < top_k <= weight_EH.shape[0])
 
 
+def logits_grads_16bit(grad_TE: torch.Tensor, x_TH: torch.Tensor, weight_EH: torch.Tensor, need_x: bool,
+                       need_w: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_x, grad_w) of fp32 logits ``x @ w.T`` for a 16-bit pair: the logits' gradient rounded to the
+    input dtype, as a bf16 ``nn.Linear``'s backward receives it, then two tensor-core GEMMs (this router's
+    and ``router._Fp32Logits``'s backward)."""
+    grad_16 = grad_TE.to(x_TH.dtype)
+    return (grad_16.mm(weight_EH) if need_x else None), (grad_16.t().mm(x_TH) if need_w else None)
+
+
 class _SoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int, normalize: bool,  # type: ignore[override]
@@ -63,9 +72,7 @@ class _SoftmaxTopK(torch.autograd.Function):
         grad_logits = scores_TE * (grad_s_TE - (grad_s_TE * scores_TE).sum(-1, keepdim=True))
         if grad_logits_TE is not None:
             grad_logits = grad_logits + grad_logits_TE.float()
-        grad_16 = grad_logits.to(x_TH.dtype)
-        grad_x = grad_16.mm(weight_EH) if ctx.needs_input_grad[0] else None
-        grad_w = grad_16.t().mm(x_TH) if ctx.needs_input_grad[1] else None
+        grad_x, grad_w = logits_grads_16bit(grad_logits, x_TH, weight_EH, *ctx.needs_input_grad[:2])
         return grad_x, grad_w, None, None, None
 
 

@@ -9,7 +9,8 @@ CPU smoke run of the same logic (tiny shapes; writes to a temp file):
 Same shapes, weights and builders as benchmarks/moe_layer.py; every implementation is put in eval mode
 and called under ``torch.no_grad()`` on the first ``tokens`` rows of the same input ``x`` [1, tokens, H]:
 
-    switchyard        MoELayer (dropless, fused kernels)
+    switchyard        MoELayer (dropless, fused kernels; path_<tokens> names the path it took)
+    switchyard_sorted the same layer with the small-batch and all-experts paths off (sort + grouped_mm)
     hf_grouped_mm     transformers' MixtralSparseMoeBlock, _experts_implementation="grouped_mm"
     hf_batched_mm     the same block with "batched_mm" (gathers each copy's expert weights; what
                       transformers offers for small batches)
@@ -43,7 +44,7 @@ import moe_layer as ml  # noqa: E402
 
 DEFAULT_OUT = ml.REPO_ROOT / "benchmarks" / "results" / "moe_decode.json"
 HBM_BYTES_PER_S = 4.3e12
-IMPLS = ("switchyard", "hf_grouped_mm", "hf_batched_mm", "deepspeed_autoep")
+IMPLS = ("switchyard", "switchyard_sorted", "hf_grouped_mm", "hf_batched_mm", "deepspeed_autoep")
 
 
 def build_hf_batched_mm(b: ml.Bench) -> ml.Built:
@@ -54,7 +55,16 @@ def build_hf_batched_mm(b: ml.Bench) -> ml.Built:
     return built
 
 
-BUILDERS = {"switchyard": ml.build_switchyard, "hf_grouped_mm": ml.build_hf_grouped_mm,
+def build_switchyard_sorted(b: ml.Bench) -> ml.Built:
+    """The same layer with both unsorted inference paths off: the sort + grouped_mm path at every size."""
+    built = ml.build_switchyard(b)
+    layer = built.keep[0]
+    layer.small_batch_rows = layer.all_experts_tokens = 0
+    built.variant = "small_batch_rows=0, all_experts_tokens=0"
+    return built
+
+
+BUILDERS = {"switchyard": ml.build_switchyard, "switchyard_sorted": build_switchyard_sorted, "hf_grouped_mm": ml.build_hf_grouped_mm,
             "hf_batched_mm": build_hf_batched_mm, "deepspeed_autoep": ml.build_deepspeed_autoep}
 
 
@@ -130,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
                     if impl == "switchyard":  # which path the layer took at this size
                         layer = built.keep[0]
                         with torch.no_grad():
-                            small = layer._small_batch(torch.zeros(t, b.shape.top_k, device=device))
-                        row[f"path_{t}"] = "small-batch kernels" if small else "sort + grouped_mm"
+                            path = layer.inference_path(x[0], torch.zeros(t, b.shape.top_k, device=device))
+                        row[f"path_{t}"] = path or "sort + grouped_mm"
                 entry[impl] = row
             except Exception as exc:  # noqa: BLE001
                 entry[impl] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -7,12 +7,13 @@ On the moe_layer.py shapes (bf16):
     gate_up / down   the routed kernels alone (routed_swiglu_combine at 1 and 8 tokens) for five block
                      configurations each (triton.testing.do_bench, µs), and the weight-read floor
     picked           per kernel, the configuration with the least time summed relative to each case's best
-    device_ops_olmoe device operations of one olmoe layer forward (torch.profiler), small vs sort path
-    threshold        the whole layer's forward at 16…256 copies (T·K), small vs sort path: eager latency
-                     (median of 30, host wall clock with a synchronize) and CUDA-graph replay (µs)
+    device_ops_olmoe device operations of one olmoe layer forward (torch.profiler) per path
+    threshold        the whole layer's forward at 2…256 tokens on each path it may take (small-batch up to
+                     512 copies; all-experts where T·K >= E; sorted): eager latency (median of 30, host
+                     wall clock with a synchronize) and CUDA-graph replay (µs)
 
-What it found set ``routed_kernels.GATE_UP_BLOCKS`` / ``DOWN_BLOCKS`` and ``layer.SMALL_BATCH_*``
-(docs/moe-layer.md, "Small-batch path"). A tuning aid, GPU only; the speed claims live in moe_decode.py.
+What it found set ``routed_kernels.GATE_UP_BLOCKS`` / ``DOWN_BLOCKS``, ``layer.SMALL_BATCH_*`` and
+``layer.ALL_EXPERTS_MAX_TOKENS`` (docs/moe-layer.md, "Small-batch path", "All-experts path"). A tuning aid, GPU only; the speed claims live in moe_decode.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import moe_layer as ml  # noqa: E402
 
 GATE_UP_CANDIDATES = [(8, 256, 4), (16, 256, 4), (32, 128, 4), (16, 512, 8), (4, 512, 4)]
 DOWN_CANDIDATES = [(4, 512, 4), (8, 512, 4), (16, 256, 4), (8, 1024, 8), (2, 1024, 4)]
-COPIES = (16, 32, 64, 128, 256)
+TOKENS = (2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def make_layer(shape: ml.Shape, device: torch.device):
@@ -138,24 +139,34 @@ def device_ops(layer, x: torch.Tensor) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+PATH_LIMITS = {"small": (10**9, 0), "all_experts": (0, 10**9), "sorted": (0, 0)}  # small_batch_rows, all_experts_tokens
+
+
+def _set_path(layer, path: str) -> None:
+    layer.small_batch_rows, layer.all_experts_tokens = PATH_LIMITS[path]
+
+
 def sweep_threshold(device: torch.device) -> dict:
     res: dict = {"device_ops_olmoe": {}, "threshold": {}}
     layer = make_layer(ml.SHAPES["olmoe"], device)
-    for tokens in (1, 8):
+    for tokens, paths in ((1, ("small", "sorted")), (8, ("small", "sorted")), (32, ("all_experts", "sorted"))):
         x = torch.randn(1, tokens, ml.SHAPES["olmoe"].hidden, device=device, dtype=torch.bfloat16)
-        for path, limit in (("small", 10**9), ("sorted", 0)):
-            layer.small_batch_rows = limit
+        for path in paths:
+            _set_path(layer, path)
             res["device_ops_olmoe"][f"{path}/{tokens}"] = device_ops(layer, x)
     for name, shape in ml.SHAPES.items():
         layer = make_layer(shape, device)
-        for copies in COPIES:
-            x = torch.randn(1, copies // shape.top_k, shape.hidden, device=device, dtype=torch.bfloat16)
+        for tokens in TOKENS:
+            x = torch.randn(1, tokens, shape.hidden, device=device, dtype=torch.bfloat16)
             cell = {}
-            for path, limit in (("small", 10**9), ("sorted", 0)):
-                layer.small_batch_rows = limit
+            for path in PATH_LIMITS:
+                _set_path(layer, path)
+                taken = layer.inference_path(x[0], torch.zeros(tokens, shape.top_k, device=device)) or "sorted"
+                if taken != {"small": "small_batch"}.get(path, path) or (path == "small" and tokens * shape.top_k > 512):
+                    continue  # not eligible here (all-experts needs T * K >= E), or far past where it could pay
                 cell[path] = {"eager_us": eager_us(lambda: layer(x)), "graph_us": graph_us(lambda: layer(x))}
-            res["threshold"][f"{name}/{copies}"] = cell
-            print(name, copies, "copies", cell, flush=True)
+            res["threshold"][f"{name}/{tokens}"] = cell
+            print(name, tokens, "tokens", cell, flush=True)
         torch.cuda.empty_cache()
     return res
 
@@ -163,17 +174,18 @@ def sweep_threshold(device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threshold-only", action="store_true", help="skip the kernels' block-size sweep")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("small_batch_sweep.py times Triton kernels and CUDA graphs: it needs a CUDA GPU")
     device = torch.device("cuda", torch.cuda.current_device())
     torch.set_grad_enabled(False)
-    results = {**sweep_blocks(device), **sweep_threshold(device),
+    results = {**({} if args.threshold_only else sweep_blocks(device)), **sweep_threshold(device),
                "meta": {"command": " ".join(["python", "benchmarks/small_batch_sweep.py", *(argv or sys.argv[1:])]),
                         **ml._versions(), "device": ml._device_name(device), "git_commit": ml._git_commit()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"picked {results['picked']}; wrote {args.out}")
+    print(f"picked {results.get('picked')}; wrote {args.out}")
     return results
 
 

@@ -10,6 +10,8 @@ there; router and shared experts stay dense.
 Small batches at inference (``T * K`` up to ``small_batch_rows``, no autograd graph, gated SiLU experts
 without bias) skip the permutation: ``routed_swiglu_combine`` runs the experts on the unsorted
 (token, k) copies and combines them in two kernels instead of ~25 (docs/moe-layer.md, "Small-batch path").
+From two copies per expert up to ``all_experts_tokens`` tokens (which reach nearly every expert anyway),
+every local expert runs on every token and the combine picks each token's K outputs (``moe/all_experts.py``).
 
 The state dict speaks global expert ids (``experts.{id}.gate_up_proj``): a layer saved at ep=N loads
 at ep=M, each rank picking its own experts.
@@ -28,6 +30,7 @@ import torch.nn as nn
 from switchyard.activations import get_activation
 from switchyard.config import MoEConfig
 from switchyard.log import get_logger
+from switchyard.moe.all_experts import all_experts_swiglu_combine
 from switchyard.moe.capacity import capacity_keep_mask
 from switchyard.moe.cuda_graph import LayerGraph
 from switchyard.moe.dispatcher import TokenDispatcher
@@ -51,6 +54,17 @@ log = get_logger(__name__)
 # 256 copies it already trailed in a CUDA graph (docs/moe-layer.md, "Small-batch path").
 SMALL_BATCH_ROWS_PER_EXPERT = 2
 SMALL_BATCH_MAX_ROWS = 128
+# The all-experts path runs (CUDA, inference) while T <= ALL_EXPERTS_MAX_TOKENS and T * K >= 2 * E (two copies
+# per expert on average: ~86 % of the experts hit), before the small-batch path is considered. Its FLOPs grow
+# as L * T while the weight reads stay fixed, so it pays while T stays well below the GPU's FLOP-per-byte
+# ratio. On an H200 (bf16, mixtral / olmoe / qwen3, CUDA-graph replay) it beat the sort path up to 128 tokens
+# and lost at 256; it beat the small-batch path at 2 copies per expert and lost at 1
+# (benchmarks/small_batch_sweep.py, docs/moe-layer.md "All-experts path").
+ALL_EXPERTS_MAX_TOKENS = 128
+ALL_EXPERTS_MIN_COPIES_PER_EXPERT = 2
+
+# the unsorted inference paths: (x_TH, w1_LOH, w2_LHF, idx_TK, weight_TK, keep_TK, first_expert=, num_experts=)
+INFERENCE_PATHS = {"small_batch": routed_swiglu_combine, "all_experts": all_experts_swiglu_combine}
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
@@ -98,6 +112,8 @@ class SharedExperts(nn.Module):
 class MoELayer(DeepSpeedMoEModule):
     # most T * K copies for the small-batch path; None: min(SMALL_BATCH_MAX_ROWS, 2 * E); 0: never
     small_batch_rows: int | None = None
+    # most tokens for the all-experts path; None: ALL_EXPERTS_MAX_TOKENS on CUDA, 0 (never) elsewhere; 0: never
+    all_experts_tokens: int | None = None
     # training steps' routed path as CUDA graph replays where it can be (moe/cuda_graph.py: rules, memory)
     cuda_graph: bool = False
 
@@ -166,8 +182,9 @@ class MoELayer(DeepSpeedMoEModule):
         else:
             routed = self.router(x_TH)
             keep_TK = self._capacity_mask(routed)
-            if self._small_batch(routed.topk_idx_TK):
-                out_TH, tokens_per_expert_E = self._small_batch_forward(x_TH, routed, keep_TK)
+            path = self.inference_path(x_TH, routed.topk_idx_TK)
+            if path is not None:
+                out_TH, tokens_per_expert_E = self._inference_forward(path, x_TH, routed, keep_TK)
             else:
                 out_TH, tokens_per_expert_E = self._sorted_forward(x_TH, routed, keep_TK)
         if self.shared_experts is not None:
@@ -231,23 +248,35 @@ class MoELayer(DeepSpeedMoEModule):
             self._graph = LayerGraph(self._routed_core, x_TH, tensors)
         return self._graph
 
-    def _small_batch(self, topk_idx_TK: torch.Tensor) -> bool:
-        """Whether this forward takes the small-batch path: inference (nothing recorded for a backward),
-        few copies, gated SiLU experts without bias on the default impl, fused kernels on, and every
-        token on this rank's experts either local (ep=1) or replicated (serving)."""
+    def inference_path(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor) -> str | None:
+        """Which unsorted inference path (a key of ``INFERENCE_PATHS``) this forward takes; None: the sort
+        path. Both need inference (nothing recorded for a backward), gated SiLU experts without bias on the
+        default impl, fused kernels on, and every token either local (ep=1) or replicated on every EP
+        rank (serving). ``all_experts``: at most ``all_experts_tokens`` tokens with T * K >= 2E;
+        else ``small_batch``: T * K up to ``small_batch_rows``."""
         ex = self.experts
+        if (torch.is_grad_enabled() or not ex.swiglu or ex.impl != "auto" or not fused_kernels_enabled()
+                or not (self.ep_size == 1 or self.replicated_tokens)):
+            return None
+        num_tokens, top_k = topk_idx_TK.shape
+        limit = self.all_experts_tokens
+        if limit is None:
+            limit = ALL_EXPERTS_MAX_TOKENS if x_TH.is_cuda else 0
+        if num_tokens <= limit and num_tokens * top_k >= ALL_EXPERTS_MIN_COPIES_PER_EXPERT * self.num_experts:
+            return "all_experts"
         rows = self.small_batch_rows
         if rows is None:
             rows = min(SMALL_BATCH_MAX_ROWS, SMALL_BATCH_ROWS_PER_EXPERT * self.num_experts)
-        return (not torch.is_grad_enabled() and topk_idx_TK.numel() <= rows and ex.swiglu and ex.impl == "auto"
-                and fused_kernels_enabled() and (self.ep_size == 1 or self.replicated_tokens))
+        if num_tokens * top_k <= rows:
+            return "small_batch"
+        return None
 
-    def _small_batch_forward(self, x_TH: torch.Tensor, routed: RouterOutput,
-                             keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experts on the unsorted copies, combined in fp32 (two kernels on CUDA); at ep > 1 (replicated
-        tokens) each rank adds its experts' share and the EP all-reduce sums them, as ``combine`` does."""
+    def _inference_forward(self, path: str, x_TH: torch.Tensor, routed: RouterOutput,
+                           keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``path`` function on this rank's experts, combined in fp32; at ep > 1 (replicated tokens)
+        each rank adds its experts' share and the EP all-reduce sums them, as ``combine`` does."""
         w1_LOH, _, w2_LHF, _ = self.experts.weights()
-        out_TH, tokens_per_expert_E = routed_swiglu_combine(
+        out_TH, tokens_per_expert_E = INFERENCE_PATHS[path](
             x_TH, w1_LOH, w2_LHF, routed.topk_idx_TK, routed.topk_weight_TK, keep_TK,
             first_expert=self.local_expert_ids[0], num_experts=self.num_experts)
         return self.dispatcher.reduce_replicated(out_TH), tokens_per_expert_E

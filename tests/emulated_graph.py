@@ -21,33 +21,33 @@ from switchyard.moe.layer import MoELayer
 class EmulatedGraph(LayerGraph):
     """See the module docstring."""
 
-    def __init__(self, core, x_TH, params) -> None:  # noqa: D107 - the same contract as LayerGraph
+    def __init__(self, core, x_TH, params, substitute=None) -> None:  # noqa: D107 - LayerGraph's contract
         self.key, self.params, self.pending = signature(x_TH, params), tuple(params), False
         self.static_x = x_TH.detach().clone().requires_grad_(x_TH.requires_grad)
-        inputs = self._grad_inputs()
-        outs = tuple(core(self.static_x))
+        self._substitute = substitute
+        outs, _ = self._traced_core(core)
         self.static_outs = tuple(o.detach().clone() for o in outs)
         self.differentiable = tuple(o.requires_grad for o in outs)
         self.static_grad_outs = tuple(torch.empty_like(o) for o in outs if o.requires_grad)
         self.static_grads = tuple(torch.empty_like(t) if t.requires_grad else None for t in (self.static_x, *params))
-        live: list[tuple[torch.Tensor, ...]] = []
+        live: list = []
 
         def forward_replay() -> None:
             for g in self.static_grads:
                 if g is not None:
                     g.fill_(float("nan"))
             with torch.enable_grad():
-                live[:] = [tuple(core(self.static_x))]
+                live[:] = self._traced_core(core)  # (outputs, the views to differentiate at)
             for static, new in zip(self.static_outs, live[0]):
                 static.copy_(new.detach())
 
         def backward_replay() -> None:
             diff = [o for o in live[0] if o.requires_grad]
-            grads = torch.autograd.grad(diff, inputs, self.static_grad_outs, allow_unused=True)
-            by_input = dict(zip((id(t) for t in inputs), grads))
-            for static, t in zip(self.static_grads, (self.static_x, *self.params)):
+            grads = iter(torch.autograd.grad(diff, live[1], self.static_grad_outs, allow_unused=True))
+            for static in self.static_grads:
                 if static is not None:
-                    static.copy_(by_input[id(t)])
+                    grad = next(grads)
+                    static.copy_(grad) if grad is not None else static.zero_()
 
         self.fwd_graph = SimpleNamespace(replay=forward_replay)
         self.bwd_graph = SimpleNamespace(replay=backward_replay)

@@ -87,6 +87,25 @@ def test_backward_twice_through_one_replay_is_an_error(emulated_graphs) -> None:
         out.sum().backward()
 
 
+def test_capture_differentiates_at_views_not_at_the_leaves(emulated_graphs) -> None:
+    """The graph's backward stops at views made during capture: it never reaches a parameter's own gradient
+    hooks or AccumulateGrad node, which DeepSpeed's ZeRO-2 keeps alive from eager steps on the default
+    stream (reaching it from a capture is a CUDA error; the GPU test below). Each parameter's hook fires
+    once per step, when the replay hands its gradient to autograd, as in eager; they read as themselves
+    after the capture."""
+    eager, graphed = _pair(MoEConfig(num_experts=8, top_k=2, aux_loss_coef=0.01), "cpu", torch.float32)
+    seen: list[str] = []
+    for name, param in graphed.named_parameters():
+        param.register_hook(lambda g, name=name: seen.append(name))
+    x, g = torch.randn(24, 64), torch.randn(24, 64)
+    _step(graphed, x, g)  # capture + replay; the emulated backward replay is a real autograd.grad
+    _step(eager, x, g)
+    assert sorted(seen) == sorted(name for name, _ in graphed.named_parameters())
+    assert all(type(p) is torch.nn.Parameter for p in graphed.parameters())
+    for p_eager, p_graphed in zip(eager.parameters(), graphed.parameters()):
+        assert _rel(p_graphed.grad, p_eager.grad) < 1e-5
+
+
 gpu = pytest.mark.gpu
 
 
@@ -161,3 +180,20 @@ def test_new_shape_or_moved_weights_capture_again() -> None:
     for a, b in zip(_step(graphed, x, x), _step(eager, x, x)):
         assert _rel(a, b) < 1e-3
     assert graphed._graph is not first
+
+
+@gpu
+def test_capture_with_accumulate_grad_nodes_kept_alive_on_the_default_stream() -> None:
+    """DeepSpeed's ZeRO-2 keeps each parameter's AccumulateGrad node alive from eager steps on the default
+    stream; a capture whose backward reached those nodes failed ("operation would make the legacy stream
+    depend on a capturing blocking stream", seen in benchmarks/finetune.py --variant-cuda-graph)."""
+    eager, graphed = _pair(MoEConfig(num_experts=16, top_k=4, aux_loss_coef=0.01), "cuda", torch.bfloat16)
+    kept = [p.view_as(p).grad_fn.next_functions[0][0] for p in graphed.parameters()]  # made on the default stream
+    for step in range(3):
+        x, g = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16), torch.randn(256, 64, device="cuda")
+        for layer in (eager, graphed):
+            layer.zero_grad(set_to_none=True)
+        got, want = _step(graphed, x, g), _step(eager, x, g)
+        for a, b in zip(got, want):
+            assert _rel(a, b) < 2e-2, f"step {step}"
+    assert graphed._graph is not None and len(kept) == len(list(graphed.parameters()))

@@ -35,11 +35,14 @@ of a leaf input (rare: hidden states are not leaves) is valid until that next fo
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
+from torch import nn
 
 CoreOutputs = tuple[torch.Tensor, ...]
+Substitute = Callable[[Sequence[torch.Tensor]], ContextManager[None]]
 WARMUP_STEPS = 3  # eager passes on a side stream before capture: lazy inits (cuBLAS handles, Triton) stay out
 
 
@@ -47,17 +50,19 @@ class LayerGraph:
     """One captured forward + backward of ``core`` for one input signature."""
 
     def __init__(self, core: Callable[[torch.Tensor], CoreOutputs], x_TH: torch.Tensor,
-                 params: Sequence[torch.Tensor]) -> None:
-        """``params``: every tensor ``core`` reads by address besides ``x_TH`` (parameters and buffers)."""
+                 params: Sequence[torch.Tensor], substitute: Substitute | None = None) -> None:
+        """``params``: every tensor ``core`` reads by address besides ``x_TH`` (parameters and buffers).
+        ``substitute(tensors)``: a context in which ``core`` reads ``tensors`` in place of ``params`` (see
+        ``module_substitute``); without it, gradients are taken at the parameters themselves."""
         self.key = signature(x_TH, params)
         self.params = tuple(params)
         self.static_x = x_TH.detach().clone().requires_grad_(x_TH.requires_grad)
-        inputs = self._grad_inputs()
+        self._substitute = substitute
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
-                outs = core(self.static_x)
+                outs, inputs = self._traced_core(core)
                 diff = [o for o in outs if o.requires_grad]
                 torch.autograd.grad(diff, inputs, [torch.zeros_like(o) for o in diff], allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
@@ -65,15 +70,31 @@ class LayerGraph:
         self.pool = torch.cuda.graph_pool_handle()
         self.fwd_graph, self.bwd_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd_graph, pool=self.pool):
-            self.static_outs = tuple(core(self.static_x))
+            self.static_outs, inputs = self._traced_core(core)
         self.differentiable = tuple(o.requires_grad for o in self.static_outs)
         diff = [o for o in self.static_outs if o.requires_grad]
         self.static_grad_outs = tuple(torch.empty_like(o) for o in diff)
         with torch.cuda.graph(self.bwd_graph, pool=self.pool):
-            grads = torch.autograd.grad(diff, inputs, self.static_grad_outs, allow_unused=True)
-        grads_by_input = dict(zip((id(t) for t in inputs), grads))
-        self.static_grads = tuple(grads_by_input.get(id(t)) for t in (self.static_x, *self.params))
+            grads = iter(torch.autograd.grad(diff, inputs, self.static_grad_outs, allow_unused=True))
+        self.static_grads = tuple(next(grads) if t.requires_grad else None for t in (self.static_x, *self.params))
         self.pending = False
+
+    def _traced_core(self, core: Callable[[torch.Tensor], CoreOutputs]
+                     ) -> tuple[CoreOutputs, tuple[torch.Tensor, ...]]:
+        """``core``'s outputs, and the tensors to differentiate them at: views of the input and of each
+        parameter made here (so under the capture's stream), in the order of ``(x, *params)`` that require
+        grad. A view stops the backward before the leaf's AccumulateGrad node, which may have been made
+        earlier on the default stream and kept alive (DeepSpeed's ZeRO-2 does): reaching it from a capture
+        makes the default stream wait on the capturing one, which CUDA rejects."""
+        x_alias = self.static_x.view_as(self.static_x) if self.static_x.requires_grad else self.static_x
+        if self._substitute is None:
+            aliases = self.params
+            outs = tuple(core(x_alias))
+        else:
+            aliases = tuple(t.view_as(t) if t.requires_grad else t for t in self.params)
+            with self._substitute(aliases):
+                outs = tuple(core(x_alias))
+        return outs, tuple(t for t in (x_alias, *aliases) if t.requires_grad)
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer captures its own graph (this one reads the original's tensors)
@@ -125,6 +146,29 @@ class _Replay(torch.autograd.Function):
         graph.bwd_graph.replay()
         graph.pending = False
         return (None, *(g.detach() if g is not None else None for g in graph.static_grads))
+
+
+def module_substitute(owner: nn.Module, names: Sequence[str]) -> Substitute:
+    """A ``substitute`` for ``LayerGraph``: within it, ``owner``'s parameters or buffers ``names`` (dotted, as
+    in ``named_parameters``) read as the given tensors, as ``torch.func.functional_call`` does for a call."""
+    slots = []
+    for name in names:
+        module_name, _, leaf = name.rpartition(".")
+        module = owner.get_submodule(module_name)
+        slots.append((module._parameters if leaf in module._parameters else module._buffers, leaf))
+
+    @contextmanager
+    def substitute(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+        originals = [table[leaf] for table, leaf in slots]
+        try:
+            for (table, leaf), tensor in zip(slots, tensors):
+                table[leaf] = tensor
+            yield
+        finally:
+            for (table, leaf), original in zip(slots, originals):
+                table[leaf] = original
+
+    return substitute
 
 
 def _no_graph() -> None:

@@ -32,7 +32,7 @@ from switchyard.config import MoEConfig
 from switchyard.log import get_logger
 from switchyard.moe.all_experts import all_experts_swiglu_combine
 from switchyard.moe.capacity import capacity_keep_mask
-from switchyard.moe.cuda_graph import LayerGraph
+from switchyard.moe.cuda_graph import LayerGraph, module_substitute
 from switchyard.moe.dispatcher import TokenDispatcher
 from switchyard.moe.experts import GroupedExperts
 from switchyard.moe.kernels import fused_kernels_enabled, routed_swiglu_combine
@@ -242,10 +242,13 @@ class MoELayer(DeepSpeedMoEModule):
                 log.info(f"MoE layer cuda_graph: running eagerly ({why})")
                 self._graph_skip_reason = why
             return None
-        tensors = [*self.router.parameters(), *self.router.buffers(), *self.experts.parameters()]
+        named = [*self.router.named_parameters("router"), *self.router.named_buffers("router"),
+                 *self.experts.named_parameters("experts")]
+        tensors = [t for _, t in named]
         if self._graph is None or not self._graph.matches(x_TH, tensors):
             self._graph = None  # its pool goes back before the new capture
-            self._graph = LayerGraph(self._routed_core, x_TH, tensors)
+            self._graph = LayerGraph(self._routed_core, x_TH, tensors,
+                                     module_substitute(self, [name for name, _ in named]))
         return self._graph
 
     def inference_path(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor) -> str | None:

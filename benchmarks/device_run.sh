@@ -46,7 +46,7 @@ layer)
     ;;
 finetune)
     run finetune 560 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/finetune.py --out "$out/finetune.json" \
-        --variant-experts-impl grouped_mm --variant-cuda-graph
+        --variant-experts-impl grouped_mm
     ;;
 ep)
     if [ "$gpus" -lt 2 ]; then echo "ep needs 2+ GPUs, this machine has $gpus"; exit 1; fi

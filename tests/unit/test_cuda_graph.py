@@ -197,3 +197,25 @@ def test_capture_with_accumulate_grad_nodes_kept_alive_on_the_default_stream() -
         for a, b in zip(got, want):
             assert _rel(a, b) < 2e-2, f"step {step}"
     assert graphed._graph is not None and len(kept) == len(list(graphed.parameters()))
+
+
+def test_post_accumulate_grad_hooks_are_a_rule() -> None:
+    """DeepSpeed ZeRO-1/2 registers post-accumulate-grad hooks on every parameter; under its engine.backward
+    the replays gave NaN gradients on an H200, so such a layer runs eagerly (checked where CUDA is not needed)."""
+    _, graphed = _pair(MoEConfig(num_experts=8, top_k=2), "cpu", torch.float32)
+    assert not graphed._params_have_accumulate_hooks()
+    handle = graphed.router.weight.register_post_accumulate_grad_hook(lambda p: None)
+    assert graphed._params_have_accumulate_hooks()
+    handle.remove()
+    assert not graphed._params_have_accumulate_hooks()
+
+
+@gpu
+def test_zero_hooks_run_eagerly() -> None:
+    eager, graphed = _pair(MoEConfig(num_experts=8, top_k=2), "cuda", torch.bfloat16)
+    for p in graphed.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: None)
+    x, g = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16), torch.randn(64, 64, device="cuda")
+    for a, b in zip(_step(graphed, x, g), _step(eager, x, g)):
+        assert torch.equal(a, b)
+    assert graphed._graph is None and "post-accumulate-grad hooks" in graphed._graph_skip_reason

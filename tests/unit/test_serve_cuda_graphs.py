@@ -61,6 +61,26 @@ def test_graph_decode_matches_generate_with_joins_and_leaves():
     assert set(runner.batch._graphs) <= {1, 2, 4, 5} and runner.batch._graphs
 
 
+def test_warmup_runs_every_moe_path(monkeypatch):
+    """The warm-up reaches the MoE layers' sort path too (a long dummy prefill), not only the decode
+    buckets' small-batch and all-experts paths, so no kernel first compiles during a client's prefill;
+    and it leaves every slot free."""
+    import switchyard as sy
+    from switchyard.moe.layer import INFERENCE_PATHS, MoELayer
+    from switchyard.serve.engine import ModelRunner
+
+    taken: list[str] = []
+    for path, fn in list(INFERENCE_PATHS.items()):
+        monkeypatch.setitem(INFERENCE_PATHS, path, lambda *a, _fn=fn, _p=path, **k: (taken.append(_p), _fn(*a, **k))[1])
+    sorted_forward = MoELayer._sorted_forward
+    monkeypatch.setattr(MoELayer, "_sorted_forward", lambda self, *a, **k: (taken.append("sort"), sorted_forward(self, *a, **k))[1])
+    model = sy.patch_model(_qwen3_moe(torch.device("cuda")).to(torch.bfloat16))
+    runner = ModelRunner(model, decode="auto", max_batch=16)  # 16 experts, top-4: buckets 1..16
+    runner.warmup()
+    assert {"sort", "small_batch", "all_experts"} <= set(taken), set(taken)
+    assert not runner.caches and set(runner.batch._graphs) == {1, 2, 4, 8, 16}
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpu_server_with_graphs_matches_one_process(tmp_path):
     """ep=2 on 2 GPUs (NCCL all-reduce captured in the graphs) answers as the model in one process."""

@@ -258,14 +258,22 @@ class ModelRunner:
         """Capture every decode graph before the first request (static mode on CUDA; a no-op otherwise).
 
         Without it the first steps at each new batch size capture a graph (and compile kernels) while
-        clients wait. Dummy one-token sequences fill every slot, then decode once at each bucket size,
-        largest first (the graphs share one memory pool), and leave. Every rank runs the same steps, so
-        the EP all-reduces pair up; the per-expert counts are reset afterwards."""
+        clients wait. First one dummy prompt longer than the MoE layers' all-experts limit is prefilled
+        and dropped: it takes their sort path, whose Triton kernels would otherwise first compile during
+        a client's prefill (the decode buckets reach only the small-batch and all-experts paths; a fresh
+        server's first load test stalled ~3 s on an H200 without it). Then dummy one-token sequences fill
+        every slot, decode once at each bucket size, largest first (the graphs share one memory pool), and
+        leave. Every rank runs the same steps, so the EP all-reduces pair up; the per-expert counts are
+        reset afterwards."""
+        from switchyard.moe.layer import ALL_EXPERTS_MAX_TOKENS
         from switchyard.serve.slot_cache import buckets_for
 
         if self.decode != "static" or not self.batch.use_graphs:
             return
         slots = list(range(self.max_batch))
+        long_prompt = [0] * min(2 * ALL_EXPERTS_MAX_TOKENS, self.max_model_len - 1)
+        self.execute(StepPlan([(slots[0], long_prompt, True)]))
+        self.execute(StepPlan([], release=[slots[0]]))
         self.execute(StepPlan([(slot, [0], True) for slot in slots]))
         live = len(slots)
         for bucket in reversed(buckets_for(self.max_batch)):

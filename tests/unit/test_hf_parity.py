@@ -5,7 +5,8 @@
 External oracles: each HF block is built offline from a tiny config (hidden 32, expert ffn 24 — not
 H/2, so a transposed copy cannot pass by accident), filled with seeded randn * 0.1 (HF leaves the 3-D
 expert tensors as torch.empty and Qwen/OLMoE routers as zeros, which would make every routing a tie),
-and run in eval mode next to ``layer_from_hf_block(block, config)``.
+and run in eval mode next to ``layer_from_hf_block(block, config)``, on each of the layer's inference
+paths (sort, small-batch, all-experts).
 """
 
 from __future__ import annotations
@@ -84,15 +85,22 @@ def sort_by_expert(idx_TK: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tens
     return idx_TK.gather(1, order), w_TK.float().gather(1, order)
 
 
+# MoELayer's inference paths (small_batch_rows, all_experts_tokens): each one is held to the HF block
+INFERENCE_PATHS = {"sorted": (0, 0), "small_batch": (10**6, 0), "all_experts": (0, 10**6)}
+
+
+@pytest.mark.parametrize("path", list(INFERENCE_PATHS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_router_parity(case: str) -> None:
+def test_forward_and_router_parity(case: str, path: str) -> None:
     block, config = build_hf(case)
     layer = layer_from_hf_block(block, config)
     assert not layer.training
+    layer.small_batch_rows, layer.all_experts_tokens = INFERENCE_PATHS[path]
     x = make_input()
     with torch.no_grad():
         expected = block(x.clone())
         ours = layer(x.clone())
+        assert (layer.inference_path(x.reshape(-1, H), layer.last_router_output.topk_idx_TK) or "sorted") == path
         hf_logits, hf_w, hf_idx = hf_gate(block, x.reshape(-1, H))
     torch.testing.assert_close(ours, expected, **TOL)
     routed = layer.last_router_output

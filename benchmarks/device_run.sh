@@ -2,7 +2,7 @@
 # Run the GPU benchmarks and GPU tests on a lent device machine, writing everything under $OUT.
 #
 #   bash benchmarks/device_run.sh serve        # GPU tests (1 and 2 GPUs) + serving benchmark(s)  ~6 min
-#   bash benchmarks/device_run.sh layer        # MoE layer, profile, decode regime, small-batch sweep ~7 min
+#   bash benchmarks/device_run.sh layer        # MoE layer, profile, decode regime, inference-path sweep ~8 min
 #   bash benchmarks/device_run.sh finetune     # fine-tune throughput vs AutoEP and HF             ~3 min
 #   bash benchmarks/device_run.sh ep           # EP scaling over every GPU of the machine          ~2 min
 #
@@ -40,9 +40,10 @@ serve)
 layer)
     run moe_layer 240 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_layer.py --out "$out/moe_layer.json" \
         --shapes mixtral_8x7b olmoe qwen3_30b_a3b finetune_llama_8x
-    run moe_decode 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_decode.py --out "$out/moe_decode.json"
+    run moe_decode 120 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_decode.py --out "$out/moe_decode.json"
     run moe_layer_profile 150 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/moe_layer_profile.py --out "$out/moe_layer_profile.json"
-    run small_batch_sweep 60 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/small_batch_sweep.py --out "$out/small_batch_sweep.json"
+    run small_batch_sweep 90 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/small_batch_sweep.py --threshold-only \
+        --out "$out/small_batch_sweep_paths.json"
     ;;
 finetune)
     run finetune 560 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/finetune.py --out "$out/finetune.json" \

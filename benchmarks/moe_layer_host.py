@@ -31,14 +31,19 @@ import moe_layer as ml  # noqa: E402
 DEFAULT_OUT = ml.REPO_ROOT / "benchmarks" / "results" / "moe_layer_host.json"
 
 
+def _clear_grads(x: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """As moe_layer.py's timed steps do before each step."""
+    x.grad = None
+    for p in params:
+        p.grad = None
+
+
 def host_times(forward, x: torch.Tensor, grad: torch.Tensor, params: list[torch.Tensor], device: torch.device,
                iters: int) -> dict:
     """Median host ms to issue forward, backward, and the device ms of the whole step."""
     fwd, bwd, step = [], [], []
     for i in range(iters + 3):
-        x.grad = None
-        for p in params:
-            p.grad = None
+        _clear_grads(x, params)
         ml.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda", torch.cuda.current_device())
     results: dict = {"meta": {"command": shlex.join(["python", "benchmarks/moe_layer_host.py", *(argv or sys.argv[1:])]),
                               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              "torch": torch.__version__, "device": torch.cuda.get_device_name(device),
+                              **ml._versions(), "device": ml._device_name(device), "git_commit": ml._git_commit(),
                               "import_deps": args.import_deps}}
     for shape_name in args.shapes:
         b = ml.make_bench(shape_name, ml.SHAPES[shape_name], 8192, device, torch.bfloat16, 0)
@@ -87,9 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                 acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
                 with torch.profiler.profile(activities=acts, with_stack=True) as prof:
                     for _ in range(2):
-                        x.grad = None
-                        for param in built.params:  # else the trace shows gradient-accumulation adds
-                            param.grad = None
+                        _clear_grads(x, built.params)  # else the trace shows gradient-accumulation adds
                         ml.synchronize(device)
                         out = built.forward(x)
                         out.backward(b.grad_BTH.view_as(out))

@@ -27,6 +27,7 @@ import torch
 
 from switchyard.moe.kernels import unpermute_combine
 from switchyard.moe.kernels.ops import silu_mul_forward
+from switchyard.moe.kernels.routed import add_kept_copies_
 
 
 def all_experts_swiglu_combine(x_TH: torch.Tensor, w1_LOH: torch.Tensor, w2_LHF: torch.Tensor,
@@ -62,7 +63,5 @@ def all_experts_swiglu_combine(x_TH: torch.Tensor, w1_LOH: torch.Tensor, w2_LHF:
         rows_TK = torch.where(kept_TK, local_TK * num_tokens + token_T1, -1)
     out_TH = unpermute_combine(y_LTH.reshape(num_local * num_tokens, hidden), weight_TK, rows_TK)
 
-    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=idx_TK.device)
-    counts_E.index_add_(0, idx_TK.reshape(-1), keep_TK.reshape(-1).to(torch.int64) if keep_TK is not None
-                        else torch.ones_like(idx_TK.reshape(-1)))  # not bincount: it syncs on CUDA
+    counts_E = add_kept_copies_(torch.zeros(num_experts, dtype=torch.int64, device=idx_TK.device), idx_TK, keep_TK)
     return out_TH.to(out_dtype), counts_E

@@ -79,7 +79,12 @@ def routed_swiglu_combine(x_TH: torch.Tensor, w1_LOH: torch.Tensor, w2_LHF: torc
             x_TH.contiguous(), w1_LOH.contiguous(), w2_LHF.contiguous(), idx_TK.contiguous(),
             weight_TK.contiguous(), keep_TK.contiguous() if keep_TK is not None else None, first_expert, counts_E)
         return out_TH, counts_E
+    add_kept_copies_(counts_E, idx_TK, keep_TK)
+    return routed_swiglu_combine_torch(x_TH, w1_LOH, w2_LHF, idx_TK, weight_TK, keep_TK, first_expert), counts_E
+
+
+def add_kept_copies_(counts_E: torch.Tensor, idx_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> torch.Tensor:
+    """Add each global expert's kept copies to ``counts_E`` (int64) in place; returns it."""
     flat_idx = idx_TK.reshape(-1)
     kept = keep_TK.reshape(-1).to(torch.int64) if keep_TK is not None else torch.ones_like(flat_idx)
-    counts_E.index_add_(0, flat_idx, kept)  # not bincount: it syncs on CUDA
-    return routed_swiglu_combine_torch(x_TH, w1_LOH, w2_LHF, idx_TK, weight_TK, keep_TK, first_expert), counts_E
+    return counts_E.index_add_(0, flat_idx, kept)  # not bincount: it syncs on CUDA

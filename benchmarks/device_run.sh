@@ -46,8 +46,9 @@ layer)
         --out "$out/small_batch_sweep_paths.json"
     ;;
 finetune)
+    run gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_cuda_graph.py
     run finetune 560 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/finetune.py --out "$out/finetune.json" \
-        --variant-experts-impl grouped_mm
+        --variant-experts-impl grouped_mm --variant-cuda-graph
     ;;
 ep)
     if [ "$gpus" -lt 2 ]; then echo "ep needs 2+ GPUs, this machine has $gpus"; exit 1; fi

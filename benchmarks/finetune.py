@@ -46,7 +46,8 @@ tokens/s is reported and every round is listed under ``rounds``. ``--variant-moe
 reruns switchyard and AutoEP with the MoE param-group size cap set to N instead of
 ``switchyard.deepspeed.config.MOE_MAX_GROUP_SIZE`` (each group is one more ZeRO partition and optimizer
 call; DeepSpeed's own default, 178956971, makes 14 expert groups here) and stores them under ``variants``.
-``--variant-experts-impl IMPL`` likewise reruns switchyard with its experts' compute path forced to IMPL.
+``--variant-experts-impl IMPL`` likewise reruns switchyard with its experts' compute path forced to IMPL,
+``--variant-cuda-graph`` with ``MoELayer.cuda_graph`` on.
 One implementation failing records ``{"error": ...}`` and the run goes on.
 
 Output: ``{"meta": {command, versions, device, shape (+ parameter counts), batch, seq_len, steps, rounds,
@@ -148,6 +149,7 @@ class Run:
     seed: int = 0
     moe_max_group_size: int | None = None
     experts_impl: str | None = None  # switchyard's GroupedExperts.impl ("auto" when None)
+    cuda_graph: bool = False  # switchyard's MoELayer.cuda_graph (the --variant-cuda-graph experiment)
 
     @property
     def precision(self) -> str:
@@ -233,10 +235,13 @@ def build_switchyard(run: Run, aux: bool) -> Built:
         if isinstance(module, sy.moe.experts.GroupedExperts):
             module.impl = run.experts_impl or module.impl
             impls.add(module.impl)
+        if isinstance(module, sy.MoELayer):
+            module.cuda_graph = run.cuda_graph
     total, experts = count_params(model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, run),
                                            config=ds_config(run), mpu=groups.mpu)
-    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}",
+    graph = ", cuda_graph" if run.cuda_graph else ""
+    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}",
                  keep=[groups],
                  params_total=total, params_experts=experts)
 
@@ -614,6 +619,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant-moe-max-group-size", type=int, default=None, metavar="N",
                    help="after the main runs, rerun switchyard and deepspeed_autoep with the MoE param-group "
                         "size cap set to N elements (an experiment; stored under 'variants')")
+    p.add_argument("--variant-cuda-graph", action="store_true",
+                   help="after the rounds, rerun switchyard with MoELayer.cuda_graph on (stored under 'variants')")
     p.add_argument("--variant-experts-impl", default=None, metavar="IMPL",
                    help="after the main runs, rerun switchyard with every MoE layer's GroupedExperts.impl = IMPL "
                         "(e.g. grouped_mm, swiglu_per_expert; stored under 'variants')")
@@ -732,6 +739,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"switchyard rerun (same process, same inputs) with every GroupedExperts.impl = "
             f"{args.variant_experts_impl!r} instead of 'auto'",
             dataclasses.replace(run, experts_impl=args.variant_experts_impl), ["switchyard"]))
+    if args.variant_cuda_graph:
+        experiments.append((
+            "cuda_graph",
+            "switchyard rerun (same process, same inputs) with MoELayer.cuda_graph = True on every MoE layer "
+            "(docs/moe-layer.md); its peak_mem_gb undercounts: the graph pools' blocks that no tensor owns are "
+            "not counted as allocated",
+            dataclasses.replace(run, cuda_graph=True), ["switchyard"]))
     for key, what, vrun, vimpls in experiments:
         variants[key] = {"what": what, "results": {}}
         for impl in vimpls:

@@ -1,9 +1,7 @@
-"""MoELayer.cuda_graph's gradient handover under DeepSpeed's engine: ZeRO 0, 1 and 2 with gradient accumulation
-on 2 data-parallel ranks give the same parameters as the eager layer. The graphs are the CPU stand-in of
-tests/emulated_graph.py, whose forward replays poison the gradient buffers, so what is tested is how the
-replayed gradients reach DeepSpeed's hooks and buffers (handed over without a copy, accumulated over
-micro-batches, reduced). The stand-in skips the layer's rules, among them the one that keeps real graphs off
-where ZeRO-1/2 hooks the parameters (NaN gradients on an H200 under engine.backward; docs/moe-layer.md)."""
+"""MoELayer.cuda_graph under DeepSpeed's engine: ZeRO 0, 1 and 2 with gradient accumulation on 2 data-parallel
+ranks give the same parameters as the eager layer. The graphs are the CPU stand-in of tests/emulated_graph.py,
+whose forward replays poison the gradient buffers, so what is tested is how the replayed gradients reach
+DeepSpeed's hooks and buffers (handed over without a copy, accumulated over micro-batches, reduced)."""
 
 from __future__ import annotations
 

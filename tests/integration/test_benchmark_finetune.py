@@ -51,3 +51,17 @@ def test_finetune_benchmark_tiny(tmp_path):
         assert entry["variant"]
     assert results["switchyard"]["router_loss_in_loss"] is True
     assert "vs_hf" in results["switchyard"]
+
+
+def test_finetune_benchmark_cuda_graph_variant(tmp_path):
+    """--variant-cuda-graph reruns switchyard with MoELayer.cuda_graph on; on CPU the layers run eagerly,
+    so the rerun's first loss is the main run's."""
+    out = tmp_path / "finetune.json"
+    proc = run_script(REPO_ROOT / "benchmarks" / "finetune.py",
+                      ["--tiny", "--device", "cpu", "--impls", "switchyard", "--rounds", "1", "--variant-cuda-graph",
+                       "--out", str(out)], timeout_s=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    data = json.loads(out.read_text())
+    rerun = data["variants"]["cuda_graph"]["results"]["switchyard"]
+    assert "error" not in rerun and rerun["variant"].endswith("cuda_graph"), rerun
+    assert rerun["loss_first"] == data["results"]["switchyard"]["loss_first"]

@@ -30,6 +30,7 @@ def test_tiny_yaml_loads_with_overrides():
         (["moe.num_expert=8"], r"unknown MoEConfig keys \['num_expert'\]"),
         (["moe.top_k=9"], "top_k=9 exceeds num_experts=4"),
         (["train.precision=fp16"], "train.precision='fp16' is unknown"),
+        (["train.cuda_graph=yes please"], "train.cuda_graph must be true or false"),
         (["train.micro_batch_size=0"], "train.micro_batch_size must be a positive integer"),
         (["train.max_steps=null"], "train needs max_steps or epochs"),
         (["data.seq_len=0"], "seq_len"),

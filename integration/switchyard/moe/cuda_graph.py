@@ -69,32 +69,35 @@ class LayerGraph:
         torch.cuda.synchronize()
         self.pool = torch.cuda.graph_pool_handle()
         self.fwd_graph, self.bwd_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.fwd_graph, pool=self.pool):
+        with own_cublas_workspaces(), torch.cuda.graph(self.fwd_graph, pool=self.pool):
             self.static_outs, inputs = self._traced_core(core)
         self.differentiable = tuple(o.requires_grad for o in self.static_outs)
         diff = [o for o in self.static_outs if o.requires_grad]
         self.static_grad_outs = tuple(torch.empty_like(o) for o in diff)
-        with torch.cuda.graph(self.bwd_graph, pool=self.pool):
+        with own_cublas_workspaces(), torch.cuda.graph(self.bwd_graph, pool=self.pool):
             grads = iter(torch.autograd.grad(diff, inputs, self.static_grad_outs, allow_unused=True))
         self.static_grads = tuple(next(grads) if t.requires_grad else None for t in (self.static_x, *self.params))
         self.pending = False
 
     def _traced_core(self, core: Callable[[torch.Tensor], CoreOutputs]
                      ) -> tuple[CoreOutputs, tuple[torch.Tensor, ...]]:
-        """``core``'s outputs, and the tensors to differentiate them at: views of the input and of each
-        parameter made here (so under the capture's stream), in the order of ``(x, *params)`` that require
-        grad. A view stops the backward before the leaf's AccumulateGrad node, which may have been made
-        earlier on the default stream and kept alive (DeepSpeed's ZeRO-2 does): reaching it from a capture
-        makes the default stream wait on the capturing one, which CUDA rejects."""
-        x_alias = self.static_x.view_as(self.static_x) if self.static_x.requires_grad else self.static_x
+        """``core``'s outputs, and the tensors to differentiate them at, in the order of ``(x, *params)`` that
+        require grad: fresh leaves sharing storage with the input buffer and (under ``substitute``) with each
+        parameter. So warm-up and capture never touch an autograd node that outlives them or that anyone
+        else holds. Differentiating at a parameter or a view of it would reach its AccumulateGrad node: a
+        node made earlier on the default stream and kept alive (DeepSpeed's ZeRO-2 keeps them) is a CUDA
+        error under capture ("legacy stream depend on a capturing blocking stream"); a node made here is
+        tagged with the side stream and, kept alive by the captured outputs, would run every later eager
+        accumulation of that parameter, and the hooks in it (ZeRO-1/2's gradient reduction), on that stream."""
+        x_leaf = _leaf(self.static_x)
         if self._substitute is None:
-            aliases = self.params
-            outs = tuple(core(x_alias))
+            leaves = self.params
+            outs = tuple(core(x_leaf))
         else:
-            aliases = tuple(t.view_as(t) if t.requires_grad else t for t in self.params)
-            with self._substitute(aliases):
-                outs = tuple(core(x_alias))
-        return outs, tuple(t for t in (x_alias, *aliases) if t.requires_grad)
+            leaves = tuple(_leaf(t) for t in self.params)
+            with self._substitute(leaves):
+                outs = tuple(core(x_leaf))
+        return outs, tuple(t for t in (x_leaf, *leaves) if t.requires_grad)
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer captures its own graph (this one reads the original's tensors)
@@ -148,6 +151,26 @@ class _Replay(torch.autograd.Function):
         return (None, *(g.detach() if g is not None else None for g in graph.static_grads))
 
 
+@contextmanager
+def own_cublas_workspaces() -> Iterator[None]:
+    """Around a capture: cuBLAS's cached workspaces dropped before and after it (as torch inductor's CUDA graph
+    trees do, ``clear_cublass_cache``). cuBLAS keeps one workspace per (handle, stream) and a captured GEMM bakes
+    its address in; without this, a capture uses whatever workspace an earlier capture on the same stream left
+    cached inside *that* graph's private pool (``torch.cuda.graph`` captures every graph on one stream), and
+    the memory ends up in use in two places. Seen on an H200 (torch 2.11): in a model with two graphed MoE
+    layers the first layer's router and input gradients came out NaN, eager and DeepSpeed alike;
+    ``CUBLAS_WORKSPACE_CONFIG=:0:0`` (no workspace) or this made them right (pytorch/pytorch#193402 is
+    the same family). With it each capture allocates its own workspace in its own pool."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    try:
+        yield
+    finally:
+        if clear is not None:
+            clear()
+
+
 def module_substitute(owner: nn.Module, names: Sequence[str]) -> Substitute:
     """A ``substitute`` for ``LayerGraph``: within it, ``owner``'s parameters or buffers ``names`` (dotted, as
     in ``named_parameters``) read as the given tensors, as ``torch.func.functional_call`` does for a call."""
@@ -169,6 +192,11 @@ def module_substitute(owner: nn.Module, names: Sequence[str]) -> Substitute:
                 table[leaf] = original
 
     return substitute
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """A new autograd leaf on ``t``'s storage, requiring grad as ``t`` does."""
+    return t.detach().requires_grad_(t.requires_grad)
 
 
 def _no_graph() -> None:

@@ -231,14 +231,8 @@ class MoELayer(DeepSpeedMoEModule):
              f"experts impl {self.experts.impl!r} syncs on the host"),
             (self._graph is None or not self._graph.pending,
              "the last replayed forward's backward has not run yet"),
-            (not self._params_have_accumulate_hooks(),
-             "parameters carry post-accumulate-grad hooks (DeepSpeed ZeRO-1/2): under its engine.backward the "
-             "replays gave NaN gradients on an H200 (docs/moe-layer.md, CUDA graph mode)"),
         )
         return next((why for ok, why in checks if not ok), None)
-
-    def _params_have_accumulate_hooks(self) -> bool:
-        return any(getattr(p, "_post_accumulate_grad_hooks", None) for p in self.parameters())
 
     def _replayable_graph(self, x_TH: torch.Tensor) -> LayerGraph | None:
         """The captured graph for this call (capturing it first if needed), or None: run eagerly."""

@@ -114,6 +114,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     source = resolve_source(config)
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    for layer in layers.values():
+        layer.cuda_graph = config.train.cuda_graph
     train_set, eval_set = rank0_first(load_datasets, config.data, tokenizer, cache_dir() / "datasets")
 
     start_step = resume.step if resume is not None else 0

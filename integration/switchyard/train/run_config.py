@@ -68,8 +68,11 @@ class TrainSection:
     eval_every: int = 25
     eval_batches: int = 8
     log_every: int = 1
+    cuda_graph: bool = False  # MoE layers' routed path as CUDA graph replays where its rules hold (moe-layer.md)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"train.cuda_graph must be true or false, got {self.cuda_graph!r}")
         if self.max_steps is None and self.epochs is None:
             raise ValueError("train needs max_steps or epochs (or both: whichever ends first)")
         for name in ("max_steps", "epochs", "global_batch_size"):

@@ -214,15 +214,14 @@ def _tiny_llama(layers: int) -> torch.nn.Module:
 
 @gpu
 def test_graphed_layers_of_one_model_match_eager() -> None:
-    """Two graphed MoE layers in one model: each capture must own its cuBLAS workspace. Before
-    ``own_cublas_workspaces`` the first layer's router and input gradients (cuBLAS GEMMs; the experts' are
-    CUTLASS) came out NaN on an H200, in plain PyTorch and under DeepSpeed alike."""
-    eager = _tiny_llama(layers=2)
-    graphed = copy.deepcopy(eager)
+    """Two graphed MoE layers in one model: each capture must own its cuBLAS workspace. Without
+    ``own_cublas_workspaces`` this exact setup (8192 tokens at hidden 256; other sizes happened to pass) gave
+    NaN gradients in the first layer and everything upstream on an H200; with it, the same gradients as eager."""
+    eager, graphed = _tiny_llama(layers=2), _tiny_llama(layers=2)  # same seed (a deepcopy would share the patch's hooks)
     for m in graphed.modules():
         if isinstance(m, MoELayer):
             m.cuda_graph = True
-    ids = torch.randint(0, 512, (3, 4, 1024), device="cuda")
+    ids = torch.randint(0, 512, (3, 8, 1024), device="cuda")
     for step in range(3):
         for model in (eager, graphed):
             model.zero_grad(set_to_none=True)
@@ -230,7 +229,7 @@ def test_graphed_layers_of_one_model_match_eager() -> None:
         for (name, p_eager), p_graphed in zip(eager.named_parameters(), graphed.parameters()):
             assert torch.isfinite(p_graphed.grad).all(), f"step {step}: {name} grad not finite"
             rel = _rel(p_graphed.grad, p_eager.grad)
-            assert rel < 3e-2, f"step {step}: {name} relative difference {rel:.3g}"
+            assert rel < 1e-3, f"step {step}: {name} relative difference {rel:.3g}"
         with torch.no_grad():
             for p_eager, p_graphed in zip(eager.parameters(), graphed.parameters()):
                 p_eager -= 1e-2 * p_eager.grad

@@ -37,7 +37,7 @@ class EmulatedGraph(LayerGraph):
                 if g is not None:
                     g.fill_(float("nan"))
             with torch.enable_grad():
-                live[:] = self._traced_core(core)  # (outputs, the views to differentiate at)
+                live[:] = self._traced_core(core)  # (outputs, the leaves to differentiate at)
             for static, new in zip(self.static_outs, live[0]):
                 static.copy_(new.detach())
 

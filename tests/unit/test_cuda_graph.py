@@ -87,8 +87,8 @@ def test_backward_twice_through_one_replay_is_an_error(emulated_graphs) -> None:
         out.sum().backward()
 
 
-def test_capture_differentiates_at_views_not_at_the_leaves(emulated_graphs) -> None:
-    """The graph's backward stops at views made during capture: it never reaches a parameter's own gradient
+def test_capture_differentiates_at_fresh_leaves_not_at_the_parameters(emulated_graphs) -> None:
+    """The graph's backward stops at leaves made during capture: it never reaches a parameter's own gradient
     hooks or AccumulateGrad node, which DeepSpeed's ZeRO-2 keeps alive from eager steps on the default
     stream (reaching it from a capture is a CUDA error; the GPU test below). Each parameter's hook fires
     once per step, when the replay hands its gradient to autograd, as in eager; they read as themselves

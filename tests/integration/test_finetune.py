@@ -148,9 +148,11 @@ def test_accelerate_launch_with_deepspeed_plugin(tmp_path):
     command = [str(accelerate), "launch", "--config_file", str(REPO_ROOT / "configs/accelerate/deepspeed_zero2.yaml"),
                "--main_process_port", str(__import__("harness").free_port()),
                str(REPO_ROOT / "launch/finetune.py"), "--config", CONFIG, f"output_dir={tmp_path}",
-               "train.max_steps=2", "data.seq_len=64", "checkpoint.every=1000"]
+               "train.max_steps=2", "data.seq_len=64", "checkpoint.every=1000", "train.cuda_graph=true"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, output_of(result)[-4000:]
+    # train.cuda_graph reaches the MoE layers; on CPU ranks they say why they run eagerly
+    assert "MoE layer cuda_graph: running eagerly (input not on CUDA)" in output_of(result)
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
     assert (tmp_path / "checkpoints" / "step_000002" / "COMPLETE").is_file()

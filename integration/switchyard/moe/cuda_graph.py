@@ -153,22 +153,20 @@ class _Replay(torch.autograd.Function):
 
 @contextmanager
 def own_cublas_workspaces() -> Iterator[None]:
-    """Around a capture: cuBLAS's cached workspaces dropped before and after it (as torch inductor's CUDA graph
-    trees do, ``clear_cublass_cache``). cuBLAS keeps one workspace per (handle, stream) and a captured GEMM bakes
-    its address in; without this, a capture uses whatever workspace an earlier capture on the same stream left
-    cached inside *that* graph's private pool (``torch.cuda.graph`` captures every graph on one stream), and
-    the memory ends up in use in two places. Seen on an H200 (torch 2.11): in a model with two graphed MoE
-    layers the first layer's router and input gradients came out NaN, eager and DeepSpeed alike;
-    ``CUBLAS_WORKSPACE_CONFIG=:0:0`` (no workspace) or this made them right (pytorch/pytorch#193402 is
-    the same family). With it each capture allocates its own workspace in its own pool."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        clear()
+    """Around a capture: cuBLAS's cached workspaces dropped before and after it, as torch inductor's CUDA graph
+    trees do (``clear_cublass_cache``), so the capture allocates its own workspace in its own pool. cuBLAS
+    keeps one workspace per (handle, stream) and a captured GEMM bakes its address in; ``torch.cuda.graph``
+    captures every graph on one stream, so without this a capture reuses whatever an earlier capture left
+    cached, inside that graph's private pool (inductor's account: the memory ends up in use in two places).
+    Seen on an H200 (torch 2.11): in a model with two graphed MoE layers the first layer's router and input
+    gradients came out NaN, in plain PyTorch and under DeepSpeed alike; ``CUBLAS_WORKSPACE_CONFIG=:0:0`` (no
+    workspace) made them right, and so does this (pytorch/pytorch#193402 is the same family)."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None) or (lambda: None)
+    clear()
     try:
         yield
     finally:
-        if clear is not None:
-            clear()
+        clear()
 
 
 def module_substitute(owner: nn.Module, names: Sequence[str]) -> Substitute:

@@ -21,7 +21,7 @@ from switchyard.moe.layer import MoELayer
 class EmulatedGraph(LayerGraph):
     """See the module docstring."""
 
-    def __init__(self, core, x_TH, params, substitute=None) -> None:  # noqa: D107 - LayerGraph's contract
+    def __init__(self, core, x_TH, params, substitute) -> None:  # noqa: D107 - LayerGraph's contract
         self.key, self.params, self.pending = signature(x_TH, params), tuple(params), False
         self.static_x = x_TH.detach().clone().requires_grad_(x_TH.requires_grad)
         self._substitute = substitute

@@ -50,10 +50,10 @@ class LayerGraph:
     """One captured forward + backward of ``core`` for one input signature."""
 
     def __init__(self, core: Callable[[torch.Tensor], CoreOutputs], x_TH: torch.Tensor,
-                 params: Sequence[torch.Tensor], substitute: Substitute | None = None) -> None:
+                 params: Sequence[torch.Tensor], substitute: Substitute) -> None:
         """``params``: every tensor ``core`` reads by address besides ``x_TH`` (parameters and buffers).
         ``substitute(tensors)``: a context in which ``core`` reads ``tensors`` in place of ``params`` (see
-        ``module_substitute``); without it, gradients are taken at the parameters themselves."""
+        ``module_substitute``), so gradients are taken at leaves of the graph's own (``_traced_core``)."""
         self.key = signature(x_TH, params)
         self.params = tuple(params)
         self.static_x = x_TH.detach().clone().requires_grad_(x_TH.requires_grad)
@@ -82,21 +82,17 @@ class LayerGraph:
     def _traced_core(self, core: Callable[[torch.Tensor], CoreOutputs]
                      ) -> tuple[CoreOutputs, tuple[torch.Tensor, ...]]:
         """``core``'s outputs, and the tensors to differentiate them at, in the order of ``(x, *params)`` that
-        require grad: fresh leaves sharing storage with the input buffer and (under ``substitute``) with each
-        parameter. So warm-up and capture never touch an autograd node that outlives them or that anyone
+        require grad: fresh leaves sharing storage with the input buffer and with each parameter (read in
+        their place under ``substitute``). So warm-up and capture never touch an autograd node that outlives them or that anyone
         else holds. Differentiating at a parameter or a view of it would reach its AccumulateGrad node: a
         node made earlier on the default stream and kept alive (DeepSpeed's ZeRO-2 keeps them) is a CUDA
         error under capture ("legacy stream depend on a capturing blocking stream"); a node made here is
         tagged with the side stream and, kept alive by the captured outputs, would run every later eager
         accumulation of that parameter, and the hooks in it (ZeRO-1/2's gradient reduction), on that stream."""
         x_leaf = _leaf(self.static_x)
-        if self._substitute is None:
-            leaves = self.params
+        leaves = tuple(_leaf(t) for t in self.params)
+        with self._substitute(leaves):
             outs = tuple(core(x_leaf))
-        else:
-            leaves = tuple(_leaf(t) for t in self.params)
-            with self._substitute(leaves):
-                outs = tuple(core(x_leaf))
         return outs, tuple(t for t in (x_leaf, *leaves) if t.requires_grad)
 
     def __deepcopy__(self, memo: dict) -> None:

@@ -5,13 +5,14 @@
 #   bash benchmarks/device_run.sh layer        # MoE layer, profile, decode regime, inference-path sweep ~8 min
 #   bash benchmarks/device_run.sh finetune     # fine-tune throughput vs AutoEP and HF             ~3 min
 #   bash benchmarks/device_run.sh ep           # EP scaling over every GPU of the machine          ~2 min
+#   bash benchmarks/device_run.sh train        # 2+ GPUs, NCCL: EP layer equivalence + the launcher tests ~10 min
 #
 # The device image lacks deepspeed, datasets and the HTTP stack: the wheels in .whl (git-ignored; how to
 # fetch them: /work/.library/device/README.md) are installed into /tmp/site first, so the call needs
 # carry [".whl"]. Each group fits one call (10 minutes); results land in $OUT as <name>.json and
 # <name>.log, to be copied into benchmarks/results/ with the command recorded in each JSON's meta.
 set -uo pipefail
-group=${1:?"usage: bash benchmarks/device_run.sh serve|layer|finetune|ep"}
+group=${1:?"usage: bash benchmarks/device_run.sh serve|layer|finetune|ep|train"}
 out=${OUT:?"OUT must name the folder results go to"}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/integration:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -54,8 +55,15 @@ ep)
     if [ "$gpus" -lt 2 ]; then echo "ep needs 2+ GPUs, this machine has $gpus"; exit 1; fi
     run ep_scaling 500 torchrun --nproc_per_node "$gpus" benchmarks/ep_scaling.py --out "$out/ep_scaling.json"
     ;;
+train)
+    # the 2-rank tests of tests/integration/test_finetune.py launch `deepspeed --num_gpus 2`: rank r on GPU r
+    if [ "$gpus" -lt 2 ]; then echo "train needs 2+ GPUs, this machine has $gpus"; exit 1; fi
+    run gpu_equivalence 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_moe_equivalence.py
+    run finetune_tests 520 python3 -m pytest -q -p no:cacheprovider --durations=10 tests/integration/test_finetune.py \
+        -k "not dp2xep2"
+    ;;
 *)
-    echo "unknown group $group: serve | layer | finetune | ep"
+    echo "unknown group $group: serve | layer | finetune | ep | train"
     exit 2
     ;;
 esac

@@ -1,4 +1,5 @@
-"""Run a function on N CPU ranks (gloo, fresh processes) or a script under the real deepspeed launcher.
+"""Run a function on N ranks (fresh processes: gloo on CPU, or NCCL with one GPU each) or a script under the
+real deepspeed launcher.
 
 Both have a hard timeout: a hang fails the test in seconds and kills every rank. A failing rank's
 number and traceback are in the assertion message.
@@ -23,7 +24,7 @@ from switchyard.parallel.ports import free_port
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rank_main(fn, rank, world_size, port, results, collective_timeout_s, args, kwargs) -> None:
+def _rank_main(fn, rank, world_size, port, results, collective_timeout_s, backend, args, kwargs) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -41,7 +42,9 @@ def _rank_main(fn, rank, world_size, port, results, collective_timeout_s, args, 
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=collective_timeout_s))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout_s))
         value = fn(*args, **kwargs)
         # plain pickle: tensors travel by value, not as shared-memory handles that die with this process
         results.put((rank, "ok", pickle.dumps(value)))
@@ -64,12 +67,14 @@ def run_on_ranks(
     world_size: int,
     *args: Any,
     timeout_s: float = 120.0,
+    backend: str = "gloo",
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return each rank's return value.
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return each rank's return value.
 
-    ``fn`` must be importable (module level). Raises ``AssertionError`` naming the first failing
-    rank with its traceback, or the ranks still running when ``timeout_s`` passes.
+    ``backend``: ``gloo`` (CPU ranks) or ``nccl`` (rank r on GPU r). ``fn`` must be importable (module
+    level). Raises ``AssertionError`` naming the first failing rank with its traceback, or the ranks still
+    running when ``timeout_s`` passes.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -78,7 +83,7 @@ def run_on_ranks(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, results, collective_timeout_s, args, kwargs),
+            args=(fn, rank, world_size, port, results, collective_timeout_s, backend, args, kwargs),
             daemon=True,
         )
         for rank in range(world_size)

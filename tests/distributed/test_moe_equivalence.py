@@ -30,34 +30,39 @@ CASES = {
 }
 
 
-def _tokens_per_rank(world: int, empty_rank: int | None) -> list[int]:
-    return [0 if r == empty_rank else 3 + 2 * r for r in range(world)]
+def _tokens_per_rank(world: int, empty_rank: int | None, base: int = 3) -> list[int]:
+    return [0 if r == empty_rank else base + 2 * r for r in range(world)]
 
 
-def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str) -> list[str]:
+def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str, on_gpu: bool = False) -> list[str]:
+    """On GPUs (NCCL) the sizes are big enough for the CUDA paths (Triton dispatch / combine, grouped GEMMs)."""
     from switchyard import MoEConfig, ProcessGroupManager
     from switchyard.moe.layer import MoELayer
 
     dtype = getattr(torch, dtype_name)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    hidden, ffn, device = (256, 384, torch.device("cuda", torch.cuda.current_device())) if on_gpu else (HIDDEN, FFN, None)
+    if on_gpu and dtype == torch.float32:  # GPU GEMMs sum in other orders at other row counts
+        tol = dict(atol=1e-4, rtol=1e-4)
     manager = ProcessGroupManager(**shape)
     rank, world = dist.get_rank(), dist.get_world_size()
-    counts = _tokens_per_rank(world, empty_rank)
+    counts = _tokens_per_rank(world, empty_rank, base=301 if on_gpu else 3)
     checked = []
     for name, kwargs in CASES.items():
         config = MoEConfig(num_experts=EXPERTS, aux_loss_coef=0.01, z_loss_coef=0.001, **kwargs)
         torch.manual_seed(0)
-        reference = MoELayer(config, HIDDEN, FFN, dtype=dtype)
+        reference = MoELayer(config, hidden, ffn, dtype=dtype)
         with torch.no_grad():
             if config.expert_bias:
                 reference.router.expert_bias.copy_(torch.randn(EXPERTS) * 0.1)
             # a sharper router than the default init, so top-k choices are far from ties
             reference.router.weight.mul_(20)
-        layer = MoELayer(config, HIDDEN, FFN, groups=manager, dtype=dtype)
+        layer = MoELayer(config, hidden, ffn, groups=manager, dtype=dtype)
         layer.load_state_dict(reference.state_dict())
+        reference.to(device), layer.to(device)
         gen = torch.Generator().manual_seed(1)
-        x_all = torch.randn(sum(counts), HIDDEN, generator=gen).to(dtype)
-        g_all = torch.randn(sum(counts), HIDDEN, generator=gen).to(dtype)
+        x_all = torch.randn(sum(counts), hidden, generator=gen).to(dtype=dtype, device=device)
+        g_all = torch.randn(sum(counts), hidden, generator=gen).to(dtype=dtype, device=device)
         chunks = list(zip(x_all.split(counts), g_all.split(counts)))
 
         # reference: every rank's chunk through the ep=1 layer, in one process
@@ -75,8 +80,8 @@ def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str) -> list[s
         y = layer(x)
         loss = (y.float() * g.float()).sum() + (layer.aux_loss if layer.aux_loss is not None else 0)
         loss.backward()
-        torch.testing.assert_close(y, ref_out[rank], **tol, msg=f"{name}: output on rank {rank}")
-        torch.testing.assert_close(x.grad, ref_xgrad[rank], **tol, msg=f"{name}: input grad on rank {rank}")
+        torch.testing.assert_close(y, ref_out[rank], **tol, msg=lambda m: f"{name}: output on rank {rank}: {m}")
+        torch.testing.assert_close(x.grad, ref_xgrad[rank], **tol, msg=lambda m: f"{name}: input grad on rank {rank}: {m}")
 
         ref_params = dict(reference.named_parameters())
         for pname, param in layer.named_parameters():
@@ -86,7 +91,12 @@ def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str) -> list[s
             want = ref_params[pname].grad.float()
             if is_expert:
                 want = want[layer.local_expert_ids]
-            torch.testing.assert_close(grad, want, **tol, msg=f"{name}: grad of {pname} on rank {rank}")
+            what = f"{name}: grad of {pname} on rank {rank}"
+            if dtype == torch.float32:
+                torch.testing.assert_close(grad, want, **tol, msg=lambda m: f"{what}: {m}")
+            else:  # bf16 sums over hundreds of tokens round per rank and per chunk: compare as vectors
+                rel = ((grad - want).norm() / want.norm().clamp_min(1e-12)).item()
+                assert rel < tol["rtol"], f"{what}: relative error {rel:.3g} (norm {want.norm().item():.3g})"
         checked.append(name)
     return checked
 
@@ -103,6 +113,17 @@ def test_expert_parallel_matches_one_process(world, shape, empty_rank):
 
 def test_expert_parallel_bf16():
     results = run_on_ranks(_check_cases, 2, dict(ep=2), None, "bfloat16", timeout_s=240)
+    assert all(r == list(CASES) for r in results)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_expert_parallel_matches_one_process_on_gpus(dtype_name):
+    """Two GPUs, NCCL: the all-to-alls, the Triton dispatch / combine and the grouped GEMMs of the training
+    path against the same layer in one process on one GPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, found {torch.cuda.device_count()}")
+    results = run_on_ranks(_check_cases, 2, dict(ep=2), None, dtype_name, True, timeout_s=300, backend="nccl")
     assert all(r == list(CASES) for r in results)
 
 

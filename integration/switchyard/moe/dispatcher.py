@@ -30,6 +30,7 @@ Tensor suffixes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -52,8 +53,35 @@ class DispatchPlan:
     input_splits: list[int] | None = None  # rows sent to each EP rank
     output_splits: list[int] | None = None  # rows received from each EP rank
     regroup_M: torch.Tensor | None = None  # received (source-major) row for each local-expert-major row
+    dest_M: torch.Tensor | None = None  # its inverse: local-expert-major row of each received row
     row_of_slot_TK: torch.Tensor | None = None  # sent row of each slot (t, k), -1 if dropped (fused path)
     replicated: bool = False  # every EP rank holds the same tokens: combine all-reduces partial sums
+
+
+class _CountExchange(NamedTuple):
+    recv_RL: torch.Tensor  # rows each source rank sends to each local expert (device)
+    splits_2R: torch.Tensor  # [rows sent to, rows received from] each EP rank (host, once ``ready``)
+    ready: "torch.cuda.Event | None"  # recorded after the copy to the host (None on CPU)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[src]`` for a permutation ``src`` whose inverse is ``dst``; the backward is ``grad[dst]``, a gather
+    too (``index_select``'s own backward zero-fills and scatter-adds with atomics)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(dst)
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (dst,) = ctx.saved_tensors
+        return grad.index_select(0, dst), None, None
+
+
+def permute_rows(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` in the order ``src`` (a permutation; ``dst`` its inverse), differentiable as a gather."""
+    return _PermuteRows.apply(x, src, dst)
 
 
 class TokenDispatcher:
@@ -79,16 +107,17 @@ class TokenDispatcher:
             return self._dispatch_unfused(x_TH, expert_TK, keep_TK)
         slot_order, token_idx, row_of_slot_TK, bounds, offsets_E, tokens_per_expert_E = sort_slots_by_expert(
             expert_TK, keep_TK, self.num_experts)
+        counts = self._exchange_counts(tokens_per_expert_E) if self.ep_size > 1 else None
         if keep_TK is not None:  # dropped slots sorted after every real expert: cut off (one host sync)
             kept = int(bounds[-1])
             slot_order, token_idx = slot_order[:kept], token_idx[:kept]
         x_NH = gather_rows(x_TH, token_idx, row_of_slot_TK)
         plan = DispatchPlan(num_tokens, slot_order, token_idx, tokens_per_expert_E, tokens_per_expert_E,
                             row_of_slot_TK=row_of_slot_TK)
-        if self.ep_size == 1:
+        if counts is None:
             plan.local_offsets_L = offsets_E
             return x_NH, plan
-        return self._exchange(x_NH, plan)
+        return self._exchange(x_NH, plan, counts)
 
     def dispatch_replicated(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
@@ -134,12 +163,27 @@ class TokenDispatcher:
         plan = DispatchPlan(num_tokens, slot_order, token_idx, tokens_per_expert_E, tokens_per_expert_E)
         if self.ep_size == 1:
             return x_NH, plan
-        return self._exchange(x_NH, plan)
+        return self._exchange(x_NH, plan, self._exchange_counts(tokens_per_expert_E))
 
-    def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, DispatchPlan]:
-        send_RL = plan.tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
+    def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> "_CountExchange":
+        """Start the split-size exchange: issued before the gather of ``x_NH``, so the one host read of
+        the split sizes waits for the counts only, while the device goes on gathering."""
+        send_RL = tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
         recv_RL = exchange_counts(send_RL.reshape(-1), self.ep_group).view(self.ep_size, self.num_local_experts)
-        plan.input_splits, plan.output_splits = torch.stack([send_RL.sum(1), recv_RL.sum(1)]).tolist()  # one sync
+        splits_2R = torch.stack([send_RL.sum(1), recv_RL.sum(1)])
+        ready = None
+        if splits_2R.is_cuda:
+            splits_2R = splits_2R.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+            ready = torch.cuda.Event()
+            ready.record()
+        return _CountExchange(recv_RL, splits_2R, ready)
+
+    def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan,
+                  counts: "_CountExchange") -> tuple[torch.Tensor, DispatchPlan]:
+        recv_RL = counts.recv_RL
+        if counts.ready is not None:
+            counts.ready.synchronize()  # the one host sync of the ep > 1 forward
+        plan.input_splits, plan.output_splits = counts.splits_2R.tolist()
         x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
         # rows arrive grouped by (source rank, local expert); the experts want (local expert, source).
         # Each chunk moves as a block: row i of chunk c goes to out_start[c] + (i - in_start[c]); no sort.
@@ -151,9 +195,10 @@ class TokenDispatcher:
         chunk_of_row = torch.repeat_interleave(torch.arange(counts_C.numel(), device=counts_C.device), counts_C,
                                                output_size=rows)
         dest_M = torch.arange(rows, device=counts_C.device) + (out_start_C - in_start_C)[chunk_of_row]
+        plan.dest_M = dest_M
         plan.regroup_M = torch.empty_like(dest_M).scatter_(0, dest_M, torch.arange(rows, device=dest_M.device))
         plan.tokens_per_local_expert_L = recv_RL.sum(0)
-        return x_recv.index_select(0, plan.regroup_M), plan
+        return permute_rows(x_recv, plan.regroup_M, plan.dest_M), plan
 
     def reduce_replicated(self, out_TH: torch.Tensor) -> torch.Tensor:
         """Each token's partial output summed over the EP ranks (in place), when every rank holds every
@@ -168,8 +213,9 @@ class TokenDispatcher:
             assert plan.row_of_slot_TK is not None
             return self.reduce_replicated(unpermute_combine(y_MH, weight_TK, plan.row_of_slot_TK))
         if self.ep_size > 1:
-            assert plan.regroup_M is not None and plan.input_splits is not None and plan.output_splits is not None
-            y_recv = torch.empty_like(y_MH).index_copy(0, plan.regroup_M, y_MH)
+            assert plan.regroup_M is not None and plan.dest_M is not None
+            assert plan.input_splits is not None and plan.output_splits is not None
+            y_recv = permute_rows(y_MH, plan.dest_M, plan.regroup_M)
             y_NH = all_to_all(y_recv, plan.input_splits, plan.output_splits, self.ep_group)
         else:
             y_NH = y_MH

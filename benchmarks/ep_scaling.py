@@ -19,6 +19,10 @@ rank holds all experts and no token leaves it, the weak-scaling baseline; it has
                  raw shows what our dispatcher adds
     layer        forward + backward of the whole layer (weak scaling: tokens per rank fixed as EP grows;
                  ``weak_scaling_eff`` = layer ms at the smallest EP measured / layer ms at this EP)
+    autoep       the same for DeepSpeed AutoEP's layer at autoep_size=EP (``AutoEPMoELayer``, built by AutoEP's
+                 parser from a one-layer MixtralForCausalLM, as benchmarks/moe_layer.py builds it), with this
+                 layer's router weights (the same routing, so the same bytes move) and the same inputs;
+                 ``vs_autoep`` = its ms / ours (``--no-autoep`` leaves it out)
 
 Bytes are the off-rank bytes a rank sends in dispatch + combine (the self chunk is a local copy), counted
 from the dispatch's split sizes; combine sends back what dispatch received, so sent == received. ``gbps``
@@ -205,24 +209,65 @@ def measure_ep(shape: Shape, ep: int, args: argparse.Namespace) -> dict:
         layer(x).backward(grad_TH)
 
     layer_ms = statistics.median(time_ms(layer_step, device, args.warmup, args.iters))
-    ranks = gather([disp_ms, layer_ms, *own], device)
+    router_EH = layer.router.weight.detach().clone()
+    del layer, params
+    autoep_ms = measure_autoep(shape, ep, me, router_EH, x, grad_TH, args) if args.autoep else float("nan")
+    ranks = gather([disp_ms, layer_ms, autoep_ms, *own], device)
     world = dist.get_world_size()
     entry["dispatcher_ms"] = max(r[0] for r in ranks)
     entry["layer_ms"] = max(r[1] for r in ranks)
     entry["layer_ms_per_rank"] = [r[1] for r in ranks]
     entry["tokens_per_s"] = world * tokens / (entry["layer_ms"] * 1e-3)
+    if args.autoep:
+        entry["autoep_layer_ms"] = max(r[2] for r in ranks)
+        entry["vs_autoep"] = entry["autoep_layer_ms"] / entry["layer_ms"]
     if ep > 1:
-        mean_bytes = statistics.mean(r[3] for r in ranks)
-        entry.update(raw_a2a_ms=max(r[2] for r in ranks), bytes_sent_per_rank=[int(r[3]) for r in ranks],
+        mean_bytes = statistics.mean(r[4] for r in ranks)
+        entry.update(raw_a2a_ms=max(r[3] for r in ranks), bytes_sent_per_rank=[int(r[4]) for r in ranks],
                      bytes_sent_mean=mean_bytes,
                      model_bytes=cost_model(shape, tokens, ep, x_TH.element_size())["forward_bytes"])
         entry["dispatcher_gbps"] = mean_bytes / (entry["dispatcher_ms"] * 1e-3) / 1e9
         entry["raw_a2a_gbps"] = mean_bytes / (entry["raw_a2a_ms"] * 1e-3) / 1e9
         entry["overhead"] = entry["dispatcher_ms"] / entry["raw_a2a_ms"]
-    del layer, x, params
+    del x
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return entry
+
+
+def measure_autoep(shape: Shape, ep: int, ep_rank: int, router_EH: torch.Tensor, x_TH: torch.Tensor,
+                   grad_TH: torch.Tensor, args: argparse.Namespace) -> float:
+    """Median ms of forward + backward of DeepSpeed AutoEP's layer at autoep_size=``ep`` on this rank's tokens."""
+    import deepspeed
+    from transformers import MixtralForCausalLM
+
+    from moe_layer import _autoep_layer_directly, _default_dtype, _first, _mixtral_model_config
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins the existing world; AutoEP's groups use it
+    torch.manual_seed(args.seed)  # the same global experts on every rank; each keeps its own
+    with torch.device(args.device), _default_dtype(args.dtype):
+        model = MixtralForCausalLM(_mixtral_model_config(shape))
+    model.to(dtype=args.dtype)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate.weight.copy_(router_EH)
+    ep_config = {"enabled": True, "autoep_size": ep, "preset_model": "mixtral"}
+    if args.device.type != "cuda":
+        ep_config["use_grouped_mm"] = False  # CPU torch._grouped_mm: no dependable backward
+    layer = _autoep_layer_directly(model, ep_config, ep_size=ep, ep_rank=ep_rank).train()
+    del model
+    x_1TH = x_TH.detach().view(1, *x_TH.shape).requires_grad_(True)
+    grad_1TH = grad_TH.view(1, *grad_TH.shape)
+    params = list(layer.parameters())
+
+    def step() -> None:
+        x_1TH.grad = None
+        for p in params:
+            p.grad = None
+        _first(layer(x_1TH)).backward(grad_1TH)
+
+    ms = statistics.median(time_ms(step, args.device, args.warmup, args.iters))
+    del layer, params
+    return ms
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -243,6 +288,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes, few steps: a CPU check of the logic")
     p.add_argument("--cost-model-only", action="store_true", help="print the cost model and exit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-autoep", dest="autoep", action="store_false",
+                   help="leave out DeepSpeed AutoEP's layer at autoep_size=EP")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: the committed results on GPU, "
                    "a temp file on CPU)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # deepspeed's
@@ -296,10 +343,12 @@ def print_results(results: dict[str, dict[int, dict]]) -> None:
     rows = [[shape, str(ep), fmt(mb(e), ".4g"), fmt(e.get("dispatcher_ms"), ".3f"),
              fmt(e.get("dispatcher_gbps"), ".4g"), fmt(e.get("raw_a2a_ms"), ".3f"), fmt(e.get("raw_a2a_gbps"), ".4g"),
              fmt(e.get("overhead"), ".2f"), fmt(e.get("layer_ms"), ".3f"), fmt(e.get("tokens_per_s"), ",.0f"),
-             fmt(e.get("weak_scaling_eff"), ".2f")] for shape, per_ep in results.items() for ep, e in per_ep.items()]
+             fmt(e.get("weak_scaling_eff"), ".2f"), fmt(e.get("autoep_layer_ms"), ".3f"), fmt(e.get("vs_autoep"), ".2f"),
+             fmt(e.get("autoep_weak_scaling_eff"), ".2f")]
+            for shape, per_ep in results.items() for ep, e in per_ep.items()]
     print_table("EP scaling (ms = slowest rank's median; MB/GB/s = mean off-rank bytes sent per rank)",
                 ["shape", "EP", "MB sent", "dispatcher ms", "GB/s", "raw a2a ms", "GB/s", "overhead",
-                 "layer fwd+bwd ms", "tokens/s (all)", "weak eff"], rows)
+                 "layer fwd+bwd ms", "tokens/s (all)", "weak eff", "AutoEP ms", "vs AutoEP", "AutoEP weak eff"], rows)
 
 
 def run(argv: list[str] | None = None) -> dict[str, dict[int, dict]]:
@@ -328,6 +377,8 @@ def run(argv: list[str] | None = None) -> dict[str, dict[int, dict]]:
         timed = [e for e in results[name].values() if "layer_ms" in e]
         for e in timed:  # weak scaling: same tokens per rank, efficiency vs the smallest EP measured
             e["weak_scaling_eff"] = timed[0]["layer_ms"] / e["layer_ms"]
+            if "autoep_layer_ms" in e:
+                e["autoep_weak_scaling_eff"] = timed[0]["autoep_layer_ms"] / e["autoep_layer_ms"]
     if rank == 0:
         print_cost_model(cost_table(model_tokens, 2), model_tokens, 2)
         print_results(results)

@@ -378,9 +378,10 @@ def _autoep_model(b: Bench) -> nn.Module:
     return model
 
 
-def _autoep_layer_directly(model: nn.Module, ep_config: dict) -> nn.Module:
-    """What the engine does for autoep_size=1, through AutoEP's public pieces, minus the output-recorder
-    retargeting (it only matters for output_router_logits capture, which the timed layer call never uses)."""
+def _autoep_layer_directly(model: nn.Module, ep_config: dict, ep_size: int = 1, ep_rank: int = 0) -> nn.Module:
+    """What the engine does for autoep_size=ep_size, through AutoEP's public pieces, minus the output-recorder
+    retargeting (it only matters for output_router_logits capture, which the timed layer call never uses).
+    At ep_size > 1 the layer keeps rank ``ep_rank``'s experts and builds its EP groups through deepspeed.comm."""
     from deepspeed.module_inject.auto_ep import AutoEP
     from deepspeed.module_inject.auto_ep_config import parse_autoep_config, validate_autoep_post_detection
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
@@ -389,7 +390,7 @@ def _autoep_layer_directly(model: nn.Module, ep_config: dict) -> nn.Module:
     specs = AutoEP(model, config).ep_parser()
     assert len(specs) == 1, f"expected one MoE block, AutoEP found {len(specs)}"
     validate_autoep_post_detection(config, specs)
-    layer = AutoEPMoELayer(specs[0], model.get_submodule(specs[0].moe_module_name), ep_size=1, ep_rank=0,
+    layer = AutoEPMoELayer(specs[0], model.get_submodule(specs[0].moe_module_name), ep_size=ep_size, ep_rank=ep_rank,
                            config=config)
     layer.set_deepspeed_parallelism()
     return layer

@@ -1,4 +1,5 @@
-"""benchmarks/ep_scaling.py: its cost model against hand-computed bytes, and its logic on 4 gloo ranks.
+"""benchmarks/ep_scaling.py: its cost model against hand-computed bytes, and its logic on 4 gloo ranks
+(AutoEP's layer at autoep_size = EP included).
 
 The byte counts the benchmark reports are checked against an independent oracle: a spy on the
 dispatcher's all-to-all that counts the off-rank rows it really hands to torch.distributed.
@@ -110,8 +111,10 @@ def test_benchmark_on_four_gloo_ranks(tmp_path: Path) -> None:
         assert guard_error is not None and "round trip is wrong on ranks [1]" in guard_error, guard_error
         assert list(results) == ["olmoe"] and list(results["olmoe"]) == [2, 4]
         for ep, entry in results["olmoe"].items():
-            for key in ("dispatcher_ms", "raw_a2a_ms", "layer_ms", "tokens_per_s", "dispatcher_gbps", "raw_a2a_gbps"):
+            for key in ("dispatcher_ms", "raw_a2a_ms", "layer_ms", "tokens_per_s", "dispatcher_gbps", "raw_a2a_gbps",
+                        "autoep_layer_ms"):
                 assert entry[key] > 0, (ep, key, entry[key])
+            assert math.isclose(entry["vs_autoep"], entry["autoep_layer_ms"] / entry["layer_ms"])
             assert entry["local_experts"] == 64 // ep and len(entry["rank_input_splits"]) == ep
             # the bytes reported == the off-rank bytes the dispatcher really sent (dispatch + combine)
             sent = [b for size, b in calls if size == ep]
@@ -121,7 +124,7 @@ def test_benchmark_on_four_gloo_ranks(tmp_path: Path) -> None:
             assert entry["bytes_sent_per_rank"][rank] == entry["rank_bytes_sent"]
             assert len(entry["layer_ms_per_rank"]) == 4
             assert math.isclose(entry["tokens_per_s"], 4 * 64 / (entry["layer_ms"] * 1e-3))
-        assert results["olmoe"][2]["weak_scaling_eff"] == 1.0
+        assert results["olmoe"][2]["weak_scaling_eff"] == 1.0 == results["olmoe"][2]["autoep_weak_scaling_eff"]
     doc = json.loads(out.read_text())  # from the first run: the guard stops the second before writing
     assert set(doc) == {"results", "cost_model", "meta"} and set(doc["results"]["olmoe"]) == {"2", "4"}
     assert doc["meta"]["world_size"] == 4 and doc["meta"]["backend"] == "gloo" and doc["meta"]["tiny"]

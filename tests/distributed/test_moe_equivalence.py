@@ -92,7 +92,7 @@ def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str, on_gpu: b
             if is_expert:
                 want = want[layer.local_expert_ids]
             what = f"{name}: grad of {pname} on rank {rank}"
-            if dtype == torch.float32:
+            if dtype == torch.float32 or not on_gpu:
                 torch.testing.assert_close(grad, want, **tol, msg=lambda m: f"{what}: {m}")
             else:  # bf16 sums over hundreds of tokens round per rank and per chunk: compare as vectors
                 rel = ((grad - want).norm() / want.norm().clamp_min(1e-12)).item()

@@ -64,24 +64,11 @@ class _CountExchange(NamedTuple):
     ready: "torch.cuda.Event | None"  # recorded after the copy to the host (None on CPU)
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[src]`` for a permutation ``src`` whose inverse is ``dst``; the backward is ``grad[dst]``, a gather
-    too (``index_select``'s own backward zero-fills and scatter-adds with atomics)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(dst)
-        return x.index_select(0, src)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (dst,) = ctx.saved_tensors
-        return grad.index_select(0, dst), None, None
-
-
 def permute_rows(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` in the order ``src`` (a permutation; ``dst`` its inverse), differentiable as a gather."""
-    return _PermuteRows.apply(x, src, dst)
+    """Rows of ``x`` in the order ``src``, a permutation whose inverse is ``dst``: the dispatch gather with one
+    copy per row, so the backward is the gather ``grad[dst]`` too (``index_select``'s own backward zero-fills
+    and scatter-adds with atomics)."""
+    return gather_rows(x, src, dst.view(-1, 1))
 
 
 class TokenDispatcher:
@@ -182,7 +169,7 @@ class TokenDispatcher:
                   counts: "_CountExchange") -> tuple[torch.Tensor, DispatchPlan]:
         recv_RL = counts.recv_RL
         if counts.ready is not None:
-            counts.ready.synchronize()  # the one host sync of the ep > 1 forward
+            counts.ready.synchronize()  # the split sizes' host sync: waits for the counts, not the gather
         plan.input_splits, plan.output_splits = counts.splits_2R.tolist()
         x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
         # rows arrive grouped by (source rank, local expert); the experts want (local expert, source).

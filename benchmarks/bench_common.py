@@ -176,6 +176,15 @@ def _git_commit() -> str | None:
     return out if re.fullmatch(r"[0-9a-f]{40}", out) else None
 
 
+def launcher_prefix(world: int) -> list[str]:
+    """How this process was started, for a result's ``meta.command``: torchrun, deepspeed or plain python."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return ["torchrun", "--nproc_per_node", str(world)]
+    if "CROSS_RANK" in os.environ:
+        return ["deepspeed", "--num_gpus", str(world)]
+    return ["python"]
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -64,7 +64,7 @@ if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout withou
     sys.path.insert(0, str(REPO_ROOT / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, moe_layer sit here, also when loaded by path
 
-from bench_common import _git_commit, _versions, synchronize, time_step_ms  # noqa: E402
+from bench_common import _git_commit, _versions, launcher_prefix, synchronize, time_step_ms  # noqa: E402
 from moe_layer import SHAPES, TINY_SHAPES, Shape  # noqa: E402  one source of truth for shapes
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "ep_scaling.json"
@@ -315,15 +315,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _meta(args: argparse.Namespace, argv: list[str]) -> dict:
     world = dist.get_world_size()
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        launcher = ["torchrun", "--nproc_per_node", str(world)]
-    elif "CROSS_RANK" in os.environ:
-        launcher = ["deepspeed", "--num_gpus", str(world)]
-    else:
-        launcher = ["python"]
     cuda = args.device.type == "cuda"
     return {
-        "command": shlex.join([*launcher, "benchmarks/ep_scaling.py", *argv]),
+        "command": shlex.join([*launcher_prefix(world), "benchmarks/ep_scaling.py", *argv]),
         **_versions(("deepspeed",), required=(), error_detail=False),
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "backend": dist.get_backend(), "world_size": world,

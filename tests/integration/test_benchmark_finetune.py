@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from harness import REPO_ROOT, run_script
+from harness import REPO_ROOT, run_deepspeed_launcher, run_script
 
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
 META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "shape", "batch", "seq_len", "steps",
@@ -65,3 +65,28 @@ def test_finetune_benchmark_cuda_graph_variant(tmp_path):
     rerun = data["variants"]["cuda_graph"]["results"]["switchyard"]
     assert "error" not in rerun and rerun["variant"].endswith("cuda_graph"), rerun
     assert rerun["loss_first"] == data["results"]["switchyard"]["loss_first"]
+
+
+def test_finetune_benchmark_expert_parallel_on_two_ranks(tmp_path):
+    """--ep 2 under the deepspeed launcher: each rank holds half the experts, the tokens of both ranks count,
+    only rank 0 writes; --ep that is not the world size is refused before anything is built."""
+    out = tmp_path / "finetune_ep2.json"
+    proc = run_deepspeed_launcher(REPO_ROOT / "benchmarks" / "finetune.py", 2,
+                                  ["--tiny", "--device", "cpu", "--impls", "switchyard", "--ep", "2",
+                                   "--out", str(out)], timeout_s=240)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    data = json.loads(out.read_text())
+    meta, entry = data["meta"], data["results"]["switchyard"]
+    assert meta["command"].startswith("deepspeed --num_gpus 2 benchmarks/finetune.py")
+    assert meta["training"]["world_size"] == 2 and meta["target"]["met"] is None  # the target is stated at ep=1
+    assert "error" not in entry, entry
+    params = meta["shape"]["params"]
+    assert entry["params_experts"] == params["experts"] // 2  # this rank's experts
+    # tokens of both ranks over the slowest rank's median step
+    assert math.isclose(entry["tokens_per_s_median"], 2 * meta["batch"] * meta["seq_len"] / (entry["ms_per_step"] / 1e3),
+                        rel_tol=1e-3)
+    assert proc.stdout.count("wrote ") == 1
+
+    refused = run_script(REPO_ROOT / "benchmarks" / "finetune.py", ["--tiny", "--ep", "2", "--out", str(out)],
+                         timeout_s=60)
+    assert refused.returncode != 0 and "--ep 2 needs a world of 2 ranks, this one has 1" in refused.stderr

@@ -4,7 +4,7 @@
 #   bash benchmarks/device_run.sh serve        # GPU tests (1 and 2 GPUs) + serving benchmark(s)  ~6 min
 #   bash benchmarks/device_run.sh layer        # MoE layer, profile, decode regime, inference-path sweep ~8 min
 #   bash benchmarks/device_run.sh finetune     # fine-tune throughput vs AutoEP and HF             ~3 min
-#   bash benchmarks/device_run.sh ep           # EP scaling over every GPU of the machine          ~2 min
+#   bash benchmarks/device_run.sh ep           # EP scaling + fine-tune at EP = every GPU (2+)      ~4 min
 #   bash benchmarks/device_run.sh train        # 2+ GPUs, NCCL: EP layer equivalence + the launcher tests ~10 min
 #
 # The device image lacks deepspeed, datasets and the HTTP stack: the wheels in .whl (git-ignored; how to
@@ -53,7 +53,9 @@ finetune)
     ;;
 ep)
     if [ "$gpus" -lt 2 ]; then echo "ep needs 2+ GPUs, this machine has $gpus"; exit 1; fi
-    run ep_scaling 500 torchrun --nproc_per_node "$gpus" benchmarks/ep_scaling.py --out "$out/ep_scaling.json"
+    run ep_scaling 240 torchrun --nproc_per_node "$gpus" benchmarks/ep_scaling.py --out "$out/ep_scaling.json"
+    run finetune_ep 330 torchrun --nproc_per_node "$gpus" benchmarks/finetune.py --ep "$gpus" \
+        --out "$out/finetune_ep$gpus.json"
     ;;
 train)
     # the 2-rank tests of tests/integration/test_finetune.py launch `deepspeed --num_gpus 2`: rank r on GPU r

@@ -153,8 +153,9 @@ class TokenDispatcher:
         return self._exchange(x_NH, plan, self._exchange_counts(tokens_per_expert_E))
 
     def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> "_CountExchange":
-        """Start the split-size exchange: issued before the gather of ``x_NH``, so the one host read of
-        the split sizes waits for the counts only, while the device goes on gathering."""
+        """Start the split-size exchange, before the gather of ``x_NH`` is queued: the host read of the split
+        sizes then waits for the counts and their copy to pinned memory only, and the gather, queued behind
+        them, runs while the host wakes and issues the all-to-all."""
         send_RL = tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
         recv_RL = exchange_counts(send_RL.reshape(-1), self.ep_group).view(self.ep_size, self.num_local_experts)
         splits_2R = torch.stack([send_RL.sum(1), recv_RL.sum(1)])
@@ -169,7 +170,7 @@ class TokenDispatcher:
                   counts: "_CountExchange") -> tuple[torch.Tensor, DispatchPlan]:
         recv_RL = counts.recv_RL
         if counts.ready is not None:
-            counts.ready.synchronize()  # the split sizes' host sync: waits for the counts, not the gather
+            counts.ready.synchronize()  # the split sizes' host sync: waits for the counts, not for the gather
         plan.input_splits, plan.output_splits = counts.splits_2R.tolist()
         x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
         # rows arrive grouped by (source rank, local expert); the experts want (local expert, source).

@@ -58,7 +58,8 @@ switchyard with ``ProcessGroupManager(ep=N)`` (each rank holds E/N experts; toke
 against AutoEP at ``autoep_size=N``; both data-parallel over the N ranks (ZeRO-2 partitions over them, every
 rank its own batch of random ids). ``hf_grouped_mm`` has no expert parallelism and is left out.
 ``tokens_per_s`` counts every rank's tokens over the slowest rank's wall time; MFU divides by N GPUs' peak;
-``peak_mem_gb`` is the largest rank's. Rank 0 writes the JSON.
+``peak_mem_gb`` is the largest rank's; with ``--profile-steps`` every rank's phases and kernel time by category
+go under ``profile_per_rank`` (which rank waits in its collectives). Rank 0 writes the JSON.
 
 Output: ``{"meta": {command, versions, device, shape (+ parameter counts), batch, seq_len, steps, rounds,
 training, flops_formula, date, git_commit (SWITCHYARD_GIT_COMMIT wins), target, ...}, "results": {impl:
@@ -456,6 +457,17 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def _per_rank(profile: dict) -> list[dict]:
+    """Every rank's phase times and kernel time by category (rank order), from each rank's own profile."""
+    import torch.distributed as dist
+
+    keys = ("kernel_ms_per_step", "phases", "by_category_ms_per_step", "error")
+    mine = {k: profile[k] for k in keys if k in profile}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
 def _param_group_count(engine) -> int | None:
     """How many optimizer param groups (= ZeRO flat partitions = optimizer.step calls per step)."""
     basic = getattr(engine, "basic_optimizer", None)
@@ -536,6 +548,8 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
                     result["profile"] = profile_steps(engine, run.input_ids, device, profile_n)
                 except Exception as exc:  # noqa: BLE001 - a profile failing keeps the timing
                     result["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+                if run.ep > 1:  # which rank waits for which: every rank's phases and kernel time by category
+                    result["profile_per_rank"] = _per_rank(result["profile"])
             break
         except Exception as exc:  # noqa: BLE001 - one implementation failing must not end the run
             print(f"[{name}] failed (router logits {'on' if aux else 'off'}):\n{traceback.format_exc()}",

@@ -69,11 +69,12 @@ def test_finetune_benchmark_cuda_graph_variant(tmp_path):
 
 def test_finetune_benchmark_expert_parallel_on_two_ranks(tmp_path):
     """--ep 2 under the deepspeed launcher: each rank holds half the experts, the tokens of both ranks count,
-    only rank 0 writes; --ep that is not the world size is refused before anything is built."""
+    only rank 0 writes, every rank's profile is kept; --ep that is not the world size is refused before
+    anything is built."""
     out = tmp_path / "finetune_ep2.json"
     proc = run_deepspeed_launcher(REPO_ROOT / "benchmarks" / "finetune.py", 2,
                                   ["--tiny", "--device", "cpu", "--impls", "switchyard", "--ep", "2",
-                                   "--out", str(out)], timeout_s=240)
+                                   "--profile-steps", "1", "--out", str(out)], timeout_s=240)
     assert proc.returncode == 0, proc.stdout[-6000:]
     data = json.loads(out.read_text())
     meta, entry = data["meta"], data["results"]["switchyard"]
@@ -86,6 +87,9 @@ def test_finetune_benchmark_expert_parallel_on_two_ranks(tmp_path):
     assert math.isclose(entry["tokens_per_s_median"], 2 * meta["batch"] * meta["seq_len"] / (entry["ms_per_step"] / 1e3),
                         rel_tol=1e-3)
     assert proc.stdout.count("wrote ") == 1
+    per_rank = entry["profile_per_rank"]  # each rank's own profile, in rank order
+    assert len(per_rank) == 2 and all("phases" in r and "error" not in r for r in per_rank), per_rank
+    assert per_rank[0]["phases"] == entry["profile"]["phases"]
 
     refused = run_script(REPO_ROOT / "benchmarks" / "finetune.py", ["--tiny", "--ep", "2", "--out", str(out)],
                          timeout_s=60)

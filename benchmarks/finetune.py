@@ -692,7 +692,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     args.warmup = max(args.warmup, 1)
     if args.profile_steps is None:
-        args.profile_steps = 2 if args.device.type == "cuda" and not args.tiny and args.ep == 1 else 0
+        args.profile_steps = 2 if args.device.type == "cuda" and not args.tiny else 0
     resolve_out(p, args, DEFAULT_OUT, "finetune_tiny.json", "the full shape on CPU takes very long")
     return args
 

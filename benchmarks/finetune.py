@@ -48,7 +48,8 @@ reruns switchyard and AutoEP with the MoE param-group size cap set to N instead 
 call; DeepSpeed's own default, 178956971, makes 14 expert groups here) and stores them under ``variants``.
 ``--variant-experts-impl IMPL`` likewise reruns switchyard with its experts' compute path forced to IMPL,
 ``--variant-cuda-graph`` with ``MoELayer.cuda_graph`` on.
-One implementation failing records ``{"error": ...}`` and the run goes on.
+One implementation failing records ``{"error": ...}`` and the run goes on (at ``--ep`` > 1 it ends the run
+instead: the launcher then stops every rank, where a rank going on alone would hang in its next collective).
 
 Expert parallelism, ``--ep N`` on N ranks (one GPU each), the same script under a launcher:
 
@@ -554,6 +555,8 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
         except Exception as exc:  # noqa: BLE001 - one implementation failing must not end the run
             print(f"[{name}] failed (router logits {'on' if aux else 'off'}):\n{traceback.format_exc()}",
                   file=sys.stderr, flush=True)
+            if run.ep > 1:  # a rank going on alone would wait forever in its next collective: end them all
+                raise
             err = f"{type(exc).__name__}: {str(exc)[:600]}"
             result = {"error": err}
             if aux and len(attempts) > 1:

@@ -94,3 +94,14 @@ def test_finetune_benchmark_expert_parallel_on_two_ranks(tmp_path):
     refused = run_script(REPO_ROOT / "benchmarks" / "finetune.py", ["--tiny", "--ep", "2", "--out", str(out)],
                          timeout_s=60)
     assert refused.returncode != 0 and "--ep 2 needs a world of 2 ranks, this one has 1" in refused.stderr
+
+
+def test_finetune_benchmark_expert_parallel_failure_ends_every_rank(tmp_path):
+    """At --ep 2 an implementation that fails ends the run (the launcher stops both ranks) instead of being
+    recorded while the other rank waits in a collective: here the variant's experts impl does not exist."""
+    proc = run_deepspeed_launcher(REPO_ROOT / "benchmarks" / "finetune.py", 2,
+                                  ["--tiny", "--device", "cpu", "--impls", "switchyard", "--ep", "2",
+                                   "--variant-experts-impl", "no_such_impl", "--out", str(tmp_path / "ft.json")],
+                                  timeout_s=240)
+    assert proc.returncode != 0
+    assert "impl='no_such_impl' is unknown" in proc.stdout

@@ -142,3 +142,56 @@ def test_activation_checkpointing_gives_the_same_grads(impl: str, use_reentrant:
     (y * cot).sum().backward()
     for g, w in zip([y.detach(), xc.grad, ex.gate_up_proj.grad, ex.down_proj.grad], want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_on_cuda_matches_the_loop(impl: str, dtype: torch.dtype) -> None:
+    """On CUDA the backward is one Triton pass writing the SwiGLU gradient over h and the recomputed product
+    over its gradient: against autograd's loop (fp32: the loop's tolerance; bf16: an fp64 reference)."""
+    torch.manual_seed(0)
+    e, h, ff = 8, 256, 384  # widths the kernel blocks cover partly (384 = 256 + 128)
+    counts = [40, 0, 96, 7, 128, 1, 0, 64]
+    ex = GroupedExperts(e, h, ff, dtype=dtype, device="cuda", impl=impl)
+    ref = GroupedExperts(e, h, ff, dtype=torch.float64, device="cuda", impl="loop")
+    ref.load_state_dict(ex.state_dict())
+    x, cot = torch.randn(sum(counts), h, device="cuda"), torch.randn(sum(counts), h, device="cuda")
+    want = _fwd_and_grads(ref, x.double(), counts, cot.double())
+    got = _fwd_and_grads(ex, x.to(dtype), counts, cot.to(dtype))
+    for name, g, w in zip(("y", "x.grad", "gate_up.grad", "down.grad"), got, want, strict=True):
+        err = ((g.double() - w).norm() / w.norm()).item()
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), (name, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_backward_writes_the_forward_product_in_place(dtype: torch.dtype) -> None:
+    """The product written over ``da`` has the forward kernel's bits; the gradient over ``h`` equals the
+    out-of-place kernel's."""
+    from switchyard.moe.kernels import triton_kernels as tk
+    from switchyard.moe.kernels.ops import silu_mul_backward_, silu_mul_forward
+
+    torch.manual_seed(0)
+    h_NO = torch.randn(300, 2 * 3000, device="cuda", dtype=dtype)  # 3000: two column blocks, a masked tail
+    da_NF = torch.randn(300, 3000, device="cuda", dtype=dtype)
+    want_a, want_dh = silu_mul_forward(h_NO), tk.silu_mul_bwd(h_NO, da_NF)
+    got_dh = silu_mul_backward_(h_NO, da_NF, product_into_da=True)
+    assert got_dh.data_ptr() == h_NO.data_ptr()
+    torch.testing.assert_close(da_NF, want_a, rtol=0, atol=0)
+    torch.testing.assert_close(got_dh, want_dh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_backward_product_into_da_on_cpu(dtype: torch.dtype) -> None:
+    """The PyTorch fallback: the same gradient with or without the product, and the product bitwise
+    ``silu_mul_forward``'s."""
+    from switchyard.moe.kernels.ops import silu_mul_backward_, silu_mul_forward
+
+    torch.manual_seed(0)
+    h_NO, da_NF = torch.randn(10, 2 * FF, dtype=dtype), torch.randn(10, FF, dtype=dtype)
+    want_a = silu_mul_forward(h_NO)
+    want_dh = silu_mul_backward_(h_NO.clone(), da_NF.clone())
+    got_dh = silu_mul_backward_(h_NO, da_NF, product_into_da=True)
+    torch.testing.assert_close(da_NF, want_a, rtol=0, atol=0)
+    torch.testing.assert_close(got_dh, want_dh, rtol=0, atol=0)

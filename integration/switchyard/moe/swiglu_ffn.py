@@ -3,9 +3,10 @@
 Autograd's composition of GEMM 1 → SwiGLU → GEMM 2 keeps three activations per layer for the backward:
 the permuted input ``x_NH``, GEMM 1's output ``h_NO`` (for the SwiGLU backward) and the SwiGLU output
 ``a_NF`` (for GEMM 2's weight gradient). Here ``_SwiGLUDown`` (SwiGLU + GEMM 2) keeps ``h_NO`` only and
-recomputes ``a_NF`` in its backward (one element-wise pass): ``N·F`` elements less per MoE layer, held
-from the forward until that layer's backward, which is where a fine-tune's peak memory sits. It then
-writes the SwiGLU gradient over ``h_NO`` in place, so ``h`` and its gradient never coexist either.
+recomputes ``a_NF`` in its backward: ``N·F`` elements less per MoE layer, held from the forward until that
+layer's backward, which is where a fine-tune's peak memory sits. The recompute rides along with the SwiGLU
+backward (one element-wise pass reads ``h`` and ``a``'s gradient, writes the gradient over ``h`` and ``a``
+over its own gradient), so ``h`` and its gradient never coexist, nor ``a`` and its gradient.
 GEMM 1 is a Function of its own so that the output gradient is freed before GEMM 1's backward runs (a
 single Function would hold it to the end: one more ``[N, H]`` at the layer's peak).
 
@@ -100,14 +101,17 @@ class _SwiGLUDown(torch.autograd.Function):
         ctx.h_consumed = True
         grad_NH = grad_NH.contiguous()  # y.sum().backward() sends an expanded (stride-0) grad
         need_w2 = ctx.needs_input_grad[1]
+        # one pass over h: its gradient over h, and the product silu(gate) * up over its own gradient ``da``
         if isinstance(groups, Tensor):
-            grad_w2 = _weight_grad(grad_NH, silu_mul_forward(h_NO), groups) if need_w2 else None
-            return silu_mul_backward_(h_NO, GROUPED_MM(grad_NH, w2_EHF, offs=groups)), grad_w2, None
+            da_NF = GROUPED_MM(grad_NH, w2_EHF, offs=groups)
+            silu_mul_backward_(h_NO, da_NF, product_into_da=need_w2)
+            return h_NO, (_weight_grad(grad_NH, da_NF, groups) if need_w2 else None), None
         grad_w2 = torch.empty_like(w2_EHF) if need_w2 else None
         for e, (g_nH, h_nO) in enumerate(zip(grad_NH.split(groups), h_NO.split(groups))):
+            da_nF = g_nH @ w2_EHF[e]
+            silu_mul_backward_(h_nO, da_nF, product_into_da=need_w2)  # over h: dead from here on
             if grad_w2 is not None:
-                torch.mm(g_nH.t(), silu_mul_forward(h_nO), out=grad_w2[e])
-            silu_mul_backward_(h_nO, g_nH @ w2_EHF[e])  # over h: dead from here on
+                torch.mm(g_nH.t(), da_nF, out=grad_w2[e])
         return h_NO, grad_w2, None
 
 

@@ -194,18 +194,23 @@ def silu_mul_forward(h_NO: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate_NF) * up_NF).to(h_NO.dtype)
 
 
-def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor) -> torch.Tensor:
+def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor, product_into_da: bool = False) -> torch.Tensor:
     """SwiGLU's input gradient written over ``h_NO`` (in place, outside autograd); returns ``h_NO``.
 
     For callers whose ``h`` is dead once its gradient exists: the two never take memory side by side.
+    ``product_into_da``: in the same pass, write ``silu(gate) * up`` (``silu_mul_forward``'s value) over
+    ``da_NF``, for a caller that needs the product after the gradient (GEMM 2's weight gradient): one read
+    of ``h`` instead of a recompute pass before this one.
     """
-    if silu_mul_supported(h_NO) and h_NO.is_contiguous():
-        return _tk.silu_mul_bwd(h_NO, da_NF.contiguous(), out=h_NO)
+    if silu_mul_supported(h_NO) and h_NO.is_contiguous() and da_NF.is_contiguous():
+        return _tk.silu_mul_bwd(h_NO, da_NF, out=h_NO, a_out=da_NF if product_into_da else None)
     gate_NF, up_NF = h_NO.float().chunk(2, dim=-1)
-    da_NF = da_NF.float()
     sig_NF = torch.sigmoid(gate_NF)
-    d_gate_NF = da_NF * up_NF * sig_NF * (1.0 + gate_NF * (1.0 - sig_NF))
-    d_up_NF = da_NF * gate_NF * sig_NF
+    grad_NF = da_NF.float()
+    d_gate_NF = grad_NF * up_NF * sig_NF * (1.0 + gate_NF * (1.0 - sig_NF))
+    d_up_NF = grad_NF * gate_NF * sig_NF
+    if product_into_da:
+        da_NF.copy_(F.silu(gate_NF) * up_NF)  # silu_mul_forward's math and rounding
     return h_NO.copy_(torch.cat([d_gate_NF, d_up_NF], dim=-1))
 
 

@@ -66,7 +66,9 @@ def _silu_mul_fwd_kernel(h_ptr, a_ptr, F, stride_h, stride_a, BLOCK: tl.constexp
 
 
 @triton.jit
-def _silu_mul_bwd_kernel(h_ptr, da_ptr, dh_ptr, F, stride_h, stride_da, stride_dh, BLOCK: tl.constexpr):
+def _silu_mul_bwd_kernel(h_ptr, da_ptr, dh_ptr, a_ptr, F, stride_h, stride_da, stride_dh, stride_a,
+                         WRITE_A: tl.constexpr, BLOCK: tl.constexpr):
+    # dh = d(silu(gate) * up) / d(gate, up) · da;  WRITE_A: also a = silu(gate) * up (the forward's value)
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < F
@@ -78,6 +80,9 @@ def _silu_mul_bwd_kernel(h_ptr, da_ptr, dh_ptr, F, stride_h, stride_da, stride_d
     du = da * g * sig
     tl.store(dh_ptr + r * stride_dh + cols, dg.to(dh_ptr.dtype.element_ty), mask=m)
     tl.store(dh_ptr + r * stride_dh + F + cols, du.to(dh_ptr.dtype.element_ty), mask=m)
+    if WRITE_A:
+        a = g * tl.sigmoid(g) * u  # the forward kernel's expression: the same bits
+        tl.store(a_ptr + r * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=m)
 
 
 def _block(n: int, cap: int) -> int:
@@ -121,12 +126,16 @@ def silu_mul_fwd(h_NO: torch.Tensor) -> torch.Tensor:
     return a_NF
 
 
-def silu_mul_bwd(h_NO: torch.Tensor, da_NF: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out`` may be ``h_NO`` itself: each program reads its elements of h before writing the same ones."""
+def silu_mul_bwd(h_NO: torch.Tensor, da_NF: torch.Tensor, out: torch.Tensor | None = None,
+                 a_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` may be ``h_NO`` itself and ``a_out`` ``da_NF`` itself: each program reads its elements of h and
+    da before writing the same ones. ``a_out`` (optional) receives ``silu(gate) * up``."""
     rows, width = da_NF.shape
     dh_NO = torch.empty_like(h_NO) if out is None else out
+    a_NF = a_out if a_out is not None else da_NF  # not written without a_out
     block = _block(width, 2048)
-    _silu_mul_bwd_kernel[(rows, triton.cdiv(width, block))](h_NO, da_NF, dh_NO, width, h_NO.stride(0),
-                                                            da_NF.stride(0), dh_NO.stride(0),
-                                                            BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    _silu_mul_bwd_kernel[(rows, triton.cdiv(width, block))](h_NO, da_NF, dh_NO, a_NF, width, h_NO.stride(0),
+                                                            da_NF.stride(0), dh_NO.stride(0), a_NF.stride(0),
+                                                            WRITE_A=a_out is not None, BLOCK=block,
+                                                            num_warps=8 if block >= 2048 else 4)
     return dh_NO

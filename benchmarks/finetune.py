@@ -60,7 +60,10 @@ against AutoEP at ``autoep_size=N``; both data-parallel over the N ranks (ZeRO-2
 rank its own batch of random ids). ``hf_grouped_mm`` has no expert parallelism and is left out.
 ``tokens_per_s`` counts every rank's tokens over the slowest rank's wall time; MFU divides by N GPUs' peak;
 ``peak_mem_gb`` is the largest rank's; with ``--profile-steps`` every rank's phases and kernel time by category
-go under ``profile_per_rank`` (which rank waits in its collectives). Rank 0 writes the JSON.
+go under ``profile_per_rank`` (which rank waits in its collectives); every rank's median step and phase times
+under ``per_rank_timing``; for switchyard, the rows each EP rank's experts received in the last timed step, per
+MoE layer, under ``ep_rank_load`` (max over mean: the load imbalance the other ranks wait for). Rank 0 writes
+the JSON.
 
 Output: ``{"meta": {command, versions, device, shape (+ parameter counts), batch, seq_len, steps, rounds,
 training, flops_formula, date, git_commit (SWITCHYARD_GIT_COMMIT wins), target, ...}, "results": {impl:
@@ -469,6 +472,40 @@ def _per_rank(profile: dict) -> list[dict]:
     return gathered
 
 
+def _per_rank_timing(result: dict) -> list[dict]:
+    """Every rank's own medians (rank order): a rank that is slower in every phase points to its host or its
+    load, one that is slower only where the others wait points to the collectives."""
+    import torch.distributed as dist
+
+    mine = {k: result.get(k) for k in ("ms_per_step", "fwd_ms", "bwd_ms", "opt_ms")}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _ep_rank_load(model: nn.Module) -> dict | None:
+    """Rows each EP rank's experts received in the last step, per MoE layer (switchyard's layers record what
+    they routed to each global expert; summed over the EP group that is what each expert received). An EP
+    rank whose experts get more rows computes longer, and the others wait for it in the combine all-to-all."""
+    import torch.distributed as dist
+
+    from switchyard.moe.layer import MoELayer
+
+    layers = [m for m in model.modules() if isinstance(m, MoELayer) and m.last_stats is not None]
+    if not layers or layers[0].ep_size == 1:
+        return None
+    ep, num_experts = layers[0].ep_size, layers[0].num_experts
+    counts_LE = torch.stack([layer.last_stats.tokens_per_expert_E.double() for layer in layers])
+    dist.all_reduce(counts_LE, group=layers[0].dispatcher.ep_group)
+    rows_LR = counts_LE.view(len(layers), ep, num_experts // ep).sum(-1)
+    ratio_L = rows_LR.max(1).values / rows_LR.mean(1)
+    heaviest_L = rows_LR.argmax(1)
+    return {"rows_per_ep_rank_per_layer": rows_LR.long().tolist(),
+            "max_over_mean_per_layer": [round(float(r), 4) for r in ratio_L],
+            "max_over_mean_mean": round(float(ratio_L.mean()), 4),
+            "heaviest_rank_count": [int((heaviest_L == r).sum()) for r in range(ep)]}
+
+
 def _param_group_count(engine) -> int | None:
     """How many optimizer param groups (= ZeRO flat partitions = optimizer.step calls per step)."""
     basic = getattr(engine, "basic_optimizer", None)
@@ -544,6 +581,9 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
                 "optimizer_param_groups": _param_group_count(engine),
             }
             notes += built.notes
+            if run.ep > 1:
+                result["per_rank_timing"] = _per_rank_timing(result)
+                result["ep_rank_load"] = _ep_rank_load(engine.module)
             if profile_n > 0:
                 try:
                     result["profile"] = profile_steps(engine, run.input_ids, device, profile_n)

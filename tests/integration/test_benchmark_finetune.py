@@ -69,7 +69,7 @@ def test_finetune_benchmark_cuda_graph_variant(tmp_path):
 
 def test_finetune_benchmark_expert_parallel_on_two_ranks(tmp_path):
     """--ep 2 under the deepspeed launcher: each rank holds half the experts, the tokens of both ranks count,
-    only rank 0 writes, every rank's profile is kept; --ep that is not the world size is refused before
+    only rank 0 writes, every rank's profile, timing and (switchyard) expert load are kept; --ep that is not the world size is refused before
     anything is built."""
     out = tmp_path / "finetune_ep2.json"
     proc = run_deepspeed_launcher(REPO_ROOT / "benchmarks" / "finetune.py", 2,
@@ -90,6 +90,12 @@ def test_finetune_benchmark_expert_parallel_on_two_ranks(tmp_path):
     per_rank = entry["profile_per_rank"]  # each rank's own profile, in rank order
     assert len(per_rank) == 2 and all("phases" in r and "error" not in r for r in per_rank), per_rank
     assert per_rank[0]["phases"] == entry["profile"]["phases"]
+    timing = entry["per_rank_timing"]
+    assert len(timing) == 2 and entry["ms_per_step"] == max(t["ms_per_step"] for t in timing), timing
+    load = entry["ep_rank_load"]  # dropless: every routed copy of both ranks lands on one EP rank's experts
+    copies = 2 * meta["batch"] * meta["seq_len"] * meta["shape"]["top_k"]
+    assert load["rows_per_ep_rank_per_layer"] and all(sum(r) == copies for r in load["rows_per_ep_rank_per_layer"])
+    assert all(1.0 <= x <= 2.0 for x in load["max_over_mean_per_layer"]), load
 
     refused = run_script(REPO_ROOT / "benchmarks" / "finetune.py", ["--tiny", "--ep", "2", "--out", str(out)],
                          timeout_s=60)

@@ -60,6 +60,7 @@ class DispatchPlan:
 
 class _CountExchange(NamedTuple):
     recv_RL: torch.Tensor  # rows each source rank sends to each local expert (device)
+    shift_C: torch.Tensor  # per (source, local expert) chunk: its expert-major start minus its source-major start
     splits_2R: torch.Tensor  # [rows sent to, rows received from] each EP rank (host, once ``ready``)
     ready: "torch.cuda.Event | None"  # recorded after the copy to the host (None on CPU)
 
@@ -155,7 +156,8 @@ class TokenDispatcher:
     def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> "_CountExchange":
         """Start the split-size exchange, before the gather of ``x_NH`` is queued: the host read of the split
         sizes then waits for the counts and their copy to pinned memory only, and the gather, queued behind
-        them, runs while the host wakes and issues the all-to-all."""
+        them, runs while the host wakes and issues the all-to-all. What the regroup needs from the counts
+        alone is issued here too, while the host would otherwise wait."""
         send_RL = tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
         recv_RL = exchange_counts(send_RL.reshape(-1), self.ep_group).view(self.ep_size, self.num_local_experts)
         splits_2R = torch.stack([send_RL.sum(1), recv_RL.sum(1)])
@@ -164,28 +166,26 @@ class TokenDispatcher:
             splits_2R = splits_2R.to("cpu", non_blocking=True)  # into pinned memory, in stream order
             ready = torch.cuda.Event()
             ready.record()
-        return _CountExchange(recv_RL, splits_2R, ready)
+        # rows arrive grouped by (source rank, local expert); the experts want (local expert, source rank).
+        # Each chunk moves as a block, so row i of chunk c goes to i + shift[c]: its start in (expert, source)
+        # order minus its start in (source, expert) order.
+        source_major_start_RL = (torch.cumsum(recv_RL.reshape(-1), 0) - recv_RL.reshape(-1)).view_as(recv_RL)
+        recv_LR = recv_RL.t()
+        expert_major_start_LR = (torch.cumsum(recv_LR.reshape(-1), 0) - recv_LR.reshape(-1)).view_as(recv_LR)
+        shift_C = (expert_major_start_LR.t() - source_major_start_RL).reshape(-1)
+        return _CountExchange(recv_RL, shift_C, splits_2R, ready)
 
     def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan,
                   counts: "_CountExchange") -> tuple[torch.Tensor, DispatchPlan]:
-        recv_RL = counts.recv_RL
+        plan.tokens_per_local_expert_L = counts.recv_RL.sum(0)
         if counts.ready is not None:
             counts.ready.synchronize()  # the split sizes' host sync: waits for the counts, not for the gather
         plan.input_splits, plan.output_splits = counts.splits_2R.tolist()
         x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
-        # rows arrive grouped by (source rank, local expert); the experts want (local expert, source).
-        # Each chunk moves as a block: row i of chunk c goes to out_start[c] + (i - in_start[c]); no sort.
-        counts_C = recv_RL.reshape(-1)
-        in_start_C = torch.cumsum(counts_C, 0) - counts_C
-        counts_LR = recv_RL.t().reshape(-1)
-        out_start_C = (torch.cumsum(counts_LR, 0) - counts_LR).view(self.num_local_experts, self.ep_size).t().reshape(-1)
         rows = x_recv.shape[0]
-        chunk_of_row = torch.repeat_interleave(torch.arange(counts_C.numel(), device=counts_C.device), counts_C,
-                                               output_size=rows)
-        dest_M = torch.arange(rows, device=counts_C.device) + (out_start_C - in_start_C)[chunk_of_row]
-        plan.dest_M = dest_M
-        plan.regroup_M = torch.empty_like(dest_M).scatter_(0, dest_M, torch.arange(rows, device=dest_M.device))
-        plan.tokens_per_local_expert_L = recv_RL.sum(0)
+        row_M = torch.arange(rows, device=x_recv.device)
+        plan.dest_M = row_M + torch.repeat_interleave(counts.shift_C, counts.recv_RL.reshape(-1), output_size=rows)
+        plan.regroup_M = torch.empty_like(plan.dest_M).scatter_(0, plan.dest_M, row_M)
         return permute_rows(x_recv, plan.regroup_M, plan.dest_M), plan
 
     def reduce_replicated(self, out_TH: torch.Tensor) -> torch.Tensor:

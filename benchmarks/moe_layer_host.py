@@ -6,7 +6,8 @@ A step that starts on an idle device waits for the host until the first grouped 
 layer's synchronized step time includes the host's time to run the router, the sort and the gather
 (docs/performance.md, "Where the time goes"). This measures that host time directly: ``perf_counter``
 around ``layer(x)`` and around ``out.backward`` (no synchronize inside either; the device is idle at
-the start), the device time of the same step (CUDA events), and, with ``--trace-dir``, a torch.profiler
+the start), the device time of the same step (CUDA events), the host time per step when the steps are issued
+back to back (the device still busy with earlier ones, as inside a model), and, with ``--trace-dir``, a torch.profiler
 trace of one step with Python stacks, to read which calls the host time goes to. ``--import-deps``
 imports deepspeed and transformers first (as the other benchmarks do) to see whether that changes it.
 Same shapes, inputs and weights as benchmarks/moe_layer.py.
@@ -58,14 +59,28 @@ def host_times(forward, x: torch.Tensor, grad: torch.Tensor, params: list[torch.
             fwd.append((t1 - t0) * 1e3)
             bwd.append((t2 - t1) * 1e3)
             step.append(start.elapsed_time(end))
+    # back to back: the same steps without a synchronize, so the host issues while the device still runs
+    # earlier steps (as inside a model); host time per step only, the device's queue is not drained
+    fwd_b2b, bwd_b2b = [], []
+    for _ in range(iters):
+        _clear_grads(x, params)
+        t0 = time.perf_counter()
+        out = forward(x)
+        t1 = time.perf_counter()
+        out.backward(grad.view_as(out))
+        t2 = time.perf_counter()
+        fwd_b2b.append((t1 - t0) * 1e3)
+        bwd_b2b.append((t2 - t1) * 1e3)
+    ml.synchronize(device)
     return {"host_fwd_ms": statistics.median(fwd), "host_bwd_ms": statistics.median(bwd),
-            "device_step_ms": statistics.median(step)}
+            "device_step_ms": statistics.median(step),
+            "host_fwd_ms_back_to_back": statistics.median(fwd_b2b), "host_bwd_ms_back_to_back": statistics.median(bwd_b2b)}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["olmoe", "qwen3_30b_a3b"])
-    p.add_argument("--impls", nargs="+", default=["switchyard"])
+    p.add_argument("--shapes", nargs="+", choices=[*ml.SHAPES, *ml.EXTRA_SHAPES], default=["olmoe", "qwen3_30b_a3b"])
+    p.add_argument("--impls", nargs="+", choices=list(ml.ALL_IMPLS), default=["switchyard"])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--import-deps", action="store_true")
     p.add_argument("--trace-dir", type=Path, default=None)
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                               **ml._versions(), "device": ml._device_name(device), "git_commit": ml._git_commit(),
                               "import_deps": args.import_deps}}
     for shape_name in args.shapes:
-        b = ml.make_bench(shape_name, ml.SHAPES[shape_name], 8192, device, torch.bfloat16, 0)
+        b = ml.make_bench(shape_name, {**ml.SHAPES, **ml.EXTRA_SHAPES}[shape_name], 8192, device, torch.bfloat16, 0)
         for impl in args.impls:
             built = ml.BUILDERS[impl](b)
             x = b.x_BTH.detach().clone().requires_grad_(True)

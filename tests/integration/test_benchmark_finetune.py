@@ -111,3 +111,28 @@ def test_finetune_benchmark_expert_parallel_failure_ends_every_rank(tmp_path):
                                   timeout_s=240)
     assert proc.returncode != 0
     assert "impl='no_such_impl' is unknown" in proc.stdout
+
+
+def test_round_mean_ratio_cancels_a_drift_the_best_round_keeps():
+    """Two rounds in opposite orders under a drift (each later run slower): the best rounds favour whatever
+    ran first, the round means do not; a failed round leaves no mean."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("finetune_bench", REPO_ROOT / "benchmarks" / "finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    results: dict = {}
+    # run order: autoep 100 (1st), switchyard 95 (2nd) | switchyard 90 (1st), autoep 85 (2nd): equal speed, drift -5
+    for rnd, order in enumerate([[("deepspeed_autoep", 100.0), ("switchyard", 95.0)],
+                                 [("switchyard", 90.0), ("deepspeed_autoep", 85.0)]]):
+        for position, (impl, tps) in enumerate(order):
+            results[impl] = bench.merge_round(results.get(impl), {"tokens_per_s": tps}, rnd, position)
+    bench.add_ratios(results)
+    assert results["switchyard"]["vs_autoep"] == 0.95  # best rounds: 95 / 100
+    assert results["switchyard"]["vs_autoep_round_mean"] == 1.0  # 92.5 / 92.5
+    check = bench.target_check(results, ep=2)
+    assert check["speedup_vs_autoep"] == 0.95 and check["speedup_vs_autoep_round_mean"] == 1.0
+    results["switchyard"]["rounds"][1] = {"round": 2, "position": 1, "error": "boom"}
+    assert bench.round_mean(results["switchyard"]) is None

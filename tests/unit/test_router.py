@@ -324,3 +324,31 @@ def test_fused_softmax_topk_on_cuda_matches_the_unfused_router(experts: int, top
         router.weight.copy_(w)
         out = router(x.detach())  # graph-free call: the kernel without the Function
     assert torch.equal(out.topk_idx_TK, idx) and torch.equal(out.topk_weight_TK, weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts, top_k, normalize, scale", [(64, 8, False, 1.0), (128, 8, True, 1.0),
+                                                              (8, 2, True, 1.0), (12, 4, False, 2.5), (256, 8, True, 1.0),
+                                                              (60, 1, True, 1.0)])
+@pytest.mark.parametrize("given", [("scores", "weight", "logits"), ("weight",), ("scores",), ("logits", "weight")])
+def test_softmax_topk_backward_kernel_matches_its_torch_form(experts: int, top_k: int, normalize: bool, scale: float,
+                                                             given: tuple[str, ...]) -> None:
+    """The one-launch router backward against ``logits_grad`` (fp32 out: to fp32 rounding; in bf16 out: the
+    same values rounded once), for any subset of the three incoming gradients; rows not a multiple of the block."""
+    from switchyard.moe.kernels.router_fused import logits_grad
+    from switchyard.moe.kernels.router_kernels import softmax_topk_backward
+
+    torch.manual_seed(experts + top_k)
+    num_tokens = 700
+    logits = torch.randn(num_tokens, experts, device="cuda")
+    scores = logits.softmax(-1)
+    val, idx = scores.topk(top_k, dim=-1)
+    weight = (val / val.sum(-1, keepdim=True) if normalize else val) * scale
+    grads = {"scores": torch.randn_like(scores), "weight": torch.randn_like(weight),
+             "logits": torch.randn_like(logits)}
+    args = [grads[k] if k in given else None for k in ("scores", "weight", "logits")]
+    want = logits_grad(scores, idx, weight, *args, normalize, scale)
+    got = softmax_topk_backward(scores, idx, weight, *args, normalize, scale, torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got16 = softmax_topk_backward(scores, idx, weight, *args, normalize, scale, torch.bfloat16)
+    torch.testing.assert_close(got16.float(), want.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-5)

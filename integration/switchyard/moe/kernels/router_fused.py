@@ -10,8 +10,9 @@ H200 machine); here that is one Function and one launch (docs/performance.md, "W
 
 The backward is the router's chain rule written out: the weights' gradient through the renormalisation
 into the chosen scores, plus the scores' own gradient (balance losses), through the softmax, plus the
-logits' own gradient (z-loss); then the logits' gradient, rounded to the input dtype as a bf16
-``nn.Linear``'s backward receives it, times ``x`` and ``w`` on tensor cores (as ``_Fp32Logits`` does).
+logits' own gradient (z-loss) — one Triton launch on CUDA (``logits_grad`` is its PyTorch form, ~15 ops of
+host time otherwise); then the logits' gradient, rounded to the input dtype as a bf16 ``nn.Linear``'s
+backward receives it, times ``x`` and ``w`` on tensor cores (as ``_Fp32Logits`` does).
 
 Routing matches the unfused path up to the fp32 summation order of the logits and the exponential's
 rounding; ties go to the lower expert id. GPU-tested against the unfused path (tests/unit/test_router.py).
@@ -61,19 +62,33 @@ class _SoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits_TE, grad_scores_TE, _grad_idx, grad_weight_TK):  # type: ignore[override]
         x_TH, weight_EH, scores_TE, idx_TK, weight_TK = ctx.saved_tensors
-        grad_s_TE = grad_scores_TE.float() if grad_scores_TE is not None else torch.zeros_like(scores_TE)
-        if grad_weight_TK is not None:
-            grad_w_TK = grad_weight_TK.float() * ctx.scale
-            if ctx.normalize:  # w_k = s_k / S:  dL/ds_i = (g_i - sum_k g_k w_k) / S
-                chosen_TK = scores_TE.gather(1, idx_TK)
-                share_TK = weight_TK / ctx.scale
-                grad_w_TK = (grad_w_TK - (grad_w_TK * share_TK).sum(-1, keepdim=True)) / chosen_TK.sum(-1, keepdim=True)
-            grad_s_TE = grad_s_TE.scatter_add(1, idx_TK, grad_w_TK)
-        grad_logits = scores_TE * (grad_s_TE - (grad_s_TE * scores_TE).sum(-1, keepdim=True))
-        if grad_logits_TE is not None:
-            grad_logits = grad_logits + grad_logits_TE.float()
+        if scores_TE.is_cuda and hasattr(_rk, "softmax_topk_backward"):  # one launch, in x's dtype
+            grad_logits = _rk.softmax_topk_backward(scores_TE, idx_TK, weight_TK, grad_scores_TE, grad_weight_TK,
+                                                    grad_logits_TE, ctx.normalize, ctx.scale, x_TH.dtype)
+        else:
+            grad_logits = logits_grad(scores_TE, idx_TK, weight_TK, grad_scores_TE, grad_weight_TK, grad_logits_TE,
+                                      ctx.normalize, ctx.scale)
         grad_x, grad_w = logits_grads_16bit(grad_logits, x_TH, weight_EH, *ctx.needs_input_grad[:2])
         return grad_x, grad_w, None, None, None
+
+
+def logits_grad(scores_TE: torch.Tensor, idx_TK: torch.Tensor, weight_TK: torch.Tensor,
+                grad_scores_TE: torch.Tensor | None, grad_weight_TK: torch.Tensor | None,
+                grad_logits_TE: torch.Tensor | None, normalize: bool, scale: float) -> torch.Tensor:
+    """The logits' fp32 gradient from those of the scores, the combine weights and the logits (each may be
+    None): the chain rule the Triton backward kernel runs, in PyTorch ops (CPU, and its GPU test's reference)."""
+    grad_s_TE = grad_scores_TE.float() if grad_scores_TE is not None else torch.zeros_like(scores_TE)
+    if grad_weight_TK is not None:
+        grad_w_TK = grad_weight_TK.float() * scale
+        if normalize:  # w_k = s_k / S:  dL/ds_i = (g_i - sum_k g_k w_k) / S
+            chosen_TK = scores_TE.gather(1, idx_TK)
+            share_TK = weight_TK / scale
+            grad_w_TK = (grad_w_TK - (grad_w_TK * share_TK).sum(-1, keepdim=True)) / chosen_TK.sum(-1, keepdim=True)
+        grad_s_TE = grad_s_TE.scatter_add(1, idx_TK, grad_w_TK)
+    grad_logits = scores_TE * (grad_s_TE - (grad_s_TE * scores_TE).sum(-1, keepdim=True))
+    if grad_logits_TE is not None:
+        grad_logits = grad_logits + grad_logits_TE.float()
+    return grad_logits
 
 
 def softmax_topk(x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int, normalize: bool, scale: float

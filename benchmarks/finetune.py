@@ -43,8 +43,8 @@ torch.profiler pass after the timed steps (first round only) records the top ker
 category and each phase's host time (``profile``). On CUDA the implementations run in two rounds, in
 ``RUN_ORDER`` and then reversed (build order changes allocator and clock state); the round with the higher
 tokens/s is reported and every round is listed under ``rounds``; ``tokens_per_s_round_mean`` /
-``vs_autoep_round_mean`` average the rounds (each implementation once early and once late: a drift over the
-process's life cancels, which the best round does not). ``--variant-moe-max-group-size N`` then
+``vs_autoep_round_mean`` average the rounds (each implementation once early and once late: an effect of the
+position in the process cancels, which the best round does not). ``--variant-moe-max-group-size N`` then
 reruns switchyard and AutoEP with the MoE param-group size cap set to N instead of
 ``switchyard.deepspeed.config.MOE_MAX_GROUP_SIZE`` (each group is one more ZeRO partition and optimizer
 call; DeepSpeed's own default, 178956971, makes 14 expert groups here) and stores them under ``variants``.
@@ -646,8 +646,8 @@ def merge_round(best: dict | None, new: dict, rnd: int, position: int) -> dict:
 
 def round_mean(entry: dict) -> float | None:
     """Mean tokens/s over the rounds, None unless every round ran. With the rounds in opposite orders every
-    implementation runs once early and once late in the process, so a drift over the process's life (seen at
-    --ep 2: each later build slower) cancels, where the best round favours whatever ran first."""
+    implementation runs once early and once late in the process, so an effect of the position (a drift over
+    the process's life, clock or allocator state) cancels, where the best round favours the better position."""
     rounds = entry.get("rounds") or []
     if not rounds or any("error" in r or not r.get("tokens_per_s") for r in rounds):
         return None

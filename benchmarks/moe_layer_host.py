@@ -39,42 +39,39 @@ def _clear_grads(x: torch.Tensor, params: list[torch.Tensor]) -> None:
         p.grad = None
 
 
+def _issue_step(forward, x: torch.Tensor, grad: torch.Tensor, params: list[torch.Tensor]) -> tuple[float, float]:
+    """Host ms to issue one forward and its backward (no synchronize inside)."""
+    _clear_grads(x, params)
+    t0 = time.perf_counter()
+    out = forward(x)
+    t1 = time.perf_counter()
+    out.backward(grad.view_as(out))
+    return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+
+
 def host_times(forward, x: torch.Tensor, grad: torch.Tensor, params: list[torch.Tensor], device: torch.device,
                iters: int) -> dict:
-    """Median host ms to issue forward, backward, and the device ms of the whole step."""
+    """Median host ms to issue forward, backward, and the device ms of the whole step; then the host ms with the
+    steps issued back to back (no synchronize between them: the host issues while the device still runs
+    earlier steps, as inside a model)."""
     fwd, bwd, step = [], [], []
     for i in range(iters + 3):
-        _clear_grads(x, params)
         ml.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0 = time.perf_counter()
         start.record()
-        out = forward(x)
-        t1 = time.perf_counter()
-        out.backward(grad.view_as(out))
+        host = _issue_step(forward, x, grad, params)
         end.record()
-        t2 = time.perf_counter()
         end.synchronize()
         if i >= 3:
-            fwd.append((t1 - t0) * 1e3)
-            bwd.append((t2 - t1) * 1e3)
+            fwd.append(host[0])
+            bwd.append(host[1])
             step.append(start.elapsed_time(end))
-    # back to back: the same steps without a synchronize, so the host issues while the device still runs
-    # earlier steps (as inside a model); host time per step only, the device's queue is not drained
-    fwd_b2b, bwd_b2b = [], []
-    for _ in range(iters):
-        _clear_grads(x, params)
-        t0 = time.perf_counter()
-        out = forward(x)
-        t1 = time.perf_counter()
-        out.backward(grad.view_as(out))
-        t2 = time.perf_counter()
-        fwd_b2b.append((t1 - t0) * 1e3)
-        bwd_b2b.append((t2 - t1) * 1e3)
+    back_to_back = [_issue_step(forward, x, grad, params) for _ in range(iters)]
     ml.synchronize(device)
     return {"host_fwd_ms": statistics.median(fwd), "host_bwd_ms": statistics.median(bwd),
             "device_step_ms": statistics.median(step),
-            "host_fwd_ms_back_to_back": statistics.median(fwd_b2b), "host_bwd_ms_back_to_back": statistics.median(bwd_b2b)}
+            "host_fwd_ms_back_to_back": statistics.median(h[0] for h in back_to_back),
+            "host_bwd_ms_back_to_back": statistics.median(h[1] for h in back_to_back)}
 
 
 def main(argv: list[str] | None = None) -> dict:

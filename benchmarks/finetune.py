@@ -463,26 +463,25 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def _per_rank(profile: dict) -> list[dict]:
-    """Every rank's phase times and kernel time by category (rank order), from each rank's own profile."""
+def _from_every_rank(mine: dict) -> list[dict]:
+    """Every rank's ``mine``, in rank order, on every rank."""
     import torch.distributed as dist
 
-    keys = ("kernel_ms_per_step", "phases", "by_category_ms_per_step", "error")
-    mine = {k: profile[k] for k in keys if k in profile}
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return gathered
+
+
+def _per_rank(profile: dict) -> list[dict]:
+    """Every rank's phase times and kernel time by category (rank order), from each rank's own profile."""
+    keys = ("kernel_ms_per_step", "phases", "by_category_ms_per_step", "error")
+    return _from_every_rank({k: profile[k] for k in keys if k in profile})
 
 
 def _per_rank_timing(result: dict) -> list[dict]:
     """Every rank's own medians (rank order): a rank that is slower in every phase points to its host or its
     load, one that is slower only where the others wait points to the collectives."""
-    import torch.distributed as dist
-
-    mine = {k: result.get(k) for k in ("ms_per_step", "fwd_ms", "bwd_ms", "opt_ms")}
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    return gathered
+    return _from_every_rank({k: result.get(k) for k in ("ms_per_step", "fwd_ms", "bwd_ms", "opt_ms")})
 
 
 def _ep_rank_load(model: nn.Module) -> dict | None:

@@ -23,6 +23,9 @@ rank holds all experts and no token leaves it, the weak-scaling baseline; it has
                  parser from a one-layer MixtralForCausalLM, as benchmarks/moe_layer.py builds it), with this
                  layer's router weights (the same routing, so the same bytes move) and the same inputs;
                  ``vs_autoep`` = its ms / ours (``--no-autoep`` leaves it out)
+    shared       with ``--shared-ffn F`` the layer has a gated shared expert of width F (Qwen2-MoE style), and
+                 ``layer`` is timed in four alternating rounds with ``MoELayer.overlap_shared_experts`` on, off,
+                 on, off: ``layer_ms`` (on), ``layer_no_overlap_ms`` (off), ``overlap_speedup`` = off / on
 
 Bytes are the off-rank bytes a rank sends in dispatch + combine (the self chunk is a local copy), counted
 from the dispatch's split sizes; combine sends back what dispatch received, so sent == received. ``gbps``
@@ -162,7 +165,9 @@ def measure_ep(shape: Shape, ep: int, args: argparse.Namespace) -> dict:
     manager = ProcessGroupManager(ep=ep)
     group, me = manager.group("ep"), manager.rank("ep")
     torch.manual_seed(args.seed)  # same router on every rank
-    layer = MoELayer(MoEConfig(num_experts=shape.experts, top_k=shape.top_k, aux_loss_coef=0.0),
+    shared = dict(num_shared_experts=1, shared_expert_intermediate_size=args.shared_ffn,
+                  shared_expert_gate=True) if args.shared_ffn else {}
+    layer = MoELayer(MoEConfig(num_experts=shape.experts, top_k=shape.top_k, aux_loss_coef=0.0, **shared),
                      hidden_size=shape.hidden, intermediate_size=shape.ffn, groups=manager, dtype=dtype, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1 + dist.get_rank())
     x_TH = torch.randn(tokens, shape.hidden, device=device, generator=gen).to(dtype)
@@ -208,22 +213,34 @@ def measure_ep(shape: Shape, ep: int, args: argparse.Namespace) -> dict:
             p.grad = None
         layer(x).backward(grad_TH)
 
-    layer_ms = statistics.median(time_ms(layer_step, device, args.warmup, args.iters))
+    if args.shared_ffn:  # A/B of the shared expert's overlap with the all-to-all, alternating: on, off, on, off
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for overlap in (True, False, True, False):
+            layer.overlap_shared_experts = overlap
+            times[overlap] += time_ms(layer_step, device, args.warmup, args.iters)
+        layer.overlap_shared_experts = True
+        layer_ms, no_overlap_ms = statistics.median(times[True]), statistics.median(times[False])
+    else:
+        layer_ms = statistics.median(time_ms(layer_step, device, args.warmup, args.iters))
+        no_overlap_ms = float("nan")
     router_EH = layer.router.weight.detach().clone()
     del layer, params
     autoep_ms = measure_autoep(shape, ep, me, router_EH, x, grad_TH, args) if args.autoep else float("nan")
-    ranks = gather([disp_ms, layer_ms, autoep_ms, *own], device)
+    ranks = gather([disp_ms, layer_ms, autoep_ms, no_overlap_ms, *own], device)
     world = dist.get_world_size()
     entry["dispatcher_ms"] = max(r[0] for r in ranks)
     entry["layer_ms"] = max(r[1] for r in ranks)
     entry["layer_ms_per_rank"] = [r[1] for r in ranks]
     entry["tokens_per_s"] = world * tokens / (entry["layer_ms"] * 1e-3)
+    if args.shared_ffn:
+        entry["layer_no_overlap_ms"] = max(r[3] for r in ranks)
+        entry["overlap_speedup"] = entry["layer_no_overlap_ms"] / entry["layer_ms"]
     if args.autoep:
         entry["autoep_layer_ms"] = max(r[2] for r in ranks)
         entry["vs_autoep"] = entry["autoep_layer_ms"] / entry["layer_ms"]
     if ep > 1:
-        mean_bytes = statistics.mean(r[4] for r in ranks)
-        entry.update(raw_a2a_ms=max(r[3] for r in ranks), bytes_sent_per_rank=[int(r[4]) for r in ranks],
+        mean_bytes = statistics.mean(r[5] for r in ranks)
+        entry.update(raw_a2a_ms=max(r[4] for r in ranks), bytes_sent_per_rank=[int(r[5]) for r in ranks],
                      bytes_sent_mean=mean_bytes,
                      model_bytes=cost_model(shape, tokens, ep, x_TH.element_size())["forward_bytes"])
         entry["dispatcher_gbps"] = mean_bytes / (entry["dispatcher_ms"] * 1e-3) / 1e9
@@ -288,6 +305,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes, few steps: a CPU check of the logic")
     p.add_argument("--cost-model-only", action="store_true", help="print the cost model and exit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-ffn", type=int, default=0,
+                   help="add a gated shared expert of this FFN width (Qwen2-MoE style) and time the layer with its "
+                        "overlap of the dispatch all-to-all on and off (alternating rounds); needs --no-autoep")
     p.add_argument("--no-autoep", dest="autoep", action="store_false",
                    help="leave out DeepSpeed AutoEP's layer at autoep_size=EP")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: the committed results on GPU, "
@@ -302,10 +322,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.shape = args.shape or (["olmoe"] if args.tiny else list(SHAPES))
     overrides = {k: getattr(args, k) for k in ("hidden", "ffn", "experts", "top_k") if getattr(args, k)}
+    if args.shared_ffn and args.autoep:
+        p.error("--shared-ffn: the AutoEP layer here is Mixtral's, without a shared expert; add --no-autoep")
     if overrides and len(args.shape) != 1:
         p.error("--hidden/--ffn/--experts/--top-k override one --shape; name exactly one")
     base = TINY_SHAPES if args.tiny else SHAPES
-    args.shapes = {(n + "_custom" if overrides else n): replace(base[n], **overrides) for n in args.shape}
+    suffix = ("_custom" if overrides else "") + (f"_shared{args.shared_ffn}" if args.shared_ffn else "")
+    args.shapes = {n + suffix: replace(base[n], **overrides) for n in args.shape}
     if args.out is None:
         args.out = DEFAULT_OUT if cuda else Path(tempfile.gettempdir()) / "ep_scaling_cpu.json"
     if not cuda and args.out.resolve() == DEFAULT_OUT.resolve():
@@ -324,7 +347,7 @@ def _meta(args: argparse.Namespace, argv: list[str]) -> dict:
         "device": torch.cuda.get_device_name(args.device) if cuda else f"cpu ({platform.machine()})",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(), "tokens_per_rank": args.tokens, "dtype": str(args.dtype).removeprefix("torch."),
-        "iters": args.iters, "warmup": args.warmup, "tiny": args.tiny,
+        "iters": args.iters, "warmup": args.warmup, "tiny": args.tiny, "shared_ffn": args.shared_ffn,
         "shapes": {n: asdict(s) for n, s in args.shapes.items()}, "cost_formula": COST_FORMULA,
         "bytes": "off-rank bytes one rank sends in dispatch + combine (= received), from the dispatch split sizes",
         "timing": "median of iters per rank, then the slowest rank; world barrier + sync before each step",
@@ -338,11 +361,13 @@ def print_results(results: dict[str, dict[int, dict]]) -> None:
              fmt(e.get("dispatcher_gbps"), ".4g"), fmt(e.get("raw_a2a_ms"), ".3f"), fmt(e.get("raw_a2a_gbps"), ".4g"),
              fmt(e.get("overhead"), ".2f"), fmt(e.get("layer_ms"), ".3f"), fmt(e.get("tokens_per_s"), ",.0f"),
              fmt(e.get("weak_scaling_eff"), ".2f"), fmt(e.get("autoep_layer_ms"), ".3f"), fmt(e.get("vs_autoep"), ".2f"),
-             fmt(e.get("autoep_weak_scaling_eff"), ".2f")]
+             fmt(e.get("autoep_weak_scaling_eff"), ".2f"), fmt(e.get("layer_no_overlap_ms"), ".3f"),
+             fmt(e.get("overlap_speedup"), ".3f")]
             for shape, per_ep in results.items() for ep, e in per_ep.items()]
     print_table("EP scaling (ms = slowest rank's median; MB/GB/s = mean off-rank bytes sent per rank)",
                 ["shape", "EP", "MB sent", "dispatcher ms", "GB/s", "raw a2a ms", "GB/s", "overhead",
-                 "layer fwd+bwd ms", "tokens/s (all)", "weak eff", "AutoEP ms", "vs AutoEP", "AutoEP weak eff"], rows)
+                 "layer fwd+bwd ms", "tokens/s (all)", "weak eff", "AutoEP ms", "vs AutoEP", "AutoEP weak eff",
+                 "no-overlap ms", "overlap gain"], rows)
 
 
 def run(argv: list[str] | None = None) -> dict[str, dict[int, dict]]:

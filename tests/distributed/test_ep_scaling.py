@@ -128,3 +128,38 @@ def test_benchmark_on_four_gloo_ranks(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())  # from the first run: the guard stops the second before writing
     assert set(doc) == {"results", "cost_model", "meta"} and set(doc["results"]["olmoe"]) == {"2", "4"}
     assert doc["meta"]["world_size"] == 4 and doc["meta"]["backend"] == "gloo" and doc["meta"]["tiny"]
+
+
+def test_shared_expert_needs_no_autoep() -> None:
+    with pytest.raises(SystemExit):
+        _load_benchmark().parse_args(["--tiny", "--shared-ffn", "96"])
+
+
+def _run_shared(argv: list[str]) -> tuple[dict, int]:
+    """The benchmark with a shared expert; also how many dispatches started their all-to-all in flight."""
+    import switchyard.moe.dispatcher as dispatcher_mod
+
+    original = dispatcher_mod.all_to_all_start
+    started = []
+
+    def spy(*args, **kwargs):
+        started.append(1)
+        return original(*args, **kwargs)
+
+    dispatcher_mod.all_to_all_start = spy
+    try:
+        return _load_benchmark().run(argv), len(started)
+    finally:
+        dispatcher_mod.all_to_all_start = original
+
+
+def test_shared_expert_overlap_ab_on_two_gloo_ranks(tmp_path: Path) -> None:
+    argv = ["--tiny", "--shape", "olmoe", "--ep-sizes", "2", "--shared-ffn", "96", "--no-autoep",
+            "--out", str(tmp_path / "ep.json")]
+    for results, started in run_on_ranks(_run_shared, 2, argv, timeout_s=60):
+        entry = results["olmoe_shared96"][2]
+        assert entry["layer_ms"] > 0 and entry["layer_no_overlap_ms"] > 0
+        assert math.isclose(entry["overlap_speedup"], entry["layer_no_overlap_ms"] / entry["layer_ms"])
+        # warm-up + timed forwards of the two rounds with the overlap on (1 warm-up, 2 timed each)
+        assert started == 2 * (1 + 2), started
+    assert json.loads((tmp_path / "ep.json").read_text())["meta"]["shared_ffn"] == 96

@@ -30,14 +30,14 @@ Tensor suffixes:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from switchyard.moe.kernels import fused_kernels_enabled, gather_rows, unpermute_combine
 from switchyard.moe.kernels.expert_sort import sort_slots_by_expert
-from switchyard.parallel.all_to_all import all_to_all, exchange_counts
+from switchyard.parallel.all_to_all import all_to_all, all_to_all_start, exchange_counts
 
 
 @dataclass
@@ -56,6 +56,7 @@ class DispatchPlan:
     dest_M: torch.Tensor | None = None  # its inverse: local-expert-major row of each received row
     row_of_slot_TK: torch.Tensor | None = None  # sent row of each slot (t, k), -1 if dropped (fused path)
     replicated: bool = False  # every EP rank holds the same tokens: combine all-reduces partial sums
+    overlap_out: torch.Tensor | None = None  # what dispatch's ``overlap`` returned
 
 
 class _CountExchange(NamedTuple):
@@ -87,12 +88,16 @@ class TokenDispatcher:
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
 
     def dispatch(
-        self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
+        self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None,
+        overlap: Callable[[], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, DispatchPlan]:
-        """Token copies for this rank's local experts, grouped by local expert, and the plan to undo it."""
+        """Token copies for this rank's local experts, grouped by local expert, and the plan to undo it.
+
+        ``overlap`` (work independent of the routed path, e.g. a shared expert) runs while the all-to-all
+        is in flight (at ep = 1 right away); its result comes back as ``plan.overlap_out``."""
         num_tokens, top_k = expert_TK.shape
         if not fused_kernels_enabled():
-            return self._dispatch_unfused(x_TH, expert_TK, keep_TK)
+            return self._dispatch_unfused(x_TH, expert_TK, keep_TK, overlap)
         slot_order, token_idx, row_of_slot_TK, bounds, offsets_E, tokens_per_expert_E = sort_slots_by_expert(
             expert_TK, keep_TK, self.num_experts)
         counts = self._exchange_counts(tokens_per_expert_E) if self.ep_size > 1 else None
@@ -104,8 +109,9 @@ class TokenDispatcher:
                             row_of_slot_TK=row_of_slot_TK)
         if counts is None:
             plan.local_offsets_L = offsets_E
+            plan.overlap_out = overlap() if overlap is not None else None
             return x_NH, plan
-        return self._exchange(x_NH, plan, counts)
+        return self._exchange(x_NH, plan, counts, overlap)
 
     def dispatch_replicated(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
@@ -135,7 +141,8 @@ class TokenDispatcher:
                                   row_of_slot_TK=row_of_slot_TK, replicated=True)
 
     def _dispatch_unfused(
-        self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None
+        self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+        overlap: Callable[[], torch.Tensor] | None,
     ) -> tuple[torch.Tensor, DispatchPlan]:
         """The reference path: bincount (a host sync on CUDA), argsort, index_select (atomic backward)."""
         num_tokens, top_k = expert_TK.shape
@@ -150,8 +157,9 @@ class TokenDispatcher:
         x_NH = x_TH.index_select(0, token_idx)
         plan = DispatchPlan(num_tokens, slot_order, token_idx, tokens_per_expert_E, tokens_per_expert_E)
         if self.ep_size == 1:
+            plan.overlap_out = overlap() if overlap is not None else None
             return x_NH, plan
-        return self._exchange(x_NH, plan, self._exchange_counts(tokens_per_expert_E))
+        return self._exchange(x_NH, plan, self._exchange_counts(tokens_per_expert_E), overlap)
 
     def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> "_CountExchange":
         """Start the split-size exchange, before the gather of ``x_NH`` is queued: the host read of the split
@@ -175,13 +183,18 @@ class TokenDispatcher:
         shift_C = (expert_major_start_LR.t() - source_major_start_RL).reshape(-1)
         return _CountExchange(recv_RL, shift_C, splits_2R, ready)
 
-    def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan,
-                  counts: "_CountExchange") -> tuple[torch.Tensor, DispatchPlan]:
+    def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan, counts: "_CountExchange",
+                  overlap: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, DispatchPlan]:
         plan.tokens_per_local_expert_L = counts.recv_RL.sum(0)
         if counts.ready is not None:
             counts.ready.synchronize()  # the split sizes' host sync: waits for the counts, not for the gather
         plan.input_splits, plan.output_splits = counts.splits_2R.tolist()
-        x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
+        if overlap is None:
+            x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
+        else:
+            in_flight = all_to_all_start(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
+            plan.overlap_out = overlap()
+            x_recv = in_flight.wait()
         rows = x_recv.shape[0]
         row_M = torch.arange(rows, device=x_recv.device)
         plan.dest_M = row_M + torch.repeat_interleave(counts.shift_C, counts.recv_RL.reshape(-1), output_size=rows)

@@ -22,7 +22,7 @@ Tensor suffixes: T tokens, K top-k, E global experts, L local experts, M rows fo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
@@ -116,6 +116,8 @@ class MoELayer(DeepSpeedMoEModule):
     all_experts_tokens: int | None = None
     # training steps' routed path as CUDA graph replays where it can be (moe/cuda_graph.py: rules, memory)
     cuda_graph: bool = False
+    # shared experts computed while the dispatch all-to-all is in flight (ep > 1; their backward likewise)
+    overlap_shared_experts: bool = True
 
     def __init__(
         self,
@@ -176,6 +178,7 @@ class MoELayer(DeepSpeedMoEModule):
         shape = hidden_states.shape
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         graph = self._replayable_graph(x_TH) if self.cuda_graph else None
+        shared_TH = None
         if graph is not None:
             out_TH, *router_outputs, tokens_per_expert_E = graph.run(x_TH)
             routed, keep_TK = RouterOutput(*router_outputs), None
@@ -186,32 +189,42 @@ class MoELayer(DeepSpeedMoEModule):
             if path is not None:
                 out_TH, tokens_per_expert_E = self._inference_forward(path, x_TH, routed, keep_TK)
             else:
-                out_TH, tokens_per_expert_E = self._sorted_forward(x_TH, routed, keep_TK)
+                overlap = None
+                if self.shared_experts is not None and self.overlap_shared_experts:
+                    overlap = lambda: self._shared_forward(x_TH)  # noqa: E731
+                out_TH, tokens_per_expert_E, shared_TH = self._sorted_forward(x_TH, routed, keep_TK, overlap)
         if self.shared_experts is not None:
-            shared_TH = self.shared_experts(x_TH)
-            if self.shared_expert_gate is not None:
-                shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
-            out_TH = out_TH + shared_TH
+            out_TH = out_TH + (shared_TH if shared_TH is not None else self._shared_forward(x_TH))
         self._record(routed, tokens_per_expert_E, keep_TK, batch_size=shape[0] if len(shape) == 3 else 1)
         return out_TH.reshape(shape)
 
-    def _sorted_forward(self, x_TH: torch.Tensor, routed: RouterOutput,
-                        keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """dispatch (sort by expert, all-to-all) → grouped experts → combine: (out_TH, tokens_per_expert_E)."""
+    def _shared_forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        assert self.shared_experts is not None
+        shared_TH = self.shared_experts(x_TH)
+        if self.shared_expert_gate is not None:
+            shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
+        return shared_TH
+
+    def _sorted_forward(self, x_TH: torch.Tensor, routed: RouterOutput, keep_TK: torch.Tensor | None,
+                        overlap: Callable[[], torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """dispatch (sort by expert, all-to-all) → grouped experts → combine: (out_TH, tokens_per_expert_E,
+        what ``overlap`` returned, run while the dispatch's all-to-all is in flight)."""
         if self.replicated_tokens and self.ep_size > 1:
             if torch.is_grad_enabled():
                 raise RuntimeError("replicated_tokens is an inference mode (its all-reduce has no backward); "
                                    "run under torch.no_grad() / inference_mode(), or set replicated_tokens=False")
             x_MH, plan = self.dispatcher.dispatch_replicated(x_TH, routed.topk_idx_TK, keep_TK)
+            plan.overlap_out = overlap() if overlap is not None else None
         else:
-            x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK)
+            x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK, overlap)
         y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_offsets_L)
-        return self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK), plan.tokens_per_expert_E
+        return self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK), plan.tokens_per_expert_E, plan.overlap_out
 
     def _routed_core(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What ``cuda_graph`` captures: the dropless routed path, outputs as tensors only."""
         routed = self.router(x_TH)
-        out_TH, tokens_per_expert_E = self._sorted_forward(x_TH, routed, None)
+        out_TH, tokens_per_expert_E, _ = self._sorted_forward(x_TH, routed, None)
         return (out_TH, routed.logits_TE, routed.scores_TE, routed.topk_idx_TK, routed.topk_weight_TK,
                 tokens_per_expert_E)
 

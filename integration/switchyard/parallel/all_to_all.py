@@ -3,9 +3,16 @@
 The backward of an all-to-all is the all-to-all with input and output splits swapped. Split sizes
 are Python lists of row counts per peer rank (``len == group size``); a rank may send or receive
 zero rows.
+
+``all_to_all_start`` returns the exchange in flight, so work that does not need its output (a shared
+expert) runs while the bytes move; ``wait()`` gives the output. Its backward overlaps the same way: the
+gradient's all-to-all starts where ``wait`` was and is waited for where ``start`` was, so whatever autograd
+runs between the two (that work's backward) runs while it is in flight.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,6 +36,82 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         grad_in = _all_to_all(grad_out, ctx.input_splits, ctx.output_splits, ctx.group)
         return grad_in, None, None, None
+
+
+@dataclass
+class _InFlight:
+    """The handles of one split exchange: its forward all-to-all and its gradient's, while they run."""
+
+    output_splits: list[int]
+    input_splits: list[int]
+    group: dist.ProcessGroup | None
+    forward: dist.Work | None = None
+    backward: dist.Work | None = None
+    grad_in: torch.Tensor | None = None  # where the gradient's exchange lands
+
+
+class _AllToAllStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, flight):  # type: ignore[override]
+        ctx.flight = flight
+        out = x.new_empty((sum(flight.output_splits), *x.shape[1:]))
+        flight.forward = dist.all_to_all_single(out, x.contiguous(), flight.output_splits, flight.input_splits,
+                                                group=flight.group, async_op=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, _):  # type: ignore[override]
+        # the incoming gradient is the one _AllToAllWait.backward passed through and started exchanging
+        flight = ctx.flight
+        flight.backward.wait()
+        grad_in, flight.backward, flight.grad_in = flight.grad_in, None, None
+        return grad_in, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, flight):  # type: ignore[override]
+        ctx.flight = flight
+        flight.forward.wait()
+        flight.forward = None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        flight = ctx.flight
+        flight.grad_in = grad_out.new_empty((sum(flight.input_splits), *grad_out.shape[1:]))
+        flight.backward = dist.all_to_all_single(flight.grad_in, grad_out.contiguous(), flight.input_splits,
+                                                 flight.output_splits, group=flight.group, async_op=True)
+        return grad_out, None  # a stand-in of the right shape: _AllToAllStart.backward returns the exchanged one
+
+
+class PendingAllToAll:
+    """An all-to-all in flight (``all_to_all_start``); ``wait()`` returns its output, once."""
+
+    def __init__(self, out: torch.Tensor, flight: _InFlight | None) -> None:
+        self._out, self._flight, self._waited = out, flight, False
+
+    def wait(self) -> torch.Tensor:
+        if self._waited:
+            raise RuntimeError("PendingAllToAll.wait() may be called once; keep the tensor it returned")
+        self._waited = True
+        if self._flight is None:  # a group of one: nothing was sent
+            return self._out
+        return _AllToAllWait.apply(self._out, self._flight)
+
+
+def all_to_all_start(
+    x: torch.Tensor,
+    output_splits: list[int],
+    input_splits: list[int],
+    group: dist.ProcessGroup | None = None,
+) -> PendingAllToAll:
+    """``all_to_all`` without waiting: the exchange runs while the caller queues other work."""
+    assert sum(input_splits) == x.shape[0], (sum(input_splits), x.shape)
+    if group is not None and dist.get_world_size(group) == 1:
+        return PendingAllToAll(x, None)
+    flight = _InFlight(list(output_splits), list(input_splits), group)
+    return PendingAllToAll(_AllToAllStart.apply(x, flight), flight)
 
 
 def all_to_all(

@@ -102,6 +102,10 @@ def ids_of(choice) -> list[int]:
 
 def test_models_health_and_auth(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.model_extra["max_model_len"] == CONTEXT
+    status, body = http(server, "GET", "/v1/models/gpt-9")
+    assert status == 404 and body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
     assert http(server, "GET", "/health", key=None) == (200, {"status": "ok"})
     for key in (None, "wrong"):
         status, body = http(server, "GET", "/v1/models", key=key)
@@ -205,6 +209,47 @@ def test_logprobs_completion_and_chat_streamed_or_not(client, reference):
                                        atol=1e-4, rtol=1e-4)
     plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_a_tiny_temperature_is_greedy_and_the_server_goes_on(client, reference):
+    """temperature=1e-40 is valid; it used to overflow in the sampler and kill rank 0 (and the job)."""
+    tok = reference.tok
+    ids = tok(PROMPTS[1]).input_ids
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=1e-40,
+                                         extra_body={"return_token_ids": True})
+    assert ids_of(response.choices[0]) == reference(ids, 6)
+    after = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=6, temperature=0)
+    assert after.choices[0].text == tok.decode(reference(tok(PROMPTS[2]).input_ids, 6), skip_special_tokens=True)
+
+
+def test_null_parameters_mean_the_default(server):
+    """Explicit JSON nulls (as OpenAI and vLLM accept them) were a 400; they mean the default."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stream_options", "stop", "seed", "presence_penalty",
+                           "frequency_penalty", "ignore_eos", "return_token_ids", "logprobs", "user"])
+    for path, body in (("/v1/completions", {"prompt": "x", "echo": None, "max_tokens": 2}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                                                 "top_logprobs": None})):
+        status, reply = http(server, "POST", path, body={"model": MODEL, **body, **nulls})
+        assert status == 200, (path, reply)
+        assert len(reply["choices"]) == 1 and reply["choices"][0]["logprobs"] is None, path  # n=1, no logprobs
+        assert "token_ids" not in reply["choices"][0] and reply["usage"]["completion_tokens"] >= 1, path
+
+
+def test_text_the_tokenizer_refuses_and_an_overlong_chat_prompt_are_400s(server):
+    """A lone surrogate (valid JSON) was a 500; a chat prompt over the context without max_tokens blamed the
+    max_tokens the client never sent."""
+    for path, body, param in (
+            ("/v1/completions", b'{"model": "%s", "prompt": "hi \\ud800", "max_tokens": 2}', "prompt"),
+            ("/v1/chat/completions",
+             b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}', "messages")):
+        status, reply = http(server, "POST", path, raw=body % MODEL.encode())
+        assert (status, reply["error"]["param"]) == (400, param), reply
+        assert "could not be tokenized" in reply["error"]["message"]
+    messages = [{"role": "user", "content": "hello world " * 200}]
+    status, reply = http(server, "POST", "/v1/chat/completions", body={"model": MODEL, "messages": messages})
+    error = reply["error"]
+    assert (status, error["param"], error["code"]) == (400, "messages", "context_length_exceeded"), reply
+    assert f"context is {CONTEXT} tokens" in error["message"] and "max_tokens" not in error["message"]
 
 
 def test_sse_wire_format(server):

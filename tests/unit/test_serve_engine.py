@@ -16,7 +16,8 @@ import switchyard as sy
 from switchyard.serve.engine import Engine, ModelRunner, Sequence, SeqOutput, StepPlan
 from switchyard.serve.runner import DecodeBatch
 from switchyard.serve.loading import build_tiny_moe
-from switchyard.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop
+from switchyard.serve.sampling import (SAMPLING_EPS, IncrementalDetokenizer, SamplingParams, find_stop,
+                                       make_generator, sample_token)
 
 PROMPTS = ["def hello(world):\n    return", "import os\n", "class Foo", "x", "for i in range(10):", "# comment\n"]
 
@@ -158,6 +159,25 @@ def test_sampling_is_seeded_per_sequence(model_and_tok):
     assert run(temperature=0.9, seed=1) == run(temperature=0.9, seed=1)
     assert run(temperature=0.9, seed=1) != run(temperature=0.9, seed=2)
     assert run(temperature=1.0, top_p=1e-6, seed=3) == greedy(model, ids, 20)
+
+
+def test_a_tiny_temperature_is_greedy_and_never_overflows(model_and_tok):
+    """temperature=1e-40 passes validation; logits / 1e-40 would be inf, softmax NaN, multinomial raise (and kill
+    rank 0). Below SAMPLING_EPS it is greedy; at the epsilon the scaled logits stay finite."""
+    tiny = SamplingParams(max_tokens=8, temperature=1e-40)
+    assert tiny.greedy and make_generator(tiny, 0, torch.device("cpu")) is None
+    large_V = torch.tensor([0.0, 3e34, -3e34, 1e34])  # 3e34 / 1e-5 overflows float32 unless shifted first
+    assert sample_token(large_V, tiny, None) == 1
+    at_eps = SamplingParams(max_tokens=8, temperature=SAMPLING_EPS, seed=0)
+    assert not at_eps.greedy
+    assert sample_token(large_V, at_eps, make_generator(at_eps, 0, torch.device("cpu"))) == 1
+    model, tok = model_and_tok
+    ids = tok(PROMPTS[1]).input_ids
+    engine = engine_for(model, tok)
+    seq = Sequence(ids, tiny)
+    engine.submit([seq])
+    engine.run_until_idle()
+    assert seq.output_ids == greedy(model, ids, 8)
 
 
 def test_context_limit_and_bad_params_are_refused(model_and_tok):

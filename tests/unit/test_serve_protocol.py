@@ -54,6 +54,79 @@ def test_requests_validate_types_and_ranges():
         P.ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}])
 
 
+def test_null_means_the_default_but_required_fields_stay_required():
+    """OpenAI and vLLM take ``"temperature": null`` (clients send it) as the default; it was a 400."""
+    defaults = dict(temperature=1.0, top_p=1.0, n=1, stream=False, presence_penalty=0.0, frequency_penalty=0.0,
+                    ignore_eos=False, return_token_ids=False)
+    for field, default in {**defaults, "echo": False}.items():
+        assert getattr(P.CompletionRequest(model="m", prompt="x", **{field: None}), field) == default, field
+    messages = [{"role": "user", "content": "x", "name": None}]
+    for field, default in {**defaults, "logprobs": False}.items():
+        assert getattr(P.ChatCompletionRequest(model="m", messages=messages, **{field: None}), field) == default, field
+    streamed = P.CompletionRequest(model="m", prompt="x", stream=True, stream_options={"include_usage": None})
+    assert streamed.stream_options == P.StreamOptions(include_usage=False)
+    assert P.CompletionRequest(model="m", prompt="x", max_tokens=None, seed=None, stop=None).max_tokens is None
+    for missing in (dict(model=None, prompt="x"), dict(model="m", prompt=None)):
+        with pytest.raises(ValidationError):
+            P.CompletionRequest(**missing)
+    with pytest.raises(ValidationError):
+        P.ChatCompletionRequest(model="m", messages=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from switchyard.serve.loading import build_tiny_moe
+
+    base = tmp_path_factory.getbasetemp()
+    return AutoTokenizer.from_pretrained(build_tiny_moe(base / "serve-tiny-moe", base / "serve-cache"))
+
+
+def test_chat_logprob_bytes_are_the_tokens_raw_bytes(tiny_tok):
+    """A byte-level token inside a character reads U+FFFD, but its ``bytes`` are its own raw bytes (not U+FFFD's
+    UTF-8): concatenated they rebuild the text, as OpenAI defines them."""
+    from switchyard.serve.app import _Logprobs
+
+    text = "ͧ é ✓ ok"
+    ids = tiny_tok(text).input_ids
+    assert any(tiny_tok.decode([t]) == "\ufffd" for t in ids)  # some tokens split a character
+    eos = tiny_tok.eos_token_id
+    steps = [(t, (-0.5, ((t, -0.5), (ids[0], -1.0), (eos, -2.0)))) for t in ids]
+    content = _Logprobs(tiny_tok).chat(steps).content
+    assert b"".join(bytes(e.bytes) for e in content) == text.encode()
+    assert [e.top_logprobs[0].bytes for e in content] == [e.bytes for e in content]
+    assert all(bytes(e.top_logprobs[1].bytes) == "ͧ".encode()[:1] for e in content)
+    assert all(bytes(e.top_logprobs[2].bytes) == tiny_tok.eos_token.encode() for e in content)  # a special token
+
+
+def test_chat_logprob_bytes_of_sentencepiece_byte_fallback_tokens():
+    from switchyard.serve.app import _Logprobs
+
+    class Tok:  # a SentencePiece tokenizer with byte fallback: "ͧ" is <0xCD><0xA7>
+        pieces, texts = ["<0xCD>", "<0xA7>", "▁hi"], ["\ufffd", "\ufffd", " hi"]
+
+        def convert_ids_to_tokens(self, token_id):
+            return self.pieces[token_id]
+
+        def decode(self, ids, **kwargs):
+            return self.texts[ids[0]]
+
+    content = _Logprobs(Tok()).chat([(t, (-1.0, ())) for t in (2, 0, 1)]).content
+    assert [e.bytes for e in content] == [list(b" hi"), [0xCD], [0xA7]]
+
+
+def test_unicode_the_tokenizer_refuses_is_a_400_naming_the_param(tiny_tok):
+    """JSON's "\\ud800" is a lone surrogate: valid JSON, but not text the tokenizer takes (it was a 500)."""
+    from switchyard.serve.app import APIError, _tokenize
+
+    assert _tokenize(tiny_tok, "hi", "prompt") == tiny_tok("hi").input_ids
+    for param in ("prompt", "messages"):
+        with pytest.raises(APIError, match="could not be tokenized") as err:
+            _tokenize(tiny_tok, "hi \ud800", param)
+        assert (err.value.status, err.value.param) == (400, param)
+
+
 def test_bodies_keep_openai_nulls_and_drop_unrequested_extensions():
     usage = P.Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
     body = P.dump(P.CompletionResponse(id="c", created=0, model="m", usage=usage,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 from http import HTTPStatus
 from typing import Any, AsyncIterator, Callable
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from switchyard.log import get_logger
 from switchyard.serve import protocol as P
@@ -34,6 +36,7 @@ log = get_logger(__name__)
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 KNOWN_PATHS = (*GENERATE_PATHS, "/v1/models", "/health", "/metrics")
 DISCONNECT_POLL_S = 0.25
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for one raw byte
 
 
 class APIError(Exception):
@@ -44,6 +47,16 @@ class APIError(Exception):
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     return JSONResponse(P.error_body(status, message, param, code), status_code=status)
+
+
+def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]:
+    """Token ids of user text. Valid JSON can still hold text the tokenizer refuses (a lone UTF-16 surrogate
+    such as ``"\\ud800"``): that is the client's 400, not a 500."""
+    try:
+        return tokenizer(text, **kwargs).input_ids
+    except Exception as err:  # noqa: BLE001 - tokenizers raise TypeError, slow ones UnicodeEncodeError, ...
+        raise APIError(400, f"the text in `{param}` could not be tokenized: is it valid Unicode? (a lone surrogate "
+                       "such as \\ud800 is not); send well-formed text", param=param, code="invalid_value") from err
 
 
 class _BodyTooLarge(Exception):
@@ -158,21 +171,49 @@ def _sse(body: dict | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body, separators=(',', ':'))}\n\n"
 
 
+def _byte_level(tokenizer: Any) -> bool:
+    """Whether the tokenizer's pieces are GPT-2 byte-level strings (its decoder is ``ByteLevel``, maybe inside a
+    ``Sequence``): GPT-2, Llama 3, Qwen and the tiny tokenizer."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return False
+    config = json.loads(decoder.__getstate__())
+    return any(d.get("type") == "ByteLevel" for d in [config, *config.get("decoders", [])])
+
+
 class _Logprobs:
     """OpenAI's two logprobs shapes from the engine's ``(token id, (logprob, top (id, logprob) pairs))``.
 
     A token's text is its own decode (a byte-level token may be part of a character: then its text has
-    U+FFFD and ``bytes`` still holds what the token decodes to)."""
+    U+FFFD); ``bytes`` are the token's raw bytes, so concatenating them rebuilds split characters."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._text: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
+        self._byte_of = {c: b for b, c in bytes_to_unicode().items()} if _byte_level(tokenizer) else None
+        self._added = set(getattr(tokenizer, "added_tokens_decoder", {}))  # special tokens: their text is theirs
 
     def text(self, token_id: int) -> str:
         if token_id not in self._text:
             self._text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False,
                                                          clean_up_tokenization_spaces=False)
         return self._text[token_id]
+
+    def raw_bytes(self, token_id: int) -> list[int]:
+        if token_id not in self._bytes:
+            self._bytes[token_id] = self._read_bytes(token_id)
+        return self._bytes[token_id]
+
+    def _read_bytes(self, token_id: int) -> list[int]:
+        """Byte-level piece → GPT-2's byte table; SentencePiece ``<0xNN>`` → that byte; else the text's UTF-8."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token_id not in self._added:
+            if self._byte_of is not None and set(piece) <= self._byte_of.keys():
+                return [self._byte_of[c] for c in piece]
+            if self._byte_of is None and (fallback := _BYTE_FALLBACK.fullmatch(piece)):
+                return [int(fallback[1], 16)]
+        return list(self.text(token_id).encode("utf-8"))
 
     def completion(self, steps: list[tuple[int, Any]], offset: int = 0) -> P.CompletionLogprobs:
         out = P.CompletionLogprobs()
@@ -189,8 +230,7 @@ class _Logprobs:
 
     def chat(self, steps: list[tuple[int, Any]]) -> P.ChatLogprobs:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            text = self.text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": self.text(token_id), "logprob": logprob, "bytes": self.raw_bytes(token_id)}
 
         return P.ChatLogprobs(content=[
             P.TokenLogprob(**entry(token_id, logprob), top_logprobs=[P.TopLogprob(**entry(t, lp)) for t, lp in top])
@@ -301,11 +341,16 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param="prompt")
         return ids
 
-    def budget(prompts: list[list[int]], max_tokens: int | None) -> int:
+    def budget(prompts: list[list[int]], max_tokens: int | None, param: str) -> int:
+        """Tokens each sequence may generate: ``max_tokens``, or (None) the rest of the context. A prompt that
+        leaves no room is the fault of ``param`` (the prompt or messages), whatever max_tokens says."""
         longest = max(len(p) for p in prompts)
+        if longest >= max_len:
+            raise APIError(400, f"this model's context is {max_len} tokens and the prompt has {longest}, which "
+                           f"leaves no room to generate; shorten {param}", param=param, code="context_length_exceeded")
         if max_tokens is None:
-            max_tokens = max_len - longest
-        if longest + max_tokens > max_len or max_tokens < 1:
+            return max_len - longest
+        if longest + max_tokens > max_len:
             raise APIError(400, f"this model's context is {max_len} tokens; the prompt has {longest} and "
                            f"max_tokens asks for {max_tokens} more", param="max_tokens", code="context_length_exceeded")
         return max_tokens
@@ -339,27 +384,34 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    card = P.ModelCard(id=model_name, created=created, max_model_len=max_len)
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return P.ModelList(data=[P.ModelCard(id=model_name, created=created, max_model_len=max_len)]).model_dump()
+        return P.ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")  # a served name may hold a '/' ("org/model")
+    async def model_card(model_id: str) -> dict:
+        check_model(model_id)
+        return card.model_dump()
 
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request) -> Any:
         check_model(req.model)
         raw = req.prompt
         if isinstance(raw, str):
-            prompts = [tokenizer(raw).input_ids]
+            prompts = [_tokenize(tokenizer, raw, "prompt")]
         elif all(isinstance(x, int) for x in raw):
             prompts = [list(raw)]  # type: ignore[arg-type]
         elif all(isinstance(x, str) for x in raw):
-            prompts = [tokenizer(x).input_ids for x in raw]  # type: ignore[union-attr]
+            prompts = [_tokenize(tokenizer, x, "prompt") for x in raw]  # type: ignore[arg-type]
         else:
             prompts = [list(x) for x in raw]  # type: ignore[arg-type]
         if len(prompts) > config.max_prompts:
             raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {config.max_prompts}",
                            param="prompt")
         prompts = [check_ids(p) for p in prompts]
-        params = params_of(req, budget(prompts, req.max_tokens or config.default_max_tokens), config.max_n,
+        params = params_of(req, budget(prompts, req.max_tokens or config.default_max_tokens, "prompt"), config.max_n,
                            req.logprobs)
         gen = _Generation(engine, prompts, req.n, params)
         gen.submit()
@@ -402,8 +454,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as err:  # noqa: BLE001 - a template may reject a role order, etc.
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from err
-        prompt = check_ids(tokenizer(text, add_special_tokens=False).input_ids)
-        params = params_of(req, budget([prompt], req.max_new_tokens), config.max_n, req.logprobs_wanted)
+        prompt = check_ids(_tokenize(tokenizer, text, "messages", add_special_tokens=False))
+        params = params_of(req, budget([prompt], req.max_new_tokens, "messages"), config.max_n, req.logprobs_wanted)
         gen = _Generation(engine, [prompt], req.n, params)
         gen.submit()
         rid, model = P.new_id("chatcmpl"), model_name

@@ -48,14 +48,28 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 # -- requests -------------------------------------------------------------------------------------------
-class StreamOptions(BaseModel):
+class _Request(BaseModel):
+    """A request body part. Unknown fields are ignored (as vLLM does); ``null`` for a field with a default
+    means that default (OpenAI and vLLM accept ``"temperature": null``), while a required field stays required."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items()
+                if value is not None or key not in fields or fields[key].is_required() or fields[key].default is None}
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
-    """Fields both endpoints share. Unknown fields are ignored (as vLLM does); unsupported ones fail."""
-
-    model_config = ConfigDict(extra="ignore")
+class _SamplingRequest(_Request):
+    """Fields both endpoints share; unsupported ones fail."""
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -110,9 +124,7 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 are inf
 _MIX = 0x9E3779B97F4A7C15  # spreads (seed, choice index) over the generator's seed space
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What one sequence asks for. ``temperature == 0`` is greedy (argmax, as ``generate(do_sample=False)``)."""
+    """What one sequence asks for; a temperature below ``SAMPLING_EPS`` is greedy (``generate(do_sample=False)``)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -40,7 +41,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """The one place deciding argmax vs a draw: a tiny temperature is greedy, not a division overflowing to inf."""
+        return self.temperature < SAMPLING_EPS
 
 
 def make_generator(params: SamplingParams, choice_index: int, device: torch.device) -> torch.Generator | None:
@@ -59,7 +61,9 @@ def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torc
     """One token id from the last position's logits ``[V]`` (temperature, then nucleus, then a draw)."""
     if params.greedy:
         return int(torch.argmax(logits_V))
-    scaled_V = logits_V.float() / params.temperature
+    logits_V = logits_V.float()
+    # the largest shifted to 0 first (softmax does not change): near SAMPLING_EPS the division cannot reach +inf
+    scaled_V = (logits_V - logits_V.max()) / params.temperature
     if params.top_p < 1:
         sorted_V, order_V = torch.sort(scaled_V, descending=True)
         probs_V = torch.softmax(sorted_V, dim=-1)

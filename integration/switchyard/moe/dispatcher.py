@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from switchyard.moe.kernels import fused_kernels_enabled, gather_rows, unpermute_combine
+from switchyard.moe.kernels.ep_regroup import CountPlan, plan_counts, regroup_index
 from switchyard.moe.kernels.expert_sort import sort_slots_by_expert
 from switchyard.parallel.all_to_all import all_to_all, all_to_all_start, exchange_counts
 
@@ -60,8 +61,7 @@ class DispatchPlan:
 
 
 class _CountExchange(NamedTuple):
-    recv_RL: torch.Tensor  # rows each source rank sends to each local expert (device)
-    shift_C: torch.Tensor  # per (source, local expert) chunk: its expert-major start minus its source-major start
+    plan: CountPlan  # split sizes, per-local-expert counts and offsets, chunk shifts (device)
     splits_2R: torch.Tensor  # [rows sent to, rows received from] each EP rank (host, once ``ready``)
     ready: "torch.cuda.Event | None"  # recorded after the copy to the host (None on CPU)
 
@@ -164,28 +164,21 @@ class TokenDispatcher:
     def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> "_CountExchange":
         """Start the split-size exchange, before the gather of ``x_NH`` is queued: the host read of the split
         sizes then waits for the counts and their copy to pinned memory only, and the gather, queued behind
-        them, runs while the host wakes and issues the all-to-all. What the regroup needs from the counts
-        alone is issued here too, while the host would otherwise wait."""
-        send_RL = tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
-        recv_RL = exchange_counts(send_RL.reshape(-1), self.ep_group).view(self.ep_size, self.num_local_experts)
-        splits_2R = torch.stack([send_RL.sum(1), recv_RL.sum(1)])
-        ready = None
+        them, runs while the host wakes and issues the all-to-all. Everything else the exchange needs from the
+        counts (offsets, the regroup's chunk shifts) comes from the same launch (``plan_counts``)."""
+        recv_E = exchange_counts(tokens_per_expert_E, self.ep_group)
+        plan = plan_counts(tokens_per_expert_E, recv_E, self.ep_size)
+        splits_2R, ready = plan.splits_2R, None
         if splits_2R.is_cuda:
             splits_2R = splits_2R.to("cpu", non_blocking=True)  # into pinned memory, in stream order
             ready = torch.cuda.Event()
             ready.record()
-        # rows arrive grouped by (source rank, local expert); the experts want (local expert, source rank).
-        # Each chunk moves as a block, so row i of chunk c goes to i + shift[c]: its start in (expert, source)
-        # order minus its start in (source, expert) order.
-        source_major_start_RL = (torch.cumsum(recv_RL.reshape(-1), 0) - recv_RL.reshape(-1)).view_as(recv_RL)
-        recv_LR = recv_RL.t()
-        expert_major_start_LR = (torch.cumsum(recv_LR.reshape(-1), 0) - recv_LR.reshape(-1)).view_as(recv_LR)
-        shift_C = (expert_major_start_LR.t() - source_major_start_RL).reshape(-1)
-        return _CountExchange(recv_RL, shift_C, splits_2R, ready)
+        return _CountExchange(plan, splits_2R, ready)
 
     def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan, counts: "_CountExchange",
                   overlap: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, DispatchPlan]:
-        plan.tokens_per_local_expert_L = counts.recv_RL.sum(0)
+        plan.tokens_per_local_expert_L = counts.plan.per_local_L
+        plan.local_offsets_L = counts.plan.local_offsets_L
         if counts.ready is not None:
             counts.ready.synchronize()  # the split sizes' host sync: waits for the counts, not for the gather
         plan.input_splits, plan.output_splits = counts.splits_2R.tolist()
@@ -195,10 +188,8 @@ class TokenDispatcher:
             in_flight = all_to_all_start(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
             plan.overlap_out = overlap()
             x_recv = in_flight.wait()
-        rows = x_recv.shape[0]
-        row_M = torch.arange(rows, device=x_recv.device)
-        plan.dest_M = row_M + torch.repeat_interleave(counts.shift_C, counts.recv_RL.reshape(-1), output_size=rows)
-        plan.regroup_M = torch.empty_like(plan.dest_M).scatter_(0, plan.dest_M, row_M)
+        # rows arrive grouped by (source rank, local expert); the experts want (local expert, source rank)
+        plan.dest_M, plan.regroup_M = regroup_index(counts.plan, x_recv.shape[0])
         return permute_rows(x_recv, plan.regroup_M, plan.dest_M), plan
 
     def reduce_replicated(self, out_TH: torch.Tensor) -> torch.Tensor:

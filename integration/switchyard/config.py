@@ -17,6 +17,38 @@ DROP_POLICIES = ("probs", "position")
 INIT_METHODS = ("copy", "granular", "drop_upcycle", "random")
 
 
+# MoEConfig field -> the values it takes ("?": or None). A bool is not an int here, and an int is a real
+# number, so ``aux_loss_coef=1`` is fine but ``num_experts=8.0`` and ``norm_topk_prob="false"`` are not.
+_MOE_FIELD_KINDS: dict[str, str] = {
+    "num_experts": "int", "top_k": "int", "init": "str", "intermediate_size": "int?",
+    "score_func": "str", "softmax_before_topk": "bool", "norm_topk_prob": "bool", "n_group": "int?",
+    "topk_group": "int?", "routed_scaling_factor": "real", "expert_bias": "bool", "expert_bias_update_rate": "real",
+    "router_jitter": "real", "aux_loss_coef": "real", "seq_aux_loss_coef": "real", "z_loss_coef": "real",
+    "capacity_factor": "real?", "eval_capacity_factor": "real?", "drop_policy": "str", "num_shared_experts": "int",
+    "shared_expert_intermediate_size": "int?", "shared_expert_gate": "bool", "activation": "str", "gated": "bool",
+    "bias": "bool", "extra": "dict",
+}
+_KIND_CHECKS: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "real": ("a real number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("True or False", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "dict": ("a dict", lambda v: isinstance(v, dict)),
+}
+
+
+def _check_kinds(config: Any) -> None:
+    """Type errors as ValueErrors naming the field, before any comparison could fail on a wrong type."""
+    for f in dataclasses.fields(config):
+        kind = _MOE_FIELD_KINDS[f.name]
+        optional, base = kind.endswith("?"), kind.rstrip("?")
+        description, accepts = _KIND_CHECKS[base]
+        value = getattr(config, f.name)
+        if not (optional and value is None) and not accepts(value):
+            raise ValueError(f"MoEConfig.{f.name} must be {description}{' or None' if optional else ''}, "
+                             f"got {value!r} ({type(value).__name__})")
+
+
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -104,6 +136,7 @@ class MoEConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_kinds(self)
         _positive_int("num_experts", self.num_experts)
         _positive_int("top_k", self.top_k)
         if self.top_k > self.num_experts:
@@ -153,6 +186,8 @@ class MoEConfig:
             raise ValueError(f"drop_policy={self.drop_policy!r} is unknown; choose one of {DROP_POLICIES}")
         if self.num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
+        if self.shared_expert_intermediate_size is not None:
+            _positive_int("shared_expert_intermediate_size", self.shared_expert_intermediate_size)
         get_activation(self.activation)
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1")

@@ -12,7 +12,7 @@ import torch
 import switchyard as sy
 from switchyard.hf.checkpoint import INDEX_NAME, CheckpointError
 from switchyard.hf.patch import moe_layers
-from tiny_models import build, ids
+from tiny_models import TINY, build, ids
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -147,3 +147,69 @@ def test_plain_transformers_dirs_and_unpatched_models_are_refused(tmp_path):
     for untouched, snap in ((model, before), (patched, snapshot)):
         after = untouched.state_dict()
         assert after.keys() == snap.keys() and all(torch.equal(after[k], snap[k]) for k in snap)
+
+
+def test_records_the_weights_dtype_and_loads_in_it(tmp_path):
+    model = upcycled("llama").to(torch.bfloat16)
+    model.config.dtype = torch.float32  # what a model loaded in fp32 and then cast keeps in its config
+    want = logits(model)
+    sy.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert model.config.dtype == torch.float32  # the in-memory config is the user's, untouched
+    loaded = sy.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(logits(loaded), want, atol=0, rtol=0)
+
+
+def _patched(auto_class) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **{**TINY, "intermediate_size": 48, "pad_token_id": 0, "num_labels": 3})
+    return sy.patch_model(auto_class.from_config(config).eval(), sy.MoEConfig(num_experts=4, top_k=2))
+
+
+@pytest.mark.parametrize("auto_class", ["AutoModel", "AutoModelForSequenceClassification"])
+def test_base_and_task_head_models_round_trip_as_their_own_class(auto_class, tmp_path):
+    import transformers
+
+    model = _patched(getattr(transformers, auto_class))
+    sy.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [type(model).__name__]
+    loaded = sy.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        want, got = model(ids()), loaded(ids())
+    key = "logits" if "logits" in want else "last_hidden_state"
+    torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=1e-6)
+
+
+def test_a_class_from_pretrained_cannot_rebuild_is_refused_before_writing(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    class MyLlama(LlamaForCausalLM):
+        pass
+
+    model = MyLlama(build("llama", intermediate_size=48).config)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+    with pytest.raises(ValueError, match="MyLlama is not a class of transformers"):
+        sy.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["mixtral_adopted", "llama_copy_tied"])
+def test_transformers_save_pretrained_resumes_like_hf_trainer(case, tmp_path):
+    """Trainer saves with model.save_pretrained and resumes with load_state_dict(load_file(...), strict=False):
+    transformers' Mixtral key conversion must not rename our MoE layers' keys on the way out."""
+    from safetensors.torch import load_file
+
+    model = CASES[case]()
+    with torch.no_grad():  # "training" moved every weight
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    want = logits(model)
+    model.save_pretrained(tmp_path)
+    fresh = CASES[case]()
+    result = fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}  # tied: stored once
+    torch.testing.assert_close(logits(fresh), want, atol=0, rtol=0)

@@ -36,3 +36,31 @@ def test_moe_config_round_trips_and_rejects_unknown_keys():
 def test_parallel_config_defaults_etp_to_tp():
     assert ParallelConfig(tp=4).etp == 4
     assert ParallelConfig(tp=4).derived(16) == {"tp": 4, "pp": 1, "dp": 4, "ep": 1, "etp": 4, "edp": 4}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(aux_loss_coef=None), r"MoEConfig\.aux_loss_coef must be a real number, got None"),
+        (dict(capacity_factor="1.25"), r"MoEConfig\.capacity_factor must be a real number or None, got '1\.25'"),
+        (dict(routed_scaling_factor="2"), r"MoEConfig\.routed_scaling_factor must be a real number, got '2'"),
+        (dict(norm_topk_prob="false"), r"MoEConfig\.norm_topk_prob must be True or False, got 'false'"),
+        (dict(num_shared_experts=1.0), r"MoEConfig\.num_shared_experts must be an integer, got 1\.0"),
+        (dict(num_shared_experts=True), r"MoEConfig\.num_shared_experts must be an integer, got True"),
+        (dict(num_experts=8.0), r"MoEConfig\.num_experts must be an integer, got 8\.0"),
+        (dict(activation=None), r"MoEConfig\.activation must be a string, got None"),
+        (dict(extra=[]), r"MoEConfig\.extra must be a dict, got \[\]"),
+        (dict(num_shared_experts=1, shared_expert_intermediate_size=-4),
+         "shared_expert_intermediate_size must be a positive integer, got -4"),
+        (dict(num_shared_experts=1, shared_expert_intermediate_size=0),
+         "shared_expert_intermediate_size must be a positive integer, got 0"),
+    ],
+)
+def test_moe_config_wrong_types_are_value_errors_naming_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**kwargs)
+
+
+def test_moe_config_takes_ints_for_real_fields():
+    config = MoEConfig(aux_loss_coef=0, routed_scaling_factor=2, capacity_factor=1, shared_expert_intermediate_size=8)
+    assert (config.aux_loss_coef, config.routed_scaling_factor, config.capacity_factor) == (0, 2, 1)

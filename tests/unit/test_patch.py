@@ -193,3 +193,118 @@ def test_hf_trainer_trains_a_patched_model(tmp_path):
     result = Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 4 and result.training_loss > 0
     assert not torch.equal(moe_layers(model)[0].experts.gate_up_proj.detach(), before)
+
+
+def test_a_deep_copy_reports_its_own_router_losses_and_logits():
+    """TRL's reference model, EMA and teacher copies are deep copies: their hooks must read their own layers."""
+    model = sy.patch_model(build("llama", intermediate_size=48), sy.MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.1))
+    clone = copy.deepcopy(model).train()
+    with torch.no_grad():
+        for layer in moe_layers(clone):
+            layer.router.weight.normal_(0, 1.0)  # the copy routes differently from the original
+    model.train()
+    x = ids()
+    model(ids(length=5), labels=ids(length=5))  # the original runs first, on other input…
+    out = clone(x, labels=x, output_router_logits=True)  # …then the copy
+    layers = moe_layers(clone)
+    own = sum(layer.aux_loss for layer in layers) / len(layers)
+    torch.testing.assert_close(out.aux_loss, own)
+    original = sum(layer.aux_loss for layer in moe_layers(model)) / len(layers)
+    assert not torch.allclose(out.aux_loss, original)
+    assert [t.shape for t in out.router_logits] == [(14, 4)] * len(layers)
+    assert all(t is layer.last_router_output.logits_TE for t, layer in zip(out.router_logits, layers))
+
+
+def _falcon():
+    return build("falcon", intermediate_size=48, new_decoder_architecture=False, multi_query=True)
+
+
+def test_targets_with_an_adapter_read_falcons_activation():
+    dense = _falcon()
+    assert dense.config.activation == "gelu" and not hasattr(dense.config, "hidden_act")
+    model = copy.deepcopy(dense)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2), targets=["re:.*\\.mlp"], adapter="gpt_neox")
+    assert moe_layers(model)[0].config.activation == "gelu"
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_an_activation_the_config_does_not_name_must_be_given_and_may_not_contradict_the_ffn():
+    targets = dict(targets=["re:.*\\.mlp"], adapter="gpt_neox")
+    model = _falcon()
+    model.config.activation = None  # a config naming its activation nowhere we look
+    types = _snapshot(model)[1]
+    with pytest.raises(ValueError, match="names no activation .*MoEConfig\\(activation=...\\)"):
+        sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2), **targets)
+    assert _snapshot(model)[1] == types and not getattr(model.config, "switchyard", None)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2, activation="gelu"), **targets)
+    assert moe_layers(model)[0].config.activation == "gelu"
+    with pytest.raises(ValueError, match="activation='relu' but the FFN has activation='gelu'"):
+        sy.patch_model(_falcon(), sy.MoEConfig(num_experts=4, top_k=2, activation="relu"), **targets)
+    with pytest.raises(ValueError, match="gated=False but the FFN has gated=True"):
+        sy.patch_model(build("llama", intermediate_size=48), sy.MoEConfig(num_experts=4, top_k=2, gated=False))
+
+
+def _with_mlp(model, index, **changes):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = copy.deepcopy(model.config)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(index)
+    model.model.layers[index].mlp = LlamaMLP(config)
+    return model
+
+
+def test_ffns_of_different_sizes_are_patched_together():
+    """Each layer's experts take their own FFN's size (intermediate_size=None), so one call patches them all."""
+    dense = _with_mlp(build("llama", intermediate_size=48), 1, intermediate_size=96)
+    model = sy.patch_model(copy.deepcopy(dense), sy.MoEConfig(num_experts=4, top_k=2))
+    assert [layer.intermediate_size for layer in moe_layers(model)] == [48, 96, 48, 48]
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, dense(x).logits, atol=1e-5, rtol=1e-5)
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert moe_layers(model)[1].experts.gate_up_proj.grad is not None
+
+
+def test_ffns_of_another_form_are_refused_with_advice_that_works():
+    model = _with_mlp(build("llama", intermediate_size=48), 1, mlp_bias=True)
+    types = _snapshot(model)[1]
+    with pytest.raises(ValueError, match=r"\['model.layers.1.mlp'\] differ .*exclude=\['model.layers.1.mlp'\]"):
+        sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+    assert _snapshot(model)[1] == types
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2), exclude=["model.layers.1.mlp"])
+    assert model.config.switchyard["layer_indices"] == [0, 2, 3]
+
+
+UNSUPPORTED_MOE = {
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=1, head_dim=8),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=1),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, head_dim=8, intermediate_size_mlp=64),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED_MOE))
+def test_an_unsupported_moe_model_is_not_called_dense(model_type):
+    model = build(model_type, intermediate_size=48, **UNSUPPORTED_MOE[model_type])
+    with pytest.raises(ValueError, match=r"is an MoE model \(num_local_experts=4\) whose MoE blocks switchyard "
+                                         r"cannot adopt; .*MixtralSparseMoeBlock"):
+        sy.patch_model(model)
+    assert not moe_layers(model) and not getattr(model.config, "switchyard", None)
+
+
+def test_drop_upcycle_on_the_meta_device_is_refused_before_anything_changes():
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.for_model("llama", **{**TINY, "intermediate_size": 48})
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    types = _snapshot(model)[1]
+    with pytest.raises(ValueError, match="init='drop_upcycle' .* meta device"):
+        sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2, init="drop_upcycle"))
+    assert _snapshot(model)[1] == types and not getattr(model.config, "switchyard", None)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2, init="copy"))  # shapes suffice for copy
+    assert all(p.is_meta for p in moe_layers(model)[0].parameters())

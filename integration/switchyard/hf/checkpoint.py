@@ -65,7 +65,8 @@ def no_init_weights() -> contextlib.AbstractContextManager:
 
 
 def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
-    """``AutoModelForCausalLM.from_config`` with parameters on meta and buffers real.
+    """The class ``config.architectures`` names (``AutoModelForCausalLM`` if none) with parameters on meta
+    and buffers real.
 
     Non-persistent buffers (rotary ``inv_freq``) are computed in ``__init__`` and never saved, so they
     must stay real; everything saved is filled later with ``load_state_dict(assign=True)``.
@@ -73,9 +74,40 @@ def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    names = getattr(config, "architectures", None) or []
+    model_class = _transformers_class(names[0]) if names else AutoModelForCausalLM
+    if model_class is None:
+        raise CheckpointError(f"config.json's architectures={names} names no class of the installed transformers")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with no_init_weights(), init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+        if model_class is AutoModelForCausalLM:
+            return model_class.from_config(config, **kwargs)
+        return model_class._from_config(config, **kwargs)  # what the Auto classes call
+
+
+def _transformers_class(name: str) -> type | None:
+    import transformers
+
+    found = getattr(transformers, name, None)
+    return found if isinstance(found, type) else None
+
+
+def _saved_config(model: nn.Module) -> Any:
+    """A copy of ``model.config`` recording what transformers' save_pretrained records: the class that
+    ``from_pretrained`` rebuilds and the weights' dtype (the user's in-memory config is left alone).
+
+    Refuses a class that cannot be rebuilt by name (a subclass, remote code) before anything is written.
+    """
+    name = type(model).__name__
+    if _transformers_class(name) is not type(model):
+        raise ValueError(
+            f"{name} is not a class of transformers, so from_pretrained could not rebuild it from config.json's "
+            f"architectures; patch and save an instance of a transformers model class (e.g. AutoModelForCausalLM's)"
+        )
+    config = copy.deepcopy(model.config)
+    config.architectures = [name]
+    config.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return config
 
 
 def switchyard_record(model: nn.Module) -> dict[str, Any]:
@@ -165,6 +197,7 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     layers = moe_layers(model)
     if not layers:
         raise ValueError("model.config.switchyard is set but the model holds no MoE layers")
+    config = _saved_config(model)
     groups = groups if groups is not None else layers[0].groups
     if groups is not None and groups.size("pp") > 1:
         raise ValueError(f"saving a pipeline-parallel model (pp={groups.size('pp')}) is not supported yet")
@@ -194,7 +227,7 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     parts = _gather(mine)
     if rank == 0:
         _write_index(out, parts, record, ep, expert_keys, layers[0].num_experts)
-        model.config.save_pretrained(out)
+        config.save_pretrained(out)
         if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
             model.generation_config.save_pretrained(out)
         if tokenizer is not None:
@@ -362,6 +395,7 @@ def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = Non
                     device: torch.device | str | None = None) -> nn.Module:
     """Rebuild a model saved by ``save_pretrained`` at any EP size; each rank reads only its experts.
 
+    The model's class is the one config.json's ``architectures`` names (``AutoModelForCausalLM`` if none);
     ``dtype`` defaults to the one in config.json; ``device`` to CPU. Returns the model in eval mode.
     """
     from transformers import AutoConfig, GenerationConfig

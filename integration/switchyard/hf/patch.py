@@ -84,6 +84,7 @@ def patch_model(
         plan = _plan_adoption(model, moe_blocks, selection, groups, overrides or {})
     else:
         if moe_config is None:
+            _refuse_unsupported_moe(model)
             raise ValueError("a dense model needs a MoEConfig: patch_model(model, MoEConfig(num_experts=8, top_k=2))")
         if overrides:
             raise ValueError("overrides apply to adopted MoE models; put the settings in moe_config instead")
@@ -92,6 +93,7 @@ def patch_model(
     for site, layer in zip(plan.sites, plan.layers):
         _install(plan, site, layer)
     _record(model, plan, seed)
+    _save_keys_as_they_are(model)
     attach_router_loss_hooks(model)
     log.info(
         "patched %d modules (%s, %d experts, top-%d)", len(plan.layers), plan.mode,
@@ -110,6 +112,22 @@ def _hf_moe_sites(model: nn.Module) -> list[FFNSite]:
             sites.append(FFNSite(index if index is not None else len(sites), name,
                                  model.get_submodule(parent_name), attribute))
     return sites
+
+
+# Config fields holding the expert count of transformers' MoE families (Mixtral, Qwen-MoE, DeepSeek, …).
+_EXPERT_COUNT_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _refuse_unsupported_moe(model: nn.Module) -> None:
+    """An MoE model whose blocks we cannot adopt is not "dense": say so rather than ask for a MoEConfig."""
+    config = _text_config(model)
+    for attr in _EXPERT_COUNT_ATTRS:
+        count = getattr(config, attr, None)
+        if isinstance(count, int) and not isinstance(count, bool) and count > 1:
+            raise ValueError(
+                f"{type(model).__name__} is an MoE model ({attr}={count}) whose MoE blocks switchyard cannot adopt; "
+                f"adoption supports the blocks {list(SUPPORTED_BLOCKS)}"
+            )
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -135,7 +153,7 @@ def _plan_upcycle(model, moe_config, selection, groups, adapter_name, targets, s
         ffn_adapter: FFNAdapter = ADAPTERS[adapter_name]
         sites = sites_from_names(model, selection.targets or ())
         num_layers = max((s.layer_index for s in sites), default=-1) + 1
-        activation = _hidden_act(model)
+        activation = _named_activation(model, moe_config)
         read = lambda site: read_generic(site.parent.get_submodule(site.attribute), adapter_name, activation)  # noqa: E731
     else:
         ffn_adapter = adapter_for(model)
@@ -148,28 +166,61 @@ def _plan_upcycle(model, moe_config, selection, groups, adapter_name, targets, s
     ep = groups.size("ep") if groups is not None else 1
     if config.num_experts % ep != 0:
         raise ValueError(f"num_experts={config.num_experts} is not divisible by ep={ep}")
-    for site, dense in zip(chosen, denses):
-        if (dense.hidden_size, dense.intermediate_size, dense.gated, dense.has_bias) != (
-            denses[0].hidden_size, denses[0].intermediate_size, denses[0].gated, denses[0].has_bias
-        ):
-            raise ValueError(f"{site.qualified_name} differs in shape from {chosen[0].qualified_name}; patch them separately")
+    _check_one_form(chosen, denses)
+    if config.init == "drop_upcycle" and any(dense.up.is_meta for dense in denses):
+        raise ValueError(
+            "init='drop_upcycle' re-draws units from the dense weights' mean and std, which a model on the meta "
+            "device does not have: load the weights first, or use init='copy', 'granular' or 'random' (shapes suffice)"
+        )
     built = [_upcycled_layer(dense, config, groups, seed * _LAYER_SEED_STRIDE + site.layer_index)
              for site, dense in zip(chosen, denses)]
     return PatchPlan("upcycle", config, chosen, built, ffn_adapter.name)
 
 
-def _hidden_act(model: nn.Module) -> str:
+def _check_one_form(chosen: list[FFNSite], denses: list[DenseFFN]) -> None:
+    """One MoEConfig holds the experts' form, so every FFN must share it; FFN sizes may differ (each
+    layer's experts take their own FFN's size, as ``intermediate_size=None`` says)."""
+    form = lambda d: (d.hidden_size, d.gated, d.has_bias)  # noqa: E731
+    others = [site.qualified_name for site, dense in zip(chosen, denses) if form(dense) != form(denses[0])]
+    if others:
+        raise ValueError(
+            f"{others} differ from {chosen[0].qualified_name} in hidden size, gating or biases, and one MoEConfig "
+            f"describes every MoE layer of a model: patch only the FFNs of one form (exclude={others}, or layers=[...])"
+        )
+
+
+# Config fields naming the FFN activation, as transformers' families spell it (Falcon: ``activation``).
+_ACTIVATION_ATTRS = ("hidden_act", "activation_function", "activation", "hidden_activation")
+_MOE_DEFAULTS = MoEConfig()
+
+
+def _named_activation(model: nn.Module, moe_config: MoEConfig) -> str:
+    """The activation the model's config names; else one set in ``moe_config`` (not its default); never a guess."""
     config = _text_config(model)
-    for attr in ("hidden_act", "activation_function"):
+    for attr in _ACTIVATION_ATTRS:
         if isinstance(getattr(config, attr, None), str):
             return getattr(config, attr)
-    return "silu"
+    if moe_config.activation != _MOE_DEFAULTS.activation:
+        return moe_config.activation
+    raise ValueError(
+        f"{type(config).__name__} names no activation ({'/'.join(_ACTIVATION_ATTRS)}), so the FFNs' activation is "
+        f"unknown: say which it is with MoEConfig(activation=...), or for {_MOE_DEFAULTS.activation!r} (MoEConfig's "
+        f"default, which does not count as a choice) with model.config.hidden_act = {_MOE_DEFAULTS.activation!r}"
+    )
 
 
 def _config_for(moe_config: MoEConfig, dense: DenseFFN) -> MoEConfig:
-    """The expert FFN's form (activation, gating, bias) comes from the FFN being replaced."""
+    """The expert FFN's form (activation, gating, bias) comes from the FFN being replaced: the experts copy
+    its weights, so a form set explicitly in ``moe_config`` that contradicts it is an error, not a choice."""
     changes = expert_fields(dense)
     differing = {k: (getattr(moe_config, k), v) for k, v in changes.items() if getattr(moe_config, k) != v}
+    conflicts = {k: pair for k, pair in differing.items() if pair[0] != getattr(_MOE_DEFAULTS, k)}
+    if conflicts:
+        raise ValueError(
+            "MoEConfig sets the experts' form against the dense FFN they are built from: "
+            + ", ".join(f"{k}={ours!r} but the FFN has {k}={theirs!r}" for k, (ours, theirs) in conflicts.items())
+            + "; leave these fields at their defaults (the experts take the FFN's form)"
+        )
     if differing:
         log.info("expert FFN form taken from the dense model: %s", differing, ranks=[0])
     config = dataclasses.replace(moe_config, **changes)
@@ -218,45 +269,61 @@ def _record(model: nn.Module, plan: PatchPlan, seed: int) -> None:
         model.config.output_router_logits = False
 
 
+def _save_keys_as_they_are(model: nn.Module) -> None:
+    """Opt out of transformers' weight-conversion mapping for ``model.save_pretrained`` (what Trainer saves).
+
+    transformers renames keys on save through the family's mapping — Mixtral's turns ``.mlp.`` into
+    ``.block_sparse_moe.`` — and our MoE layers' keys would come back under names that no patched model
+    has, so Trainer's resume (``load_state_dict`` of that file) would silently restore no expert or router.
+    The mapping describes the HF blocks patching replaced; an empty one writes ``state_dict()``'s own keys.
+    """
+    model._weight_conversions = []
+
+
 def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 # -- router losses and router logits on the model's output -----------------------------------------------
+# The hooks are plain functions reading the model they run on, not closures over its layers: a deep copy
+# (TRL's reference model, EMA, a teacher) keeps the hooks and so reports its own layers, not the original's.
 def attach_router_loss_hooks(model: nn.Module) -> None:
     """Add the MoE layers' weighted router losses (mean over layers) to ``output.loss``; serve
     ``output_router_logits``."""
     if getattr(model, "_switchyard_hooks", None):
         return
-    state = {"router_logits": False, "warned": False}
-    layers = moe_layers(model)  # fixed once patched; not re-walked on every forward (decode is a hot path)
-
-    def before(module, args, kwargs):
-        state["router_logits"] = bool(kwargs.pop("output_router_logits", False))
-        return args, kwargs
-
-    def after(module, args, kwargs, output):
-        if not hasattr(output, "keys"):
-            return output  # return_dict=False tuples are left as transformers made them
-        losses = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
-        if module.training and torch.is_grad_enabled() and len(losses) < len(layers) and not state["warned"]:
-            if any(l.config.aux_loss_coef or l.config.seq_aux_loss_coef or l.config.z_loss_coef for l in layers):
-                log.warning("some MoE layers produced no router loss (reentrant gradient checkpointing runs "
-                            "them without grad); use use_reentrant=False", ranks=[0])
-                state["warned"] = True
-        if losses:
-            # mean over layers: transformers pools every layer's router logits into one loss, so a
-            # coefficient means the same here as its router_aux_loss_coef (a sum would scale with depth)
-            aux = torch.stack([loss.float() for loss in losses]).mean()
-            output["aux_loss"] = aux
-            if output.get("loss") is not None:
-                output["loss"] = output["loss"] + aux.to(output["loss"].dtype)
-        if state["router_logits"]:
-            output["router_logits"] = tuple(
-                layer.last_router_output.logits_TE for layer in layers if layer.last_router_output is not None
-            )
-        return output
-
-    handles = (model.register_forward_pre_hook(before, with_kwargs=True),
-               model.register_forward_hook(after, with_kwargs=True))
+    # fixed once patched; not re-walked on every forward (decode is a hot path); deepcopy maps it to the copy's
+    object.__setattr__(model, "_switchyard_moe_layers", moe_layers(model))
+    object.__setattr__(model, "_switchyard_hook_state", {"router_logits": False, "warned": False})
+    handles = (model.register_forward_pre_hook(_take_router_logits_flag, with_kwargs=True),
+               model.register_forward_hook(_add_router_outputs, with_kwargs=True))
     object.__setattr__(model, "_switchyard_hooks", handles)
+
+
+def _take_router_logits_flag(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    module._switchyard_hook_state["router_logits"] = bool(kwargs.pop("output_router_logits", False))
+    return args, kwargs
+
+
+def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    if not hasattr(output, "keys"):
+        return output  # return_dict=False tuples are left as transformers made them
+    layers, state = module._switchyard_moe_layers, module._switchyard_hook_state
+    losses = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
+    if module.training and torch.is_grad_enabled() and len(losses) < len(layers) and not state["warned"]:
+        if any(l.config.aux_loss_coef or l.config.seq_aux_loss_coef or l.config.z_loss_coef for l in layers):
+            log.warning("some MoE layers produced no router loss (reentrant gradient checkpointing runs "
+                        "them without grad); use use_reentrant=False", ranks=[0])
+            state["warned"] = True
+    if losses:
+        # mean over layers: transformers pools every layer's router logits into one loss, so a
+        # coefficient means the same here as its router_aux_loss_coef (a sum would scale with depth)
+        aux = torch.stack([loss.float() for loss in losses]).mean()
+        output["aux_loss"] = aux
+        if output.get("loss") is not None:
+            output["loss"] = output["loss"] + aux.to(output["loss"].dtype)
+    if state["router_logits"]:
+        output["router_logits"] = tuple(
+            layer.last_router_output.logits_TE for layer in layers if layer.last_router_output is not None
+        )
+    return output

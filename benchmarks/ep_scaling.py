@@ -25,7 +25,8 @@ rank holds all experts and no token leaves it, the weak-scaling baseline; it has
                  ``vs_autoep`` = its ms / ours (``--no-autoep`` leaves it out)
     shared       with ``--shared-ffn F`` the layer has a gated shared expert of width F (Qwen2-MoE style), and
                  ``layer`` is timed in four alternating rounds with ``MoELayer.overlap_shared_experts`` on, off,
-                 on, off: ``layer_ms`` (on), ``layer_no_overlap_ms`` (off), ``overlap_speedup`` = off / on
+                 on, off: ``layer_ms`` (on), ``layer_no_overlap_ms`` (off), ``overlap_speedup`` = off / on,
+                 ``overlap_round_ms`` each round's median (slowest rank) in that order
 
 Bytes are the off-rank bytes a rank sends in dispatch + combine (the self chunk is a local copy), counted
 from the dispatch's split sizes; combine sends back what dispatch received, so sent == received. ``gbps``
@@ -215,18 +216,22 @@ def measure_ep(shape: Shape, ep: int, args: argparse.Namespace) -> dict:
 
     if args.shared_ffn:  # A/B of the shared expert's overlap with the all-to-all, alternating: on, off, on, off
         times: dict[bool, list[float]] = {True: [], False: []}
+        round_ms = []  # each round's median, in run order: on, off, on, off
         for overlap in (True, False, True, False):
             layer.overlap_shared_experts = overlap
-            times[overlap] += time_ms(layer_step, device, args.warmup, args.iters)
+            this_round = time_ms(layer_step, device, args.warmup, args.iters)
+            times[overlap] += this_round
+            round_ms.append(statistics.median(this_round))
         layer.overlap_shared_experts = True
         layer_ms, no_overlap_ms = statistics.median(times[True]), statistics.median(times[False])
     else:
         layer_ms = statistics.median(time_ms(layer_step, device, args.warmup, args.iters))
-        no_overlap_ms = float("nan")
+        no_overlap_ms, round_ms = float("nan"), []
     router_EH = layer.router.weight.detach().clone()
     del layer, params
     autoep_ms = measure_autoep(shape, ep, me, router_EH, x, grad_TH, args) if args.autoep else float("nan")
     ranks = gather([disp_ms, layer_ms, autoep_ms, no_overlap_ms, *own], device)
+    rounds = gather(round_ms, device) if round_ms else []
     world = dist.get_world_size()
     entry["dispatcher_ms"] = max(r[0] for r in ranks)
     entry["layer_ms"] = max(r[1] for r in ranks)
@@ -235,6 +240,7 @@ def measure_ep(shape: Shape, ep: int, args: argparse.Namespace) -> dict:
     if args.shared_ffn:
         entry["layer_no_overlap_ms"] = max(r[3] for r in ranks)
         entry["overlap_speedup"] = entry["layer_no_overlap_ms"] / entry["layer_ms"]
+        entry["overlap_round_ms"] = [max(r[i] for r in rounds) for i in range(len(round_ms))]  # on, off, on, off
     if args.autoep:
         entry["autoep_layer_ms"] = max(r[2] for r in ranks)
         entry["vs_autoep"] = entry["autoep_layer_ms"] / entry["layer_ms"]

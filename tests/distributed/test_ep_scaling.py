@@ -160,6 +160,7 @@ def test_shared_expert_overlap_ab_on_two_gloo_ranks(tmp_path: Path) -> None:
         entry = results["olmoe_shared96"][2]
         assert entry["layer_ms"] > 0 and entry["layer_no_overlap_ms"] > 0
         assert math.isclose(entry["overlap_speedup"], entry["layer_no_overlap_ms"] / entry["layer_ms"])
+        assert len(entry["overlap_round_ms"]) == 4 and min(entry["overlap_round_ms"]) > 0
         # warm-up + timed forwards of the two rounds with the overlap on (1 warm-up, 2 timed each)
         assert started == 2 * (1 + 2), started
     assert json.loads((tmp_path / "ep.json").read_text())["meta"]["shared_ffn"] == 96

@@ -189,7 +189,7 @@ def ds_config(run: Run, **extra: Any) -> dict:
     from switchyard.deepspeed import fill_deepspeed_config
 
     config = fill_deepspeed_config(ZERO2_CONFIG, micro_batch_size=run.batch, grad_accum=1, dp_size=run.ep,
-                                   clip=CLIP, precision=run.precision)
+                                   clip=CLIP, precision=run.precision, ep_size=run.ep)
     config.update(extra)
     return config
 

@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 
 
+CLIP = 1.0  # gradient clipping of the DeepSpeed step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--experts", type=int, default=8)
@@ -29,7 +32,8 @@ def main() -> None:
 
     import deepspeed
 
-    from switchyard.deepspeed import fill_deepspeed_config, optimizer_param_groups
+    from switchyard.deepspeed import fill_deepspeed_config, optimizer_param_groups, zero_stage
+    from switchyard.deepspeed.clipping import clip_global_grad_norm_
     from switchyard import MoEConfig, ProcessGroupManager
     from switchyard.moe.layer import MoELayer
 
@@ -53,13 +57,18 @@ def main() -> None:
         print("token copies per expert (all ranks):", counts.tolist(),
               f"imbalance max/mean = {float(counts.max() / counts.float().mean()):.2f}", flush=True)
 
+    # stage 0 clips with DeepSpeed's per-rank norm, wrong with sharded experts: clip the global norm ourselves
+    own_clipping = zero_stage(args.deepspeed_config) == 0
     ds_config = fill_deepspeed_config(args.deepspeed_config, micro_batch_size=args.tokens, grad_accum=1,
-                                      dp_size=manager.size("dp"), clip=1.0, precision="fp32")
+                                      dp_size=manager.size("dp"), clip=0.0 if own_clipping else CLIP,
+                                      precision="fp32", ep_size=manager.size("ep"))
     params = optimizer_param_groups(layer, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=layer, optimizer=torch.optim.AdamW(params, lr=1e-3), config=ds_config,
                                       mpu=manager.mpu)
     loss = engine(x).square().mean() + layer.aux_loss
     engine.backward(loss)
+    if own_clipping:
+        clip_global_grad_norm_(layer, CLIP, manager.group("ep"))
     engine.step()
     if rank == 0:
         print(f"DeepSpeed ZeRO-{engine.zero_optimization_stage()} step done: loss {loss.item():.4f}, "

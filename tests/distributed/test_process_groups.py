@@ -187,6 +187,29 @@ def test_mismatched_settings_raise_on_every_rank_within_seconds():
     assert time.monotonic() - start < 60
 
 
+def _not_an_int_on_one_rank():
+    from switchyard import ProcessGroupManager
+
+    ProcessGroupManager(ep="2" if dist.get_rank() == 0 else 2)
+
+
+def _not_an_int_everywhere():
+    from switchyard import ProcessGroupManager
+
+    ProcessGroupManager(tp="2")
+
+
+def test_settings_that_are_not_integers_raise_on_every_rank_within_seconds():
+    import time
+
+    start = time.monotonic()
+    errors = collect_rank_errors(_not_an_int_on_one_rank, 2, timeout_s=60)
+    assert all(e is not None and "rank 0: tp=1, pp=1, ep=<not an integer>" in e for e in errors), errors
+    errors = collect_rank_errors(_not_an_int_everywhere, 2, timeout_s=60)
+    assert all(e is not None and "tp must be a positive integer, got '2'" in e for e in errors), errors
+    assert time.monotonic() - start < 60
+
+
 def _invalid_everywhere():
     from switchyard import ProcessGroupManager
 

@@ -15,6 +15,15 @@ def test_all_to_all_demo_under_deepspeed_launcher():
     assert result.stdout.count("forward and backward all-to-all verified") == 2, result.stdout[-5000:]
 
 
+def test_moe_layer_demo_at_zero_stage_0_clips_the_global_norm_itself():
+    # stage 0 at ep > 1: fill_deepspeed_config refuses DeepSpeed's clipping, the demo clips the global norm
+    result = run_deepspeed_launcher(REPO_ROOT / "launch" / "moe_layer_demo.py", 2,
+                                    ["--deepspeed-config", "configs/deepspeed/zero0.json"], timeout_s=180)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "output equals the single-process layer on every rank" in result.stdout, result.stdout[-5000:]
+    assert "DeepSpeed ZeRO-0 step done" in result.stdout, result.stdout[-5000:]
+
+
 def test_cli_layout_prints_the_worked_example():
     import subprocess
     import sys

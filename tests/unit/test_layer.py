@@ -85,3 +85,15 @@ def test_expert_bias_moves_against_load():
 def test_bad_layer_arguments():
     with pytest.raises(ValueError, match="needs intermediate_size"):
         MoELayer(MoEConfig(), 8)
+
+
+def test_hidden_states_of_another_width_or_an_integer_dtype_are_refused():
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=2), 16, 32)
+    # a [4, 32] input would reshape into eight 16-wide "tokens" and run without complaint
+    with pytest.raises(ValueError, match=r"expects \[\.\.\., 16\] floating-point hidden states, got \(4, 32\)"):
+        layer(torch.randn(4, 32))
+    with pytest.raises(ValueError, match="got \\(4, 16\\) torch.int64"):
+        layer(torch.ones(4, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="got \\(\\)"):
+        layer(torch.tensor(1.0))
+    assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 16)

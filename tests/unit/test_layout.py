@@ -100,3 +100,14 @@ def test_local_expert_ids_contiguous_blocks():
     assert local_expert_ids(8, 4, 3) == [6, 7]
     with pytest.raises(ValueError, match="num_experts=6 is not divisible by ep=4"):
         local_expert_ids(6, 4, 0)
+    for bad in (0, -4, 2.0, True):
+        with pytest.raises(ValueError, match=f"num_experts must be a positive integer, got {bad!r}"):
+            local_expert_ids(bad, 2, 0)
+
+
+def test_cli_layout_refuses_a_non_positive_expert_count(capsys):
+    from switchyard.cli import main
+
+    for extra in ([], ["--json"]):
+        assert main(["layout", "--world", "8", "--ep", "2", "--num-experts", "0", *extra]) == 2
+        assert "num_experts must be a positive integer, got 0" in capsys.readouterr().err

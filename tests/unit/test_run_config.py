@@ -70,6 +70,17 @@ def test_deepspeed_auto_values_filled_and_conflicts_refused(tmp_path):
                               clip=1.0, precision="fp32")
 
 
+def test_stage0_clipping_with_sharded_experts_is_refused_with_the_fix():
+    zero0 = REPO / "configs/deepspeed/zero0.json"
+    common = dict(micro_batch_size=4, grad_accum=1, dp_size=2, precision="fp32")
+    with pytest.raises(ValueError, match=r"ep=2 ranks .* clip=0.0 here .*clip_global_grad_norm_\(model, 1.0"):
+        fill_deepspeed_config(zero0, clip=1.0, ep_size=2, **common)
+    assert fill_deepspeed_config(zero0, clip=0.0, ep_size=2, **common)["gradient_clipping"] == 0.0
+    assert fill_deepspeed_config(zero0, clip=1.0, ep_size=1, **common)["gradient_clipping"] == 1.0
+    assert fill_deepspeed_config(REPO / "configs/deepspeed/zero2.json", clip=1.0, ep_size=2,
+                                 **common)["gradient_clipping"] == 1.0
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     values = [lr_multiplier(s, 10, 2, "cosine", 0.1) for s in range(10)]
     assert values[0] == 0.5 and values[1] == 1.0

@@ -20,6 +20,15 @@ ZERO3_MESSAGE = (
 )
 
 
+STAGE0_CLIP_MESSAGE = (
+    "{path} is ZeRO stage 0, where DeepSpeed clips with the mean of each rank's local gradient norm, and with "
+    "experts sharded over ep={ep} ranks that is not the model's norm (the step would differ from one process's). "
+    "Pass clip=0.0 here and, after engine.backward(loss), call "
+    "switchyard.deepspeed.clipping.clip_global_grad_norm_(model, {clip}, groups.group('ep')) as launch/finetune.py "
+    "does; or use ZeRO stage 1 or 2 (configs/deepspeed/zero1.json, zero2.json), which compute the right norm"
+)
+
+
 def zero_stage(path: str | Path) -> int:
     path = Path(path)
     if not path.is_file():
@@ -37,8 +46,11 @@ def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 
 def fill_deepspeed_config(
-    path: str | Path, *, micro_batch_size: int, grad_accum: int, dp_size: int, clip: float, precision: str
+    path: str | Path, *, micro_batch_size: int, grad_accum: int, dp_size: int, clip: float, precision: str,
+    ep_size: int = 1,
 ) -> dict[str, Any]:
+    """The JSON at ``path`` with its "auto" values filled. ``ep_size``: the job's expert parallelism, which
+    decides whether DeepSpeed may clip at ZeRO stage 0 (see ``STAGE0_CLIP_MESSAGE``)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"deepspeed config {path} does not exist (see configs/deepspeed/)")
@@ -46,6 +58,8 @@ def fill_deepspeed_config(
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
         raise ValueError(ZERO3_MESSAGE)
+    if stage == 0 and ep_size > 1 and clip > 0:
+        raise ValueError(STAGE0_CLIP_MESSAGE.format(ep=ep_size, clip=clip, path=path))
     _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size")
     _fill(config, "gradient_accumulation_steps", grad_accum, "train.grad_accum")
     _fill(config, "train_batch_size", micro_batch_size * grad_accum * dp_size, "micro_batch × grad_accum × dp")

@@ -176,6 +176,9 @@ class MoELayer(DeepSpeedMoEModule):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
+        if not shape or shape[-1] != self.hidden_size or not hidden_states.is_floating_point():
+            raise ValueError(f"MoELayer expects [..., {self.hidden_size}] floating-point hidden states, got "
+                             f"{tuple(shape)} {hidden_states.dtype}")
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         graph = self._replayable_graph(x_TH) if self.cuda_graph else None
         shared_TH = None

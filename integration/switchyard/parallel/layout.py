@@ -69,6 +69,8 @@ def rank_coordinates(
 
 def local_expert_ids(num_experts: int, ep_size: int, ep_rank: int) -> list[int]:
     """Global ids of the experts an EP rank holds: a contiguous block, as Megatron and DeepSpeed do."""
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
     if num_experts % ep_size != 0:
         raise ValueError(
             f"num_experts={num_experts} is not divisible by ep={ep_size}; choose ep dividing {num_experts}"

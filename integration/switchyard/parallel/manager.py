@@ -151,6 +151,20 @@ def _fingerprint(settings: tuple) -> int:
     return int.from_bytes(digest[:7], "little")
 
 
+_NONE, _NOT_AN_INT = -1, -2  # how a setting that is not a non-negative int64 travels in the check below
+_SHOWN = {_NONE: "None", _NOT_AN_INT: "<not an integer>"}
+
+
+def _as_int64(setting: object) -> int:
+    """A setting as one int64 of the check's tensor, whatever it is: a str, float or huge int on one rank must
+    still reach the all-gather, or that rank raises alone and the others wait in it."""
+    if setting is None:
+        return _NONE
+    if isinstance(setting, int) and not isinstance(setting, bool) and 0 <= setting < 2**63:
+        return setting
+    return _NOT_AN_INT
+
+
 def _check_same_settings_on_every_rank(settings: tuple, world_size: int) -> None:
     """All-gather a hash of the settings; every rank raises if any rank disagrees.
 
@@ -160,14 +174,14 @@ def _check_same_settings_on_every_rank(settings: tuple, world_size: int) -> None
     if world_size == 1:
         return
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    mine = torch.tensor([_fingerprint(settings), *[-1 if s is None else s for s in settings]], dtype=torch.int64, device=device)
+    mine = torch.tensor([_fingerprint(settings), *map(_as_int64, settings)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine)
     rows = [g.tolist() for g in gathered]
     if any(row[0] != rows[0][0] for row in rows):
         names = ("tp", "pp", "ep", "etp")
         table = "; ".join(
-            f"rank {r}: " + ", ".join(f"{n}={'None' if v == -1 else v}" for n, v in zip(names, row[1:]))
+            f"rank {r}: " + ", ".join(f"{n}={_SHOWN.get(v, v)}" for n, v in zip(names, row[1:]))
             for r, row in enumerate(rows)
         )
         raise ValueError(

@@ -126,7 +126,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     # stage 0: DeepSpeed's norm is wrong with sharded experts; clip_global_grad_norm_ does it instead
     own_clipping = stage == 0
     ds_config = fill_deepspeed_config(config.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                                      dp_size=dp_size, clip=0.0 if own_clipping else t.clip, precision=t.precision)
+                                      dp_size=dp_size, clip=0.0 if own_clipping else t.clip, precision=t.precision,
+                                      ep_size=groups.size("ep"))
     param_groups = optimizer_param_groups(model, t.weight_decay)
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum)

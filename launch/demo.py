@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,7 @@ def main() -> int:
     print(f"  dense loss {loss_start:.3f} -> {dense_loss:.3f} (on the fine-tune's first batch)", flush=True)
 
     print(f"== upcycle to 4 experts (copy) and fine-tune on {args.ranks} ranks, ep={args.ranks} ==", flush=True)
+    shutil.rmtree(out / "finetune", ignore_errors=True)  # the last demo's run: a fresh run refuses its checkpoints
     launcher = Path(sys.executable).with_name("deepspeed")
     command = [str(launcher), "--num_gpus", str(args.ranks), "launch/finetune.py", "--config", str(CONFIG),
                f"model.source={out / 'dense'}", f"output_dir={out / 'finetune'}", f"parallel.ep={args.ranks}",

@@ -87,7 +87,10 @@ def test_default_run_learns_and_writes_everything(uninterrupted):
     rows = metrics(uninterrupted)
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.1
-    assert {"router_loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_perplexity"} <= set(rows[-1])
+    assert {"router_loss", "lr", "grad_norm", "tokens_per_s", "loss_tokens", "eval_loss",
+            "eval_perplexity"} <= set(rows[-1])
+    # the lr each step used (warmup over 4 steps from lr 1e-3), not the next step's
+    assert [r["lr"] for r in rows[:4]] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert all(abs(sum(f) - 1) < 1e-3 for f in rows[-1]["expert_load"].values())
     assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
     assert (uninterrupted / "expert_load.png").stat().st_size > 1000
@@ -130,6 +133,18 @@ def test_ep2_checkpoint_resumes_at_ep1(uninterrupted, tmp_path):
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [9, 10]
     assert abs(rows[0]["loss"] - metrics(uninterrupted)[-1]["loss"]) < 0.5
+
+
+def test_output_dir_of_another_run_is_refused_before_anything_is_written(uninterrupted):
+    before = (uninterrupted / "metrics.jsonl").read_text()
+    fresh = finetune(2, uninterrupted, SHORT)
+    assert fresh.returncode != 0
+    assert output_of(fresh).count("already holds checkpoints of a run") >= 2  # every rank says why
+    other = finetune(2, uninterrupted, SHORT + ["checkpoint.resume=auto", "moe.num_experts=8"])
+    assert other.returncode != 0
+    assert output_of(other).count("moe.num_experts: 4 → 8") >= 2
+    assert (uninterrupted / "metrics.jsonl").read_text() == before
+    assert (uninterrupted / "checkpoints" / "latest").read_text() == "step_000008"
 
 
 def test_bad_config_fails_on_every_rank_before_any_step(tmp_path):

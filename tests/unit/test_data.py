@@ -19,7 +19,9 @@ import pytest
 import torch
 
 import switchyard.train.data as data_mod
-from switchyard.train.data import DataConfig, chat_ids_labels, load_datasets, rank_batches, steps_per_epoch
+from switchyard.train.data import (
+    DataConfig, chat_ids_labels, eval_rank_batches, load_datasets, rank_batches, steps_per_epoch
+)
 from switchyard.train.tiny import build_tokenizer, stdlib_corpus
 
 IGNORE = -100
@@ -291,3 +293,22 @@ def test_bad_inputs_at_load_and_batch_time(
         args = dict(micro_batch_size=2, dp_rank=0, dp_size=1, epoch=0, seed=0) | kwargs
         with pytest.raises(ValueError, match=match):
             rank_batches(ds, **args)
+
+
+def test_empty_data_file_is_refused_at_config_time(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"data.source=.*empty.jsonl.*the file is empty"):
+        DataConfig(source=str(tmp_path / "empty.jsonl"))
+    (tmp_path / "full.jsonl").write_text('{"text": "x"}\n')  # one empty file among others is fine
+    DataConfig(source=str(tmp_path / "*.jsonl"))
+
+
+def test_eval_smaller_than_a_global_batch_is_evaluated_on_every_rank() -> None:
+    ds = synthetic(5)  # micro-batch 2 × dp 2 = 4 per global batch: one full, one with a single row
+    per_rank = [list(eval_rank_batches(ds, 2, r, 2, max_batches=8)) for r in range(2)]
+    assert [len(b) for b in per_rank] == [2, 2]  # the same number of forwards on every rank (MoE all-to-all)
+    kept = [row[0].item() for batches in per_rank for b in batches for row, labels in zip(b["input_ids"], b["labels"])
+            if (labels != IGNORE).any()]
+    assert sorted(kept) == list(range(5))
+    assert [len(list(eval_rank_batches(synthetic(1), 4, r, 2, max_batches=8))) for r in range(2)] == [1, 1]
+    assert len(list(eval_rank_batches(ds, 2, 0, 2, max_batches=1))) == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from switchyard.deepspeed import fill_deepspeed_config
+from switchyard.train.loop import total_steps
 from switchyard.train.run_config import load_run_config
 from switchyard.train.schedule import lr_multiplier
 
@@ -36,11 +37,53 @@ def test_tiny_yaml_loads_with_overrides():
         (["data.seq_len=0"], "seq_len"),
         (["checkpoint.every=0"], "checkpoint.every and checkpoint.keep must be >= 1"),
         (["nonsense"], "must look like key.sub=value"),
+        (["train.lr=abc"], r"train.lr must be a number, got 'abc'"),
+        (["train.warmup_steps=abc"], r"train.warmup_steps must be an integer, got 'abc'"),
+        (["checkpoint.every=abc"], r"checkpoint.every must be an integer, got 'abc'"),
+        (["train.seed=abc"], r"train.seed must be an integer, got 'abc'"),
+        (["train.momentum=abc"], r"train.momentum must be a number, got 'abc'"),
+        (["output_dir=123"], r"output_dir must be a string, got 123"),
+        (["train.max_steps=true"], r"train.max_steps must be an integer or null, got True"),
+        (["moe.aux_loss_coef=abc"], r"moe.aux_loss_coef must be a number, got 'abc'"),
+        (["model.tiny.hiden_size=64"], r"unknown config keys \['model.tiny.hiden_size'\].*hidden_size"),
+        (["deepspeed=configs/deepspeed/nope.json"], r"deepspeed='configs/deepspeed/nope.json': no such file"),
     ],
 )
 def test_bad_values_are_errors_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_run_config(TINY, overrides)
+
+
+def test_yaml_numbers_pyyaml_reads_as_strings_become_floats(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(TINY.read_text().replace("lr: 1.0e-3", "lr: 1e-4").replace("aux_loss_coef: 0.01",
+                                                                                "aux_loss_coef: 1e-2"))
+    config = load_run_config(path, ["model.tiny.rms_norm_eps=1e-6"])
+    assert config.train.lr == 1e-4 and config.moe_config().aux_loss_coef == 1e-2
+    assert config.model.tiny == {"rms_norm_eps": 1e-6}
+
+
+def test_epochs_alone_trains_every_epoch():
+    config = load_run_config(TINY, ["train.max_steps=null", "train.epochs=3"])
+    assert total_steps(config, 100) == 300
+    assert total_steps(load_run_config(TINY, ["train.epochs=3"]), 100) == 40  # both: whichever ends first
+
+
+def test_relative_deepspeed_path_is_found_from_the_run_config(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text(TINY.read_text().replace("configs/deepspeed/zero2.json", "ds.json"))
+    (tmp_path / "cfg" / "ds.json").write_text((REPO / "configs/deepspeed/zero0.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert load_run_config("cfg/run.yaml").deepspeed == str((tmp_path / "cfg" / "ds.json").resolve())
+    assert Path(load_run_config(TINY).deepspeed).is_file()  # the default config from outside the repo
+
+
+def test_resume_mismatches_name_the_structural_fields():
+    config = load_run_config(TINY)
+    same = load_run_config(TINY, ["parallel.ep=1", "train.max_steps=99", "train.lr=0.1", "moe.init=copy"])
+    assert config.resume_mismatches(same.to_dict()) == []
+    other = load_run_config(TINY, ["moe.num_experts=8", "data.seq_len=64"])
+    assert [m.split(":")[0] for m in config.resume_mismatches(other.to_dict())] == ["moe.num_experts", "data.seq_len"]
 
 
 def test_world_dependent_checks():
@@ -65,6 +108,9 @@ def test_deepspeed_auto_values_filled_and_conflicts_refused(tmp_path):
     path.write_text(json.dumps(conflicting))
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=16 but the run config implies 4"):
         fill_deepspeed_config(path, micro_batch_size=4, grad_accum=1, dp_size=1, clip=1.0, precision="fp32")
+    with pytest.raises(ValueError, match=r"bf16.enabled=True but the run config implies False \(train.precision\)"):
+        fill_deepspeed_config(REPO / "configs/deepspeed/zero2_bf16.json", micro_batch_size=4, grad_accum=1,
+                              dp_size=1, clip=1.0, precision="fp32")
     with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
         fill_deepspeed_config(REPO / "configs/deepspeed/zero3.json", micro_batch_size=4, grad_accum=1, dp_size=1,
                               clip=1.0, precision="fp32")
@@ -79,6 +125,16 @@ def test_stage0_clipping_with_sharded_experts_is_refused_with_the_fix():
     assert fill_deepspeed_config(zero0, clip=1.0, ep_size=1, **common)["gradient_clipping"] == 1.0
     assert fill_deepspeed_config(REPO / "configs/deepspeed/zero2.json", clip=1.0, ep_size=2,
                                  **common)["gradient_clipping"] == 1.0
+
+
+def test_stage0_concrete_clipping_equal_to_train_clip_is_accepted_when_the_caller_clips(tmp_path):
+    path = tmp_path / "zero0_clip1.json"
+    path.write_text(json.dumps({**json.loads((REPO / "configs/deepspeed/zero0.json").read_text()),
+                                "gradient_clipping": 1.0}))
+    common = dict(micro_batch_size=4, grad_accum=1, dp_size=2, precision="fp32", ep_size=2)
+    assert fill_deepspeed_config(path, clip=1.0, caller_clips=True, **common)["gradient_clipping"] == 0.0
+    with pytest.raises(ValueError, match="gradient_clipping=1.0 but the run config implies 0.5"):
+        fill_deepspeed_config(path, clip=0.5, caller_clips=True, **common)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -37,9 +37,14 @@ def zero_stage(path: str | Path) -> int:
 
 
 def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
-    current = config.get(key, "auto")
+    """Fill ``key`` (dotted for nested sections: ``bf16.enabled``) if "auto" or absent, else check it agrees."""
+    *sections, leaf = key.split(".")
+    node = config
+    for section in sections:
+        node = node.setdefault(section, {})
+    current = node.get(leaf, "auto")
     if current == "auto":
-        config[key] = value
+        node[leaf] = value
     elif current != value:
         raise ValueError(f"deepspeed config has {key}={current!r} but the run config implies {value!r} ({source}); "
                          f"set it to \"auto\" or make them agree")
@@ -47,10 +52,12 @@ def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 def fill_deepspeed_config(
     path: str | Path, *, micro_batch_size: int, grad_accum: int, dp_size: int, clip: float, precision: str,
-    ep_size: int = 1,
+    ep_size: int = 1, caller_clips: bool = False,
 ) -> dict[str, Any]:
     """The JSON at ``path`` with its "auto" values filled. ``ep_size``: the job's expert parallelism, which
-    decides whether DeepSpeed may clip at ZeRO stage 0 (see ``STAGE0_CLIP_MESSAGE``)."""
+    decides whether DeepSpeed may clip at ZeRO stage 0 (see ``STAGE0_CLIP_MESSAGE``). ``caller_clips``: the
+    caller clips to ``clip`` itself (``clip_global_grad_norm_``), so a concrete ``gradient_clipping`` must still
+    agree with ``clip`` but DeepSpeed gets 0.0 (it must not clip again with its own norm)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"deepspeed config {path} does not exist (see configs/deepspeed/)")
@@ -58,14 +65,15 @@ def fill_deepspeed_config(
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
         raise ValueError(ZERO3_MESSAGE)
-    if stage == 0 and ep_size > 1 and clip > 0:
+    if stage == 0 and ep_size > 1 and clip > 0 and not caller_clips:
         raise ValueError(STAGE0_CLIP_MESSAGE.format(ep=ep_size, clip=clip, path=path))
     _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size")
     _fill(config, "gradient_accumulation_steps", grad_accum, "train.grad_accum")
     _fill(config, "train_batch_size", micro_batch_size * grad_accum * dp_size, "micro_batch × grad_accum × dp")
     _fill(config, "gradient_clipping", clip, "train.clip")
-    bf16 = config.setdefault("bf16", {})
-    _fill(bf16, "enabled", precision == "bf16", "train.precision")
+    if caller_clips:
+        config["gradient_clipping"] = 0.0
+    _fill(config, "bf16.enabled", precision == "bf16", "train.precision")
     if config.get("fp16", {}).get("enabled") is True:
         raise ValueError("fp16 is not supported (use train.precision: bf16); remove the fp16 section")
     if "optimizer" in config or "scheduler" in config:

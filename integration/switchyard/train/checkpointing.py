@@ -26,12 +26,15 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from switchyard.log import get_logger
+
+if TYPE_CHECKING:
+    from switchyard.train.run_config import RunConfig
 
 log = get_logger(__name__)
 
@@ -64,8 +67,16 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def find_resume(root: Path, resume: str | None) -> ResumePoint | None:
-    """``None`` → start fresh; ``"auto"`` → newest complete (``latest`` if it is complete); else a path."""
+    """``None`` → start fresh (refused where another run's checkpoints are: its pruning would delete them);
+    ``"auto"`` → newest complete (``latest`` if it is complete); else a path."""
     if resume is None:
+        found = complete_checkpoints(root)
+        if found:
+            raise ValueError(
+                f"{root} already holds checkpoints of a run ({found[0].name} … {found[-1].name}); a fresh run there "
+                f"would overwrite its metrics and prune its checkpoints. Continue that run with "
+                f"checkpoint.resume=auto (or --resume auto), or choose another output_dir"
+            )
         return None
     if resume == "auto":
         pointer = root / "latest"
@@ -82,6 +93,25 @@ def find_resume(root: Path, resume: str | None) -> ResumePoint | None:
             raise ValueError(f"checkpoint.resume={resume!r} is not a complete switchyard checkpoint "
                              f"(needs {MARKER} and meta.json; partial saves end in {PARTIAL})")
     return ResumePoint(candidate, json.loads((candidate / "meta.json").read_text()))
+
+
+def check_resume_config(point: ResumePoint, config: RunConfig) -> None:
+    """Refuse to resume a checkpoint whose run had other ``RESUME_FIXED`` settings (the checkpoint's model
+    and data position would silently win over the config)."""
+    mismatches = config.resume_mismatches(point.meta["config"])
+    if mismatches:
+        raise ValueError(
+            f"cannot resume {point.path}: it was written with other settings ({'; '.join(mismatches)}). Resume "
+            f"with the checkpoint's settings, or start a fresh run in another output_dir (model.source="
+            f"{point.path / 'model'} starts from its weights)"
+        )
+
+
+def prunable(complete: list[Path], final: Path, keep: int) -> list[Path]:
+    """Checkpoints to delete after writing ``final``: steps older than it beyond the ``keep - 1`` newest. Never
+    ``final`` nor later steps (left by a run resumed from an earlier checkpoint)."""
+    older = [p for p in complete if p.name < final.name]
+    return older[:max(0, len(older) - (keep - 1))]
 
 
 def save_rng(path: Path, rank: int) -> None:
@@ -177,7 +207,7 @@ def save_checkpoint(engine, model, tokenizer, groups, root: Path, step: int, met
         pointer_tmp = root / "latest.tmp"
         pointer_tmp.write_text(final.name)
         os.replace(pointer_tmp, root / "latest")
-        for old in complete_checkpoints(root)[:-keep]:
+        for old in prunable(complete_checkpoints(root), final, keep):
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final

@@ -62,6 +62,9 @@ def resolve_local_files(source: str) -> tuple[str, list[str]] | None:
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     if not files:
         raise ValueError(f"data.source={source!r} matches no {'/'.join(BUILDERS)} file; fix the path or glob")
+    if all(os.path.getsize(f) == 0 for f in files):  # datasets would fail with a bare StopIteration
+        raise ValueError(f"data.source={source!r}: {'every file is' if len(files) > 1 else 'the file is'} empty "
+                         f"({files[:3]}{' …' if len(files) > 3 else ''}); point data.source at files with data")
     kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
         raise ValueError(
@@ -280,6 +283,8 @@ def load_datasets(
         raise ValueError("data.format='chat' needs a tokenizer with a chat template; use format='prompt_response'")
     cache = _resolve_cache(cache_dir) / "data"
     raw = _load_raw(cfg, cache)
+    if len(raw) == 0:
+        raise ValueError(f"data.source={cfg.source!r} has no rows; point data.source at data")
     _check_columns(cfg, raw)
     if cfg.max_samples is not None and len(raw) > cfg.max_samples:
         raw = raw.select(range(cfg.max_samples))
@@ -373,6 +378,28 @@ def rank_batches(
     columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
     formatted = dataset.with_format("torch", columns=columns)
     return _iterate(formatted, order, columns, micro_batch_size, dp_rank, dp_size, start_step, n_steps)
+
+
+def eval_rank_batches(
+    dataset: datasets.Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, max_batches: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's eval micro-batches: the split in order, up to ``max_batches`` global batches, the last one
+    short if the split ends there (an eval split smaller than one global batch is still evaluated).
+
+    Every rank yields the same number of micro-batches, since MoE layers exchange tokens between ranks;
+    positions past the end of the split repeat row 0 with all labels ``-100``, so they add no loss.
+    """
+    global_batch = micro_batch_size * dp_size
+    columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
+    formatted = dataset.with_format("torch", columns=columns)
+    for step in range(min(max_batches, math.ceil(len(dataset) / global_batch))):
+        first = step * global_batch + dp_rank * micro_batch_size
+        positions = torch.arange(first, first + micro_batch_size)
+        real = positions < len(dataset)
+        rows = formatted[torch.where(real, positions, 0).tolist()]
+        batch = {c: rows[c].to(torch.long) for c in columns}
+        batch["labels"][~real] = IGNORE_INDEX
+        yield batch
 
 
 def _iterate(

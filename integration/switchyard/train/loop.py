@@ -2,9 +2,9 @@
 
     deepspeed --num_gpus N launch/finetune.py --config configs/finetune/tiny.yaml [key.sub=value …]
 
-Order of work: validate the config against the world → build every group → find the checkpoint to
-resume → model (patched, this rank's experts only) → data → DeepSpeed engine with MoE parameter groups
-→ steps (router losses in the loss, expert-bias updates, metrics, eval, atomic checkpoints).
+Order of work: validate the config against the world → build every group → fill the DeepSpeed JSON → find
+the checkpoint to resume (and check its settings) → model (patched, this rank's experts only) → data →
+DeepSpeed engine with MoE parameter groups → steps (router losses in the loss, expert-bias updates, metrics, eval, atomic checkpoints).
 """
 
 from __future__ import annotations
@@ -42,10 +42,6 @@ def _dp_means(values: list[torch.Tensor], groups, extra: list[torch.Tensor] = ()
     return [x / groups.size("dp") for x in out[:len(values)]] + out[len(values):]
 
 
-def _dp_mean(value: torch.Tensor, groups) -> float:
-    return _dp_means([value], groups)[0]
-
-
 class StepBatches:
     """This rank's micro-batches, step by step across epochs; resumable at any step."""
 
@@ -81,9 +77,18 @@ class StepBatches:
 
 
 def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
+    """Whichever of ``max_steps`` and ``epochs`` ends first (the config guarantees at least one is set)."""
     candidates = [s for s in (config.train.max_steps,
                               config.train.epochs * steps_per_epoch if config.train.epochs else None) if s]
     return min(candidates)
+
+
+def batch_tokens(micro: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(tokens processed, tokens with a loss) of a host micro-batch: throughput counts every real token,
+    prompts included; padding (``attention_mask`` 0) is not a token."""
+    mask = micro.get("attention_mask")
+    processed = int(mask.sum()) if mask is not None else micro["input_ids"].numel()
+    return processed, int((micro["labels"] != -100).sum())
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -105,9 +110,17 @@ def train(config: RunConfig) -> dict[str, Any]:
     p = config.parallel
     groups = ProcessGroupManager(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp)
     rank, dp_rank, dp_size = dist.get_rank(), groups.rank("dp"), groups.size("dp")
+    t = config.train
+    # stage 0: DeepSpeed's norm is wrong with sharded experts; clip_global_grad_norm_ does it instead
+    own_clipping = zero_stage(config.deepspeed) == 0
+    ds_config = fill_deepspeed_config(config.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                                      dp_size=dp_size, clip=t.clip, precision=t.precision,
+                                      ep_size=groups.size("ep"), caller_clips=own_clipping)
     run_dir = Path(config.output_dir)
     ckpt_root = run_dir / "checkpoints"
     resume = checkpointing.find_resume(ckpt_root, config.checkpoint.resume)
+    if resume is not None:
+        checkpointing.check_resume_config(resume, config)
     reshard = resume is not None and not resume.same_layout(world, groups.size("ep"))
     torch.manual_seed(config.train.seed)
 
@@ -121,13 +134,6 @@ def train(config: RunConfig) -> dict[str, Any]:
     start_step = resume.step if resume is not None else 0
     batches = StepBatches(train_set, config, dp_rank, dp_size, start_step)
     steps = total_steps(config, batches.steps_per_epoch)
-    t = config.train
-    stage = zero_stage(config.deepspeed)
-    # stage 0: DeepSpeed's norm is wrong with sharded experts; clip_global_grad_norm_ does it instead
-    own_clipping = stage == 0
-    ds_config = fill_deepspeed_config(config.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                                      dp_size=dp_size, clip=0.0 if own_clipping else t.clip, precision=t.precision,
-                                      ep_size=groups.size("ep"))
     param_groups = optimizer_param_groups(model, t.weight_decay)
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum)
@@ -159,10 +165,12 @@ def train(config: RunConfig) -> dict[str, Any]:
     for step in range(start_step, steps):
         started = time.perf_counter()
         engine.train()
-        lm_losses, aux_losses, tokens = [], [], 0
+        lm_losses, aux_losses, tokens, loss_tokens = [], [], 0, 0
         grad_norm = None
+        lr = engine.lr_scheduler.get_last_lr()[0]  # this step's: engine.step() moves the scheduler on
         for micro in batches.next_step():
-            tokens += int((micro["labels"] != -100).sum())  # on the host batch: no device sync
+            processed, with_loss = batch_tokens(micro)  # on the host batch: no device sync
+            tokens, loss_tokens = tokens + processed, loss_tokens + with_loss
             micro = {k: v.to(device) for k, v in micro.items()}
             out = engine(**micro)
             engine.backward(out.loss)
@@ -192,9 +200,10 @@ def train(config: RunConfig) -> dict[str, Any]:
         values: dict[str, Any] = {
             "loss": loss,
             "router_loss": router_loss,
-            "lr": engine.lr_scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": global_tokens / elapsed,
+            "loss_tokens": loss_tokens * dp_size,
         }
         if device.type == "cuda":
             values["mfu"] = 6 * active_params * global_tokens / elapsed / (H200_BF16_PEAK_FLOPS * world)
@@ -216,21 +225,25 @@ def train(config: RunConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, groups) -> dict[str, float]:
-    if eval_set is None or len(eval_set) < config.train.micro_batch_size * dp_size:
+    """LM loss per loss token over the first ``eval_batches`` global batches of the eval split (all of it if
+    smaller, a short last batch included), summed over the data-parallel group."""
+    if eval_set is None:
         return {}
-    from switchyard.train.data import rank_batches
+    from switchyard.train.data import eval_rank_batches
 
     engine.eval()
-    losses = []
-    for i, batch in enumerate(rank_batches(eval_set, config.train.micro_batch_size, dp_rank, dp_size, 0,
-                                           config.data.seed)):
-        if i >= config.train.eval_batches:
-            break
-        out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-        aux = out.get("aux_loss")
-        losses.append(out.loss - aux if aux is not None else out.loss)
+    sums = torch.zeros(2, device=engine.device)  # loss sum, loss tokens
+    for batch in eval_rank_batches(eval_set, config.train.micro_batch_size, dp_rank, dp_size,
+                                   config.train.eval_batches):
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        labels = batch.pop("labels")[:, 1:]  # the model predicts token i + 1 at position i
+        logits = engine(**batch).logits[:, :-1]
+        sums[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                     ignore_index=-100, reduction="sum")
+        sums[1] += (labels != -100).sum()
     engine.train()
-    loss = _dp_mean(torch.stack(losses).mean(), groups)
+    dist.all_reduce(sums, group=groups.group("dp"))
+    loss = float(sums[0] / sums[1].clamp_min(1))
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 

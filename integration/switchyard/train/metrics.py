@@ -47,8 +47,11 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         if path.is_file():  # a resumed run recomputes the steps after its checkpoint: drop their old rows
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-            path.write_text("".join(row + "\n" for row in rows))
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+            rows = [row for row in rows if row["step"] <= start_step]
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            # the heatmap covers the whole run, not only the steps after the resume
+            self.load_history = [(row["step"], row["expert_load"]) for row in rows if "expert_load" in row]
         self._jsonl = open(path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 

@@ -7,6 +7,7 @@ any other HF causal LM (upcycled with ``moe``). Rank 0 builds caches first; the 
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SWITCHYARD_CACHE", Path.home() / ".cache" / "switchyard"))
 
 
+# How long the other ranks wait for rank 0's preparation (tokenizing a large dataset can take hours, far
+# beyond the collective timeout); a rank 0 that dies closes its connections, so they still fail at once.
+RANK0_WAIT_S = float(os.environ.get("SWITCHYARD_RANK0_WAIT_S", 7 * 24 * 3600))
+
+
 def rank0_first(fn, *args, **kwargs) -> Any:
-    """Run ``fn`` on rank 0, then on the others (which then find rank 0's cache)."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()
+    """Run ``fn`` on rank 0, then on the others (which then find rank 0's cache). The others wait on a gloo
+    group of their own with ``RANK0_WAIT_S`` as its timeout, and raise rank 0's error if ``fn`` failed there."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return fn(*args, **kwargs)
-    result = fn(*args, **kwargs)
-    if dist.is_initialized():
-        dist.barrier()
-    return result
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=RANK0_WAIT_S))
+    outcome: list[Any] = [None]  # rank 0's error as (type name, message), or None
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:
+            outcome[0] = (type(err).__name__, str(err))
+            dist.broadcast_object_list(outcome, src=0, group=group)
+            raise
+        dist.broadcast_object_list(outcome, src=0, group=group)
+        return result
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    if outcome[0] is not None:
+        name, message = outcome[0]
+        raise (ValueError(message) if name == "ValueError" else RuntimeError(f"rank 0 failed: {name}: {message}"))
+    return fn(*args, **kwargs)
 
 
 def resolve_source(config: RunConfig) -> str:

@@ -9,9 +9,11 @@ and the fix; checks that need the world size (global batch, ep dividing the worl
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -33,6 +35,24 @@ class ModelSection:
     tokenizer: str | None = None  # defaults to the model's own
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides for the embedded tiny model
 
+    def __post_init__(self) -> None:
+        self.tiny = _checked_tiny(self.tiny)
+
+
+def _checked_tiny(values: dict[str, Any]) -> dict[str, Any]:
+    """``model.tiny`` keys go into LlamaConfig, which keeps any unknown key silently: refuse typos here."""
+    from switchyard.train.tiny import TINY_LLAMA_DEFAULTS, tiny_setting_defaults
+
+    if not isinstance(values, dict):
+        raise ValueError(f"model.tiny must be a mapping, got {values!r}")
+    defaults = tiny_setting_defaults()
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown config keys {['model.tiny.' + k for k in unknown]}; model.tiny takes LlamaConfig "
+                         f"fields (e.g. {sorted(TINY_LLAMA_DEFAULTS)}) and name, seed")
+    return {k: coerce_field(f"model.tiny.{k}", v, float if isinstance(defaults[k], float) else Any)
+            for k, v in values.items()}
+
 
 @dataclass
 class MoESection:
@@ -50,7 +70,9 @@ class MoESection:
 
 @dataclass
 class TrainSection:
-    max_steps: int | None = 50
+    """``max_steps`` and ``epochs``: either or both (training ends at whichever comes first)."""
+
+    max_steps: int | None = None
     epochs: int | None = None
     micro_batch_size: int = 4
     grad_accum: int = 1
@@ -74,7 +96,8 @@ class TrainSection:
         if not isinstance(self.cuda_graph, bool):
             raise ValueError(f"train.cuda_graph must be true or false, got {self.cuda_graph!r}")
         if self.max_steps is None and self.epochs is None:
-            raise ValueError("train needs max_steps or epochs (or both: whichever ends first)")
+            raise ValueError("train needs max_steps or epochs (or both: whichever ends first); set train.max_steps "
+                             "or train.epochs")
         for name in ("max_steps", "epochs", "global_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -142,6 +165,46 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resume_mismatches(self, recorded: dict[str, Any]) -> list[str]:
+        """``RESUME_FIXED`` settings that differ from a checkpoint's recorded run config, as ``key: old → new``."""
+        old, new = _comparable(recorded), _comparable(self.to_dict())
+        return [d for key in RESUME_FIXED for d in _differences(key, _at(old, key), _at(new, key))]
+
+
+# What a checkpoint's weights, optimizer state and data position depend on: a resume must keep them.
+# Layout (parallel.*, world size), step counts, lr schedule, clipping, eval and checkpoint settings may change.
+RESUME_FIXED = (
+    "model.source", "model.tokenizer", "model.tiny",
+    "moe.config", "moe.layers", "moe.every_n", "moe.targets", "moe.exclude", "moe.adapter", "moe.overrides",
+    "data.source", "data.format", "data.text_field", "data.messages_field", "data.prompt_field",
+    "data.response_field", "data.seq_len", "data.packing", "data.eval_fraction", "data.seed", "data.max_samples",
+    "data.sample_by", "train.optimizer",
+)
+
+
+def _comparable(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run config dict as meta.json stores it (JSON types), with ``moe.config`` completed by MoEConfig's
+    defaults so that a default spelled out equals one left out."""
+    tree = json.loads(json.dumps(tree, default=str))
+    moe = tree.get("moe") or {}
+    moe["config"] = json.loads(json.dumps(dataclasses.asdict(MoEConfig.from_dict(moe.get("config") or {})),
+                                          default=str))
+    return tree
+
+
+def _differences(key: str, old: Any, new: Any) -> list[str]:
+    """``key: old → new`` per differing leaf (mappings compared key by key; ``moe.config.x`` shown as ``moe.x``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for sub in sorted(set(old) | set(new))
+                for d in _differences(f"{key}.{sub}", old.get(sub), new.get(sub))]
+    return [] if old == new else [f"{key.replace('moe.config.', 'moe.')}: {old!r} → {new!r}"]
+
+
+def _at(tree: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
 
 def _build(cls: type, values: Any, where: str) -> Any:
     """Build a (nested) dataclass from plain YAML values, rejecting unknown keys by their full path."""
@@ -159,12 +222,42 @@ def _build(cls: type, values: Any, where: str) -> Any:
         raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; known keys here are {sorted(known)}")
     kwargs = {}
     for name, value in values.items():
-        hint = hints[name]
-        kwargs[name] = _build(hint, value, f"{where}.{name}" if where else name) if dataclasses.is_dataclass(hint) else value
+        hint, path = hints[name], f"{where}.{name}" if where else name
+        kwargs[name] = _build(hint, value, path) if dataclasses.is_dataclass(hint) else coerce_field(path, value, hint)
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise ValueError(f"{where or 'config'}: {err}") from None
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+              dict: "a mapping"}
+
+
+def number_from_string(value: str) -> float | None:
+    """``"1e-4"`` → 1e-4: YAML 1.1 (PyYAML) reads exponents without a dot as strings; ``None`` if not a number."""
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def coerce_field(where: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the field's type hint (numeric strings become floats for float fields), or a
+    ValueError naming the field, the value and the expected type."""
+    args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    optional = type(None) in args
+    kinds = [get_origin(a) or a for a in args if a is not type(None)]
+    if value is None and optional or Any in kinds:
+        return value
+    if float in kinds and isinstance(value, str) and number_from_string(value) is not None:
+        return number_from_string(value)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if any(isinstance(value, k) and not (isinstance(value, bool) and k in (int, float)) for k in kinds):
+        return value
+    expected = " or ".join(TYPE_NAMES.get(k, k.__name__) for k in kinds) + (" or null" if optional else "")
+    raise ValueError(f"{where} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -179,11 +272,8 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {key!r} is not a section")
     value = yaml.safe_load(raw)
-    if isinstance(value, str):  # YAML 1.1 reads "5e-4" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if isinstance(value, str) and number_from_string(value) is not None:  # YAML 1.1 reads "5e-4" as a string
+        value = number_from_string(value)
     node[keys[-1]] = value
 
 
@@ -195,7 +285,8 @@ def _gather_moe_fields(moe: dict[str, Any]) -> dict[str, Any]:
     gathered: dict[str, Any] = {k: v for k, v in moe.items() if k in selection}
     config = {**MoESection().config, **(moe.get("config") or {})}
     config.update({k: v for k, v in moe.items() if k not in selection and k != "config"})
-    gathered["config"] = config
+    hints = get_type_hints(MoEConfig)
+    gathered["config"] = {k: coerce_field(f"moe.{k}", v, hints[k]) if k in hints else v for k, v in config.items()}
     return gathered
 
 
@@ -213,4 +304,19 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     tree["moe"] = _gather_moe_fields(tree.get("moe") or {})
     config = _build(RunConfig, tree, "")
     config.moe_config()  # validates the MoE section now
+    config.deepspeed = str(resolve_deepspeed_path(config.deepspeed, path))
     return config
+
+
+def resolve_deepspeed_path(value: str, run_config: Path | None) -> Path:
+    """A relative ``deepspeed`` path, found from the cwd, else from the run config's directory or one above
+    it (``configs/deepspeed/zero2.json`` in configs/finetune/tiny.yaml works from any cwd)."""
+    path = Path(value).expanduser()
+    bases = [Path.cwd()] + ([] if path.is_absolute() or run_config is None
+                            else [run_config.resolve().parent, *run_config.resolve().parent.parents])
+    for base in bases:
+        if (base / path).is_file():
+            return base / path if base != Path.cwd() else path
+    raise ValueError(f"deepspeed={value!r}: no such file (looked from the cwd {Path.cwd()}"
+                     f"{'' if len(bases) == 1 else ', the run config directory and the ones above it'}); "
+                     "point deepspeed at a JSON in configs/deepspeed/")

@@ -62,6 +62,14 @@ TINY_LLAMA_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def tiny_setting_defaults() -> dict[str, Any]:
+    """Every setting ``build_tiny_dense_model`` uses (its own arguments and the LlamaConfig fields) with its
+    default; LlamaConfig would keep any other key silently, so callers validate keys against this."""
+    from transformers import LlamaConfig
+
+    return {**LlamaConfig().to_dict(), **TINY_LLAMA_DEFAULTS, "name": None, "seed": 0}
+
+
 def default_cache_dir() -> Path:
     """``$SWITCHYARD_CACHE`` or ``~/.cache/switchyard``."""
     env = os.environ.get("SWITCHYARD_CACHE")

@@ -1,0 +1,127 @@
+"""Fine-tune loop pieces called directly: checkpoint pruning and resume checks, metrics history, token counts,
+the launcher's arguments and accelerate settings, rank 0 preparing while the others wait."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datasets")  # switchyard.train.run_config imports the data module
+
+import torch
+
+from harness import REPO_ROOT, run_on_ranks
+from switchyard.train import checkpointing
+from switchyard.train.loop import batch_tokens
+from switchyard.train.metrics import MetricsWriter
+from switchyard.train.run_config import load_run_config
+
+TINY = REPO_ROOT / "configs" / "finetune" / "tiny.yaml"
+
+
+def write_checkpoint(root: Path, step: int, config: dict) -> Path:
+    path = root / f"step_{step:06d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "world_size": 2, "ep": 2, "config": config}))
+    (path / checkpointing.MARKER).write_text("")
+    return path
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    names = [tmp_path / f"step_{s:06d}" for s in (1, 2, 3, 4)]
+    assert checkpointing.prunable(names, names[3], keep=2) == names[:2]
+    assert checkpointing.prunable(names, names[1], keep=2) == []  # step 1 is kept; 3 and 4 are newer
+    assert checkpointing.prunable(names, names[1], keep=1) == names[:1]
+
+
+def test_fresh_run_in_a_dir_with_checkpoints_is_refused(tmp_path):
+    assert checkpointing.find_resume(tmp_path / "checkpoints", None) is None
+    write_checkpoint(tmp_path / "checkpoints", 4, load_run_config(TINY).to_dict())
+    with pytest.raises(ValueError, match=r"holds checkpoints .*step_000004.*checkpoint.resume=auto.*output_dir"):
+        checkpointing.find_resume(tmp_path / "checkpoints", None)
+
+
+def test_resume_with_other_structural_settings_is_refused(tmp_path):
+    write_checkpoint(tmp_path, 4, load_run_config(TINY).to_dict())
+    point = checkpointing.find_resume(tmp_path, "auto")
+    checkpointing.check_resume_config(point, load_run_config(TINY, ["parallel.ep=1", "train.max_steps=80"]))
+    with pytest.raises(ValueError, match=r"cannot resume .*step_000004.*moe.num_experts: 4 → 8\)"):
+        checkpointing.check_resume_config(point, load_run_config(TINY, ["moe.num_experts=8"]))
+
+
+def test_resumed_metrics_keep_the_earlier_expert_load_for_the_heatmap(tmp_path):
+    rows = [{"step": s, "loss": 1.0, "expert_load": {"layer": [0.5, 0.5]}} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    writer = MetricsWriter(tmp_path, enabled=True, total_steps=4, start_step=2)
+    assert [step for step, _ in writer.load_history] == [1, 2]
+    writer.log(3, {"loss": 0.5}, {"layer": [0.25, 0.75]})
+    writer.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [step for step, _ in writer.load_history] == [1, 2, 3]
+
+
+def test_throughput_counts_prompt_tokens_and_not_padding():
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, -100]])
+    assert batch_tokens({"input_ids": torch.ones(2, 4), "labels": labels}) == (8, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    assert batch_tokens({"input_ids": torch.ones(2, 4), "labels": labels, "attention_mask": mask}) == (7, 4)
+
+
+def launcher():
+    spec = importlib.util.spec_from_file_location("finetune_launcher", REPO_ROOT / "launch" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_overrides_may_follow_options():
+    args = launcher().build_parser().parse_intermixed_args(
+        ["--config", "x.yaml", "a=1", "--resume", "auto", "b=2", "--local_rank=1"])
+    assert (args.config, args.resume, args.overrides) == ("x.yaml", "auto", ["a=1", "b=2"])
+
+
+def test_accelerate_inline_deepspeed_settings_are_refused():
+    overrides = launcher().accelerate_overrides
+    plugin_file = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no",
+                   "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}
+    assert overrides(plugin_file) == ["deepspeed=ds.json"]
+    assert overrides({}) == []
+    inline = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "bf16",
+              "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0", "ACCELERATE_GRADIENT_CLIPPING": "0.5"}
+    with pytest.raises(ValueError, match=r"zero_stage: 0.*gradient_clipping: 0.5.*mixed_precision: bf16.*run config"):
+        overrides(inline)
+
+
+def _rank0_first_cases(init_file: str) -> tuple[int, str]:
+    import torch.distributed as dist
+
+    from switchyard.train.model_source import rank0_first
+
+    rank = dist.get_rank()
+    dist.destroy_process_group()  # again with a 2 s collective timeout, shorter than rank 0's work below
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+
+    def slow() -> int:
+        time.sleep(4 if rank == 0 else 0)
+        return rank
+
+    def failing() -> None:
+        raise ValueError("data.source='x.jsonl' has no rows")
+
+    result = rank0_first(slow)
+    try:
+        rank0_first(failing)
+    except ValueError as err:
+        return result, str(err)
+    return result, "no error"
+
+
+def test_ranks_wait_for_rank0_beyond_the_collective_timeout_and_share_its_error(tmp_path):
+    results = run_on_ranks(_rank0_first_cases, 2, str(tmp_path / "init"), timeout_s=60)
+    assert results == [(0, "data.source='x.jsonl' has no rows"), (1, "data.source='x.jsonl' has no rows")]

@@ -125,3 +125,14 @@ def _rank0_first_cases(init_file: str) -> tuple[int, str]:
 def test_ranks_wait_for_rank0_beyond_the_collective_timeout_and_share_its_error(tmp_path):
     results = run_on_ranks(_rank0_first_cases, 2, str(tmp_path / "init"), timeout_s=60)
     assert results == [(0, "data.source='x.jsonl' has no rows"), (1, "data.source='x.jsonl' has no rows")]
+
+
+def test_a_resume_at_another_zero_stage_restarts_the_optimizer_state(tmp_path):
+    """ZeRO partitions the optimizer state per stage: a ZeRO-2 state does not load into a ZeRO-0 engine
+    (KeyError 'param_groups'), so another stage reshards the weights and restarts it, as another layout does."""
+    point = checkpointing.ResumePoint(tmp_path, {"step": 4, "world_size": 2, "ep": 2, "zero_stage": 2})
+    assert point.same_layout(2, 2, 2)
+    assert not point.same_layout(2, 2, 0)
+    assert not point.same_layout(2, 1, 2) and not point.same_layout(1, 2, 2)
+    older = checkpointing.ResumePoint(tmp_path, {"step": 4, "world_size": 2, "ep": 2})  # before the stage was kept
+    assert older.same_layout(2, 2, 0) and older.same_layout(2, 2, 2)

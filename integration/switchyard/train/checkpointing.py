@@ -51,8 +51,11 @@ class ResumePoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def same_layout(self, world_size: int, ep: int) -> bool:
-        return self.meta.get("world_size") == world_size and self.meta.get("ep") == ep
+    def same_layout(self, world_size: int, ep: int, zero_stage: int) -> bool:
+        """Whether the engine state (partitioned by ZeRO over this layout) loads as saved; else reshard the
+        weights and restart the optimizer. A checkpoint from before ``zero_stage`` was recorded counts as same."""
+        return (self.meta.get("world_size") == world_size and self.meta.get("ep") == ep
+                and self.meta.get("zero_stage", zero_stage) == zero_stage)
 
 
 def _is_complete(path: Path) -> bool:

@@ -112,7 +112,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     rank, dp_rank, dp_size = dist.get_rank(), groups.rank("dp"), groups.size("dp")
     t = config.train
     # stage 0: DeepSpeed's norm is wrong with sharded experts; clip_global_grad_norm_ does it instead
-    own_clipping = zero_stage(config.deepspeed) == 0
+    stage = zero_stage(config.deepspeed)
+    own_clipping = stage == 0
     ds_config = fill_deepspeed_config(config.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                                       dp_size=dp_size, clip=t.clip, precision=t.precision,
                                       ep_size=groups.size("ep"), caller_clips=own_clipping)
@@ -121,7 +122,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     resume = checkpointing.find_resume(ckpt_root, config.checkpoint.resume)
     if resume is not None:
         checkpointing.check_resume_config(resume, config)
-    reshard = resume is not None and not resume.same_layout(world, groups.size("ep"))
+    reshard = resume is not None and not resume.same_layout(world, groups.size("ep"), stage)
     torch.manual_seed(config.train.seed)
 
     source = resolve_source(config)
@@ -150,15 +151,17 @@ def train(config: RunConfig) -> dict[str, Any]:
     elif reshard:
         for _ in range(start_step):
             engine.lr_scheduler.step()
-        log.warning("resumed from %s at step %d with a different layout (world %s → %d, ep %s → %d): model "
-                    "weights resharded, optimizer state restarts", resume.path, start_step,
-                    resume.meta.get("world_size"), world, resume.meta.get("ep"), groups.size("ep"), ranks=[0])
+        log.warning("resumed from %s at step %d with a different layout (world %s → %d, ep %s → %d, ZeRO stage "
+                    "%s → %d): model weights resharded, optimizer state restarts", resume.path, start_step,
+                    resume.meta.get("world_size"), world, resume.meta.get("ep"), groups.size("ep"),
+                    resume.meta.get("zero_stage"), stage, ranks=[0])
 
     metrics = MetricsWriter(run_dir, enabled=rank == 0, total_steps=steps, start_step=start_step)
     load = ExpertLoad()
     device = engine.device
     active_params = _active_params(model)
-    meta = {"world_size": world, "ep": groups.size("ep"), "dp": dp_size, "config": config.to_dict()}
+    meta = {"world_size": world, "ep": groups.size("ep"), "dp": dp_size, "zero_stage": stage,
+            "config": config.to_dict()}
     history: list[float] = []
     last_eval: dict[str, float] = {}
 

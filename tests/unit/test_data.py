@@ -312,3 +312,14 @@ def test_eval_smaller_than_a_global_batch_is_evaluated_on_every_rank() -> None:
     assert sorted(kept) == list(range(5))
     assert [len(list(eval_rank_batches(synthetic(1), 4, r, 2, max_batches=8))) for r in range(2)] == [1, 1]
     assert len(list(eval_rank_batches(ds, 2, 0, 2, max_batches=1))) == 1
+
+
+def test_eval_batches_sample_the_whole_split_in_a_fixed_order() -> None:
+    """Packed sequences of one document are consecutive: the first eval batches must not be its first rows."""
+    ds = synthetic(40)
+    first = [row.item() for r in range(2) for b in eval_rank_batches(ds, 2, r, 2, max_batches=1, seed=3)
+             for row in b["input_ids"][:, 0]]
+    assert first != list(range(4)) and max(first) >= 4  # not the split's first rows
+    again = [row.item() for r in range(2) for b in eval_rank_batches(ds, 2, r, 2, max_batches=1, seed=3)
+             for row in b["input_ids"][:, 0]]
+    assert again == first  # the same rows at every eval

@@ -381,10 +381,12 @@ def rank_batches(
 
 
 def eval_rank_batches(
-    dataset: datasets.Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, max_batches: int
+    dataset: datasets.Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, max_batches: int, seed: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's eval micro-batches: the split in order, up to ``max_batches`` global batches, the last one
-    short if the split ends there (an eval split smaller than one global batch is still evaluated).
+    """This rank's eval micro-batches: the split in one fixed shuffled order (``seed``: packed sequences of a
+    document are consecutive, so the first rows in order would be a few documents only), up to ``max_batches``
+    global batches, the last one short if the split ends there (an eval split smaller than one global batch is
+    still evaluated). The same rows at every eval, so eval losses compare across steps.
 
     Every rank yields the same number of micro-batches, since MoE layers exchange tokens between ranks;
     positions past the end of the split repeat row 0 with all labels ``-100``, so they add no loss.
@@ -392,11 +394,12 @@ def eval_rank_batches(
     global_batch = micro_batch_size * dp_size
     columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
     formatted = dataset.with_format("torch", columns=columns)
+    order = torch.from_numpy(np.random.default_rng([seed, 0]).permutation(len(dataset)))
     for step in range(min(max_batches, math.ceil(len(dataset) / global_batch))):
         first = step * global_batch + dp_rank * micro_batch_size
         positions = torch.arange(first, first + micro_batch_size)
         real = positions < len(dataset)
-        rows = formatted[torch.where(real, positions, 0).tolist()]
+        rows = formatted[order[torch.where(real, positions, 0)].tolist()]
         batch = {c: rows[c].to(torch.long) for c in columns}
         batch["labels"][~real] = IGNORE_INDEX
         yield batch

@@ -237,7 +237,7 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
     engine.eval()
     sums = torch.zeros(2, device=engine.device)  # loss sum, loss tokens
     for batch in eval_rank_batches(eval_set, config.train.micro_batch_size, dp_rank, dp_size,
-                                   config.train.eval_batches):
+                                   config.train.eval_batches, config.data.seed):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         labels = batch.pop("labels")[:, 1:]  # the model predicts token i + 1 at position i
         logits = engine(**batch).logits[:, :-1]

@@ -358,7 +358,7 @@ def rank_batches(
     single-rank batch of ``G``, and ``start_step`` resumes exactly where a run stopped. The
     incomplete last global batch is dropped. Pass the *data-parallel* coordinates: ranks of one
     tensor/pipeline group share a dp_rank and so see the same batch; expert-parallel ranks are
-    data-parallel ranks and see different batches. For eval pass ``shuffle=False``.
+    data-parallel ranks and see different batches. Eval batches come from ``eval_rank_batches``.
     """
     checks = (("micro_batch_size", micro_batch_size, 1), ("dp_size", dp_size, 1), ("epoch", epoch, 0), ("seed", seed, 0))
     for name, value, low in checks:
@@ -374,10 +374,20 @@ def rank_batches(
         )
     if not isinstance(start_step, int) or not 0 <= start_step <= n_steps:
         raise ValueError(f"start_step={start_step!r} must be in [0, steps_per_epoch={n_steps}]")
-    order = np.random.default_rng([seed, epoch]).permutation(len(dataset)) if shuffle else np.arange(len(dataset))
-    columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
-    formatted = dataset.with_format("torch", columns=columns)
+    order = _epoch_order(len(dataset), seed, epoch) if shuffle else np.arange(len(dataset))
+    formatted, columns = _as_torch(dataset)
     return _iterate(formatted, order, columns, micro_batch_size, dp_rank, dp_size, start_step, n_steps)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of an epoch, drawn from the pair ``(seed, epoch)``."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _as_torch(dataset: datasets.Dataset) -> tuple[datasets.Dataset, list[str]]:
+    """The dataset formatted as torch tensors over the columns a batch carries, and those columns."""
+    columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
+    return dataset.with_format("torch", columns=columns), columns
 
 
 def eval_rank_batches(
@@ -392,9 +402,8 @@ def eval_rank_batches(
     positions past the end of the split repeat row 0 with all labels ``-100``, so they add no loss.
     """
     global_batch = micro_batch_size * dp_size
-    columns = [c for c in ("input_ids", "labels", "attention_mask") if c in dataset.column_names]
-    formatted = dataset.with_format("torch", columns=columns)
-    order = torch.from_numpy(np.random.default_rng([seed, 0]).permutation(len(dataset)))
+    formatted, columns = _as_torch(dataset)
+    order = torch.from_numpy(_epoch_order(len(dataset), seed, 0))
     for step in range(min(max_batches, math.ceil(len(dataset) / global_batch))):
         first = step * global_batch + dp_rank * micro_batch_size
         positions = torch.arange(first, first + micro_batch_size)

@@ -7,8 +7,9 @@ offending value and the fix, so a bad setting fails before any process group or 
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from switchyard.activations import get_activation
 
@@ -17,36 +18,40 @@ DROP_POLICIES = ("probs", "position")
 INIT_METHODS = ("copy", "granular", "drop_upcycle", "random")
 
 
-# MoEConfig field -> the values it takes ("?": or None). A bool is not an int here, and an int is a real
-# number, so ``aux_loss_coef=1`` is fine but ``num_experts=8.0`` and ``norm_topk_prob="false"`` are not.
-_MOE_FIELD_KINDS: dict[str, str] = {
-    "num_experts": "int", "top_k": "int", "init": "str", "intermediate_size": "int?",
-    "score_func": "str", "softmax_before_topk": "bool", "norm_topk_prob": "bool", "n_group": "int?",
-    "topk_group": "int?", "routed_scaling_factor": "real", "expert_bias": "bool", "expert_bias_update_rate": "real",
-    "router_jitter": "real", "aux_loss_coef": "real", "seq_aux_loss_coef": "real", "z_loss_coef": "real",
-    "capacity_factor": "real?", "eval_capacity_factor": "real?", "drop_policy": "str", "num_shared_experts": "int",
-    "shared_expert_intermediate_size": "int?", "shared_expert_gate": "bool", "activation": "str", "gated": "bool",
-    "bias": "bool", "extra": "dict",
-}
-_KIND_CHECKS: dict[str, tuple[str, Any]] = {
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "real": ("a real number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "bool": ("True or False", lambda v: isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "dict": ("a dict", lambda v: isinstance(v, dict)),
-}
+# Type names in errors, spelled for the reader: Python callers see True/None, YAML users true/null.
+_TYPE_NAMES: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                               list: "a list", dict: "a mapping", type(None): "null"}
+_PYTHON_TYPE_NAMES = {**_TYPE_NAMES, bool: "True or False", dict: "a dict", type(None): "None"}
+
+
+def check_field_type(where: str, value: Any, hint: Any, python_spelling: bool = False) -> None:
+    """``value`` against a field's type hint, or a ValueError naming the field, the value and the type.
+
+    A bool is not a number here and an int is a float, so ``aux_loss_coef=1`` passes but
+    ``num_experts=8.0`` and ``norm_topk_prob="false"`` do not. One checker for MoEConfig (Python API)
+    and the fine-tune run config (YAML), which first coerces YAML's numeric strings.
+    """
+    args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    optional = type(None) in args
+    kinds = [get_origin(a) or a for a in args if a is not type(None)]
+    if (value is None and optional) or Any in kinds:
+        return
+    for kind in kinds:
+        if isinstance(value, bool) and kind in (int, float):
+            continue
+        if isinstance(value, kind) or (kind is float and isinstance(value, int)):
+            return
+    spelled = _PYTHON_TYPE_NAMES if python_spelling else _TYPE_NAMES
+    names = [spelled.get(k, k.__name__) for k in kinds + ([type(None)] if optional else [])]
+    raise ValueError(f"{where} must be {' or '.join(names)}, got {value!r} ({type(value).__name__})")
 
 
 def _check_kinds(config: Any) -> None:
     """Type errors as ValueErrors naming the field, before any comparison could fail on a wrong type."""
+    hints = get_type_hints(type(config))
     for f in dataclasses.fields(config):
-        kind = _MOE_FIELD_KINDS[f.name]
-        optional, base = kind.endswith("?"), kind.rstrip("?")
-        description, accepts = _KIND_CHECKS[base]
-        value = getattr(config, f.name)
-        if not (optional and value is None) and not accepts(value):
-            raise ValueError(f"MoEConfig.{f.name} must be {description}{' or None' if optional else ''}, "
-                             f"got {value!r} ({type(value).__name__})")
+        check_field_type(f"{type(config).__name__}.{f.name}", getattr(config, f.name), hints[f.name],
+                         python_spelling=True)
 
 
 def _positive_int(name: str, value: Any) -> None:

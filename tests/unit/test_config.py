@@ -41,9 +41,9 @@ def test_parallel_config_defaults_etp_to_tp():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(aux_loss_coef=None), r"MoEConfig\.aux_loss_coef must be a real number, got None"),
-        (dict(capacity_factor="1.25"), r"MoEConfig\.capacity_factor must be a real number or None, got '1\.25'"),
-        (dict(routed_scaling_factor="2"), r"MoEConfig\.routed_scaling_factor must be a real number, got '2'"),
+        (dict(aux_loss_coef=None), r"MoEConfig\.aux_loss_coef must be a number, got None"),
+        (dict(capacity_factor="1.25"), r"MoEConfig\.capacity_factor must be a number or None, got '1\.25'"),
+        (dict(routed_scaling_factor="2"), r"MoEConfig\.routed_scaling_factor must be a number, got '2'"),
         (dict(norm_topk_prob="false"), r"MoEConfig\.norm_topk_prob must be True or False, got 'false'"),
         (dict(num_shared_experts=1.0), r"MoEConfig\.num_shared_experts must be an integer, got 1\.0"),
         (dict(num_shared_experts=True), r"MoEConfig\.num_shared_experts must be an integer, got True"),

@@ -17,7 +17,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from switchyard.config import MoEConfig, ParallelConfig
+from switchyard.config import MoEConfig, ParallelConfig, check_field_type
 from switchyard.train.data import DataConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -230,10 +230,6 @@ def _build(cls: type, values: Any, where: str) -> Any:
         raise ValueError(f"{where or 'config'}: {err}") from None
 
 
-TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
-              dict: "a mapping"}
-
-
 def number_from_string(value: str) -> float | None:
     """``"1e-4"`` → 1e-4: YAML 1.1 (PyYAML) reads exponents without a dot as strings; ``None`` if not a number."""
     try:
@@ -243,21 +239,16 @@ def number_from_string(value: str) -> float | None:
 
 
 def coerce_field(where: str, value: Any, hint: Any) -> Any:
-    """``value`` checked against the field's type hint (numeric strings become floats for float fields), or a
-    ValueError naming the field, the value and the expected type."""
+    """``value`` checked against the field's type hint (numeric strings and ints become floats for float
+    fields), or a ValueError naming the field, the value and the expected type."""
     args = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
-    optional = type(None) in args
-    kinds = [get_origin(a) or a for a in args if a is not type(None)]
-    if value is None and optional or Any in kinds:
-        return value
-    if float in kinds and isinstance(value, str) and number_from_string(value) is not None:
-        return number_from_string(value)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if any(isinstance(value, k) and not (isinstance(value, bool) and k in (int, float)) for k in kinds):
-        return value
-    expected = " or ".join(TYPE_NAMES.get(k, k.__name__) for k in kinds) + (" or null" if optional else "")
-    raise ValueError(f"{where} must be {expected}, got {value!r} ({type(value).__name__})")
+    if float in args and not isinstance(value, bool):
+        if isinstance(value, str) and number_from_string(value) is not None:
+            value = number_from_string(value)
+        elif isinstance(value, int):
+            value = float(value)
+    check_field_type(where, value, hint)
+    return value
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:

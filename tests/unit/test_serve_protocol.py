@@ -29,6 +29,14 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
     (tmp_path / "x.yaml").write_text("mdoel: tiny\n")
     with pytest.raises(ValueError, match="unknown serve settings"):
         ServeConfig.load(tmp_path / "x.yaml")
+    # YAML reads these as numbers or lists: each is named, none crashes later (api_key's .strip() did)
+    for text, message in (("api_key: 12345", r"api_key must be a string or null, got 12345 \(int\)"),
+                          ("model: 7", "model must be a string, got 7"), ("host: [a]", "host must be a string"),
+                          ("heartbeat_s: fast", "heartbeat_s must be a number, got 'fast'")):
+        (tmp_path / "y.yaml").write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            ServeConfig.load(tmp_path / "y.yaml")
+    assert ServeConfig(heartbeat_s=5).heartbeat_s == 5  # an int where seconds are a float is fine
 
 
 def test_requests_validate_types_and_ranges():

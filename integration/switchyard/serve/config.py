@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
+
+from switchyard.config import check_field_type
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODE_MODES = ("auto", "static", "batched", "sequential")  # switchyard.serve.runner.DECODE_MODES (kept import-light here)
@@ -35,6 +37,9 @@ class ServeConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        hints = get_type_hints(ServeConfig)
+        for f in dataclasses.fields(self):  # YAML's `api_key: 12345` is an int: name it, don't crash on it later
+            check_field_type(f.name, getattr(self, f.name), hints[f.name])
         for name in ("ep", "max_batch", "max_n", "max_prompts", "default_max_tokens", "max_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -13,6 +13,7 @@ needs no re-tokenization and no stored permutation.
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import math
@@ -38,13 +39,13 @@ BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"
 }
 IGNORE_INDEX = -100
-_RECIPE_VERSION = 1  # bump when the processing below changes: invalidates tokenized caches
+_RECIPE_VERSION = 2  # bump when the processing below changes: invalidates tokenized caches
 _MAP_BATCH = 1000  # packing drops < seq_len tokens at the end of every map batch of this many docs
 
 
 def _is_local(source: str) -> bool:
     return (
-        any(c in source for c in "*?[")
+        any(c in source.partition(":")[0] for c in "*?[")  # not a hub split slice: "name:config:train[:10%]"
         or os.path.exists(os.path.expanduser(source))
         or Path(source).suffix.lower() in BUILDERS
         or source.startswith(("/", "./", "../", "~"))
@@ -56,8 +57,9 @@ def resolve_local_files(source: str) -> tuple[str, list[str]] | None:
     if not _is_local(source):
         return None
     path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        files = [str(p) for p in sorted(Path(path).rglob("*")) if p.is_file() and p.suffix.lower() in BUILDERS]
+    if os.path.isdir(path):  # hidden files and dirs (.ipynb_checkpoints/, .git/) are skipped, as a glob does
+        files = [str(p) for p in sorted(Path(path).rglob("*")) if p.is_file() and p.suffix.lower() in BUILDERS
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
     else:
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     if not files:
@@ -71,7 +73,19 @@ def resolve_local_files(source: str) -> tuple[str, list[str]] | None:
             f"data.source={source!r} matches files of types {sorted(str(k) for k in kinds)}; use one of "
             f"{sorted(set(BUILDERS.values()))} (suffixes {'/'.join(BUILDERS)}), one type per source"
         )
-    return kinds.pop(), files
+    # an empty file holds no rows, and the csv builder fails on one ("No columns to parse from file")
+    return kinds.pop(), [f for f in files if os.path.getsize(f) > 0]
+
+
+def _csv_text_columns(files: list[str]) -> dict[str, Any]:
+    """csv builder options that read every cell as the text written there: pandas would turn a column of
+    numbers into ints (the tokenizer rejects them; "007" would become 7) and "NA"/"None"/"null" into nulls."""
+    columns: dict[str, None] = {}
+    for f in files:
+        with open(f, newline="", encoding="utf-8-sig") as fh:  # pandas drops a BOM too
+            columns.update(dict.fromkeys(next(csv.reader(fh), [])))
+    features = datasets.Features({c: datasets.Value("string") for c in columns})
+    return {"features": features, "keep_default_na": False}
 
 
 @dataclass
@@ -79,8 +93,9 @@ class DataConfig:
     """Where the data comes from and how it becomes fixed-length examples.
 
     ``source``: "stdlib" (the embedded default), a local file/dir/glob, or a hub dataset name
-    (``name`` or ``name:config``; needs network unless already in the cache). ``sample_by`` says
-    how ``.txt`` files split into documents (each gets an eos).
+    (``name``, ``name:config`` or ``name:config:split`` with an optional config and a split that may be
+    sliced, ``name::train_sft[:10%]``; default split ``train``; needs network unless already in the cache).
+    ``sample_by`` says how ``.txt`` files split into documents (each gets an eos).
     """
 
     source: str = "stdlib"
@@ -143,20 +158,32 @@ def _load_raw(cfg: DataConfig, cache: Path) -> datasets.Dataset:
     local = resolve_local_files(cfg.source)
     if local is not None:
         builder, files = local
-        kwargs: dict[str, Any] = {"sample_by": cfg.sample_by} if builder == "text" else {}
-        return datasets.load_dataset(
-            builder, data_files=files, split="train", cache_dir=hf_cache, num_proc=cfg.num_proc, **kwargs
-        )
-    name, _, config = cfg.source.partition(":")
+        kwargs: dict[str, Any] = {}
+        if builder == "text":
+            kwargs = {"sample_by": cfg.sample_by}
+        elif builder == "csv":
+            kwargs = _csv_text_columns(files)
+        try:
+            return datasets.load_dataset(
+                builder, data_files=files, split="train", cache_dir=hf_cache, num_proc=cfg.num_proc, **kwargs
+            )
+        except ValueError as e:
+            if "corresponds to no data" not in str(e):
+                raise
+            raise ValueError(f"data.source={cfg.source!r} has no rows ({builder} files {files[:3]}"
+                             f"{' …' if len(files) > 3 else ''}); point data.source at data") from e
+    name, config, split = (cfg.source.split(":", 2) + ["", ""])[:3]
     try:
         return datasets.load_dataset(
-            name, config or None, split="train", cache_dir=hf_cache, num_proc=cfg.num_proc
+            name, config or None, split=split or "train", cache_dir=hf_cache, num_proc=cfg.num_proc
         )
     except Exception as e:
         raise RuntimeError(
             f"data.source={cfg.source!r} is not a local file/dir/glob, and loading it as a Hugging Face hub "
-            f"dataset failed ({type(e).__name__}: {e}). Hub datasets need network access (or an existing "
-            f"cache); otherwise point data.source at local .txt/.jsonl/.json/.parquet/.csv files"
+            f"dataset failed ({type(e).__name__}: {e}). A hub source is 'name', 'name:config' or "
+            f"'name:config:split' (split 'train' unless named, e.g. 'name::train_sft'); hub datasets need "
+            f"network access (or an existing cache); otherwise point data.source at local "
+            f".txt/.jsonl/.json/.parquet/.csv files"
         ) from e
 
 
@@ -173,22 +200,38 @@ def _check_columns(cfg: DataConfig, raw: datasets.Dataset) -> None:
             )
 
 
+def _drop_none(value: Any) -> Any:
+    """``value`` without ``None`` entries in its dicts, recursively. Arrow stores a column of messages as
+    structs with the union of their keys, so a message read back from parquet (or a hub dataset) carries
+    every key another one had, as ``None``, down to tool-call arguments (which templates render with
+    ``tojson``); transformers drops only a message's own ``None`` keys."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
 def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and labels that keep only the assistant turns.
 
     Renders growing prefixes with the tokenizer's own template (prompt up to each assistant turn
-    with the generation prompt, then through that turn) and tokenizes the string segments between
-    them separately, so the mask is exact by construction for any template whose renders are
-    string prefixes of each other; other templates get a clear error instead of a wrong mask.
+    with the generation prompt, then through that turn) to find the characters of each response,
+    so the mask is exact for any template whose renders are string prefixes of each other; other
+    templates get a clear error instead of a wrong mask. The ids are those of the whole rendered
+    conversation (what ``apply_chat_template`` and the server tokenize): tokenizing the pieces apart
+    would differ where a token spans a boundary (a response starting with a newline). A token
+    overlapping a response is trained, as in transformers' ``return_assistant_tokens_mask``.
     """
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         got = type(messages).__name__
         raise ValueError(f"chat data: expected a list of {{role, content}} messages, got {got}")
+    messages = _drop_none(messages)
 
     def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
 
-    segments: list[tuple[str, bool]] = []
+    spans: list[tuple[int, int]] = []  # character ranges of the responses in the whole render
     done = ""
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
@@ -199,20 +242,24 @@ def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[lis
                 "the tokenizer's chat template does not render conversation prefixes as string prefixes, so "
                 "the response mask cannot be derived; use format='prompt_response' or a prefix-stable template"
             )
-        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        spans.append((len(prompt), len(full)))
         done = full
-    rest = render(messages, False)
-    if not rest.startswith(done):
+    text = render(messages, False)
+    if not text.startswith(done):
         raise ValueError("the tokenizer's chat template is not prefix-stable after the last assistant turn")
-    segments.append((rest[len(done) :], False))
-    ids: list[int] = []
-    labels: list[int] = []
-    for text, trained in segments:
-        if text:
-            seg = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: tokenize the pieces between the boundaries
+        ids: list[int] = []
+        labels: list[int] = []
+        bounds = [0, *(b for span in spans for b in span), len(text)]
+        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            seg = tokenizer(text[start:end], add_special_tokens=False)["input_ids"] if end > start else []
             ids += seg
-            labels += seg if trained else [IGNORE_INDEX] * len(seg)
-    return ids, labels
+            labels += seg if k % 2 else [IGNORE_INDEX] * len(seg)
+        return ids, labels
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    trained = [any(end > lo and start < hi for lo, hi in spans) for start, end in encoded["offset_mapping"]]
+    return ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
 
 
 def _bos_prefix(tokenizer: Any) -> list[int]:
@@ -222,22 +269,41 @@ def _bos_prefix(tokenizer: Any) -> list[int]:
     return [bos] if bos is not None and with_special and with_special[0] == bos else []
 
 
+def _strings(batch: dict[str, list], cfg: dict[str, Any], field: str) -> list[str | None]:
+    """The column named by ``cfg[field]``, checked to hold text (or nulls): the tokenizer's own error
+    for a number or a list names neither the column nor the value."""
+    values = batch[cfg[field]]
+    for value in values:
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"data.{field}={cfg[field]!r}: the column holds a {type(value).__name__} ({str(value)[:60]!r}), not "
+                f"text; point data.{field} at a text column or write the values as strings"
+            )
+    return values
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text; a map batch may have none left (all blank), where the tokenizer would raise."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
 def _process_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any]) -> dict[str, list]:
     """Raw rows → fixed-length rows (a batched map may change the row count: packing, filtering)."""
     eos, seq_len, fmt = tokenizer.eos_token_id, cfg["seq_len"], cfg["format"]
     prefix = _bos_prefix(tokenizer) if fmt != "chat" else []
     examples: list[tuple[list[int], list[int]]] = []
     if fmt == "text":
-        texts = [t for t in batch[cfg["text_field"]] if t]  # blank lines (sample_by=line) are no documents
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        examples = [(prefix + ids + [eos], prefix + ids + [eos]) for ids in encoded]
+        texts = [t for t in _strings(batch, cfg, "text_field") if t]  # blank lines (sample_by=line): no documents
+        examples = [(prefix + ids + [eos], prefix + ids + [eos]) for ids in _encode(tokenizer, texts)]
     elif fmt == "prompt_response":
-        prompts = tokenizer([t or "" for t in batch[cfg["prompt_field"]]], add_special_tokens=False)["input_ids"]
-        answers = tokenizer([t or "" for t in batch[cfg["response_field"]]], add_special_tokens=False)["input_ids"]
-        for p, r in zip(prompts, answers):
+        # a row without one of the two (null: another schema in the same files) is no example; an empty
+        # prompt or response ("") is
+        columns = zip(_strings(batch, cfg, "prompt_field"), _strings(batch, cfg, "response_field"))
+        pairs = [(p, r) for p, r in columns if p is not None and r is not None]
+        for p, r in zip(_encode(tokenizer, [p for p, _ in pairs]), _encode(tokenizer, [r for _, r in pairs])):
             examples.append((prefix + p + r + [eos], [IGNORE_INDEX] * (len(prefix) + len(p)) + r + [eos]))
     else:
-        examples = [chat_ids_labels(tokenizer, m) for m in batch[cfg["messages_field"]]]
+        examples = [chat_ids_labels(tokenizer, m) for m in batch[cfg["messages_field"]] if m is not None]
 
     out: dict[str, list] = {"input_ids": [], "labels": []}
     if cfg["packing"]:

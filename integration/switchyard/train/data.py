@@ -414,6 +414,7 @@ def rank_batches(
     seed: int,
     start_step: int = 0,
     shuffle: bool = True,
+    start_example: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This data-parallel rank's micro-batches of one epoch, as int64 tensors ``[micro_batch, seq_len]``.
 
@@ -422,7 +423,9 @@ def rank_batches(
     ``[s*G, (s+1)*G)`` with ``G = dp_size * micro_batch_size``; rank ``dp_rank`` takes the
     contiguous slice ``[dp_rank*mb, (dp_rank+1)*mb)`` of it. So the union over ranks is exactly the
     single-rank batch of ``G``, and ``start_step`` resumes exactly where a run stopped. The
-    incomplete last global batch is dropped. Pass the *data-parallel* coordinates: ranks of one
+    incomplete last global batch is dropped. ``start_example`` shifts the global batches to start
+    that many examples into the epoch's order: a resume whose global batch size changed continues at
+    the examples consumed, not at the step count. Pass the *data-parallel* coordinates: ranks of one
     tensor/pipeline group share a dp_rank and so see the same batch; expert-parallel ranks are
     data-parallel ranks and see different batches. Eval batches come from ``eval_rank_batches``.
     """
@@ -438,9 +441,13 @@ def rank_batches(
             f"the dataset has {len(dataset)} examples, fewer than one global batch of "
             f"micro_batch_size*dp_size = {micro_batch_size}*{dp_size}; lower the batch size or add data"
         )
+    if not isinstance(start_example, int) or not 0 <= start_example <= len(dataset):
+        raise ValueError(f"start_example={start_example!r} must be in [0, {len(dataset)}] (the examples)")
+    n_steps = (len(dataset) - start_example) // (micro_batch_size * dp_size)
     if not isinstance(start_step, int) or not 0 <= start_step <= n_steps:
         raise ValueError(f"start_step={start_step!r} must be in [0, steps_per_epoch={n_steps}]")
     order = _epoch_order(len(dataset), seed, epoch) if shuffle else np.arange(len(dataset))
+    order = order[start_example:]
     formatted, columns = _as_torch(dataset)
     return _iterate(formatted, order, columns, micro_batch_size, dp_rank, dp_size, start_step, n_steps)
 

@@ -43,14 +43,20 @@ def _dp_means(values: list[torch.Tensor], groups, extra: list[torch.Tensor] = ()
 
 
 class StepBatches:
-    """This rank's micro-batches, step by step across epochs; resumable at any step."""
+    """This rank's micro-batches, step by step across epochs; resumable at any data position.
 
-    def __init__(self, dataset, config: RunConfig, dp_rank: int, dp_size: int, start_step: int) -> None:
+    The position is (epoch, examples of that epoch's order consumed), not a step count, so a resume whose
+    global batch changed (another dp size after resharding, another micro-batch × grad_accum) continues at
+    the first example not trained on, as Megatron's consumed-samples counter does."""
+
+    def __init__(self, dataset, config: RunConfig, dp_rank: int, dp_size: int, epoch: int = 0,
+                 position: int = 0) -> None:
         from switchyard.train.data import rank_batches, steps_per_epoch
 
         self.dataset, self.config, self.dp_rank, self.dp_size = dataset, config, dp_rank, dp_size
         t = config.train
         self.per_step = t.micro_batch_size * t.grad_accum
+        self.global_batch = self.per_step * dp_size
         self.steps_per_epoch = steps_per_epoch(dataset, self.per_step, dp_size)
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -58,28 +64,50 @@ class StepBatches:
                 f"({self.per_step} × dp {dp_size}); lower train.micro_batch_size / grad_accum or add data"
             )
         self._rank_batches = rank_batches
-        self.step = start_step
+        self.epoch, self.position = epoch, position
         self._iter: Iterator | None = None
 
+    def steps_until_epoch(self, epochs: int) -> int:
+        """Steps from the current position until ``epochs`` epochs are done (each drops its short last batch)."""
+        if self.epoch >= epochs:
+            return 0
+        this_epoch = (len(self.dataset) - self.position) // self.global_batch
+        return this_epoch + (epochs - self.epoch - 1) * self.steps_per_epoch
+
     def _open(self) -> None:
-        epoch, within = divmod(self.step, self.steps_per_epoch)
-        self._iter = self._rank_batches(self.dataset, self.per_step, self.dp_rank, self.dp_size, epoch,
-                                        self.config.data.seed, start_step=within)
+        self._iter = self._rank_batches(self.dataset, self.per_step, self.dp_rank, self.dp_size, self.epoch,
+                                        self.config.data.seed, start_example=self.position)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        if self._iter is None or self.step % self.steps_per_epoch == 0:
+        if self._iter is None:
             self._open()
         assert self._iter is not None
-        batch = next(self._iter)
-        self.step += 1
+        batch = next(self._iter, None)
+        if batch is None:  # the epoch's order is used up (its short last batch dropped)
+            self.epoch, self.position = self.epoch + 1, 0
+            self._open()
+            batch = next(self._iter)
+        self.position += self.global_batch
         mb = self.config.train.micro_batch_size
         return [{k: v[i * mb:(i + 1) * mb] for k, v in batch.items()} for i in range(self.config.train.grad_accum)]
 
 
-def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
+def data_position(meta: dict[str, Any], dataset_size: int) -> tuple[int, int]:
+    """(epoch, examples consumed in it) where a checkpoint stopped. Checkpoints from before the position was
+    recorded have only their step; their global batch (micro × accum × dp) gives it back."""
+    if "data_epoch" in meta:
+        return int(meta["data_epoch"]), int(meta["data_position"])
+    train = meta["config"]["train"]
+    global_batch = train["micro_batch_size"] * train["grad_accum"] * meta["dp"]
+    epoch, within = divmod(int(meta["step"]), dataset_size // global_batch)
+    return epoch, within * global_batch
+
+
+def total_steps(config: RunConfig, batches: StepBatches, start_step: int = 0) -> int:
     """Whichever of ``max_steps`` and ``epochs`` ends first (the config guarantees at least one is set)."""
     candidates = [s for s in (config.train.max_steps,
-                              config.train.epochs * steps_per_epoch if config.train.epochs else None) if s]
+                              start_step + batches.steps_until_epoch(config.train.epochs) if config.train.epochs
+                              else None) if s is not None]
     return min(candidates)
 
 
@@ -133,8 +161,9 @@ def train(config: RunConfig) -> dict[str, Any]:
     train_set, eval_set = rank0_first(load_datasets, config.data, tokenizer, cache_dir() / "datasets")
 
     start_step = resume.step if resume is not None else 0
-    batches = StepBatches(train_set, config, dp_rank, dp_size, start_step)
-    steps = total_steps(config, batches.steps_per_epoch)
+    epoch, position = data_position(resume.meta, len(train_set)) if resume is not None else (0, 0)
+    batches = StepBatches(train_set, config, dp_rank, dp_size, epoch, position)
+    steps = total_steps(config, batches, start_step)
     param_groups = optimizer_param_groups(model, t.weight_decay)
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum)
@@ -219,7 +248,8 @@ def train(config: RunConfig) -> dict[str, Any]:
         metrics.log(step + 1, values, fractions)
         metrics.advance()
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == steps:
-            checkpointing.save_checkpoint(engine, model, tokenizer, groups, ckpt_root, step + 1, meta,
+            position = {"data_epoch": batches.epoch, "data_position": batches.position}
+            checkpointing.save_checkpoint(engine, model, tokenizer, groups, ckpt_root, step + 1, {**meta, **position},
                                           config.checkpoint.keep)
     heatmap = metrics.close()
     return {"steps": steps, "start_step": start_step, "losses": history, **last_eval,

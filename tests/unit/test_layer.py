@@ -97,3 +97,35 @@ def test_hidden_states_of_another_width_or_an_integer_dtype_are_refused():
     with pytest.raises(ValueError, match="got \\(\\)"):
         layer(torch.tensor(1.0))
     assert layer(torch.randn(2, 3, 16)).shape == (2, 3, 16)
+
+
+def test_sigmoid_router_balance_loss_uses_scores_normalised_per_token():
+    """Megatron-Core's oracle (``compute_routing_scores_for_aux_loss``): a sigmoid router's Switch loss takes
+    each token's scores divided by their sum. Raw sigmoids made it degenerate: shifting every logit down
+    drives it to 0 with the routing unchanged, and a balanced router did not score K."""
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=8, top_k=2, score_func="sigmoid", aux_loss_coef=0.1)
+    layer = MoELayer(config, 8, 16).train()
+    x = torch.randn(24, 8)
+    layer(x)
+    routed = layer.last_router_output
+    probs_TE = routed.scores_TE / routed.scores_TE.sum(-1, keepdim=True)
+    counts_E = torch.zeros(8).index_add_(0, routed.topk_idx_TK.reshape(-1), torch.ones(48))
+    want = 8 * (counts_E / 24 * probs_TE.mean(0)).sum()
+    torch.testing.assert_close(layer.last_stats.losses["load_balancing"], want)
+    # a uniform router (every score equal) scores exactly K = 2, as a softmax router does
+    layer.router.weight.data.zero_()
+    layer(x)
+    torch.testing.assert_close(layer.last_stats.losses["load_balancing"], torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8), (0, 8)])
+def test_empty_batch_with_every_loss_on(shape):
+    """A rank's empty batch ``[0, S, H]`` has zero sequences: the sequence loss is 0, not a ValueError."""
+    config = MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.1, seq_aux_loss_coef=0.1, z_loss_coef=0.1)
+    layer = MoELayer(config, 8, 16).train()
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    (y.sum() + layer.aux_loss).backward()
+    assert y.shape == x.shape and layer.aux_loss.item() == 0.0
+    assert layer.router.weight.grad is not None

@@ -156,6 +156,24 @@ def test_leading_dims_flattened_and_bf16_input() -> None:
     assert out_bf16.logits_TE.dtype == torch.float32 and out_bf16.topk_weight_TK.dtype == torch.float32
 
 
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_logits_stay_fp32_under_autocast(score_func: str) -> None:
+    """Under ``torch.autocast`` (HF Trainer's bf16 with fp32 weights) the router's GEMM ran in bf16: bf16
+    logits, and for sigmoid bf16 combine weights, where docs/moe-layer.md promises fp32 routing."""
+    router = Router(H, MoEConfig(score_func=score_func))
+    with torch.no_grad():
+        router.weight.normal_()
+    x = torch.randn(T, H, requires_grad=True)
+    want = router(x)
+    grad_w, grad_x = torch.autograd.grad(want.topk_weight_TK.sum() + want.logits_TE.square().sum(), (router.weight, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+        got_grads = torch.autograd.grad(got.topk_weight_TK.sum() + got.logits_TE.square().sum(), (router.weight, x))
+    assert got.logits_TE.dtype == got.scores_TE.dtype == got.topk_weight_TK.dtype == torch.float32
+    assert torch.equal(got.logits_TE, want.logits_TE) and torch.equal(got.topk_weight_TK, want.topk_weight_TK)
+    assert torch.equal(got_grads[0], grad_w) and torch.equal(got_grads[1], grad_x)
+
+
 def test_jitter_training_only_and_seeded() -> None:
     router = Router(H, MoEConfig(router_jitter=0.1))
     x_TH = torch.randn(T, H)

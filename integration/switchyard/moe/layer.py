@@ -313,7 +313,8 @@ class MoELayer(DeepSpeedMoEModule):
         losses: dict[str, torch.Tensor] = {}
         if torch.is_grad_enabled():
             if cfg.aux_loss_coef > 0:
-                losses["load_balancing"] = load_balancing_loss(routed.scores_TE, routed.topk_idx_TK, self.num_experts)
+                losses["load_balancing"] = load_balancing_loss(
+                    _balance_probs(routed.scores_TE, cfg.score_func), routed.topk_idx_TK, self.num_experts)
             if cfg.seq_aux_loss_coef > 0:
                 losses["sequence_balance"] = sequence_balance_loss(
                     routed.scores_TE, routed.topk_idx_TK, self.num_experts, batch_size
@@ -347,6 +348,15 @@ class MoELayer(DeepSpeedMoEModule):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.config.top_k}, ep_size={self.ep_size}, "
                 f"local_experts={self.local_expert_ids[0]}..{self.local_expert_ids[-1]}")
+
+
+def _balance_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:
+    """The Switch loss's router probabilities: softmax scores as they are, sigmoid scores divided by their
+    per-token sum (Megatron-Core's ``compute_routing_scores_for_aux_loss``). Raw sigmoids would make the
+    loss fall to 0 when every logit moves down, routing unchanged, instead of rewarding balance."""
+    if score_func == "sigmoid":
+        return scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    return scores_TE
 
 
 # -- state dict in global expert ids ----------------------------------------------------------------

@@ -42,7 +42,8 @@ def load_balancing_loss(
     ``E * sum_i f_i * P_i`` with ``f_i`` = top-k assignments to expert i per token (sums to K, as
     in transformers' ``load_balancing_loss_func``, so a perfectly balanced router scores K) and
     ``P_i`` = mean router probability of expert i. Pass ``scores_TE`` = softmax of the logits: HF's
-    function softmaxes the logits it is given, so ours equals HF's fed with ``logits_TE``.
+    function softmaxes the logits it is given, so ours equals HF's fed with ``logits_TE``. For a sigmoid
+    router pass the scores divided by their per-token sum (as Megatron-Core does; MoELayer does).
     ``attention_mask`` ([B, S] or [T], 1 = real token) drops padding from both means, as HF does.
     """
     _check_routing(scores_TE, topk_idx_TK, num_experts)
@@ -86,10 +87,10 @@ def sequence_balance_loss(
     """
     _check_routing(scores_TE, topk_idx_TK, num_experts)
     num_tokens, top_k = topk_idx_TK.shape
+    if num_tokens == 0:  # an empty batch, also ``[0, S, H]``: no sequences to balance
+        return _zero_like_graph(scores_TE)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if num_tokens == 0:
-        return _zero_like_graph(scores_TE)
     if num_tokens % batch_size != 0:
         raise ValueError(f"T={num_tokens} tokens do not split into batch_size={batch_size} equal sequences")
     seq_len = num_tokens // batch_size

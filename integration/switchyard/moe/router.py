@@ -1,10 +1,11 @@
 """Token-choice top-k router: which experts each token goes to, and with what combine weight.
 
-One class covers the routers of Mixtral, Qwen2/3-MoE, OLMoE (softmax → top-k → optional renorm),
-Switch/old GShard (top-k on logits → softmax over the k) and DeepSeek-V3 (sigmoid, expert bias for
-choice only, group-limited top-k, scaling). Each path computes the same tensors in the same order as
-transformers' routers, so logits, indices (including ``torch.topk`` tie-breaking and order) and
-weights match them bit for bit on fp32 inputs.
+One class covers the routers of Mixtral, Qwen2/3-MoE, OLMoE, Switch (softmax → top-k → optional renorm;
+Switch's top-1 keeps the full softmax probability: ``norm_topk_prob=False``), Mistral's reference code
+(top-k on logits → softmax over the k: the renormalised weights again, so a top-1 weight is always 1) and
+DeepSeek-V3 (sigmoid, expert bias for choice only, group-limited top-k, scaling). Each path computes the
+same tensors in the same order as transformers' routers, so logits, indices (including ``torch.topk``
+tie-breaking and order) and weights match them bit for bit on fp32 inputs.
 
 Tensor-name suffix legend:
     T  tokens (batch * sequence, flattened)
@@ -16,6 +17,7 @@ Tensor-name suffix legend:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +44,7 @@ class RouterOutput:
     loss); ``scores_TE`` is the unbiased softmax/sigmoid over all experts (input to balance losses).
     """
 
-    logits_TE: torch.Tensor  # fp32 raw router logits
+    logits_TE: torch.Tensor  # fp32 raw router logits (float64 for a float64 router: see ``_routing_dtype``)
     scores_TE: torch.Tensor  # fp32 softmax or sigmoid over all experts, before any bias
     topk_idx_TK: torch.Tensor  # int64 chosen experts
     topk_weight_TK: torch.Tensor  # fp32 final combine weights
@@ -58,13 +60,33 @@ def _tensor_core_pair(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> bool:
             and weight_EH.dtype == x_TH.dtype)
 
 
+def _routing_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32, or float64 where an input is float64: routing is at least fp32, never a downcast (a float64
+    layer, e.g. under gradcheck, keeps float64 throughout)."""
+    acc = torch.float32
+    for dtype in dtypes:
+        acc = torch.promote_types(acc, dtype)
+    return acc
+
+
+def _autocast_off(x_TH: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast would run the router's fp32 GEMMs in its 16-bit dtype (bf16 logits, bf16 sigmoid weights);
+    routing stays fp32 under it, as without it. A no-op context where autocast is off (the common case)."""
+    device = x_TH.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _linear_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` in fp32. A 16-bit pair on CUDA runs one GEMM with fp32 output instead of two casts and
-    an fp32 GEMM: a product of two 16-bit floats is exact in fp32 and the sums are fp32 either way, so
-    only the summation order differs (2.6e-6 relative on an H200, olmoe router); one launch, not three."""
+    """``x @ w.T`` in fp32 (``_routing_dtype``). A 16-bit pair on CUDA runs one GEMM with fp32 output instead
+    of two casts and an fp32 GEMM: a product of two 16-bit floats is exact in fp32 and the sums are fp32 either
+    way, so only the summation order differs (2.6e-6 relative on an H200, olmoe router); one launch, not three."""
     if _tensor_core_pair(x_TH, weight_EH):
         return torch.mm(x_TH, weight_EH.t(), out_dtype=torch.float32)
-    return F.linear(x_TH.float(), weight_EH.float())
+    acc = _routing_dtype(x_TH.dtype, weight_EH.dtype)
+    with _autocast_off(x_TH):
+        return F.linear(x_TH.to(acc), weight_EH.to(acc))
 
 
 class _Fp32Logits(torch.autograd.Function):
@@ -92,11 +114,13 @@ class _Fp32Logits(torch.autograd.Function):
         grad_x = grad_w = None
         if _tensor_core_pair(x_TH, weight_EH):
             return logits_grads_16bit(grad_TE, x_TH, weight_EH, *ctx.needs_input_grad)
-        grad_TE = grad_TE.float()
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_TE.mm(weight_EH.float()).to(x_TH.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad_TE.t().mm(x_TH.float()).to(weight_EH.dtype)
+        acc = _routing_dtype(grad_TE.dtype, x_TH.dtype, weight_EH.dtype)
+        grad_TE = grad_TE.to(acc)
+        with _autocast_off(x_TH):
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_TE.mm(weight_EH.to(acc)).to(x_TH.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = grad_TE.t().mm(x_TH.to(acc)).to(weight_EH.dtype)
         return grad_x, grad_w
 
 
@@ -109,7 +133,7 @@ def router_logits_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Ten
 
 
 def _softmax_fp32(logits_TE: torch.Tensor) -> torch.Tensor:
-    return F.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    return F.softmax(logits_TE, dim=-1, dtype=_routing_dtype(logits_TE.dtype))
 
 
 _SCORE_FUNCS = {"softmax": _softmax_fp32, "sigmoid": torch.sigmoid}

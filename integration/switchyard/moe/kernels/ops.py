@@ -186,11 +186,11 @@ def silu_mul_supported(h_NO: torch.Tensor) -> bool:
 
 
 def silu_mul_forward(h_NO: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``: the Triton kernel (no autograd) where it runs, else its math in PyTorch (fp32,
-    one rounding), which autograd can differentiate."""
+    """``silu(gate) * up``: the Triton kernel (no autograd) where it runs, else its math in PyTorch (at least
+    fp32: float64 stays float64; one rounding), which autograd can differentiate."""
     if silu_mul_supported(h_NO):
         return _tk.silu_mul_fwd(h_NO)
-    gate_NF, up_NF = h_NO.float().chunk(2, dim=-1)
+    gate_NF, up_NF = h_NO.to(_acc_dtype(h_NO.dtype)).chunk(2, dim=-1)
     return (F.silu(gate_NF) * up_NF).to(h_NO.dtype)
 
 
@@ -204,9 +204,10 @@ def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor, product_into_da:
     """
     if silu_mul_supported(h_NO) and h_NO.is_contiguous() and da_NF.is_contiguous():
         return _tk.silu_mul_bwd(h_NO, da_NF, out=h_NO, a_out=da_NF if product_into_da else None)
-    gate_NF, up_NF = h_NO.float().chunk(2, dim=-1)
+    acc = _acc_dtype(h_NO.dtype, da_NF.dtype)
+    gate_NF, up_NF = h_NO.to(acc).chunk(2, dim=-1)
     sig_NF = torch.sigmoid(gate_NF)
-    grad_NF = da_NF.float()
+    grad_NF = da_NF.to(acc)
     d_gate_NF = grad_NF * up_NF * sig_NF * (1.0 + gate_NF * (1.0 - sig_NF))
     d_up_NF = grad_NF * gate_NF * sig_NF
     if product_into_da:

@@ -93,6 +93,21 @@ def test_loss_adds_weighted_router_losses_and_router_logits_are_returned():
     assert layers[0].router.weight.grad is not None and layers[0].router.weight.grad.abs().sum() > 0
 
 
+def test_adopted_model_balance_loss_leaves_padding_out_as_transformers_does():
+    """transformers' own Mixtral (one MoE layer, where its pooled loss is the layer's) is the oracle."""
+    hf = build("mixtral", **MOE_MODELS["mixtral"], num_hidden_layers=1, router_aux_loss_coef=0.1).train()
+    model = sy.patch_model(copy.deepcopy(hf))
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0  # left padding
+    ref = hf(x, attention_mask=mask, labels=x, output_router_logits=True)
+    out = model(x, attention_mask=mask, labels=x, output_router_logits=True)
+    torch.testing.assert_close(out.aux_loss, 0.1 * ref.aux_loss)
+    unmasked = model(x, labels=x, output_router_logits=True).aux_loss
+    assert not torch.allclose(unmasked, out.aux_loss)  # the padding did count before
+    assert all(layer.token_mask is None for layer in moe_layers(model))  # not left behind for a later call
+
+
 def test_generate_matches_dense_greedy_and_gradient_checkpointing_trains():
     dense = build("llama", intermediate_size=48)
     model = copy.deepcopy(dense)

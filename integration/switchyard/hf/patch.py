@@ -302,6 +302,12 @@ def attach_router_loss_hooks(model: nn.Module) -> None:
 
 def _take_router_logits_flag(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     module._switchyard_hook_state["router_logits"] = bool(kwargs.pop("output_router_logits", False))
+    # padding (attention_mask 0) stays out of the balance loss, as in transformers' load_balancing_loss_func;
+    # a layer ignores a mask whose size is not its token count (a decode step with a cache, a 4-D mask)
+    mask = kwargs.get("attention_mask")
+    token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and torch.is_grad_enabled() else None
+    for layer in module._switchyard_moe_layers:
+        layer.token_mask = token_mask
     return args, kwargs
 
 
@@ -309,6 +315,8 @@ def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: An
     if not hasattr(output, "keys"):
         return output  # return_dict=False tuples are left as transformers made them
     layers, state = module._switchyard_moe_layers, module._switchyard_hook_state
+    for layer in layers:
+        layer.token_mask = None  # this forward's: a later call of a layer alone must not reuse it
     losses = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
     if module.training and torch.is_grad_enabled() and len(losses) < len(layers) and not state["warned"]:
         if any(l.config.aux_loss_coef or l.config.seq_aux_loss_coef or l.config.z_loss_coef for l in layers):
@@ -316,8 +324,9 @@ def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: An
                         "them without grad); use use_reentrant=False", ranks=[0])
             state["warned"] = True
     if losses:
-        # mean over layers: transformers pools every layer's router logits into one loss, so a
-        # coefficient means the same here as its router_aux_loss_coef (a sum would scale with depth)
+        # mean over layers, so a coefficient means the same here as transformers' router_aux_loss_coef (a sum
+        # would scale with depth); transformers pools all layers' tokens into one loss instead, which lets
+        # one layer's imbalance offset another's: each layer's own, as Switch / Megatron apply it
         aux = torch.stack([loss.float() for loss in losses]).mean()
         output["aux_loss"] = aux
         if output.get("loss") is not None:

@@ -118,6 +118,9 @@ class MoELayer(DeepSpeedMoEModule):
     cuda_graph: bool = False
     # shared experts computed while the dispatch all-to-all is in flight (ep > 1; their backward likewise)
     overlap_shared_experts: bool = True
+    # [B, S] or [T], 1 = real token: padding left out of the balance loss; set per forward by a patched HF
+    # model's hook (hf/patch.py); ignored when its size is not this call's token count
+    token_mask: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -313,8 +316,11 @@ class MoELayer(DeepSpeedMoEModule):
         losses: dict[str, torch.Tensor] = {}
         if torch.is_grad_enabled():
             if cfg.aux_loss_coef > 0:
+                mask = self.token_mask
+                if mask is not None and mask.numel() != routed.topk_idx_TK.shape[0]:
+                    mask = None
                 losses["load_balancing"] = load_balancing_loss(
-                    _balance_probs(routed.scores_TE, cfg.score_func), routed.topk_idx_TK, self.num_experts)
+                    _balance_probs(routed.scores_TE, cfg.score_func), routed.topk_idx_TK, self.num_experts, mask)
             if cfg.seq_aux_loss_coef > 0:
                 losses["sequence_balance"] = sequence_balance_loss(
                     routed.scores_TE, routed.topk_idx_TK, self.num_experts, batch_size

@@ -56,6 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_world(config) -> None:
+    """The run config's checks that need the world size, run here so that a mistake is one line on every
+    rank (inside ``train`` it was a traceback per rank). A plain ``python`` run of a config made for
+    several ranks (``tiny.yaml``'s ep=2) is told how to start it."""
+    import torch.distributed as dist
+
+    from switchyard.parallel import init_distributed
+
+    init_distributed()
+    world = dist.get_world_size()
+    try:
+        config.check_world(world)
+    except ValueError as err:
+        if world == 1 and config.parallel.ep > 1:
+            raise ValueError(f"{err}. This is a world of one process: start it with `deepspeed --num_gpus "
+                             f"{config.parallel.ep} launch/finetune.py …`, or set parallel.ep=1") from None
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # options and overrides in any order
 
@@ -67,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         # `accelerate launch` with the DeepSpeed plugin: its JSON is the run's (CLI overrides win)
         overrides = accelerate_overrides(os.environ) + overrides
         config = load_run_config(args.config, overrides)
+        check_world(config)
     except ValueError as err:
         print(f"finetune: config error: {err}", file=sys.stderr, flush=True)
         return 2

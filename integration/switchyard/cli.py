@@ -3,11 +3,13 @@
     switchyard layout --world 8 --tp 2 --ep 2 --num-experts 8
     switchyard upcycle --model ./llama --num-experts 8 --top-k 2 --init drop_upcycle --out ./llama-moe
     switchyard export --model ./llama-moe --out ./llama-moe-hf
+    switchyard plan --model ./llama --num-experts 8 --top-k 2 --world 8 --ep 8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -123,10 +125,119 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="dense or HF MoE transformers model, or a switchyard checkpoint: dir or hub id "
+                        "(only config.json is read)")
+    p.add_argument("--num-experts", type=int, default=None, help="upcycle a dense model to this many experts")
+    p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (with --num-experts)")
+    p.add_argument("--every-n", type=int, default=None, help="make layers 0, n, 2n, … MoE (with --num-experts)")
+    p.add_argument("--layers", type=_int_list, default=None, help="comma-separated layer indices to make MoE")
+    p.add_argument("--world", type=int, required=True, help="number of ranks (GPUs) in the job")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel degree (dp = world; experts: edp = world / ep)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (train.precision)")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
+
+
+def _planned_model(args: argparse.Namespace) -> Any:
+    """The model on the meta device (no weights read), patched as the job would patch it."""
+    from transformers import AutoConfig
+
+    import switchyard as sy
+    from switchyard.hf.checkpoint import CONFIG_KEY, _repatch, empty_model
+
+    config = AutoConfig.from_pretrained(args.model)
+    record = getattr(config, CONFIG_KEY, None)
+    if record:
+        if args.num_experts is not None or args.layers is not None or args.every_n is not None:
+            raise ValueError(f"{args.model} is a switchyard checkpoint (already MoE, its layers chosen): leave out "
+                             "--num-experts, --layers and --every-n")
+        delattr(config, CONFIG_KEY)
+        model = empty_model(config)
+        _repatch(model, record, None)
+        return model
+    model = empty_model(config)
+    if args.num_experts is None:
+        if args.layers is not None or args.every_n is not None:
+            raise ValueError("--layers / --every-n choose the layers to upcycle: pass --num-experts with them")
+        try:
+            return sy.patch_model(model)  # an HF MoE model: adopt its blocks
+        except ValueError as err:
+            raise ValueError(f"{err}; for a dense model pass --num-experts (and --top-k)") from None
+    moe = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init="copy")  # copy: shapes suffice
+    return sy.patch_model(model, moe, layers=args.layers, every_n=args.every_n)
+
+
+def plan_numbers(model: Any, world: int, ep: int, precision: str) -> dict[str, Any]:
+    """Parameters and model-state memory per rank of an EP job (ZeRO paper's estimate, activations excluded):
+    dense parameters are replicated over dp = world ranks, each expert over edp = world / ep ranks."""
+    from switchyard.hf.patch import moe_layers
+
+    sizes = rank_layout(world, ep=ep)
+    dp, edp = len(sizes["dp"][0]), len(sizes["edp"][0])
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoE layers to plan")
+    num_experts = layers[0].config.num_experts
+    local_expert_ids(num_experts, ep, 0)  # ep must divide the experts: the error says so
+    expert = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True) is False)
+    total = sum(p.numel() for p in model.parameters())
+    dense = total - expert
+    active = dense + sum(sum(p.numel() for p in layer.experts.parameters()) * layer.config.top_k
+                         // layer.config.num_experts for layer in layers)
+    # bytes per parameter: weights, gradients, optimizer state (Adam: fp32 moments, plus a fp32 master in bf16)
+    weight_b, grad_b, optim_b = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
+    dense_rank, expert_rank = dense, expert // ep
+    gib = 1 << 30
+
+    def states(shard_grads: bool, shard_optim: bool) -> float:
+        per = 0.0
+        for count, replicas in ((dense_rank, dp), (expert_rank, edp)):
+            per += count * (weight_b + grad_b / (replicas if shard_grads else 1)
+                            + optim_b / (replicas if shard_optim else 1))
+        return round(per / gib, 3)
+
+    return {
+        "world": world, "ep": ep, "dp": dp, "edp": edp, "moe_layers": len(layers), "num_experts": num_experts,
+        "experts_per_rank": num_experts // ep, "params_total": total, "params_dense": dense,
+        "params_experts": expert, "params_active_per_token": active, "params_per_rank": dense_rank + expert_rank,
+        "precision": precision,
+        "model_states_gib_per_rank": {"zero0": states(False, False), "zero1": states(False, True),
+                                      "zero2": states(True, True)},
+    }
+
+
+def _billions(count: int) -> str:
+    """A parameter count as people write it: 46.70B, 8.47M."""
+    return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    rank_layout(args.world, ep=args.ep)  # the degrees first: a bad one is an error before any config is read
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep --json parseable
+        model = _planned_model(args)
+    numbers = plan_numbers(model, args.world, args.ep, args.precision)
+    if args.json:
+        print(json.dumps(numbers))
+        return 0
+    n, count = numbers, _billions
+    states = n["model_states_gib_per_rank"]
+    print(f"{args.model}: {n['moe_layers']} MoE layers of {n['num_experts']} experts; parameters "
+          f"{count(n['params_total'])} (dense {count(n['params_dense'])}, experts {count(n['params_experts'])}), "
+          f"active per token {count(n['params_active_per_token'])}")
+    print(f"world {n['world']}, ep={n['ep']}: dp={n['dp']} for the dense weights, edp={n['edp']} for each expert; "
+          f"each rank holds {n['experts_per_rank']} experts per layer and {count(n['params_per_rank'])} parameters")
+    print(f"model states per rank ({n['precision']}, Adam; activations not included): ZeRO-0 {states['zero0']} GiB, "
+          f"ZeRO-1 {states['zero1']} GiB, ZeRO-2 {states['zero2']} GiB")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "layout": ("print every rank's coordinates, groups and experts", _add_layout_args, cmd_layout),
     "upcycle": ("turn a dense transformers model into a switchyard MoE checkpoint", _add_upcycle_args, cmd_upcycle),
     "export": ("write a switchyard checkpoint as a standard transformers MoE checkpoint", _add_export_args, cmd_export),
+    "plan": ("parameters and memory per rank of an expert-parallel job (reads only config.json)", _add_plan_args,
+             cmd_plan),
 }
 
 

@@ -41,3 +41,34 @@ def test_cli_layout_prints_the_worked_example():
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "ep*etp = 3*1 = 3 does not divide tp*dp = 1*8 = 8" in bad.stderr
+
+
+def test_finetune_config_for_two_ranks_in_one_process_is_one_line_saying_how_to_start_it(tmp_path):
+    """docs/finetune.md's one-process command needs parallel.ep=1; without it the world check used to be a
+    traceback from inside train(). Now: one config-error line, exit 2, nothing written."""
+    from harness import run_script
+
+    result = run_script(REPO_ROOT / "launch" / "finetune.py",
+                        ["--config", "configs/finetune/tiny.yaml", f"output_dir={tmp_path / 'run'}"], timeout_s=120)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "finetune: config error: ep*etp = 2*1 = 2 does not divide" in result.stderr
+    assert "deepspeed --num_gpus 2 launch/finetune.py" in result.stderr and "parallel.ep=1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_finetune_world_mismatch_is_a_config_error_on_every_rank(tmp_path):
+    result = run_deepspeed_launcher(REPO_ROOT / "launch" / "finetune.py", 2,
+                                    ["--config", "configs/finetune/tiny.yaml", f"output_dir={tmp_path}",
+                                     "parallel.ep=4"], timeout_s=120)
+    assert result.returncode != 0
+    assert result.stdout.count("finetune: config error: ep*etp = 4*1 = 4 does not divide") == 2, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
+
+
+def test_serve_with_ep_in_one_process_says_how_to_start_the_ranks():
+    from harness import run_script
+
+    result = run_script(REPO_ROOT / "launch" / "serve.py", ["--model", "tiny", "--ep", "2"], timeout_s=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out[-3000:]
+    assert "--ep 2 needs 2 ranks" in out and "deepspeed --num_gpus 2 launch/serve.py" in out, out[-3000:]

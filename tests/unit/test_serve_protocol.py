@@ -23,7 +23,7 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
     defaults = ServeConfig.load(REPO / "configs" / "serve" / "default.yaml")
     assert defaults == ServeConfig()  # the commented reference file lists the real defaults
     for bad in ({"ep": 0}, {"port": 70000}, {"dtype": "int8"}, {"api_key": " "}, {"max_batch": True},
-                {"heartbeat_s": 0}):
+                {"heartbeat_s": 0}, {"log_level": "warn"}):
         with pytest.raises(ValueError):
             ServeConfig(**bad)
     (tmp_path / "x.yaml").write_text("mdoel: tiny\n")
@@ -37,6 +37,9 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
         with pytest.raises(ValueError, match=message):
             ServeConfig.load(tmp_path / "y.yaml")
     assert ServeConfig(heartbeat_s=5).heartbeat_s == 5  # an int where seconds are a float is fine
+    assert ServeConfig(log_level="DEBUG").log_level == "DEBUG"  # uvicorn lowercases it
+    with pytest.raises(ValueError, match=r"log_level='warn' is not one of \('critical', 'error', 'warning'"):
+        ServeConfig(log_level="warn")  # was uvicorn's KeyError on rank 0 after the model had loaded
 
 
 def test_requests_validate_types_and_ranges():
@@ -176,3 +179,28 @@ def test_an_exported_hf_moe_dir_serves_the_same_tokens(tmp_path_factory):
     (base / "dense-only" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="safetensors"):
         load_for_serving(base / "dense-only", None)
+
+
+def test_a_model_dir_without_a_tokenizer_is_an_error_naming_it(tmp_path):
+    """`switchyard upcycle` of a model saved without its tokenizer writes none; serving it was transformers'
+    "Couldn't instantiate the backend tokenizer" (no path, no fix)."""
+    import switchyard as sy
+    from switchyard.serve.loading import load_for_serving
+    from tiny_models import build
+
+    model = sy.patch_model(build("llama"), sy.MoEConfig(num_experts=4, top_k=2))
+    sy.save_pretrained(model, tmp_path / "no-tok")
+    with pytest.raises(ValueError, match=r"no-tok has no tokenizer the server can load.*save_pretrained"):
+        load_for_serving(tmp_path / "no-tok", None)
+
+
+def test_max_model_len_beyond_the_model_is_refused_not_silently_lowered():
+    from types import SimpleNamespace
+
+    from switchyard.serve.main import context_length
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
+    assert context_length(ServeConfig(model="m"), model) == 256
+    assert context_length(ServeConfig(model="m", max_model_len=100), model) == 100
+    with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's max_position_embeddings=256"):
+        context_length(ServeConfig(model="m", max_model_len=4096), model)

@@ -14,6 +14,7 @@ from switchyard.config import check_field_type
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODE_MODES = ("auto", "static", "batched", "sequential")  # switchyard.serve.runner.DECODE_MODES (kept import-light here)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's (uvicorn.config.LOG_LEVELS)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class ServeConfig:
             raise ValueError(f"decode={self.decode!r} is not one of {DECODE_MODES}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}")
+        if self.log_level.lower() not in LOG_LEVELS:  # else uvicorn's KeyError, on rank 0 only, after loading
+            raise ValueError(f"log_level={self.log_level!r} is not one of {LOG_LEVELS}")
         for name in ("heartbeat_s", "drain_timeout_s"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")

@@ -104,22 +104,37 @@ def load_for_serving(path: Path, groups: "ProcessGroupManager | None", dtype: st
                      device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
     """(model in eval mode on ``device``, tokenizer) for this rank."""
     import switchyard as sy
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = _DTYPES.get(dtype)
-    raw = json.loads((path / "config.json").read_text())
-    if not raw.get("switchyard"):
+    adopt = not json.loads((path / "config.json").read_text()).get("switchyard")
+    if adopt:
         check_adoptable(path)  # on every rank, before any rank converts: a bad directory fails everywhere
-        if groups is not None and groups.world_size > 1:
-            path = adopted_checkpoint(path)  # then each rank reads only its experts, as below
+    tokenizer = load_tokenizer(path)  # likewise before any conversion or weight is read
+    if adopt and groups is not None and groups.world_size > 1:
+        path = adopted_checkpoint(path)  # then each rank reads only its experts, as below
     if json.loads((path / "config.json").read_text()).get("switchyard"):
         model = sy.from_pretrained(path, groups=groups, dtype=torch_dtype, device=device)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch_dtype or "auto")
         sy.patch_model(model, None, groups)
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in the model directory. The server needs one (prompts, chat template, detokenizing);
+    transformers' own error for a directory without one (e.g. ``switchyard upcycle`` of a model saved without
+    its tokenizer) names neither the directory nor the fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__  # transformers' is several lines
+        raise ValueError(f"{path} has no tokenizer the server can load ({reason}); save the model's tokenizer "
+                         f"into it: AutoTokenizer.from_pretrained(<the original model>).save_pretrained({str(path)!r})"
+                         ) from None
 
 
 def check_adoptable(path: Path) -> None:

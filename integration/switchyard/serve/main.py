@@ -10,11 +10,15 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from switchyard.log import get_logger
 from switchyard.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from switchyard.parallel.manager import ProcessGroupManager
 
 log = get_logger(__name__)
 
@@ -28,7 +32,6 @@ def _device() -> torch.device:
 def run(config: ServeConfig) -> int:
     import torch.distributed as dist
 
-    from switchyard.parallel.manager import ProcessGroupManager
     from switchyard.serve.loading import load_for_serving, resolve_model_dir
     from switchyard.hf.patch import moe_layers
     from switchyard.serve.runner import ModelRunner
@@ -36,7 +39,7 @@ def run(config: ServeConfig) -> int:
 
     runner = None
     try:  # setup: a user mistake is a message and exit code 2 on every rank, not a traceback
-        groups = ProcessGroupManager(ep=config.ep, register_with_deepspeed=False)
+        groups = _process_groups(config.ep)
         if groups.size("edp") > 1:
             log.warning("world %d > ep %d: the %d expert-parallel groups compute the same steps redundantly",
                         groups.world_size, config.ep, groups.size("edp"), ranks=[0])
@@ -64,6 +67,19 @@ def run(config: ServeConfig) -> int:
         _destroy_process_group(code)
 
 
+def _process_groups(ep: int) -> "ProcessGroupManager":
+    """The groups for ``ep``; ``python launch/serve.py --ep N`` (a world of one) is told how to start N ranks."""
+    import torch.distributed as dist
+
+    from switchyard.parallel.manager import ProcessGroupManager, init_distributed
+
+    init_distributed()
+    if dist.get_world_size() == 1 and ep > 1:
+        raise ValueError(f"--ep {ep} needs {ep} ranks (or a multiple) but this is one process: start it with "
+                         f"`deepspeed --num_gpus {ep} launch/serve.py …`, or leave --ep out")
+    return ProcessGroupManager(ep=ep, register_with_deepspeed=False)
+
+
 def _destroy_process_group(code: int, timeout_s: float = 30.0) -> None:
     """Tear the groups down, but never let a stuck communicator keep a finished rank alive."""
     import torch.distributed as dist
@@ -86,8 +102,13 @@ def _destroy_process_group(code: int, timeout_s: float = 30.0) -> None:
 
 
 def context_length(config: ServeConfig, model) -> int:
-    """Prompt + completion bound: the config's, capped by the model's ``max_position_embeddings``."""
+    """Prompt + completion bound: the config's, else the model's ``max_position_embeddings``. A config value
+    beyond the model's is refused (as vLLM does), not silently lowered: the user asked for a context the
+    model was not trained for and would otherwise get a smaller one without a word."""
     model_len = getattr(model.config, "max_position_embeddings", None)
+    if config.max_model_len is not None and model_len and config.max_model_len > model_len:
+        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
+                         f"{model_len}; leave --max-model-len out or set it to at most {model_len}")
     bounds = [n for n in (config.max_model_len, model_len) if n]
     return min(bounds) if bounds else 2048
 

@@ -210,6 +210,18 @@ def test_hf_trainer_trains_a_patched_model(tmp_path):
     assert not torch.equal(moe_layers(model)[0].experts.gate_up_proj.detach(), before)
 
 
+def test_a_deep_copy_after_a_training_forward():
+    """An EMA / best-model copy made mid-training: the layers' last outputs hang on the autograd graph."""
+    model = sy.patch_model(build("llama", intermediate_size=48), sy.MoEConfig(num_experts=4, top_k=2)).train()
+    x = ids()
+    loss = model(x, labels=x).loss
+    clone = copy.deepcopy(model)
+    loss.backward()  # the original's graph is intact
+    assert all(layer.aux_loss is None for layer in moe_layers(clone))
+    assert moe_layers(model)[0].aux_loss is not None
+    torch.testing.assert_close(clone(x, labels=x).loss, model(x, labels=x).loss)
+
+
 def test_a_deep_copy_reports_its_own_router_losses_and_logits():
     """TRL's reference model, EMA and teacher copies are deep copies: their hooks must read their own layers."""
     model = sy.patch_model(build("llama", intermediate_size=48), sy.MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.1))

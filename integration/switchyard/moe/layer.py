@@ -338,6 +338,14 @@ class MoELayer(DeepSpeedMoEModule):
             # a copy: under cuda_graph ``counts`` is a graph buffer that the next replay overwrites
             self._bias_counts_E = counts.clone() if self._bias_counts_E is None else self._bias_counts_E + counts
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a deep copy or pickle takes (an EMA, reference or best-model copy made mid-training): not the
+        last forward's outputs, which hang on its autograd graph (``copy.deepcopy`` refuses non-leaf tensors),
+        nor a captured CUDA graph; the copy makes its own on its next forward."""
+        state = super().__getstate__()
+        state.update(aux_loss=None, last_router_output=None, token_mask=None, _graph=None)
+        return state
+
     # -- training hooks -----------------------------------------------------------------------------
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step (DeepSeek-V3): call once per optimizer step.

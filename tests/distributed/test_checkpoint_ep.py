@@ -163,3 +163,59 @@ def test_checkpoints_move_between_ep1_and_ep2(tmp_path):
     for rank, (_, result, _) in enumerate(results):
         assert result["files"] == ["dense-00001-of-00001.safetensors",
                                    f"experts-ep{rank:03d}-of-002-00001-of-00001.safetensors"]
+
+
+def _failing_saves(foreign_dir: str, disk_full_dir: str) -> list[str]:
+    """Two saves and a load that fail on one rank only; each must raise on every rank (not leave the others
+    waiting in their next collective)."""
+    from pathlib import Path
+
+    import switchyard as sy
+    import switchyard.hf.checkpoint as ckpt
+
+    groups = sy.ProcessGroupManager(ep=2)
+    model = _upcycled(groups)
+    errors = []
+    try:  # rank 0 refuses a directory holding another model
+        sy.save_pretrained(model, foreign_dir)
+    except Exception as err:  # noqa: BLE001
+        errors.append(str(err))
+    real = ckpt.save_file
+
+    def full_disk(tensors, file, **kwargs):
+        if dist.get_rank() == 1:
+            raise OSError(28, "No space left on device")
+        return real(tensors, file, **kwargs)
+
+    ckpt.save_file = full_disk
+    try:  # rank 1 cannot write its experts
+        sy.save_pretrained(model, disk_full_dir)
+    except Exception as err:  # noqa: BLE001
+        errors.append(str(err))
+    ckpt.save_file = real
+    sy.save_pretrained(model, f"{disk_full_dir}-ok")
+    if dist.get_rank() == 0:
+        Path(f"{disk_full_dir}-ok", "experts-ep001-of-002-00001-of-00001.safetensors").unlink()
+    dist.barrier()
+    try:  # only rank 1 reads the missing file
+        sy.from_pretrained(f"{disk_full_dir}-ok", groups=groups)
+    except Exception as err:  # noqa: BLE001
+        errors.append(str(err))
+    return errors
+
+
+def test_a_save_or_load_failing_on_one_rank_fails_on_every_rank(tmp_path):
+    from transformers import AutoConfig
+
+    foreign, disk_full = tmp_path / "foreign", tmp_path / "disk_full"
+    AutoConfig.for_model("llama", **TINY).save_pretrained(foreign)
+    results = run_on_ranks(_failing_saves, 2, str(foreign), str(disk_full), timeout_s=90)
+    for rank, errors in enumerate(results):
+        assert len(errors) == 3, f"rank {rank} did not fail both saves and the load: {errors}"
+        assert "holds another model" in errors[0]
+        assert "No space left on device" in errors[1]
+        assert "experts-ep001-of-002-00001-of-00001.safetensors (listed in model.safetensors.index.json) is missing" \
+            in errors[2]
+    assert "failed on rank 0" in results[1][0] and "failed on rank 1" in results[0][1]
+    assert "from_pretrained" in results[0][2] and "failed on rank 1" in results[0][2]
+    assert not [p.name for p in disk_full.iterdir() if p.name.endswith(".tmp")]  # the written halves are gone

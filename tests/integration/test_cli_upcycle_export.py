@@ -76,3 +76,20 @@ def test_cli_errors_name_the_command_and_exit_2(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "hf")]) == 2
     assert "switchyard export: error:" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and not (tmp_path / "hf").exists()
+
+
+def test_writing_over_the_input_directory_is_refused(tmp_path, capsys):
+    """`--out` = `--model` must leave the user's model as it was, for upcycle and export alike."""
+    from switchyard.cli import main
+
+    dense = _dense_dir(tmp_path / "dense")
+    before = {p.name: p.read_bytes() for p in dense.iterdir()}
+    assert main(["upcycle", "--model", str(dense), "--num-experts", "4", "--top-k", "2", "--out", str(dense)]) == 2
+    assert "switchyard upcycle: error:" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in dense.iterdir()} == before
+    moe = tmp_path / "moe"
+    assert main(["upcycle", "--model", str(dense), "--num-experts", "4", "--top-k", "2", "--out", str(moe)]) == 0
+    saved = {p.name: p.read_bytes() for p in moe.iterdir()}
+    assert main(["export", "--model", str(moe), "--out", str(moe)]) == 2
+    assert "switchyard export: error:" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in moe.iterdir()} == saved

@@ -116,6 +116,9 @@ FAILURES = {
         {"model.layers.9.mlp.router.weight": _expert_file(p).name})),
         r"index\.json lists 1 tensors the model built from config\.json does not have, e\.g\. \['model\.layers\.9"),
     "no_index": (lambda p: (p / INDEX_NAME).unlink(), r"model\.safetensors\.index\.json is missing"),
+    "truncated_index": (lambda p: (p / INDEX_NAME).write_text((p / INDEX_NAME).read_text()[:100]),
+                        r"model\.safetensors\.index\.json is not valid JSON .*truncated or hand-edited"),
+    "truncated_config": (lambda p: (p / "config.json").write_text("{"), r"config\.json is not valid JSON"),
     "tensor_not_in_file": (lambda p: _edit_json(p / INDEX_NAME, lambda i: i["weight_map"].update(
         {"model.norm.weight": _expert_file(p).name})), r"experts-ep000.* lacks tensor model\.norm\.weight"),
 }
@@ -213,3 +216,37 @@ def test_transformers_save_pretrained_resumes_like_hf_trainer(case, tmp_path):
     result = fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=False)
     assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}  # tied: stored once
     torch.testing.assert_close(logits(fresh), want, atol=0, rtol=0)
+
+
+def test_a_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    """A save that dies halfway (disk full) must not cost the checkpoint already in the directory."""
+    import switchyard.hf.checkpoint as ckpt
+
+    earlier = upcycled("llama", "drop_upcycle")
+    want = logits(earlier)
+    sy.save_pretrained(earlier, tmp_path, max_shard_size="40KB")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    newer = upcycled("llama", "copy")
+    real, calls = ckpt.save_file, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        sy.save_pretrained(newer, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no half-written or .tmp files either
+    torch.testing.assert_close(logits(sy.from_pretrained(tmp_path)), want, atol=1e-6, rtol=1e-6)
+
+
+def test_saving_over_another_models_directory_is_refused(tmp_path):
+    """`switchyard upcycle --model ./llama --out ./llama` must not overwrite the dense model's config.json."""
+    dense = build("llama", intermediate_size=48)
+    dense.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"holds another model \(.*config\.json has no 'switchyard' record\).*new dir"):
+        sy.save_pretrained(upcycled("llama"), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -121,3 +121,63 @@ def test_what_the_target_cannot_compute_is_refused_before_writing(case, tmp_path
     assert not (tmp_path / "out").exists()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_exporting_over_a_switchyard_checkpoint_or_a_file_is_refused(tmp_path):
+    """export_hf into the switchyard dir it came from would replace config.json and lose the checkpoint; a file
+    path made transformers log an error, write nothing, and the export still claimed success."""
+    model = upcycled("llama")
+    saved = tmp_path / "saved"
+    sy.save_pretrained(model, saved)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    with pytest.raises(ValueError, match=r"holds a switchyard checkpoint; exporting there would overwrite"):
+        sy.export_hf(model, saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"a_file is a file; give a directory"):
+        sy.export_hf(model, tmp_path / "a_file")
+
+
+@pytest.mark.parametrize("auto_class", ["AutoModel", "AutoModelForSequenceClassification"])
+def test_base_and_task_head_models_export_as_the_targets_same_task_class(auto_class, tmp_path):
+    """A patched LlamaModel / LlamaForSequenceClassification (save_pretrained round-trips them) exports as
+    MixtralModel / MixtralForSequenceClassification, not a CausalLM that lacks their head (or their layers)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from tiny_models import TINY
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **{**TINY, "intermediate_size": 48, "pad_token_id": 0, "num_labels": 3})
+    model = sy.patch_model(getattr(transformers, auto_class).from_config(config).eval(),
+                           sy.MoEConfig(num_experts=4, top_k=2, init="drop_upcycle"))
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            layer.router.weight.mul_(50)
+        want = model(ids())
+    sy.export_hf(model, tmp_path)
+    hf = getattr(transformers, auto_class).from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == type(model).__name__.replace("Llama", "Mixtral")
+    key = "logits" if "logits" in want else "last_hidden_state"
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids())[key], want[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("mixtral", {"intermediate_size": 48, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    ("qwen3_moe", {"intermediate_size": 48, "moe_intermediate_size": 24, "num_experts": 4, "num_experts_per_tok": 2,
+                   "head_dim": 8, "norm_topk_prob": True}),
+])
+def test_an_adopted_model_exports_its_routing_overrides(model_type, extra, tmp_path):
+    """patch_model(overrides={"top_k": 1, ...}) changes what the adopted model computes; the export writes it
+    (num_experts_per_tok, norm_topk_prob) instead of refusing the model's own family."""
+    overrides = {"top_k": 1} if model_type == "mixtral" else {"top_k": 1, "norm_topk_prob": False}
+    model = sy.patch_model(build(model_type, **extra), overrides=overrides)
+    with torch.no_grad():
+        want = model(ids()).logits
+    sy.export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_experts_per_tok"] == 1 and config.get("norm_topk_prob") in (None, False)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids()).logits, want, atol=1e-5, rtol=1e-5)

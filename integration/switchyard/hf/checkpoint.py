@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
+_TMP = ".tmp"  # suffix of files written but not yet published (see _publish)
 _OUR_FILES = re.compile(r"^(dense|experts-ep\d+-of-\d+)-\d{5}-of-\d{5}\.safetensors$")
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<id>\d+)\.(?P<name>" + "|".join(EXPERT_PARAM_NAMES) + r")$")
 # Initializers that need real weights (drop_upcycle reads the dense statistics); rebuilding only needs
@@ -167,7 +169,9 @@ def _drop_tied(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], out: Path, stem: str, max_bytes: int) -> tuple[dict[str, str], int]:
-    """Greedy shards of at most ``max_bytes`` (a bigger tensor gets its own); returns key→file, bytes."""
+    """Greedy shards of at most ``max_bytes`` (a bigger tensor gets its own); returns key→file, bytes.
+
+    Files are written as ``<name>.tmp``; ``_publish`` renames them once every writer is done."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
@@ -180,10 +184,55 @@ def _write_shards(tensors: dict[str, torch.Tensor], out: Path, stem: str, max_by
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.cpu() for k, v in shard.items()}, str(out / name), metadata={"format": "pt"})
+        save_file({k: v.cpu() for k, v in shard.items()}, str(out / f"{name}{_TMP}"), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
         total += sum(v.numel() * v.element_size() for v in shard.values())
     return weight_map, total
+
+
+def _ours(out: Path, suffix: str = "") -> list[Path]:
+    """Our shard files in ``out`` (``suffix=_TMP``: the unpublished ones of an unfinished save)."""
+    return [p for p in out.iterdir()
+            if p.name.endswith(suffix) and _OUR_FILES.match(p.name[:len(p.name) - len(suffix)])]
+
+
+def _prepare(out: Path) -> None:
+    """Refuse a directory holding another model (its config.json and index would be overwritten), then
+    create ``out`` and drop the unpublished files of an earlier, interrupted save."""
+    config_file = out / "config.json"
+    if config_file.is_file() and not _read_json(config_file).get(CONFIG_KEY):
+        raise ValueError(
+            f"{out} holds another model ({config_file} has no {CONFIG_KEY!r} record): saving there would overwrite "
+            "its config.json and index; save into a new directory (or one holding a switchyard checkpoint)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in _ours(out, _TMP):
+        stale.unlink(missing_ok=True)
+
+
+def _publish(out: Path, index: dict[str, Any]) -> None:
+    """Swap the new shards and index in, then drop the earlier save's files that the new index does not list
+    (another EP size or shard count): until the renames the earlier checkpoint was intact."""
+    new = set(index["weight_map"].values())
+    for name in sorted(new):
+        os.replace(out / f"{name}{_TMP}", out / name)
+    (out / f"{INDEX_NAME}{_TMP}").write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(out / f"{INDEX_NAME}{_TMP}", out / INDEX_NAME)
+    for stale in _ours(out):
+        if stale.name not in new:
+            stale.unlink(missing_ok=True)
+
+
+def _agree(error: BaseException | None, what: str) -> None:
+    """Raise on every rank if any rank failed ``what``: a rank raising alone would leave its peers blocked in
+    the next collective."""
+    failures = _gather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(failures) if msg]
+    if failed:
+        rank, msg = failed[0]
+        raise CheckpointError(f"{what} failed on rank {rank}: {msg}")
 
 
 def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupManager | None" = None,
@@ -192,6 +241,8 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
 
     Call it on every rank when distributed: experts are written by the ranks that hold them and the
     index needs every writer's key list. ``groups`` defaults to the one the MoE layers were built with.
+    Saving over an earlier switchyard checkpoint replaces it only once every new file is written; a
+    failure on any rank raises on every rank.
     """
     record = switchyard_record(model)
     layers = moe_layers(model)
@@ -206,40 +257,54 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     max_bytes = _parse_size(max_shard_size)
     rank, out = dist.get_rank() if _distributed() else 0, Path(path)
     writes_experts = groups.rank("edp") == 0 if groups is not None else rank == 0
+    error: BaseException | None = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in [p for p in out.iterdir() if _OUR_FILES.match(p.name)] + [out / INDEX_NAME]:
-            stale.unlink(missing_ok=True)  # shards of an earlier save at another EP size
-    if _distributed():
-        dist.barrier()
+        try:
+            _prepare(out)
+        except Exception as err:  # noqa: BLE001 - raised again on this rank by _agree
+            error = err
+    _agree(error, f"save_pretrained({out})")
     state = model.state_dict()
     prefixes = tuple(f"{p}.experts." for p in moe_prefixes(model))
     expert_keys = [k for k in state if k.startswith(prefixes) and _EXPERT_KEY.match(k)]
     mine: tuple[dict[str, str], int, dict[str, str]] = ({}, 0, {})
-    if rank == 0:
-        dense, tied = _drop_tied({k: v for k, v in state.items() if k not in set(expert_keys)})
-        weight_map, nbytes = _write_shards(dense, out, "dense", max_bytes)
-        mine = (weight_map, nbytes, tied)
-    if writes_experts:
-        weight_map, nbytes = _write_shards({k: state[k] for k in expert_keys}, out,
-                                           f"experts-ep{ep_rank:03d}-of-{ep:03d}", max_bytes)
-        mine = ({**mine[0], **weight_map}, mine[1] + nbytes, mine[2])
+    try:
+        if rank == 0:
+            dense, tied = _drop_tied({k: v for k, v in state.items() if k not in set(expert_keys)})
+            weight_map, nbytes = _write_shards(dense, out, "dense", max_bytes)
+            mine = (weight_map, nbytes, tied)
+        if writes_experts:
+            weight_map, nbytes = _write_shards({k: state[k] for k in expert_keys}, out,
+                                               f"experts-ep{ep_rank:03d}-of-{ep:03d}", max_bytes)
+            mine = ({**mine[0], **weight_map}, mine[1] + nbytes, mine[2])
+    except Exception as err:  # noqa: BLE001 - disk full, permissions: the earlier checkpoint is still intact
+        error = err
+    try:
+        _agree(error, f"save_pretrained({out})")
+    except BaseException:
+        if rank == 0:
+            for unpublished in _ours(out, _TMP):
+                unpublished.unlink(missing_ok=True)
+        raise
     parts = _gather(mine)
     if rank == 0:
-        _write_index(out, parts, record, ep, expert_keys, layers[0].num_experts)
-        config.save_pretrained(out)
-        if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
-            model.generation_config.save_pretrained(out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        files = {name for part in parts for name in part[0].values()}
-        log.info("saved %s: %d tensors in %d files, experts from %d EP ranks", out,
-                 sum(len(p[0]) for p in parts), len(files), ep, ranks=[0])
-    if _distributed():
-        dist.barrier()
+        try:
+            _publish(out, _index(parts, record, ep, expert_keys, layers[0].num_experts))
+            config.save_pretrained(out)
+            generates = getattr(model, "can_generate", lambda: False)()
+            if getattr(model, "generation_config", None) is not None and generates:
+                model.generation_config.save_pretrained(out)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
+            files = {name for part in parts for name in part[0].values()}
+            log.info("saved %s: %d tensors in %d files, experts from %d EP ranks", out,
+                     sum(len(p[0]) for p in parts), len(files), ep, ranks=[0])
+        except Exception as err:  # noqa: BLE001 - raised again on this rank by _agree
+            error = err
+    _agree(error, f"save_pretrained({out})")
 
 
-def _write_index(out: Path, parts: list, record: dict, ep: int, expert_keys: list[str], num_experts: int) -> None:
+def _index(parts: list, record: dict, ep: int, expert_keys: list[str], num_experts: int) -> dict[str, Any]:
     weight_map: dict[str, str] = {}
     for part_map, _, _ in parts:
         weight_map.update(part_map)
@@ -251,17 +316,27 @@ def _write_index(out: Path, parts: list, record: dict, ep: int, expert_keys: lis
     assert not holes, f"no rank wrote {len(holes)} expert tensors, e.g. {holes[:3]}"
     metadata = {"total_size": sum(p[1] for p in parts), "format": "switchyard", "version": record.get("version", 1),
                 "num_experts": num_experts, "saved_ep": ep, "tied_weights": tied}
-    index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
 
 
 # -- loading --------------------------------------------------------------------------------------------
+def _read_json(file: Path) -> dict[str, Any]:
+    """``file``'s JSON object, or a CheckpointError naming the file (json's own error names only a line)."""
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err}): a truncated or hand-edited file") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def read_record(path: Path) -> dict[str, Any]:
     """config.json's switchyard record, or a CheckpointError saying what this directory is."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} does not exist; is {path} a saved model directory?")
-    raw = json.loads(config_file.read_text())
+    raw = _read_json(config_file)
     if not raw.get(CONFIG_KEY):
         raise CheckpointError(
             f"{config_file} has no {CONFIG_KEY!r} record: not a switchyard checkpoint; load it with "
@@ -274,7 +349,7 @@ def _read_index(path: Path) -> dict[str, Any]:
     index_file = path / INDEX_NAME
     if not index_file.is_file():
         raise CheckpointError(f"{index_file} is missing; switchyard checkpoints list every tensor there")
-    index = json.loads(index_file.read_text())
+    index = _read_json(index_file)
     if not isinstance(index.get("weight_map"), dict):
         raise CheckpointError(f"{index_file} has no weight_map")
     return index
@@ -397,10 +472,25 @@ def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = Non
 
     The model's class is the one config.json's ``architectures`` names (``AutoModelForCausalLM`` if none);
     ``dtype`` defaults to the one in config.json; ``device`` to CPU. Returns the model in eval mode.
+    With ``groups`` every rank calls it, and an error on any rank (a missing expert file only it reads) is
+    raised on every rank instead of leaving the others to hang in their next collective.
     """
+    if groups is None or not _distributed():
+        return _load(Path(path), groups, dtype, device)
+    model, error = None, None
+    try:
+        model = _load(Path(path), groups, dtype, device)
+    except Exception as err:  # noqa: BLE001 - raised again on this rank by _agree
+        error = err
+    _agree(error, f"from_pretrained({path})")
+    assert model is not None
+    return model
+
+
+def _load(path: Path, groups: "ProcessGroupManager | None", dtype: torch.dtype | None,
+          device: torch.device | str | None) -> nn.Module:
     from transformers import AutoConfig, GenerationConfig
 
-    path = Path(path)
     record = read_record(path)
     index = _read_index(path)
     config = AutoConfig.from_pretrained(path)

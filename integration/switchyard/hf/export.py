@@ -26,7 +26,8 @@ import torch.nn as nn
 from switchyard.config import MoEConfig
 from switchyard.hf.adopt import ADAPTERS as BLOCK_ADAPTERS
 from switchyard.hf.adopt import _PER_EXPERT_NAMES, moe_config_from_hf
-from switchyard.hf.checkpoint import empty_model, moe_prefixes, switchyard_record
+from switchyard.hf.checkpoint import _read_json, empty_model, moe_prefixes, switchyard_record
+from switchyard.hf.patch import CONFIG_KEY
 from switchyard.log import get_logger
 from switchyard.moe.layer import MoELayer
 
@@ -118,6 +119,25 @@ def _class_name(model_type: str) -> str:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
 
 
+def _target_class(model: nn.Module, family: MoEFamily) -> str:
+    """The target family's class for the task ``model``'s class serves (``LlamaForSequenceClassification`` →
+    ``MixtralForSequenceClassification``, ``LlamaModel`` → ``MixtralModel``), read from transformers' Auto maps."""
+    from transformers.models.auto import modeling_auto
+
+    name, source = type(model).__name__, model.config.model_type
+    tasks = [(attr, mapping) for attr in dir(modeling_auto) if attr.endswith("_MAPPING_NAMES")
+             and isinstance(mapping := getattr(modeling_auto, attr), dict) and mapping.get(source) == name]
+    for _, mapping in tasks:
+        if isinstance(mapping.get(family.model_type), str):
+            return mapping[family.model_type]
+    if tasks:
+        task = tasks[0][0].removesuffix("_NAMES")
+        raise ValueError(f"{_class_name(family.model_type)}'s family has no class for what {name} does ({task}); "
+                         f"export a {_class_name(source)} instead, {KEEP_SWITCHYARD}")
+    raise ValueError(f"{name} is not a transformers class of {source}; export a model of a transformers class, "
+                     f"{KEEP_SWITCHYARD}")
+
+
 def _windows(cfg: Any) -> list[int | None]:
     """Per-layer sliding window as the model applies it (layer_types if the config has them)."""
     n = cfg.num_hidden_layers
@@ -137,9 +157,13 @@ def _target_config(model: nn.Module, family: MoEFamily, record: dict, layers: li
               if k not in ("model_type", "architectures", "transformers_version", "auto_map", "switchyard")}
     values["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     moe = MoEConfig.from_dict(record["moe"])
-    if source.model_type == family.model_type:  # adopted: same class, only loss settings may have moved
+    if source.model_type == family.model_type:  # adopted: same class; write back what overrides changed
         if hasattr(source, "router_aux_loss_coef"):
             values["router_aux_loss_coef"] = moe.aux_loss_coef
+        if not any(type(m).__name__ == family.block for m in model.modules()):  # no HF block left to change
+            values["num_experts_per_tok"] = moe.top_k
+            if "norm_topk_prob" in values:
+                values["norm_topk_prob"] = moe.norm_topk_prob
         return AutoConfig.for_model(family.model_type, **values)
     assert family.upcycled_fields is not None
     n_layers = source.num_hidden_layers
@@ -243,12 +267,25 @@ def _block_tensors(layer: MoELayer, block: nn.Module, family: MoEFamily, zero_sh
     return out
 
 
+def _check_destination(out: Path) -> None:
+    """transformers' save_pretrained only logs (and writes nothing) when ``out`` is a file, and would overwrite
+    a switchyard checkpoint's config.json, losing the record that rebuilds it (``--out`` = ``--model``)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export path {out} is a file; give a directory for the transformers checkpoint")
+    config_file = out / "config.json"
+    if config_file.is_file() and _read_json(config_file).get(CONFIG_KEY):
+        raise ValueError(f"{out} holds a switchyard checkpoint; exporting there would overwrite its config.json and "
+                         "lose it: export into another directory")
+
+
 def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None) -> str:
     """Write ``model`` as a plain transformers MoE checkpoint in ``path``; returns the path.
 
     The model is only read (the written tensors share its storage while saving).
     """
     record = switchyard_record(model)
+    out = Path(path)
+    _check_destination(out)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     sharded = sorted({l.ep_size for l in layers if l.ep_size > 1})
     if sharded:
@@ -261,6 +298,7 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None) -> str:
         raise ValueError(f"no standard transformers MoE class fits {model_type}; save with switchyard.save_pretrained "
                          f"instead (supported exports: {supported_exports()})")
     target_config = _target_config(model, family, record, layers)
+    target_config.architectures = [_target_class(model, family)]
     zero_shared = _check(model, target_config, family, record, layers)
     target = empty_model(target_config)
     prefixes = moe_prefixes(model)
@@ -283,7 +321,6 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None) -> str:
                  "outputs unchanged)", cls, ranks=[0])
     if getattr(model, "generation_config", None) is not None:
         target.generation_config = copy.deepcopy(model.generation_config)
-    out = Path(path)
     target.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

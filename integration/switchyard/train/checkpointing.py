@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -164,12 +164,16 @@ def save_engine_state(engine, path: Path, rank: int) -> None:
     torch.save(state, path / f"rank{rank:05d}.pt")
 
 
-def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int) -> None:
-    """Restore this rank's optimizer partition, scheduler and counters (same layout only)."""
-    file = path / f"rank{rank:05d}.pt"
+def _read_engine_state(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ValueError(f"checkpoint is missing {file}: was it written with a different number of ranks?")
-    state = torch.load(file, map_location="cpu", weights_only=False)  # our own file, written by save_engine_state
+    return torch.load(file, map_location="cpu", weights_only=False)  # our own file, written by save_engine_state
+
+
+def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int) -> None:
+    """Restore this rank's optimizer partition, scheduler and counters (same layout only). A file missing or
+    unreadable on any rank fails every rank (the others would wait for it in the first training step)."""
+    state = _on_every_rank(f"resuming from {path.parent}", _read_engine_state, path / f"rank{rank:05d}.pt")
     if engine.zero_optimization_stage() >= 1:
         # ZeRO indexes a list of every data-parallel rank's state by this rank's dp rank; ours is enough
         states = [None] * dp_size
@@ -184,33 +188,55 @@ def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int)
     engine.micro_steps = state["micro_steps"]
 
 
+def _on_every_rank(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on this rank; if it fails on any rank, raise on every rank (no rank left waiting)."""
+    from switchyard.hf.checkpoint import _agree
+
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn(*args)
+    except Exception as err:  # noqa: BLE001 - raised again on this rank by _agree
+        error = err
+    _agree(error, what)
+    return result
+
+
+def _prepare_dirs(root: Path, partial: Path) -> None:
+    for stale in root.glob(f"*{PARTIAL}"):  # left by a job killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+
+def _publish(root: Path, partial: Path, final: Path, meta: dict[str, Any], keep: int) -> None:
+    """Mark ``partial`` complete and rename it to ``final``. A ``final`` already there (this step saved again
+    after resuming from an earlier one) is set aside only now, when its replacement is complete."""
+    (partial / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    (partial / MARKER).write_text("")
+    replaced = root / f"{final.name}.replaced{PARTIAL}"
+    if final.exists():
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    pointer_tmp = root / "latest.tmp"
+    pointer_tmp.write_text(final.name)
+    os.replace(pointer_tmp, root / "latest")
+    shutil.rmtree(replaced, ignore_errors=True)
+    for old in prunable(complete_checkpoints(root), final, keep):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(engine, model, tokenizer, groups, root: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+    """Collective: every rank calls it; a failure on any rank raises on every rank. Returns the final directory."""
     from switchyard.hf.checkpoint import save_pretrained
 
     rank = dist.get_rank()
     final = root / f"step_{step:06d}"
     partial = root / f"step_{step:06d}{PARTIAL}"
-    if rank == 0:
-        for stale in root.glob(f"*{PARTIAL}"):  # left by a job killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():  # re-saving a step after resume: replace it
-            shutil.rmtree(final)
-        partial.mkdir(parents=True)
-    dist.barrier()
-    save_engine_state(engine, partial / "engine", rank)
+    what = f"saving checkpoint {final}"
+    _on_every_rank(what, lambda: _prepare_dirs(root, partial) if rank == 0 else None)
+    _on_every_rank(what, save_engine_state, engine, partial / "engine", rank)
     save_pretrained(model, partial / "model", groups=groups, tokenizer=tokenizer)
-    save_rng(partial / "rng", rank)
+    _on_every_rank(what, save_rng, partial / "rng", rank)
     inject_fault("save", step)
-    dist.barrier()
-    if rank == 0:
-        (partial / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=1, default=str))
-        (partial / MARKER).write_text("")
-        os.replace(partial, final)
-        pointer_tmp = root / "latest.tmp"
-        pointer_tmp.write_text(final.name)
-        os.replace(pointer_tmp, root / "latest")
-        for old in prunable(complete_checkpoints(root), final, keep):
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    _on_every_rank(what, lambda: _publish(root, partial, final, {**meta, "step": step}, keep) if rank == 0 else None)
     return final

@@ -173,3 +173,26 @@ def test_a_resume_with_another_global_batch_continues_at_the_examples_consumed()
     # a checkpoint written before the position was recorded: its step and global batch give it back
     legacy = {"step": 4, "dp": 2, "config": {"train": {"micro_batch_size": 2, "grad_accum": 2}}}
     assert data_position(legacy, len(dataset)) == (1, 8)
+
+
+def test_moe_settings_a_source_with_its_own_moe_layers_would_ignore_are_refused():
+    """A switchyard checkpoint or an HF MoE model brings its MoE layers: a run config moe setting that would
+    not take effect is an error, one that agrees with the checkpoint (or is left out) is fine."""
+    from switchyard.train.model_source import _refuse_unused_moe_settings
+
+    record = {"moe": {**sy_moe_dict(num_experts=4, top_k=2, init="copy", aux_loss_coef=0.01, z_loss_coef=0.001)}}
+    _refuse_unused_moe_settings(load_run_config(TINY), "ckpt", record)  # tiny.yaml's settings agree
+    _refuse_unused_moe_settings(load_run_config(None, ["train.max_steps=1"]), "ckpt", record)  # none set
+    with pytest.raises(ValueError, match=r"moe.num_experts=8 \(checkpoint: 4\)"):
+        _refuse_unused_moe_settings(load_run_config(TINY, ["moe.num_experts=8"]), "ckpt", record)
+    with pytest.raises(ValueError, match=r"moe.every_n=2"):
+        _refuse_unused_moe_settings(load_run_config(TINY, ["moe.every_n=2"]), "ckpt", record)
+    _refuse_unused_moe_settings(load_run_config(None, ["train.max_steps=1", "moe.overrides.top_k=1"]), "m", None)
+    with pytest.raises(ValueError, match=r"HF MoE model.*moe.overrides"):
+        _refuse_unused_moe_settings(load_run_config(None, ["train.max_steps=1", "moe.top_k=1"]), "mixtral", None)
+
+
+def sy_moe_dict(**values) -> dict:
+    from switchyard import MoEConfig
+
+    return MoEConfig(**values).to_dict()

@@ -64,9 +64,16 @@ def test_yaml_numbers_pyyaml_reads_as_strings_become_floats(tmp_path):
 
 
 def test_epochs_alone_trains_every_epoch():
+    import datasets
+
+    from switchyard.train.loop import StepBatches
+
+    rows = [[i] * 4 for i in range(403)]  # micro-batch 4 at dp 1: 100 steps an epoch, 3 rows dropped
+    dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     config = load_run_config(TINY, ["train.max_steps=null", "train.epochs=3"])
-    assert total_steps(config, 100) == 300
-    assert total_steps(load_run_config(TINY, ["train.epochs=3"]), 100) == 40  # both: whichever ends first
+    assert total_steps(config, StepBatches(dataset, config, 0, 1)) == 300
+    both = load_run_config(TINY, ["train.epochs=3"])
+    assert total_steps(both, StepBatches(dataset, both, 0, 1)) == 40  # both: whichever ends first
 
 
 def test_relative_deepspeed_path_is_found_from_the_run_config(tmp_path, monkeypatch):

@@ -80,10 +80,13 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
         log.info("loading model weights from %s (resharded to ep=%d)", from_checkpoint, groups.size("ep"), ranks=[0])
         return sy.from_pretrained(from_checkpoint, groups=groups), tokenizer
     hf_config = AutoConfig.from_pretrained(source)
-    if getattr(hf_config, "switchyard", None):
+    record = getattr(hf_config, "switchyard", None)
+    if record:
+        _refuse_unused_moe_settings(config, source, record)
         return sy.from_pretrained(source, groups=groups), tokenizer
     model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
     if hf_config.model_type in MOE_MODEL_TYPES or any(type(m).__name__ in SUPPORTED_BLOCKS for m in model.modules()):
+        _refuse_unused_moe_settings(config, source, None)
         sy.patch_model(model, None, groups, overrides=config.moe.overrides or None, layers=config.moe.layers,
                        every_n=config.moe.every_n, targets=config.moe.targets, exclude=config.moe.exclude)
     else:
@@ -91,3 +94,27 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
                        targets=config.moe.targets, exclude=config.moe.exclude, adapter=config.moe.adapter,
                        seed=config.train.seed)
     return model, tokenizer
+
+
+def _refuse_unused_moe_settings(config: RunConfig, source: str, record: dict[str, Any] | None) -> None:
+    """A source with its own MoE layers (a switchyard checkpoint: ``record``; an HF MoE model: None) would
+    silently ignore the run config's ``moe`` settings: a setting that would not take effect is an error."""
+    moe = config.moe
+    if record is None:
+        unused = {f"moe.{k}": moe.config[k] for k in config.moe_keys_set}
+        unused.update({"moe.adapter": moe.adapter} if moe.adapter is not None else {})
+        if unused:
+            raise ValueError(f"{unused} set in the run config, but model.source={source!r} is an HF MoE model: its "
+                             "blocks are adopted with their own settings. Leave these out; change routing with "
+                             "moe.overrides (e.g. moe.overrides.top_k=1)")
+        return
+    recorded = record.get("moe") or {}
+    unused = {f"moe.{k}": (moe.config[k], recorded.get(k)) for k in config.moe_keys_set
+              if moe.config[k] != recorded.get(k)}
+    unused.update({f"moe.{k}": (getattr(moe, k), None) for k in ("layers", "every_n", "targets", "exclude",
+                                                                  "adapter", "overrides") if getattr(moe, k)})
+    if unused:
+        listed = ", ".join(f"{k}={mine!r} (checkpoint: {theirs!r})" for k, (mine, theirs) in unused.items())
+        raise ValueError(f"model.source={source!r} is a switchyard checkpoint whose MoE layers were fixed when it was "
+                         f"saved, so these run config settings would not take effect: {listed}. Leave them out "
+                         "(or make them agree), or start from the dense model to upcycle it differently")

@@ -13,7 +13,7 @@ import json
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -130,6 +130,10 @@ class CheckpointSection:
 
 @dataclass
 class RunConfig:
+    # MoEConfig keys the YAML or an override set (load_run_config fills it): a source that brings its own MoE
+    # layers (a switchyard checkpoint, an HF MoE model) refuses them rather than ignore them (model_source.py)
+    moe_keys_set: ClassVar[tuple[str, ...]] = ()
+
     output_dir: str = "runs/tiny"
     model: ModelSection = field(default_factory=ModelSection)
     moe: MoESection = field(default_factory=MoESection)
@@ -268,17 +272,18 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = value
 
 
-def _gather_moe_fields(moe: dict[str, Any]) -> dict[str, Any]:
-    """Flat ``moe:`` keys → selection keys stay, MoEConfig keys go under ``config``."""
+def _gather_moe_fields(moe: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Flat ``moe:`` keys → selection keys stay, MoEConfig keys go under ``config``; and the MoEConfig keys the
+    user set (the rest are ``MoESection``'s defaults)."""
     if not isinstance(moe, dict):
         raise ValueError(f"moe must be a mapping, got {moe!r}")
     selection = {f.name for f in dataclasses.fields(MoESection)} - {"config"}
     gathered: dict[str, Any] = {k: v for k, v in moe.items() if k in selection}
-    config = {**MoESection().config, **(moe.get("config") or {})}
-    config.update({k: v for k, v in moe.items() if k not in selection and k != "config"})
+    given = {**(moe.get("config") or {}), **{k: v for k, v in moe.items() if k not in selection and k != "config"}}
     hints = get_type_hints(MoEConfig)
+    config = {**MoESection().config, **given}
     gathered["config"] = {k: coerce_field(f"moe.{k}", v, hints[k]) if k in hints else v for k, v in config.items()}
-    return gathered
+    return gathered, tuple(sorted(given))
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -292,8 +297,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
             raise ValueError(f"run config {path} must be a YAML mapping")
     for assignment in overrides or []:
         apply_override(tree, assignment)
-    tree["moe"] = _gather_moe_fields(tree.get("moe") or {})
+    tree["moe"], moe_keys_set = _gather_moe_fields(tree.get("moe") or {})
     config = _build(RunConfig, tree, "")
+    config.moe_keys_set = moe_keys_set
     config.moe_config()  # validates the MoE section now
     config.deepspeed = str(resolve_deepspeed_path(config.deepspeed, path))
     return config

@@ -70,6 +70,8 @@ def _tokenizer_of(model_dir: str) -> Any:
 
     local = Path(model_dir)
     if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+        print(f"switchyard: {model_dir} has no tokenizer files, so the output has none either; serving it needs "
+              "one: save the source's tokenizer into the output (tokenizer.save_pretrained(out))", file=sys.stderr)
         return None
     try:
         return AutoTokenizer.from_pretrained(model_dir)

@@ -301,6 +301,29 @@ def test_sampling_options(client, reference):
     assert response.choices[0].text == full[: full.find(stop)] and response.choices[0].finish_reason == "stop"
 
 
+def test_logit_bias_matches_generate_sequence_bias(client, reference):
+    """``logit_bias`` (once silently ignored) is added to the logits before the choice: greedy equals
+    ``generate(sequence_bias=…)``, on both endpoints; the completion's ``top_logprobs`` hold the chosen token."""
+    tok = reference.tok
+    ids = tok(PROMPTS[2]).input_ids
+    plain = reference(ids, 10)
+    bias = {plain[0]: -100.0, **{t: 4.0 for t in sorted(set(plain))[1:4]}}
+    want = reference.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=10,
+                                    sequence_bias={(t,): b for t, b in bias.items()})[0, len(ids):].tolist()
+    assert want != plain
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=10, temperature=0, logprobs=1,
+                                         logit_bias={str(t): b for t, b in bias.items()},
+                                         extra_body={"return_token_ids": True})
+    assert ids_of(response.choices[0]) == want
+    lp = response.choices[0].logprobs
+    assert all(token in top for token, top in zip(lp.tokens, lp.top_logprobs))  # OpenAI: up to logprobs + 1
+    assert any(len(top) == 2 for top in lp.top_logprobs)  # the bias chose a token the model did not rank first
+    messages = [{"role": "user", "content": "x"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0.7, seed=1,
+                                          logit_bias={"7": 100})
+    assert chat.choices[0].message.content == tok.decode([7] * 4, skip_special_tokens=True)
+
+
 BAD = {
     "malformed json": ("/v1/completions", None, b'{"model": "x", "prompt": ', 400),
     "not an object": ("/v1/completions", [1, 2], None, 400),
@@ -330,6 +353,16 @@ BAD = {
     "top_logprobs alone": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                     "top_logprobs": 2}, None, 400),
     "echo unsupported": ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, None, 400),
+    "logit_bias out of vocab": ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999": 1}}, None,
+                                400),
+    "logit_bias not an id": ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"x": 1}}, None, 400),
+    "tool_choice without tools": ("/v1/chat/completions", {"model": MODEL, "tool_choice": "required",
+                                                           "messages": [{"role": "user", "content": "x"}]}, None, 400),
+    "functions": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                           "functions": [{"name": "f", "parameters": {}}]}, None, 400),
+    "top_k (vLLM's, not honoured)": ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 5}, None, 400),
+    "image part": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, None, 400),
     "unknown route": ("/v1/engines", {"model": MODEL}, None, 404),
 }
 
@@ -379,6 +412,21 @@ def test_bad_input_gets_an_openai_error_and_the_server_goes_on(server, client, r
     tok = reference.tok
     response = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=10, temperature=0)
     assert response.choices[0].text == tok.decode(reference(tok(PROMPTS[5]).input_ids, 10), skip_special_tokens=True)
+
+
+def test_a_context_overflow_names_the_field_sent_and_its_largest_value(server):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": CONTEXT}
+    status, reply = http(server, "POST", "/v1/chat/completions", body=chat)
+    prompt = CONTEXT - int(re.search(r"at most (\d+)", reply["error"]["message"]).group(1))
+    assert status == 400 and reply["error"]["param"] == "max_completion_tokens"
+    assert reply["error"]["message"].startswith(f"this model's context is {CONTEXT} tokens; the prompt has {prompt}")
+    fits = {**chat, "max_completion_tokens": CONTEXT - prompt}
+    status, reply = http(server, "POST", "/v1/chat/completions", body=fits)
+    assert status == 200 and reply["usage"]["total_tokens"] <= CONTEXT
+    status, reply = http(server, "POST", "/v1/completions", body={"model": MODEL, "prompt": [5] * (CONTEXT - 4)})
+    assert status == 400 and reply["error"]["param"] == "max_tokens"  # none sent: the default 16 did not fit
+    message = reply["error"]["message"]
+    assert "not sent: the server default_max_tokens" in message and "at most 4" in message
 
 
 def metric(server, name: str) -> float:
@@ -432,3 +480,6 @@ def test_metrics_exposition(server, client):
         assert name in text, name
     assert metric(server, "switchyard_generation_tokens_total") > 0
     assert re.search(r'^switchyard_requests_total\{endpoint="/v1/completions",status="200"\} [1-9]', text, re.M)
+    client.models.retrieve(MODEL)  # a known route, not "other"
+    _, text = http(server, "GET", "/metrics")
+    assert re.search(r'^switchyard_requests_total\{endpoint="/v1/models/\{id\}",status="200"\} [1-9]', text, re.M)

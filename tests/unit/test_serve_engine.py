@@ -411,3 +411,32 @@ def test_logprobs_are_the_models_log_softmax(model_and_tok, decode):
     assert all(o.logprob is None for o in got.outputs[2])
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(max_tokens=1, logprobs=21)
+
+
+@pytest.mark.parametrize("decode", ["static", "sequential"])
+def test_logit_bias_steers_the_choice_like_generate_sequence_bias(model_and_tok, decode):
+    """OpenAI's ``logit_bias`` was silently ignored. Oracle: ``generate(sequence_bias=…)`` (single tokens: the bias
+    added to the logits before the choice); a biased and an unbiased sequence share the batch, and the reported
+    logprobs stay the model's own (vLLM's convention)."""
+    model, tok = model_and_tok
+    ids = tok(PROMPTS[0]).input_ids
+    plain = greedy(model, ids, 12)
+    bias = tuple((t, 5.0) for t in sorted(set(plain))[1:4]) + ((plain[0], -50.0),)
+    want = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
+                          sequence_bias={(t,): b for t, b in bias})[0, len(ids):].tolist()
+    assert want != plain  # the bias matters
+    engine, got = engine_for(model, tok, decode, max_batch=2), Collector()
+    biased = Sequence(ids, SamplingParams(max_tokens=12, temperature=0, logit_bias=bias, logprobs=0), got.sink, 0)
+    other = Sequence(ids, SamplingParams(max_tokens=12, temperature=0), got.sink, 1)
+    engine.submit([biased, other])
+    engine.run_until_idle()
+    assert biased.output_ids == want and other.output_ids == plain
+    raw = _model_logprobs(model, ids, want).gather(1, torch.tensor(want).view(-1, 1)).view(-1)
+    torch.testing.assert_close(torch.tensor([o.logprob[0] for o in got.outputs[0]]), raw, atol=1e-5, rtol=1e-5)
+    pinned = Sequence(ids, SamplingParams(max_tokens=6, temperature=1.0, seed=0, logit_bias=((7, 100.0),)))
+    engine.submit([pinned])
+    engine.run_until_idle()
+    assert pinned.output_ids == [7] * 6  # +100 wins a draw too
+    for bad in (((7, 100.5),), ((-1, 1.0),)):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(max_tokens=1, logit_bias=bad)

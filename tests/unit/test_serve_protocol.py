@@ -204,3 +204,58 @@ def test_max_model_len_beyond_the_model_is_refused_not_silently_lowered():
     assert context_length(ServeConfig(model="m", max_model_len=100), model) == 100
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's max_position_embeddings=256"):
         context_length(ServeConfig(model="m", max_model_len=4096), model)
+
+
+def test_logit_bias_tools_and_content_parts_are_honoured_or_refused_never_ignored():
+    """``logit_bias``, ``functions`` and ``tool_choice`` used to be dropped as unknown fields without a word;
+    an image part was pydantic's ``content.str: Input should be a valid string``."""
+    req = P.CompletionRequest(model="m", prompt="x", logit_bias={"7": 100, " 12": -2.5})
+    assert req.logit_bias_ids == ((7, 100.0), (12, -2.5))
+    assert P.CompletionRequest(model="m", prompt="x", logit_bias=None).logit_bias_ids == ()
+    for bias, message in (({"x": 1}, r"token ids .*got 'x'"), ({"-3": 1}, "token ids"),
+                          ({"7": 100.5}, r"bias of token 7 is 100.5; it must be in \[-100, 100\]")):
+        with pytest.raises(ValidationError, match=message):
+            P.CompletionRequest(model="m", prompt="x", logit_bias=bias)
+    user = [{"role": "user", "content": "x"}]
+    assert P.ChatCompletionRequest(model="m", messages=user, logit_bias={"3": 1}).logit_bias_ids == ((3, 1.0),)
+    chat = P.ChatCompletionRequest(model="m", messages=user, tool_choice="none", function_call="auto")
+    assert chat.tool_choice == "none"
+    for fields, message in ((dict(functions=[{"name": "f"}]), "functions"),
+                            (dict(tool_choice="required"), "tool_choice='required' needs tools"),
+                            (dict(tool_choice={"type": "function", "function": {"name": "f"}}), "needs tools"),
+                            (dict(function_call={"name": "f"}), "function_call=")):
+        with pytest.raises(ValidationError, match=message):
+            P.ChatCompletionRequest(model="m", messages=user, **fields)
+    image = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}]
+    with pytest.raises(ValidationError, match="content part type 'image_url' is not supported"):
+        P.ChatCompletionRequest(model="m", messages=image)
+    # vLLM's sampling extensions (clients send them with extra_body) and audio output: "off" passes, else a 400
+    off = dict(top_k=-1, min_p=0.0, repetition_penalty=1.0, min_tokens=0, stop_token_ids=[], use_beam_search=False,
+               modalities=["text"], guided_json=None)
+    P.ChatCompletionRequest(model="m", messages=user, **off)
+    for name, value in (("top_k", 5), ("min_p", 0.1), ("repetition_penalty", 1.2), ("min_tokens", 3), ("stop_token_ids",
+                        [2]), ("guided_json", {"type": "object"}), ("modalities", ["text", "audio"])):
+        with pytest.raises(ValidationError, match=f"{name}=.* is not supported by this server; leave {name} out"):
+            P.CompletionRequest(model="m", prompt="x", **{name: value})
+
+
+def test_completion_top_logprobs_hold_the_sampled_token(tiny_tok):
+    """OpenAI's legacy ``top_logprobs``: the top ``logprobs`` tokens *and* the sampled one (up to logprobs + 1);
+    a sampled token outside the top was missing, and ``logprobs: 0`` gave empty dicts."""
+    from switchyard.serve.app import _Logprobs
+
+    a, b, c = tiny_tok("a b c", add_special_tokens=False).input_ids[:3]
+    text = _Logprobs(tiny_tok).text
+    out = _Logprobs(tiny_tok).completion([(c, (-3.0, ((a, -0.5),))), (a, (-0.5, ((a, -0.5),))), (b, (-1.0, ()))])
+    assert out.top_logprobs == [{text(a): -0.5, text(c): -3.0}, {text(a): -0.5}, {text(b): -1.0}]
+
+
+def test_logprobs_of_ids_past_the_tokenizer_vocabulary(tiny_tok):
+    """Models pad their vocabulary past the tokenizer's (Qwen: 151936 rows, 151665 tokens); such an id in the top
+    alternatives has no piece (``convert_ids_to_tokens`` is None) and crashed chat logprobs with a 500."""
+    from switchyard.serve.app import _Logprobs
+
+    padded = len(tiny_tok) + 3
+    assert tiny_tok.convert_ids_to_tokens(padded) is None
+    content = _Logprobs(tiny_tok).chat([(5, (-1.0, ((padded, -0.9), (5, -1.0))))]).content
+    assert content[0].top_logprobs[0].token == tiny_tok.decode([padded]) and content[0].top_logprobs[0].bytes == []

@@ -59,6 +59,13 @@ def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]
                        "such as \\ud800 is not); send well-formed text", param=param, code="invalid_value") from err
 
 
+def _endpoint(path: str) -> str:
+    """The metrics label of a request path: a known route (``GET /v1/models/{id}`` as that template), else other."""
+    if path in KNOWN_PATHS:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -109,7 +116,7 @@ class Guard:
                 state["code"] = 413
                 await self._error_for(413)(scope, receive, send)
         finally:
-            self.metrics.request(path if path in KNOWN_PATHS else "other", state["code"])
+            self.metrics.request(_endpoint(path), state["code"])
 
     def _error_for(self, code: int) -> JSONResponse:
         if code == 413:
@@ -207,8 +214,8 @@ class _Logprobs:
 
     def _read_bytes(self, token_id: int) -> list[int]:
         """Byte-level piece → GPT-2's byte table; SentencePiece ``<0xNN>`` → that byte; else the text's UTF-8."""
-        piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if token_id not in self._added:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)  # None: a padding id past the tokenizer's vocabulary
+        if piece is not None and token_id not in self._added:
             if self._byte_of is not None and set(piece) <= self._byte_of.keys():
                 return [self._byte_of[c] for c in piece]
             if self._byte_of is None and (fallback := _BYTE_FALLBACK.fullmatch(piece)):
@@ -223,6 +230,7 @@ class _Logprobs:
             best: dict[str, float] = {}
             for t, lp in top:  # best first; tokens decoding to the same text keep the best one's value
                 best.setdefault(self.text(t), lp)
+            best.setdefault(out.tokens[-1], logprob)  # OpenAI's always hold the sampled token: up to logprobs + 1
             out.top_logprobs.append(best)
             out.text_offset.append(offset)
             offset += len(out.tokens[-1])
@@ -314,6 +322,9 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
         if first.get("type") == "json_invalid":
             return _error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
                           code="invalid_json")
+        if not loc and first.get("type") != "value_error":  # the body itself: empty, not an object, not JSON
+            return _error(400, "the request body must be a JSON object sent with 'Content-Type: application/json' "
+                          f"({first.get('msg', 'invalid body')})", code="invalid_value")
         where = ".".join(loc)
         return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid value')}",
                       param=loc[0] if loc else None, code="invalid_value")
@@ -341,9 +352,11 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param="prompt")
         return ids
 
-    def budget(prompts: list[list[int]], max_tokens: int | None, param: str) -> int:
+    def budget(prompts: list[list[int]], max_tokens: int | None, param: str, tokens_param: str = "max_tokens",
+               defaulted: bool = False) -> int:
         """Tokens each sequence may generate: ``max_tokens``, or (None) the rest of the context. A prompt that
-        leaves no room is the fault of ``param`` (the prompt or messages), whatever max_tokens says."""
+        leaves no room is the fault of ``param`` (the prompt or messages), whatever max_tokens says; else the
+        error names ``tokens_param`` (the field the client sent) and the most it may be."""
         longest = max(len(p) for p in prompts)
         if longest >= max_len:
             raise APIError(400, f"this model's context is {max_len} tokens and the prompt has {longest}, which "
@@ -352,14 +365,21 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             return max_len - longest
         if longest + max_tokens > max_len:
             raise APIError(400, f"this model's context is {max_len} tokens; the prompt has {longest} and "
-                           f"max_tokens asks for {max_tokens} more", param="max_tokens", code="context_length_exceeded")
+                           f"{tokens_param}{' (not sent: the server default_max_tokens)' if defaulted else ''} asks "
+                           f"for {max_tokens} more; set {tokens_param} to at most {max_len - longest}",
+                           param=tokens_param, code="context_length_exceeded")
         return max_tokens
 
     def params_of(req: P._SamplingRequest, max_tokens: int, limit_n: int, logprobs: int | None) -> SamplingParams:
         if req.n > limit_n:
             raise APIError(400, f"n={req.n} is larger than this server's limit of {limit_n}", param="n")
+        bad = [t for t, _ in req.logit_bias_ids if t >= vocab_size]
+        if bad:
+            raise APIError(400, f"logit_bias names token ids {bad[:5]} outside the vocabulary [0, {vocab_size})",
+                           param="logit_bias", code="invalid_value")
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              logit_bias=req.logit_bias_ids)
 
     async def collect(gen: _Generation, request: Request) -> tuple[list[str], list[str | None], list[list[int]],
                                                                    list[list[tuple[int, Any]]]]:
@@ -411,7 +431,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {config.max_prompts}",
                            param="prompt")
         prompts = [check_ids(p) for p in prompts]
-        params = params_of(req, budget(prompts, req.max_tokens or config.default_max_tokens, "prompt"), config.max_n,
+        max_tokens = req.max_tokens or config.default_max_tokens
+        params = params_of(req, budget(prompts, max_tokens, "prompt", defaulted=req.max_tokens is None), config.max_n,
                            req.logprobs)
         gen = _Generation(engine, prompts, req.n, params)
         gen.submit()
@@ -455,7 +476,9 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
         except Exception as err:  # noqa: BLE001 - a template may reject a role order, etc.
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from err
         prompt = check_ids(_tokenize(tokenizer, text, "messages", add_special_tokens=False))
-        params = params_of(req, budget([prompt], req.max_new_tokens, "messages"), config.max_n, req.logprobs_wanted)
+        tokens_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        params = params_of(req, budget([prompt], req.max_new_tokens, "messages", tokens_param), config.max_n,
+                           req.logprobs_wanted)
         gen = _Generation(engine, [prompt], req.n, params)
         gen.submit()
         rid, model = P.new_id("chatcmpl"), model_name

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from switchyard.serve.runner import ModelRunner, StepPlan
-from switchyard.serve.sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, find_stop, make_generator,
-                                       sample_token, token_logprobs)
+from switchyard.serve.sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, apply_logit_bias,
+                                       find_stop, make_generator, sample_token, token_logprobs)
 
 __all__ = ["Engine", "EngineDraining", "ModelRunner", "Sequence", "SeqOutput", "StepPlan", "default_eos_ids"]
 
@@ -190,14 +190,16 @@ class Engine:
             self.runner.sync_stats()
             self._unsynced_steps = 0
         seqs = [self.running[slot] for slot, _, _ in plan.items]
+        choose_from = apply_logit_bias(logits, [seq.params.logit_bias for seq in seqs])
         greedy = [i for i, seq in enumerate(seqs) if seq.params.greedy]
         tokens: dict[int, int] = {}
         if greedy:  # one argmax (one device sync) for every greedy sequence of the step
-            rows = logits if len(greedy) == len(seqs) else logits[torch.tensor(greedy, device=logits.device)]
+            rows = (choose_from if len(greedy) == len(seqs)
+                    else choose_from[torch.tensor(greedy, device=logits.device)])
             tokens = dict(zip(greedy, rows.argmax(-1).tolist()))
         for i, seq in enumerate(seqs):
             if i not in tokens:
-                tokens[i] = sample_token(logits[i], seq.params, seq.generator)
+                tokens[i] = sample_token(choose_from[i], seq.params, seq.generator)
         wants = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         logprobs: dict[int, TokenLogprob] = {}
         if wants:

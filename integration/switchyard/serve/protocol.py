@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from switchyard.serve.sampling import MAX_LOGPROBS
+from switchyard.serve.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 
 def new_id(prefix: str) -> str:
@@ -68,6 +68,15 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# Settings this server does not implement, with the values that mean "off" (vLLM's sampling and structured-output
+# extensions, OpenAI's audio output): any other value is a 400 naming the field, not an unknown field dropped
+# without a word, so a client tuned for vLLM (``extra_body={"top_k": 1}``) learns that it is not honoured.
+UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "stop_token_ids": ([],),
+    "include_stop_str_in_output": (False,), "use_beam_search": (False,), "guided_json": (), "guided_regex": (),
+    "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "audio": (), "modalities": (["text"],)}
+
+
 class _SamplingRequest(_Request):
     """Fields both endpoints share; unsupported ones fail."""
 
@@ -82,8 +91,33 @@ class _SamplingRequest(_Request):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}, as OpenAI's
     ignore_eos: bool = False
     return_token_ids: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_settings(cls, data: Any) -> Any:
+        for name, off in UNSUPPORTED_SETTINGS.items():
+            value = data.get(name) if isinstance(data, dict) else None
+            if value is not None and value not in off:
+                raise ValueError(f"{name}={value!r} is not supported by this server; leave {name} out")
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.strip().isdecimal():  # int() takes it (isdigit also passes "²", which int() refuses)
+                raise ValueError(f"keys must be token ids (strings of digits such as \"50256\"), got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {key} is {bias}; it must be in [-{MAX_LOGIT_BIAS:g}, "
+                                 f"{MAX_LOGIT_BIAS:g}]")
+        return value
+
+    @property
+    def logit_bias_ids(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(key), float(bias)) for key, bias in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -129,6 +163,17 @@ class ChatMessage(_Request):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        """Name the part this server cannot read (an image, audio …) instead of pydantic's union errors."""
+        for part in value if isinstance(value, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(f"content part type {kind!r} is not supported (the model reads text only): send "
+                                 "the content as a string or as [{'type': 'text', 'text': ...}] parts")
+        return value
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
@@ -142,12 +187,19 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
+    functions: list[Any] | None = None  # the deprecated form of tools
+    tool_choice: str | dict[str, Any] | None = None
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> "ChatCompletionRequest":
-        if self.tools:
-            raise ValueError("tools are not supported")
+        if self.tools or self.functions:
+            raise ValueError("tools (and functions) are not supported: leave them out")
+        for name in ("tool_choice", "function_call"):  # without tools only "none" (or "auto") can be honoured
+            if getattr(self, name) not in (None, "none", "auto"):
+                raise ValueError(f"{name}={getattr(self, name)!r} needs tools, which are not supported; "
+                                 f"leave {name} out")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.response_format and self.response_format.get("type", "text") != "text":

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each logit_bias value: [-100, 100]
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 are inf
 _MIX = 0x9E3779B97F4A7C15  # spreads (seed, choice index) over the generator's seed space
 
@@ -26,6 +27,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before the choice
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -38,6 +40,10 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for token_id, bias in self.logit_bias:
+            if not isinstance(token_id, int) or token_id < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias entries must be (token id >= 0, bias in [-{MAX_LOGIT_BIAS:g}, "
+                                 f"{MAX_LOGIT_BIAS:g}]), got {(token_id, bias)!r}")
 
     @property
     def greedy(self) -> bool:
@@ -55,6 +61,20 @@ def make_generator(params: SamplingParams, choice_index: int, device: torch.devi
     else:
         generator.manual_seed((params.seed * _MIX + choice_index) % (1 << 63))
     return generator
+
+
+def apply_logit_bias(logits_RV: torch.Tensor, biases_R: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
+    """The logits each token is chosen from: row r plus its ``logit_bias`` (OpenAI's: added to the logits, before
+    temperature). A copy when any row has a bias: the raw logits stay for the reported logprobs (as vLLM's)."""
+    if not any(biases_R):
+        return logits_RV
+    biased_RV = logits_RV.clone()
+    for r, bias in enumerate(biases_R):
+        if bias:
+            ids, values = zip(*bias)  # index_add_: an id named twice ("7", "07") gets both biases
+            biased_RV[r].index_add_(0, torch.tensor(ids, device=biased_RV.device),
+                                    torch.tensor(values, dtype=biased_RV.dtype, device=biased_RV.device))
+    return biased_RV
 
 
 def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -1,7 +1,7 @@
 """Helpers the benchmark scripts share: a one-rank world, device sync and memory, timing, run metadata.
 
-Imported as a plain module (``import bench_common``) by benchmarks/moe_layer.py, finetune.py and
-ep_scaling.py, which put this folder on ``sys.path`` first; nothing here imports switchyard.
+Imported as a plain module (``import bench_common``) by benchmarks/moe_layer.py, finetune.py, ep_scaling.py
+and serve.py, which put this folder on ``sys.path`` first; nothing here imports switchyard.
 """
 
 from __future__ import annotations
@@ -165,15 +165,21 @@ def _versions(optional: Iterable[str] = ("deepspeed",), *, required: Iterable[st
 
 
 def _git_commit() -> str | None:
-    """The commit measured; SWITCHYARD_GIT_COMMIT wins (the GPU machine gets a tree without .git)."""
+    """The commit measured, ``<sha>+dirty`` when tracked files differ from it (uncommitted changes, or a stale
+    ``.git`` under a newer tree: the numbers are of code no commit holds); SWITCHYARD_GIT_COMMIT wins (the GPU
+    machine gets a tree without a usable .git)."""
     if os.environ.get("SWITCHYARD_GIT_COMMIT"):
         return os.environ["SWITCHYARD_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10).stdout.strip()
+        if not re.fullmatch(r"[0-9a-f]{40}", out):
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=30)
     except Exception:  # noqa: BLE001
         return None
-    return out if re.fullmatch(r"[0-9a-f]{40}", out) else None
+    return out if status.returncode == 0 and not status.stdout.strip() else f"{out}+dirty"
 
 
 def launcher_prefix(world: int) -> list[str]:

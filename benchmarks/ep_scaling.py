@@ -388,7 +388,8 @@ def run(argv: list[str] | None = None) -> dict[str, dict[int, dict]]:
 
     init_distributed("nccl" if args.device.type == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
-    ep_sizes = args.ep_sizes or [2**i for i in range(world.bit_length()) if world % 2**i == 0]
+    # ascending: weak_scaling_eff is against the first (smallest) EP measured
+    ep_sizes = sorted(set(args.ep_sizes or [2**i for i in range(world.bit_length()) if world % 2**i == 0]))
     if not ep_sizes or any(ep < 1 or world % ep for ep in ep_sizes):
         raise ValueError(f"EP sizes {ep_sizes} must be >= 1 and divide the world size {world}")
     results: dict[str, dict[int, dict]] = {}

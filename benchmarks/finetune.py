@@ -33,10 +33,11 @@ the first step should be close (about ln(vocab)), not equal.
 
 Per implementation: ``tokens_per_s`` (batch * seq_len * steps / wall time of the timed steps, each step
 ended by a device synchronize), ``ms_per_step`` (median), ``fwd/bwd/opt_ms`` (median, CUDA events),
-``mfu`` = 6 * active_params * tokens_per_s / 989e12 (H200 dense bf16 datasheet peak; active params =
-dense + top_k/E of the expert parameters, from the shape, the same number for all three; attention
-score FLOPs are not counted), ``peak_mem_gb`` (torch.cuda.max_memory_allocated during the timed steps,
-stats reset after warm-up, minus what was allocated before the implementation was built),
+``mfu`` = 6 * matmul_params * tokens_per_s / 989e12 (H200 dense bf16 datasheet peak; matmul params = the
+weights of the matmuls a token goes through: LM head, attention, routers, top_k of E experts, i.e. the active
+params less the input embedding, a lookup with no FLOPs; from the shape, the same number for all three;
+attention score FLOPs are not counted), ``peak_mem_gb`` (torch.cuda.max_memory_allocated during the timed
+steps, stats reset after warm-up, minus what was allocated before the implementation was built),
 ``loss_first`` (the first step's loss, router term included) and ``lm_loss_first`` (cross-entropy of
 that step's logits, computed here the same way for every implementation). On CUDA a short
 torch.profiler pass after the timed steps (first round only) records the top kernels, kernel time by
@@ -136,6 +137,10 @@ class Shape:
         experts = self.layers * self.experts * expert
         active = dense + self.layers * self.top_k * expert
         return {"total": dense + experts, "experts": experts, "dense": dense, "active": active,
+                # what the matmuls of one token read: LM head, attention, router, top_k experts (not the
+                # input embedding, a lookup, nor the norms' scales)
+                "active_matmul": self.vocab * self.hidden + self.layers * (attn + self.experts * self.hidden
+                                                                           + self.top_k * expert),
                 "dense_model": dense - self.layers * self.experts * self.hidden + self.layers * expert}
 
 
@@ -146,8 +151,15 @@ TINY_SHAPE = Shape(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, ffn=128,
 
 
 def flops_formula(shape: Shape) -> str:
-    return (f"MFU = 6 * active_params * tokens_per_s / {PEAK_FLOPS:.4g}; active_params = dense + top_k/E * "
-            f"expert params = {shape.params()['active']} (attention score FLOPs not counted)")
+    return (f"MFU = 6 * matmul_params * tokens_per_s / {PEAK_FLOPS:.4g}; matmul_params = LM head + attention + "
+            f"router + top_k experts per layer = {shape.params()['active_matmul']} (the input embedding, a lookup, "
+            "and norm scales left out; attention score FLOPs not counted)")
+
+
+def mfu(shape: Shape, tokens_per_s: float, gpus: int) -> float:
+    """Model FLOPs utilisation: 6 FLOPs per matmul parameter a token passes through (forward + backward), over
+    ``gpus`` GPUs' bf16 peak. Not the active parameter count: the input embedding is a row lookup."""
+    return 6 * shape.params()["active_matmul"] * tokens_per_s / (PEAK_FLOPS * gpus)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,8 +576,7 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
                 "tokens_per_s": round(tps, 1),
                 "ms_per_step": round(median_ms, 3),
                 "tokens_per_s_median": round(run.batch * run.seq_len * run.ep / (median_ms / 1e3), 1),
-                "mfu": (round(6 * run.shape.params()["active"] * tps / (PEAK_FLOPS * run.ep), 4)
-                        if device.type == "cuda" else None),
+                "mfu": round(mfu(run.shape, tps, run.ep), 4) if device.type == "cuda" else None,
                 "peak_mem_gb": peak_mem_gb,
                 "build_peak_mem_gb": build_peak_mem_gb,
                 "mem_before_build_gb": gb(baseline),
@@ -712,7 +723,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default 8; 2 with --tiny)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default 1024; 32 with --tiny)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 2 with --tiny)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps, the first is the sanity step "
                    "(default 3; 1 with --tiny)")
     p.add_argument("--profile-steps", type=int, default=None,

@@ -16,6 +16,8 @@ and called under ``torch.no_grad()`` on the first ``tokens`` rows of the same in
                       transformers offers for small batches)
     deepspeed_autoep  AutoEP's layer (built as in moe_layer.py)
 
+``rel_err_vs_hf``: per token count, the relative error of the output against transformers' block (built as
+``hf_grouped_mm``, run in eval mode before any implementation is built): a fast but wrong path shows here.
 ``latency_us``: median host wall-clock of one forward followed by a device synchronize (what one decode
 step waits for), over ``iters`` calls after ``warmup``. ``pipelined_us``: ``iters`` forwards back to back
 between two CUDA events, divided by ``iters`` (launch-bound throughput). ``floor_us``: bytes of the expert
@@ -119,11 +121,19 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"meta": {
         "command": " ".join(["python", "benchmarks/moe_decode.py", *(sys.argv[1:] if argv is None else argv)]),
         **ml._versions(), "device": ml._device_name(device), "dtype": str(dtype), "git_commit": ml._git_commit(),
+        "tiny": args.tiny, "tokens": args.tokens,
         "iters": args.iters, "warmup": args.warmup, "floor": f"distinct experts' weight bytes / {HBM_BYTES_PER_S:.2g} B/s",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
     for name in args.shapes:
         b = ml.make_bench(name, shapes[name], max(args.tokens), device, dtype, seed=0)
         entry: dict = {"floor_us": {str(t): round(floor_us(b, t), 2) for t in args.tokens}}
+        xs = [b.x_BTH[:, :t].contiguous() for t in args.tokens]
+        refs: dict[str, torch.Tensor] = {}
+        try:
+            refs = dict(zip(map(str, args.tokens), ml.reference_outputs(b, xs, eval_mode=True)))
+        except Exception as exc:  # noqa: BLE001 - no reference: the timings go on without rel_err_vs_hf
+            entry["reference_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
         for impl in args.impls:
             print(f"[{name}] {impl} ...", file=sys.stderr, flush=True)
             built = None
@@ -134,9 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
                         obj.eval()
                 assert built.forward is not None
                 row = {"variant": built.variant}
-                for t in args.tokens:
-                    x = b.x_BTH[:, :t].contiguous()
+                for t, x in zip(args.tokens, xs):
                     row[str(t)] = time_decode(built.forward, x, device, args.warmup, args.iters)
+                    if str(t) in refs:
+                        with torch.no_grad():
+                            row[str(t)]["rel_err_vs_hf"] = ml.rel_err(built.forward(x), refs[str(t)])
                     if impl == "switchyard":  # which path the layer took at this size
                         layer = built.keep[0]
                         with torch.no_grad():

@@ -9,7 +9,8 @@ CPU smoke run of the same logic (tiny shapes, fp32, few iterations; writes to a 
 Every implementation runs in the same process on the same input ``x`` [1, tokens, H], the same fixed
 ``grad_output`` (``out.backward(grad)``) and, where it has them, the same router and expert weights
 (copied from one reference set), so they send each token to the same experts (up to near-ties: the
-routers compute logits at different precisions; ``rel_err_vs_hf`` shows how close each output is):
+routers compute logits at different precisions; ``rel_err_vs_hf`` shows how close each output is to
+that of transformers' block, built as for ``hf_grouped_mm`` and run once before any implementation is built):
 
     switchyard        switchyard.moe.layer.MoELayer (dropless), experts impl "auto"
     switchyard_autograd    the same layer, experts as autograd's grouped_mm → SwiGLU → grouped_mm
@@ -116,7 +117,6 @@ TINY_SHAPES: dict[str, Shape] = {
 }
 IMPLS = ("switchyard", "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm",
          "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
-# hf_grouped_mm first: its output is the reference the others are compared with.
 # Opt-in with --impls: A/B variants of switchyard's layer.
 EXTRA_IMPLS = ("switchyard_torch_router",)
 ALL_IMPLS = (*IMPLS, *EXTRA_IMPLS)
@@ -149,7 +149,7 @@ class Bench:
     router_EH: torch.Tensor
     gate_up_EOH: torch.Tensor  # [E, 2F, H], gate rows first (transformers 5 MixtralExperts layout)
     down_EHF: torch.Tensor  # [E, H, F]
-    ref_out_BTH: torch.Tensor | None = None
+    ref_out_BTH: torch.Tensor | None = None  # transformers' block on x (reference_outputs), set before any impl
 
 
 @dataclass
@@ -529,6 +529,27 @@ def time_steps(step: Callable[[], object], zero: Callable[[], None], device: tor
     return times
 
 
+def reference_outputs(b: Bench, xs: list[torch.Tensor], eval_mode: bool = False) -> list[torch.Tensor]:
+    """transformers' block, built as ``hf_grouped_mm`` builds it, on each input under no_grad: the outputs every
+    implementation is compared with. Computed and freed before any implementation is built, so every one has it
+    in its memory baseline alike (kept by one of them, it would count in that one's peak only)."""
+    built = build_hf_grouped_mm(b)
+    assert built.forward is not None
+    if eval_mode:
+        built.keep[0].eval()
+    with torch.no_grad():
+        outs = [built.forward(x).detach() for x in xs]
+    del built
+    free_memory(b.device)
+    return outs
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ``|out - ref| / |ref|`` (Frobenius norms, fp32)."""
+    ref = ref.float()
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def _sig(value: float, digits: int = 5) -> float:
     return float(f"{value:.{digits}g}")
 
@@ -560,11 +581,8 @@ def run_impl(name: str, b: Bench, warmup: int, iters: int) -> dict:
                     p.grad = None
 
             out = step().detach()
-            if b.ref_out_BTH is None and name == "hf_grouped_mm":
-                b.ref_out_BTH = out
-            elif b.ref_out_BTH is not None:
-                ref = b.ref_out_BTH.float()
-                result["rel_err_vs_hf"] = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+            if b.ref_out_BTH is not None:
+                result["rel_err_vs_hf"] = rel_err(out, b.ref_out_BTH)
             del out
         else:
             step, zero = built.step, built.zero or (lambda: None)
@@ -699,6 +717,8 @@ def main(argv: list[str] | None = None) -> dict:
         "timing": "median of iters; each step synchronized, CUDA events (perf_counter on CPU)",
         "grad": "out.backward(fixed random grad_output); x.requires_grad; grads set to None before each step",
         "peak_mem": "GiB allocated at peak during the timed steps minus GiB allocated before the impl was built",
+        "reference": "rel_err_vs_hf = |out - ref| / |ref| of the first step's output; ref = transformers' "
+                     "MixtralSparseMoeBlock built as for hf_grouped_mm, run on x under no_grad before any impl",
         "ratios": "vs_autoep / vs_dense_ceiling = tflops / that impl's tflops (same FLOPs => inverse time ratio)",
         "shapes": {},
     }
@@ -707,6 +727,11 @@ def main(argv: list[str] | None = None) -> dict:
     for shape_name in args.shapes:
         shape = shapes[shape_name]
         bench = make_bench(shape_name, shape, args.tokens, args.device, dtype, args.seed)
+        try:
+            bench.ref_out_BTH = reference_outputs(bench, [bench.x_BTH])[0]
+        except Exception as exc:  # noqa: BLE001 - no reference: the runs go on without rel_err_vs_hf
+            meta.setdefault("reference_errors", {})[shape_name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
         meta["shapes"][shape_name] = {**asdict(shape), "fwd_bwd_flops": expert_flops(shape, args.tokens),
                                       "shared_mem_gb": gb(mem_allocated(args.device))}
         results[shape_name] = {}

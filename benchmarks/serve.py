@@ -14,7 +14,10 @@ expert ffn 512, vocab 32000, ~1.7B parameters); ``--tiny`` shrinks it. Both side
                    decode="auto" (static KV cache + CUDA graphs on GPU), graphs captured in a warm-up
 
 Per batch size B: ``ttft_s`` = time until every sequence has its first token (the prefill step),
-``decode_tok_s`` = B·(N−1) / (time from then to the last token); greedy, EOS ignored, N new tokens.
+``decode_tok_s`` = B·(N−1) / (time from then to the last token); greedy, EOS ignored, N (>= 2) new tokens.
+``same_tokens_as_generate``: the share of the B sequences whose N greedy tokens equal ``generate()``'s, and
+``same_prefix_as_generate`` the mean share of each sequence's tokens before the first difference (bf16
+near-ties may flip a token and everything after it; in fp32 both are 1.0): the speed-up is of the same output.
 The load test starts ``launch/serve.py`` (``--ep``), runs C concurrent streaming ``openai`` clients, and
 reports throughput and p50/p99 of time to first token, inter-token latency and end-to-end latency.
 """
@@ -37,6 +40,9 @@ from typing import Any
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits here
+from bench_common import _git_commit  # noqa: E402  (SWITCHYARD_GIT_COMMIT wins: the device's tree lacks .git)
+
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "serve.json"
 FULL = dict(hidden_size=1024, num_hidden_layers=16, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=512,
             intermediate_size=3072, vocab_size=32000, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
@@ -84,7 +90,8 @@ def bench_generate(model, prompts: list[list[int]], new_tokens: int, device: tor
     total = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + new_tokens
     decode = max(total - ttft, 1e-9)
-    return {"ttft_s": ttft, "decode_tok_s": len(prompts) * (new_tokens - 1) / decode, "total_s": total}
+    return {"ttft_s": ttft, "decode_tok_s": len(prompts) * (new_tokens - 1) / decode, "total_s": total,
+            "output_ids": out[:, ids.shape[1]:].tolist()}
 
 
 def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, device: torch.device) -> dict[str, float]:
@@ -94,7 +101,7 @@ def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, de
     runner = ModelRunner(model, max_batch=len(prompts))  # as the server: graphs captured up front
     runner.warmup()
 
-    def run(n: int) -> tuple[float, float]:
+    def run(n: int) -> tuple[float, float, list[list[int]]]:
         engine = Engine(runner, tokenizer)
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         seqs = [Sequence(p, params) for p in prompts]
@@ -107,12 +114,12 @@ def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, de
         engine.run_until_idle()
         sync(device)
         assert all(len(s.output_ids) == n for s in seqs)
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, [list(s.output_ids) for s in seqs]
 
     run(2)  # warm-up
-    ttft, decode = run(new_tokens)
+    ttft, decode, output_ids = run(new_tokens)
     row = {"ttft_s": ttft, "decode_tok_s": len(prompts) * (new_tokens - 1) / max(decode, 1e-9),
-           "total_s": ttft + decode, "decode_mode": runner.decode}
+           "total_s": ttft + decode, "decode_mode": runner.decode, "output_ids": output_ids}
     graphs = getattr(runner.batch, "_graphs", {})
     if graphs:  # the GPU's share of a step: one graph replayed back to back (the rest of a step is host work)
         graph = graphs[max(graphs)]
@@ -124,6 +131,15 @@ def bench_engine(model, tokenizer, prompts: list[list[int]], new_tokens: int, de
         row["graph_replay_ms"] = (time.perf_counter() - t0) / 20 * 1e3
         row["step_ms"] = decode / (new_tokens - 1) * 1e3
     return row
+
+
+def agreement(ours: list[list[int]], ref: list[list[int]]) -> dict[str, float]:
+    """Share of sequences with identical tokens, and the mean share of tokens before the first difference."""
+    def prefix(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    return {"same_tokens_as_generate": sum(a == b for a, b in zip(ours, ref)) / len(ref),
+            "same_prefix_as_generate": sum(prefix(a, b) / len(b) for a, b in zip(ours, ref)) / len(ref)}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -185,14 +201,6 @@ def load_test(model_dir: Path, ep: int, clients: int, requests: int, prompt_len:
     return summary
 
 
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small model, few tokens: a CPU logic check")
@@ -208,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-load-test", action="store_true")
     parser.add_argument("--skip-generate", action="store_true", help="only switchyard in the decode comparison")
     args = parser.parse_args(argv)
+    if args.new_tokens is not None and args.new_tokens < 2:
+        parser.error(f"--new-tokens {args.new_tokens}: decode speed is timed from the 2nd token on; pass 2 or more")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -234,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         prompts = prompts_for(batch, prompt_len, shape["vocab_size"])
         row = ours_rows[str(batch)] = bench_engine(ours, tokenizer, prompts, new_tokens, device)
         ref = None if args.skip_generate else bench_generate(hf_model, prompts, new_tokens, device)
+        ours_ids = row.pop("output_ids")
         ratio = ""
         if ref is not None:
+            row.update(agreement(ours_ids, ref.pop("output_ids")))
             ref_rows[str(batch)] = ref
-            ratio = f"  ({row['decode_tok_s'] / ref['decode_tok_s']:.2f}x generate's {ref['decode_tok_s']:.1f})"
+            ratio = (f"  ({row['decode_tok_s'] / ref['decode_tok_s']:.2f}x generate's {ref['decode_tok_s']:.1f}; "
+                     f"{row['same_tokens_as_generate']:.0%} of sequences token for token as generate's)")
         print(f"batch {batch:3d}: switchyard {row['decode_tok_s']:9.1f} tok/s, "
               f"ttft {row['ttft_s'] * 1e3:8.1f} ms{ratio}", flush=True)
     results["meta"] = {

@@ -164,3 +164,17 @@ def test_shared_expert_overlap_ab_on_two_gloo_ranks(tmp_path: Path) -> None:
         # warm-up + timed forwards of the two rounds with the overlap on (1 warm-up, 2 timed each)
         assert started == 2 * (1 + 2), started
     assert json.loads((tmp_path / "ep.json").read_text())["meta"]["shared_ffn"] == 96
+
+
+def _run_plain(argv: list[str]) -> dict:
+    return _load_benchmark().run(argv)
+
+
+def test_weak_scaling_is_against_the_smallest_ep_whatever_the_order_given(tmp_path: Path) -> None:
+    """--ep-sizes 2 1: EP=1 is the weak-scaling baseline (efficiency 1.0), not whichever size came first."""
+    argv = ["--tiny", "--shape", "olmoe", "--ep-sizes", "2", "1", "2", "--no-autoep", "--out", str(tmp_path / "ep.json")]
+    for results in run_on_ranks(_run_plain, 2, argv, timeout_s=60):
+        per_ep = results["olmoe"]
+        assert list(per_ep) == [1, 2]
+        assert per_ep[1]["weak_scaling_eff"] == 1.0
+        assert math.isclose(per_ep[2]["weak_scaling_eff"], per_ep[1]["layer_ms"] / per_ep[2]["layer_ms"])

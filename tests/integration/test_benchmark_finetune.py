@@ -136,3 +136,24 @@ def test_round_mean_ratio_cancels_a_drift_the_best_round_keeps():
     assert check["speedup_vs_autoep"] == 0.95 and check["speedup_vs_autoep_round_mean"] == 1.0
     results["switchyard"]["rounds"][1] = {"round": 2, "position": 1, "error": "boom"}
     assert bench.round_mean(results["switchyard"]) is None
+
+
+def test_mfu_counts_the_matmul_parameters_a_token_goes_through():
+    """MFU = 6 FLOPs per matmul weight a token goes through, by hand for the benchmark's shape: the input
+    embedding (a row lookup) does no FLOPs, the untied LM head does."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("finetune_bench_mfu", REPO_ROOT / "benchmarks" / "finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    h, f, layers = 1536, 4096, 16
+    attn = h * 12 * 128 + 2 * h * 4 * 128 + 12 * 128 * h  # q, k + v (GQA, 4 KV heads), o
+    per_layer = attn + 8 * h + 2 * 3 * h * f  # + router + top-2 SwiGLU experts
+    matmul = layers * per_layer + 32000 * h  # + LM head
+    assert matmul == 753_991_680
+    params = bench.SHAPE.params()
+    assert params["active_matmul"] == matmul and params["active"] - matmul == 32000 * h + layers * 2 * h + h
+    assert math.isclose(bench.mfu(bench.SHAPE, 40_000.0, 1), 6 * matmul * 40_000.0 / 989e12)
+    assert math.isclose(bench.mfu(bench.SHAPE, 40_000.0, 2), bench.mfu(bench.SHAPE, 40_000.0, 1) / 2)

@@ -196,3 +196,19 @@ def sy_moe_dict(**values) -> dict:
     from switchyard import MoEConfig
 
     return MoEConfig(**values).to_dict()
+
+
+def test_mfu_counts_the_parameters_a_tokens_matmuls_read():
+    """Dense weights, the LM head and top_k / E of the experts; not the input embedding (a lookup) unless tied."""
+    import switchyard as sy
+    from switchyard.hf.patch import moe_layers
+    from switchyard.train.loop import _matmul_params
+    from tiny_models import build
+
+    for tied in (False, True):
+        model = sy.patch_model(build("llama", intermediate_size=48, tie_word_embeddings=tied),
+                               sy.MoEConfig(num_experts=4, top_k=1))
+        experts = sum(p.numel() for layer in moe_layers(model) for p in layer.experts.parameters())
+        embedding = 0 if tied else model.get_input_embeddings().weight.numel()
+        total = sum(p.numel() for p in model.parameters())
+        assert _matmul_params(model) == total - embedding - experts + experts // 4

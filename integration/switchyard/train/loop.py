@@ -188,7 +188,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     metrics = MetricsWriter(run_dir, enabled=rank == 0, total_steps=steps, start_step=start_step)
     load = ExpertLoad()
     device = engine.device
-    active_params = _active_params(model)
+    matmul_params = _matmul_params(model)
     meta = {"world_size": world, "ep": groups.size("ep"), "dp": dp_size, "zero_stage": stage,
             "config": config.to_dict()}
     history: list[float] = []
@@ -238,7 +238,7 @@ def train(config: RunConfig) -> dict[str, Any]:
             "loss_tokens": loss_tokens * dp_size,
         }
         if device.type == "cuda":
-            values["mfu"] = 6 * active_params * global_tokens / elapsed / (H200_BF16_PEAK_FLOPS * world)
+            values["mfu"] = 6 * matmul_params * global_tokens / elapsed / (H200_BF16_PEAK_FLOPS * world)
         fractions = None
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             fractions = _expert_fractions(load, groups, values)
@@ -293,11 +293,15 @@ def _expert_fractions(load, groups, values: dict[str, Any]) -> dict[str, list[fl
     return fractions
 
 
-def _active_params(model) -> int:
-    """Parameters a token passes through: dense ones plus top_k / E of the routed experts (global)."""
+def _matmul_params(model) -> int:
+    """Parameters a token's matmuls read, for MFU's 6 FLOPs each: dense ones plus top_k / E of the routed experts
+    (global), without the input embedding (a row lookup) unless the LM head shares it."""
     from switchyard.hf.patch import moe_layers
 
     total = sum(p.numel() for p in model.parameters())
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embedding is not None and (head is None or head.weight is not embedding.weight):
+        total -= embedding.weight.numel()
     for layer in moe_layers(model):
         local = sum(p.numel() for p in layer.experts.parameters())
         total += -local + local * layer.ep_size * layer.config.top_k // layer.num_experts

@@ -628,6 +628,24 @@ def add_ratios(shape_results: dict) -> None:
                 entry[f"{key}_back_to_back"] = _sig(ref_b2b / entry["ms_back_to_back"], 4)
 
 
+def combine_rounds(entries: list[dict], flops: float) -> dict:
+    """One impl's rounds as one entry: ``ms`` and ``ms_back_to_back`` are the rounds' means (each round ran the
+    impls in the other order), TFLOP/s from that mean, peak the largest; each round kept under ``rounds``."""
+    if len(entries) == 1:
+        return entries[0]
+    combined = {**entries[-1], "rounds": entries}
+    for key in ("ms", "ms_back_to_back"):
+        values = [e[key] for e in entries if key in e]
+        if len(values) == len(entries):
+            combined[key] = _sig(sum(values) / len(values))
+    if "ms" in combined and len([e for e in entries if "ms" in e]) == len(entries):
+        combined["tflops"] = _sig(flops / (combined["ms"] * 1e-3) / 1e12)
+    peaks = [e["peak_mem_gb"] for e in entries if e.get("peak_mem_gb") is not None]
+    if peaks:
+        combined["peak_mem_gb"] = max(peaks)
+    return combined
+
+
 def print_table(results: dict, shapes: list[str], impls: list[str]) -> None:
     headers = ["shape", "impl", "ms", "TFLOP/s", "vs autoep", "vs dense", "b2b ms", "b2b vs dense", "peak GB",
                "variant / error"]
@@ -682,9 +700,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, few iterations: a CPU test of the logic")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every impl this many times per shape, odd rounds in reverse order; ms is the mean")
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO_ROOT)}; a temp file with --tiny)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: at least 1")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and args.device.index is None:
         args.device = torch.device("cuda", torch.cuda.current_device())
@@ -712,6 +734,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tiny": args.tiny,
         "warmup": args.warmup,
         "iters": args.iters,
+        "rounds": args.rounds,
         "python": platform.python_version(),
         "git_commit": _git_commit(),
         "timing": "median of iters; each step synchronized, CUDA events (perf_counter on CPU)",
@@ -734,10 +757,13 @@ def main(argv: list[str] | None = None) -> dict:
             traceback.print_exc()
         meta["shapes"][shape_name] = {**asdict(shape), "fwd_bwd_flops": expert_flops(shape, args.tokens),
                                       "shared_mem_gb": gb(mem_allocated(args.device))}
-        results[shape_name] = {}
-        for impl in impls:
-            print(f"[{shape_name}] {impl} ...", file=sys.stderr, flush=True)
-            results[shape_name][impl] = run_impl(impl, bench, args.warmup, args.iters)
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for round_index in range(args.rounds):  # odd rounds in reverse: drift within the run falls on every impl
+            for impl in impls if round_index % 2 == 0 else impls[::-1]:
+                print(f"[{shape_name}] round {round_index + 1} {impl} ...", file=sys.stderr, flush=True)
+                runs[impl].append(run_impl(impl, bench, args.warmup, args.iters))
+        results[shape_name] = {impl: combine_rounds(entries, expert_flops(shape, bench.tokens))
+                               for impl, entries in runs.items()}
         results[shape_name] = {impl: results[shape_name][impl] for impl in ALL_IMPLS if impl in args.impls}
         add_ratios(results[shape_name])
         del bench

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from harness import REPO_ROOT, run_script
 
 SHAPES = ("mixtral_8x7b", "olmoe", "qwen3_30b_a3b")
@@ -58,7 +60,7 @@ def test_moe_layer_benchmark_takes_the_finetune_shape(tmp_path):
     out = tmp_path / "moe_layer.json"
     proc = run_script(REPO_ROOT / "benchmarks" / "moe_layer.py",
                       ["--tiny", "--device", "cpu", "--shapes", "finetune_llama_8x", "--impls", "switchyard",
-                       "switchyard_per_expert", "dense_ceiling", "--out", str(out)], timeout_s=300)
+                       "switchyard_per_expert", "dense_ceiling", "--rounds", "2", "--out", str(out)], timeout_s=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     results = json.loads(out.read_text())
     assert set(results) == {"finetune_llama_8x", "meta"}
@@ -81,3 +83,8 @@ def test_moe_layer_host_refuses_what_it_cannot_time(tmp_path):
     if not torch.cuda.is_available():
         proc = run_script(host, ["--out", str(tmp_path / "h.json")], timeout_s=120)
         assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+    # --rounds 2: each impl twice, the second round in reverse order; ms is the rounds' mean
+    for impl, value in entry.items():
+        rounds = value["rounds"]
+        assert len(rounds) == 2 and value["ms"] == pytest.approx(sum(r["ms"] for r in rounds) / 2, rel=1e-3)
+    assert results["meta"]["rounds"] == 2

@@ -75,6 +75,17 @@ def test_copy_without_renormalization_scales_by_the_topk_mass() -> None:
         assert (mass < 0.99).all()
 
 
+@pytest.mark.parametrize("name", ["capacity_factor", "eval_capacity_factor"])
+def test_capacity_in_either_mode_is_reported_as_breaking_the_step0_output(name: str) -> None:
+    """eval_capacity_factor alone used to pass as output-preserving, yet eval-mode outputs drop copies."""
+    dense = make_dense()
+    layer = upcycled(dense, num_experts=4, top_k=2, init="copy", **{name: 0.5})
+    assert any(name in issue for issue in output_preserving_issues(layer.config))
+    layer.train(name == "capacity_factor")
+    with torch.no_grad():
+        assert not torch.allclose(layer(tokens()), dense.forward(tokens()), **TOL)
+
+
 # -- granular ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", sorted(DENSES))
 @pytest.mark.parametrize("experts,top_k,g", [(8, 2, 2), (8, 4, 4), (8, 4, 2), (12, 3, 3), (6, 6, 3)])
@@ -204,3 +215,18 @@ def test_shape_and_id_errors() -> None:
     layer = MoELayer(MoEConfig(num_experts=4, top_k=2, gated=False), H, F)
     with pytest.raises(ValueError, match="do not match the dense FFN"):
         upcycle_layer(layer, dense)
+
+
+def test_a_misspelt_extra_key_is_refused_not_replaced_by_its_default() -> None:
+    """``extra={"drop_rate": 0.1}`` used to upcycle silently with the default drop_ratio 0.5."""
+    import switchyard as sy
+    from tiny_models import build
+
+    model = build("llama", intermediate_size=48)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"extra keys \['drop_rate'\] are unknown.*'drop_ratio' for init='drop_upcycle'"):
+        sy.patch_model(model, MoEConfig(num_experts=4, top_k=2, init="drop_upcycle", extra={"drop_rate": 0.1}))
+    assert model.state_dict().keys() == before.keys() and not getattr(model.config, "switchyard", None)
+    sy.patch_model(model, MoEConfig(num_experts=4, top_k=2, init="drop_upcycle", extra={"drop_ratio": 0.25}))
+    gate_up, gate = model.model.layers[0].mlp.experts.gate_up_proj[0, :48], before["model.layers.0.mlp.gate_proj.weight"]
+    assert int((gate_up != gate).any(dim=1).sum()) == round(0.25 * 48)

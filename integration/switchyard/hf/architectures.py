@@ -260,11 +260,14 @@ class OPTAdapter(PlainFFNAdapter):
         # Registry sites point at (layer, "fc1"); a site matched by name may name the layer itself.
         return site.parent if site.attribute == self.up_name else getattr(site.parent, site.attribute)
 
+    def read_module(self, module: nn.Module, activation: str) -> DenseFFN:
+        # checked here, while planning: ``install`` failing on a later layer would leave the model half-patched
+        if not hasattr(module, "activation_fn"):
+            raise ValueError(f"{type(module).__name__} has no 'activation_fn'; it is not laid out like OPTDecoderLayer")
+        return super().read_module(module, activation)
+
     def install(self, site: FFNSite, moe: nn.Module) -> None:
         layer = self.ffn_module(site)
-        for name in (self.up_name, self.down_name, "activation_fn"):
-            if not hasattr(layer, name):
-                raise ValueError(f"{type(layer).__name__} has no {name!r}; it is not laid out like OPTDecoderLayer")
         setattr(layer, self.up_name, moe)
         setattr(layer, "activation_fn", nn.Identity())
         setattr(layer, self.down_name, nn.Identity())

@@ -17,6 +17,8 @@ transformers' ``router_aux_loss_coef``) and serves ``output_router_logits``; the
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -27,7 +29,9 @@ from switchyard.config import MoEConfig
 from switchyard.hf.adopt import SUPPORTED_BLOCKS, layer_from_hf_block, moe_config_from_hf
 from switchyard.hf.architectures import ADAPTERS, DenseFFN, FFNAdapter, FFNSite, adapter_for, read_generic
 from switchyard.hf.matching import Selection, layer_index_of, select, sites_from_names
-from switchyard.hf.upcycle import expert_fields, expert_intermediate_size, output_preserving_issues, upcycle_layer
+from switchyard.hf.upcycle import (
+    check_extra, expert_fields, expert_intermediate_size, output_preserving_issues, upcycle_layer,
+)
 from switchyard.log import get_logger
 from switchyard.moe.layer import MoELayer
 from switchyard.parallel.deepspeed_groups import tag_expert_parameters
@@ -70,10 +74,14 @@ def patch_model(
     ``exclude`` (exact, suffix or ``"re:<regex>"`` module names) select what to swap. For architectures
     outside the registry, name the modules with ``targets`` and say how to read them with ``adapter``.
     ``overrides`` adjusts an adopted model's derived ``MoEConfig`` (e.g. ``{"capacity_factor": 1.25}``).
+    A ``torch.compile``-d model is patched inside: the transformers model it wraps gets the layers and hooks.
     """
+    given, model = model, _uncompiled(model)
     if getattr(model.config, CONFIG_KEY, None):
         raise ValueError("this model is already patched by switchyard (model.config.switchyard is set)")
     selection = Selection.of(layers=layers, every_n=every_n, targets=targets, exclude=exclude)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     moe_blocks = _hf_moe_sites(model)
     if moe_blocks:
         if moe_config is not None:
@@ -81,11 +89,17 @@ def patch_model(
                 f"{type(model).__name__} already has MoE blocks ({type(moe_blocks[0].parent.get_submodule(moe_blocks[0].attribute)).__name__}); "
                 "its routing comes from its config: pass moe_config=None and overrides={...} to change settings"
             )
+        if adapter is not None:
+            raise ValueError(f"adapter={adapter!r} says how to read dense FFNs; {type(model).__name__}'s MoE blocks "
+                             "are adopted as they are: drop adapter")
         plan = _plan_adoption(model, moe_blocks, selection, groups, overrides or {})
     else:
         if moe_config is None:
             _refuse_unsupported_moe(model)
             raise ValueError("a dense model needs a MoEConfig: patch_model(model, MoEConfig(num_experts=8, top_k=2))")
+        if not isinstance(moe_config, MoEConfig):
+            raise ValueError(f"moe_config must be a MoEConfig, got {type(moe_config).__name__}; "
+                             "build one with MoEConfig(...) or MoEConfig.from_dict({...})")
         if overrides:
             raise ValueError("overrides apply to adopted MoE models; put the settings in moe_config instead")
         plan = _plan_upcycle(model, moe_config, selection, groups, adapter, targets, seed)
@@ -99,7 +113,14 @@ def patch_model(
         "patched %d modules (%s, %d experts, top-%d)", len(plan.layers), plan.mode,
         plan.moe_config.num_experts, plan.moe_config.top_k, ranks=[0],
     )
-    return model
+    return given
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped: it calls that module, so hooks there run, and it is what gets
+    saved, unwrapped (accelerate) and named (``model.layers.0.mlp``, not ``_orig_mod.model.layers.0.mlp``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    return model._orig_mod if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule) else model
 
 
 # -- planning ----------------------------------------------------------------------------------------
@@ -149,12 +170,23 @@ def _plan_adoption(model, sites, selection, groups, overrides) -> PatchPlan:
 def _plan_upcycle(model, moe_config, selection, groups, adapter_name, targets, seed) -> PatchPlan:
     if adapter_name is not None and adapter_name not in ADAPTERS:
         raise ValueError(f"adapter {adapter_name!r} is unknown; choose one of {sorted(ADAPTERS)}")
+    if adapter_name is not None and targets is None and adapter_name != _registry_adapter_name(model):
+        raise ValueError(
+            f"adapter={adapter_name!r} reads the modules named by targets, and none are named: pass "
+            f"targets=[...] (e.g. targets=['re:.*\\.mlp']) with it, or drop adapter to use the model type's own"
+        )
     if adapter_name is not None and targets is not None:
         ffn_adapter: FFNAdapter = ADAPTERS[adapter_name]
         sites = sites_from_names(model, selection.targets or ())
         num_layers = max((s.layer_index for s in sites), default=-1) + 1
         activation = _named_activation(model, moe_config)
-        read = lambda site: read_generic(site.parent.get_submodule(site.attribute), adapter_name, activation)  # noqa: E731
+
+        def read(site: FFNSite) -> DenseFFN:
+            try:
+                return read_generic(site.parent.get_submodule(site.attribute), adapter_name, activation)
+            except ValueError as e:  # a name pattern can match more than the FFNs (e.g. their projections)
+                raise ValueError(f"targets matched {site.qualified_name!r}, which the {adapter_name!r} adapter "
+                                 f"cannot read as an FFN: {e}; name only the FFN modules") from None
     else:
         ffn_adapter = adapter_for(model)
         sites = ffn_adapter.sites(model)
@@ -175,6 +207,13 @@ def _plan_upcycle(model, moe_config, selection, groups, adapter_name, targets, s
     built = [_upcycled_layer(dense, config, groups, seed * _LAYER_SEED_STRIDE + site.layer_index)
              for site, dense in zip(chosen, denses)]
     return PatchPlan("upcycle", config, chosen, built, ffn_adapter.name)
+
+
+def _registry_adapter_name(model: nn.Module) -> str | None:
+    try:
+        return adapter_for(model).name
+    except ValueError:
+        return None
 
 
 def _check_one_form(chosen: list[FFNSite], denses: list[DenseFFN]) -> None:
@@ -212,6 +251,7 @@ def _named_activation(model: nn.Module, moe_config: MoEConfig) -> str:
 def _config_for(moe_config: MoEConfig, dense: DenseFFN) -> MoEConfig:
     """The expert FFN's form (activation, gating, bias) comes from the FFN being replaced: the experts copy
     its weights, so a form set explicitly in ``moe_config`` that contradicts it is an error, not a choice."""
+    check_extra(moe_config)
     changes = expert_fields(dense)
     differing = {k: (getattr(moe_config, k), v) for k, v in changes.items() if getattr(moe_config, k) != v}
     conflicts = {k: pair for k, pair in differing.items() if pair[0] != getattr(_MOE_DEFAULTS, k)}
@@ -264,9 +304,6 @@ def _record(model: nn.Module, plan: PatchPlan, seed: int) -> None:
         "seed": seed,
     }
     setattr(model.config, CONFIG_KEY, record)
-    if hasattr(model.config, "output_router_logits"):
-        # transformers' own aux-loss path looks for its router modules, which are gone; ours replaces it
-        model.config.output_router_logits = False
 
 
 def _save_keys_as_they_are(model: nn.Module) -> None:
@@ -294,17 +331,43 @@ def attach_router_loss_hooks(model: nn.Module) -> None:
         return
     # fixed once patched; not re-walked on every forward (decode is a hot path); deepcopy maps it to the copy's
     object.__setattr__(model, "_switchyard_moe_layers", moe_layers(model))
-    object.__setattr__(model, "_switchyard_hook_state", {"router_logits": False, "warned": False})
+    object.__setattr__(model, "_switchyard_hook_state", {"router_logits": False, "warned": False,
+                                                          "mask_position": _mask_position(model)})
     handles = (model.register_forward_pre_hook(_take_router_logits_flag, with_kwargs=True),
                model.register_forward_hook(_add_router_outputs, with_kwargs=True))
     object.__setattr__(model, "_switchyard_hooks", handles)
 
 
+def _mask_position(model: nn.Module) -> int | None:
+    """Where ``forward`` takes ``attention_mask`` positionally (Llama: 1; GPT-2: 2), or None."""
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("attention_mask") if "attention_mask" in names else None
+
+
 def _take_router_logits_flag(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    module._switchyard_hook_state["router_logits"] = bool(kwargs.pop("output_router_logits", False))
+    state, config = module._switchyard_hook_state, getattr(module, "config", None)
+    wanted = kwargs.pop("output_router_logits", None)
+    state["router_logits"] = bool(wanted if wanted is not None else getattr(config, "output_router_logits", False))
+    if hasattr(config, "output_router_logits"):
+        # transformers' own router-logits and aux-loss path looks for its router modules, which are gone; ours
+        # replaces it. Switched off per call, so the config keeps the user's setting (saved, exported, our default)
+        kwargs["output_router_logits"] = False
+    # a tuple (return_dict=False, by argument or config) has no room for the router loss: ask for the dict,
+    # add to it, and make the tuple afterwards (``_as_tuple``) as transformers' ``can_return_tuple`` would
+    return_dict = kwargs.get("return_dict")
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    state["as_tuple"] = not return_dict
+    if state["as_tuple"]:
+        kwargs["return_dict"] = True
     # padding (attention_mask 0) stays out of the balance loss, as in transformers' load_balancing_loss_func;
     # a layer ignores a mask whose size is not its token count (a decode step with a cache, a 4-D mask)
-    mask = kwargs.get("attention_mask")
+    mask, position = kwargs.get("attention_mask"), state["mask_position"]
+    if mask is None and position is not None and position < len(args):  # model(input_ids, attention_mask)
+        mask = args[position]
     token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and torch.is_grad_enabled() else None
     for layer in module._switchyard_moe_layers:
         layer.token_mask = token_mask
@@ -312,11 +375,11 @@ def _take_router_logits_flag(module: nn.Module, args: tuple, kwargs: dict) -> tu
 
 
 def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    if not hasattr(output, "keys"):
-        return output  # return_dict=False tuples are left as transformers made them
     layers, state = module._switchyard_moe_layers, module._switchyard_hook_state
     for layer in layers:
         layer.token_mask = None  # this forward's: a later call of a layer alone must not reuse it
+    if not hasattr(output, "keys"):
+        return output  # a model that returns a tuple even when asked for a dict: nothing to add to
     losses = [layer.aux_loss for layer in layers if layer.aux_loss is not None]
     if module.training and torch.is_grad_enabled() and len(losses) < len(layers) and not state["warned"]:
         if any(l.config.aux_loss_coef or l.config.seq_aux_loss_coef or l.config.z_loss_coef for l in layers):
@@ -335,4 +398,12 @@ def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: An
         output["router_logits"] = tuple(
             layer.last_router_output.logits_TE for layer in layers if layer.last_router_output is not None
         )
-    return output
+    return _as_tuple(output) if state["as_tuple"] else output
+
+
+def _as_tuple(output: Any) -> tuple:
+    """``output.to_tuple()`` in the output class's field order (an HF MoE output's ``aux_loss`` second, as
+    transformers puts it), then what the class has no field for (a dense model's ``aux_loss``) at the end."""
+    names = [f.name for f in dataclasses.fields(output)] if dataclasses.is_dataclass(output) else []
+    names += [k for k in output.keys() if k not in names]
+    return tuple(output[k] for k in names if output.get(k) is not None)

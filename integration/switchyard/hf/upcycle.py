@@ -51,6 +51,23 @@ def expert_generator(seed: int, expert_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * _SEED_STRIDE + expert_id)
 
 
+# MoEConfig.extra keys each initializer reads; nothing else reads ``extra``
+EXTRA_KEYS: dict[str, tuple[str, ...]] = {"granular": ("granularity",), "drop_upcycle": ("drop_ratio",)}
+
+
+def check_extra(config: MoEConfig) -> None:
+    """A misspelt ``extra`` key would silently leave its default in place: refuse it; warn about a key that
+    another init reads (it does nothing for this one)."""
+    known = sorted({k for keys in EXTRA_KEYS.values() for k in keys})
+    unknown = sorted(set(config.extra) - set(known))
+    if unknown:
+        raise ValueError(f"MoEConfig.extra keys {unknown} are unknown; the upcycling initializers read {known} "
+                         f"({', '.join(f'{k!r} for init={i!r}' for i, ks in EXTRA_KEYS.items() for k in ks)})")
+    unused = sorted(set(config.extra) - set(EXTRA_KEYS.get(config.init, ())))
+    if unused:
+        log.warning(f"MoEConfig.extra {unused} is ignored with init={config.init!r}", ranks=[0])
+
+
 def granularity(config: MoEConfig) -> int:
     """G for granular upcycling: ``extra["granularity"]``, default ``top_k``; 1 for other methods."""
     if config.init != "granular":
@@ -89,8 +106,9 @@ def output_preserving_issues(config: MoEConfig) -> list[str]:
         issues.append("norm_topk_prob=False: the k routing weights sum to less than 1, scaling the output")
     if config.routed_scaling_factor != 1.0:
         issues.append(f"routed_scaling_factor={config.routed_scaling_factor} scales the output")
-    if config.capacity_factor is not None:
-        issues.append("capacity_factor drops token copies over capacity")
+    for name in ("capacity_factor", "eval_capacity_factor"):  # training / eval mode
+        if getattr(config, name) is not None:
+            issues.append(f"{name}={getattr(config, name)} drops token copies over capacity")
     g = granularity(config)
     if g > 1 and config.top_k % g:
         issues.append(f"granular: top_k={config.top_k} is not a multiple of granularity={g}")
@@ -295,5 +313,6 @@ def upcycle_layer(layer: "MoELayer", dense: DenseFFN, seed: int = 0) -> None:
         params[key].copy_(value)
 
 
-__all__ = ["INITIALIZERS", "expert_fields", "expert_generator", "expert_intermediate_size", "granularity",
+__all__ = ["EXTRA_KEYS", "INITIALIZERS", "check_extra", "expert_fields", "expert_generator",
+           "expert_intermediate_size", "granularity",
            "init_experts", "init_router", "init_shared_experts", "output_preserving_issues", "upcycle_layer"]

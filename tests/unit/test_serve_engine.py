@@ -440,3 +440,33 @@ def test_logit_bias_steers_the_choice_like_generate_sequence_bias(model_and_tok,
     for bad in (((7, 100.5),), ((-1, 1.0),)):
         with pytest.raises(ValueError, match="logit_bias"):
             SamplingParams(max_tokens=1, logit_bias=bad)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_nan_logits_end_only_their_sequence(model_and_tok, temperature):
+    """A row of NaN logits (an fp16 overflow, a broken checkpoint) made ``torch.multinomial`` raise inside the
+    engine's step, which killed rank 0's loop and with it every request on the server (greedy: argmax silently
+    picked a NaN's index). Only that sequence ends (``abort``); the others still equal generate()."""
+    model, tok = model_and_tok
+    engine, got = engine_for(model, tok, max_batch=3), Collector()
+    broken = Sequence(tok(PROMPTS[0]).input_ids, SamplingParams(max_tokens=10, temperature=temperature, seed=1),
+                      got.sink, 0)
+    others = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=10, temperature=0), got.sink, i)
+              for i, p in enumerate(PROMPTS[1:3], start=1)]
+    engine.submit([broken, *others])
+    execute = engine.runner.execute
+
+    def poisoned(plan: StepPlan) -> torch.Tensor:
+        logits = execute(plan).clone()
+        for row, (slot, _, _) in enumerate(plan.items):
+            if slot == broken.slot and len(broken.output_ids) == 3:
+                logits[row, 5] = float("nan")
+        return logits
+
+    engine.runner.execute = poisoned
+    engine.run_until_idle()
+    assert broken.finish_reason == "abort" and len(broken.output_ids) == 3
+    assert got.outputs[0][-1].finish_reason == "abort" and got.outputs[0][-1].token_id is None
+    for seq in others:
+        assert seq.finish_reason == "length" and seq.output_ids == greedy(model, seq.prompt_ids, 10)
+    assert engine.idle() and sorted(engine._free_slots) == [0, 1, 2]

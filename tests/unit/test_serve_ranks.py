@@ -152,3 +152,107 @@ def test_a_failed_conversion_is_an_error_on_every_rank(model_dir, tmp_path):
     messages = run_on_ranks(_load_broken, 2, str(broken), str(tmp_path / "cache"), timeout_s=180)
     assert all("converting" in m and "failed" in m for m in messages), messages
     assert not list((tmp_path / "cache" / "adopted").glob("broken-*"))  # nothing half-written is kept
+
+
+def _idle_server(heartbeat_s: float, channel_timeout_s: float, idle_s: float) -> object:
+    """Rank 0: Rank0Loop with an HTTP server stand-in that stops after ``idle_s`` (no requests); the other
+    rank: the worker loop. Returns rank 0's exit code / the worker's."""
+    import time
+
+    import torch.distributed as dist
+
+    from switchyard.serve.workers import ControlChannel, Rank0Loop, worker_loop
+
+    channel = ControlChannel(timeout_s=channel_timeout_s)
+
+    class Runner:
+        forwards = 0
+
+        def execute(self, plan):
+            return torch.empty(0)
+
+    if dist.get_rank() != 0:
+        return worker_loop(Runner(), channel)
+
+    class Engine:
+        draining, steps = False, 0
+
+        def step(self):
+            return None
+
+        def heartbeat(self):
+            from switchyard.serve.runner import StepPlan
+
+            channel.send(StepPlan())
+
+        def wait_for_work(self, timeout):
+            time.sleep(timeout)
+
+    class Server:
+        started, should_exit = False, False
+
+        def run(self):
+            self.started = True
+            time.sleep(idle_s)
+
+    return Rank0Loop(Engine(), channel, Server(), heartbeat_s=heartbeat_s).run()
+
+
+def test_a_heartbeat_slower_than_the_collective_timeout_is_refused_on_every_rank():
+    """heartbeat_s above the plan channel's timeout: the idle workers' wait for the next plan timed out (a gloo
+    timeout traceback, the server dead after its first idle stretch), the opposite of what the heartbeat is for.
+    Now rank 0 refuses anything above half the timeout at start, with the fix in the message, and stops the
+    workers (exit 2 on rank 0, so the launcher fails too)."""
+    # a heartbeat that fits keeps the idle worker alive past its timeout; the stand-in server then "dies": exit 1
+    assert run_on_ranks(_idle_server, 2, 1.0, 3.0, 6.0, timeout_s=60) == [1, 0]
+    assert run_on_ranks(_idle_server, 2, 5.0, 3.0, 6.0, timeout_s=60) == [2, 0]
+
+
+def _serve_with_nan_logits(model_dir: str) -> tuple[list[list[int]], list[str | None], int]:
+    """Like ``serve`` on 2 ranks, but rank 0's logits for one sequence turn NaN after 2 tokens (rank 0 only:
+    sampling happens there). Returns (output ids, finish reasons, forwards)."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    import switchyard as sy
+    from switchyard.hf.patch import moe_layers
+    from switchyard.serve.engine import Engine, ModelRunner, Sequence, StepPlan
+    from switchyard.serve.sampling import SamplingParams
+    from switchyard.serve.workers import ControlChannel, worker_loop
+
+    channel = ControlChannel()
+    model = sy.from_pretrained(model_dir, groups=sy.ProcessGroupManager(ep=2, register_with_deepspeed=False))
+    for layer in moe_layers(model):
+        layer.replicated_tokens = True
+    runner = ModelRunner(model, decode="static", max_batch=3)
+    if dist.get_rank() != 0:
+        assert worker_loop(runner, channel) == 0
+        return [], [], runner.forwards
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(runner, tok, broadcast=channel.send)
+    seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0.7 if i == 1 else 0, seed=0))
+            for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))]
+    execute = runner.execute
+
+    def poisoned(plan: StepPlan) -> torch.Tensor:
+        logits = execute(plan).clone()
+        for row, (slot, _, _) in enumerate(plan.items):
+            if slot == seqs[1].slot and len(seqs[1].output_ids) == 2:
+                logits[row] = float("nan")
+        return logits
+
+    runner.execute = poisoned
+    engine.submit(seqs)
+    engine.run_until_idle()
+    channel.send(StepPlan(stop=True))
+    return [s.output_ids for s in seqs], [s.finish_reason for s in seqs], runner.forwards
+
+
+def test_nan_logits_on_rank_0_end_one_sequence_and_the_ranks_stay_in_step(model_dir):
+    """Sampling NaN logits raised on rank 0 after the plan had gone out: rank 0 died mid-step and took the
+    server with it. Now that sequence ends alone, the others finish, and both ranks ran the same forwards."""
+    (ids, reasons, forwards), (_, _, worker_forwards) = run_on_ranks(_serve_with_nan_logits, 2, model_dir,
+                                                                     timeout_s=120)
+    assert reasons[1] == "abort" and len(ids[1]) == 2
+    assert all(r in ("stop", "length") for i, r in enumerate(reasons) if i != 1), reasons
+    assert forwards == worker_forwards > 0

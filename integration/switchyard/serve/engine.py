@@ -26,11 +26,14 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from switchyard.log import get_logger
 from switchyard.serve.runner import ModelRunner, StepPlan
 from switchyard.serve.sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, apply_logit_bias,
                                        find_stop, make_generator, sample_token, token_logprobs)
 
 __all__ = ["Engine", "EngineDraining", "ModelRunner", "Sequence", "SeqOutput", "StepPlan", "default_eos_ids"]
+
+log = get_logger(__name__)
 
 FINISH_REASONS = ("stop", "length", "abort")
 STATS_EVERY = 32  # steps between copies of the per-expert counts to the host
@@ -191,16 +194,16 @@ class Engine:
             self._unsynced_steps = 0
         seqs = [self.running[slot] for slot, _, _ in plan.items]
         choose_from = apply_logit_bias(logits, [seq.params.logit_bias for seq in seqs])
-        greedy = [i for i, seq in enumerate(seqs) if seq.params.greedy]
-        tokens: dict[int, int] = {}
-        if greedy:  # one argmax (one device sync) for every greedy sequence of the step
-            rows = (choose_from if len(greedy) == len(seqs)
-                    else choose_from[torch.tensor(greedy, device=logits.device)])
-            tokens = dict(zip(greedy, rows.argmax(-1).tolist()))
+        # one device sync: every row's argmax, and which rows have no finite maximum (NaN anywhere, +inf, or all
+        # -inf: a draw from them raises, an argmax is meaningless) — those sequences end alone, not the server
+        argmax_R, broken_R = (torch.stack([choose_from.argmax(-1), (~choose_from.amax(-1).isfinite()).long()]).tolist()
+                              if seqs else ([], []))
+        broken = {i for i, bad in enumerate(broken_R) if bad}
+        tokens = {i: argmax_R[i] for i, seq in enumerate(seqs) if seq.params.greedy and i not in broken}
         for i, seq in enumerate(seqs):
-            if i not in tokens:
+            if i not in tokens and i not in broken:
                 tokens[i] = sample_token(choose_from[i], seq.params, seq.generator)
-        wants = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        wants = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None and i not in broken]
         logprobs: dict[int, TokenLogprob] = {}
         if wants:
             rows = logits[torch.tensor(wants, device=logits.device)]
@@ -209,7 +212,12 @@ class Engine:
         now = time.monotonic()
         for i, seq in enumerate(seqs):
             seq.prefilled = True
-            self._append(seq, tokens[i], now, logprobs.get(i))
+            if i in broken:
+                log.error("sequence %d: the model's logits have no finite maximum (NaN/inf) after %d generated "
+                          "tokens; ending it with finish_reason 'abort'", seq.seq_id, len(seq.output_ids))
+                self._finish(seq, "abort", "", None)
+            else:
+                self._append(seq, tokens[i], now, logprobs.get(i))
         self.steps += 1
         self.last_plan = plan
         self.metrics.step(running=len(self.running), waiting=len(self.waiting) + len(self._inbox))

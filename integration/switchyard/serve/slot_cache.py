@@ -204,7 +204,6 @@ class StaticDecoder:
         communicator, else ``destroy_process_group`` hangs in ``ncclCommDestroy`` (pytorch#115388)."""
         self._drop_graphs()
         self._caches.clear()
-        self._pool = None
         self.keys, self.values, self.slots, self.length_R = [], [], [], []
 
     @contextlib.contextmanager
@@ -217,11 +216,14 @@ class StaticDecoder:
                              f"decode: batched") from err
 
     def _drop_graphs(self) -> None:
+        """Reset every graph and forget their memory pool: the allocator frees a pool once no graph uses it, so
+        capturing into the old handle after a cache growth fails (an internal assert in CUDACachingAllocator)."""
         if self._graphs:
             torch.cuda.synchronize(self.device)
         for graph in self._graphs.values():
             graph.reset()
         self._graphs.clear()
+        self._pool = None
 
     def _allocate(self, keys_HLD: torch.Tensor, values_HLD: torch.Tensor) -> None:
         def zeros(like: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ class ControlChannel:
 
     def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.timeout_s = timeout_s
         self.group = None
         if self.world_size > 1:
             # every rank creates it, in the same order relative to the other groups
@@ -86,6 +87,13 @@ class Rank0Loop:
         self.engine.begin_drain()  # SIGTERM (even repeated, as launchers forward it): drain
 
     def run(self) -> int:
+        if self.channel.world_size > 1 and self.heartbeat_s > self.channel.timeout_s / 2:
+            # idle workers wait for the next plan at most the channel's timeout: a rarer heartbeat kills them
+            log.error("heartbeat_s=%g must be at most half the collective timeout (%gs, SWITCHYARD_DIST_TIMEOUT_S) "
+                      "or the other ranks' wait for the next step times out while the server is idle; lower "
+                      "heartbeat_s or raise SWITCHYARD_DIST_TIMEOUT_S", self.heartbeat_s, self.channel.timeout_s)
+            self.channel.send(StepPlan(stop=True))
+            return 2
         thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         thread.start()
         while not getattr(self.server, "started", False):

@@ -22,7 +22,7 @@ class EmulatedGraph(LayerGraph):
     """See the module docstring."""
 
     def __init__(self, core, x_TH, params, substitute) -> None:  # noqa: D107 - LayerGraph's contract
-        self.key, self.params, self.pending = signature(x_TH, params), tuple(params), False
+        self.key, self.params, self._pending_node = signature(x_TH, params), tuple(params), None
         self.static_x = x_TH.detach().clone().requires_grad_(x_TH.requires_grad)
         self._substitute = substitute
         outs, _ = self._traced_core(core)

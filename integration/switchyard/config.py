@@ -122,6 +122,7 @@ class MoEConfig:
     expert_bias: bool = False
     expert_bias_update_rate: float = 1e-3
     router_jitter: float = 0.0
+    jitter_experts_input: bool = False  # the experts see the jittered input too (transformers' Mixtral)
     # losses
     aux_loss_coef: float = 0.01
     seq_aux_loss_coef: float = 0.0

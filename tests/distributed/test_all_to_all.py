@@ -66,3 +66,33 @@ def test_all_to_all_start_on_two_gpus_with_nccl():
         pytest.skip("needs 2 GPUs")
     results = run_on_ranks(_start_matches_blocking_and_overlaps_backward, 2, timeout_s=120, backend="nccl")
     assert results == [True, True]
+
+
+def _double_backward_and_retain_graph():
+    """Second-order gradients through both all-to-alls (``create_graph=True``), and a second backward through
+    one graph (``retain_graph=True``): the gradient of ``sum(a2a(x) * c)`` with respect to ``x`` is ``a2a⁻¹(c)``,
+    so differentiating ``sum(that * d)`` with respect to ``c`` must give ``a2a(d)``."""
+    from switchyard.parallel.all_to_all import all_to_all, all_to_all_start
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    send, recv = _splits(rank, world)
+    torch.manual_seed(rank)
+    x = torch.randn(sum(send), HIDDEN, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(sum(send), HIDDEN, dtype=torch.float64)
+    want = all_to_all(d, recv, send)
+    for name, exchange in (("blocking", lambda t: all_to_all(t, recv, send)),
+                           ("in flight", lambda t: all_to_all_start(t, recv, send).wait())):
+        c = torch.randn(sum(recv), HIDDEN, dtype=torch.float64, requires_grad=True)
+        (grad_x,) = torch.autograd.grad((exchange(x) * c).sum(), x, create_graph=True)
+        (grad_c,) = torch.autograd.grad((grad_x * d).sum(), c)
+        assert torch.equal(grad_c, want), f"{name}: second-order gradient"
+        out = exchange(x * 3)
+        out.sum().backward(retain_graph=True)
+        out.sum().backward()
+        assert torch.equal(x.grad, torch.full_like(x, 6.0)), f"{name}: two backwards through one graph"
+        x.grad = None
+    return True
+
+
+def test_all_to_all_double_backward_and_second_backward():
+    assert run_on_ranks(_double_backward_and_retain_graph, 3, timeout_s=90) == [True] * 3

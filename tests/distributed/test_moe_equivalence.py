@@ -196,3 +196,22 @@ def _replicated_cases(shape: dict) -> list[str]:
 def test_replicated_tokens_match_one_process(world, shape):
     results = run_on_ranks(_replicated_cases, world, shape, timeout_s=180)
     assert all(r == list(CASES) for r in results)
+
+
+def _mismatched_dtypes() -> str:
+    """EP rank 1 runs the layer in bf16, the others in fp32: every rank raises, naming each rank's dtype
+    (rows of different sizes would abort gloo on one rank, or exchange garbage over NCCL)."""
+    from switchyard import MoEConfig, ProcessGroupManager
+    from switchyard.moe.layer import MoELayer
+
+    manager = ProcessGroupManager(ep=dist.get_world_size())
+    dtype = torch.bfloat16 if dist.get_rank() == 1 else torch.float32
+    layer = MoELayer(MoEConfig(num_experts=EXPERTS, top_k=2), HIDDEN, FFN, groups=manager, dtype=dtype)
+    with pytest.raises(ValueError, match="different dtype") as caught:
+        layer(torch.randn(5, HIDDEN, dtype=dtype))
+    return str(caught.value)
+
+
+def test_ranks_with_different_dtypes_all_raise_naming_them():
+    for message in run_on_ranks(_mismatched_dtypes, 2, timeout_s=120):
+        assert "EP rank 0: torch.float32" in message and "EP rank 1: torch.bfloat16" in message, message

@@ -106,6 +106,45 @@ def test_capture_differentiates_at_fresh_leaves_not_at_the_parameters(emulated_g
         assert _rel(p_graphed.grad, p_eager.grad) < 1e-5
 
 
+
+def test_a_forward_dropped_without_backward_does_not_stop_replays(emulated_graphs) -> None:
+    """A replayed forward whose output is dropped unbackpropagated (a loss computed and thrown away) leaves no
+    backward that could read the graph's buffers: the next forward replays, not every later one eagerly."""
+    eager, graphed = _pair(MoEConfig(num_experts=8, top_k=2, aux_loss_coef=0.01), "cpu", torch.float32)
+    x, g = torch.randn(24, 64), torch.randn(24, 64)
+    _step(graphed, x, g)  # capture + replay
+    graphed(x.clone().requires_grad_(True)).sum()  # dropped
+    replays = []
+    graphed._graph.fwd_graph.replay = lambda replay=graphed._graph.fwd_graph.replay: (replays.append(1), replay())
+    for a, b in zip(_step(graphed, x, g), _step(eager, x, g)):
+        assert _rel(a, b) < 1e-5
+    assert replays == [1], "the forward after a dropped one ran eagerly"
+
+
+def test_replayed_output_is_not_overwritten_by_the_next_replay(emulated_graphs) -> None:
+    """The layer's output is the caller's: a later step's replay must not change an output kept from before."""
+    _, graphed = _pair(MoEConfig(num_experts=8, top_k=2), "cpu", torch.float32)
+    x = torch.randn(24, 64)
+    _step(graphed, x, x)  # capture
+    first = graphed(x.clone().requires_grad_(True))
+    first.sum().backward()
+    kept = first.detach().clone()
+    graphed((2 * x).requires_grad_(True)).sum().backward()
+    assert isinstance(graphed._graph, EmulatedGraph) and torch.equal(first.detach(), kept)
+
+
+
+def test_frozen_layer_with_a_constant_input_runs_eagerly(monkeypatch) -> None:
+    """Router and experts frozen and an input that needs no gradient (the first layers of a partly frozen
+    model): there is no backward to capture (``torch.autograd.grad`` of nothing raises), so the rules say eager.
+    CPU: the input passes for a CUDA one."""
+    _, graphed = _pair(MoEConfig(num_experts=8, top_k=2), "cpu", torch.float32)
+    graphed.requires_grad_(False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert "require grad" in graphed._graph_rules_broken(torch.randn(4, 64))
+    assert graphed._graph_rules_broken(torch.randn(4, 64, requires_grad=True)) is None
+
+
 gpu = pytest.mark.gpu
 
 

@@ -52,7 +52,7 @@ class BlockAdapter:
 
 def _mixtral(cfg: Any) -> dict[str, Any]:
     # Mixtral's router always renormalizes the top-k and has no norm_topk_prob flag.
-    return {"norm_topk_prob": True}
+    return {"norm_topk_prob": True, "jitter_experts_input": True}
 
 
 def _softmax_flagged(cfg: Any) -> dict[str, Any]:

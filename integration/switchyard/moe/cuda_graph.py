@@ -15,13 +15,15 @@ outputs: shared experts, router losses (their gradient enters the graph through 
 and the stats.
 
 Rules, each checked on every call (a call that breaks one runs eagerly; nothing is ever wrong, at worst slow):
-- training, grad enabled, CUDA, not under ``torch.autocast``, parameters not partitioned by ZeRO-3,
+- training, grad enabled, something to differentiate (the input or a router / expert parameter requires grad),
+  CUDA, not under ``torch.autocast``, parameters not partitioned by ZeRO-3,
   ep = 1, dropless (no capacity factor), no router jitter, fused kernels on, an experts impl without host
   syncs (``MoELayer._graph_rules_broken``); the same input shape, dtype, ``requires_grad`` and parameter
   storage as at capture (storage moved or ``requires_grad`` changed: the graph is captured again).
 - A forward's backward must run before the layer's next forward replays: the graph's buffers hold that
   forward's activations. A forward while one is pending runs eagerly (pipeline schedules that run two
-  forwards of a layer before their backwards, a forward whose loss is never backpropagated).
+  forwards of a layer before their backwards). A replayed forward whose autograd graph is freed without a
+  backward (its loss dropped) is no longer pending: nothing can read those buffers any more.
 - Not under activation checkpointing's recomputation (the graph saves nothing autograd could recompute):
   leave ``cuda_graph`` off for checkpointed layers.
 
@@ -35,6 +37,7 @@ of a leaf input (rare: hidden states are not leaves) is valid until that next fo
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Callable, ContextManager, Iterator, Sequence
 
@@ -77,7 +80,13 @@ class LayerGraph:
         with own_cublas_workspaces(), torch.cuda.graph(self.bwd_graph, pool=self.pool):
             grads = iter(torch.autograd.grad(diff, inputs, self.static_grad_outs, allow_unused=True))
         self.static_grads = tuple(next(grads) if t.requires_grad else None for t in (self.static_x, *self.params))
-        self.pending = False
+        self._pending_node: weakref.ref | None = None
+
+    @property
+    def pending(self) -> bool:
+        """The last replay's autograd node is alive and its backward has not run: the buffers are still needed.
+        A weak reference, so a forward whose graph is dropped unbackpropagated does not block replays for good."""
+        return self._pending_node is not None and self._pending_node() is not None
 
     def _traced_core(self, core: Callable[[torch.Tensor], CoreOutputs]
                      ) -> tuple[CoreOutputs, tuple[torch.Tensor, ...]]:
@@ -123,7 +132,7 @@ class _Replay(torch.autograd.Function):
                 param.grad = param.grad.clone()
         graph.static_x.copy_(x_TH)
         graph.fwd_graph.replay()
-        graph.pending = True
+        graph._pending_node = weakref.ref(ctx)
         ctx.graph = graph
         outs = tuple(o.detach() for o in graph.static_outs)
         ctx.mark_non_differentiable(*(o for o, d in zip(outs, graph.differentiable) if not d))
@@ -133,7 +142,7 @@ class _Replay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outs: torch.Tensor):  # type: ignore[override]
         graph: LayerGraph = ctx.graph
-        if not graph.pending:
+        if graph._pending_node is None or graph._pending_node() is not ctx:
             raise RuntimeError("backward ran twice through one replay of an MoE layer's CUDA graph (retain_graph=True), "
                                "but the first one overwrote the saved activations; set layer.cuda_graph = False for that")
         grads_of_diff = [g for g, d in zip(grad_outs, graph.differentiable) if d]
@@ -143,7 +152,7 @@ class _Replay(torch.autograd.Function):
             elif static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
         graph.bwd_graph.replay()
-        graph.pending = False
+        graph._pending_node = None
         return (None, *(g.detach() if g is not None else None for g in graph.static_grads))
 
 

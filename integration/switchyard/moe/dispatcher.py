@@ -60,9 +60,15 @@ class DispatchPlan:
     overlap_out: torch.Tensor | None = None  # what dispatch's ``overlap`` returned
 
 
+# codes for the row format each rank announces in the count exchange (same torch on every rank: same order)
+_FLOAT_DTYPES = tuple(sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype) and d.is_floating_point},
+                             key=str))
+
+
 class _CountExchange(NamedTuple):
     plan: CountPlan  # split sizes, per-local-expert counts and offsets, chunk shifts (device)
-    splits_2R: torch.Tensor  # [rows sent to, rows received from] each EP rank (host, once ``ready``)
+    # [rows sent to, rows received from, row dtype code, row width] per EP rank (host, once ``ready``)
+    splits_4R: torch.Tensor
     ready: "torch.cuda.Event | None"  # recorded after the copy to the host (None on CPU)
 
 
@@ -100,7 +106,7 @@ class TokenDispatcher:
             return self._dispatch_unfused(x_TH, expert_TK, keep_TK, overlap)
         slot_order, token_idx, row_of_slot_TK, bounds, offsets_E, tokens_per_expert_E = sort_slots_by_expert(
             expert_TK, keep_TK, self.num_experts)
-        counts = self._exchange_counts(tokens_per_expert_E) if self.ep_size > 1 else None
+        counts = self._exchange_counts(tokens_per_expert_E, x_TH) if self.ep_size > 1 else None
         if keep_TK is not None:  # dropped slots sorted after every real expert: cut off (one host sync)
             kept = int(bounds[-1])
             slot_order, token_idx = slot_order[:kept], token_idx[:kept]
@@ -159,21 +165,31 @@ class TokenDispatcher:
         if self.ep_size == 1:
             plan.overlap_out = overlap() if overlap is not None else None
             return x_NH, plan
-        return self._exchange(x_NH, plan, self._exchange_counts(tokens_per_expert_E), overlap)
+        return self._exchange(x_NH, plan, self._exchange_counts(tokens_per_expert_E, x_TH), overlap)
 
-    def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> "_CountExchange":
+    def _exchange_counts(self, tokens_per_expert_E: torch.Tensor, x_TH: torch.Tensor) -> "_CountExchange":
         """Start the split-size exchange, before the gather of ``x_NH`` is queued: the host read of the split
         sizes then waits for the counts and their copy to pinned memory only, and the gather, queued behind
         them, runs while the host wakes and issues the all-to-all. Everything else the exchange needs from the
-        counts (offsets, the regroup's chunk shifts) comes from the same launch (``plan_counts``)."""
-        recv_E = exchange_counts(tokens_per_expert_E, self.ep_group)
-        plan = plan_counts(tokens_per_expert_E, recv_E, self.ep_size)
-        splits_2R, ready = plan.splits_2R, None
-        if splits_2R.is_cuda:
-            splits_2R = splits_2R.to("cpu", non_blocking=True)  # into pinned memory, in stream order
+        counts (offsets, the regroup's chunk shifts) comes from the same launch (``plan_counts``).
+
+        Each rank's row dtype and width ride along (two more columns of the count matrix), so ranks whose rows
+        differ (a layer cast on one rank only) all raise in ``_exchange`` instead of entering a row all-to-all of
+        mismatched sizes (gloo aborts a rank)."""
+        ep, local = self.ep_size, self.num_local_experts
+        # filled on the device: a tensor built from a host list would be a blocking copy (a host sync per layer)
+        row_format_R2 = tokens_per_expert_E.new_full((ep, 2), _FLOAT_DTYPES.index(x_TH.dtype))
+        row_format_R2[:, 1].fill_(x_TH.shape[1:].numel())
+        send_RL2 = torch.cat([tokens_per_expert_E.view(ep, local), row_format_R2], dim=1)
+        recv_RL2 = exchange_counts(send_RL2, self.ep_group)
+        recv_E = recv_RL2[:, :local].reshape(-1)
+        plan = plan_counts(tokens_per_expert_E, recv_E, ep)
+        splits_4R, ready = torch.cat([plan.splits_2R, recv_RL2[:, local:].t().to(plan.splits_2R.dtype)]), None
+        if splits_4R.is_cuda:
+            splits_4R = splits_4R.to("cpu", non_blocking=True)  # into pinned memory, in stream order
             ready = torch.cuda.Event()
             ready.record()
-        return _CountExchange(plan, splits_2R, ready)
+        return _CountExchange(plan, splits_4R, ready)
 
     def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan, counts: "_CountExchange",
                   overlap: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, DispatchPlan]:
@@ -181,7 +197,13 @@ class TokenDispatcher:
         plan.local_offsets_L = counts.plan.local_offsets_L
         if counts.ready is not None:
             counts.ready.synchronize()  # the split sizes' host sync: waits for the counts, not for the gather
-        plan.input_splits, plan.output_splits = counts.splits_2R.tolist()
+        plan.input_splits, plan.output_splits, dtype_codes, widths = counts.splits_4R.tolist()
+        if len(set(dtype_codes)) > 1 or len(set(widths)) > 1:
+            per_rank = ", ".join(f"EP rank {r}: {_FLOAT_DTYPES[d]} rows of {w}"
+                                 for r, (d, w) in enumerate(zip(dtype_codes, widths)))
+            raise ValueError(f"the EP ranks of this MoE layer dispatch rows of different dtype or width ({per_rank}); "
+                             "every EP rank must run the layer in one dtype and hidden size (cast the model the same "
+                             "way on every rank)")
         if overlap is None:
             x_recv = all_to_all(x_NH, plan.output_splits, plan.input_splits, self.ep_group)
         else:

@@ -183,11 +183,17 @@ class MoELayer(DeepSpeedMoEModule):
             raise ValueError(f"MoELayer expects [..., {self.hidden_size}] floating-point hidden states, got "
                              f"{tuple(shape)} {hidden_states.dtype}")
         x_TH = hidden_states.reshape(-1, self.hidden_size)
+        if self.config.jitter_experts_input:  # transformers' Mixtral: router and experts see one jittered input
+            x_TH = self.router.jitter(x_TH)
+        if self.cuda_graph:  # the last forward's outputs would keep a dropped replay pending (cuda_graph.py)
+            self.aux_loss = self.last_router_output = None
         graph = self._replayable_graph(x_TH) if self.cuda_graph else None
         shared_TH = None
         if graph is not None:
             out_TH, *router_outputs, tokens_per_expert_E = graph.run(x_TH)
             routed, keep_TK = RouterOutput(*router_outputs), None
+            if self.shared_experts is None:  # a graph buffer the next replay overwrites: the caller gets a copy
+                out_TH = out_TH.clone()
         else:
             routed = self.router(x_TH)
             keep_TK = self._capacity_mask(routed)
@@ -240,6 +246,8 @@ class MoELayer(DeepSpeedMoEModule):
         checks = (
             (x_TH.is_cuda, "input not on CUDA"),
             (self.training and torch.is_grad_enabled(), "not a training step with grad enabled"),
+            (x_TH.requires_grad or any(p.requires_grad for m in (self.router, self.experts) for p in m.parameters()),
+             "neither the input nor the router and expert parameters require grad (no backward to capture)"),
             (not torch.is_autocast_enabled("cuda"), "under torch.autocast"),
             (not hasattr(self.experts.down_proj, "ds_id"), "ZeRO-3 partitions the parameters"),
             (self.ep_size == 1 and not self.replicated_tokens, f"ep={self.ep_size}"),

@@ -192,10 +192,8 @@ class Router(nn.Module):
         if self._fused_softmax_topk(x_TH):
             return RouterOutput(*softmax_topk(x_TH, self.weight, self.top_k, cfg.norm_topk_prob,
                                               cfg.routed_scaling_factor))
-        if self.training and cfg.router_jitter > 0:
-            # Switch/Mixtral multiplicative jitter; only the router's copy of x is perturbed here.
-            noise_TH = torch.empty_like(x_TH).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
-            x_TH = x_TH * noise_TH
+        if not cfg.jitter_experts_input:  # Switch semantics: only the router's copy of x is perturbed
+            x_TH = self.jitter(x_TH)
         logits_TE = router_logits_fp32(x_TH, self.weight)
         scores_TE = _SCORE_FUNCS[cfg.score_func](logits_TE)
 
@@ -218,12 +216,23 @@ class Router(nn.Module):
             topk_weight_TK = topk_weight_TK * cfg.routed_scaling_factor
         return RouterOutput(logits_TE, scores_TE, topk_idx_TK, topk_weight_TK)
 
+    def jitter(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """``x_TH`` times uniform noise in ``[1 - router_jitter, 1 + router_jitter]`` in training (Switch, Mixtral);
+        else ``x_TH`` itself. With ``jitter_experts_input`` the MoE layer calls it on its input, for the router and the
+        experts alike (transformers' Mixtral block), and ``forward`` does not jitter again."""
+        jitter = self.config.router_jitter
+        if not (self.training and jitter > 0):
+            return x_TH
+        return x_TH * torch.empty_like(x_TH).uniform_(1.0 - jitter, 1.0 + jitter)
+
     def _fused_softmax_topk(self, x_TH: torch.Tensor) -> bool:
         """The plain softmax → top-k router (Mixtral, Qwen, OLMoE) on CUDA runs as one Triton launch
-        (``moe/kernels/router_fused.py``): no bias, no groups, no jitter being applied."""
+        (``moe/kernels/router_fused.py``): no bias, no groups, no jitter being applied here (the layer's
+        ``jitter_experts_input`` jitters before the router)."""
         cfg = self.config
         return (self.fused and cfg.score_func == "softmax" and cfg.softmax_before_topk
-                and self.expert_bias is None and cfg.n_group is None and not (self.training and cfg.router_jitter > 0)
+                and self.expert_bias is None and cfg.n_group is None
+                and (cfg.jitter_experts_input or not (self.training and cfg.router_jitter > 0))
                 and softmax_topk_supported(x_TH, self.weight, self.top_k))
 
     def _renormalize(self, w_TK: torch.Tensor) -> torch.Tensor:

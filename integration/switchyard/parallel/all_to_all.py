@@ -8,6 +8,9 @@ zero rows.
 expert) runs while the bytes move; ``wait()`` gives the output. Its backward overlaps the same way: the
 gradient's all-to-all starts where ``wait`` was and is waited for where ``start`` was, so whatever autograd
 runs between the two (that work's backward) runs while it is in flight.
+
+Both backwards are differentiable (``create_graph=True``, double backward): under ``create_graph`` the gradient
+moves by a blocking ``all_to_all``, whose own backward is the swapped one again.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad_in = _all_to_all(grad_out, ctx.input_splits, ctx.output_splits, ctx.group)
+        # through apply, not _all_to_all: under create_graph the gradient must stay differentiable
+        grad_in = _AllToAll.apply(grad_out, ctx.input_splits, ctx.output_splits, ctx.group)
         return grad_in, None, None, None
 
 
@@ -60,9 +64,11 @@ class _AllToAllStart(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, _):  # type: ignore[override]
+    def backward(ctx, grad_out):  # type: ignore[override]
         # the incoming gradient is the one _AllToAllWait.backward passed through and started exchanging
         flight = ctx.flight
+        if flight.backward is None:  # create_graph: nothing in flight, a differentiable blocking exchange
+            return _AllToAll.apply(grad_out, flight.input_splits, flight.output_splits, flight.group), None
         flight.backward.wait()
         grad_in, flight.backward, flight.grad_in = flight.grad_in, None, None
         return grad_in, None
@@ -79,6 +85,8 @@ class _AllToAllWait(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         flight = ctx.flight
+        if torch.is_grad_enabled():  # create_graph: _AllToAllStart.backward exchanges, differentiably
+            return grad_out, None
         flight.grad_in = grad_out.new_empty((sum(flight.input_splits), *grad_out.shape[1:]))
         flight.backward = dist.all_to_all_single(flight.grad_in, grad_out.contiguous(), flight.input_splits,
                                                  flight.output_splits, group=flight.group, async_op=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -90,6 +91,11 @@ def main() -> int:
     checkpoint = out / "finetune" / "checkpoints" / (out / "finetune" / "checkpoints" / "latest").read_text()
     print(f"  dense model loss on batch 1:        {dense_loss:.4f}")
     print(f"  upcycled model loss at step 0:      {rows[0]['loss']:.4f}   (copy init: equal to the dense loss)")
+    copy_init = not any(o.startswith("moe.init=") for o in args.overrides)
+    if copy_init and not math.isclose(rows[0]["loss"], dense_loss, rel_tol=1e-4):
+        print(f"demo: the upcycled model's step-0 loss {rows[0]['loss']:.6f} differs from the dense loss "
+              f"{dense_loss:.6f} on the same batch; copy init must reproduce the dense model", file=sys.stderr)
+        return 1
     print(f"  loss after {summary['steps']} fine-tune steps:     {rows[-1]['loss']:.4f}"
           f"   eval loss {summary.get('eval_loss', float('nan')):.4f}")
     print(f"  switchyard checkpoint: {checkpoint / 'model'}")
@@ -97,8 +103,11 @@ def main() -> int:
 
     print("== export to a standard transformers MoE checkpoint ==", flush=True)
     exported = out / "export"
-    subprocess.run([str(Path(sys.executable).with_name("switchyard")), "export", "--model", str(checkpoint / "model"),
-                    "--out", str(exported)], cwd=REPO, check=True, capture_output=True, text=True)
+    result = subprocess.run([str(Path(sys.executable).with_name("switchyard")), "export", "--model",
+                             str(checkpoint / "model"), "--out", str(exported)], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:  # its own error, not a CalledProcessError traceback that hides it
+        print(result.stdout[-4000:], result.stderr[-4000:], sep="\n", file=sys.stderr)
+        return result.returncode
     config = json.loads((exported / "config.json").read_text())
     print(f"  {exported}: {config['architectures'][0]}, {config.get('num_local_experts')} experts, loads with "
           "transformers alone (and vLLM / SGLang)", flush=True)

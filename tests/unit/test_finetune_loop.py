@@ -212,3 +212,81 @@ def test_mfu_counts_the_parameters_a_tokens_matmuls_read():
         embedding = 0 if tied else model.get_input_embeddings().weight.numel()
         total = sum(p.numel() for p in model.parameters())
         assert _matmul_params(model) == total - embedding - experts + experts // 4
+
+
+class _WorldGroups:
+    """The slice of ProcessGroupManager that ``_expert_fractions`` reads: dp = the whole world."""
+
+    def group(self, kind: str):
+        return None
+
+    def size(self, kind: str) -> int:
+        return torch.distributed.get_world_size()
+
+
+def _fractions_on_rank() -> dict:
+    from switchyard.train.loop import _expert_fractions
+    from switchyard.train.metrics import ExpertLoad
+
+    rank = torch.distributed.get_rank()
+    load = ExpertLoad()  # two micro-batches of 2 routed copies: rank 0 keeps all 4, rank 1 drops 2
+    micro_batches = [([2, 0], 0), ([1, 1], 0)] if rank == 0 else [([0, 1], 1), ([0, 1], 1)]
+    for kept, dropped in micro_batches:
+        load.add("layer", torch.tensor(kept), torch.tensor(dropped), 2)
+    values: dict = {}
+    fractions = _expert_fractions(load, _WorldGroups(), values)
+    return {"fractions": fractions, **values}
+
+
+def test_expert_load_and_dropped_fraction_count_every_data_parallel_rank(tmp_path):
+    """Counted by hand over both ranks: kept copies [3, 3] of 8 routed, 2 dropped (all on rank 1). The dropped
+    fraction was rank 0's alone (0.0)."""
+    results = run_on_ranks(_fractions_on_rank, 2, timeout_s=60)
+    for result in results:
+        assert result == {"fractions": {"layer": [0.5, 0.5]}, "load_max_over_mean/layer": 1.0,
+                          "dropped_fraction/layer": 0.25}
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    """TensorBoard's own reader: the killed run logged steps 1–4, the resume from step 2 logs 3–4 again. Without
+    a purge step the event files held both and TensorBoard showed 1, 2, 3, 4, 3, 4."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    killed = MetricsWriter(tmp_path, enabled=True, total_steps=4)
+    for step in range(1, 5):
+        killed.log(step, {"loss": float(step)})
+    killed._tb.flush()
+    killed._jsonl.flush()
+    time.sleep(1.1)  # event file names carry the second they were opened
+    resumed = MetricsWriter(tmp_path, enabled=True, total_steps=4, start_step=2)
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 + step})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+
+
+def test_a_metrics_line_torn_by_a_kill_does_not_stop_the_resume(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    writer = MetricsWriter(tmp_path, enabled=True, total_steps=4, start_step=1)
+    writer.log(2, {"loss": 1.5})
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+
+
+def test_heatmap_cells_span_the_steps_each_logged_row_counts(tmp_path):
+    """Read back with PIL: row 1 counts step 1, row 9 steps 2–9, so expert 0's bright cell is 1/9 of the width.
+    The image had one equal-width column per logged row (half the width each)."""
+    from PIL import Image
+
+    from switchyard.train.metrics import write_expert_load_heatmap
+
+    path = write_expert_load_heatmap([(1, {"l": [1.0, 0.0]}), (9, {"l": [0.0, 1.0]})], tmp_path / "load.png")
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    bright = np.abs(pixels - [253, 231, 37]).sum(-1) < 30  # viridis at 1 and at 0
+    dark = np.abs(pixels - [68, 1, 84]).sum(-1) < 30
+    rows = [(b.sum(), d.sum()) for b, d in zip(bright, dark) if b.sum() + d.sum() > 100]
+    assert len(rows) > 50
+    assert all(min(b, d) / (b + d) < 0.2 for b, d in rows), rows[len(rows) // 2]

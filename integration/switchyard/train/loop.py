@@ -9,6 +9,7 @@ DeepSpeed engine with MoE parameter groups → steps (router losses in the loss,
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -33,11 +34,12 @@ def _device() -> torch.device:
 
 def _dp_means(values: list[torch.Tensor], groups, extra: list[torch.Tensor] = ()) -> list[float]:
     """Means of scalar tensors over the data-parallel group, then ``extra`` scalars as they are: one
-    all-reduce and one host sync for all of them (each ``.item()`` would stall the device queue)."""
-    sums = torch.stack([v.detach().float().reshape(()) for v in values])
+    all-reduce and one host sync for all of them (each ``.item()`` would stall the device queue). float64: token
+    counts summed over many ranks pass float32's exact 2**24."""
+    sums = torch.stack([v.detach().double().reshape(()).to(values[0].device) for v in values])
     dist.all_reduce(sums, group=groups.group("dp"))
     if extra:
-        sums = torch.cat([sums, torch.stack([e.detach().float().reshape(()).to(sums.device) for e in extra])])
+        sums = torch.cat([sums, torch.stack([e.detach().double().reshape(()).to(sums.device) for e in extra])])
     out = sums.tolist()
     return [x / groups.size("dp") for x in out[:len(values)]] + out[len(values):]
 
@@ -173,17 +175,18 @@ def train(config: RunConfig) -> dict[str, Any]:
     scheduler = build_scheduler(optimizer, steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups.mpu)
+    schedule_at_start = copy.deepcopy(engine.lr_scheduler.state_dict())  # this run's lr and schedule, step 0
     if resume is not None and not reshard:
         checkpointing.load_engine_state(engine, resume.path / "engine", rank, dp_rank, dp_size)
         checkpointing.load_rng(resume.path / "rng", rank)
         log.info("resumed from %s at step %d", resume.path, start_step, ranks=[0])
     elif reshard:
-        for _ in range(start_step):
-            engine.lr_scheduler.step()
         log.warning("resumed from %s at step %d with a different layout (world %s → %d, ep %s → %d, ZeRO stage "
                     "%s → %d): model weights resharded, optimizer state restarts", resume.path, start_step,
                     resume.meta.get("world_size"), world, resume.meta.get("ep"), groups.size("ep"),
                     resume.meta.get("zero_stage"), stage, ranks=[0])
+    if resume is not None:
+        _replay_schedule(engine.lr_scheduler, schedule_at_start, start_step)
 
     metrics = MetricsWriter(run_dir, enabled=rank == 0, total_steps=steps, start_step=start_step)
     load = ExpertLoad()
@@ -220,14 +223,16 @@ def train(config: RunConfig) -> dict[str, Any]:
         checkpointing.inject_fault("step", step + 1)
         engine_norm = engine.get_global_grad_norm() if grad_norm is None else None
         norm_t = [engine_norm] if torch.is_tensor(engine_norm) else []
-        loss, router_loss, *norm_v = _dp_means([torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean()],
-                                               groups, extra=norm_t)
+        # token counts as dp means × dp: ranks' counts differ when padding does (unpacked or chat data)
+        loss, router_loss, mean_tokens, mean_loss_tokens, *norm_v = _dp_means(
+            [torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean(), torch.tensor(float(tokens)),
+             torch.tensor(float(loss_tokens))], groups, extra=norm_t)
         if grad_norm is None:
             grad_norm = norm_v[0] if norm_v else float(engine_norm or 0.0)
         history.append(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower train.lr or check the data")
-        global_tokens = tokens * dp_size
+        global_tokens = round(mean_tokens * dp_size)
         elapsed = time.perf_counter() - started
         values: dict[str, Any] = {
             "loss": loss,
@@ -235,7 +240,7 @@ def train(config: RunConfig) -> dict[str, Any]:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": global_tokens / elapsed,
-            "loss_tokens": loss_tokens * dp_size,
+            "loss_tokens": round(mean_loss_tokens * dp_size),
         }
         if device.type == "cuda":
             values["mfu"] = 6 * matmul_params * global_tokens / elapsed / (H200_BF16_PEAK_FLOPS * world)
@@ -280,16 +285,25 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
+def _replay_schedule(scheduler, state_at_start: dict[str, Any], steps: int) -> None:
+    """Put the scheduler at optimizer step ``steps`` of this run's schedule. A checkpoint's scheduler state holds
+    its run's base lr and the lr its schedule gave; a resume may change ``train.lr``, the schedule and the step
+    count (docs/finetune.md), which that state would silently override."""
+    scheduler.load_state_dict(state_at_start)
+    for _ in range(steps):
+        scheduler.step()
+
+
 def _expert_fractions(load, groups, values: dict[str, Any]) -> dict[str, list[float]]:
-    counts, dropped = load.take()
+    """Expert shares, max/mean and dropped fraction per layer over the data-parallel group's token copies."""
     fractions = {}
-    for name, c in counts.items():
-        c = c.float().clone()
-        dist.all_reduce(c, group=groups.group("dp"))
-        share = c / c.sum().clamp_min(1)
+    for name, totals in load.take().items():
+        dist.all_reduce(totals, group=groups.group("dp"))
+        kept, dropped, routed = totals[:-2], totals[-2], totals[-1]
+        share = kept / kept.sum().clamp_min(1)
         fractions[name] = [round(x, 5) for x in share.tolist()]
         values[f"load_max_over_mean/{name}"] = float(share.max() * share.numel())
-        values[f"dropped_fraction/{name}"] = dropped[name]
+        values[f"dropped_fraction/{name}"] = float(dropped / routed.clamp_min(1))
     return fractions
 
 

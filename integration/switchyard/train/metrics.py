@@ -30,10 +30,14 @@ class ExpertLoad:
         else:
             self.counts[name], self.dropped[name], self.routed[name] = counts.clone(), dropped.clone(), routed
 
-    def take(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        counts, dropped, routed = self.counts, self.dropped, self.routed
+    def take(self) -> dict[str, torch.Tensor]:
+        """Per layer ``[copies kept per expert (E)…, copies dropped, copies routed]`` as one float64 vector
+        (this rank's: sum it over the data-parallel group before taking shares or the dropped fraction)."""
+        out = {name: torch.cat([c.double().reshape(-1), self.dropped[name].double().reshape(1).to(c.device),
+                                torch.tensor([float(self.routed[name])], dtype=torch.float64, device=c.device)])
+               for name, c in self.counts.items()}
         self.counts, self.dropped, self.routed = {}, {}, {}
-        return counts, {k: float(dropped[k]) / max(1, routed[k]) for k in dropped}
+        return out
 
 
 class MetricsWriter:
@@ -47,15 +51,16 @@ class MetricsWriter:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
         if path.is_file():  # a resumed run recomputes the steps after its checkpoint: drop their old rows
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-            rows = [row for row in rows if row["step"] <= start_step]
+            rows = [row for row in _read_rows(path) if row["step"] <= start_step]
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
             # the heatmap covers the whole run, not only the steps after the resume
             self.load_history = [(row["step"], row["expert_load"]) for row in rows if "expert_load" in row]
         self._jsonl = open(path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        # purge_step: TensorBoard drops the killed run's events from the first recomputed step on (its event
+        # files stay in the directory; without it every step after the checkpoint is shown twice)
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         from tqdm import tqdm
 
         self._bar = tqdm(total=total_steps, initial=start_step, desc="fine-tune", dynamic_ncols=True)
@@ -91,8 +96,21 @@ class MetricsWriter:
         return write_expert_load_heatmap(self.load_history, self.run_dir / "expert_load.png")
 
 
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``; a job killed while writing leaves its last line torn, which is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def write_expert_load_heatmap(history: list[tuple[int, dict[str, list[float]]]], path: Path) -> Path | None:
-    """One panel per MoE layer: expert (y) × logged step (x), colour = fraction of the layer's token copies."""
+    """One panel per MoE layer: expert (y) × step (x), colour = fraction of the layer's token copies. A logged
+    row counts the steps since the previous one, so its cell spans them: logged steps need not be evenly spaced
+    (the last step, ``log_every`` changed at a resume)."""
     if not history:
         return None
     import matplotlib
@@ -101,12 +119,13 @@ def write_expert_load_heatmap(history: list[tuple[int, dict[str, list[float]]]],
     import matplotlib.pyplot as plt
 
     layers = list(history[-1][1])
-    steps = [s for s, _ in history]
+    step_edges = [0] + [s for s, _ in history]
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.6 + 1.2 * len(layers)), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers):
         grid = torch.tensor([fractions.get(layer, [0.0] * len(history[-1][1][layer])) for _, fractions in history]).T
-        image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
-                          extent=(steps[0] - 0.5, steps[-1] + 0.5, grid.shape[0] - 0.5, -0.5))
+        image = ax.pcolormesh(step_edges, torch.arange(grid.shape[0] + 1).numpy() - 0.5, grid.numpy(),
+                              cmap="viridis")
+        ax.invert_yaxis()  # expert 0 on top
         ax.set_ylabel("expert")
         ax.set_title(f"{layer}: fraction of token copies per expert", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.03)

@@ -219,3 +219,21 @@ def _invalid_everywhere():
 def test_invalid_settings_raise_before_any_group():
     errors = collect_rank_errors(_invalid_everywhere, 4, timeout_s=60)
     assert all(e is not None and "ep*etp = 3*1 = 3 does not divide tp*dp = 1*4 = 4" in e for e in errors), errors
+
+
+def _second_manager_replaces_the_first():
+    from deepspeed.utils import groups as ds_groups
+
+    from switchyard import ProcessGroupManager
+
+    ProcessGroupManager(ep=4)
+    manager = ProcessGroupManager(ep=2)
+    # DeepSpeed picks the largest registered ep group for its overflow check and for which ranks write
+    # checkpoint files: a stale ep_size_4 from the first manager would be chosen over ours
+    return (sorted(ds_groups._EXPERT_PARALLEL_GROUP), sorted(ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS),
+            ds_groups._get_max_expert_size_name(), manager.ep_group_name)
+
+
+def test_a_new_manager_replaces_the_previous_managers_deepspeed_groups():
+    for keys, rank_keys, largest, ours in run_on_ranks(_second_manager_replaces_the_first, 4, timeout_s=120):
+        assert keys == rank_keys == ["ep_size_2"] and largest == ours == "ep_size_2", (keys, rank_keys, largest)

@@ -107,7 +107,9 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float,
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+        # by name too: stacked expert biases ([E, out]) are 2-D, and like transformers' Trainer no bias decays
+        no = param.dim() < 2 or "norm" in name.lower() or "bias" in name.rsplit(".", 1)[-1].lower()
+        (no_decay if no else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     groups = [g for g in groups if g["params"]]

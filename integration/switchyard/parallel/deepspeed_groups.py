@@ -26,9 +26,20 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
+# Names the last manager put into DeepSpeed's registry. A new manager drops them: DeepSpeed picks the largest
+# registered ep group for its overflow check and its checkpoint writers, so a stale one must not linger.
+_REGISTERED: set[str] = set()
+
+
 def register_expert_groups(manager: "ProcessGroupManager") -> str:
-    """Put our ep/edp groups into DeepSpeed's registry; returns the group name used."""
+    """Put our ep/edp groups into DeepSpeed's registry (replacing a previous manager's); returns the name used."""
     name = manager.ep_group_name
+    for stale in _REGISTERED - {name}:
+        for registry in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+                         ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+            registry.pop(stale, None)
+    _REGISTERED.clear()
+    _REGISTERED.add(name)
     for registry, ranks_registry, kind in (
         (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS, "ep"),
         (ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS, "edp"),

@@ -162,10 +162,11 @@ def run_deepspeed_launcher(
     script: str | Path,
     num_ranks: int,
     script_args: list[str] | None = None,
-    timeout_s: float = 300.0,
+    timeout_s: float = 280.0,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``deepspeed --num_gpus N script args`` on CPU ranks; kills the whole process tree on timeout."""
+    """``deepspeed --num_gpus N script args`` on CPU ranks; kills the whole process tree on timeout (the default
+    stays below pytest-timeout's 300 s, so this kill, not pytest's, ends a hung launch: no orphaned ranks)."""
     launcher = Path(sys.executable).with_name("deepspeed")
     command = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script)]
     command += script_args or []

@@ -29,7 +29,7 @@ GLOBAL_BATCH = 8
 
 
 def finetune(ranks: int, out: Path, overrides: list[str], env: dict[str, str] | None = None,
-             timeout_s: float = 300) -> subprocess.CompletedProcess:
+             timeout_s: float = 280) -> subprocess.CompletedProcess:
     args = ["--config", CONFIG, f"output_dir={out}", *overrides]
     if ranks == 1:
         return run_script(REPO_ROOT / "launch" / "finetune.py", args, timeout_s=timeout_s, env=env)

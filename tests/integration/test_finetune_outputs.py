@@ -21,7 +21,7 @@ SMALL = ["parallel.ep=1", "data.seq_len=64", "train.warmup_steps=4", "train.eval
 
 def finetune(out: Path, overrides: list[str]) -> None:
     result = run_script(REPO_ROOT / "launch" / "finetune.py", ["--config", CONFIG, f"output_dir={out}", *SMALL,
-                                                              *overrides], timeout_s=300)
+                                                              *overrides], timeout_s=280)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 

@@ -108,7 +108,7 @@ def moe_config_from_hf(hf_config: Any, block_class_name: str, **overrides: Any) 
     if getattr(hf_config, "router_aux_loss_coef", None) is not None:
         fields["aux_loss_coef"] = float(hf_config.router_aux_loss_coef)
     if getattr(hf_config, "router_jitter_noise", None) is not None:
-        # HF Mixtral jitters the experts' input too; ours perturbs only the router's copy (training only).
+        # HF Mixtral jitters the experts' input too: _mixtral sets jitter_experts_input (training only).
         fields["router_jitter"] = float(hf_config.router_jitter_noise)
     fields.update(adapter.fields(hf_config))
     fields.update(overrides)

@@ -25,7 +25,7 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -223,9 +223,9 @@ def _publish(out: Path, index: dict[str, Any]) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _agree(error: BaseException | None, what: str) -> None:
+def agree(error: BaseException | None, what: str) -> None:
     """Raise on every rank if any rank failed ``what``: a rank raising alone would leave its peers blocked in
-    the next collective."""
+    the next collective. Collective: every rank calls it, with its own error or None."""
     failures = _gather(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
@@ -233,6 +233,18 @@ def _agree(error: BaseException | None, what: str) -> None:
     if failed:
         rank, msg = failed[0]
         raise CheckpointError(f"{what} failed on rank {rank}: {msg}")
+
+
+def on_every_rank(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on this rank; if it fails on any rank, it raises on every rank (``agree``)."""
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn(*args)
+    except Exception as err:  # noqa: BLE001 - raised again on this rank by agree
+        error = err
+    agree(error, what)
+    return result
 
 
 def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupManager | None" = None,
@@ -257,13 +269,8 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     max_bytes = _parse_size(max_shard_size)
     rank, out = dist.get_rank() if _distributed() else 0, Path(path)
     writes_experts = groups.rank("edp") == 0 if groups is not None else rank == 0
+    on_every_rank(f"save_pretrained({out})", lambda: _prepare(out) if rank == 0 else None)
     error: BaseException | None = None
-    if rank == 0:
-        try:
-            _prepare(out)
-        except Exception as err:  # noqa: BLE001 - raised again on this rank by _agree
-            error = err
-    _agree(error, f"save_pretrained({out})")
     state = model.state_dict()
     prefixes = tuple(f"{p}.experts." for p in moe_prefixes(model))
     expert_keys = [k for k in state if k.startswith(prefixes) and _EXPERT_KEY.match(k)]
@@ -280,7 +287,7 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     except Exception as err:  # noqa: BLE001 - disk full, permissions: the earlier checkpoint is still intact
         error = err
     try:
-        _agree(error, f"save_pretrained({out})")
+        agree(error, f"save_pretrained({out})")
     except BaseException:
         if rank == 0:
             for unpublished in _ours(out, _TMP):
@@ -299,9 +306,9 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
             files = {name for part in parts for name in part[0].values()}
             log.info("saved %s: %d tensors in %d files, experts from %d EP ranks", out,
                      sum(len(p[0]) for p in parts), len(files), ep, ranks=[0])
-        except Exception as err:  # noqa: BLE001 - raised again on this rank by _agree
+        except Exception as err:  # noqa: BLE001 - raised again on this rank by agree
             error = err
-    _agree(error, f"save_pretrained({out})")
+    agree(error, f"save_pretrained({out})")
 
 
 def _index(parts: list, record: dict, ep: int, expert_keys: list[str], num_experts: int) -> dict[str, Any]:
@@ -477,14 +484,7 @@ def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = Non
     """
     if groups is None or not _distributed():
         return _load(Path(path), groups, dtype, device)
-    model, error = None, None
-    try:
-        model = _load(Path(path), groups, dtype, device)
-    except Exception as err:  # noqa: BLE001 - raised again on this rank by _agree
-        error = err
-    _agree(error, f"from_pretrained({path})")
-    assert model is not None
-    return model
+    return on_every_rank(f"from_pretrained({path})", _load, Path(path), groups, dtype, device)
 
 
 def _load(path: Path, groups: "ProcessGroupManager | None", dtype: torch.dtype | None,

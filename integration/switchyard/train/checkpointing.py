@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -173,7 +173,9 @@ def _read_engine_state(file: Path) -> dict[str, Any]:
 def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int) -> None:
     """Restore this rank's optimizer partition, scheduler and counters (same layout only). A file missing or
     unreadable on any rank fails every rank (the others would wait for it in the first training step)."""
-    state = _on_every_rank(f"resuming from {path.parent}", _read_engine_state, path / f"rank{rank:05d}.pt")
+    from switchyard.hf.checkpoint import on_every_rank
+
+    state = on_every_rank(f"resuming from {path.parent}", _read_engine_state, path / f"rank{rank:05d}.pt")
     if engine.zero_optimization_stage() >= 1:
         # ZeRO indexes a list of every data-parallel rank's state by this rank's dp rank; ours is enough
         states = [None] * dp_size
@@ -186,20 +188,6 @@ def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int)
     engine.global_steps = state["global_steps"]
     engine.global_samples = state["global_samples"]
     engine.micro_steps = state["micro_steps"]
-
-
-def _on_every_rank(what: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on this rank; if it fails on any rank, raise on every rank (no rank left waiting)."""
-    from switchyard.hf.checkpoint import _agree
-
-    error: BaseException | None = None
-    result = None
-    try:
-        result = fn(*args)
-    except Exception as err:  # noqa: BLE001 - raised again on this rank by _agree
-        error = err
-    _agree(error, what)
-    return result
 
 
 def _prepare_dirs(root: Path, partial: Path) -> None:
@@ -227,16 +215,16 @@ def _publish(root: Path, partial: Path, final: Path, meta: dict[str, Any], keep:
 
 def save_checkpoint(engine, model, tokenizer, groups, root: Path, step: int, meta: dict[str, Any], keep: int) -> Path:
     """Collective: every rank calls it; a failure on any rank raises on every rank. Returns the final directory."""
-    from switchyard.hf.checkpoint import save_pretrained
+    from switchyard.hf.checkpoint import on_every_rank, save_pretrained
 
     rank = dist.get_rank()
     final = root / f"step_{step:06d}"
     partial = root / f"step_{step:06d}{PARTIAL}"
     what = f"saving checkpoint {final}"
-    _on_every_rank(what, lambda: _prepare_dirs(root, partial) if rank == 0 else None)
-    _on_every_rank(what, save_engine_state, engine, partial / "engine", rank)
+    on_every_rank(what, lambda: _prepare_dirs(root, partial) if rank == 0 else None)
+    on_every_rank(what, save_engine_state, engine, partial / "engine", rank)
     save_pretrained(model, partial / "model", groups=groups, tokenizer=tokenizer)
-    _on_every_rank(what, save_rng, partial / "rng", rank)
+    on_every_rank(what, save_rng, partial / "rng", rank)
     inject_fault("save", step)
-    _on_every_rank(what, lambda: _publish(root, partial, final, {**meta, "step": step}, keep) if rank == 0 else None)
+    on_every_rank(what, lambda: _publish(root, partial, final, {**meta, "step": step}, keep) if rank == 0 else None)
     return final

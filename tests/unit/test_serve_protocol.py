@@ -54,10 +54,11 @@ def test_requests_validate_types_and_ranges():
            dict(prompt="x", n=0), dict(prompt="x", stop=["a"] * 5), dict(prompt="x", stop=[""]), dict(prompt=3),
            dict(prompt=[]), dict(prompt="x", echo=True), dict(prompt="x", logprobs=21), dict(prompt="x", logprobs=-1),
            dict(prompt="x", max_tokens="a"),
-           dict(prompt="x", presence_penalty=0.5)]
+           dict(prompt="x", presence_penalty=0.5), dict(prompt="x", stream_options={"include_usage": True})]
     for fields in bad:
         with pytest.raises(ValidationError):
             P.CompletionRequest(model="m", **fields)
+    assert P.CompletionRequest(model="m", prompt="x", stream=True, stream_options={"include_usage": True}).stream
     for messages in ([], "hi", [{"role": "robot", "content": "x"}]):
         with pytest.raises(ValidationError):
             P.ChatCompletionRequest(model="m", messages=messages)

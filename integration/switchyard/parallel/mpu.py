@@ -1,8 +1,11 @@
 """The ``mpu`` object DeepSpeed's engine queries (Megatron's naming), backed by our groups.
 
 Every method DeepSpeed 0.19 calls on an mpu (``grep -rhoE "mpu\\.[a-z_]+" deepspeed/``) is here.
-"Model parallel" means tensor parallel, as in DeepSpeed's own PipelineParallelGrid; the pipeline
-group is reported separately.
+"Model parallel" means tensor parallel here; the pipeline group is reported separately. DeepSpeed is not of
+one mind: its PipelineParallelGrid's model-parallel group spans tp × pp (ZeRO's gradient-norm sum and the
+``mp_rank_XX`` checkpoint names assume that), while its inference and hybrid engines read the same methods as
+tensor parallel. With pp = 1, the only pipeline size fine-tuning accepts today (``RunConfig.check_world``), the
+two agree; pipeline parallelism has to settle it.
 """
 
 from __future__ import annotations

@@ -133,6 +133,9 @@ class _SamplingRequest(_Request):
     def _unsupported(self) -> "_SamplingRequest":
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty and frequency_penalty are not supported (leave them 0)")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true (a response that is not streamed "
+                             "carries its usage anyway)")  # OpenAI's and vLLM's 400
         return self
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from switchyard.config import MoEConfig
 from switchyard.moe.kernels import records_graph
+from switchyard.moe.kernels.ops import accumulation_dtype
 from switchyard.moe.kernels.router_fused import logits_grads_16bit, softmax_topk, softmax_topk_supported
 from switchyard.log import get_logger
 
@@ -44,7 +45,7 @@ class RouterOutput:
     loss); ``scores_TE`` is the unbiased softmax/sigmoid over all experts (input to balance losses).
     """
 
-    logits_TE: torch.Tensor  # fp32 raw router logits (float64 for a float64 router: see ``_routing_dtype``)
+    logits_TE: torch.Tensor  # fp32 raw router logits (float64 for a float64 router: see ``accumulation_dtype``)
     scores_TE: torch.Tensor  # fp32 softmax or sigmoid over all experts, before any bias
     topk_idx_TK: torch.Tensor  # int64 chosen experts
     topk_weight_TK: torch.Tensor  # fp32 final combine weights
@@ -60,15 +61,6 @@ def _tensor_core_pair(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> bool:
             and weight_EH.dtype == x_TH.dtype)
 
 
-def _routing_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """fp32, or float64 where an input is float64: routing is at least fp32, never a downcast (a float64
-    layer, e.g. under gradcheck, keeps float64 throughout)."""
-    acc = torch.float32
-    for dtype in dtypes:
-        acc = torch.promote_types(acc, dtype)
-    return acc
-
-
 def _autocast_off(x_TH: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast would run the router's fp32 GEMMs in its 16-bit dtype (bf16 logits, bf16 sigmoid weights);
     routing stays fp32 under it, as without it. A no-op context where autocast is off (the common case)."""
@@ -79,12 +71,12 @@ def _autocast_off(x_TH: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _linear_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` in fp32 (``_routing_dtype``). A 16-bit pair on CUDA runs one GEMM with fp32 output instead
+    """``x @ w.T`` in fp32 (``accumulation_dtype``). A 16-bit pair on CUDA runs one GEMM with fp32 output instead
     of two casts and an fp32 GEMM: a product of two 16-bit floats is exact in fp32 and the sums are fp32 either
     way, so only the summation order differs (2.6e-6 relative on an H200, olmoe router); one launch, not three."""
     if _tensor_core_pair(x_TH, weight_EH):
         return torch.mm(x_TH, weight_EH.t(), out_dtype=torch.float32)
-    acc = _routing_dtype(x_TH.dtype, weight_EH.dtype)
+    acc = accumulation_dtype(x_TH.dtype, weight_EH.dtype)
     with _autocast_off(x_TH):
         return F.linear(x_TH.to(acc), weight_EH.to(acc))
 
@@ -114,7 +106,7 @@ class _Fp32Logits(torch.autograd.Function):
         grad_x = grad_w = None
         if _tensor_core_pair(x_TH, weight_EH):
             return logits_grads_16bit(grad_TE, x_TH, weight_EH, *ctx.needs_input_grad)
-        acc = _routing_dtype(grad_TE.dtype, x_TH.dtype, weight_EH.dtype)
+        acc = accumulation_dtype(grad_TE.dtype, x_TH.dtype, weight_EH.dtype)
         grad_TE = grad_TE.to(acc)
         with _autocast_off(x_TH):
             if ctx.needs_input_grad[0]:
@@ -133,7 +125,7 @@ def router_logits_fp32(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Ten
 
 
 def _softmax_fp32(logits_TE: torch.Tensor) -> torch.Tensor:
-    return F.softmax(logits_TE, dim=-1, dtype=_routing_dtype(logits_TE.dtype))
+    return F.softmax(logits_TE, dim=-1, dtype=accumulation_dtype(logits_TE.dtype))
 
 
 _SCORE_FUNCS = {"softmax": _softmax_fp32, "sigmoid": torch.sigmoid}

@@ -59,7 +59,9 @@ def _triton_ok(*tensors: torch.Tensor) -> bool:
 
 
 # -- PyTorch fallbacks (the kernels' math) ------------------------------------------------------------------
-def _acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32, or wider where an input is (float64 stays float64): what the PyTorch fallbacks and the router
+    accumulate in, never a downcast."""
     acc = torch.float32
     for d in dtypes:
         acc = torch.promote_types(acc, d)
@@ -72,7 +74,7 @@ def _gather_sum_torch(src_RH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Te
     hidden = src_RH.shape[-1]
     if num_tokens == 0 or src_RH.shape[0] == 0:
         return src_RH.new_zeros((num_tokens, hidden), dtype=out_dtype)
-    acc = _acc_dtype(src_RH.dtype, *([w_TK.dtype] if w_TK is not None else []))
+    acc = accumulation_dtype(src_RH.dtype, *([w_TK.dtype] if w_TK is not None else []))
     valid_TK1 = (idx_TK >= 0).unsqueeze(-1)
     rows_TKH = src_RH.index_select(0, idx_TK.clamp_min(0).reshape(-1)).view(num_tokens, top_k, hidden).to(acc)
     if w_TK is not None:
@@ -84,7 +86,7 @@ def _combine_backward_torch(grad_TH: torch.Tensor, y_RH: torch.Tensor, idx_TK: t
                             w_TK: torch.Tensor, need_w: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     num_tokens, top_k = idx_TK.shape
     rows, hidden = y_RH.shape
-    acc = _acc_dtype(grad_TH.dtype, y_RH.dtype, w_TK.dtype)
+    acc = accumulation_dtype(grad_TH.dtype, y_RH.dtype, w_TK.dtype)
     flat_valid = (idx_TK >= 0).reshape(-1)
     flat_idx = idx_TK.reshape(-1)
     g_T1H = grad_TH.to(acc).unsqueeze(1)
@@ -190,7 +192,7 @@ def silu_mul_forward(h_NO: torch.Tensor) -> torch.Tensor:
     fp32: float64 stays float64; one rounding), which autograd can differentiate."""
     if silu_mul_supported(h_NO):
         return _tk.silu_mul_fwd(h_NO)
-    gate_NF, up_NF = h_NO.to(_acc_dtype(h_NO.dtype)).chunk(2, dim=-1)
+    gate_NF, up_NF = h_NO.to(accumulation_dtype(h_NO.dtype)).chunk(2, dim=-1)
     return (F.silu(gate_NF) * up_NF).to(h_NO.dtype)
 
 
@@ -204,7 +206,7 @@ def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor, product_into_da:
     """
     if silu_mul_supported(h_NO) and h_NO.is_contiguous() and da_NF.is_contiguous():
         return _tk.silu_mul_bwd(h_NO, da_NF, out=h_NO, a_out=da_NF if product_into_da else None)
-    acc = _acc_dtype(h_NO.dtype, da_NF.dtype)
+    acc = accumulation_dtype(h_NO.dtype, da_NF.dtype)
     gate_NF, up_NF = h_NO.to(acc).chunk(2, dim=-1)
     sig_NF = torch.sigmoid(gate_NF)
     grad_NF = da_NF.to(acc)

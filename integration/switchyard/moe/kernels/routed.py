@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from switchyard.moe.kernels.ops import kernel_inputs_ok
+from switchyard.moe.kernels.ops import accumulation_dtype, kernel_inputs_ok
 
 try:  # Triton ships with CUDA torch; CPU-only installs (CI) go without it
     from switchyard.moe.kernels import routed_kernels as _rk
@@ -42,7 +42,7 @@ def routed_swiglu_combine_torch(x_TH: torch.Tensor, w1_LOH: torch.Tensor, w2_LHF
     """The kernels' math in PyTorch (any device and dtype); ``out_TH`` in x's dtype."""
     num_tokens, top_k = idx_TK.shape
     num_local = w1_LOH.shape[0]
-    acc = torch.promote_types(torch.promote_types(torch.float32, w1_LOH.dtype), x_TH.dtype)
+    acc = accumulation_dtype(w1_LOH.dtype, x_TH.dtype)
     local_TK = idx_TK - first_expert
     ok_TK = (local_TK >= 0) & (local_TK < num_local)
     if keep_TK is not None:

@@ -19,6 +19,15 @@ E, H, FF = 4, 16, 24
 IMPLS = ("swiglu_grouped", "swiglu_per_expert")
 
 
+@pytest.fixture(params=["late", "usual"])
+def down_grad_order(request, monkeypatch) -> str:
+    """Both orders of GEMM 2's weight gradient (swiglu_ffn.py's module doc), whatever the shapes' rule says."""
+    import switchyard.moe.swiglu_ffn as swiglu_mod
+
+    monkeypatch.setattr(swiglu_mod, "late_down_grad_saves_memory", lambda *shape: request.param == "late")
+    return request.param
+
+
 def _fwd_and_grads(ex: GroupedExperts, x: torch.Tensor, counts: list[int], cot: torch.Tensor) -> list[torch.Tensor]:
     ex.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
@@ -29,7 +38,7 @@ def _fwd_and_grads(ex: GroupedExperts, x: torch.Tensor, counts: list[int], cot: 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("counts", [[5, 0, 7, 3], [0, 9, 0, 0], [0, 0, 0, 0]])
-def test_equals_autograd_loop_fp32(impl: str, counts: list[int]) -> None:
+def test_equals_autograd_loop_fp32(impl: str, counts: list[int], down_grad_order: str) -> None:
     torch.manual_seed(0)
     ex = GroupedExperts(E, H, FF)
     x, cot = torch.randn(sum(counts), H), torch.randn(sum(counts), H)
@@ -44,7 +53,7 @@ def test_equals_autograd_loop_fp32(impl: str, counts: list[int]) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_bf16_rounds_like_the_fused_kernels(impl: str) -> None:
+def test_bf16_rounds_like_the_fused_kernels(impl: str, down_grad_order: str) -> None:
     """bf16 against an fp64 reference: the same error level as the autograd grouped composition's."""
     torch.manual_seed(0)
     counts = [12, 4, 0, 16]
@@ -59,7 +68,7 @@ def test_bf16_rounds_like_the_fused_kernels(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_expanded_grad_and_no_grad_forward(impl: str) -> None:
+def test_expanded_grad_and_no_grad_forward(impl: str, down_grad_order: str) -> None:
     torch.manual_seed(0)
     ex = GroupedExperts(E, H, FF, impl=impl)
     counts = torch.tensor([3, 1, 0, 4])
@@ -91,7 +100,7 @@ def test_saves_x_and_h_only() -> None:
         assert activations == [(n, H), (n, 2 * FF)], (impl, packed)  # x for GEMM 1, h for the SwiGLU
 
 
-def test_second_backward_is_an_error_not_wrong_grads() -> None:
+def test_second_backward_is_an_error_not_wrong_grads(down_grad_order: str) -> None:
     ex = GroupedExperts(E, H, FF, impl="swiglu_grouped")
     y = ex(torch.randn(8, H, requires_grad=True), torch.tensor([2, 2, 2, 2]))
     y.sum().backward(retain_graph=True)
@@ -126,7 +135,7 @@ def test_auto_picks_per_expert_gemms_only_for_few_big_experts_in_training(monkey
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing_gives_the_same_grads(impl: str, use_reentrant: bool) -> None:
+def test_activation_checkpointing_gives_the_same_grads(impl: str, use_reentrant: bool, down_grad_order: str) -> None:
     """Under torch.utils.checkpoint the saved h is a recomputed tensor that the backward overwrites in
     place; the gradients must equal those of the plain graph."""
     from torch.utils.checkpoint import checkpoint
@@ -147,7 +156,7 @@ def test_activation_checkpointing_gives_the_same_grads(impl: str, use_reentrant:
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backward_on_cuda_matches_the_loop(impl: str, dtype: torch.dtype) -> None:
+def test_triton_backward_on_cuda_matches_the_loop(impl: str, dtype: torch.dtype, down_grad_order: str) -> None:
     """On CUDA the backward is one Triton pass writing the SwiGLU gradient over h and the recomputed product
     over its gradient: against autograd's loop (fp32: the loop's tolerance; bf16: an fp64 reference)."""
     torch.manual_seed(0)
@@ -195,3 +204,70 @@ def test_silu_mul_backward_product_into_da_on_cpu(dtype: torch.dtype) -> None:
     got_dh = silu_mul_backward_(h_NO, da_NF, product_into_da=True)
     torch.testing.assert_close(da_NF, want_a, rtol=0, atol=0)
     torch.testing.assert_close(got_dh, want_dh, rtol=0, atol=0)
+
+
+def test_late_down_grad_rule_on_the_benchmark_shapes() -> None:
+    """Late where GEMM 2's weight gradient outweighs its operands (8192 tokens: mixtral, qwen3), not elsewhere."""
+    from switchyard.moe.swiglu_ffn import late_down_grad_saves_memory
+
+    assert late_down_grad_saves_memory(8192 * 2, 8, 4096, 14336)  # mixtral: 0.44 + 0.125 vs 0.875 GiB
+    assert late_down_grad_saves_memory(8192 * 8, 128, 2048, 768)  # qwen3: 352 vs 384 MiB
+    assert not late_down_grad_saves_memory(8192 * 8, 64, 2048, 1024)  # olmoe
+    assert not late_down_grad_saves_memory(8192 * 2, 8, 1536, 4096)  # the fine-tune benchmark's model
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_late_order_writes_down_proj_grad_after_gate_up_grad(impl: str, down_grad_order: str) -> None:
+    """The late order's point: down_proj's gradient arrives after GEMM 1's backward (when grad_h is gone)."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(E, H, FF, impl=impl)
+    arrived: list[str] = []
+    for name in ("gate_up_proj", "down_proj"):
+        getattr(ex, name).register_post_accumulate_grad_hook(lambda p, name=name: arrived.append(name))
+    ex(torch.randn(16, H, requires_grad=True), torch.tensor([4, 4, 4, 4])).sum().backward()
+    want = ["gate_up_proj", "down_proj"] if down_grad_order == "late" else ["down_proj", "gate_up_proj"]
+    assert arrived == want
+
+
+def test_late_order_only_with_an_input_gradient(down_grad_order: str) -> None:
+    """Frozen inputs (no grad into x) keep the usual order: the sink's backward would never run."""
+    torch.manual_seed(0)
+    ex = GroupedExperts(E, H, FF, impl="swiglu_grouped")
+    ex(torch.randn(16, H), torch.tensor([4, 4, 4, 4])).sum().backward()
+    assert ex.down_proj.grad is not None and ex.gate_up_proj.grad is not None
+    ex.zero_grad(set_to_none=True)
+    x = torch.randn(16, H, requires_grad=True)
+    (g_x, g_down) = torch.autograd.grad(ex(x, torch.tensor([4, 4, 4, 4])).sum(), [x, ex.down_proj])
+    ex.impl = "loop"
+    want_x, want_down = torch.autograd.grad(ex(x, torch.tensor([4, 4, 4, 4])).sum(), [x, ex.down_proj])
+    torch.testing.assert_close(g_x, want_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_down, want_down, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+def test_late_order_lowers_the_backward_peak_on_cuda(impl: str, monkeypatch) -> None:
+    """On a mixtral-like layer (few wide experts) the late order's backward peak is lower by about
+    down_proj's gradient minus the operands it keeps (swiglu_ffn.py's module doc)."""
+    import switchyard.moe.swiglu_ffn as swiglu_mod
+
+    e, h, ff, rows = 8, 1024, 3584, 2048
+    assert swiglu_mod.late_down_grad_saves_memory(rows, e, h, ff)
+    counts = torch.tensor([rows // e] * e)
+    ex = GroupedExperts(e, h, ff, dtype=torch.bfloat16, device="cuda", impl=impl)
+    x = torch.randn(rows, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    peaks = {}
+    for late in (False, True, False, True):
+        monkeypatch.setattr(swiglu_mod, "late_down_grad_saves_memory", lambda *shape, late=late: late)
+        ex.zero_grad(set_to_none=True)
+        x.grad = None
+        y = ex(x, counts)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        y.sum().backward()
+        torch.cuda.synchronize()
+        peaks[late] = torch.cuda.max_memory_allocated() - base
+        del y
+    saved = (e * h * ff - rows * (h + ff)) * 2  # bytes: down_proj's bf16 gradient minus a [N, F] and grad [N, H]
+    assert peaks[False] - peaks[True] >= 0.8 * saved, (peaks, saved)

@@ -247,11 +247,12 @@ def test_late_order_only_with_an_input_gradient(down_grad_order: str) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
 def test_late_order_lowers_the_backward_peak_on_cuda(impl: str, monkeypatch) -> None:
-    """On a mixtral-like layer (few wide experts) the late order's backward peak is lower by about
-    down_proj's gradient minus the operands it keeps (swiglu_ffn.py's module doc)."""
+    """On a few-wide-experts layer the late order's backward peak is lower by what the module doc says:
+    min(E·H·F − N·(H + F), N·F) elements (down_proj's gradient against the operands kept for it, or what GEMM 1's
+    backward frees: its grad_h beyond them and its saved x_NH, which the layer does not keep otherwise)."""
     import switchyard.moe.swiglu_ffn as swiglu_mod
 
-    e, h, ff, rows = 8, 1024, 3584, 2048
+    e, h, ff, rows = 8, 1024, 3584, 4096  # the first term is the smaller: 10.5M vs 14.7M elements
     assert swiglu_mod.late_down_grad_saves_memory(rows, e, h, ff)
     counts = torch.tensor([rows // e] * e)
     ex = GroupedExperts(e, h, ff, dtype=torch.bfloat16, device="cuda", impl=impl)
@@ -261,7 +262,7 @@ def test_late_order_lowers_the_backward_peak_on_cuda(impl: str, monkeypatch) -> 
         monkeypatch.setattr(swiglu_mod, "late_down_grad_saves_memory", lambda *shape, late=late: late)
         ex.zero_grad(set_to_none=True)
         x.grad = None
-        y = ex(x, counts)
+        y = ex(x * 1.0, counts)  # x_NH held by the graph alone, as the layer's gathered rows are
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -269,5 +270,5 @@ def test_late_order_lowers_the_backward_peak_on_cuda(impl: str, monkeypatch) -> 
         torch.cuda.synchronize()
         peaks[late] = torch.cuda.max_memory_allocated() - base
         del y
-    saved = (e * h * ff - rows * (h + ff)) * 2  # bytes: down_proj's bf16 gradient minus a [N, F] and grad [N, H]
-    assert peaks[False] - peaks[True] >= 0.8 * saved, (peaks, saved)
+    saved = min(e * h * ff - rows * (h + ff), rows * ff) * 2  # bytes, bf16
+    assert 0.8 * saved <= peaks[False] - peaks[True] <= 1.2 * saved, (peaks, saved)

@@ -16,9 +16,11 @@ The layer's peak is GEMM 1's backward, where ``grad_h`` ``[N, 2F]`` and GEMM 1's
 ``late_down_grad`` it is not: ``_SwiGLUDown``'s backward leaves the output gradient and the product
 (``[N, H]`` + ``[N, F]``) in a ``_LateDownGrad`` box, and ``_DownGradSink`` — an identity on ``x_NH``, so
 autograd runs its backward right after GEMM 1's, when ``grad_h`` is freed — writes the weight gradient from
-them. It pays when ``E·H·F > N·(H + F)`` (``late_down_grad_saves_memory``): at 8192 tokens mixtral keeps
-0.31 GiB less at the peak, qwen3 32 MiB less; olmoe and the fine-tune benchmark's model would keep more and
-take the usual order. Same GEMMs, same element-wise passes, same values. Only when ``x_NH`` needs a gradient:
+them. The peak falls by ``min(E·H·F − N·(H + F), N·F)`` elements (the weight gradient against the operands
+kept for it; or, if smaller, what GEMM 1's backward frees before the sink runs: ``grad_h`` beyond those
+operands and its saved ``x_NH``), so it pays when ``E·H·F > N·(H + F)`` (``late_down_grad_saves_memory``): at
+8192 tokens mixtral keeps 0.31 GiB less at the peak (measured: 6.50 → 6.19 GB in benchmarks/moe_layer.py),
+qwen3 32 MiB less; olmoe and the fine-tune benchmark's model would keep more and take the usual order. Same GEMMs, same element-wise passes, same values. Only when ``x_NH`` needs a gradient:
 the sink's backward runs on it.
 
 Two GEMM backends, same math and the same saved tensors:

@@ -363,12 +363,13 @@ def _take_router_logits_flag(module: nn.Module, args: tuple, kwargs: dict) -> tu
     state["as_tuple"] = not return_dict
     if state["as_tuple"]:
         kwargs["return_dict"] = True
-    # padding (attention_mask 0) stays out of the balance loss, as in transformers' load_balancing_loss_func;
-    # a layer ignores a mask whose size is not its token count (a decode step with a cache, a 4-D mask)
+    # padding (attention_mask 0) stays out of the balance loss, as in transformers' load_balancing_loss_func,
+    # and out of expert capacity (training and eval: eval_capacity_factor runs under no_grad); a layer ignores
+    # a mask whose size is not its token count (a decode step with a cache); a 4-D mask is not read
     mask, position = kwargs.get("attention_mask"), state["mask_position"]
     if mask is None and position is not None and position < len(args):  # model(input_ids, attention_mask)
         mask = args[position]
-    token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 and torch.is_grad_enabled() else None
+    token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
     for layer in module._switchyard_moe_layers:
         layer.token_mask = token_mask
     return args, kwargs

@@ -74,13 +74,15 @@ class MoEStats:
     """Cheap per-forward metrics, detached; read them off the hot path (no host sync here)."""
 
     tokens_per_expert_E: torch.Tensor  # kept copies this rank routed to each global expert
-    routed_copies: int  # T * K before drops
+    # T * K before drops; under a capacity factor with a token_mask, real tokens' copies only (a scalar tensor:
+    # no host sync), as dropped_copies counts real copies only (padding is never kept, and not a drop)
+    routed_copies: int | torch.Tensor
     dropped_copies: torch.Tensor  # scalar tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def dropped_fraction(self) -> float:
-        return float(self.dropped_copies) / max(1, self.routed_copies)
+        return float(self.dropped_copies) / max(1.0, float(self.routed_copies))
 
     @property
     def imbalance(self) -> float:
@@ -118,8 +120,8 @@ class MoELayer(DeepSpeedMoEModule):
     cuda_graph: bool = False
     # shared experts computed while the dispatch all-to-all is in flight (ep > 1; their backward likewise)
     overlap_shared_experts: bool = True
-    # [B, S] or [T], 1 = real token: padding left out of the balance loss; set per forward by a patched HF
-    # model's hook (hf/patch.py); ignored when its size is not this call's token count
+    # [B, S] or [T], 1 = real token: padding left out of the balance loss and of expert capacity; set per
+    # forward by a patched HF model's hook (hf/patch.py); ignored when its size is not this call's token count
     token_mask: torch.Tensor | None = None
 
     def __init__(
@@ -311,24 +313,31 @@ class MoELayer(DeepSpeedMoEModule):
             first_expert=self.local_expert_ids[0], num_experts=self.num_experts)
         return self.dispatcher.reduce_replicated(out_TH), tokens_per_expert_E
 
+    def _real_tokens(self, topk_idx_TK: torch.Tensor) -> torch.Tensor | None:
+        """This call's ``token_mask`` as bool ``real_T``; None without one, or when its size is not T (a decode
+        step with a cache: the 2-D mask covers the cached positions too)."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != topk_idx_TK.shape[0]:
+            return None
+        return mask.reshape(-1).to(device=topk_idx_TK.device, dtype=torch.bool)
+
     def _capacity_mask(self, routed: RouterOutput) -> torch.Tensor | None:
+        """``keep_TK`` under this mode's capacity factor (None: dropless). Padding copies are never kept and
+        C counts real tokens, so padding neither crowds out real copies nor changes C (moe/capacity.py)."""
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
         if factor is None:
             return None
-        return capacity_keep_mask(
-            routed.topk_idx_TK, routed.topk_weight_TK, self.num_experts, factor, self.config.drop_policy
-        )
+        return capacity_keep_mask(routed.topk_idx_TK, routed.topk_weight_TK, self.num_experts, factor,
+                                  self.config.drop_policy, real_T=self._real_tokens(routed.topk_idx_TK))
 
     def _record(self, routed: RouterOutput, tokens_per_expert_E: torch.Tensor, keep_TK, batch_size: int) -> None:
         cfg = self.config
         losses: dict[str, torch.Tensor] = {}
         if torch.is_grad_enabled():
             if cfg.aux_loss_coef > 0:
-                mask = self.token_mask
-                if mask is not None and mask.numel() != routed.topk_idx_TK.shape[0]:
-                    mask = None
-                losses["load_balancing"] = load_balancing_loss(
-                    _balance_probs(routed.scores_TE, cfg.score_func), routed.topk_idx_TK, self.num_experts, mask)
+                losses["load_balancing"] = load_balancing_loss(_balance_probs(routed.scores_TE, cfg.score_func),
+                                                               routed.topk_idx_TK, self.num_experts,
+                                                               self._real_tokens(routed.topk_idx_TK))
             if cfg.seq_aux_loss_coef > 0:
                 losses["sequence_balance"] = sequence_balance_loss(
                     routed.scores_TE, routed.topk_idx_TK, self.num_experts, batch_size
@@ -339,8 +348,14 @@ class MoELayer(DeepSpeedMoEModule):
         self.aux_loss = sum((coefs[k] * v for k, v in losses.items()), torch.zeros((), device=routed.logits_TE.device)) if losses else None
         self.last_router_output = routed
         counts = tokens_per_expert_E.detach()
-        routed_copies = routed.topk_idx_TK.numel()
-        dropped = (~keep_TK).sum() if keep_TK is not None else torch.zeros((), dtype=torch.long, device=counts.device)
+        routed_copies: int | torch.Tensor = routed.topk_idx_TK.numel()
+        if keep_TK is None:
+            dropped = torch.zeros((), dtype=torch.long, device=counts.device)
+        elif (real_T := self._real_tokens(routed.topk_idx_TK)) is None:
+            dropped = (~keep_TK).sum()
+        else:  # padding copies are never kept; not drops of real tokens
+            dropped = (~keep_TK & real_T[:, None]).sum()
+            routed_copies = real_T.sum() * keep_TK.shape[1]
         self.last_stats = MoEStats(counts, routed_copies, dropped, {k: v.detach() for k, v in losses.items()})
         if self.training and cfg.expert_bias:
             # a copy: under cuda_graph ``counts`` is a graph buffer that the next replay overwrites

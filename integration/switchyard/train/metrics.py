@@ -22,7 +22,7 @@ class ExpertLoad:
         self.dropped: dict[str, torch.Tensor] = {}
         self.routed: dict[str, int] = {}
 
-    def add(self, name: str, counts: torch.Tensor, dropped: torch.Tensor, routed: int) -> None:
+    def add(self, name: str, counts: torch.Tensor, dropped: torch.Tensor, routed: int | torch.Tensor) -> None:
         if name in self.counts:
             self.counts[name] = self.counts[name] + counts
             self.dropped[name] = self.dropped[name] + dropped

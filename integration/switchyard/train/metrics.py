@@ -20,7 +20,7 @@ class ExpertLoad:
     def __init__(self) -> None:
         self.counts: dict[str, torch.Tensor] = {}
         self.dropped: dict[str, torch.Tensor] = {}
-        self.routed: dict[str, int] = {}
+        self.routed: dict[str, int | torch.Tensor] = {}
 
     def add(self, name: str, counts: torch.Tensor, dropped: torch.Tensor, routed: int | torch.Tensor) -> None:
         if name in self.counts:

@@ -130,6 +130,23 @@ def autoep_kernel(experts: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``, else a parser error naming the value and the range.
+    Counts such as ``--iters 0`` used to be swapped for the default (``args.iters or 20``) or run as given;
+    with this type an omitted option is still None (its default), and a given one is used or refused."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass an integer >= {minimum}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; pass an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"  # argparse names the type by it in its own messages
+    return parse
+
+
 def resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace, default_out: Path, tiny_name: str,
                 cpu_warning: str) -> None:
     """``args.out``: ``default_out`` (the committed results), or a temp file ``tiny_name`` with ``--tiny``,

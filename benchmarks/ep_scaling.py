@@ -68,7 +68,8 @@ if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout withou
     sys.path.insert(0, str(REPO_ROOT / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, moe_layer sit here, also when loaded by path
 
-from bench_common import _git_commit, _versions, launcher_prefix, synchronize, time_step_ms  # noqa: E402
+from bench_common import (  # noqa: E402
+    _git_commit, _versions, int_at_least, launcher_prefix, synchronize, time_step_ms)
 from moe_layer import SHAPES, TINY_SHAPES, Shape  # noqa: E402  one source of truth for shapes
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "ep_scaling.json"
@@ -303,15 +304,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", nargs="+", choices=list(SHAPES), default=None,
                    help="default: all three (olmoe with --tiny)")
     for name in ("hidden", "ffn", "experts", "top-k"):
-        p.add_argument(f"--{name}", type=int, default=None, help="override this field of one --shape")
-    p.add_argument("--ep-sizes", type=int, nargs="+", default=None, help="default: 1, 2, 4, … dividing the world")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per rank (default 8192; 64 with --tiny)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; 1 with --tiny)")
+        p.add_argument(f"--{name}", type=int_at_least(1), default=None, help="override this field of one --shape")
+    p.add_argument("--ep-sizes", type=int_at_least(1), nargs="+", default=None,
+                   help="default: 1, 2, 4, … dividing the world")
+    p.add_argument("--tokens", type=int_at_least(1), default=None,
+                   help="tokens per rank (default 8192; 64 with --tiny)")
+    p.add_argument("--iters", type=int_at_least(1), default=None, help="timed steps (default 20; 2 with --tiny)")
+    p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed steps (default 5; 1 with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, few steps: a CPU check of the logic")
     p.add_argument("--cost-model-only", action="store_true", help="print the cost model and exit")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shared-ffn", type=int, default=0,
+    p.add_argument("--shared-ffn", type=int_at_least(0), default=0,
                    help="add a gated shared expert of this FFN width (Qwen2-MoE style) and time the layer with its "
                         "overlap of the dispatch all-to-all on and off (alternating rounds); needs --no-autoep")
     p.add_argument("--no-autoep", dest="autoep", action="store_false",
@@ -323,11 +326,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available() and not args.tiny
     args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     args.dtype = torch.bfloat16 if cuda else torch.float32
-    args.tokens = args.tokens or (64 if args.tiny else 8192)
-    args.iters = args.iters or (2 if args.tiny else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    if args.tokens is None:
+        args.tokens = 64 if args.tiny else 8192
+    if args.iters is None:
+        args.iters = 2 if args.tiny else 20
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else 5
     args.shape = args.shape or (["olmoe"] if args.tiny else list(SHAPES))
-    overrides = {k: getattr(args, k) for k in ("hidden", "ffn", "experts", "top_k") if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in ("hidden", "ffn", "experts", "top_k") if getattr(args, k) is not None}
     if args.shared_ffn and args.autoep:
         p.error("--shared-ffn: the AutoEP layer here is Mixtral's, without a shared expert; add --no-autoep")
     if overrides and len(args.shape) != 1:

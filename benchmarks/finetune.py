@@ -101,8 +101,8 @@ if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout withou
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits here, also when loaded by path
 
 from bench_common import (  # noqa: E402
-    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, launcher_prefix,
-    mem_allocated, peak_gb, reset_peak, resolve_out, synchronize)
+    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, int_at_least,
+    launcher_prefix, mem_allocated, peak_gb, reset_peak, resolve_out, synchronize)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "finetune.json"
 ZERO2_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
@@ -721,23 +721,24 @@ def print_table(results: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
-    p.add_argument("--batch", type=int, default=None, help="micro-batch (default 8; 2 with --tiny)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default 1024; 32 with --tiny)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps, the first is the sanity step "
-                   "(default 3; 1 with --tiny)")
-    p.add_argument("--profile-steps", type=int, default=None,
+    p.add_argument("--batch", type=int_at_least(1), default=None, help="micro-batch (default 8; 2 with --tiny)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=None,
+                   help="sequence length, 2 or more for a next-token loss (default 1024; 32 with --tiny)")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="timed steps (default 20; 2 with --tiny)")
+    p.add_argument("--warmup", type=int_at_least(1), default=None, help="untimed steps, the first is the sanity "
+                   "step (default 3; 1 with --tiny)")
+    p.add_argument("--profile-steps", type=int_at_least(0), default=None,
                    help="steps under torch.profiler after timing (default 2 on CUDA, 0 otherwise)")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--tiny", action="store_true", help="tiny shape, fp32, 2 steps: a CPU test of the logic")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ep", type=int, default=1,
+    p.add_argument("--ep", type=int_at_least(1), default=1,
                    help="expert-parallel size = the launcher's world size (torchrun / deepspeed, one GPU per rank); "
                         "hf_grouped_mm is left out above 1")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=int_at_least(1), default=None,
                    help="rounds over the implementations, alternating forward and reverse order; the round with "
                         "the higher tokens/s is reported, all are listed (default 2 on CUDA, 1 otherwise)")
-    p.add_argument("--variant-moe-max-group-size", type=int, default=None, metavar="N",
+    p.add_argument("--variant-moe-max-group-size", type=int_at_least(1), default=None, metavar="N",
                    help="after the main runs, rerun switchyard and deepspeed_autoep with the MoE param-group "
                         "size cap set to N elements (an experiment; stored under 'variants')")
     p.add_argument("--variant-cuda-graph", action="store_true",
@@ -758,13 +759,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and args.device.index is None:
         args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    args.batch = args.batch or (2 if args.tiny else 8)
-    args.seq_len = args.seq_len or (32 if args.tiny else 1024)
-    args.steps = args.steps or (2 if args.tiny else 20)
+    if args.batch is None:
+        args.batch = 2 if args.tiny else 8
+    if args.seq_len is None:
+        args.seq_len = 32 if args.tiny else 1024
+    if args.steps is None:
+        args.steps = 2 if args.tiny else 20
     if args.rounds is None:
         args.rounds = 2 if args.device.type == "cuda" and not args.tiny else 1
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
-    args.warmup = max(args.warmup, 1)
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else 3
     if args.profile_steps is None:
         args.profile_steps = 2 if args.device.type == "cuda" and not args.tiny else 0
     resolve_out(p, args, DEFAULT_OUT, "finetune_tiny.json", "the full shape on CPU takes very long")

@@ -82,9 +82,9 @@ if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout withou
     sys.path.insert(0, str(REPO_ROOT / "integration"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits here, also when loaded by path
 
-from bench_common import (  # noqa: E402  (moe_decode.py and moe_layer_profile.py also use them as ml.<name>)
-    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, mem_allocated, peak_gb,
-    reset_peak, resolve_out, synchronize, time_back_to_back_ms, time_step_ms)
+from bench_common import (  # noqa: E402  (moe_decode, moe_layer_host, moe_layer_profile use them as ml.<name>)
+    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, int_at_least, mem_allocated,
+    peak_gb, reset_peak, resolve_out, synchronize, time_back_to_back_ms, time_step_ms)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "moe_layer.json"
 FLOPS_FORMULA = ("expert GEMMs only (router excluded): fwd = 2*tokens*K*(H*2F + F*H); "
@@ -692,27 +692,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", choices=[*SHAPES, *EXTRA_SHAPES], default=list(SHAPES))
     p.add_argument("--impls", nargs="+", choices=list(ALL_IMPLS), default=list(IMPLS))
-    p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 8192; 128 with --tiny)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; 2 with --tiny)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; 1 with --tiny)")
+    p.add_argument("--tokens", type=int_at_least(1), default=None,
+                   help="tokens per step (default 8192; 128 with --tiny)")
+    p.add_argument("--iters", type=int_at_least(1), default=None, help="timed steps (default 20; 2 with --tiny)")
+    p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed steps (default 5; 1 with --tiny)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="default bf16 on CUDA; fp32 on CPU with --tiny")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, few iterations: a CPU test of the logic")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int_at_least(1), default=1,
                    help="run every impl this many times per shape, odd rounds in reverse order; ms is the mean")
     p.add_argument("--out", type=Path, default=None,
                    help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO_ROOT)}; a temp file with --tiny)")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds {args.rounds}: at least 1")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and args.device.index is None:
         args.device = torch.device("cuda", torch.cuda.current_device())
-    args.tokens = args.tokens or (128 if args.tiny else 8192)
-    args.iters = args.iters or (2 if args.tiny else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
+    if args.tokens is None:
+        args.tokens = 128 if args.tiny else 8192
+    if args.iters is None:
+        args.iters = 2 if args.tiny else 20
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else 5
     args.dtype = args.dtype or ("fp32" if args.tiny and args.device.type == "cpu" else "bf16")
     resolve_out(p, args, DEFAULT_OUT, "moe_layer_tiny.json", "full shapes on CPU take very long")
     return args

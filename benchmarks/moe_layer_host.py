@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     # dense_ceiling has no layer forward to issue (its step is six GEMMs)
     p.add_argument("--impls", nargs="+", choices=[i for i in ml.ALL_IMPLS if i != "dense_ceiling"],
                    default=["switchyard"])
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=ml.int_at_least(1), default=20)
     p.add_argument("--import-deps", action="store_true")
     p.add_argument("--trace-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)

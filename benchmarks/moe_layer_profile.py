@@ -275,19 +275,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shapes", nargs="+", choices=list(ml.SHAPES), default=list(ml.SHAPES))
     p.add_argument("--modes", nargs="+", choices=("fused", "unfused"), default=["fused", "unfused"])
     p.add_argument("--no-autoep", action="store_true")
-    p.add_argument("--tokens", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--stage-reps", type=int, default=None)
-    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--tokens", type=ml.int_at_least(1), default=None)
+    p.add_argument("--iters", type=ml.int_at_least(1), default=None)
+    p.add_argument("--warmup", type=ml.int_at_least(0), default=None)
+    p.add_argument("--stage-reps", type=ml.int_at_least(1), default=None)
+    p.add_argument("--profile-steps", type=ml.int_at_least(1), default=3)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    args.tokens = args.tokens or (128 if args.tiny else 8192)
-    args.iters = args.iters or (2 if args.tiny else 20)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
-    args.stage_reps = args.stage_reps or (1 if args.tiny else 5)
+    if args.tokens is None:
+        args.tokens = 128 if args.tiny else 8192
+    if args.iters is None:
+        args.iters = 2 if args.tiny else 20
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else 5
+    if args.stage_reps is None:
+        args.stage_reps = 1 if args.tiny else 5
     args.out = args.out or (Path(tempfile.gettempdir()) / "moe_layer_profile_tiny.json" if args.tiny else DEFAULT_OUT)
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
     shapes = ml.TINY_SHAPES if args.tiny else ml.SHAPES

@@ -41,7 +41,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits here
-from bench_common import _git_commit  # noqa: E402  (SWITCHYARD_GIT_COMMIT wins: the device's tree lacks .git)
+from bench_common import _git_commit, int_at_least  # noqa: E402  (_git_commit: the device's tree lacks .git)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "serve.json"
 FULL = dict(hidden_size=1024, num_hidden_layers=16, num_experts=64, num_experts_per_tok=8, moe_intermediate_size=512,
@@ -201,6 +201,11 @@ def load_test(model_dir: Path, ep: int, clients: int, requests: int, prompt_len:
     return summary
 
 
+def batch_sizes(text: str) -> list[int]:
+    """``--batches 1,16,64``: each a batch size >= 1 (argparse names a bad one and the range)."""
+    return [int_at_least(1)(part) for part in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small model, few tokens: a CPU logic check")
@@ -208,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"result JSON (default {DEFAULT_OUT}; --tiny: a temp file)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
-    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16,64; --tiny 1,4)")
+    parser.add_argument("--batches", type=batch_sizes, default=None,
+                        help="comma-separated batch sizes (default 1,16,64; --tiny 1,4)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per sequence (128; --tiny 8)")
-    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (128; --tiny 16)")
-    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks for the load test's server")
-    parser.add_argument("--clients", type=int, default=None, help="concurrent streaming clients (32; --tiny 4)")
+    parser.add_argument("--prompt-len", type=int_at_least(1), default=None, help="prompt tokens (128; --tiny 16)")
+    parser.add_argument("--ep", type=int_at_least(1), default=1,
+                        help="expert-parallel ranks for the load test's server")
+    parser.add_argument("--clients", type=int_at_least(1), default=None,
+                        help="concurrent streaming clients (32; --tiny 4)")
     parser.add_argument("--skip-load-test", action="store_true")
     parser.add_argument("--skip-generate", action="store_true", help="only switchyard in the decode comparison")
     args = parser.parse_args(argv)
@@ -222,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shape = TINY if args.tiny else FULL
-    batches = [int(b) for b in (args.batches or ("1,4" if args.tiny else "1,16,64")).split(",")]
-    new_tokens = args.new_tokens or (8 if args.tiny else 128)
-    prompt_len = args.prompt_len or (16 if args.tiny else 128)
-    clients = args.clients or (4 if args.tiny else 32)
+    batches = args.batches if args.batches is not None else ([1, 4] if args.tiny else [1, 16, 64])
+    new_tokens = args.new_tokens if args.new_tokens is not None else (8 if args.tiny else 128)
+    prompt_len = args.prompt_len if args.prompt_len is not None else (16 if args.tiny else 128)
+    clients = args.clients if args.clients is not None else (4 if args.tiny else 32)
     out = args.out or (Path(tempfile.mkdtemp(prefix="serve-bench-")) / "serve.json" if args.tiny else DEFAULT_OUT)
 
     import transformers

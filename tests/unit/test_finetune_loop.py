@@ -73,6 +73,13 @@ def test_throughput_counts_prompt_tokens_and_not_padding():
     assert batch_tokens({"input_ids": torch.ones(2, 4), "labels": labels, "attention_mask": mask}) == (7, 4)
 
 
+def test_a_rows_first_label_is_no_loss_token():
+    """The model shifts labels: position 0 is never predicted, so it has no loss (transformers' Trainer counts
+    ``labels[..., 1:]`` for ``num_items_in_batch`` too). Counted, it would shrink every loss token's weight."""
+    labels = torch.tensor([[4, -100, -100], [4, 5, -100]])
+    assert batch_tokens({"input_ids": torch.ones(2, 3), "labels": labels}) == (6, 1)
+
+
 def launcher():
     spec = importlib.util.spec_from_file_location("finetune_launcher", REPO_ROOT / "launch" / "finetune.py")
     module = importlib.util.module_from_spec(spec)
@@ -290,3 +297,27 @@ def test_heatmap_cells_span_the_steps_each_logged_row_counts(tmp_path):
     rows = [(b.sum(), d.sum()) for b, d in zip(bright, dark) if b.sum() + d.sum() > 100]
     assert len(rows) > 50
     assert all(min(b, d) / (b + d) < 0.2 for b, d in rows), rows[len(rows) // 2]
+
+
+def test_token_weighting_follows_transformers_rule_for_loss_kwargs() -> None:
+    """The loop passes num_items_in_batch only to models whose loss honours it (transformers' Trainer's rule)."""
+    import torch.nn as nn
+
+    from switchyard.train.loop import accepts_loss_kwargs
+    from tiny_models import build
+
+    assert accepts_loss_kwargs(build("llama"))
+    assert accepts_loss_kwargs(build("mixtral"))
+
+    class NoKwargs(nn.Module):
+        def forward(self, input_ids, labels=None):
+            return input_ids
+
+    class SaysNo(NoKwargs):
+        accepts_loss_kwargs = False
+
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    assert not accepts_loss_kwargs(NoKwargs())
+    assert not accepts_loss_kwargs(SaysNo())

@@ -4,12 +4,14 @@
 
 Order of work: validate the config against the world → build every group → fill the DeepSpeed JSON → find
 the checkpoint to resume (and check its settings) → model (patched, this rank's experts only) → data →
-DeepSpeed engine with MoE parameter groups → steps (router losses in the loss, expert-bias updates, metrics, eval, atomic checkpoints).
+DeepSpeed engine with MoE parameter groups → steps (LM loss per loss token of the global batch, router losses in
+the loss, expert-bias updates, metrics, eval, atomic checkpoints).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from pathlib import Path
@@ -115,10 +117,52 @@ def total_steps(config: RunConfig, batches: StepBatches, start_step: int = 0) ->
 
 def batch_tokens(micro: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(tokens processed, tokens with a loss) of a host micro-batch: throughput counts every real token,
-    prompts included; padding (``attention_mask`` 0) is not a token."""
+    prompts included; padding (``attention_mask`` 0) is not a token. A row's first label is never predicted
+    (the model shifts labels), so loss tokens are counted from the second, as transformers' Trainer does."""
     mask = micro.get("attention_mask")
     processed = int(mask.sum()) if mask is not None else micro["input_ids"].numel()
-    return processed, int((micro["labels"] != -100).sum())
+    return processed, int((micro["labels"][:, 1:] != -100).sum())
+
+
+def lm_loss_divisor(micro_batches: list[dict[str, torch.Tensor]], groups, device: torch.device) -> tuple[int, float]:
+    """(loss tokens of the global batch, what each micro-batch's summed token losses are divided by).
+
+    Every loss token of the global batch (all micro-batches of all dp ranks) weighs the same, as in transformers'
+    Trainer with ``num_items_in_batch`` and ``average_tokens_across_devices``: a micro-batch with few loss tokens
+    (or none: 0, not 0/0) counts for its tokens, not as much as a full one. DeepSpeed's engine divides gradients
+    by gradient_accumulation_steps (``len(micro_batches)``) and averages them over dp, so the divisor is global
+    loss tokens / (accumulation × dp). Counted on the host batches; one all-reduce before the first forward."""
+    local = sum(batch_tokens(micro)[1] for micro in micro_batches)
+    [mean] = _dp_means([torch.tensor(float(local), device=device)], groups)
+    dp_size = groups.size("dp")
+    global_loss_tokens = round(mean * dp_size)
+    return global_loss_tokens, max(global_loss_tokens, 1) / (len(micro_batches) * dp_size)
+
+
+def accepts_loss_kwargs(model: torch.nn.Module) -> bool:
+    """Whether the model's loss honours ``num_items_in_batch``: transformers' Trainer's rule (the class's
+    ``accepts_loss_kwargs`` where it says, else a ``**kwargs`` in ``forward``), since a model that drops the
+    keyword would return its per-micro-batch mean, silently scaled by the divisor's inverse."""
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's forward and backward; returns its (LM, router) losses, detached.
+
+    The model sums its token losses and divides by ``lm_divisor`` (transformers' ``num_items_in_batch``); the
+    router losses that the ``patch_model`` hook adds to ``loss`` stay a per-micro-batch mean, so DeepSpeed
+    averages them over micro-batches and ranks as before. ``lm_divisor`` None (a model whose loss ignores the
+    keyword): the model's own per-micro-batch mean."""
+    out = engine(**micro) if lm_divisor is None else engine(**micro, num_items_in_batch=lm_divisor)
+    engine.backward(out.loss)
+    aux = out.get("aux_loss")
+    if aux is None:
+        return out.loss.detach(), torch.zeros((), device=out.loss.device)
+    return (out.loss - aux).detach(), aux.detach()
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -192,6 +236,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     load = ExpertLoad()
     device = engine.device
     matmul_params = _matmul_params(model)
+    token_weighted = accepts_loss_kwargs(model)
+    if not token_weighted:
+        log.warning("%s's loss ignores num_items_in_batch: each micro-batch's LM loss is its own per-token mean, "
+                    "weighted equally (a micro-batch without loss tokens gives NaN)", type(model).__name__, ranks=[0])
     meta = {"world_size": world, "ep": groups.size("ep"), "dp": dp_size, "zero_stage": stage,
             "config": config.to_dict()}
     history: list[float] = []
@@ -200,21 +248,26 @@ def train(config: RunConfig) -> dict[str, Any]:
     for step in range(start_step, steps):
         started = time.perf_counter()
         engine.train()
-        lm_losses, aux_losses, tokens, loss_tokens = [], [], 0, 0
+        lm_losses, aux_losses, tokens = [], [], 0
         grad_norm = None
         lr = engine.lr_scheduler.get_last_lr()[0]  # this step's: engine.step() moves the scheduler on
-        for micro in batches.next_step():
-            processed, with_loss = batch_tokens(micro)  # on the host batch: no device sync
-            tokens, loss_tokens = tokens + processed, loss_tokens + with_loss
+        micro_batches = batches.next_step()
+        loss_tokens, lm_divisor = lm_loss_divisor(micro_batches, groups, device)
+        if not token_weighted:
+            lm_divisor = None
+        if loss_tokens == 0:
+            log.warning("step %d: no label of the global batch is predicted (all -100 after the shift); only the "
+                        "router losses train this step. Check data.seq_len against the prompts' length",
+                        step + 1, ranks=[0])
+        for micro in micro_batches:
+            tokens += batch_tokens(micro)[0]  # on the host batch: no device sync
             micro = {k: v.to(device) for k, v in micro.items()}
-            out = engine(**micro)
-            engine.backward(out.loss)
+            lm_loss, aux_loss = forward_backward(engine, micro, lm_divisor)
             if own_clipping and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_global_grad_norm_(model, t.clip, groups.group("ep"))
             engine.step()
-            aux = out.get("aux_loss")
-            lm_losses.append((out.loss - aux).detach() if aux is not None else out.loss.detach())
-            aux_losses.append(aux.detach() if aux is not None else torch.zeros((), device=device))
+            lm_losses.append(lm_loss)
+            aux_losses.append(aux_loss)
             for name, layer in layers.items():
                 stats = layer.last_stats
                 load.add(name, stats.tokens_per_expert_E, stats.dropped_copies, stats.routed_copies)
@@ -223,10 +276,11 @@ def train(config: RunConfig) -> dict[str, Any]:
         checkpointing.inject_fault("step", step + 1)
         engine_norm = engine.get_global_grad_norm() if grad_norm is None else None
         norm_t = [engine_norm] if torch.is_tensor(engine_norm) else []
-        # token counts as dp means × dp: ranks' counts differ when padding does (unpacked or chat data)
-        loss, router_loss, mean_tokens, mean_loss_tokens, *norm_v = _dp_means(
-            [torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean(), torch.tensor(float(tokens)),
-             torch.tensor(float(loss_tokens))], groups, extra=norm_t)
+        # the LM losses' mean over micro-batches and ranks is the global batch's mean per loss token (each was
+        # divided by lm_divisor); token counts as dp means × dp: ranks' counts differ when padding does
+        loss, router_loss, mean_tokens, *norm_v = _dp_means(
+            [torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean(), torch.tensor(float(tokens))],
+            groups, extra=norm_t)
         if grad_norm is None:
             grad_norm = norm_v[0] if norm_v else float(engine_norm or 0.0)
         history.append(loss)
@@ -240,7 +294,7 @@ def train(config: RunConfig) -> dict[str, Any]:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": global_tokens / elapsed,
-            "loss_tokens": round(mean_loss_tokens * dp_size),
+            "loss_tokens": loss_tokens,
         }
         if device.type == "cuda":
             values["mfu"] = 6 * matmul_params * global_tokens / elapsed / (H200_BF16_PEAK_FLOPS * world)

@@ -121,7 +121,7 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     import switchyard as sy
 
-    model = sy.from_pretrained(args.model)
+    model = sy.from_pretrained(args.model)  # puts back a checkpoint a killed re-save left aside
     out = sy.export_hf(model, args.out, tokenizer=_tokenizer_of(args.model))
     print(f"wrote {out}")
     return 0
@@ -146,8 +146,9 @@ def _planned_model(args: argparse.Namespace) -> Any:
     from transformers import AutoConfig
 
     import switchyard as sy
-    from switchyard.hf.checkpoint import CONFIG_KEY, _repatch, empty_model
+    from switchyard.hf.checkpoint import CONFIG_KEY, _repatch, empty_model, recover_interrupted_save
 
+    recover_interrupted_save(args.model)  # a killed re-save leaves the checkpoint aside; put it back
     config = AutoConfig.from_pretrained(args.model)
     record = getattr(config, CONFIG_KEY, None)
     if record:

@@ -8,6 +8,9 @@ Layout (see docs/checkpoints.md): global rank 0 writes the dense tensors once
 experts (``experts-ep{r:03d}-of-{ep:03d}-00001-of-0000N.safetensors``), keyed by *global* expert id
 (``…mlp.experts.{id}.gate_up_proj``); rank 0 writes one ``model.safetensors.index.json`` covering every
 key of the whole model, plus ``config.json`` carrying the ``switchyard`` record that rebuilds the model.
+Everything is written into ``.<name>.saving`` beside ``out`` and swapped in by two renames (``out`` aside to
+``.<name>.replaced``, then the new directory into place): a kill between them leaves ``out`` missing, and the
+next load or save renames the earlier checkpoint back (``recover_interrupted_save``).
 
 Loading rebuilds the model with parameters on the meta device (no memory for weights, not even the
 dense FFNs or HF experts that patching replaces), re-patches it from the record, and reads exactly this
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -44,8 +48,9 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
-_TMP = ".tmp"  # suffix of files written but not yet published (see _publish)
-_OUR_FILES = re.compile(r"^(dense|experts-ep\d+-of-\d+)-\d{5}-of-\d{5}\.safetensors$")
+# Shards, never carried from the earlier save into a new one (nor the ``.tmp`` shards that saves before the
+# directory swap left behind when interrupted)
+_OUR_FILES = re.compile(r"^(dense|experts-ep\d+-of-\d+)-\d{5}-of-\d{5}\.safetensors(\.tmp)?$")
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<id>\d+)\.(?P<name>" + "|".join(EXPERT_PARAM_NAMES) + r")$")
 # Initializers that need real weights (drop_upcycle reads the dense statistics); rebuilding only needs
 # the shapes, which these share with the substitute, and every tensor is overwritten by the load.
@@ -169,9 +174,7 @@ def _drop_tied(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], out: Path, stem: str, max_bytes: int) -> tuple[dict[str, str], int]:
-    """Greedy shards of at most ``max_bytes`` (a bigger tensor gets its own); returns key→file, bytes.
-
-    Files are written as ``<name>.tmp``; ``_publish`` renames them once every writer is done."""
+    """Greedy shards of at most ``max_bytes`` (a bigger tensor gets its own); returns key→file, bytes."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in tensors.items():
@@ -184,43 +187,132 @@ def _write_shards(tensors: dict[str, torch.Tensor], out: Path, stem: str, max_by
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.cpu() for k, v in shard.items()}, str(out / f"{name}{_TMP}"), metadata={"format": "pt"})
+        save_file({k: v.cpu() for k, v in shard.items()}, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
         total += sum(v.numel() * v.element_size() for v in shard.values())
     return weight_map, total
 
 
-def _ours(out: Path, suffix: str = "") -> list[Path]:
-    """Our shard files in ``out`` (``suffix=_TMP``: the unpublished ones of an unfinished save)."""
-    return [p for p in out.iterdir()
-            if p.name.endswith(suffix) and _OUR_FILES.match(p.name[:len(p.name) - len(suffix)])]
+# -- the directory swap ---------------------------------------------------------------------------------
+def swap_paths(out: Path) -> tuple[Path, Path]:
+    """(staging, aside) beside ``out``: where a save writes, and where the earlier checkpoint waits during the
+    swap. Both are hidden and named after ``out``, so a recovery finds them from ``out`` alone."""
+    return out.with_name(f".{out.name}.saving"), out.with_name(f".{out.name}.replaced")
 
 
-def _prepare(out: Path) -> None:
-    """Refuse a directory holding another model (its config.json and index would be overwritten), then
-    create ``out`` and drop the unpublished files of an earlier, interrupted save."""
+def recover_interrupted_save(path: str | Path) -> None:
+    """A save killed between its two renames leaves ``path`` missing and the earlier, complete checkpoint aside:
+    rename it back. Safe on several ranks at once (the one that loses the race finds ``path`` restored)."""
+    out = Path(path).resolve()  # as save_pretrained swaps it: a symlink's target
+    _, aside = swap_paths(out)
+    if out.exists() or not aside.is_dir():
+        return
+    try:
+        os.rename(aside, out)
+    except OSError as err:
+        if not out.is_dir():
+            raise CheckpointError(f"{out} is missing and its earlier checkpoint is at {aside} (a save was killed "
+                                  f"mid-swap), but renaming it back failed ({err}): rename {aside} to {out}") from err
+        return
+    fsync_dir(out.parent)
+    log.warning("%s: a save was killed while swapping directories; restored the earlier checkpoint from %s",
+                out, aside, ranks=None)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and new entries in ``path`` durable (a power loss may otherwise undo them out of order)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk before a rename publishes it: a rename is
+    journaled, and without this a power loss could keep the rename and lose the data it published."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            file = Path(folder) / name
+            if file.is_symlink():
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
+def _check_target(out: Path) -> None:
+    """Refuse what the directory swap cannot replace, before anything is written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a directory; save_pretrained writes a directory: choose another path")
     config_file = out / "config.json"
     if config_file.is_file() and not _read_json(config_file).get(CONFIG_KEY):
         raise ValueError(
             f"{out} holds another model ({config_file} has no {CONFIG_KEY!r} record): saving there would overwrite "
             "its config.json and index; save into a new directory (or one holding a switchyard checkpoint)"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in _ours(out, _TMP):
-        stale.unlink(missing_ok=True)
+    cwd = Path.cwd().resolve()
+    if cwd == out or out in cwd.parents:
+        raise ValueError(f"{out} is the working directory or holds it, and a save replaces the directory by renaming "
+                         "it: save into a subdirectory, or run from elsewhere")
+    if os.path.ismount(out):
+        raise ValueError(f"{out} is a mount point, which cannot be renamed, and a save replaces the directory by "
+                         f"renaming it: save into a subdirectory of {out}")
 
 
-def _publish(out: Path, index: dict[str, Any]) -> None:
-    """Swap the new shards and index in, then drop the earlier save's files that the new index does not list
-    (another EP size or shard count): until the renames the earlier checkpoint was intact."""
-    new = set(index["weight_map"].values())
-    for name in sorted(new):
-        os.replace(out / f"{name}{_TMP}", out / name)
-    (out / f"{INDEX_NAME}{_TMP}").write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(out / f"{INDEX_NAME}{_TMP}", out / INDEX_NAME)
-    for stale in _ours(out):
-        if stale.name not in new:
-            stale.unlink(missing_ok=True)
+def _prepare(out: Path) -> None:
+    """Put back an earlier checkpoint a killed save left aside, refuse targets the swap cannot replace, drop
+    what an interrupted save left beside ``out``, and create the staging directory."""
+    recover_interrupted_save(out)
+    _check_target(out)
+    staging, aside = swap_paths(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)  # out is there, so this is a finished swap's leftover
+    staging.mkdir(parents=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no second copy on disk; the earlier directory is deleted next), or a copy across devices."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(out: Path, staging: Path) -> None:
+    """Keep the earlier directory's other files (a tokenizer, a README) that the new save did not write; its
+    shards go (another EP size or shard count would leave files the new index does not list)."""
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        target = staging / entry.name
+        if _OUR_FILES.match(entry.name) or target.exists() or target.is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(target))
+
+
+def _swap(out: Path, staging: Path) -> None:
+    """Replace ``out`` by the complete ``staging``. Between the two renames ``out`` is missing and the earlier
+    checkpoint is aside, whole: ``recover_interrupted_save`` puts it back if the process dies there."""
+    _, aside = swap_paths(out)
+    fsync_tree(staging)
+    had_earlier = out.exists()
+    if had_earlier:
+        os.rename(out, aside)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        if had_earlier:
+            os.rename(aside, out)
+        raise
+    fsync_dir(out.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def agree(error: BaseException | None, what: str) -> None:
@@ -253,8 +345,9 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
 
     Call it on every rank when distributed: experts are written by the ranks that hold them and the
     index needs every writer's key list. ``groups`` defaults to the one the MoE layers were built with.
-    Saving over an earlier switchyard checkpoint replaces it only once every new file is written; a
-    failure on any rank raises on every rank.
+    Saving over an earlier switchyard checkpoint replaces it only once every new file is written, and a kill
+    at any moment leaves the earlier or the new checkpoint (see ``_swap``); a failure on any rank raises on
+    every rank.
     """
     record = switchyard_record(model)
     layers = moe_layers(model)
@@ -267,7 +360,9 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     ep, ep_rank = layers[0].ep_size, layers[0].ep_rank
     assert all((l.ep_size, l.ep_rank) == (ep, ep_rank) for l in layers), "MoE layers disagree on their EP rank"
     max_bytes = _parse_size(max_shard_size)
-    rank, out = dist.get_rank() if _distributed() else 0, Path(path)
+    # resolved: a symlink's target is what gets replaced, and "." names the directory, not the process's cwd
+    rank, out = dist.get_rank() if _distributed() else 0, Path(path).resolve()
+    staging, _ = swap_paths(out)
     writes_experts = groups.rank("edp") == 0 if groups is not None else rank == 0
     on_every_rank(f"save_pretrained({out})", lambda: _prepare(out) if rank == 0 else None)
     error: BaseException | None = None
@@ -278,37 +373,39 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     try:
         if rank == 0:
             dense, tied = _drop_tied({k: v for k, v in state.items() if k not in set(expert_keys)})
-            weight_map, nbytes = _write_shards(dense, out, "dense", max_bytes)
+            weight_map, nbytes = _write_shards(dense, staging, "dense", max_bytes)
             mine = (weight_map, nbytes, tied)
         if writes_experts:
-            weight_map, nbytes = _write_shards({k: state[k] for k in expert_keys}, out,
+            weight_map, nbytes = _write_shards({k: state[k] for k in expert_keys}, staging,
                                                f"experts-ep{ep_rank:03d}-of-{ep:03d}", max_bytes)
             mine = ({**mine[0], **weight_map}, mine[1] + nbytes, mine[2])
     except Exception as err:  # noqa: BLE001 - disk full, permissions: the earlier checkpoint is still intact
         error = err
     try:
         agree(error, f"save_pretrained({out})")
+        parts = _gather(mine)
+        if rank == 0:
+            try:
+                index = _index(parts, record, ep, expert_keys, layers[0].num_experts)
+                (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+                config.save_pretrained(staging)
+                generates = getattr(model, "can_generate", lambda: False)()
+                if getattr(model, "generation_config", None) is not None and generates:
+                    model.generation_config.save_pretrained(staging)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(staging)
+                _carry_over(out, staging)
+                _swap(out, staging)
+                files = {name for part in parts for name in part[0].values()}
+                log.info("saved %s: %d tensors in %d files, experts from %d EP ranks", out,
+                         sum(len(p[0]) for p in parts), len(files), ep, ranks=[0])
+            except Exception as err:  # noqa: BLE001 - raised again on this rank by agree
+                error = err
+        agree(error, f"save_pretrained({out})")
     except BaseException:
         if rank == 0:
-            for unpublished in _ours(out, _TMP):
-                unpublished.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    parts = _gather(mine)
-    if rank == 0:
-        try:
-            _publish(out, _index(parts, record, ep, expert_keys, layers[0].num_experts))
-            config.save_pretrained(out)
-            generates = getattr(model, "can_generate", lambda: False)()
-            if getattr(model, "generation_config", None) is not None and generates:
-                model.generation_config.save_pretrained(out)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(out)
-            files = {name for part in parts for name in part[0].values()}
-            log.info("saved %s: %d tensors in %d files, experts from %d EP ranks", out,
-                     sum(len(p[0]) for p in parts), len(files), ep, ranks=[0])
-        except Exception as err:  # noqa: BLE001 - raised again on this rank by agree
-            error = err
-    agree(error, f"save_pretrained({out})")
 
 
 def _index(parts: list, record: dict, ep: int, expert_keys: list[str], num_experts: int) -> dict[str, Any]:
@@ -480,7 +577,8 @@ def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = Non
     The model's class is the one config.json's ``architectures`` names (``AutoModelForCausalLM`` if none);
     ``dtype`` defaults to the one in config.json; ``device`` to CPU. Returns the model in eval mode.
     With ``groups`` every rank calls it, and an error on any rank (a missing expert file only it reads) is
-    raised on every rank instead of leaving the others to hang in their next collective.
+    raised on every rank instead of leaving the others to hang in their next collective. A save killed mid-swap
+    (``path`` missing, the earlier checkpoint aside) is undone first (``recover_interrupted_save``).
     """
     if groups is None or not _distributed():
         return _load(Path(path), groups, dtype, device)
@@ -491,6 +589,7 @@ def _load(path: Path, groups: "ProcessGroupManager | None", dtype: torch.dtype |
           device: torch.device | str | None) -> nn.Module:
     from transformers import AutoConfig, GenerationConfig
 
+    recover_interrupted_save(path)
     record = read_record(path)
     index = _read_index(path)
     config = AutoConfig.from_pretrained(path)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from switchyard.hf.checkpoint import recover_interrupted_save
 from switchyard.log import get_logger
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ def resolve_model_dir(model: str) -> Path:
         dist.barrier()
         return out
     path = Path(model)
+    recover_interrupted_save(path)  # a killed re-save leaves the checkpoint aside; put it back
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {model}: no config.json there; pass a switchyard checkpoint, an HF MoE "
                          "model directory (e.g. from `switchyard export`), or `tiny`")

@@ -11,7 +11,12 @@ Layout of ``<output_dir>/checkpoints/``::
     latest                  name of the newest complete checkpoint (replaced atomically)
 
 Killing the job at any moment leaves at worst a ``*.partial`` directory, which resume skips and the
-next save removes; ``latest`` only ever names a renamed, complete directory.
+next save removes; ``latest`` only ever names a renamed, complete directory. Saving a step that exists
+already (after resuming from an earlier one) renames the old one to ``step_N.replaced.partial`` and the
+new one into place; a kill between the two leaves ``step_N`` missing, and ``recover`` (run by resume and
+by the next save) renames the complete new one, or else the old one, to ``step_N``. Pruned steps are
+renamed to ``*.pruned.partial`` before they are deleted, so a kill mid-delete leaves no ``step_N`` with
+files missing. Everything is fsynced before the rename that publishes it.
 
 Why not ``engine.save_checkpoint``: DeepSpeed 0.19's MoE checkpoint path parses expert keys of its own
 MoE class (``deepspeed_moe.experts.deepspeed_experts.N``) and fails on any other layer. Model weights go
@@ -40,6 +45,8 @@ log = get_logger(__name__)
 
 PARTIAL = ".partial"
 MARKER = "COMPLETE"
+REPLACED = f".replaced{PARTIAL}"  # a step's earlier checkpoint, set aside while a new save of it swaps in
+PRUNED = f".pruned{PARTIAL}"  # a pruned step, being deleted
 
 
 @dataclass
@@ -69,9 +76,36 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if _is_complete(p)), key=lambda p: p.name)
 
 
+def recover(root: Path) -> None:
+    """Finish a swap killed between its renames: ``step_N`` missing while ``step_N.replaced.partial`` (the old,
+    complete checkpoint) exists. The new ``step_N.partial`` is complete once its marker is written (before the
+    first rename), so it wins; else the old one goes back. Safe on several ranks at once: a rank whose rename
+    loses the race finds ``step_N`` complete."""
+    from switchyard.hf.checkpoint import fsync_dir
+
+    if not root.is_dir():
+        return
+    for aside in root.glob(f"step_*{REPLACED}"):
+        final = root / aside.name[:-len(REPLACED)]
+        if final.exists():
+            continue
+        new = root / f"{final.name}{PARTIAL}"
+        source = new if (new / MARKER).is_file() else aside
+        try:
+            os.rename(source, final)
+        except OSError:
+            if not _is_complete(final):
+                raise
+            continue
+        fsync_dir(root)
+        log.warning("%s: a save was killed while swapping it in; restored the %s checkpoint", final,
+                    "new" if source == new else "earlier", ranks=None)
+
+
 def find_resume(root: Path, resume: str | None) -> ResumePoint | None:
     """``None`` → start fresh (refused where another run's checkpoints are: its pruning would delete them);
     ``"auto"`` → newest complete (``latest`` if it is complete); else a path."""
+    recover(root)
     if resume is None:
         found = complete_checkpoints(root)
         if found:
@@ -191,26 +225,51 @@ def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int)
 
 
 def _prepare_dirs(root: Path, partial: Path) -> None:
+    recover(root)  # before the sweep: a killed swap's only complete copy may be a *.partial
     for stale in root.glob(f"*{PARTIAL}"):  # left by a job killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     partial.mkdir(parents=True)
 
 
+def _write_pointer(root: Path, name: str) -> None:
+    """``latest`` = ``name``, replaced atomically and durably (a torn or lost pointer falls back to the newest
+    complete step, which may be another run branch's)."""
+    from switchyard.hf.checkpoint import fsync_dir
+
+    pointer_tmp = root / "latest.tmp"
+    with open(pointer_tmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, root / "latest")
+    fsync_dir(root)
+
+
 def _publish(root: Path, partial: Path, final: Path, meta: dict[str, Any], keep: int) -> None:
     """Mark ``partial`` complete and rename it to ``final``. A ``final`` already there (this step saved again
-    after resuming from an earlier one) is set aside only now, when its replacement is complete."""
+    after resuming from an earlier one) is set aside only now, when its replacement is complete; ``recover``
+    finishes the swap if the job dies between the renames."""
+    from switchyard.hf.checkpoint import fsync_dir, fsync_tree
+
     (partial / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    fsync_tree(partial)  # every rank's files are on disk before the marker says so
     (partial / MARKER).write_text("")
-    replaced = root / f"{final.name}.replaced{PARTIAL}"
+    fsync_dir(partial)  # the marker is empty: its directory entry is all there is to flush
+    replaced = root / f"{final.name}{REPLACED}"
     if final.exists():
-        os.replace(final, replaced)
-    os.replace(partial, final)
-    pointer_tmp = root / "latest.tmp"
-    pointer_tmp.write_text(final.name)
-    os.replace(pointer_tmp, root / "latest")
+        os.rename(final, replaced)  # no such directory: _prepare_dirs removed every *.partial
+    os.rename(partial, final)
+    _write_pointer(root, final.name)  # its fsync of root makes the renames durable too
     shutil.rmtree(replaced, ignore_errors=True)
     for old in prunable(complete_checkpoints(root), final, keep):
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f"{old.name}{PRUNED}"
+        try:
+            os.rename(old, doomed)  # one atomic step from complete to ignored; the delete may then be cut anywhere
+        except OSError as err:  # the new checkpoint is published: a prune left for later must not fail the save
+            log.warning("could not prune %s (%s); it stays", old, err, ranks=[0])
+            continue
+        fsync_dir(root)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(engine, model, tokenizer, groups, root: Path, step: int, meta: dict[str, Any], keep: int) -> Path:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from switchyard.hf.adopt import SUPPORTED_BLOCKS
+from switchyard.hf.checkpoint import recover_interrupted_save
 from switchyard.log import get_logger
 from switchyard.train.run_config import RunConfig
 
@@ -75,6 +76,7 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     (resuming at another expert-parallel layout)."""
     import switchyard as sy
 
+    recover_interrupted_save(source)  # a killed re-save leaves a checkpoint aside: put it back before reading
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or source)
     if from_checkpoint is not None:
         log.info("loading model weights from %s (resharded to ep=%d)", from_checkpoint, groups.size("ep"), ranks=[0])

@@ -338,6 +338,12 @@ def attach_router_loss_hooks(model: nn.Module) -> None:
     object.__setattr__(model, "_switchyard_hooks", handles)
 
 
+def takes_moe_token_mask(model: nn.Module) -> bool:
+    """Whether ``model(...)`` accepts ``moe_token_mask`` (the real tokens, for a caller whose attention mask is
+    4-D): its router-loss hooks take the keyword; an unpatched model's forward would not know it."""
+    return bool(getattr(model, "_switchyard_hooks", None))
+
+
 def _mask_position(model: nn.Module) -> int | None:
     """Where ``forward`` takes ``attention_mask`` positionally (Llama: 1; GPT-2: 2), or None."""
     try:
@@ -349,6 +355,9 @@ def _mask_position(model: nn.Module) -> int | None:
 
 def _take_router_logits_flag(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     state, config = module._switchyard_hook_state, getattr(module, "config", None)
+    token_mask = kwargs.pop("moe_token_mask", None)
+    if token_mask is not None:
+        _check_moe_token_mask(token_mask, args, kwargs)
     wanted = kwargs.pop("output_router_logits", None)
     state["router_logits"] = bool(wanted if wanted is not None else getattr(config, "output_router_logits", False))
     if hasattr(config, "output_router_logits"):
@@ -365,14 +374,30 @@ def _take_router_logits_flag(module: nn.Module, args: tuple, kwargs: dict) -> tu
         kwargs["return_dict"] = True
     # padding (attention_mask 0) stays out of the balance loss, as in transformers' load_balancing_loss_func,
     # and out of expert capacity (training and eval: eval_capacity_factor runs under no_grad); a layer ignores
-    # a mask whose size is not its token count (a decode step with a cache); a 4-D mask is not read
-    mask, position = kwargs.get("attention_mask"), state["mask_position"]
-    if mask is None and position is not None and position < len(args):  # model(input_ids, attention_mask)
-        mask = args[position]
-    token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+    # a mask whose size is not its token count (a decode step with a cache); a 4-D mask is not read, so a
+    # caller whose mask is 4-D (serving's static decoder: padding rows) names its real tokens in moe_token_mask
+    if token_mask is None:
+        mask, position = kwargs.get("attention_mask"), state["mask_position"]
+        if mask is None and position is not None and position < len(args):  # model(input_ids, attention_mask)
+            mask = args[position]
+        token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
     for layer in module._switchyard_moe_layers:
         layer.token_mask = token_mask
     return args, kwargs
+
+
+def _check_moe_token_mask(token_mask: Any, args: tuple, kwargs: dict) -> None:
+    """An explicit mask is the caller's word on every token, so one the layers would ignore (its size not the
+    token count) is an error, not a silent no-op. Shapes only: no host sync inside a captured graph."""
+    if not torch.is_tensor(token_mask) or token_mask.dim() not in (1, 2):
+        shape = tuple(token_mask.shape) if torch.is_tensor(token_mask) else type(token_mask).__name__
+        raise ValueError(f"moe_token_mask must be a tensor of shape [B, S] or [T] (1 = real token), got {shape}")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    tokens = ids.numel() if torch.is_tensor(ids) else embeds.shape[:-1].numel() if torch.is_tensor(embeds) else None
+    if tokens is not None and token_mask.numel() != tokens:
+        raise ValueError(f"moe_token_mask has {token_mask.numel()} entries for {tokens} input tokens; "
+                         "pass one entry per input token (1 = real, 0 = padding)")
 
 
 def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

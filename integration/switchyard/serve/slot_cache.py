@@ -11,8 +11,11 @@ the next tokens ``[R, 1]``, their positions ``[R, 1]`` and a 4-D attention mask 
 sequences of any lengths decode together without padding or moving caches. On CUDA each step of ``b``
 rows replays a graph captured for the smallest bucket ≥ b (1, 2, 4, …, max_rows); rows between b and
 the bucket are padding (token 0 at position 0 of a free row, whose mask is reset when a sequence
-takes it). The MoE layers inside must be graph-safe: in serving they run ``replicated_tokens``
-(no host sync; one all-reduce over the EP group), which NCCL captures.
+takes it). The real-row flags ``valid [R]`` go to the MoE layers as their token mask
+(``moe_token_mask``), so under an ``eval_capacity_factor`` padding rows take no expert capacity: the
+4-D attention mask does not say which rows are real. The MoE layers inside must be graph-safe: in
+serving they run ``replicated_tokens`` (no host sync; one all-reduce over the EP group), which NCCL
+captures.
 
 Tensor suffixes: R rows (slots decoding together), H KV heads, L cache positions, D head dim, V vocabulary.
 """
@@ -25,6 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from switchyard.hf.patch import takes_moe_token_mask
 from switchyard.log import get_logger
 
 log = get_logger(__name__)
@@ -137,6 +141,7 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.on_step = on_step
+        self.takes_moe_token_mask = takes_moe_token_mask(model)
         self.num_layers = len(DynamicCache(config=model.config).layers)
         dtype = next(model.parameters()).dtype
         mask = _mask_values(model.config._attn_implementation or "eager", dtype)
@@ -300,8 +305,10 @@ class StaticDecoder:
         position_R1, mask_R11L = self.position_R1[:bucket], self.mask_R11L[:bucket]
         mask_R11L.scatter_(-1, position_R1.view(bucket, 1, 1, 1),
                            torch.full((bucket, 1, 1, 1), self.attend, dtype=self.mask_dtype, device=self.device))
+        # padding rows out of expert capacity; valid_R sits at a fixed address, so a replay reads this step's rows
+        moe = {"moe_token_mask": self.valid_R[:bucket]} if self.takes_moe_token_mask else {}
         out = self.model(input_ids=self.tokens_R1[:bucket], attention_mask=mask_R11L, position_ids=position_R1,
-                         use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): self._cache(bucket)})
+                         use_cache=True, logits_to_keep=1, **{cache_kwarg(self.model): self._cache(bucket)}, **moe)
         logits_RV = out.logits[:, -1]
         if self.logits_RV is None:
             self.logits_RV = torch.empty(self.max_rows, logits_RV.shape[-1], dtype=logits_RV.dtype, device=self.device)

@@ -260,3 +260,28 @@ def test_logprobs_of_ids_past_the_tokenizer_vocabulary(tiny_tok):
     assert tiny_tok.convert_ids_to_tokens(padded) is None
     content = _Logprobs(tiny_tok).chat([(5, (-1.0, ((padded, -0.9), (5, -1.0))))]).content
     assert content[0].top_logprobs[0].token == tiny_tok.decode([padded]) and content[0].top_logprobs[0].bytes == []
+
+
+def test_a_400_from_a_request_level_check_names_its_field_without_pydantics_prefix():
+    """Request-level checks (model validators) carry no field location; their 400 still names the field, as
+    OpenAI's errors do, and the message is the check's own (it was "Value error, …" with param null)."""
+    from switchyard.serve.app import validation_error
+
+    cases = [(P.CompletionRequest, dict(prompt="x", echo=True), "echo", "echo, best_of > 1 and suffix"),
+             (P.CompletionRequest, dict(prompt="x", suffix="y"), "suffix", "echo, best_of > 1 and suffix"),
+             (P.CompletionRequest, dict(prompt="x", stream_options={"include_usage": True}), "stream_options",
+              "stream_options is only allowed with stream=true"),
+             (P.CompletionRequest, dict(prompt="x", frequency_penalty=0.5), "frequency_penalty", "not supported"),
+             (P.CompletionRequest, dict(prompt=[]), "prompt", "prompt must not be an empty list"),
+             (P.CompletionRequest, dict(prompt="x", top_k=5), "top_k", "top_k=5 is not supported by this server"),
+             (P.CompletionRequest, dict(prompt="x", max_tokens=0), "max_tokens", "greater than or equal to 1"),
+             (P.ChatCompletionRequest, dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
+              "tools", "tools (and functions) are not supported"),
+             (P.ChatCompletionRequest, dict(messages=[{"role": "user", "content": "x"}], top_logprobs=2),
+              "top_logprobs", "top_logprobs needs logprobs: true")]
+    for request, fields, param, text in cases:
+        with pytest.raises(ValidationError) as err:
+            request(model="m", **fields)
+        message, got_param, code = validation_error(err.value.errors())
+        assert (got_param, code) == (param, "invalid_value"), (fields, message)
+        assert text in message and "Value error" not in message, message

@@ -49,6 +49,24 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return JSONResponse(P.error_body(status, message, param, code), status_code=status)
 
 
+def validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
+    """(message, param, code) of a 400 for a request pydantic refused, from its first error: the field it names
+    (a request-level check's ``FieldError`` names its own), the check's message without pydantic's "Value error, "."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    cause = first.get("ctx", {}).get("error")
+    if first.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {cause or ''}".strip(), None, "invalid_json"
+    if not loc and first.get("type") != "value_error":  # the body itself: empty, not an object, not JSON
+        return ("the request body must be a JSON object sent with 'Content-Type: application/json' "
+                f"({first.get('msg', 'invalid body')})", None, "invalid_value")
+    message = str(cause) if first.get("type") == "value_error" and isinstance(cause, Exception) else \
+        first.get("msg", "invalid value")
+    where = ".".join(loc)
+    param = getattr(cause, "param", None) or (loc[0] if loc else None)
+    return f"{where + ': ' if where else ''}{message}", param, "invalid_value"
+
+
 def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]:
     """Token ids of user text. Valid JSON can still hold text the tokenizer refuses (a lone UTF-16 surrogate
     such as ``"\\ud800"``): that is the client's 400, not a 500."""
@@ -317,17 +335,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            return _error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip(),
-                          code="invalid_json")
-        if not loc and first.get("type") != "value_error":  # the body itself: empty, not an object, not JSON
-            return _error(400, "the request body must be a JSON object sent with 'Content-Type: application/json' "
-                          f"({first.get('msg', 'invalid body')})", code="invalid_value")
-        where = ".".join(loc)
-        return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid value')}",
-                      param=loc[0] if loc else None, code="invalid_value")
+        return _error(400, *validation_error(err.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:

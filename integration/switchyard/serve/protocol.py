@@ -47,6 +47,15 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                                          param=param, code=code)).model_dump()
 
 
+class FieldError(ValueError):
+    """A request-level check's error naming the field to blame: the 400's ``param``, as OpenAI's errors name it
+    (a model validator's own errors carry no field location)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 # -- requests -------------------------------------------------------------------------------------------
 class _Request(BaseModel):
     """A request body part. Unknown fields are ignored (as vLLM does); ``null`` for a field with a default
@@ -101,7 +110,7 @@ class _SamplingRequest(_Request):
         for name, off in UNSUPPORTED_SETTINGS.items():
             value = data.get(name) if isinstance(data, dict) else None
             if value is not None and value not in off:
-                raise ValueError(f"{name}={value!r} is not supported by this server; leave {name} out")
+                raise FieldError(name, f"{name}={value!r} is not supported by this server; leave {name} out")
         return data
 
     @field_validator("logit_bias")
@@ -131,10 +140,11 @@ class _SamplingRequest(_Request):
 
     @model_validator(mode="after")
     def _unsupported(self) -> "_SamplingRequest":
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (leave them 0)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise FieldError(name, "presence_penalty and frequency_penalty are not supported (leave them 0)")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream=true (a response that is not streamed "
+            raise FieldError("stream_options", "stream_options is only allowed with stream=true (a response that is not streamed "
                              "carries its usage anyway)")  # OpenAI's and vLLM's 400
         return self
 
@@ -149,10 +159,11 @@ class CompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_unsupported(self) -> "CompletionRequest":
-        if self.echo or (self.best_of or 1) > 1 or self.suffix:
-            raise ValueError("echo, best_of > 1 and suffix are not supported")
+        for name, unsupported in (("echo", self.echo), ("best_of", (self.best_of or 1) > 1), ("suffix", self.suffix)):
+            if unsupported:
+                raise FieldError(name, "echo, best_of > 1 and suffix are not supported")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be an empty list")
+            raise FieldError("prompt", "prompt must not be an empty list")
         return self
 
 
@@ -197,16 +208,17 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> "ChatCompletionRequest":
-        if self.tools or self.functions:
-            raise ValueError("tools (and functions) are not supported: leave them out")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise FieldError(name, "tools (and functions) are not supported: leave them out")
         for name in ("tool_choice", "function_call"):  # without tools only "none" (or "auto") can be honoured
             if getattr(self, name) not in (None, "none", "auto"):
-                raise ValueError(f"{name}={getattr(self, name)!r} needs tools, which are not supported; "
+                raise FieldError(name, f"{name}={getattr(self, name)!r} needs tools, which are not supported; "
                                  f"leave {name} out")
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
+            raise FieldError("response_format", "only response_format {'type': 'text'} is supported")
         return self
 
     @property

@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_world(config) -> None:
-    """The run config's checks that need the world size, run here so that a mistake is one line on every
-    rank (inside ``train`` it was a traceback per rank). A plain ``python`` run of a config made for
-    several ranks (``tiny.yaml``'s ep=2) is told how to start it."""
+    """The run config's checks that need the world size, and its DeepSpeed JSON filled for that world, run
+    here so that a mistake (ep not dividing the world, ZeRO-3, a JSON value contradicting the run config) is
+    one line on every rank (inside ``train`` it was a traceback per rank). A plain ``python`` run of a config
+    made for several ranks (``tiny.yaml``'s ep=2) is told how to start it."""
     import torch.distributed as dist
 
     from switchyard.parallel import init_distributed
@@ -73,6 +74,7 @@ def check_world(config) -> None:
             raise ValueError(f"{err}. This is a world of one process: start it with `deepspeed --num_gpus "
                              f"{config.parallel.ep} launch/finetune.py …`, or set parallel.ep=1") from None
         raise
+    config.deepspeed_config(world)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ offending value and the fix, so a bad setting fails before any process group or 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -39,6 +40,9 @@ def check_field_type(where: str, value: Any, hint: Any, python_spelling: bool = 
     for kind in kinds:
         if isinstance(value, bool) and kind in (int, float):
             continue
+        if kind is float and isinstance(value, float) and not math.isfinite(value):
+            # NaN passes every range check after this one (all its comparisons are False)
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
         if isinstance(value, kind) or (kind is float and isinstance(value, int)):
             return
     spelled = _PYTHON_TYPE_NAMES if python_spelling else _TYPE_NAMES

@@ -64,3 +64,16 @@ def test_moe_config_wrong_types_are_value_errors_naming_the_field(kwargs, messag
 def test_moe_config_takes_ints_for_real_fields():
     config = MoEConfig(aux_loss_coef=0, routed_scaling_factor=2, capacity_factor=1, shared_expert_intermediate_size=8)
     assert (config.aux_loss_coef, config.routed_scaling_factor, config.capacity_factor) == (0, 2, 1)
+
+
+def test_nan_and_inf_are_refused_for_float_fields():
+    """NaN passes every range check (its comparisons are all False): ``aux_loss_coef=nan`` used to load."""
+    import math
+
+    from switchyard import MoEConfig
+
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=r"MoEConfig.aux_loss_coef must be a finite number"):
+            MoEConfig(aux_loss_coef=value)
+        with pytest.raises(ValueError, match=r"MoEConfig.capacity_factor must be a finite number"):
+            MoEConfig(capacity_factor=value)

@@ -47,11 +47,25 @@ def test_tiny_yaml_loads_with_overrides():
         (["moe.aux_loss_coef=abc"], r"moe.aux_loss_coef must be a number, got 'abc'"),
         (["model.tiny.hiden_size=64"], r"unknown config keys \['model.tiny.hiden_size'\].*hidden_size"),
         (["deepspeed=configs/deepspeed/nope.json"], r"deepspeed='configs/deepspeed/nope.json': no such file"),
+        (["moe.layers=[0,1"], r"override 'moe.layers=\[0,1': the value is not valid YAML \(expected ',' or ']'"),
+        (["data.source=@x"], r"not valid YAML .*if it is a string, quote it: data.source='\"@x\"'"),
+        (["train.lr=.nan"], "train.lr must be a finite number, got nan"),
+        (["train.lr=.inf"], "train.lr must be a finite number, got inf"),
+        (["train.clip=nan"], "train.clip must be a finite number, got nan"),
+        (["train.weight_decay=.nan"], "train.weight_decay must be a finite number"),
+        (["train.momentum=-0.9"], "train.momentum must be >= 0, got .*-0.9"),
     ],
 )
 def test_bad_values_are_errors_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_run_config(TINY, overrides)
+
+
+def test_run_config_that_is_not_yaml_is_a_value_error_naming_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 3\n lr: 1\n")
+    with pytest.raises(ValueError, match=rf"run config {path} is not valid YAML: .* at line 3, column 2"):
+        load_run_config(path)
 
 
 def test_yaml_numbers_pyyaml_reads_as_strings_become_floats(tmp_path):
@@ -101,6 +115,57 @@ def test_world_dependent_checks():
         load_run_config(TINY).check_world(3)
     with pytest.raises(ValueError, match="num_experts=4 is not divisible by parallel.ep=8"):
         load_run_config(TINY, ["parallel.ep=8"]).check_world(8)
+
+
+def test_expert_count_is_checked_only_where_the_run_config_decides_it(tmp_path):
+    """An HF MoE model or a switchyard checkpoint keeps its own experts (any moe.num_experts is refused for
+    an HF MoE model): MoESection's default of 4 experts used to fail ep=8 for a 64-expert model."""
+    path = tmp_path / "adopt.yaml"
+    path.write_text(f"model:\n  source: {tmp_path / 'qwen3-moe'}\ntrain:\n  max_steps: 10\n"
+                    f"deepspeed: {REPO / 'configs/deepspeed/zero2.json'}\n")
+    assert load_run_config(path, ["parallel.ep=8"]).check_world(8)["edp"] == 1
+    with pytest.raises(ValueError, match="moe.num_experts=4 is not divisible by parallel.ep=8"):
+        load_run_config(path, ["parallel.ep=8", "moe.num_experts=4"]).check_world(8)
+
+
+def test_run_config_fills_its_deepspeed_json_for_the_world():
+    filled = load_run_config(TINY, ["train.grad_accum=2"]).deepspeed_config(4)
+    assert filled["train_batch_size"] == 4 * 2 * 4 and filled["gradient_clipping"] == 1.0
+    stage0 = load_run_config(TINY, ["deepspeed=configs/deepspeed/zero0.json"]).deepspeed_config(2)
+    assert stage0["gradient_clipping"] == 0.0  # ep=2 at stage 0: the loop clips with the global norm itself
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        load_run_config(TINY, ["deepspeed=configs/deepspeed/zero3.json"]).deepspeed_config(2)
+    with pytest.raises(ValueError, match="does not divide"):
+        load_run_config(TINY).deepspeed_config(3)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"zero_optimization": {"stage": 2},}', r"ds.json is not valid JSON: Expecting property name .* line 1"),
+        ("[]", "ds.json must be a JSON object, got list"),
+        ('{"zero_optimization": {"stage": "auto"}}', r"zero_optimization.stage='auto'; write the stage as a number"),
+        ('{"bf16": true}', r'bf16=True; it must be a section, e.g. "bf16": \{"enabled": "auto"\}'),
+    ],
+)
+def test_malformed_deepspeed_json_is_an_error_naming_the_file_or_key(tmp_path, text, message):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        fill_deepspeed_config(path, micro_batch_size=4, grad_accum=1, dp_size=1, clip=1.0, precision="fp32")
+
+
+def test_optimizer_offload_needs_deepspeeds_flag_for_a_torch_optimizer(tmp_path):
+    """DeepSpeed refused it only after the model was built, telling the user to add an optimizer section."""
+    zero2 = json.loads((REPO / "configs/deepspeed/zero2.json").read_text())
+    zero2["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    path = tmp_path / "offload.json"
+    path.write_text(json.dumps(zero2))
+    common = dict(micro_batch_size=4, grad_accum=1, dp_size=2, clip=1.0, precision="fp32")
+    with pytest.raises(ValueError, match=r'offloads the optimizer to cpu.*"zero_force_ds_cpu_optimizer": false'):
+        fill_deepspeed_config(path, **common)
+    path.write_text(json.dumps({**zero2, "zero_force_ds_cpu_optimizer": False}))
+    assert fill_deepspeed_config(path, **common)["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
 
 
 def test_deepspeed_auto_values_filled_and_conflicts_refused(tmp_path):

@@ -29,11 +29,45 @@ STAGE0_CLIP_MESSAGE = (
 )
 
 
-def zero_stage(path: str | Path) -> int:
-    path = Path(path)
+# DeepSpeed's own refusal comes after the model is built and tells the user to put an optimizer in the JSON,
+# which switchyard refuses; a ZeRO-2 + offload run with the flag set was checked on CPU ranks (same losses)
+OFFLOAD_MESSAGE = (
+    "{path} offloads the optimizer to {device}; switchyard steps torch's optimizer (MoE-aware parameter groups), "
+    "not DeepSpeedCPUAdam, which DeepSpeed refuses under ZeRO-Offload unless the JSON says "
+    "\"zero_force_ds_cpu_optimizer\": false. Add that (torch's optimizer then steps the offloaded copy, slower than "
+    "DeepSpeedCPUAdam) or remove zero_optimization.offload_optimizer"
+)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The JSON at ``path``; a missing file or a syntax error names the file (json's own message does not)."""
     if not path.is_file():
         raise ValueError(f"deepspeed config {path} does not exist (see configs/deepspeed/)")
-    return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"deepspeed config {path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"deepspeed config {path} must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _stage(config: dict[str, Any], path: Path) -> int:
+    """``zero_optimization.stage``, 0 if absent. DeepSpeed drops "auto" values silently (stage 0), while the
+    loop picks its clipping by the stage: switchyard wants the number written out."""
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f'deepspeed config {path}: zero_optimization={zero!r} must be a section, e.g. {{"stage": 2}}')
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed config {path}: zero_optimization.stage={stage!r}; write the stage as a number, "
+                         "0, 1 or 2")
+    return stage
+
+
+def zero_stage(path: str | Path) -> int:
+    path = Path(path)
+    return _stage(_read(path), path)
 
 
 def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
@@ -42,6 +76,9 @@ def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
     node = config
     for section in sections:
         node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"deepspeed config has {section}={node!r}; it must be a section, e.g. "
+                             f'"{section}": {{"{leaf}": "auto"}}')
     current = node.get(leaf, "auto")
     if current == "auto":
         node[leaf] = value
@@ -59,10 +96,8 @@ def fill_deepspeed_config(
     caller clips to ``clip`` itself (``clip_global_grad_norm_``), so a concrete ``gradient_clipping`` must still
     agree with ``clip`` but DeepSpeed gets 0.0 (it must not clip again with its own norm)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"deepspeed config {path} does not exist (see configs/deepspeed/)")
-    config = json.loads(path.read_text())
-    stage = config.get("zero_optimization", {}).get("stage", 0)
+    config = _read(path)
+    stage = _stage(config, path)
     if stage == 3:
         raise ValueError(ZERO3_MESSAGE)
     if stage == 0 and ep_size > 1 and clip > 0 and not caller_clips:
@@ -79,6 +114,9 @@ def fill_deepspeed_config(
     if "optimizer" in config or "scheduler" in config:
         raise ValueError("remove the optimizer/scheduler sections: switchyard builds them from the run config "
                          "(train.lr, train.schedule, …) with MoE-aware parameter groups")
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    if offload.get("device", "none") != "none" and config.get("zero_force_ds_cpu_optimizer", True):
+        raise ValueError(OFFLOAD_MESSAGE.format(path=path, device=offload["device"]))
     config.setdefault("zero_allow_untested_optimizer", True)
     config.setdefault("steps_per_print", 10**9)
     return config

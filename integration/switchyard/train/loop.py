@@ -168,7 +168,7 @@ def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float |
 def train(config: RunConfig) -> dict[str, Any]:
     import deepspeed
 
-    from switchyard.deepspeed import fill_deepspeed_config, optimizer_param_groups, zero_stage
+    from switchyard.deepspeed import optimizer_param_groups, zero_stage
     from switchyard.deepspeed.clipping import clip_global_grad_norm_
     from switchyard.moe.layer import MoELayer
     from switchyard.parallel import ProcessGroupManager, init_distributed
@@ -180,7 +180,7 @@ def train(config: RunConfig) -> dict[str, Any]:
 
     init_distributed()
     world = dist.get_world_size()
-    config.check_world(world)
+    ds_config = config.deepspeed_config(world)  # checks the world first
     p = config.parallel
     groups = ProcessGroupManager(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp)
     rank, dp_rank, dp_size = dist.get_rank(), groups.rank("dp"), groups.size("dp")
@@ -188,9 +188,6 @@ def train(config: RunConfig) -> dict[str, Any]:
     # stage 0: DeepSpeed's norm is wrong with sharded experts; clip_global_grad_norm_ does it instead
     stage = zero_stage(config.deepspeed)
     own_clipping = stage == 0
-    ds_config = fill_deepspeed_config(config.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
-                                      dp_size=dp_size, clip=t.clip, precision=t.precision,
-                                      ep_size=groups.size("ep"), caller_clips=own_clipping)
     run_dir = Path(config.output_dir)
     ckpt_root = run_dir / "checkpoints"
     resume = checkpointing.find_resume(ckpt_root, config.checkpoint.resume)

@@ -107,8 +107,9 @@ class TrainSection:
                 raise ValueError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.clip < 0 or self.weight_decay < 0:
-            raise ValueError("train.warmup_steps, train.clip and train.weight_decay must be >= 0")
+        if self.warmup_steps < 0 or self.clip < 0 or self.weight_decay < 0 or self.momentum < 0:
+            raise ValueError(f"train.warmup_steps, train.clip, train.weight_decay and train.momentum must be >= 0, got "
+                             f"{self.warmup_steps}, {self.clip}, {self.weight_decay}, {self.momentum}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer={self.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
@@ -154,8 +155,11 @@ class RunConfig:
                 f"parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp}: fine-tuning with tensor or "
                 "pipeline parallelism is not implemented yet; use tp=1, pp=1 with ep and data parallelism"
             )
+        # only a count this config decides: a source with its own MoE layers (an HF MoE model, a switchyard
+        # checkpoint) keeps its experts, which MoESection's default of 4 says nothing about (patch_model checks them)
         num_experts = self.moe.config.get("num_experts")
-        if num_experts is not None and num_experts % self.parallel.ep != 0:
+        decided = "num_experts" in self.moe_keys_set or self.model.source == "tiny"
+        if decided and num_experts is not None and num_experts % self.parallel.ep != 0:
             raise ValueError(f"moe.num_experts={num_experts} is not divisible by parallel.ep={self.parallel.ep}")
         t = self.train
         implied = t.micro_batch_size * t.grad_accum * sizes["dp"]
@@ -165,6 +169,18 @@ class RunConfig:
                 f"{t.micro_batch_size} × {t.grad_accum} × {sizes['dp']} = {implied}; make them agree"
             )
         return sizes
+
+    def deepspeed_config(self, world_size: int) -> dict[str, Any]:
+        """The ``deepspeed`` JSON with its "auto" values filled for ``world_size`` (after :meth:`check_world`);
+        refuses ZeRO-3, values contradicting the run config and sections switchyard builds itself. At ZeRO
+        stage 0 the training loop clips with the global norm itself (``STAGE0_CLIP_MESSAGE``)."""
+        from switchyard.deepspeed.config import fill_deepspeed_config, zero_stage
+
+        sizes = self.check_world(world_size)
+        t = self.train
+        return fill_deepspeed_config(self.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
+                                     dp_size=sizes["dp"], clip=t.clip, precision=t.precision, ep_size=sizes["ep"],
+                                     caller_clips=zero_stage(self.deepspeed) == 0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,6 +271,14 @@ def coerce_field(where: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _one_line(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message (problem, the line quoted with a caret, position) as one line."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """``train.lr=1e-4`` → tree["train"]["lr"] = 1e-4 (the value parsed as YAML)."""
     if "=" not in assignment:
@@ -266,7 +290,11 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {key!r} is not a section")
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {assignment!r}: the value is not valid YAML ({_one_line(err)}); if it is a "
+                         f"string, quote it: {dotted.strip()}='\"{raw}\"'") from None
     if isinstance(value, str) and number_from_string(value) is not None:  # YAML 1.1 reads "5e-4" as a string
         value = number_from_string(value)
     node[keys[-1]] = value
@@ -292,7 +320,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"run config {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"run config {path} is not valid YAML: {_one_line(err)}") from None
         if not isinstance(tree, dict):
             raise ValueError(f"run config {path} must be a YAML mapping")
     for assignment in overrides or []:

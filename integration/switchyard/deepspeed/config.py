@@ -123,9 +123,9 @@ def fill_deepspeed_config(
 
 
 # Largest expert param group (elements). DeepSpeed's own default (178956971) cut the 2.4B expert parameters
-# of benchmarks/finetune.py into 14 groups; every group is one more ZeRO flat partition, flatten + fp32 cast,
+# of benchmarks/finetune.py into 16 groups (18 param groups in all); every group is one more ZeRO flat partition, flatten + fp32 cast,
 # clip and optimizer call, and ~3 host syncs inside ZeRO's step (the is-finite check of the norm per group).
-# 5e8 makes 8 groups there (the optimizer-phase measurement is in docs/performance.md). The cost is memory
+# 5e8 makes 6 (8 in all) there (the optimizer-phase measurement is in docs/performance.md). The cost is memory
 # inside the step: ZeRO casts one group's gradients to a fresh fp32 copy (after a bf16 flatten), ~6 bytes
 # per element of the group's partition, 2.8 GiB at this cap, while the activations are already freed.
 MOE_MAX_GROUP_SIZE = 500_000_000

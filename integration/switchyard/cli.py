@@ -104,8 +104,10 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     import switchyard as sy
+    from switchyard.hf.checkpoint import check_save_target
 
     moe_config = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init=args.init)
+    check_save_target(Path(args.out).resolve())  # what save_pretrained would refuse, before a long load
     model = AutoModelForCausalLM.from_pretrained(args.model)
     sy.patch_model(model, moe_config, layers=args.layers, every_n=args.every_n, seed=args.seed)
     sy.save_pretrained(model, args.out, tokenizer=_tokenizer_of(args.model))
@@ -113,16 +115,28 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard_size(text: str) -> int:
+    """Bytes of a size like 5GB, checked before the model is loaded."""
+    from switchyard.hf.checkpoint import _parse_size
+
+    try:
+        return _parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a switchyard checkpoint (switchyard upcycle / save_pretrained)")
     p.add_argument("--out", required=True, help="directory for the transformers MoE checkpoint")
+    p.add_argument("--max-shard-size", type=_shard_size, default=None,
+                   help="largest weight file, e.g. 5GB: more go in shards with an index (default: transformers')")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import switchyard as sy
 
     model = sy.from_pretrained(args.model)  # puts back a checkpoint a killed re-save left aside
-    out = sy.export_hf(model, args.out, tokenizer=_tokenizer_of(args.model))
+    out = sy.export_hf(model, args.out, tokenizer=_tokenizer_of(args.model), max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
     return 0
 
@@ -166,7 +180,8 @@ def _planned_model(args: argparse.Namespace) -> Any:
         try:
             return sy.patch_model(model)  # an HF MoE model: adopt its blocks
         except ValueError as err:
-            raise ValueError(f"{err}; for a dense model pass --num-experts (and --top-k)") from None
+            raise ValueError(f"{args.model} has no MoE blocks to adopt: to plan a dense model upcycled, pass "
+                             f"--num-experts (and --top-k) [{err}]") from None
     moe = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init="copy")  # copy: shapes suffice
     return sy.patch_model(model, moe, layers=args.layers, every_n=args.every_n)
 

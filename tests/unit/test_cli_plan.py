@@ -55,7 +55,7 @@ def test_a_dense_model_is_planned_as_upcycled_and_mistakes_are_errors(tmp_path, 
     assert got["model_states_gib_per_rank"]["zero0"] == pytest.approx(got["params_per_rank"] * 16 / GIB, abs=1e-3)
 
     for argv, message in (
-        (["--world", "4"], "for a dense model pass --num-experts"),
+        (["--world", "4"], "no MoE blocks to adopt: to plan a dense model upcycled, pass --num-experts"),
         (["--num-experts", "6", "--world", "8", "--ep", "4"], "num_experts=6 is not divisible by ep=4"),
         (["--num-experts", "4", "--world", "4", "--ep", "3"], "ep*etp = 3*1 = 3 does not divide"),
     ):

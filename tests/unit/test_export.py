@@ -104,6 +104,11 @@ ERRORS = {
     "sigmoid": (lambda: upcycled("qwen3", extra={"head_dim": 8}, score_func="sigmoid"), None,
                 r"score_func='sigmoid' but Qwen3MoeForCausalLM computes score_func='softmax'"),
     "mixtral_shared": (lambda: upcycled("llama", num_shared_experts=1), None, r"Mixtral has no shared expert"),
+    # Qwen3-MoE has no layer_types: it windows every layer (the source's layer_types used to pass through unused)
+    "qwen3_windows_on_some_layers": (
+        lambda: upcycled("qwen3", extra={"head_dim": 8, "use_sliding_window": True, "sliding_window": 4,
+                                         "max_window_layers": 2}), None,
+        r"sliding windows per layer \[None, None, 4, 4\] become \[4, 4, 4, 4\] in Qwen3MoeForCausalLM"),
     "expert_parallel": (lambda: upcycled("llama"), _fake_ep2,
                         r"expert-parallel \(ep=2\).*save_pretrained.*switchyard export"),
 }
@@ -136,6 +141,50 @@ def test_exporting_over_a_switchyard_checkpoint_or_a_file_is_refused(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=r"a_file is a file; give a directory"):
         sy.export_hf(model, tmp_path / "a_file")
+
+
+def test_exporting_over_another_models_directory_is_refused(tmp_path):
+    """`--out` naming the dense source (or any other model's directory) used to replace its config.json and
+    model.safetensors with the export's."""
+    dense = tmp_path / "dense"
+    build("llama", intermediate_size=48).save_pretrained(dense)
+    before = {p.name: p.read_bytes() for p in dense.iterdir()}
+    with pytest.raises(ValueError, match=r"dense holds a llama model; exporting a mixtral there would overwrite"):
+        sy.export_hf(upcycled("llama"), dense)
+    assert {p.name: p.read_bytes() for p in dense.iterdir()} == before
+
+
+def test_exporting_again_replaces_the_earlier_export_whole(tmp_path):
+    """An export over an earlier one reads back as the new model whichever of them is sharded: save_pretrained
+    left the earlier unsharded model.safetensors (which from_pretrained reads before the new shards) or the
+    earlier index. A failing export leaves the earlier one as it was."""
+    models = [upcycled("llama") for _ in range(3)]
+    for seed, model in enumerate(models):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in moe_layers(model):
+                layer.router.weight.normal_(0, 10)
+
+    def exported_logits() -> torch.Tensor:
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(tmp_path).eval()(ids()).logits
+
+    for model, shard in zip(models, (None, "40KB", None)):
+        sy.export_hf(model, tmp_path, max_shard_size=shard)
+        with torch.no_grad():
+            torch.testing.assert_close(exported_logits(), model(ids()).logits, atol=1e-5, rtol=1e-5)
+        names = {p.name for p in tmp_path.iterdir()}
+        assert ("model.safetensors" in names) == (shard is None)
+        assert ("model.safetensors.index.json" in names) == (shard is not None)
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(OSError, match="disk full"):
+        sy.export_hf(models[0], tmp_path, tokenizer=BrokenTokenizer(), max_shard_size="40KB")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.parametrize("auto_class", ["AutoModel", "AutoModelForSequenceClassification"])

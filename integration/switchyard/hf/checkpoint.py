@@ -244,7 +244,7 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
-def _check_target(out: Path) -> None:
+def check_save_target(out: Path) -> None:
     """Refuse what the directory swap cannot replace, before anything is written."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a directory; save_pretrained writes a directory: choose another path")
@@ -267,7 +267,7 @@ def _prepare(out: Path) -> None:
     """Put back an earlier checkpoint a killed save left aside, refuse targets the swap cannot replace, drop
     what an interrupted save left beside ``out``, and create the staging directory."""
     recover_interrupted_save(out)
-    _check_target(out)
+    check_save_target(out)
     staging, aside = swap_paths(out)
     shutil.rmtree(staging, ignore_errors=True)
     shutil.rmtree(aside, ignore_errors=True)  # out is there, so this is a finished swap's leftover

@@ -10,12 +10,16 @@ against transformers), then compared field by field with ours — whatever the t
 is a ``ValueError`` naming the setting, before anything is written. The target model is built with
 meta parameters, filled with our tensors (shared storage, no copy) by a strict ``load_state_dict``,
 and saved by its own ``save_pretrained``, so the on-disk layout is whatever that transformers
-version (and vLLM) expects.
+version (and vLLM) expects. It is saved into a hidden directory inside ``path`` and moved up when complete.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +30,7 @@ import torch.nn as nn
 from switchyard.config import MoEConfig
 from switchyard.hf.adopt import ADAPTERS as BLOCK_ADAPTERS
 from switchyard.hf.adopt import _PER_EXPERT_NAMES, moe_config_from_hf
-from switchyard.hf.checkpoint import _read_json, empty_model, moe_prefixes, switchyard_record
+from switchyard.hf.checkpoint import _parse_size, _read_json, empty_model, moe_prefixes, switchyard_record
 from switchyard.hf.patch import CONFIG_KEY
 from switchyard.log import get_logger
 from switchyard.moe.layer import MoELayer
@@ -39,6 +43,8 @@ SEMANTIC_FIELDS = ("num_experts", "top_k", "intermediate_size", "score_func", "s
                    "norm_topk_prob", "n_group", "topk_group", "routed_scaling_factor", "expert_bias",
                    "activation", "gated", "bias", "eval_capacity_factor", "shared")
 KEEP_SWITCHYARD = "or keep the switchyard checkpoint (switchyard.save_pretrained)"
+# Weight files transformers' from_pretrained reads (safetensors first, then .bin), sharded or not
+_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,9 @@ def _target_config(model: nn.Module, family: MoEFamily, record: dict, layers: li
     values = {k: v for k, v in source.to_dict().items()
               if k not in ("model_type", "architectures", "transformers_version", "auto_map", "switchyard")}
     values["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if "layer_types" not in AutoConfig.for_model(family.model_type).to_dict():
+        # the target would carry it unused (Qwen3-MoE windows every layer), and _check would trust it
+        values.pop("layer_types", None)
     moe = MoEConfig.from_dict(record["moe"])
     if source.model_type == family.model_type:  # adopted: same class; write back what overrides changed
         if hasattr(source, "router_aux_loss_coef"):
@@ -267,25 +276,61 @@ def _block_tensors(layer: MoELayer, block: nn.Module, family: MoEFamily, zero_sh
     return out
 
 
-def _check_destination(out: Path) -> None:
+def _check_destination(out: Path, model_type: str) -> None:
     """transformers' save_pretrained only logs (and writes nothing) when ``out`` is a file, and would overwrite
-    a switchyard checkpoint's config.json, losing the record that rebuilds it (``--out`` = ``--model``)."""
+    a switchyard checkpoint's config.json, losing the record that rebuilds it (``--out`` = ``--model``), or
+    another model's config and weights (``--out`` = the dense source); an earlier export of this family is
+    replaced."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"export path {out} is a file; give a directory for the transformers checkpoint")
     config_file = out / "config.json"
-    if config_file.is_file() and _read_json(config_file).get(CONFIG_KEY):
+    if not config_file.is_file():
+        return
+    config = _read_json(config_file)
+    if config.get(CONFIG_KEY):
         raise ValueError(f"{out} holds a switchyard checkpoint; exporting there would overwrite its config.json and "
                          "lose it: export into another directory")
+    if config.get("model_type") != model_type:
+        raise ValueError(f"{out} holds a {config.get('model_type')} model; exporting a {model_type} there would "
+                         "overwrite its config.json and weights: export into a new or empty directory (or one holding "
+                         f"an earlier {model_type} export, which is replaced)")
 
 
-def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None) -> str:
+def _save(target: nn.Module, tokenizer: Any, out: Path, shard_bytes: int | None) -> None:
+    """Save into a hidden directory inside ``out`` (same file system, even when ``out`` is a mount point), then
+    move the files up: a failed save leaves ``out`` as it was. An earlier export's weight files that this one did
+    not write go: transformers' save_pretrained leaves an unsharded ``model.safetensors`` (which from_pretrained
+    then reads instead of the new shards) or a sharded index."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        target.save_pretrained(staging, **({"max_shard_size": shard_bytes} if shard_bytes is not None else {}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for earlier in out.iterdir():
+            if _WEIGHT_FILES.match(earlier.name) and not (staging / earlier.name).exists():
+                earlier.unlink()
+        for written in staging.iterdir():
+            os.replace(written, out / written.name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    staging.rmdir()
+
+
+def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None,
+              max_shard_size: int | str | None = None) -> str:
     """Write ``model`` as a plain transformers MoE checkpoint in ``path``; returns the path.
 
-    The model is only read (the written tensors share its storage while saving).
+    The model is only read (the written tensors share its storage while saving). ``max_shard_size`` (e.g.
+    ``"5GB"``) splits the weights into shards with an index; default: transformers' own.
     """
     record = switchyard_record(model)
     out = Path(path)
-    _check_destination(out)
+    shard_bytes = _parse_size(max_shard_size) if max_shard_size is not None else None
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     sharded = sorted({l.ep_size for l in layers if l.ep_size > 1})
     if sharded:
@@ -297,6 +342,7 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None) -> str:
     if family is None or (model_type != family.model_type and record["mode"] != "upcycle"):
         raise ValueError(f"no standard transformers MoE class fits {model_type}; save with switchyard.save_pretrained "
                          f"instead (supported exports: {supported_exports()})")
+    _check_destination(out, family.model_type)
     target_config = _target_config(model, family, record, layers)
     target_config.architectures = [_target_class(model, family)]
     zero_shared = _check(model, target_config, family, record, layers)
@@ -321,9 +367,7 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None) -> str:
                  "outputs unchanged)", cls, ranks=[0])
     if getattr(model, "generation_config", None) is not None:
         target.generation_config = copy.deepcopy(model.generation_config)
-    target.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    _save(target, tokenizer, out, shard_bytes)
     log.info("exported %s (%s) to %s", cls, model_type, out, ranks=[0])
     return str(out)
 

@@ -86,6 +86,18 @@ def test_capacity_in_either_mode_is_reported_as_breaking_the_step0_output(name: 
         assert not torch.allclose(layer(tokens()), dense.forward(tokens()), **TOL)
 
 
+def test_jittering_the_experts_input_is_reported_as_breaking_the_step0_output() -> None:
+    """Training-mode jitter of the experts' input (transformers' Mixtral) changes a copy layer's output: reported."""
+    dense = make_dense()
+    moe = dict(num_experts=4, top_k=2, router_jitter=0.2, jitter_experts_input=True)
+    layer = upcycled(dense, **moe).train()
+    x = tokens()
+    with torch.no_grad():
+        assert not torch.allclose(layer(x), dense(x), **TOL)
+    assert any("router_jitter=0.2" in i for i in output_preserving_issues(MoEConfig(**moe)))
+    assert output_preserving_issues(MoEConfig(num_experts=4, top_k=2, router_jitter=0.2)) == []  # router's copy only
+
+
 # -- granular ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", sorted(DENSES))
 @pytest.mark.parametrize("experts,top_k,g", [(8, 2, 2), (8, 4, 4), (8, 4, 2), (12, 3, 3), (6, 6, 3)])
@@ -147,6 +159,28 @@ def test_rank_split_equals_one_process_and_is_seeded(method: str) -> None:
     randomized = method in ("drop_upcycle", "random")
     assert torch.equal(other["gate_up_proj"], whole["gate_up_proj"]) != randomized
     assert not torch.equal(init_router(dense, config, seed=8), init_router(dense, config, seed=7))
+
+
+@pytest.mark.parametrize("method", ["drop_upcycle", "random"])
+def test_large_seeds_work_and_stay_deterministic(method: str) -> None:
+    """A seed of 2**32 - 1 (numpy's largest) times the layer and expert strides overflowed manual_seed."""
+    dense = make_dense(gated=True, bias=True)
+    config = MoEConfig(num_experts=4, top_k=2, init=method)
+    seed = (2**32 - 1) * 7919 + 3  # patch_model's seed for layer 3
+    whole = init_experts(dense, config, [0, 1, 2, 3], seed=seed)
+    assert all(torch.equal(init_experts(dense, config, [2, 3], seed=seed)[k], v[2:]) for k, v in whole.items())
+    assert not torch.equal(whole["gate_up_proj"][0], whole["gate_up_proj"][1])
+    assert torch.equal(init_router(dense, config, seed=seed), init_router(dense, config, seed=seed))
+
+
+def test_patch_model_takes_a_large_seed() -> None:
+    pytest.importorskip("transformers")
+    import switchyard as sy
+    from tiny_models import build
+
+    model = build("llama", intermediate_size=48)
+    sy.patch_model(model, MoEConfig(num_experts=4, top_k=2, init="drop_upcycle"), seed=2**32 - 1)
+    assert model.config.switchyard["seed"] == 2**32 - 1
 
 
 # -- drop-upcycle -----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from switchyard.config import MoEConfig
+from switchyard.hf.architectures import refuse_offloaded, refuse_unreadable
 from switchyard.moe.layer import MoELayer
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ def _read_per_expert(experts: nn.ModuleList, ids: list[int]) -> tuple[torch.Tens
 
 def _check_parts(block: nn.Module, cfg: MoEConfig) -> tuple[nn.Module, nn.Module]:
     """The block's ``gate`` and ``experts``, checked for what every family shares."""
+    refuse_offloaded(block, type(block).__name__)
+    refuse_unreadable(block, type(block).__name__)
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if gate is None or experts is None or getattr(gate, "weight", None) is None:
         raise ValueError(f"{type(block).__name__} lacks the expected gate.weight / experts submodules")

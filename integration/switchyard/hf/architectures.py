@@ -11,6 +11,9 @@ One adapter per *weight layout*, not per model: Llama, Mistral, Qwen, Gemma … 
   reading copies nothing; the upcycling initializers copy what each expert needs;
 * ``install(site, moe)``: put the MoE layer (any leading shape ``[..., H]`` in and out) where the FFN was.
 
+Weights that a read would get wrong — peft adapter layers, ZeRO-3 shards, accelerate-offloaded or quantized
+storage — are refused (``refuse_*``, shared with ``adopt``) before anything is read.
+
 Every ``model_type`` below was checked against ``modeling_<type>.py`` of transformers 5.24: the FFN
 forward is exactly ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))`` with the activation named
 by the config, and nothing else inside the module (no multipliers, sub-norms or inner dropout), except
@@ -23,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -94,9 +98,54 @@ class FFNSite:
     attribute: str  # e.g. "mlp"
 
 
+# dtypes whose stored values are the weights themselves (int8/uint8/float8 storage needs scales to mean anything)
+_REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PEFT_ADVICE = ("patch the transformers model first and add adapters afterwards (patch_model, then "
+                "peft.get_peft_model), or merge them into the weights first (merge_and_unload())")
+
+
+def refuse_peft_model(model: nn.Module) -> None:
+    """A model carrying peft adapters (a ``PeftModel``, or transformers' ``load_adapter``) saves only its adapters,
+    so MoE layers patched into it would not be saved; its module names also carry peft's ``base_model.model.``."""
+    if getattr(model, "peft_config", None) or getattr(model, "_hf_peft_config_loaded", False):
+        raise ValueError(f"{type(model).__name__} carries peft adapters: {_PEFT_ADVICE}")
+
+
+def refuse_offloaded(module: nn.Module, where: str) -> None:
+    """accelerate's offloading (``device_map`` with "cpu"/"disk", ``cpu_offload``) leaves meta parameters behind
+    hooks that load the real ones only inside a forward: read now they are shapes, and MoE layers built from them
+    would run on uninitialized memory. (A meta model without such hooks is fine: only shapes are wanted there.)"""
+    if any(hasattr(m, "_hf_hook") for m in module.modules()) and any(p.is_meta for p in module.parameters()):
+        raise ValueError(f"{where}'s weights are offloaded by accelerate (meta parameters loaded only during "
+                         "forward): load it without offloading (a device_map whose devices hold every weight, or "
+                         "none), patch it, then dispatch it")
+
+
+def refuse_unreadable(module: nn.Module, where: str) -> None:
+    """Refuse weights that would be read wrong, before any is read: a peft adapter layer (its ``weight`` is the
+    base weight alone, the adapter would be dropped), ZeRO-3 partitions (empty local shards) and quantized
+    storage (int8/uint8/float8 values without their scales)."""
+    for name, sub in module.named_modules():
+        if isinstance(getattr(sub, "base_layer", None), nn.Module):
+            raise ValueError(f"{'.'.join(filter(None, (where, name)))} is a peft adapter layer ({type(sub).__name__}); "
+                             f"reading it would drop the adapter: {_PEFT_ADVICE}")
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_shape"):
+            raise ValueError(
+                f"{where}.{name} is partitioned by DeepSpeed ZeRO-3 (this rank holds {tuple(param.shape)} of "
+                f"{tuple(param.ds_shape)}): switchyard's MoE layers run under ZeRO stages 0-2; build or load the model "
+                "without ZeRO-3 (no deepspeed.zero.Init, no stage-3 DeepSpeed config active during from_pretrained)"
+            )
+        if param.dtype not in _REAL_DTYPES:
+            raise ValueError(f"{where}.{name} is stored as {param.dtype} (a quantized model?): the MoE layers copy "
+                             "real-valued weights; load the model without quantization_config (e.g. in bfloat16)")
+
+
 def _linear(module: nn.Module, name: str, adapter: str, conv1d: bool = False) -> tuple[Tensor, Tensor | None]:
     """``(weight [out, in], bias)`` of ``module.<name>``, detached; GPT-2's Conv1D stores ``[in, out]``."""
     sub = getattr(module, name, None)
+    if isinstance(sub, nn.Module):
+        refuse_unreadable(sub, f"{type(module).__name__}.{name}")
     weight = getattr(sub, "weight", None)
     if weight is None or weight.dim() != 2:
         raise ValueError(
@@ -142,6 +191,8 @@ class FFNAdapter:
         return list(self._layers(model)[1])
 
     def _layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        refuse_peft_model(model)
+        refuse_offloaded(model, type(model).__name__)
         for path in self.layer_paths:
             found = _resolve(model, path)
             if isinstance(found, nn.ModuleList):

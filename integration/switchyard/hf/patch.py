@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from switchyard.config import MoEConfig
 from switchyard.hf.adopt import SUPPORTED_BLOCKS, layer_from_hf_block, moe_config_from_hf
-from switchyard.hf.architectures import ADAPTERS, DenseFFN, FFNAdapter, FFNSite, adapter_for, read_generic
+from switchyard.hf.architectures import (ADAPTERS, DenseFFN, FFNAdapter, FFNSite, adapter_for, read_generic,
+                                         refuse_offloaded, refuse_peft_model)
 from switchyard.hf.matching import Selection, layer_index_of, select, sites_from_names
 from switchyard.hf.upcycle import (
     check_extra, expert_fields, expert_intermediate_size, output_preserving_issues, upcycle_layer,
@@ -77,8 +78,11 @@ def patch_model(
     A ``torch.compile``-d model is patched inside: the transformers model it wraps gets the layers and hooks.
     """
     given, model = model, _uncompiled(model)
-    if getattr(model.config, CONFIG_KEY, None):
-        raise ValueError("this model is already patched by switchyard (model.config.switchyard is set)")
+    refuse_peft_model(model)  # its save would drop the MoE layers; its names carry peft's prefix
+    refuse_offloaded(model, type(model).__name__)  # meta weights behind accelerate's hooks: nothing to read
+    if getattr(getattr(model, "config", None), CONFIG_KEY, None):
+        raise ValueError("this model is already patched by switchyard (model.config.switchyard is set): patch the "
+                         "original transformers model once, with every layer wanted (layers= / every_n=)")
     selection = Selection.of(layers=layers, every_n=every_n, targets=targets, exclude=exclude)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")

@@ -47,8 +47,12 @@ ExpertInit = Callable[[DenseFFN, MoEConfig, int, int], DenseFFN]
 
 
 def expert_generator(seed: int, expert_id: int) -> torch.Generator:
-    """The only source of randomness for expert ``expert_id``: the same on every rank and device."""
-    return torch.Generator().manual_seed(seed * _SEED_STRIDE + expert_id)
+    """The only source of randomness for expert ``expert_id``: the same on every rank and device.
+
+    Taken modulo 2**64, the range ``manual_seed`` accepts: a user seed of 2**32 - 1 times the per-layer and
+    per-expert strides exceeds it (it raised "Overflow when unpacking long long"); smaller products are unchanged.
+    """
+    return torch.Generator().manual_seed((seed * _SEED_STRIDE + expert_id) % (1 << 64))
 
 
 # MoEConfig.extra keys each initializer reads; nothing else reads ``extra``
@@ -106,6 +110,9 @@ def output_preserving_issues(config: MoEConfig) -> list[str]:
         issues.append("norm_topk_prob=False: the k routing weights sum to less than 1, scaling the output")
     if config.routed_scaling_factor != 1.0:
         issues.append(f"routed_scaling_factor={config.routed_scaling_factor} scales the output")
+    if config.router_jitter > 0 and config.jitter_experts_input:
+        issues.append(f"router_jitter={config.router_jitter} with jitter_experts_input scales the experts' input "
+                      "in training")
     for name in ("capacity_factor", "eval_capacity_factor"):  # training / eval mode
         if getattr(config, name) is not None:
             issues.append(f"{name}={getattr(config, name)} drops token copies over capacity")

@@ -147,6 +147,13 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def fill_counts(args: argparse.Namespace, **defaults: tuple[int, int]) -> None:
+    """Give each omitted count (None) its default: ``name=(with --tiny, without)``; a given count stays."""
+    for name, (tiny, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tiny if args.tiny else full)
+
+
 def resolve_out(parser: argparse.ArgumentParser, args: argparse.Namespace, default_out: Path, tiny_name: str,
                 cpu_warning: str) -> None:
     """``args.out``: ``default_out`` (the committed results), or a temp file ``tiny_name`` with ``--tiny``,

@@ -69,7 +69,7 @@ if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout withou
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, moe_layer sit here, also when loaded by path
 
 from bench_common import (  # noqa: E402
-    _git_commit, _versions, int_at_least, launcher_prefix, synchronize, time_step_ms)
+    _git_commit, _versions, fill_counts, int_at_least, launcher_prefix, synchronize, time_step_ms)
 from moe_layer import SHAPES, TINY_SHAPES, Shape  # noqa: E402  one source of truth for shapes
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "ep_scaling.json"
@@ -326,12 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available() and not args.tiny
     args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     args.dtype = torch.bfloat16 if cuda else torch.float32
-    if args.tokens is None:
-        args.tokens = 64 if args.tiny else 8192
-    if args.iters is None:
-        args.iters = 2 if args.tiny else 20
-    if args.warmup is None:
-        args.warmup = 1 if args.tiny else 5
+    fill_counts(args, tokens=(64, 8192), iters=(2, 20), warmup=(1, 5))
     args.shape = args.shape or (["olmoe"] if args.tiny else list(SHAPES))
     overrides = {k: getattr(args, k) for k in ("hidden", "ffn", "experts", "top_k") if getattr(args, k) is not None}
     if args.shared_ffn and args.autoep:

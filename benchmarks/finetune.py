@@ -101,7 +101,7 @@ if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout withou
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits here, also when loaded by path
 
 from bench_common import (  # noqa: E402
-    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, int_at_least,
+    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, fill_counts, free_memory, gb, int_at_least,
     launcher_prefix, mem_allocated, peak_gb, reset_peak, resolve_out, synchronize)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "finetune.json"
@@ -759,16 +759,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and args.device.index is None:
         args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if args.batch is None:
-        args.batch = 2 if args.tiny else 8
-    if args.seq_len is None:
-        args.seq_len = 32 if args.tiny else 1024
-    if args.steps is None:
-        args.steps = 2 if args.tiny else 20
+    fill_counts(args, batch=(2, 8), seq_len=(32, 1024), steps=(2, 20), warmup=(1, 3))
     if args.rounds is None:
         args.rounds = 2 if args.device.type == "cuda" and not args.tiny else 1
-    if args.warmup is None:
-        args.warmup = 1 if args.tiny else 3
     if args.profile_steps is None:
         args.profile_steps = 2 if args.device.type == "cuda" and not args.tiny else 0
     resolve_out(p, args, DEFAULT_OUT, "finetune_tiny.json", "the full shape on CPU takes very long")

@@ -264,10 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if args.iters is None:
-        args.iters = 3 if args.tiny else 100
-    if args.warmup is None:
-        args.warmup = 1 if args.tiny else 10
+    ml.fill_counts(args, iters=(3, 100), warmup=(1, 10))
     ml.resolve_out(p, args, DEFAULT_OUT, "moe_decode_tiny.json", "full shapes on CPU take very long")
     return args
 

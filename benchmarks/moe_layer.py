@@ -83,8 +83,8 @@ if str(REPO_ROOT / "integration") not in sys.path:  # run from a checkout withou
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common sits here, also when loaded by path
 
 from bench_common import (  # noqa: E402  (moe_decode, moe_layer_host, moe_layer_profile use them as ml.<name>)
-    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, free_memory, gb, int_at_least, mem_allocated,
-    peak_gb, reset_peak, resolve_out, synchronize, time_back_to_back_ms, time_step_ms)
+    _device_name, _git_commit, _versions, autoep_kernel, ensure_world, fill_counts, free_memory, gb, int_at_least,
+    mem_allocated, peak_gb, reset_peak, resolve_out, synchronize, time_back_to_back_ms, time_step_ms)
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "moe_layer.json"
 FLOPS_FORMULA = ("expert GEMMs only (router excluded): fwd = 2*tokens*K*(H*2F + F*H); "
@@ -709,12 +709,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and args.device.index is None:
         args.device = torch.device("cuda", torch.cuda.current_device())
-    if args.tokens is None:
-        args.tokens = 128 if args.tiny else 8192
-    if args.iters is None:
-        args.iters = 2 if args.tiny else 20
-    if args.warmup is None:
-        args.warmup = 1 if args.tiny else 5
+    fill_counts(args, tokens=(128, 8192), iters=(2, 20), warmup=(1, 5))
     args.dtype = args.dtype or ("fp32" if args.tiny and args.device.type == "cpu" else "bf16")
     resolve_out(p, args, DEFAULT_OUT, "moe_layer_tiny.json", "full shapes on CPU take very long")
     return args

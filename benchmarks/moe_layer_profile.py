@@ -284,14 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    if args.tokens is None:
-        args.tokens = 128 if args.tiny else 8192
-    if args.iters is None:
-        args.iters = 2 if args.tiny else 20
-    if args.warmup is None:
-        args.warmup = 1 if args.tiny else 5
-    if args.stage_reps is None:
-        args.stage_reps = 1 if args.tiny else 5
+    ml.fill_counts(args, tokens=(128, 8192), iters=(2, 20), warmup=(1, 5), stage_reps=(1, 5))
     args.out = args.out or (Path(tempfile.gettempdir()) / "moe_layer_profile_tiny.json" if args.tiny else DEFAULT_OUT)
     dtype = torch.float32 if args.tiny and device.type == "cpu" else torch.bfloat16
     shapes = ml.TINY_SHAPES if args.tiny else ml.SHAPES

@@ -323,3 +323,35 @@ def test_eval_batches_sample_the_whole_split_in_a_fixed_order() -> None:
     again = [row.item() for r in range(2) for b in eval_rank_batches(ds, 2, r, 2, max_batches=1, seed=3)
              for row in b["input_ids"][:, 0]]
     assert again == first  # the same rows at every eval
+
+
+def test_a_row_whose_only_label_is_at_position_0_is_dropped(tok, cache: Path, tmp_path: Path) -> None:
+    """The model shifts labels, so position 0 is never predicted: a packed block opening with the eos of a
+    response, then only prompt, has no loss token (a NaN loss for a model that averages per micro-batch)."""
+    rows = [{"prompt": "Q:", "response": " x"}, {"prompt": "Q: " + "word " * 40, "response": " y"}]
+    ids = {k: [tok(r[k], add_special_tokens=False)["input_ids"] for r in rows] for k in ("prompt", "response")}
+    stream = [pair for p, r in zip(ids["prompt"], ids["response"])  # (id, label) of the packed stream
+              for pair in [(t, IGNORE) for t in p] + [(t, t) for t in r + [tok.eos_token_id]]]
+    seq_len = len(ids["prompt"][0]) + len(ids["response"][0])  # block 1 opens with the first eos, then prompt
+    blocks = [stream[s : s + seq_len] for s in range(0, len(stream) - seq_len + 1, seq_len)]
+    assert blocks[1][0] == (tok.eos_token_id, tok.eos_token_id) and {lab for _, lab in blocks[1][1:]} == {IGNORE}
+    cfg = DataConfig(source=write_jsonl(tmp_path / "p.jsonl", rows), format="prompt_response", seq_len=seq_len,
+                     eval_fraction=0)
+    train, _ = load_datasets(cfg, tok, cache)
+    want = [b for b in blocks if any(lab != IGNORE for _, lab in b[1:])]
+    assert len(want) < len(blocks) and train["labels"] == [[lab for _, lab in b] for b in want]
+    assert train["input_ids"] == [[t for t, _ in b] for b in want]
+
+
+def test_a_cache_of_an_older_recipe_is_not_reused(
+    tok, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tokenized caches written by older processing (here: version 2, before the labels[1:] filter) miss."""
+    cfg = DataConfig(source=write_jsonl(tmp_path / "v.jsonl", [{"text": t} for t in docs(8)]), seq_len=8,
+                     eval_fraction=0)
+    stale = {"input_ids": [[7] * 8], "labels": [[7] * 8]}
+    with monkeypatch.context() as m:
+        m.setattr(data_mod, "_RECIPE_VERSION", 2)
+        m.setattr(data_mod, "_process_batch", lambda batch, tokenizer, cfg: stale)
+        assert load_datasets(cfg, tok, cache)[0]["input_ids"] == stale["input_ids"]
+    assert load_datasets(cfg, tok, cache)[0]["input_ids"] != stale["input_ids"]

@@ -191,3 +191,22 @@ def test_a_map_batch_without_any_document(fmt: str, tok, tmp_path: Path) -> None
     cfg = DataConfig(source=str(tmp_path / "b.jsonl"), format=fmt, seq_len=8, eval_fraction=0)
     train, _ = load_datasets(cfg, tok, tmp_path / "cache")
     assert len(train) > 0
+
+
+def test_chat_and_response_data_errors_name_the_column_and_the_fix(tok, tmp_path: Path) -> None:
+    """ShareGPT's {from, value} messages hit the template as a bare jinja error; messages stored as JSON text did
+    not name the column; data whose prompts fill seq_len (or without assistant turns) advised a *lower* seq_len."""
+    def load(rows: list[dict], **kwargs: Any) -> None:
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        load_datasets(DataConfig(source=str(tmp_path / "d.jsonl"), seq_len=8, packing=False, eval_fraction=0,
+                                 **kwargs), tok, tmp_path / "cache")
+
+    sharegpt = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    with pytest.raises(ValueError, match=r"data.messages_field='messages'.*keys \['from', 'value'\], no 'role'"):
+        load([{"messages": sharegpt}], format="chat")
+    with pytest.raises(ValueError, match=r"data.messages_field='conv'.*got a string \(JSON text"):
+        load([{"conv": json.dumps([{"role": "user", "content": "hi"}])}], format="chat", messages_field="conv")
+    with pytest.raises(ValueError, match=r"no training examples of seq_len=8.*raise data.seq_len.*role 'assistant'"):
+        load([{"messages": [{"role": "user", "content": "hi"}]}], format="chat")
+    with pytest.raises(ValueError, match=r"no training examples of seq_len=8.*prompts fill.*raise data.seq_len"):
+        load([{"prompt": "word " * 20, "response": " x"}], format="prompt_response")

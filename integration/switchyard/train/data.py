@@ -39,7 +39,7 @@ BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"
 }
 IGNORE_INDEX = -100
-_RECIPE_VERSION = 2  # bump when the processing below changes: invalidates tokenized caches
+_RECIPE_VERSION = 3  # bump when the processing below changes: invalidates tokenized caches (3: labels[1:] filter)
 _MAP_BATCH = 1000  # packing drops < seq_len tokens at the end of every map batch of this many docs
 
 
@@ -224,9 +224,16 @@ def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[lis
     overlapping a response is trained, as in transformers' ``return_assistant_tokens_mask``.
     """
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        got = type(messages).__name__
+        got = "a string (JSON text? store the messages as a list of objects)" if isinstance(messages, str) else (
+            type(messages).__name__)
         raise ValueError(f"chat data: expected a list of {{role, content}} messages, got {got}")
     messages = _drop_none(messages)
+    roleless = next((m for m in messages if "role" not in m), None)
+    if roleless is not None:  # the template's own error would be a bare jinja UndefinedError
+        raise ValueError(
+            f"chat data: a message has keys {sorted(roleless)}, no 'role'; messages must be {{role, content}} with "
+            f"roles such as system/user/assistant (ShareGPT's {{from: human/gpt, value}}: convert them first)"
+        )
 
     def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
@@ -303,7 +310,10 @@ def _process_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any]) 
         for p, r in zip(_encode(tokenizer, [p for p, _ in pairs]), _encode(tokenizer, [r for _, r in pairs])):
             examples.append((prefix + p + r + [eos], [IGNORE_INDEX] * (len(prefix) + len(p)) + r + [eos]))
     else:
-        examples = [chat_ids_labels(tokenizer, m) for m in batch[cfg["messages_field"]] if m is not None]
+        try:
+            examples = [chat_ids_labels(tokenizer, m) for m in batch[cfg["messages_field"]] if m is not None]
+        except ValueError as e:  # name the column: the error is raised deep inside datasets.map
+            raise ValueError(f"data.messages_field={cfg['messages_field']!r}: {e}") from e
 
     out: dict[str, list] = {"input_ids": [], "labels": []}
     if cfg["packing"]:
@@ -320,8 +330,10 @@ def _process_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any]) 
             out["input_ids"].append(ids + [pad] * n_pad)
             out["labels"].append(labels + [IGNORE_INDEX] * n_pad)
             out["attention_mask"].append([1] * len(ids) + [0] * n_pad)
-    keep = [i for i, labels in enumerate(out["labels"]) if any(t != IGNORE_INDEX for t in labels)]
-    if len(keep) != len(out["labels"]):  # nothing to learn (e.g. prompt truncated away): drop, avoids NaN loss
+    # the model shifts labels, so position 0 is never predicted: a row whose only labels sit there (a packed block
+    # opening with the eos of a response, then prompt) has nothing to learn; drop it (a NaN loss otherwise)
+    keep = [i for i, labels in enumerate(out["labels"]) if any(t != IGNORE_INDEX for t in labels[1:])]
+    if len(keep) != len(out["labels"]):
         out = {k: [v[i] for i in keep] for k, v in out.items()}
     return out
 
@@ -334,6 +346,18 @@ def _features(cfg: DataConfig) -> datasets.Features:
     return datasets.Features(cols)
 
 
+def _no_examples_error(cfg: DataConfig) -> ValueError:
+    """Why no row survived: too little text for one block, or (prompt/response, chat) no response token to learn
+    within the first ``seq_len`` tokens, where the fix is a *longer* ``seq_len`` or responses in the data."""
+    head = f"data.source={cfg.source!r} gave no training examples of seq_len={cfg.seq_len}"
+    if cfg.format == "text":
+        return ValueError(f"{head}; lower data.seq_len or add data")
+    few = "the data holds fewer than seq_len tokens (lower data.seq_len or add data), or " if cfg.packing else ""
+    responses = "no message has role 'assistant'" if cfg.format == "chat" else "the responses are missing"
+    return ValueError(f"{head} with a response token to learn: {few}the prompts fill the first seq_len tokens "
+                      f"(raise data.seq_len), or {responses}")
+
+
 def load_datasets(
     cfg: DataConfig, tokenizer: Any, cache_dir: str | os.PathLike | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -344,7 +368,8 @@ def load_datasets(
     at once (cache writes are atomic); calling it on one rank first, then a barrier, saves work.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; it is needed to separate documents and end responses")
+        raise ValueError("the tokenizer has no eos token; it is needed to separate documents and end responses: "
+                         "set eos_token in its tokenizer_config.json or use a tokenizer that has one")
     if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError("data.format='chat' needs a tokenizer with a chat template; use format='prompt_response'")
     cache = _resolve_cache(cache_dir) / "data"
@@ -385,9 +410,7 @@ def load_datasets(
             desc=f"tokenize {split}",
         )
     if len(out["train"]) == 0:
-        raise ValueError(
-            f"data.source={cfg.source!r} gave no training examples of seq_len={cfg.seq_len}; lower seq_len or add data"
-        )
+        raise _no_examples_error(cfg)
     eval_ds = out.get("eval")
     if eval_ds is not None and len(eval_ds) == 0:
         log.warning(f"the eval split has no complete seq_len={cfg.seq_len} example; eval is disabled", ranks=[0])

@@ -131,12 +131,17 @@ def _read_fused(experts: nn.Module, ids: list[int]) -> tuple[torch.Tensor, torch
     return gate_up, down[ids]
 
 
-def _read_per_expert(experts: nn.ModuleList, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers 4.x: one MLP module per expert, stacked into the fused layout."""
+def _per_expert_names(experts: nn.ModuleList) -> tuple[str, str, str]:
+    """The (gate, up, down) ``nn.Linear`` names of transformers 4.x expert MLPs."""
     names = next((n for n in _PER_EXPERT_NAMES if all(hasattr(experts[0], a) for a in n)), None)
     if names is None:
         raise ValueError(f"expert MLP {type(experts[0]).__name__} has none of the projections {_PER_EXPERT_NAMES}")
-    gate, up, down = names
+    return names
+
+
+def _read_per_expert(experts: nn.ModuleList, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers 4.x: one MLP module per expert, stacked into the fused layout."""
+    gate, up, down = names = _per_expert_names(experts)
     linears = [getattr(experts[i], a) for i in ids for a in names]
     if any(getattr(lin, "bias", None) is not None for lin in linears):
         raise ValueError("HF per-expert MLPs with biases are not supported")
@@ -178,6 +183,40 @@ def _collect(block: nn.Module, adapter: BlockAdapter, cfg: MoEConfig, ids: list[
     return src
 
 
+def _requires_grad(block: nn.Module, adapter: BlockAdapter, cfg: MoEConfig) -> dict[str, bool]:
+    """Each of our parameters' ``requires_grad``, taken from the HF parameters it is read from, so a router or
+    experts frozen before patching stay frozen. Every expert is checked (not only this rank's), so all EP
+    ranks agree and raise alike."""
+    gate, experts = _check_parts(block, cfg)
+    sources: dict[str, list[torch.Tensor]] = {"router.weight": [gate.weight]}
+    if isinstance(experts, nn.ModuleList):
+        gate_name, up_name, down_name = _per_expert_names(experts)
+        sources["experts.gate_up_proj"] = [getattr(e, a).weight for e in experts for a in (gate_name, up_name)]
+        sources["experts.down_proj"] = [getattr(e, down_name).weight for e in experts]
+    else:
+        sources["experts.gate_up_proj"], sources["experts.down_proj"] = [experts.gate_up_proj], [experts.down_proj]
+    if cfg.num_shared_experts > 0:
+        assert adapter.shared_attr is not None, "adapter enables shared experts without naming them"
+        shared = _attr(block, adapter.shared_attr)
+        sources.update({f"shared_experts.{k}": [p] for k, p in shared.named_parameters()})
+    if cfg.shared_expert_gate:
+        assert adapter.shared_gate_attr is not None, "adapter enables a shared-expert gate without naming it"
+        sources["shared_expert_gate.weight"] = [_attr(block, adapter.shared_gate_attr).weight]
+    flags: dict[str, bool] = {}
+    for key, params in sources.items():
+        trainable = {p.requires_grad for p in params}
+        if len(trainable) > 1:
+            frozen = sum(not p.requires_grad for p in params)
+            raise ValueError(
+                f"{type(block).__name__}: {frozen} of the {len(params)} HF expert weights read into {key!r} have "
+                f"requires_grad=False and the rest True, but {key!r} is one tensor over all experts and cannot be "
+                f"partly frozen; set requires_grad alike on them before patching (e.g. "
+                f"block.experts.requires_grad_(False) freezes every expert)"
+            )
+        flags[key] = trainable.pop()
+    return flags
+
+
 @torch.no_grad()
 def layer_from_hf_block(
     block: nn.Module, hf_config: Any, groups: "ProcessGroupManager | None" = None, **overrides: Any
@@ -186,6 +225,7 @@ def layer_from_hf_block(
 
     Experts and shared experts take the dtype/device of the block's experts; the router keeps the
     dtype of HF's gate (transformers 5.24 keeps DeepSeek-V3's fp32 in bf16 models; it decides routing).
+    Each parameter keeps the ``requires_grad`` of the HF parameters it comes from (a frozen router stays frozen).
     """
     name = type(block).__name__
     adapter = _adapter(name)
@@ -202,8 +242,13 @@ def layer_from_hf_block(
                  for k, v in dst.items() if k in src and src[k].shape != v.shape]
     if problems:
         raise ValueError(f"cannot adopt {name}: " + "; ".join(problems))
+    trainable = _requires_grad(block, adapter, cfg)
+    params = dict(layer.named_parameters())
+    assert trainable.keys() == params.keys(), f"requires_grad sources {sorted(trainable)} vs {sorted(params)}"
     for key, target in dst.items():
         target.copy_(src[key])
+    for key, param in params.items():
+        param.requires_grad_(trainable[key])
     layer.train(block.training)
     return layer
 

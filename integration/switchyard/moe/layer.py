@@ -332,15 +332,15 @@ class MoELayer(DeepSpeedMoEModule):
 
     def _record(self, routed: RouterOutput, tokens_per_expert_E: torch.Tensor, keep_TK, batch_size: int) -> None:
         cfg = self.config
+        real_T = self._real_tokens(routed.topk_idx_TK)
         losses: dict[str, torch.Tensor] = {}
         if torch.is_grad_enabled():
             if cfg.aux_loss_coef > 0:
                 losses["load_balancing"] = load_balancing_loss(_balance_probs(routed.scores_TE, cfg.score_func),
-                                                               routed.topk_idx_TK, self.num_experts,
-                                                               self._real_tokens(routed.topk_idx_TK))
+                                                               routed.topk_idx_TK, self.num_experts, real_T)
             if cfg.seq_aux_loss_coef > 0:
                 losses["sequence_balance"] = sequence_balance_loss(
-                    routed.scores_TE, routed.topk_idx_TK, self.num_experts, batch_size
+                    routed.scores_TE, routed.topk_idx_TK, self.num_experts, batch_size, real_T
                 )
             if cfg.z_loss_coef > 0:
                 losses["z_loss"] = z_loss(routed.logits_TE)
@@ -351,15 +351,21 @@ class MoELayer(DeepSpeedMoEModule):
         routed_copies: int | torch.Tensor = routed.topk_idx_TK.numel()
         if keep_TK is None:
             dropped = torch.zeros((), dtype=torch.long, device=counts.device)
-        elif (real_T := self._real_tokens(routed.topk_idx_TK)) is None:
+        elif real_T is None:
             dropped = (~keep_TK).sum()
         else:  # padding copies are never kept; not drops of real tokens
             dropped = (~keep_TK & real_T[:, None]).sum()
             routed_copies = real_T.sum() * keep_TK.shape[1]
         self.last_stats = MoEStats(counts, routed_copies, dropped, {k: v.detach() for k, v in losses.items()})
         if self.training and cfg.expert_bias:
-            # a copy: under cuda_graph ``counts`` is a graph buffer that the next replay overwrites
-            self._bias_counts_E = counts.clone() if self._bias_counts_E is None else self._bias_counts_E + counts
+            if real_T is None or keep_TK is not None:
+                # a copy: under cuda_graph ``counts`` is a graph buffer that the next replay overwrites.
+                # Under a capacity factor padding copies are never kept, so ``counts`` holds real copies only.
+                bias_counts_E = counts.clone()
+            else:  # dropless: padding copies were routed and counted; padding must not steer the bias
+                real_copies = real_T.to(counts.dtype).repeat_interleave(routed.topk_idx_TK.shape[1])
+                bias_counts_E = torch.zeros_like(counts).scatter_add_(0, routed.topk_idx_TK.reshape(-1), real_copies)
+            self._bias_counts_E = bias_counts_E if self._bias_counts_E is None else self._bias_counts_E + bias_counts_E
 
     def __getstate__(self) -> dict[str, Any]:
         """What a deep copy or pickle takes (an EMA, reference or best-model copy made mid-training): not the

@@ -76,6 +76,7 @@ def sequence_balance_loss(
     topk_idx_TK: torch.Tensor,
     num_experts: int,
     batch_size: int,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sequence-wise balance loss of DeepSeek-V2/V3 (arXiv:2405.04434 §2.2.3, arXiv:2412.19437 eqs. 17-20).
 
@@ -84,6 +85,8 @@ def sequence_balance_loss(
     ``f_i = E / (K * L) * #tokens choosing i``, ``P_i`` = mean over tokens of the score normalized
     to sum 1 per token (V3 does this for sigmoid scores; for softmax it is a no-op); loss = mean over
     sequences of ``sum_i f_i * P_i`` (1 when balanced). Rows of T are ``[B, L]`` flattened.
+    ``attention_mask`` ([B, L] or [T], 1 = real token) leaves padding out: L counts a sequence's real tokens
+    and the mean runs over sequences with any, so a padded batch scores what its sequences score unpadded.
     """
     _check_routing(scores_TE, topk_idx_TK, num_experts)
     num_tokens, top_k = topk_idx_TK.shape
@@ -95,14 +98,25 @@ def sequence_balance_loss(
         raise ValueError(f"T={num_tokens} tokens do not split into batch_size={batch_size} equal sequences")
     seq_len = num_tokens // batch_size
     scores_TE = scores_TE.float()
-    normed_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
-    prob_BE = normed_TE.view(batch_size, seq_len, num_experts).mean(dim=1)
+    normed_BLE = (scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)).view(batch_size, seq_len, num_experts)
     idx_BX = topk_idx_TK.reshape(batch_size, seq_len * top_k)
-    ones_BX = torch.ones(idx_BX.shape, dtype=torch.float32, device=scores_TE.device)
     counts_BE = torch.zeros(batch_size, num_experts, dtype=torch.float32, device=scores_TE.device)
-    counts_BE.scatter_add_(1, idx_BX, ones_BX)
-    frac_BE = counts_BE * (num_experts / (seq_len * top_k))
-    return (frac_BE * prob_BE).sum(dim=1).mean()
+    if attention_mask is None:
+        counts_BE.scatter_add_(1, idx_BX, torch.ones(idx_BX.shape, dtype=torch.float32, device=scores_TE.device))
+        prob_BE = normed_BLE.mean(dim=1)
+        frac_BE = counts_BE * (num_experts / (seq_len * top_k))
+        return (frac_BE * prob_BE).sum(dim=1).mean()
+    mask_T = attention_mask.reshape(-1).to(device=scores_TE.device, dtype=torch.float32)
+    if mask_T.numel() != num_tokens:
+        raise ValueError(f"attention_mask has {mask_T.numel()} elements, routing has T={num_tokens}")
+    mask_BL = mask_T.view(batch_size, seq_len)
+    counts_BE.scatter_add_(1, idx_BX, mask_BL.repeat_interleave(top_k, dim=1))
+    real_B = mask_BL.sum(dim=1)
+    # An all-padding sequence has zero counts and drops out of the mean; clamps avoid 0/0 without a host sync.
+    rows_B1 = real_B.clamp_min(1.0).unsqueeze(1)
+    prob_BE = (normed_BLE * mask_BL.unsqueeze(-1)).sum(dim=1) / rows_B1
+    frac_BE = counts_BE * (num_experts / top_k) / rows_B1
+    return (frac_BE * prob_BE).sum(dim=1).sum() / (real_B > 0).sum().clamp_min(1)
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

@@ -209,17 +209,81 @@ def test_draining_engine_refuses_new_sequences(model_and_tok):
 @pytest.mark.parametrize("mode", ["stream", "window"])
 def test_detokenizer_deltas_concatenate_to_the_full_decode(model_and_tok, mode):
     """Both paths (tokenizers' DecodeStream for fast tokenizers, the two-window decode otherwise),
-    on random ids: byte tokens split characters, special tokens are skipped."""
+    on random ids: byte tokens split characters, special tokens are skipped; after a prompt, the deltas
+    are what the output adds to the prompt's text."""
     _, tok = model_and_tok
     rng = random.Random(0)
-    for _ in range(30):
+    for i in range(30):
+        prompt = tok(PROMPTS[i % len(PROMPTS)]).input_ids if i % 2 else []
         ids = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 40))]
-        detok = IncrementalDetokenizer(tok)
+        detok = IncrementalDetokenizer(tok, prompt)
         assert detok._stream is not None  # the tiny tokenizer is a fast one
         if mode == "window":
             detok._stream = None
         text = "".join(detok.push(t) for t in ids) + detok.flush()
-        assert text == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+        assert text == decode(prompt + ids)[len(decode(prompt)):]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tok():
+    """A Llama-2/Mistral-style fast tokenizer built offline: Metaspace pieces, ``<0xNN>`` byte fallback, and the
+    decoder that strips the leading space of the first token it decodes."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    trained.train_from_iterator(["The capital of France is Paris. Hello world, hello there."] * 20,
+                                trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>", "<s>", "</s>"]))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(trained.get_vocab(), key=trained.get_vocab().get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(trained.to_str())["model"]["merges"]]
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    sp.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_completion_keeps_the_leading_space_of_its_first_token(model_and_tok, sentencepiece_tok):
+    """The output was decoded alone, and a SentencePiece decoder strips the first token's leading space: the
+    completion of "The capital of France" read "is Paris." (prompt + text: "The capital of Franceis Paris.").
+    Now it is decoded after the prompt's last tokens, as vLLM does: " is Paris.", on both paths and in the engine."""
+    tok = sentencepiece_tok
+    prompt = tok("The capital of France").input_ids
+    output = tok("The capital of France is Paris.").input_ids[len(prompt):]
+    assert tok.convert_ids_to_tokens(output[0]) == "▁is" and tok.decode(output) == "is Paris."
+    for stream in (True, False):
+        detok = IncrementalDetokenizer(tok, prompt)
+        if not stream:
+            detok._stream = None
+        assert "".join(detok.push(t) for t in output) + detok.flush() == " is Paris."
+    model, _ = model_and_tok  # its vocabulary holds the tokenizer's ids; the bias makes "▁is" the greedy choice
+    engine, got = engine_for(model, tok, max_batch=1, eos_token_ids=[]), Collector()
+    engine.submit([Sequence(prompt, SamplingParams(max_tokens=2, temperature=0, logit_bias=((output[0], 100.0),)),
+                            got.sink)])
+    engine.run_until_idle()
+    assert got.text(0) == " is is"
+
+
+def test_a_byte_run_rewriting_returned_text_falls_back_instead_of_raising(sentencepiece_tok, caplog):
+    """With byte fallback, "A" then <0xE2> then "a" decodes to "��a": the run A+E2 is invalid, so the "A" already
+    returned turns into "�". tokenizers' DecodeStream raised "Invalid prefix encountered" (vLLM #17448) inside
+    the engine's step, which killed rank 0 and every request; now that sequence goes on with the window decoder."""
+    tok = sentencepiece_tok
+    ids = tok.convert_tokens_to_ids(["a", "<0x41>", "<0xE2>", "a", "▁is"])
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push(t) for t in ids]
+    assert detok._stream is None and "Invalid prefix" in caplog.text  # it did fail, and said so
+    assert deltas[:3] == ["a", "A", ""] and deltas[4] == " is" and detok.flush() == ""
+    primed = IncrementalDetokenizer(tok, ids[:4])  # the same run inside a prompt: the window from the start
+    assert primed._stream is None and [primed.push(t) for t in ids[4:]] == [" is"]
 
 
 def test_decode_batch_pads_joins_and_trims_leavers():

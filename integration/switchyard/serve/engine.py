@@ -173,7 +173,7 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = self._free_slots.pop()
             seq.generator = make_generator(seq.params, seq.index, self.runner.device)
-            seq.detok = IncrementalDetokenizer(self.tokenizer)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids)
             self.running[seq.slot] = seq
         items = [(slot, seq.prompt_ids if not seq.prefilled else [seq.output_ids[-1]], not seq.prefilled)
                  for slot, seq in sorted(self.running.items())]

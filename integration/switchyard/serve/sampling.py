@@ -10,10 +10,15 @@ from typing import Any
 
 import torch
 
+from switchyard.log import get_logger
+
+log = get_logger(__name__)
+
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each logit_bias value: [-100, 100]
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 are inf
 _MIX = 0x9E3779B97F4A7C15  # spreads (seed, choice index) over the generator's seed space
+PROMPT_CONTEXT = (4, 23)  # prompt tokens decoded ahead of the output (IncrementalDetokenizer): fewest, most
 
 
 @dataclass(frozen=True)
@@ -117,18 +122,25 @@ class IncrementalDetokenizer:
 
     A byte-level token may end inside a multi-byte character; such text is held back until the next
     token completes it (or ``flush`` at the end), so the deltas concatenate to the same text as decoding
-    all ids at once. A fast (Rust) tokenizer streams through ``tokenizers``' ``DecodeStream`` (one Rust
-    call per token: this runs for every sequence at every step on rank 0); others decode a short window
-    twice per token.
+    all ids at once. The output is decoded after a few of the prompt's last tokens (vLLM's way), because
+    a SentencePiece decoder (Llama-2, Mistral, Mixtral: Metaspace + ``Strip``) drops the leading space of
+    the first token it decodes: decoded alone, the completion of "The capital of France" read "is Paris."
+    instead of " is Paris.". A fast (Rust) tokenizer streams through ``tokenizers``' ``DecodeStream`` (one
+    Rust call per token: this runs for every sequence at every step on rank 0); others decode a short
+    window twice per token. ``DecodeStream`` raises ("Invalid prefix encountered") when a byte-fallback
+    run turns invalid and so changes text it already returned (vLLM #17448); in the engine's thread that
+    killed the server, so the sequence continues on the window path, which never raises.
     """
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int] | tuple[int, ...] = (),
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = []
-        self.emitted = 0  # characters the stream has returned (its flush decodes the rest)
+        context = self._context(list(prompt_ids))
+        self.ids: list[int] = list(context)  # the prompt's context, then the output
+        self.emitted = 0  # characters the stream has returned, the context's included (its flush decodes the rest)
         self.prefix_offset = 0  # window start: decoded together with the new ids for context
-        self.read_offset = 0  # ids before this are already in the emitted text
+        self.read_offset = len(context)  # ids before this are already in the emitted text (or are the prompt's)
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None
         if self._backend is not None:
@@ -138,17 +150,44 @@ class IncrementalDetokenizer:
                 self._backend = None
             else:
                 self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+                for token_id in context:
+                    if self._stream_step(token_id) is None:  # the stream failed on the prompt: window from the start
+                        self.prefix_offset, self.read_offset = 0, len(context)
+                        break
+
+    def _context(self, prompt_ids: list[int]) -> list[int]:
+        """The shortest prompt tail of 4 to 23 tokens that decodes to whole characters (vLLM's choice); else
+        its last 4 tokens (a prompt ending inside a character: no clean start within reach)."""
+        for n in range(min(len(prompt_ids), PROMPT_CONTEXT[0]), min(len(prompt_ids), PROMPT_CONTEXT[1]) + 1):
+            if "\ufffd" not in self._decode(prompt_ids[-n:]):
+                return prompt_ids[-n:]
+        return prompt_ids[-PROMPT_CONTEXT[0]:]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
+    def _stream_step(self, token_id: int) -> str | None:
+        """The stream's text for ``token_id`` (already in ``self.ids``); None once the stream has failed."""
+        assert self._stream is not None
+        try:
+            text = self._stream.step(self._backend, token_id) or ""
+        except Exception as err:  # tokenizers raises a bare Exception
+            log.warning("incremental detokenization: %s; this sequence continues on the window decoder", err)
+            self._stream = None
+            # the ids before this one count as emitted; a few of them stay as the window's context
+            self.read_offset = len(self.ids) - 1
+            self.prefix_offset = max(0, self.read_offset - PROMPT_CONTEXT[0])
+            return None
+        self.emitted += len(text)
+        return text
+
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         if self._stream is not None:
-            text = self._stream.step(self._backend, token_id) or ""
-            self.emitted += len(text)
-            return text
+            text = self._stream_step(token_id)
+            if text is not None:
+                return text
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         text = self._decode(self.ids[self.prefix_offset:])
         if len(text) > len(prefix) and not text.endswith("\ufffd"):

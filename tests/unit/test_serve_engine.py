@@ -534,3 +534,17 @@ def test_nan_logits_end_only_their_sequence(model_and_tok, temperature):
     for seq in others:
         assert seq.finish_reason == "length" and seq.output_ids == greedy(model, seq.prompt_ids, 10)
     assert engine.idle() and sorted(engine._free_slots) == [0, 1, 2]
+
+
+def test_logprob_tokens_line_up_with_the_completion_text_under_sentencepiece(sentencepiece_tok):
+    """A token decoded alone lost its leading space ("▁is" → "is"), so the logprobs' tokens and text_offset did
+    not line up with the completion text, which keeps it (" is Paris.")."""
+    from switchyard.serve.app import _Logprobs
+
+    tok = sentencepiece_tok
+    prompt = tok("The capital of France").input_ids
+    output = tok("The capital of France is Paris.").input_ids[len(prompt):]
+    logprobs = _Logprobs(tok).completion([(t, (-1.0, ())) for t in output], offset=0)
+    assert "".join(logprobs.tokens) == " is Paris."
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(output))]
+    assert _Logprobs(tok).chat([(output[0], (-1.0, ()))]).content[0].token == " is"

@@ -209,20 +209,37 @@ def _byte_level(tokenizer: Any) -> bool:
 class _Logprobs:
     """OpenAI's two logprobs shapes from the engine's ``(token id, (logprob, top (id, logprob) pairs))``.
 
-    A token's text is its own decode (a byte-level token may be part of a character: then its text has
-    U+FFFD); ``bytes`` are the token's raw bytes, so concatenating them rebuilds split characters."""
+    A token's text is what it adds after a plain anchor (the ids of "a"): a SentencePiece decoder strips the
+    leading space of the first token it decodes, so decoded alone "▁Paris" read "Paris" while the completion's
+    text (decoded after the prompt) has " Paris", and the tokens and ``text_offset`` would not line up with
+    it. A byte-level token may be part of a character: then its text has U+FFFD; ``bytes`` are the token's
+    raw bytes, so concatenating them rebuilds split characters."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._anchor = self._anchor_ids(tokenizer)
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
         self._byte_of = {c: b for b, c in bytes_to_unicode().items()} if _byte_level(tokenizer) else None
         self._added = set(getattr(tokenizer, "added_tokens_decoder", {}))  # special tokens: their text is theirs
 
+    @staticmethod
+    def _anchor_ids(tokenizer: Any) -> list[int]:
+        """Token ids decoding to "a", or [] (then a token's text is its own decode)."""
+        try:
+            ids = tokenizer.encode("a", add_special_tokens=False)
+            ok = bool(ids) and tokenizer.decode(ids, clean_up_tokenization_spaces=False) == "a"
+        except Exception:  # noqa: BLE001 - a tokenizer without encode/decode of text: no anchor
+            return []
+        return ids if ok else []
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     def text(self, token_id: int) -> str:
         if token_id not in self._text:
-            self._text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False,
-                                                         clean_up_tokenization_spaces=False)
+            after = self._decode([*self._anchor, token_id]) if self._anchor else ""
+            self._text[token_id] = after[1:] if after.startswith("a") else self._decode([token_id])
         return self._text[token_id]
 
     def raw_bytes(self, token_id: int) -> list[int]:

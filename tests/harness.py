@@ -1,4 +1,4 @@
-"""Run a function on N ranks (fresh processes: gloo on CPU, or NCCL with one GPU each) or a script under the
+"""Run a function on N ranks (new processes: gloo on CPU, or NCCL with one GPU each) or a script under the
 real deepspeed launcher.
 
 Both have a hard timeout: a hang fails the test in seconds and kills every rank. A failing rank's
@@ -19,12 +19,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from switchyard.parallel.ports import free_port
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rank_main(fn, rank, world_size, port, results, collective_timeout_s, backend, args, kwargs) -> None:
+def _rank_main(payload, environ, rank, world_size, port, results, collective_timeout_s, backend) -> None:
+    os.environ.clear()  # a forked rank starts with the server's environment: give it the caller's, as spawn did
+    os.environ.update(environ)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -36,6 +36,7 @@ def _rank_main(fn, rank, world_size, port, results, collective_timeout_s, backen
         SWITCHYARD_DIST_TIMEOUT_S=str(collective_timeout_s),
     )
     try:
+        fn, args, kwargs = pickle.loads(payload)  # imports fn's module: after the environment is the caller's
         import datetime
 
         import torch
@@ -62,6 +63,25 @@ def _rank_main(fn, rank, world_size, port, results, collective_timeout_s, backen
     os._exit(code)
 
 
+# Imported once by the server CPU ranks fork from: ~2 s of a 2-core machine per launch otherwise. Not switchyard
+# (nor this module at import time): its module-level settings read the environment (SWITCHYARD_DIST_TIMEOUT_S,
+# SWITCHYARD_FUSED_KERNELS, ...), which each rank must read as the caller set it, after _rank_main sets it
+_PRELOAD = ["torch", "deepspeed", "transformers"]
+
+
+def _rank_context(backend: str) -> mp.context.BaseContext:
+    """Where CUDA is, every rank is spawned (a process that imported deepspeed has asked CUDA for its
+    devices; a child forked from it could not use CUDA). Elsewhere the ranks fork from a server that
+    imported ``_PRELOAD`` and nothing else: each starts as a fresh process would after those imports."""
+    import torch
+
+    if backend == "nccl" or torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_on_ranks(
     fn: Callable[..., Any],
     world_size: int,
@@ -76,14 +96,17 @@ def run_on_ranks(
     level). Raises ``AssertionError`` naming the first failing rank with its traceback, or the ranks still
     running when ``timeout_s`` passes.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _rank_context(backend)
     results = ctx.Queue()
+    from switchyard.parallel.ports import free_port
+
     port = free_port()
     collective_timeout_s = max(5.0, timeout_s * 0.8)
+    payload = pickle.dumps((fn, args, kwargs))
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, results, collective_timeout_s, backend, args, kwargs),
+            args=(payload, dict(os.environ), rank, world_size, port, results, collective_timeout_s, backend),
             daemon=True,
         )
         for rank in range(world_size)
@@ -168,6 +191,8 @@ def run_deepspeed_launcher(
     """``deepspeed --num_gpus N script args`` on CPU ranks; kills the whole process tree on timeout (the default
     stays below pytest-timeout's 300 s, so this kill, not pytest's, ends a hung launch: no orphaned ranks)."""
     launcher = Path(sys.executable).with_name("deepspeed")
+    from switchyard.parallel.ports import free_port
+
     command = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script)]
     command += script_args or []
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -35,7 +35,11 @@ def model_and_tok(tmp_path_factory):
 
 
 def greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    """transformers' greedy continuation, past any EOS, as the engines below run (``engine_for``: no EOS ids): the
+    tiny model's weights differ between torch builds, and one that emits EOS early (a CUDA machine's did) would
+    otherwise end generate() and the engine at different points than the tests assume."""
+    # an id no token has: transformers warns and generates max_new_tokens (None would fall back to the model's EOS)
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=-1)
     return out[0, len(ids):].tolist()
 
 
@@ -52,6 +56,7 @@ class Collector:
 
 def engine_for(model, tok, decode: str = "auto", **kwargs) -> Engine:
     runner = ModelRunner(model, count_experts=True, decode=decode, max_batch=kwargs.get("max_batch", 16))
+    kwargs.setdefault("eos_token_ids", [])  # as greedy(): the tests that stop on EOS name their EOS ids
     return Engine(runner, tok, **kwargs)
 
 
@@ -328,7 +333,7 @@ def test_static_rows_compact_and_the_cache_grows_without_changing_tokens(model_a
     model, tok = model_and_tok
     runner = ModelRunner(model, count_experts=True, decode="static", max_batch=3)
     runner.batch = StaticDecoder(model, 3, runner.max_model_len, on_step=runner._count_routed, initial_len=4)
-    engine = Engine(runner, tok)
+    engine = Engine(runner, tok, eos_token_ids=[])  # as greedy()
     lengths = [3, 25, 9, 14, 30]
     seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(PROMPTS, lengths)]
     engine.submit(seqs)
@@ -364,7 +369,7 @@ def test_warmup_captures_every_bucket_and_leaves_no_trace(model_and_tok, monkeyp
     runner.warmup()
     assert captured == [6, 4, 2, 1] and len(runner.batch) == 0 and not runner.caches
     assert runner._unsynced_LE.sum() == 0
-    engine = Engine(runner, tok)
+    engine = Engine(runner, tok, eos_token_ids=[])  # as greedy()
     seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=9, temperature=0)) for p in PROMPTS[:3]]
     engine.submit(seqs)
     engine.run_until_idle()

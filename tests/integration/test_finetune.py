@@ -159,9 +159,11 @@ def test_bad_config_fails_on_every_rank_before_any_step(tmp_path):
 def test_accelerate_launch_with_deepspeed_plugin(tmp_path):
     import os
 
+    from switchyard.parallel.ports import free_port
+
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--config_file", str(REPO_ROOT / "configs/accelerate/deepspeed_zero2.yaml"),
-               "--main_process_port", str(__import__("harness").free_port()),
+               "--main_process_port", str(free_port()),
                str(REPO_ROOT / "launch/finetune.py"), "--config", CONFIG, f"output_dir={tmp_path}",
                "train.max_steps=2", "data.seq_len=64", "checkpoint.every=1000", "train.cuda_graph=true"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,

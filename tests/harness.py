@@ -17,9 +17,22 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """A script of benchmarks/ or launch/ imported as module ``name``, registered in ``sys.modules`` before it
+    runs (its dataclasses look their module up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _rank_main(payload, environ, rank, world_size, port, results, collective_timeout_s, backend) -> None:

@@ -7,7 +7,6 @@ dispatcher's all-to-all that counts the off-rank rows it really hands to torch.d
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -17,7 +16,7 @@ from types import ModuleType
 import pytest
 import torch.distributed as dist
 
-from harness import REPO_ROOT, run_on_ranks
+from harness import REPO_ROOT, load_script, run_on_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -27,11 +26,7 @@ BENCH_PATH = REPO_ROOT / "benchmarks" / "ep_scaling.py"
 def _load_benchmark() -> ModuleType:
     if "ep_scaling_bench" in sys.modules:
         return sys.modules["ep_scaling_bench"]
-    spec = importlib.util.spec_from_file_location("ep_scaling_bench", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ep_scaling_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH_PATH, "ep_scaling_bench")
 
 
 def test_cost_model_matches_hand_computed_bytes() -> None:

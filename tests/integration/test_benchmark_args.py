@@ -4,21 +4,15 @@ value and the range, while an omitted option still gets its default. In process:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from types import ModuleType
 
 import pytest
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, load_script
 
 
 def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_args_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "benchmarks" / f"{name}.py", f"bench_args_{name}")
 
 
 # (script, its entry that parses argv, argv, the option refused, the allowed range's lower bound)

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, load_script
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 
 def _bench_common():
-    spec = importlib.util.spec_from_file_location("bench_common_test", REPO_ROOT / "benchmarks" / "bench_common.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "benchmarks" / "bench_common.py", "bench_common_test")
 
 
 def test_git_commit_marks_a_tree_that_differs_from_its_commit(tmp_path, monkeypatch):

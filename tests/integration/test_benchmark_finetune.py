@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from harness import REPO_ROOT, run_deepspeed_launcher, run_script
+from harness import REPO_ROOT, load_script, run_deepspeed_launcher, run_script
 
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
 META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "shape", "batch", "seq_len", "steps",
@@ -116,13 +116,7 @@ def test_finetune_benchmark_expert_parallel_failure_ends_every_rank(tmp_path):
 def test_round_mean_ratio_cancels_a_drift_the_best_round_keeps():
     """Two rounds in opposite orders under a drift (each later run slower): the best rounds favour whatever
     ran first, the round means do not; a failed round leaves no mean."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("finetune_bench", REPO_ROOT / "benchmarks" / "finetune.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_script(REPO_ROOT / "benchmarks" / "finetune.py", "finetune_bench")
     results: dict = {}
     # run order: autoep 100 (1st), switchyard 95 (2nd) | switchyard 90 (1st), autoep 85 (2nd): equal speed, drift -5
     for rnd, order in enumerate([[("deepspeed_autoep", 100.0), ("switchyard", 95.0)],
@@ -141,13 +135,7 @@ def test_round_mean_ratio_cancels_a_drift_the_best_round_keeps():
 def test_mfu_counts_the_matmul_parameters_a_token_goes_through():
     """MFU = 6 FLOPs per matmul weight a token goes through, by hand for the benchmark's shape: the input
     embedding (a row lookup) does no FLOPs, the untied LM head does."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("finetune_bench_mfu", REPO_ROOT / "benchmarks" / "finetune.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_script(REPO_ROOT / "benchmarks" / "finetune.py", "finetune_bench_mfu")
     h, f, layers = 1536, 4096, 16
     attn = h * 12 * 128 + 2 * h * 4 * 128 + 12 * 128 * h  # q, k + v (GQA, 4 KV heads), o
     per_layer = attn + 8 * h + 2 * 3 * h * f  # + router + top-2 SwiGLU experts

@@ -4,24 +4,18 @@ implementations are timed interleaved (one call each per iteration, in a fresh o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
-import sys
 
 import torch
 
-from harness import REPO_ROOT, run_script
+from harness import REPO_ROOT, load_script, run_script
 
 IMPLS = ("switchyard", "switchyard_sorted", "hf_grouped_mm", "hf_batched_mm", "deepspeed_autoep")
 
 
 def _moe_decode():
-    spec = importlib.util.spec_from_file_location("moe_decode_test", REPO_ROOT / "benchmarks" / "moe_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "benchmarks" / "moe_decode.py", "moe_decode_test")
 
 
 def test_moe_decode_benchmark_tiny_checks_outputs(tmp_path):

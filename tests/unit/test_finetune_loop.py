@@ -4,7 +4,6 @@ the launcher's arguments and accelerate settings, rank 0 preparing while the oth
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ pytest.importorskip("datasets")  # switchyard.train.run_config imports the data 
 
 import torch
 
-from harness import REPO_ROOT, run_on_ranks
+from harness import REPO_ROOT, load_script, run_on_ranks
 from switchyard.train import checkpointing
 from switchyard.train.loop import batch_tokens
 from switchyard.train.metrics import MetricsWriter
@@ -81,10 +80,7 @@ def test_a_rows_first_label_is_no_loss_token():
 
 
 def launcher():
-    spec = importlib.util.spec_from_file_location("finetune_launcher", REPO_ROOT / "launch" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO_ROOT / "launch" / "finetune.py", "finetune_launcher")
 
 
 def test_overrides_may_follow_options():

@@ -12,7 +12,8 @@ One adapter per *weight layout*, not per model: Llama, Mistral, Qwen, Gemma … 
 * ``install(site, moe)``: put the MoE layer (any leading shape ``[..., H]`` in and out) where the FFN was.
 
 Weights that a read would get wrong — peft adapter layers, ZeRO-3 shards, accelerate-offloaded or quantized
-storage — are refused (``refuse_*``, shared with ``adopt``) before anything is read.
+storage — are refused (``refuse_*``: model-wide by ``patch_model`` on entry, per module here and in ``adopt``)
+before anything is read.
 
 Every ``model_type`` below was checked against ``modeling_<type>.py`` of transformers 5.24: the FFN
 forward is exactly ``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))`` with the activation named
@@ -191,8 +192,6 @@ class FFNAdapter:
         return list(self._layers(model)[1])
 
     def _layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
-        refuse_peft_model(model)
-        refuse_offloaded(model, type(model).__name__)
         for path in self.layer_paths:
             found = _resolve(model, path)
             if isinstance(found, nn.ModuleList):

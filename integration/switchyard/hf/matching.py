@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from switchyard.hf.architectures import FFNSite, refuse_offloaded, refuse_peft_model
+from switchyard.hf.architectures import FFNSite
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
@@ -92,8 +92,6 @@ def layer_index_of(name: str) -> int | None:
 def sites_from_names(model: nn.Module, targets: Sequence[str]) -> list[FFNSite]:
     """Sites for user-named modules (architectures outside the registry); ``ValueError`` listing the
     first layer's modules, the likely spellings, when no name matches."""
-    refuse_peft_model(model)
-    refuse_offloaded(model, type(model).__name__)
     sites = []
     for name, module in model.named_modules():
         if not name or not any(name_matches(name, t) for t in targets):

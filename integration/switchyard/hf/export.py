@@ -10,7 +10,9 @@ against transformers), then compared field by field with ours — whatever the t
 is a ``ValueError`` naming the setting, before anything is written. The target model is built with
 meta parameters, filled with our tensors (shared storage, no copy) by a strict ``load_state_dict``,
 and saved by its own ``save_pretrained``, so the on-disk layout is whatever that transformers
-version (and vLLM) expects. It is saved into a hidden directory inside ``path`` and moved up when complete.
+version (and vLLM) expects. It is saved into a hidden directory inside ``path`` and moved up when complete;
+that directory's name records the process and host writing it, so a later export can tell a killed export's
+leftover (removed) from a running one's (kept).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import copy
 import os
 import re
+import secrets
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +49,10 @@ SEMANTIC_FIELDS = ("num_experts", "top_k", "intermediate_size", "score_func", "s
 KEEP_SWITCHYARD = "or keep the switchyard checkpoint (switchyard.save_pretrained)"
 # Weight files transformers' from_pretrained reads (safetensors first, then .bin), sharded or not
 _WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
+# The staging directory inside the export path: .export-<pid>@<host>.<random>, so that a later export can tell
+# a killed export's leftover (pid gone on this host) from a concurrent one's; a bare .export-<random> is an older one's
+_STAGING_PREFIX = ".export-"
+_STAGING_OWNER = re.compile(r"^\.export-(?P<pid>\d+)@(?P<host>[^@/]+)\.[^.]+$")
 
 
 @dataclass(frozen=True)
@@ -296,14 +304,69 @@ def _check_destination(out: Path, model_type: str) -> None:
                          f"an earlier {model_type} export, which is replaced)")
 
 
+def _staging_prefix() -> str:
+    return f"{_STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) is no probe on Windows: never judge a process dead there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_dead_staging(out: Path) -> None:
+    """Remove the staging directories that exports killed before cleaning up (SIGKILL, OOM, power loss) left in
+    ``out``: each holds a whole checkpoint. Only this host's processes can be probed, so one written from another
+    host (a shared file system) or without an owner in its name is kept and reported. A live pid keeps its
+    directory: a concurrent export, or a reused pid (then the leftover is only kept, never a running export lost)."""
+    host = socket.gethostname()
+    for entry in sorted(out.glob(f"{_STAGING_PREFIX}*")):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        owner = _STAGING_OWNER.match(entry.name)
+        if owner is None or owner["host"] != host:
+            who = f"pid {owner['pid']} on host {owner['host']}" if owner else "an unknown process"
+            log.warning("%s looks like an export's staging directory, written by %s: it is kept, as that export may "
+                        "still be running; if no export into %s is running, delete it by hand", entry, who, out,
+                        ranks=[0])
+            continue
+        if _pid_alive(int(owner["pid"])):
+            log.info("kept %s: pid %s on this host is running (a concurrent export?)", entry, owner["pid"], ranks=[0])
+            continue
+        # claim it under our own pid first: of two exports cleaning up at once one wins the rename, and if this one
+        # is killed while removing, the next export finds a dead pid again
+        claimed = out / f"{_staging_prefix()}{secrets.token_hex(4)}"
+        try:
+            try:
+                entry.rename(claimed)
+            except FileNotFoundError:  # another export claimed it first
+                continue
+            shutil.rmtree(claimed)
+        except OSError as err:
+            log.warning("could not remove %s (left by a killed export, pid %s): %s; delete it by hand",
+                        claimed if claimed.exists() else entry, owner["pid"], err, ranks=[0])
+            continue
+        log.info("removed %s, left by an export that is no longer running (pid %s on this host)", entry, owner["pid"],
+                 ranks=[0])
+
+
 def _save(target: nn.Module, tokenizer: Any, out: Path, shard_bytes: int | None) -> None:
     """Save into a hidden directory inside ``out`` (same file system, even when ``out`` is a mount point), then
-    move the files up: a failed save leaves ``out`` as it was. An earlier export's weight files that this one did
-    not write go: transformers' save_pretrained leaves an unsharded ``model.safetensors`` (which from_pretrained
-    then reads instead of the new shards) or a sharded index."""
+    move the files up: a failed save leaves ``out`` as it was (but for killed exports' staging directories, which
+    go first). An earlier export's weight files that this one did not write go: transformers' save_pretrained leaves
+    an unsharded ``model.safetensors`` (which from_pretrained then reads instead of the new shards) or a sharded
+    index."""
     created = not out.exists()
+    if not created:
+        _remove_dead_staging(out)
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=out))
     try:
         target.save_pretrained(staging, **({"max_shard_size": shard_bytes} if shard_bytes is not None else {}))
         if tokenizer is not None:

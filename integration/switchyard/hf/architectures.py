@@ -294,8 +294,9 @@ class OPTAdapter(PlainFFNAdapter):
 
     so ``install`` sets ``fc1 = moe`` and ``activation_fn = fc2 = Identity``: ``fc2(act(fc1(x)))``
     becomes ``moe(x)`` exactly, and the dropout after fc2 and the residual stay the layer's own, as in
-    the dense model. The MoE sees 2-D ``[B*S, H]`` (fine: it takes any ``[..., H]``); only its
-    per-sequence balance loss then treats the batch as one sequence. A site's ``qualified_name`` is
+    the dense model. The MoE sees 2-D ``[B*S, H]`` (fine: it takes any ``[..., H]``); the patched model's
+    ``[B, S]`` attention mask splits it into B sequences for the per-sequence balance loss (called without a
+    mask, the batch is one sequence). A site's ``qualified_name`` is
     the decoder layer (the FFN has no module of its own) and its ``attribute`` is ``"fc1"``, where the
     MoE ends up (state-dict keys ``….layers.3.fc1.router.weight``).
     """

@@ -121,7 +121,8 @@ class MoELayer(DeepSpeedMoEModule):
     # shared experts computed while the dispatch all-to-all is in flight (ep > 1; their backward likewise)
     overlap_shared_experts: bool = True
     # [B, S] or [T], 1 = real token: padding left out of the balance loss and of expert capacity; set per
-    # forward by a patched HF model's hook (hf/patch.py); ignored when its size is not this call's token count
+    # forward by a patched HF model's hook (hf/patch.py). [B, S] also splits a [T, H] input into B sequences
+    # for the sequence balance loss; a step with a KV cache's [B, S_cache + S] is ignored (``_token_split``)
     token_mask: torch.Tensor | None = None
 
     def __init__(
@@ -184,6 +185,7 @@ class MoELayer(DeepSpeedMoEModule):
         if not shape or shape[-1] != self.hidden_size or not hidden_states.is_floating_point():
             raise ValueError(f"MoELayer expects [..., {self.hidden_size}] floating-point hidden states, got "
                              f"{tuple(shape)} {hidden_states.dtype}")
+        real_T, num_sequences = self._token_split(shape, hidden_states.device)
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         if self.config.jitter_experts_input:  # transformers' Mixtral: router and experts see one jittered input
             x_TH = self.router.jitter(x_TH)
@@ -198,7 +200,7 @@ class MoELayer(DeepSpeedMoEModule):
                 out_TH = out_TH.clone()
         else:
             routed = self.router(x_TH)
-            keep_TK = self._capacity_mask(routed)
+            keep_TK = self._capacity_mask(routed, real_T)
             path = self.inference_path(x_TH, routed.topk_idx_TK)
             if path is not None:
                 out_TH, tokens_per_expert_E = self._inference_forward(path, x_TH, routed, keep_TK)
@@ -209,7 +211,7 @@ class MoELayer(DeepSpeedMoEModule):
                 out_TH, tokens_per_expert_E, shared_TH = self._sorted_forward(x_TH, routed, keep_TK, overlap)
         if self.shared_experts is not None:
             out_TH = out_TH + (shared_TH if shared_TH is not None else self._shared_forward(x_TH))
-        self._record(routed, tokens_per_expert_E, keep_TK, batch_size=shape[0] if len(shape) == 3 else 1)
+        self._record(routed, tokens_per_expert_E, keep_TK, real_T, num_sequences)
         return out_TH.reshape(shape)
 
     def _shared_forward(self, x_TH: torch.Tensor) -> torch.Tensor:
@@ -313,26 +315,50 @@ class MoELayer(DeepSpeedMoEModule):
             first_expert=self.local_expert_ids[0], num_experts=self.num_experts)
         return self.dispatcher.reduce_replicated(out_TH), tokens_per_expert_E
 
-    def _real_tokens(self, topk_idx_TK: torch.Tensor) -> torch.Tensor | None:
-        """This call's ``token_mask`` as bool ``real_T``; None without one, or when its size is not T (a decode
-        step with a cache: the 2-D mask covers the cached positions too)."""
+    def _token_split(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor | None, int]:
+        """(real_T, sequences) of a call on hidden states of ``shape``: ``token_mask`` as bool ``real_T`` (None
+        without one), and how many equal sequences its T rows hold for the sequence balance loss: a [B, S, H]
+        input's B, else a [B, S] mask's B (OPT's FFN sees [B*S, H]), else 1. A [B, S_cache + S] mask of a step
+        with a KV cache (S new tokens per sequence; a 2-D input has T = B * S) is not this call's: ignored. Any
+        other mask that does not fit is an error, not a guess: flattened, it would mark other tokens or split
+        other sequences. Shapes only: no host sync."""
+        num_tokens, dims = shape[:-1].numel(), len(shape)
+        sequences = shape[0] if dims == 3 else 1
         mask = self.token_mask
-        if mask is None or mask.numel() != topk_idx_TK.shape[0]:
-            return None
-        return mask.reshape(-1).to(device=topk_idx_TK.device, dtype=torch.bool)
+        if mask is None:
+            return None, sequences
+        mask_shape = tuple(mask.shape)
+        fits = mask.dim() in (1, 2) and mask.numel() == num_tokens
+        if mask.dim() == 2 and dims == 3:
+            if mask_shape[0] == shape[0] and mask_shape[1] > shape[1]:
+                return None, sequences  # a step with a KV cache
+            fits = mask_shape == tuple(shape[:-1])
+        elif mask.dim() == 2 and dims == 2:
+            rows = mask_shape[0]
+            if fits:
+                sequences = rows
+            elif rows > 0 and num_tokens % rows == 0 and num_tokens // rows < mask_shape[1]:
+                return None, rows  # a step with a KV cache, flattened: B sequences of T / B new tokens
+        if not fits:
+            raise ValueError(
+                f"MoELayer.token_mask of shape {mask_shape} does not fit hidden states of shape {tuple(shape)}: "
+                f"pass [B, S] with B * S = {num_tokens} tokens (a [B, S, H] input's own B and S) or "
+                f"[{num_tokens}], 1 = real token")
+        return mask.reshape(-1).to(device=device, dtype=torch.bool), sequences
 
-    def _capacity_mask(self, routed: RouterOutput) -> torch.Tensor | None:
-        """``keep_TK`` under this mode's capacity factor (None: dropless). Padding copies are never kept and
-        C counts real tokens, so padding neither crowds out real copies nor changes C (moe/capacity.py)."""
+    def _capacity_mask(self, routed: RouterOutput, real_T: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``keep_TK`` under this mode's capacity factor (None: dropless). Padding copies (``real_T`` False) are
+        never kept and C counts real tokens, so padding neither crowds out real copies nor changes C
+        (moe/capacity.py)."""
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
         if factor is None:
             return None
         return capacity_keep_mask(routed.topk_idx_TK, routed.topk_weight_TK, self.num_experts, factor,
-                                  self.config.drop_policy, real_T=self._real_tokens(routed.topk_idx_TK))
+                                  self.config.drop_policy, real_T=real_T)
 
-    def _record(self, routed: RouterOutput, tokens_per_expert_E: torch.Tensor, keep_TK, batch_size: int) -> None:
+    def _record(self, routed: RouterOutput, tokens_per_expert_E: torch.Tensor, keep_TK: torch.Tensor | None,
+                real_T: torch.Tensor | None, num_sequences: int) -> None:
         cfg = self.config
-        real_T = self._real_tokens(routed.topk_idx_TK)
         losses: dict[str, torch.Tensor] = {}
         if torch.is_grad_enabled():
             if cfg.aux_loss_coef > 0:
@@ -340,7 +366,7 @@ class MoELayer(DeepSpeedMoEModule):
                                                                routed.topk_idx_TK, self.num_experts, real_T)
             if cfg.seq_aux_loss_coef > 0:
                 losses["sequence_balance"] = sequence_balance_loss(
-                    routed.scores_TE, routed.topk_idx_TK, self.num_experts, batch_size, real_T
+                    routed.scores_TE, routed.topk_idx_TK, self.num_experts, num_sequences, real_T
                 )
             if cfg.z_loss_coef > 0:
                 losses["z_loss"] = z_loss(routed.logits_TE)

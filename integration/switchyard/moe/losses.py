@@ -87,6 +87,7 @@ def sequence_balance_loss(
     sequences of ``sum_i f_i * P_i`` (1 when balanced). Rows of T are ``[B, L]`` flattened.
     ``attention_mask`` ([B, L] or [T], 1 = real token) leaves padding out: L counts a sequence's real tokens
     and the mean runs over sequences with any, so a padded batch scores what its sequences score unpadded.
+    A [B, L] mask must have ``B == batch_size``; a [T] mask takes its split from ``batch_size``.
     """
     _check_routing(scores_TE, topk_idx_TK, num_experts)
     num_tokens, top_k = topk_idx_TK.shape
@@ -109,6 +110,10 @@ def sequence_balance_loss(
     mask_T = attention_mask.reshape(-1).to(device=scores_TE.device, dtype=torch.float32)
     if mask_T.numel() != num_tokens:
         raise ValueError(f"attention_mask has {mask_T.numel()} elements, routing has T={num_tokens}")
+    if attention_mask.dim() == 2 and tuple(attention_mask.shape) != (batch_size, seq_len):
+        # a [B, L] mask names its sequences: other ones than batch_size's would mix sequences up
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} is not [batch_size={batch_size}, "
+                         f"L={seq_len}]; pass batch_size={attention_mask.shape[0]} or a [T] mask")
     mask_BL = mask_T.view(batch_size, seq_len)
     counts_BE.scatter_add_(1, idx_BX, mask_BL.repeat_interleave(top_k, dim=1))
     real_B = mask_BL.sum(dim=1)

@@ -187,7 +187,8 @@ def test_second_call_is_a_cache_hit(tok, cache: Path, tmp_path: Path, monkeypatc
     def must_not_run(*args, **kwargs):
         raise AssertionError("tokenization ran again instead of loading the cache")
 
-    monkeypatch.setattr(data_mod, "_process_batch", must_not_run)
+    for stage in ("_tokenize_batch", "_pack_batch", "_pad_batch"):
+        monkeypatch.setattr(data_mod, stage, must_not_run)
     train2, ev2 = load_datasets(cfg, tok, cache)
     assert [f["filename"] for f in train2.cache_files + ev2.cache_files] == files
     assert [os.path.getmtime(f) for f in files] == mtimes and train2["input_ids"] == train["input_ids"]
@@ -346,12 +347,12 @@ def test_a_row_whose_only_label_is_at_position_0_is_dropped(tok, cache: Path, tm
 def test_a_cache_of_an_older_recipe_is_not_reused(
     tok, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Tokenized caches written by older processing (here: version 2, before the labels[1:] filter) miss."""
+    """Tokenized caches written by older processing (here: an older version) miss."""
     cfg = DataConfig(source=write_jsonl(tmp_path / "v.jsonl", [{"text": t} for t in docs(8)]), seq_len=8,
                      eval_fraction=0)
-    stale = {"input_ids": [[7] * 8], "labels": [[7] * 8]}
+    stale = {"input_ids": [[7] * 8], "labels": [[7] * 8], "n": [8]}
     with monkeypatch.context() as m:
-        m.setattr(data_mod, "_RECIPE_VERSION", 2)
-        m.setattr(data_mod, "_process_batch", lambda batch, tokenizer, cfg: stale)
+        m.setattr(data_mod, "_RECIPE_VERSION", data_mod._RECIPE_VERSION - 1)
+        m.setattr(data_mod, "_tokenize_batch", lambda batch, tokenizer, cfg: stale)
         assert load_datasets(cfg, tok, cache)[0]["input_ids"] == stale["input_ids"]
     assert load_datasets(cfg, tok, cache)[0]["input_ids"] != stale["input_ids"]

@@ -206,7 +206,7 @@ def test_chat_and_response_data_errors_name_the_column_and_the_fix(tok, tmp_path
         load([{"messages": sharegpt}], format="chat")
     with pytest.raises(ValueError, match=r"data.messages_field='conv'.*got a string \(JSON text"):
         load([{"conv": json.dumps([{"role": "user", "content": "hi"}])}], format="chat", messages_field="conv")
-    with pytest.raises(ValueError, match=r"no training examples of seq_len=8.*raise data.seq_len.*role 'assistant'"):
+    with pytest.raises(ValueError, match=r"examples of seq_len=8.*raise data.seq_len.*no assistant message"):
         load([{"messages": [{"role": "user", "content": "hi"}]}], format="chat")
     with pytest.raises(ValueError, match=r"no training examples of seq_len=8.*prompts fill.*raise data.seq_len"):
         load([{"prompt": "word " * 20, "response": " x"}], format="prompt_response")

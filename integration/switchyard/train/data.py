@@ -4,11 +4,12 @@ Every example leaving this module has exactly ``seq_len`` tokens, so a micro-bat
 stack and a step's token count is known up front. ``labels`` is ``-100`` wherever loss must not
 apply (prompts in chat / prompt-response data, padding); the model shifts labels itself.
 
-Tokenization is one batched ``datasets.map`` per split whose fingerprint we compute from the split's
-own fingerprint + a hash of the tokenizer's serialization + the settings (pickling a tokenizer is
-not a stable hash), so a second run with the same inputs loads the cached Arrow file instead of
-tokenizing again. Shuffling happens at batch time from ``(seed, epoch)``, so resuming at a step
-needs no re-tokenization and no stored permutation.
+Each split goes through two batched ``datasets.map`` calls: tokenize (one row per document), then pack
+the whole split's token stream into blocks (or pad each document). Their fingerprints we compute from
+the split's own fingerprint + a hash of the tokenizer (its serialization and the ids of a probe text;
+pickling a tokenizer is not a stable hash) + the settings, so a second run with the same inputs loads
+the cached Arrow files instead of tokenizing again. Shuffling happens at batch time from
+``(seed, epoch)``, so resuming at a step needs no re-tokenization and no stored permutation.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"
 }
 IGNORE_INDEX = -100
-_RECIPE_VERSION = 3  # bump when the processing below changes: invalidates tokenized caches (3: labels[1:] filter)
-_MAP_BATCH = 1000  # packing drops < seq_len tokens at the end of every map batch of this many docs
+_RECIPE_VERSION = 4  # bump when the processing below changes: invalidates tokenized caches (4: whole-split packing)
+_MAP_BATCH = 1000  # documents per datasets.map batch (the rows do not depend on it)
 
 
 def _is_local(source: str) -> bool:
@@ -172,6 +173,11 @@ def _load_raw(cfg: DataConfig, cache: Path) -> datasets.Dataset:
                 raise
             raise ValueError(f"data.source={cfg.source!r} has no rows ({builder} files {files[:3]}"
                              f"{' …' if len(files) > 3 else ''}); point data.source at data") from e
+        except datasets.exceptions.DatasetGenerationError as e:  # says only "An error occurred …"
+            cause = e.__cause__ or e.__context__
+            raise ValueError(f"data.source={cfg.source!r}: the {builder} files {files[:3]}"
+                             f"{' …' if len(files) > 3 else ''} could not be read ({type(cause).__name__}: {cause}); "
+                             f"fix the file (a {builder} file that does not parse?)") from e
     name, config, split = (cfg.source.split(":", 2) + ["", ""])[:3]
     try:
         return datasets.load_dataset(
@@ -221,7 +227,9 @@ def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[lis
     templates get a clear error instead of a wrong mask. The ids are those of the whole rendered
     conversation (what ``apply_chat_template`` and the server tokenize): tokenizing the pieces apart
     would differ where a token spans a boundary (a response starting with a newline). A token
-    overlapping a response is trained, as in transformers' ``return_assistant_tokens_mask``.
+    overlapping a response is trained, as in transformers' ``return_assistant_tokens_mask``. An
+    assistant message that opens the conversation is context, not trained: there is no prompt to
+    render its header from (transformers refuses an empty conversation).
     """
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         got = "a string (JSON text? store the messages as a list of objects)" if isinstance(messages, str) else (
@@ -236,12 +244,20 @@ def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[lis
         )
 
     def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        from jinja2 import TemplateError  # what apply_chat_template needs anyway
+
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except (TemplateError, TypeError) as e:  # a bare jinja error from deep inside datasets.map otherwise
+            shape = [{k: type(v).__name__ for k, v in m.items()} for m in messages[:4]]
+            raise ValueError(f"the tokenizer's chat template failed on a conversation ({type(e).__name__}: {e}); "
+                             f"its first messages' keys and value types: {shape}{' …' if len(messages) > 4 else ''}; "
+                             f"fix the data or the template") from e
 
     spans: list[tuple[int, int]] = []  # character ranges of the responses in the whole render
     done = ""
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if message.get("role") != "assistant" or i == 0:  # an opening assistant turn answers nothing: context
             continue
         prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
@@ -294,13 +310,13 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
-def _process_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any]) -> dict[str, list]:
-    """Raw rows → fixed-length rows (a batched map may change the row count: packing, filtering)."""
-    eos, seq_len, fmt = tokenizer.eos_token_id, cfg["seq_len"], cfg["format"]
+def _tokenize_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any]) -> dict[str, list]:
+    """Raw rows → one row of ``input_ids``, ``labels`` and length ``n`` per document (none for blank rows)."""
+    eos, fmt = tokenizer.eos_token_id, cfg["format"]
     prefix = _bos_prefix(tokenizer) if fmt != "chat" else []
     examples: list[tuple[list[int], list[int]]] = []
-    if fmt == "text":
-        texts = [t for t in _strings(batch, cfg, "text_field") if t]  # blank lines (sample_by=line): no documents
+    if fmt == "text":  # blank or whitespace-only text (blank lines under sample_by=line) is no document
+        texts = [t for t in _strings(batch, cfg, "text_field") if t and not t.isspace()]
         examples = [(prefix + ids + [eos], prefix + ids + [eos]) for ids in _encode(tokenizer, texts)]
     elif fmt == "prompt_response":
         # a row without one of the two (null: another schema in the same files) is no example; an empty
@@ -310,32 +326,61 @@ def _process_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any]) 
         for p, r in zip(_encode(tokenizer, [p for p, _ in pairs]), _encode(tokenizer, [r for _, r in pairs])):
             examples.append((prefix + p + r + [eos], [IGNORE_INDEX] * (len(prefix) + len(p)) + r + [eos]))
     else:
-        try:
-            examples = [chat_ids_labels(tokenizer, m) for m in batch[cfg["messages_field"]] if m is not None]
+        try:  # a null or empty conversation (another schema in the same files) is no example, as blank text
+            examples = [chat_ids_labels(tokenizer, m) for m in batch[cfg["messages_field"]] if m not in (None, [])]
         except ValueError as e:  # name the column: the error is raised deep inside datasets.map
             raise ValueError(f"data.messages_field={cfg['messages_field']!r}: {e}") from e
+    examples = [(ids, labels) for ids, labels in examples if ids]
+    return {"input_ids": [i for i, _ in examples], "labels": [lab for _, lab in examples],
+            "n": [len(i) for i, _ in examples]}
 
+
+def _pack_batch(
+    batch: dict[str, list], indices: list[int], docs: datasets.Dataset, cum: np.ndarray, seq_len: int
+) -> dict[str, list]:
+    """The blocks of the whole split's token stream (``seq_len`` each, block k = tokens ``[k·seq_len,
+    (k+1)·seq_len)``) that start within this map batch's documents; the last one reads on into the
+    documents after the batch. So only the split's final partial block is dropped, and the rows do not
+    depend on how ``datasets.map`` cuts batches (``num_proc``). ``cum[i]``: tokens before document i."""
     out: dict[str, list] = {"input_ids": [], "labels": []}
-    if cfg["packing"]:
-        stream = [t for ids, _ in examples for t in ids]
-        label_stream = [t for _, labels in examples for t in labels]
-        for start in range(0, len(stream) - seq_len + 1, seq_len):
-            out["input_ids"].append(stream[start : start + seq_len])
-            out["labels"].append(label_stream[start : start + seq_len])
-    else:
-        out["attention_mask"] = []
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        for ids, labels in examples:
-            ids, labels, n_pad = ids[:seq_len], labels[:seq_len], max(0, seq_len - len(ids))
-            out["input_ids"].append(ids + [pad] * n_pad)
-            out["labels"].append(labels + [IGNORE_INDEX] * n_pad)
-            out["attention_mask"].append([1] * len(ids) + [0] * n_pad)
-    # the model shifts labels, so position 0 is never predicted: a row whose only labels sit there (a packed block
-    # opening with the eos of a response, then prompt) has nothing to learn; drop it (a NaN loss otherwise)
+    if not indices:
+        return out
+    a, b = indices[0], indices[-1] + 1
+    assert indices == list(range(a, b)), "batched map hands a contiguous range of documents"
+    first = -(-int(cum[a]) // seq_len)  # ceil: a block starting before cum[a] belongs to the batch before
+    stop = min(-(-int(cum[b]) // seq_len), int(cum[-1]) // seq_len)
+    if stop <= first:
+        return out
+    ids = [t for doc in batch["input_ids"] for t in doc]
+    labels = [t for doc in batch["labels"] for t in doc]
+    if stop * seq_len > cum[b]:  # the last block runs on into the next documents
+        more = docs[b : int(np.searchsorted(cum, stop * seq_len, side="left"))]
+        ids += [t for doc in more["input_ids"] for t in doc]
+        labels += [t for doc in more["labels"] for t in doc]
+    for k in range(first, stop):
+        start = k * seq_len - int(cum[a])
+        out["input_ids"].append(ids[start : start + seq_len])
+        out["labels"].append(labels[start : start + seq_len])
+    return _learnable_rows(out)
+
+
+def _pad_batch(batch: dict[str, list], seq_len: int, pad: int) -> dict[str, list]:
+    """One row per document, cut at ``seq_len`` and padded (label -100, attention 0)."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        ids, labels, n_pad = ids[:seq_len], labels[:seq_len], max(0, seq_len - len(ids))
+        out["input_ids"].append(ids + [pad] * n_pad)
+        out["labels"].append(labels + [IGNORE_INDEX] * n_pad)
+        out["attention_mask"].append([1] * len(ids) + [0] * n_pad)
+    return _learnable_rows(out)
+
+
+def _learnable_rows(out: dict[str, list]) -> dict[str, list]:
+    """The rows with a label after position 0. The model shifts labels, so position 0 is never predicted: a row
+    whose only labels sit there (a packed block opening with the eos of a response, then prompt) has nothing to
+    learn (a NaN loss for a model that averages per micro-batch)."""
     keep = [i for i, labels in enumerate(out["labels"]) if any(t != IGNORE_INDEX for t in labels[1:])]
-    if len(keep) != len(out["labels"]):
-        out = {k: [v[i] for i in keep] for k, v in out.items()}
-    return out
+    return out if len(keep) == len(out["labels"]) else {k: [v[i] for i in keep] for k, v in out.items()}
 
 
 def _features(cfg: DataConfig) -> datasets.Features:
@@ -346,16 +391,64 @@ def _features(cfg: DataConfig) -> datasets.Features:
     return datasets.Features(cols)
 
 
-def _no_examples_error(cfg: DataConfig) -> ValueError:
-    """Why no row survived: too little text for one block, or (prompt/response, chat) no response token to learn
-    within the first ``seq_len`` tokens, where the fix is a *longer* ``seq_len`` or responses in the data."""
+_DOC_FEATURES = datasets.Features({
+    "input_ids": datasets.List(datasets.Value("int32")), "labels": datasets.List(datasets.Value("int32")),
+    "n": datasets.Value("int64"),
+})
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    """``tokenizer_fingerprint`` plus the ids of a probe: settings kept outside the tokenizer's serialization
+    (``split_special_tokens``) change ids too, and a cache keyed without them would be silently stale."""
+    probe = " ".join(tokenizer.all_special_tokens) + " Hello  world\n\tx = 1  # ü 你好\n\n"
+    ids = [tokenizer(probe, add_special_tokens=special)["input_ids"] for special in (False, True)]
+    return settings_hash({"fp": tokenizer_fingerprint(tokenizer), "probe": ids}, 16)
+
+
+def _no_examples_error(cfg: DataConfig, n_docs: int, n_tokens: int) -> ValueError:
+    """Why no row survived: no text, too little for one block, or (prompt/response, chat) no response token to
+    learn within the first ``seq_len`` tokens, where the fix is a *longer* ``seq_len`` or responses in the data."""
     head = f"data.source={cfg.source!r} gave no training examples of seq_len={cfg.seq_len}"
-    if cfg.format == "text":
-        return ValueError(f"{head}; lower data.seq_len or add data")
-    few = "the data holds fewer than seq_len tokens (lower data.seq_len or add data), or " if cfg.packing else ""
-    responses = "no message has role 'assistant'" if cfg.format == "chat" else "the responses are missing"
-    return ValueError(f"{head} with a response token to learn: {few}the prompts fill the first seq_len tokens "
+    if n_docs == 0:
+        field = {"text": "text_field", "chat": "messages_field"}.get(cfg.format, "prompt_field")
+        return ValueError(f"{head}: every row's data.{field}={getattr(cfg, field)!r} is blank, empty or null; "
+                          f"point data.source at data or data.{field} at the column that holds it")
+    if cfg.packing and n_tokens < cfg.seq_len:
+        return ValueError(f"{head}: its {n_docs} document(s) hold {n_tokens} tokens, fewer than one seq_len block; "
+                          f"lower data.seq_len to at most {n_tokens} or add data")
+    responses = ("no assistant message follows another message (an opening one is context)" if cfg.format == "chat"
+                 else "the responses are missing")
+    return ValueError(f"{head} with a response token to learn: the prompts fill the first seq_len tokens "
                       f"(raise data.seq_len), or {responses}")
+
+
+def _doc_lengths(docs: datasets.Dataset) -> np.ndarray:
+    return np.asarray(docs.with_format("numpy")["n"], dtype=np.int64) if len(docs) else np.zeros(0, np.int64)
+
+
+def _to_examples(cfg: DataConfig, docs: datasets.Dataset, pad: int, split: str, fingerprint: str) -> datasets.Dataset:
+    """Documents → ``seq_len``-token rows (packed blocks, or one padded row per document); logs the token count."""
+    n = _doc_lengths(docs)
+    cum = np.concatenate([[0], np.cumsum(n, dtype=np.int64)])
+    common: dict[str, Any] = dict(
+        batched=True, batch_size=_MAP_BATCH, remove_columns=docs.column_names, features=_features(cfg),
+        num_proc=cfg.num_proc, new_fingerprint=fingerprint, desc=f"{'pack' if cfg.packing else 'pad'} {split}",
+    )
+    if cfg.packing:
+        rows = docs.map(_pack_batch, with_indices=True, fn_kwargs={"docs": docs, "cum": cum, "seq_len": cfg.seq_len},
+                        **common)
+        dropped = int(cum[-1]) - int(cum[-1]) // cfg.seq_len * cfg.seq_len
+        log.info(f"{split}: {len(docs)} documents, {int(cum[-1])} tokens → {len(rows)} blocks of {cfg.seq_len}; "
+                 f"dropped: the last partial block ({dropped} tokens), {int(cum[-1]) // cfg.seq_len - len(rows)} "
+                 f"blocks without a label after position 0", ranks=[0])
+        return rows
+    rows = docs.map(_pad_batch, fn_kwargs={"seq_len": cfg.seq_len, "pad": pad}, **common)
+    long = n > cfg.seq_len
+    if long.any():
+        log.warning(f"{split}: {int(long.sum())} of {len(docs)} documents are longer than data.seq_len="
+                    f"{cfg.seq_len} and are cut there ({int((n[long] - cfg.seq_len).sum())} of {int(cum[-1])} tokens "
+                    f"not trained); raise data.seq_len or set data.packing=true to train all of them", ranks=[0])
+    return rows
 
 
 def load_datasets(
@@ -364,8 +457,10 @@ def load_datasets(
     """Train and eval datasets of ``seq_len``-token examples (eval is ``None`` if disabled or empty).
 
     Columns: ``input_ids``, ``labels`` and, unpacked, ``attention_mask``. The eval split is taken
-    from documents before packing (no document straddles both splits). Safe to call on every rank
-    at once (cache writes are atomic); calling it on one rank first, then a barrier, saves work.
+    from documents before packing (no document straddles both splits). Two cached maps per split:
+    tokenize (one row per document), then pack or pad, so a new ``seq_len`` does not tokenize again.
+    Safe to call on every rank at once (cache writes are atomic); calling it on one rank first, then
+    a barrier, saves work.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; it is needed to separate documents and end responses: "
@@ -391,26 +486,28 @@ def load_datasets(
         splits = {"train": parts["train"], "eval": parts["test"]}
 
     # what the split fingerprint does not already cover (source, seed, max_samples, eval_fraction)
-    processing = ("format", "text_field", "messages_field", "prompt_field", "response_field", "seq_len", "packing")
+    processing = ("format", "text_field", "messages_field", "prompt_field", "response_field")
     settings = {k: getattr(cfg, k) for k in processing}
-    tok_key = tokenizer_fingerprint(tokenizer)
+    tok_key = _tokenizer_key(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: dict[str, datasets.Dataset] = {}
     for split, ds in splits.items():
-        key = {"in": ds._fingerprint, "tok": tok_key, "cfg": settings, "v": _RECIPE_VERSION}
-        fingerprint = settings_hash(key, 16)
-        out[split] = ds.map(
-            _process_batch,
+        docs = ds.map(
+            _tokenize_batch,
             batched=True,
             batch_size=_MAP_BATCH,
             remove_columns=ds.column_names,
-            features=_features(cfg),
+            features=_DOC_FEATURES,
             fn_kwargs={"tokenizer": tokenizer, "cfg": settings},
             num_proc=cfg.num_proc,
-            new_fingerprint=fingerprint,
+            new_fingerprint=settings_hash({"in": ds._fingerprint, "tok": tok_key, "cfg": settings,
+                                           "v": _RECIPE_VERSION}, 16),
             desc=f"tokenize {split}",
         )
-    if len(out["train"]) == 0:
-        raise _no_examples_error(cfg)
+        key = {"in": docs._fingerprint, "seq_len": cfg.seq_len, "packing": cfg.packing, "v": _RECIPE_VERSION}
+        out[split] = _to_examples(cfg, docs, pad, split, settings_hash(key, 16))
+        if split == "train" and len(out[split]) == 0:
+            raise _no_examples_error(cfg, len(docs), int(_doc_lengths(docs).sum()))
     eval_ds = out.get("eval")
     if eval_ds is not None and len(eval_ds) == 0:
         log.warning(f"the eval split has no complete seq_len={cfg.seq_len} example; eval is disabled", ranks=[0])

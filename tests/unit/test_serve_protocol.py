@@ -52,9 +52,10 @@ def test_requests_validate_types_and_ranges():
     assert chat.messages[0].text() == "ab" and chat.max_new_tokens == 5
     bad = [dict(prompt="x", max_tokens=0), dict(prompt="x", temperature=-0.1), dict(prompt="x", top_p=0),
            dict(prompt="x", n=0), dict(prompt="x", stop=["a"] * 5), dict(prompt="x", stop=[""]), dict(prompt=3),
-           dict(prompt=[]), dict(prompt="x", echo=True), dict(prompt="x", logprobs=21), dict(prompt="x", logprobs=-1),
+           dict(prompt=[]), dict(prompt="x", echo=True, logprobs=0), dict(prompt="x", logprobs=21), dict(prompt="x", logprobs=-1),
            dict(prompt="x", max_tokens="a"),
-           dict(prompt="x", presence_penalty=0.5), dict(prompt="x", stream_options={"include_usage": True})]
+           dict(prompt="x", presence_penalty=2.5), dict(prompt="x", frequency_penalty=-2.1),
+           dict(prompt="x", stream_options={"include_usage": True})]
     for fields in bad:
         with pytest.raises(ValidationError):
             P.CompletionRequest(model="m", **fields)
@@ -153,7 +154,7 @@ def test_bodies_keep_openai_nulls_and_drop_unrequested_extensions():
                                          choices=[P.ChatChunkChoice(index=0, delta=P.DeltaMessage(content="hi"))]))
     assert chunk["choices"][0]["delta"] == {"content": "hi"} and chunk["object"] == "chat.completion.chunk"
     assert P.error_body(404, "no", "model", "model_not_found") == {
-        "error": {"message": "no", "type": "not_found_error", "param": "model", "code": "model_not_found"}}
+        "error": {"message": "no", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
 
 
 def test_an_exported_hf_moe_dir_serves_the_same_tokens(tmp_path_factory):
@@ -267,11 +268,11 @@ def test_a_400_from_a_request_level_check_names_its_field_without_pydantics_pref
     OpenAI's errors do, and the message is the check's own (it was "Value error, …" with param null)."""
     from switchyard.serve.app import validation_error
 
-    cases = [(P.CompletionRequest, dict(prompt="x", echo=True), "echo", "echo, best_of > 1 and suffix"),
-             (P.CompletionRequest, dict(prompt="x", suffix="y"), "suffix", "echo, best_of > 1 and suffix"),
+    cases = [(P.CompletionRequest, dict(prompt="x", echo=True, logprobs=1), "echo", "echo with logprobs needs"),
+             (P.CompletionRequest, dict(prompt="x", suffix="y"), "suffix", "best_of > 1 and suffix"),
              (P.CompletionRequest, dict(prompt="x", stream_options={"include_usage": True}), "stream_options",
               "stream_options is only allowed with stream=true"),
-             (P.CompletionRequest, dict(prompt="x", frequency_penalty=0.5), "frequency_penalty", "not supported"),
+             (P.CompletionRequest, dict(prompt="x", frequency_penalty=2.5), "frequency_penalty", "less than or equal"),
              (P.CompletionRequest, dict(prompt=[]), "prompt", "prompt must not be an empty list"),
              (P.CompletionRequest, dict(prompt="x", top_k=5), "top_k", "top_k=5 is not supported by this server"),
              (P.CompletionRequest, dict(prompt="x", max_tokens=0), "max_tokens", "greater than or equal to 1"),

@@ -404,7 +404,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
                            param="logit_bias", code="invalid_value")
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                               stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
-                              logit_bias=req.logit_bias_ids)
+                              logit_bias=req.logit_bias_ids, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty)
 
     async def collect(gen: _Generation, request: Request) -> tuple[list[str], list[str | None], list[list[int]],
                                                                    list[list[tuple[int, Any]]]]:
@@ -443,30 +444,29 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
     @app.post("/v1/completions")
     async def completions(req: P.CompletionRequest, request: Request) -> Any:
         check_model(req.model)
-        raw = req.prompt
-        if isinstance(raw, str):
-            prompts = [_tokenize(tokenizer, raw, "prompt")]
-        elif all(isinstance(x, int) for x in raw):
-            prompts = [list(raw)]  # type: ignore[arg-type]
-        elif all(isinstance(x, str) for x in raw):
-            prompts = [_tokenize(tokenizer, x, "prompt") for x in raw]  # type: ignore[arg-type]
-        else:
-            prompts = [list(x) for x in raw]  # type: ignore[arg-type]
-        if len(prompts) > config.max_prompts:
-            raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {config.max_prompts}",
+        raw = req.prompt  # one prompt (text or token ids) or a list of them
+        sources = [raw] if isinstance(raw, str) or all(isinstance(x, int) for x in raw) else list(raw)
+        if len(sources) > config.max_prompts:
+            raise APIError(400, f"{len(sources)} prompts in one request; the limit is {config.max_prompts}",
                            param="prompt")
-        prompts = [check_ids(p) for p in prompts]
+        prompts = [check_ids(_tokenize(tokenizer, s, "prompt") if isinstance(s, str) else list(s))  # type: ignore
+                   for s in sources]
+        echoes = [""] * len(prompts)  # echo: each choice's text starts with its prompt's (as sent, or decoded)
+        if req.echo:
+            echoes = [s if isinstance(s, str) else
+                      tokenizer.decode(p, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                      for s, p in zip(sources, prompts)]
         max_tokens = req.max_tokens or config.default_max_tokens
         params = params_of(req, budget(prompts, max_tokens, "prompt", defaulted=req.max_tokens is None), config.max_n,
                            req.logprobs)
         gen = _Generation(engine, prompts, req.n, params)
         gen.submit()
-        rid, model = P.new_id("cmpl"), model_name
+        rid, model, created = P.new_id("cmpl"), model_name, P.now()  # every chunk carries the same id and created
         ids_of = _token_ids_of(req.return_token_ids)
 
         if req.stream:
             def chunk(choices: list, usage: Any = None) -> dict:
-                return P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=usage))
+                return P.dump(P.CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=usage))
 
             offsets = [0] * len(gen.seqs)  # text_offset runs on across a choice's chunks
 
@@ -478,16 +478,18 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
                 return P.CompletionChoice(index=out.index, text=out.text, finish_reason=out.finish_reason,
                                           token_ids=ids_of(out), logprobs=logprobs)
 
-            return _SSE(_event_stream(gen, request, req, chunk, choice))
+            first = ([P.CompletionChoice(index=i, text=echoes[i // req.n], finish_reason=None)
+                      for i in range(len(gen.seqs))] if req.echo else None)
+            return _SSE(_event_stream(gen, request, req, chunk, choice, first=first))
         try:
             texts, reasons, ids, steps = await collect(gen, request)
         finally:
             gen.abort()
-        choices = [P.CompletionChoice(index=i, text=t, finish_reason=r,
+        choices = [P.CompletionChoice(index=i, text=echoes[i // req.n] + t, finish_reason=r,
                                       token_ids=ids[i] if req.return_token_ids else None,
                                       logprobs=logprobs_of.completion(steps[i]) if req.logprobs is not None else None)
                    for i, (t, r) in enumerate(zip(texts, reasons))]
-        return P.dump(P.CompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=gen.usage(),
+        return P.dump(P.CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=gen.usage(),
                                            prompt_token_ids=prompts if req.return_token_ids else None))
 
     @app.post("/v1/chat/completions")
@@ -506,12 +508,12 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
                            req.logprobs_wanted)
         gen = _Generation(engine, [prompt], req.n, params)
         gen.submit()
-        rid, model = P.new_id("chatcmpl"), model_name
+        rid, model, created = P.new_id("chatcmpl"), model_name, P.now()  # every chunk: the same id and created
         ids_of = _token_ids_of(req.return_token_ids)
 
         if req.stream:
             def chunk(choices: list, usage: Any = None) -> dict:
-                return P.dump(P.ChatCompletionChunk(id=rid, created=P.now(), model=model, choices=choices, usage=usage))
+                return P.dump(P.ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage))
 
             def choice(out: Any) -> Any:
                 delta = P.DeltaMessage(content=out.text) if out.text else P.DeltaMessage()
@@ -531,7 +533,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
                                 token_ids=ids[i] if req.return_token_ids else None,
                                 logprobs=logprobs_of.chat(steps[i]) if req.logprobs else None)
                    for i, (t, r) in enumerate(zip(texts, reasons))]
-        return P.dump(P.ChatCompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=gen.usage(),
+        return P.dump(P.ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=gen.usage(),
                                                prompt_token_ids=prompt if req.return_token_ids else None))
 
     return Guard(app, engine, config, metrics)

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from switchyard.log import get_logger
 from switchyard.serve.runner import ModelRunner, StepPlan
-from switchyard.serve.sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, apply_logit_bias,
+from switchyard.serve.sampling import (IncrementalDetokenizer, SamplingParams, TokenLogprob, choice_logits,
                                        find_stop, make_generator, sample_token, token_logprobs)
 
 __all__ = ["Engine", "EngineDraining", "ModelRunner", "Sequence", "SeqOutput", "StepPlan", "default_eos_ids"]
@@ -193,7 +193,7 @@ class Engine:
             self.runner.sync_stats()
             self._unsynced_steps = 0
         seqs = [self.running[slot] for slot, _, _ in plan.items]
-        choose_from = apply_logit_bias(logits, [seq.params.logit_bias for seq in seqs])
+        choose_from = choice_logits(logits, [seq.params for seq in seqs], [seq.output_ids for seq in seqs])
         # one device sync: every row's argmax, and which rows have no finite maximum (NaN anywhere, +inf, or all
         # -inf: a draw from them raises, an argmax is meaningless) — those sequences end alone, not the server
         argmax_R, broken_R = (torch.stack([choose_from.argmax(-1), (~choose_from.amax(-1).isfinite()).long()]).tolist()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from switchyard.serve.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from switchyard.serve.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
 
 
 def new_id(prefix: str) -> str:
@@ -37,14 +37,11 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 500: "internal_error", 503: "service_unavailable"}
-
-
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "invalid_request_error"),
-                                         param=param, code=code)).model_dump()
+    """OpenAI's body: its ``type`` is ``invalid_request_error`` for every 4xx (a wrong API key and an unknown model
+    too; ``code`` tells them apart: ``invalid_api_key``, ``model_not_found``) and ``server_error`` for a 5xx."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code)).model_dump()
 
 
 class FieldError(ValueError):
@@ -98,8 +95,8 @@ class _SamplingRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     logit_bias: dict[str, float] | None = None  # {"token id": bias in [-100, 100]}, as OpenAI's
     ignore_eos: bool = False
     return_token_ids: bool = False
@@ -139,13 +136,10 @@ class _SamplingRequest(_Request):
         return stops
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "_SamplingRequest":
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise FieldError(name, "presence_penalty and frequency_penalty are not supported (leave them 0)")
+    def _stream_options_need_stream(self) -> "_SamplingRequest":
         if self.stream_options is not None and not self.stream:
-            raise FieldError("stream_options", "stream_options is only allowed with stream=true (a response that is not streamed "
-                             "carries its usage anyway)")  # OpenAI's and vLLM's 400
+            raise FieldError("stream_options", "stream_options is only allowed with stream=true (a response that is "
+                             "not streamed carries its usage anyway)")  # OpenAI's and vLLM's 400
         return self
 
 
@@ -159,9 +153,12 @@ class CompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _completion_unsupported(self) -> "CompletionRequest":
-        for name, unsupported in (("echo", self.echo), ("best_of", (self.best_of or 1) > 1), ("suffix", self.suffix)):
+        for name, unsupported in (("best_of", (self.best_of or 1) > 1), ("suffix", self.suffix)):
             if unsupported:
-                raise FieldError(name, "echo, best_of > 1 and suffix are not supported")
+                raise FieldError(name, "best_of > 1 and suffix are not supported")
+        if self.echo and self.logprobs is not None:
+            raise FieldError("echo", "echo with logprobs needs the prompt's log-probabilities, which this server does "
+                             "not compute; drop logprobs (echo alone returns the prompt's text) or echo")
         if isinstance(self.prompt, list) and not self.prompt:
             raise FieldError("prompt", "prompt must not be an empty list")
         return self

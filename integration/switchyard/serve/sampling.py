@@ -16,6 +16,7 @@ log = get_logger(__name__)
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each logit_bias value: [-100, 100]
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-40 are inf
 _MIX = 0x9E3779B97F4A7C15  # spreads (seed, choice index) over the generator's seed space
 PROMPT_CONTEXT = (4, 23)  # prompt tokens decoded ahead of the output (IncrementalDetokenizer): fewest, most
@@ -33,6 +34,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # report each token's log-probability and this many top alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before the choice
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence of the token in the output
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -49,11 +52,19 @@ class SamplingParams:
             if not isinstance(token_id, int) or token_id < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias entries must be (token id >= 0, bias in [-{MAX_LOGIT_BIAS:g}, "
                                  f"{MAX_LOGIT_BIAS:g}]), got {(token_id, bias)!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
         """The one place deciding argmax vs a draw: a tiny temperature is greedy, not a division overflowing to inf."""
         return self.temperature < SAMPLING_EPS
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the token is chosen from anything but the model's own logits."""
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
 
 def make_generator(params: SamplingParams, choice_index: int, device: torch.device) -> torch.Generator | None:
@@ -68,18 +79,27 @@ def make_generator(params: SamplingParams, choice_index: int, device: torch.devi
     return generator
 
 
-def apply_logit_bias(logits_RV: torch.Tensor, biases_R: list[tuple[tuple[int, float], ...]]) -> torch.Tensor:
-    """The logits each token is chosen from: row r plus its ``logit_bias`` (OpenAI's: added to the logits, before
-    temperature). A copy when any row has a bias: the raw logits stay for the reported logprobs (as vLLM's)."""
-    if not any(biases_R):
+def choice_logits(logits_RV: torch.Tensor, params_R: list[SamplingParams],
+                  outputs_R: list[list[int]]) -> torch.Tensor:
+    """The logits each token is chosen from: row r plus its ``logit_bias``, minus OpenAI's penalties on the tokens
+    it generated so far, ``mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty`` (all on the logits,
+    before temperature and top-p). A copy when any row changes: the raw logits stay for the reported logprobs (as
+    vLLM's). The counts are rebuilt from the output ids each step, only for the rows that ask for a penalty."""
+    if not any(params.adjusts_logits for params in params_R):
         return logits_RV
-    biased_RV = logits_RV.clone()
-    for r, bias in enumerate(biases_R):
-        if bias:
-            ids, values = zip(*bias)  # index_add_: an id named twice ("7", "07") gets both biases
-            biased_RV[r].index_add_(0, torch.tensor(ids, device=biased_RV.device),
-                                    torch.tensor(values, dtype=biased_RV.dtype, device=biased_RV.device))
-    return biased_RV
+    adjusted_RV = logits_RV.clone()
+    for r, (params, output_ids) in enumerate(zip(params_R, outputs_R)):
+        row_V = adjusted_RV[r]
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)  # index_add_: an id named twice ("7", "07") gets both biases
+            row_V.index_add_(0, torch.tensor(ids, device=row_V.device),
+                             torch.tensor(values, dtype=row_V.dtype, device=row_V.device))
+        if (params.presence_penalty or params.frequency_penalty) and output_ids:
+            ids_N = torch.tensor(output_ids, device=row_V.device)  # index_add_, not bincount: no device sync
+            counts_V = torch.zeros_like(row_V).index_add_(0, ids_N, torch.ones_like(ids_N, dtype=row_V.dtype))
+            penalty_V = counts_V * params.frequency_penalty + (counts_V > 0) * params.presence_penalty
+            row_V.sub_(penalty_V.to(row_V.dtype))
+    return adjusted_RV
 
 
 def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

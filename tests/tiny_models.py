@@ -16,3 +16,34 @@ def build(model_type: str, **extra) -> torch.nn.Module:
 
 def ids(batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(0, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+# MoE fields, each kept only where the family's config has it (families name the expert count differently)
+MOE_TINY = dict(intermediate_size=48, moe_intermediate_size=16, num_experts_per_tok=2, num_local_experts=4,
+                num_experts=4, n_routed_experts=4, moe_num_experts=4, head_dim=8, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def build_moe(model_type: str, **extra) -> torch.nn.Module:
+    """A tiny model of a transformers MoE family: ``TINY`` and the ``MOE_TINY`` fields its config knows, then
+    ``extra`` (a value of None drops a field). Routers and correction biases that transformers zero-inits are drawn
+    at random, or every expert would tie and a wrong routing rule could still match."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    default = CONFIG_MAPPING[model_type]()
+    # one expert count given in extra wins over MOE_TINY's for all of them (aliases of one field in some configs)
+    counted = any(k in extra for k in _EXPERT_COUNTS)
+    tiny = {k: v for k, v in {**TINY, **MOE_TINY}.items() if not (counted and k in _EXPERT_COUNTS)}
+    fields = {**{k: v for k, v in tiny.items() if hasattr(default, k)}, **extra}
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{k: v for k, v in fields.items() if v is not None})
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and param.abs().sum() == 0:
+                param.normal_(0, 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.5)
+    return model

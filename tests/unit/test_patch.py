@@ -317,9 +317,11 @@ UNSUPPORTED_MOE = {
 @pytest.mark.parametrize("model_type", sorted(UNSUPPORTED_MOE))
 def test_an_unsupported_moe_model_is_not_called_dense(model_type):
     model = build(model_type, intermediate_size=48, **UNSUPPORTED_MOE[model_type])
-    with pytest.raises(ValueError, match=r"is an MoE model \(num_local_experts=4\) whose MoE blocks switchyard "
-                                         r"cannot adopt; .*MixtralSparseMoeBlock"):
+    refusal = rf"model_type '{model_type}'\) is an MoE model whose blocks switchyard cannot adopt exactly: .*MixtralSparseMoeBlock"
+    with pytest.raises(ValueError, match=refusal):
         sy.patch_model(model)
+    with pytest.raises(ValueError, match=refusal):  # upcycling it again is no way around it
+        sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
     assert not moe_layers(model) and not getattr(model.config, "switchyard", None)
 
 

@@ -11,7 +11,8 @@ experts in one of two layouts:
   ``gate_proj/up_proj/down_proj`` (Mixtral: ``w1/w3/w2``); they are stacked here.
 
 Everything is read and shape-checked against the new layer before a single weight is copied, and the
-HF block itself is never modified.
+HF block itself is never modified. Every other family's block is refused (``UNADOPTABLE``, ``refuse_unadoptable``):
+a block without an adapter must fail with the reason, never run with other routing.
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ class BlockAdapter:
     """What differs between HF MoE families; the rest (top-k, activation, sizes, losses) is common."""
 
     num_experts_attr: str
+    intermediate_attr: str  # the HF config field sizing each routed expert (Mixtral/OLMoE ignore moe_intermediate_size)
     fields: ConfigFields  # family-specific MoEConfig fields from the HF config
     shared_attr: str | None = None  # block attribute holding the shared-expert MLP
     shared_gate_attr: str | None = None  # block attribute holding the [1, H] sigmoid gate of that MLP
 
 
 def _mixtral(cfg: Any) -> dict[str, Any]:
-    # Mixtral's router always renormalizes the top-k and has no norm_topk_prob flag.
-    return {"norm_topk_prob": True, "jitter_experts_input": True}
+    # Mixtral's router always renormalizes the top-k and has no norm_topk_prob flag. Its block is the only adopted
+    # one that reads router_jitter_noise (training only), on the input of router and experts alike; the others ignore
+    # the field, so a config carrying it must not jitter their adopted layers.
+    return {"norm_topk_prob": True, "jitter_experts_input": True,
+            "router_jitter": float(getattr(cfg, "router_jitter_noise", 0.0) or 0.0)}
 
 
 def _softmax_flagged(cfg: Any) -> dict[str, Any]:
@@ -81,19 +86,71 @@ def _deepseek_v3(cfg: Any) -> dict[str, Any]:
 
 
 ADAPTERS: dict[str, BlockAdapter] = {
-    "MixtralSparseMoeBlock": BlockAdapter("num_local_experts", _mixtral),
-    "Qwen2MoeSparseMoeBlock": BlockAdapter("num_experts", _qwen2_moe, "shared_expert", "shared_expert_gate"),
-    "Qwen3MoeSparseMoeBlock": BlockAdapter("num_experts", _softmax_flagged),
-    "OlmoeSparseMoeBlock": BlockAdapter("num_experts", _softmax_flagged),
-    "DeepseekV3MoE": BlockAdapter("n_routed_experts", _deepseek_v3, "shared_experts"),
+    "MixtralSparseMoeBlock": BlockAdapter("num_local_experts", "intermediate_size", _mixtral),
+    "Qwen2MoeSparseMoeBlock": BlockAdapter("num_experts", "moe_intermediate_size", _qwen2_moe, "shared_expert",
+                                           "shared_expert_gate"),
+    "Qwen3MoeSparseMoeBlock": BlockAdapter("num_experts", "moe_intermediate_size", _softmax_flagged),
+    "OlmoeSparseMoeBlock": BlockAdapter("num_experts", "intermediate_size", _softmax_flagged),
+    "DeepseekV3MoE": BlockAdapter("n_routed_experts", "moe_intermediate_size", _deepseek_v3, "shared_experts"),
 }
 SUPPORTED_BLOCKS: tuple[str, ...] = tuple(ADAPTERS)
 
 
+# MoE blocks of other transformers (5.24) families, with what switchyard's MoELayer would compute differently. A block
+# missing here is refused as well (``_UNCHECKED``): without an adapter and a parity test its routing is unknown, and an
+# unknown block must fail loudly rather than run with other routing.
+UNADOPTABLE: dict[str, str] = {
+    "GptOssMLP": "its router has a bias and takes the top-k of the logits before a softmax over the k; its experts "
+                 "have biases, interleaved gate/up rows and a clamped SwiGLU "
+                 "((up + 1) * gate * sigmoid(swiglu_alpha * gate), clamped at swiglu_limit)",
+    "PhimoeSparseMoeBlock": "its sparsemixer router picks each expert from a softmax over threshold-masked logits "
+                            "(Gumbel-sampled in training) and jitters the input",
+    "Llama4TextMoe": "the sigmoid of each chosen logit scales the expert's input, not its output",
+    "DbrxFFN": "its top-k weights are divided by their moe_normalize_expert_weights-norm, and its experts are stored "
+               "as w1/v1/w2 [E*F, H]",
+    "DeepseekV2Moe": "with topk_method='group_limited_greedy' its softmax router ranks groups by their best expert, "
+                     "where switchyard's group-limited routing is DeepSeek-V3's (the sum of each group's top two "
+                     "scores); its greedy routing has no adapter either",
+    "DeepseekV4SparseMoeBlock": "its hash layers route by token id (tid2eid), not by router score",
+    "JetMoeMoE": "its experts are ungated with a bias, and its attention heads are experts too (JetMoeMoA)",
+    "DogeCDMoE": "it retrieves experts by product keys, not token-choice top-k over FFN experts",
+}
+_UNCHECKED = ("switchyard has no adapter for it, so its routing and experts are not known to match switchyard's "
+              "(a new family is one adapter plus a logit-parity test in switchyard.hf.adopt)")
+
+
+def _why_not(block_class_name: str) -> str:
+    return UNADOPTABLE.get(block_class_name, _UNCHECKED)
+
+
 def _adapter(block_class_name: str) -> BlockAdapter:
     if block_class_name not in ADAPTERS:
-        raise ValueError(f"no adapter for HF MoE block {block_class_name!r}; supported: {list(SUPPORTED_BLOCKS)}")
+        raise ValueError(f"HF MoE block {block_class_name!r} cannot be adopted exactly: {_why_not(block_class_name)}; "
+                         f"supported blocks: {list(SUPPORTED_BLOCKS)}")
     return ADAPTERS[block_class_name]
+
+
+def refuse_unadoptable(model: nn.Module) -> None:
+    """``ValueError`` naming the model type, an MoE block switchyard cannot reproduce and what differs, if ``model``
+    has one: an MoE block is a module holding ``experts`` (every transformers family) or one listed in
+    ``UNADOPTABLE``. Structural, so it finds MoE models whose config nests the expert count (DBRX's ``ffn_config``)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, MoELayer) or cls in ADAPTERS:  # ours (a patched model), or adoptable
+            continue
+        if cls in UNADOPTABLE or isinstance(getattr(module, "experts", None), nn.Module):
+            found.append((name, module))
+    if not found:
+        return
+    # a listed block first: JetMoe's attention holds experts too, its MoE MLP is the block meant
+    name, block = next(((n, b) for n, b in found if type(b).__name__ in UNADOPTABLE), found[0])
+    cls = type(block).__name__
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise ValueError(
+        f"{type(model).__name__} (model_type {model_type!r}) is an MoE model whose blocks switchyard cannot adopt "
+        f"exactly: {cls} ({name}): {_why_not(cls)}. Supported blocks: {list(SUPPORTED_BLOCKS)}"
+    )
 
 
 def moe_config_from_hf(hf_config: Any, block_class_name: str, **overrides: Any) -> MoEConfig:
@@ -103,14 +160,10 @@ def moe_config_from_hf(hf_config: Any, block_class_name: str, **overrides: Any) 
         "num_experts": _attr(hf_config, adapter.num_experts_attr),
         "top_k": _attr(hf_config, "num_experts_per_tok"),
         "activation": _attr(hf_config, "hidden_act"),
-        # MoE families with dense layers too (Qwen2-MoE, DeepSeek-V3) size experts separately.
-        "intermediate_size": getattr(hf_config, "moe_intermediate_size", None) or _attr(hf_config, "intermediate_size"),
+        "intermediate_size": _attr(hf_config, adapter.intermediate_attr),
     }
     if getattr(hf_config, "router_aux_loss_coef", None) is not None:
         fields["aux_loss_coef"] = float(hf_config.router_aux_loss_coef)
-    if getattr(hf_config, "router_jitter_noise", None) is not None:
-        # HF Mixtral jitters the experts' input too: _mixtral sets jitter_experts_input (training only).
-        fields["router_jitter"] = float(hf_config.router_jitter_noise)
     fields.update(adapter.fields(hf_config))
     fields.update(overrides)
     return MoEConfig.from_dict(fields)

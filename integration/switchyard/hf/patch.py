@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from switchyard.config import MoEConfig
-from switchyard.hf.adopt import SUPPORTED_BLOCKS, layer_from_hf_block, moe_config_from_hf
+from switchyard.hf.adopt import SUPPORTED_BLOCKS, layer_from_hf_block, moe_config_from_hf, refuse_unadoptable
 from switchyard.hf.architectures import (ADAPTERS, DenseFFN, FFNAdapter, FFNSite, adapter_for, read_generic,
                                          refuse_offloaded, refuse_peft_model)
 from switchyard.hf.matching import Selection, layer_index_of, select, sites_from_names
@@ -98,6 +98,7 @@ def patch_model(
                              "are adopted as they are: drop adapter")
         plan = _plan_adoption(model, moe_blocks, selection, groups, overrides or {})
     else:
+        refuse_unadoptable(model)  # an MoE model we cannot adopt: name what differs, with or without a MoEConfig
         if moe_config is None:
             _refuse_unsupported_moe(model)
             raise ValueError("a dense model needs a MoEConfig: patch_model(model, MoEConfig(num_experts=8, top_k=2))")

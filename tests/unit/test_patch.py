@@ -35,8 +35,11 @@ def build(model_type: str, **extra) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(config).float().eval()
     with torch.no_grad():  # HF zero-inits some routers/biases: make routing non-trivial
         for name, param in model.named_parameters():
-            if "e_score_correction_bias" in name or (name.endswith("gate.weight") and param.abs().sum() == 0):
+            if name.endswith("gate.weight") and param.abs().sum() == 0:
                 param.normal_(0, 0.5)
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:  # a buffer in transformers 5
+            if "e_score_correction_bias" in name:
+                tensor.normal_(0, 0.5)
     return model
 
 

@@ -55,6 +55,7 @@ _EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<id>\d+)\.(?P<name>" + "
 # Initializers that need real weights (drop_upcycle reads the dense statistics); rebuilding only needs
 # the shapes, which these share with the substitute, and every tensor is overwritten by the load.
 _SHAPE_TWIN_INIT = {"drop_upcycle": "copy"}
+RECORD_VERSION = 1  # the newest "switchyard" record (patch_model writes it) this version rebuilds a model from
 
 
 class CheckpointError(ValueError):
@@ -446,7 +447,13 @@ def read_record(path: Path) -> dict[str, Any]:
             f"{config_file} has no {CONFIG_KEY!r} record: not a switchyard checkpoint; load it with "
             "transformers or patch it with switchyard.patch_model"
         )
-    return raw[CONFIG_KEY]
+    record = raw[CONFIG_KEY]
+    version = record.get("version", 1) if isinstance(record, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool) or version > RECORD_VERSION:
+        raise CheckpointError(f"{config_file}: its {CONFIG_KEY!r} record has version {version!r}, but this "
+                              f"switchyard reads versions up to {RECORD_VERSION}: written by a later switchyard; load "
+                              "it with that")
+    return record
 
 
 def _read_index(path: Path) -> dict[str, Any]:

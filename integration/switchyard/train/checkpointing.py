@@ -6,7 +6,7 @@ Layout of ``<output_dir>/checkpoints/``::
       engine/rank00000.pt   each rank's optimizer partition, lr scheduler and step counters (exact resume)
       model/                switchyard safetensors checkpoint (serve, export, resume at another ep)
       rng/rank00000.safetensors   each rank's RNG states
-      meta.json             step, world/ep layout, run config
+      meta.json             format, step, world/ep/ZeRO layout, optimizer class, data position, run config
       COMPLETE              written last, before the rename
     latest                  name of the newest complete checkpoint (replaced atomically)
 
@@ -47,6 +47,7 @@ PARTIAL = ".partial"
 MARKER = "COMPLETE"
 REPLACED = f".replaced{PARTIAL}"  # a step's earlier checkpoint, set aside while a new save of it swaps in
 PRUNED = f".pruned{PARTIAL}"  # a pruned step, being deleted
+FORMAT = 1  # meta.json's "format": bump when a checkpoint's files change meaning; a newer one is refused
 
 
 @dataclass
@@ -58,22 +59,69 @@ class ResumePoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def same_layout(self, world_size: int, ep: int, zero_stage: int) -> bool:
+    def layout_changes(self, world_size: int, ep: int, zero_stage: int, optimizer: str | None = None) -> list[str]:
+        """What differs from the layout the engine state was saved under, as ``name old → new``; any difference
+        means reshard the weights and restart the optimizer. ``optimizer`` is the engine's optimizer class (its
+        state dict's format: ZeRO-0 fp32 steps torch's optimizer, ZeRO-0 bf16 a DeepSpeed wrapper, and neither
+        loads the other's). A value a checkpoint from before it was recorded lacks counts as the same."""
+        now = {"world": world_size, "ep": ep, "ZeRO stage": zero_stage, "optimizer": optimizer}
+        saved = {"world": self.meta.get("world_size"), "ep": self.meta.get("ep"),
+                 "ZeRO stage": self.meta.get("zero_stage", zero_stage),
+                 "optimizer": self.meta.get("engine_optimizer", optimizer)}
+        return [f"{k} {saved[k]} → {now[k]}" for k in now if now[k] is not None and saved[k] != now[k]]
+
+    def same_layout(self, world_size: int, ep: int, zero_stage: int, optimizer: str | None = None) -> bool:
         """Whether the engine state (partitioned by ZeRO over this layout) loads as saved; else reshard the
-        weights and restart the optimizer. A checkpoint from before ``zero_stage`` was recorded counts as same."""
-        return (self.meta.get("world_size") == world_size and self.meta.get("ep") == ep
-                and self.meta.get("zero_stage", zero_stage) == zero_stage)
+        weights and restart the optimizer."""
+        return not self.layout_changes(world_size, ep, zero_stage, optimizer)
+
+
+def step_of(path: Path) -> int:
+    """``step_000050`` → 50. Checkpoints are ordered by this number, not by name: ``step_1000000`` sorts
+    before ``step_999999`` as text."""
+    return int(path.name.split("_", 1)[1].split(".", 1)[0])
+
+
+def _missing(path: Path) -> list[str]:
+    """Why ``path`` is not a complete checkpoint (empty: it is one)."""
+    if not path.is_dir():
+        return ["no such directory"]
+    if path.name.endswith(PARTIAL):
+        return [f"its name ends in {PARTIAL} (an unfinished or discarded save)"]
+    return [f"no {path / name}" for name in (MARKER, "meta.json") if not (path / name).is_file()]
 
 
 def _is_complete(path: Path) -> bool:
-    return path.is_dir() and not path.name.endswith(PARTIAL) and (path / MARKER).is_file() and (path / "meta.json").is_file()
+    return not _missing(path)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest (lowest step) first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step_*") if _is_complete(p)), key=lambda p: p.name)
+    found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and _is_complete(p)]
+    return sorted(found, key=step_of)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``path``/meta.json, checked: valid JSON, a format this version reads, the keys resume needs. Each error
+    names the file (json's own names only a line; a missing key was a bare KeyError)."""
+    file = path / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): a truncated or hand-edited checkpoint; resume from "
+                         f"another one (checkpoint.resume=<its dir>)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} holds a JSON {type(meta).__name__}, not an object")
+    written = meta.get("format", 1)  # checkpoints from before the format was recorded are format 1
+    if not isinstance(written, int) or written > FORMAT:
+        raise ValueError(f"{file} has format {written!r}, but this switchyard reads formats up to {FORMAT}: it was "
+                         f"written by a later version; resume it with that version")
+    if not isinstance(meta.get("step"), int):
+        raise ValueError(f"{file} has no integer 'step' (got {meta.get('step')!r}): not a switchyard fine-tune "
+                         f"checkpoint, or a damaged one")
+    return meta
 
 
 def recover(root: Path) -> None:
@@ -103,8 +151,9 @@ def recover(root: Path) -> None:
 
 
 def find_resume(root: Path, resume: str | None) -> ResumePoint | None:
-    """``None`` → start fresh (refused where another run's checkpoints are: its pruning would delete them);
-    ``"auto"`` → newest complete (``latest`` if it is complete); else a path."""
+    """``None`` → start fresh; ``"auto"`` → ``latest`` if it is complete, else the complete one of the highest
+    step; else a checkpoint path. Starting fresh, or from another directory's checkpoint, is refused where
+    ``root`` holds a run's checkpoints: this run's pruning would delete them."""
     recover(root)
     if resume is None:
         found = complete_checkpoints(root)
@@ -126,15 +175,28 @@ def find_resume(root: Path, resume: str | None) -> ResumePoint | None:
             return None
     else:
         candidate = Path(resume)
-        if not _is_complete(candidate):
-            raise ValueError(f"checkpoint.resume={resume!r} is not a complete switchyard checkpoint "
-                             f"(needs {MARKER} and meta.json; partial saves end in {PARTIAL})")
-    return ResumePoint(candidate, json.loads((candidate / "meta.json").read_text()))
+        missing = _missing(candidate)
+        if missing:
+            hint = (f"; {candidate} holds checkpoints: name one of them, or use checkpoint.resume=auto"
+                    if complete_checkpoints(candidate) or complete_checkpoints(candidate / "checkpoints") else "")
+            raise ValueError(f"checkpoint.resume={resume!r} is not a complete switchyard checkpoint: "
+                             f"{'; '.join(missing)}{hint}")
+        others = complete_checkpoints(root)
+        if others and candidate.resolve().parent != root.resolve():
+            raise ValueError(
+                f"{root} holds checkpoints of another run ({others[0].name} … {others[-1].name}), and "
+                f"checkpoint.resume={resume!r} is not one of them: saving there would prune them and rewrite that "
+                f"run's metrics. Choose another output_dir, or continue that run with checkpoint.resume=auto"
+            )
+    return ResumePoint(candidate, read_meta(candidate))
 
 
 def check_resume_config(point: ResumePoint, config: RunConfig) -> None:
     """Refuse to resume a checkpoint whose run had other ``RESUME_FIXED`` settings (the checkpoint's model
     and data position would silently win over the config)."""
+    if not isinstance(point.meta.get("config"), dict):
+        raise ValueError(f"{point.path / 'meta.json'} records no run config ('config'), which a resume is checked "
+                         f"against: not a switchyard fine-tune checkpoint, or a damaged one")
     mismatches = config.resume_mismatches(point.meta["config"])
     if mismatches:
         raise ValueError(
@@ -147,7 +209,7 @@ def check_resume_config(point: ResumePoint, config: RunConfig) -> None:
 def prunable(complete: list[Path], final: Path, keep: int) -> list[Path]:
     """Checkpoints to delete after writing ``final``: steps older than it beyond the ``keep - 1`` newest. Never
     ``final`` nor later steps (left by a run resumed from an earlier checkpoint)."""
-    older = [p for p in complete if p.name < final.name]
+    older = sorted((p for p in complete if step_of(p) < step_of(final)), key=step_of)
     return older[:max(0, len(older) - (keep - 1))]
 
 
@@ -161,14 +223,29 @@ def save_rng(path: Path, rank: int) -> None:
     save_file(states, str(path / f"rank{rank:05d}.safetensors"))
 
 
-def load_rng(path: Path, rank: int) -> None:
+def _read_rng(file: Path) -> dict[str, torch.Tensor] | None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = path / f"rank{rank:05d}.safetensors"
     if not file.is_file():
-        log.warning("no RNG state %s; continuing with the current generator", file, ranks=None)
+        return None
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {file}: truncated or corrupt ({err}); resume from another checkpoint") from None
+
+
+def load_rng(path: Path, rank: int) -> None:
+    """This rank's RNG states. Collective: a corrupt file on one rank fails every rank (the others would wait
+    for it in the first step); a missing one only warns, the run continuing with the current generator."""
+    from switchyard.hf.checkpoint import on_every_rank
+
+    file = path / f"rank{rank:05d}.safetensors"
+    states = on_every_rank(f"resuming from {path.parent}", _read_rng, file)
+    if states is None:
+        log.warning("no RNG state %s; continuing with the current generator (router jitter and dropout draw other "
+                    "numbers than the uninterrupted run)", file, ranks=None)
         return
-    states = load_file(str(file))
     torch.set_rng_state(states["cpu"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
@@ -198,18 +275,48 @@ def save_engine_state(engine, path: Path, rank: int) -> None:
     torch.save(state, path / f"rank{rank:05d}.pt")
 
 
+ENGINE_KEYS = ("optimizer", "lr_scheduler", "global_steps", "global_samples")
+
+
 def _read_engine_state(file: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ValueError(f"checkpoint is missing {file}: was it written with a different number of ranks?")
-    return torch.load(file, map_location="cpu", weights_only=False)  # our own file, written by save_engine_state
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)  # our own file, written by save_engine_state
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types; none names the file
+        raise ValueError(f"cannot read {file} ({type(err).__name__}: {err}): truncated or corrupt; resume from "
+                         f"another checkpoint") from None
+    missing = [key for key in ENGINE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{file} lacks {missing}: not written by this switchyard's save_engine_state")
+    return state
+
+
+def _hyperparameters(optimizer) -> tuple[list[dict[str, Any]], Any]:
+    """The optimizer's per-group settings (all but ``params``) and ZeRO's ``clip_grad``: what this run's config
+    built, which a loaded state dict would replace with the checkpoint's."""
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return groups, getattr(optimizer, "clip_grad", None)
+
+
+def set_step(engine, step: int) -> None:
+    """DeepSpeed's counters at optimizer step ``step`` of this run. ``micro_steps`` must be a multiple of this
+    run's ``gradient_accumulation_steps``: the engine steps the optimizer when ``micro_steps + 1`` is one, so a
+    count saved under another accumulation (2 × 4 steps = 8, resumed at 3) would step after the first micro-batch
+    and carry the rest of the batch into the next step. DeepSpeed's own load_checkpoint leaves it at 0."""
+    engine.global_steps = step
+    engine.micro_steps = step * engine.gradient_accumulation_steps()
 
 
 def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int) -> None:
-    """Restore this rank's optimizer partition, scheduler and counters (same layout only). A file missing or
-    unreadable on any rank fails every rank (the others would wait for it in the first training step)."""
+    """Restore this rank's optimizer partition (moments, fp32 master weights), scheduler and counters (same
+    layout only). The optimizer's hyperparameters stay this run's (weight decay, momentum, ZeRO's clipping: a
+    state dict would bring the checkpoint's, silently overriding a changed config). A file missing or unreadable
+    on any rank fails every rank (the others would wait for it in the first training step)."""
     from switchyard.hf.checkpoint import on_every_rank
 
     state = on_every_rank(f"resuming from {path.parent}", _read_engine_state, path / f"rank{rank:05d}.pt")
+    groups, clip = _hyperparameters(engine.optimizer)
     if engine.zero_optimization_stage() >= 1:
         # ZeRO indexes a list of every data-parallel rank's state by this rank's dp rank; ours is enough
         states = [None] * dp_size
@@ -217,11 +324,14 @@ def load_engine_state(engine, path: Path, rank: int, dp_rank: int, dp_size: int)
         engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         engine.optimizer.load_state_dict(state["optimizer"])
+    for group, mine in zip(engine.optimizer.param_groups, groups, strict=True):
+        group.update(mine)
+    if clip is not None:
+        engine.optimizer.clip_grad = clip
     if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    engine.global_steps = state["global_steps"]
+    set_step(engine, state["global_steps"])
     engine.global_samples = state["global_samples"]
-    engine.micro_steps = state["micro_steps"]
 
 
 def _prepare_dirs(root: Path, partial: Path) -> None:
@@ -285,5 +395,6 @@ def save_checkpoint(engine, model, tokenizer, groups, root: Path, step: int, met
     save_pretrained(model, partial / "model", groups=groups, tokenizer=tokenizer)
     on_every_rank(what, save_rng, partial / "rng", rank)
     inject_fault("save", step)
-    on_every_rank(what, lambda: _publish(root, partial, final, {**meta, "step": step}, keep) if rank == 0 else None)
+    record = {**meta, "format": FORMAT, "step": step}
+    on_every_rank(what, lambda: _publish(root, partial, final, record, keep) if rank == 0 else None)
     return final

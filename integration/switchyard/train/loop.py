@@ -193,7 +193,6 @@ def train(config: RunConfig) -> dict[str, Any]:
     resume = checkpointing.find_resume(ckpt_root, config.checkpoint.resume)
     if resume is not None:
         checkpointing.check_resume_config(resume, config)
-    reshard = resume is not None and not resume.same_layout(world, groups.size("ep"), stage)
     torch.manual_seed(config.train.seed)
 
     source = resolve_source(config)
@@ -217,17 +216,11 @@ def train(config: RunConfig) -> dict[str, Any]:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups.mpu)
     schedule_at_start = copy.deepcopy(engine.lr_scheduler.state_dict())  # this run's lr and schedule, step 0
-    if resume is not None and not reshard:
-        checkpointing.load_engine_state(engine, resume.path / "engine", rank, dp_rank, dp_size)
-        checkpointing.load_rng(resume.path / "rng", rank)
-        log.info("resumed from %s at step %d", resume.path, start_step, ranks=[0])
-    elif reshard:
-        log.warning("resumed from %s at step %d with a different layout (world %s → %d, ep %s → %d, ZeRO stage "
-                    "%s → %d): model weights resharded, optimizer state restarts", resume.path, start_step,
-                    resume.meta.get("world_size"), world, resume.meta.get("ep"), groups.size("ep"),
-                    resume.meta.get("zero_stage"), stage, ranks=[0])
+    engine_optimizer = type(engine.optimizer).__name__  # its state dict's format
     if resume is not None:
+        _resume_engine(engine, resume, world, groups, stage, engine_optimizer)
         _replay_schedule(engine.lr_scheduler, schedule_at_start, start_step)
+        _log_data_position(resume, batches, steps)
 
     metrics = MetricsWriter(run_dir, enabled=rank == 0, total_steps=steps, start_step=start_step)
     load = ExpertLoad()
@@ -238,7 +231,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         log.warning("%s's loss ignores num_items_in_batch: each micro-batch's LM loss is its own per-token mean, "
                     "weighted equally (a micro-batch without loss tokens gives NaN)", type(model).__name__, ranks=[0])
     meta = {"world_size": world, "ep": groups.size("ep"), "dp": dp_size, "zero_stage": stage,
-            "config": config.to_dict()}
+            "engine_optimizer": engine_optimizer, "config": config.to_dict()}
     history: list[float] = []
     last_eval: dict[str, float] = {}
 
@@ -334,6 +327,39 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
     dist.all_reduce(sums, group=groups.group("dp"))
     loss = float(sums[0] / sums[1].clamp_min(1))
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _resume_engine(engine, resume, world: int, groups, stage: int, engine_optimizer: str) -> None:
+    """Load the checkpoint's optimizer state, counters and RNG where its layout is this run's; else say what
+    restarts. The weights came from the checkpoint's safetensors either way (any layout reads them)."""
+    from switchyard.train import checkpointing
+
+    changes = resume.layout_changes(world, groups.size("ep"), stage, engine_optimizer)
+    if not changes:
+        checkpointing.load_engine_state(engine, resume.path / "engine", dist.get_rank(), groups.rank("dp"),
+                                        groups.size("dp"))
+        checkpointing.load_rng(resume.path / "rng", dist.get_rank())
+        log.info("resumed from %s at step %d", resume.path, resume.step, ranks=[0])
+        return
+    checkpointing.set_step(engine, resume.step)
+    engine.global_samples = resume.step * engine.train_batch_size()  # DeepSpeed's estimate where none was saved
+    log.warning("resumed from %s at step %d with a different layout (%s): model weights resharded, optimizer state "
+                "restarts (moments reset), RNG states not restored (seeded from train.seed)", resume.path, resume.step,
+                ", ".join(changes), ranks=[0])
+
+
+def _log_data_position(resume, batches: StepBatches, steps: int) -> None:
+    """Say where the data resumes when the global batch changed (the step count then maps to other examples),
+    and when the checkpoint is already at or past this run's end."""
+    train = resume.meta["config"].get("train", {})
+    saved = train.get("micro_batch_size", 0) * train.get("grad_accum", 0) * resume.meta.get("dp", batches.dp_size)
+    if saved and saved != batches.global_batch:
+        log.info("global batch %d → %d (micro_batch_size × grad_accum × dp): continuing at example %d of epoch %d's "
+                 "order, the first not trained on", saved, batches.global_batch, batches.position, batches.epoch,
+                 ranks=[0])
+    if resume.step >= steps:
+        log.warning("the checkpoint is at step %d and this run ends at step %d (train.max_steps / epochs): nothing to "
+                    "train", resume.step, steps, ranks=[0])
 
 
 def _replay_schedule(scheduler, state_at_start: dict[str, Any], steps: int) -> None:

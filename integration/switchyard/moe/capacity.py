@@ -1,9 +1,21 @@
 """Expert capacity: which token copies an expert keeps when it may take at most C of them.
 
 capacity C = ceil(capacity_factor * T * K / E) per expert, over this rank's T tokens (as in Switch,
-GShard and Megatron-Core). Over-capacity copies are dropped: their expert output is missing from
-the token's weighted sum (the residual stream carries the token on). ``"probs"`` keeps the copies
-with the highest router weight, ``"position"`` the earliest tokens.
+GShard, DeepSpeed's ``topkgating`` and Megatron-Core), at least 1 (DeepSpeed's ``min_capacity`` is not
+offered). It is computed in integers, the factor read as the decimal it was written as: in floating
+point (T * K / E) * f for T * K / E = 100 and f = 1.1 is 110.00000000000001, which a float ceil
+(Megatron-Core's ``get_capacity``) makes C = 111; DeepSpeed's fp32 ``_capacity`` adds a slot in other
+cases (C = 4 for f = 0.75, T = 4, K = E = 7, where 3 is exact).
+
+Over-capacity copies are dropped: their expert output is missing from the token's weighted sum (the
+residual stream carries the token on), and the kept copies' weights are not renormalised
+(Megatron-Core; DeepSpeed's gating renormalises them). ``"probs"`` keeps the copies with the highest
+final combine weight (Megatron-Core; DeepSpeed's ``topkgating`` ranks by the softmax probability before
+renormalisation: the same order only where the weights are not renormalised), ties to the earlier token
+(DeepSpeed's ``torch.topk`` over tokens breaks them in no fixed order). Renormalised top-1 weights are all
+1, so there ``"probs"`` keeps the earliest tokens, as ``"position"`` does. ``"position"`` keeps the
+earliest tokens, all K copies of token t before token t + 1 (DeepSpeed's ``topkgating``; its
+``top2gating`` queues every first choice before any second choice).
 
 Padding (``real_T`` False) is never kept and takes no capacity, and T counts real tokens only, so a
 padded batch drops exactly what the unpadded batch of the same real tokens drops. DeepSpeed's
@@ -13,18 +25,33 @@ padding included, which lets the amount of padding change the drops; we do not.
 
 from __future__ import annotations
 
-import math
+import functools
+from fractions import Fraction
 
 import torch
+
+# A factor's denominator as a fraction: exact for factors written with up to 6 decimals, and small
+# enough that the tensor form's int64 product T * K * numerator cannot overflow for any real T.
+# (A factor below 5e-7 reads as 0: C = 1.)
+_FACTOR_DENOMINATOR_MAX = 10**6
+
+
+@functools.lru_cache(maxsize=64)
+def _factor_ratio(capacity_factor: float) -> tuple[int, int]:
+    """``capacity_factor`` as p / q (1.1 → 11 / 10); cached: 5 µs of host time a layer call otherwise."""
+    return Fraction(capacity_factor).limit_denominator(_FACTOR_DENOMINATOR_MAX).as_integer_ratio()
 
 
 def expert_capacity(num_tokens: int | torch.Tensor, top_k: int, num_experts: int, capacity_factor: float
                     ) -> int | torch.Tensor:
-    """C per expert; a tensor ``num_tokens`` gives a tensor C, computed on its device with no host sync
-    (a captured serving graph forbids one), rounded as the integer form is (the same float64 operations)."""
+    """C = max(1, ceil(f * T * K / E)) in integers, f as the fraction p / q it was written as (1.1 = 11 / 10), so
+    no float rounding adds or loses a slot. A tensor ``num_tokens`` gives a tensor C, computed on its device with
+    no host sync (a captured serving graph forbids one), the same integers as the integer form."""
+    factor_p, factor_q = _factor_ratio(capacity_factor)
+    numerator, denominator = factor_p * top_k, factor_q * num_experts
     if torch.is_tensor(num_tokens):
-        return (capacity_factor * num_tokens.double() * top_k / num_experts).ceil().clamp_min(1).long()
-    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+        return ((num_tokens.long() * numerator + (denominator - 1)) // denominator).clamp_min(1)
+    return max(1, -(-num_tokens * numerator // denominator))
 
 
 def capacity_keep_mask(

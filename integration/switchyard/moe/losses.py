@@ -40,7 +40,8 @@ def load_balancing_loss(
     """Switch Transformer load-balancing loss (Fedus et al. 2021, arXiv:2101.03961, eqs. 4-6).
 
     ``E * sum_i f_i * P_i`` with ``f_i`` = top-k assignments to expert i per token (sums to K, as
-    in transformers' ``load_balancing_loss_func``, so a perfectly balanced router scores K) and
+    in transformers' ``load_balancing_loss_func``, so a perfectly balanced router scores K; DeepSpeed's
+    ``topkgating`` l_aux and Megatron-Core's loss are this divided by K) and
     ``P_i`` = mean router probability of expert i. Pass ``scores_TE`` = softmax of the logits: HF's
     function softmaxes the logits it is given, so ours equals HF's fed with ``logits_TE``. For a sigmoid
     router pass the scores divided by their per-token sum (as Megatron-Core does; MoELayer does).
@@ -127,7 +128,8 @@ def sequence_balance_loss(
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss of ST-MoE (Zoph et al. 2022, arXiv:2202.08906 eq. 5): ``mean_t logsumexp(x_t)^2``.
 
-    Keeps router logits small so the fp32/bf16 exponentials in softmax stay well conditioned.
+    Keeps router logits small so the fp32/bf16 exponentials in softmax stay well conditioned. Every row counts
+    (transformers' ``router_z_loss_func`` takes no mask either).
     """
     if logits_TE.dim() != 2:
         raise ValueError(f"logits_TE must be [T, E], got {tuple(logits_TE.shape)}")

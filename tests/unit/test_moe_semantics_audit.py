@@ -318,3 +318,26 @@ def test_tied_scores_pick_what_transformers_picks() -> None:
         _, hf_weight, hf_idx = hf(x_TH)
         out = ours(x_TH)
     assert torch.equal(out.topk_idx_TK, hf_idx) and torch.equal(out.topk_weight_TK, hf_weight)
+
+
+@pytest.mark.parametrize("routing", [dict(expert_bias=True), dict(n_group=4, topk_group=1)], ids=["bias", "groups"])
+def test_balance_losses_count_the_unbiased_top_k_not_the_routed_choice(routing: dict) -> None:
+    # DeepSeek-V3 eq. 18 / Megatron-Core's compute_routing_scores_for_aux_loss: the bias and the group limit choose
+    # the experts; what the balance losses count is the plain top-k of the unbiased scores over all experts
+    from switchyard.moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    config = MoEConfig(num_experts=8, top_k=2, score_func="sigmoid", aux_loss_coef=0.01, seq_aux_loss_coef=0.01,
+                       **routing)
+    layer = MoELayer(config, 16, 32).train()
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias[3] = 10.0  # every token routed to expert 3; the unbiased top-k rarely holds it
+    x = torch.randn(2, 12, 16)
+    layer(x)
+    routed = layer.last_router_output
+    plain_TK = routed.scores_TE.topk(2, dim=-1).indices
+    assert not torch.equal(plain_TK.sort(-1).values, routed.topk_idx_TK.sort(-1).values)  # the case is real
+    probs = routed.scores_TE / routed.scores_TE.sum(-1, keepdim=True)
+    losses = layer.last_stats.losses
+    torch.testing.assert_close(losses["load_balancing"], load_balancing_loss(probs, plain_TK, 8))
+    torch.testing.assert_close(losses["sequence_balance"], sequence_balance_loss(routed.scores_TE, plain_TK, 8, 2))

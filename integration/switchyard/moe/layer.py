@@ -360,16 +360,21 @@ class MoELayer(DeepSpeedMoEModule):
                 real_T: torch.Tensor | None, num_sequences: int) -> None:
         cfg = self.config
         losses: dict[str, torch.Tensor] = {}
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (cfg.aux_loss_coef > 0 or cfg.seq_aux_loss_coef > 0):
+            # the balance losses count each token's top-k of the unbiased scores over all experts (DeepSeek-V3
+            # eq. 18, Megatron-Core's scores for the aux loss): the expert bias and the group limit choose the
+            # experts, not what is balanced
+            balance_idx_TK = (routed.scores_TE.topk(routed.topk_idx_TK.shape[1], dim=-1).indices
+                              if cfg.expert_bias or cfg.n_group is not None else routed.topk_idx_TK)
             if cfg.aux_loss_coef > 0:
                 losses["load_balancing"] = load_balancing_loss(_balance_probs(routed.scores_TE, cfg.score_func),
-                                                               routed.topk_idx_TK, self.num_experts, real_T)
+                                                               balance_idx_TK, self.num_experts, real_T)
             if cfg.seq_aux_loss_coef > 0:
                 losses["sequence_balance"] = sequence_balance_loss(
-                    routed.scores_TE, routed.topk_idx_TK, self.num_experts, num_sequences, real_T
+                    routed.scores_TE, balance_idx_TK, self.num_experts, num_sequences, real_T
                 )
-            if cfg.z_loss_coef > 0:
-                losses["z_loss"] = z_loss(routed.logits_TE)
+        if torch.is_grad_enabled() and cfg.z_loss_coef > 0:
+            losses["z_loss"] = z_loss(routed.logits_TE)
         coefs = {"load_balancing": cfg.aux_loss_coef, "sequence_balance": cfg.seq_aux_loss_coef, "z_loss": cfg.z_loss_coef}
         self.aux_loss = sum((coefs[k] * v for k, v in losses.items()), torch.zeros((), device=routed.logits_TE.device)) if losses else None
         self.last_router_output = routed

@@ -39,6 +39,37 @@ OFFLOAD_MESSAGE = (
 )
 
 
+# Settings with which DeepSpeed builds process groups of its own over the ProcessGroupManager's: the two would
+# disagree and gradients be reduced over the wrong ranks (the layout flag would be silently ignored)
+AUTOEP_MESSAGE = (
+    "deepspeed config {path} enables AutoEP (expert_parallel.enabled), which swaps MoE blocks for its own layer "
+    "and builds expert groups of its own beside switchyard's; switchyard's MoE layers do expert parallelism "
+    "(parallel.ep in the run config). Remove the expert_parallel section"
+)
+AUTOTP_MESSAGE = (
+    "deepspeed config {path} sets tensor_parallel.autotp_size={value}: DeepSpeed's AutoTP then replaces "
+    "switchyard's mpu with groups of its own, whose data-parallel ranks are not those switchyard's expert groups "
+    "assume. Remove it (tensor parallelism is parallel.tp, docs/parallelism.md)"
+)
+DATA_BEFORE_EXPERT_MESSAGE = (
+    "deepspeed config {path} sets use_data_before_expert_parallelism={value}, a layout switchyard does not build: "
+    "its ProcessGroupManager lays expert groups out in Megatron-Core's order (docs/parallelism.md), which "
+    "DeepSpeed would use regardless. Remove the key"
+)
+
+
+def _refuse_own_groups(config: dict[str, Any], path: Path) -> None:
+    autoep = config.get("expert_parallel")
+    if isinstance(autoep, dict) and autoep.get("enabled"):
+        raise ValueError(AUTOEP_MESSAGE.format(path=path))
+    autotp = config.get("tensor_parallel")
+    if isinstance(autotp, dict) and autotp.get("autotp_size") not in (None, 0, 1):
+        raise ValueError(AUTOTP_MESSAGE.format(path=path, value=autotp["autotp_size"]))
+    flag = config.get("use_data_before_expert_parallelism")
+    if flag:
+        raise ValueError(DATA_BEFORE_EXPERT_MESSAGE.format(path=path, value=flag))
+
+
 def _read(path: Path) -> dict[str, Any]:
     """The JSON at ``path``; a missing file or a syntax error names the file (json's own message does not)."""
     if not path.is_file():
@@ -109,6 +140,7 @@ def fill_deepspeed_config(
     if caller_clips:
         config["gradient_clipping"] = 0.0
     _fill(config, "bf16.enabled", precision == "bf16", "train.precision")
+    _refuse_own_groups(config, path)
     if config.get("fp16", {}).get("enabled") is True:
         raise ValueError("fp16 is not supported (use train.precision: bf16); remove the fp16 section")
     if "optimizer" in config or "scheduler" in config:

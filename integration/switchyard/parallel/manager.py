@@ -91,7 +91,8 @@ class ProcessGroupManager:
         init_distributed(backend, timeout_s)
         self.world_size = dist.get_world_size()
         self.global_rank = dist.get_rank()
-        requested = (tp, pp, ep, etp)
+        # etp=None means etp=tp: compared resolved, so ranks saying it differently are not told they disagree
+        requested = (tp, pp, ep, tp if etp is None else etp)
         _check_same_settings_on_every_rank(requested, self.world_size)
         self.config = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp)
         self.sizes = self.config.derived(self.world_size)

@@ -48,12 +48,69 @@ def accelerate_overrides(environ: Mapping[str, str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="run config YAML (configs/finetune/*.yaml)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Every other setting is a key.sub=value override (the value read as YAML), e.g. train.lr=1e-3 "
+               "train.max_steps=100 moe.layers=[0,2] train.cuda_graph=true checkpoint.resume=null; quote a value "
+               "with spaces: 'moe.layers=[0, 2]'. Keys: docs/finetune.md.")
+    parser.add_argument("--config", default=None,
+                        help="run config YAML (configs/finetune/*.yaml; default: none, every setting at its default)")
     parser.add_argument("--resume", default=None, help="'auto' or a checkpoint dir (same as checkpoint.resume)")
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied over the YAML")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied over the YAML, in order")
     return parser
+
+
+def setting_keys() -> list[str]:
+    """Every ``key.sub`` an override can set (``moe.*`` is flat: MoEConfig's fields beside the selection's)."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from switchyard.config import MoEConfig
+    from switchyard.train.run_config import RunConfig
+
+    keys, hints = [], get_type_hints(RunConfig)
+    for name, hint in ((f.name, hints[f.name]) for f in dataclasses.fields(RunConfig)):
+        if not dataclasses.is_dataclass(hint):
+            keys.append(name)
+            continue
+        names = [g.name for g in dataclasses.fields(hint) if g.name != "config"]
+        names += [g.name for g in dataclasses.fields(MoEConfig)] if name == "moe" else []
+        keys += [f"{name}.{sub}" for sub in names]
+    return keys
+
+
+def check_arguments(argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """An option the launcher does not take (``--lr 1e-3``, HF Trainer's habit) is named with the override that
+    sets it; a word without ``=`` is named too, with the quoting hint when the shell split an override at a space
+    (``moe.layers=[0, 2]`` unquoted). Both before any config is read."""
+    options = {s: action for action in parser._actions for s in action.option_strings}
+    taking_value = False
+    for i, token in enumerate(argv):
+        if taking_value:
+            taking_value = False
+            continue
+        name, eq, value = token.partition("=")
+        matched = [action for s, action in options.items()  # argparse also takes a unique prefix (--conf)
+                   if s == name or (name.startswith("--") and len(name) > 2 and s.startswith(name))]
+        if matched:
+            taking_value = not eq and matched[0].nargs != 0
+            continue
+        if token.startswith("-"):
+            if not eq and i + 1 < len(argv) and "=" not in argv[i + 1] and not argv[i + 1].startswith("-"):
+                value = argv[i + 1]
+            key = name.lstrip("-").replace("-", "_")
+            matches = [k for k in setting_keys() if k.rsplit(".", 1)[-1] == key]
+            fix = (" or ".join(f"{k}={value or 'VALUE'}" for k in matches) if matches
+                   else "key.sub=value (the keys: docs/finetune.md)")
+            parser.error(f"unknown option {token}: the launcher takes --config and --resume; settings are "
+                         f"overrides: {fix}")
+        if not eq:
+            before = argv[i - 1] if i else ""
+            split = "=" in before and sum(before.count(c) for c in "[{") > sum(before.count(c) for c in "]}")
+            hint = (f"; the shell split {before} {token} at a space: quote the whole override, '{before} {token}'"
+                    if split else "; settings look like key.sub=value, e.g. train.lr=1e-3 (quote a value with spaces)")
+            parser.error(f"{token!r} is not a key.sub=value override{hint}")
 
 
 def check_world(config) -> None:
@@ -77,8 +134,21 @@ def check_world(config) -> None:
     config.deepspeed_config(world)
 
 
+def check_model_source(config) -> None:
+    """A local path that is not there, named now (else every rank's traceback from the hub client, which reads
+    a missing ``./dir`` as a malformed repo id)."""
+    from switchyard.cli import check_local_model
+
+    for key, value in (("model.source", config.model.source), ("model.tokenizer", config.model.tokenizer)):
+        if value is not None and value != "tiny":
+            check_local_model(value, key)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # options and overrides in any order
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    check_arguments(argv, parser)
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
 
     from switchyard.train.loop import train
     from switchyard.train.run_config import load_run_config
@@ -88,11 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         # `accelerate launch` with the DeepSpeed plugin: its JSON is the run's (CLI overrides win)
         overrides = accelerate_overrides(os.environ) + overrides
         config = load_run_config(args.config, overrides)
+        check_model_source(config)
         check_world(config)
     except ValueError as err:
-        print(f"finetune: config error: {err}", file=sys.stderr, flush=True)
+        bare = not args.config and not args.overrides
+        hint = " (no --config was given: start from --config configs/finetune/tiny.yaml)" if bare else ""
+        print(f"finetune: config error: {err}{hint}", file=sys.stderr, flush=True)
         return 2
-    summary = train(config)
+    try:
+        summary = train(config)
+    except ValueError as err:  # a user mistake found while building (the checkpoint to resume, the model, the data)
+        print(f"finetune: error: {err}", file=sys.stderr, flush=True)
+        return 2
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

@@ -14,10 +14,22 @@ import argparse
 import sys
 
 
+def _one_line(err: Exception, config: str | None) -> str:
+    """PyYAML's message spans lines (the text quoted, a caret): as one line naming the file and the place."""
+    import yaml
+
+    if not isinstance(err, yaml.YAMLError):
+        return str(err)
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"--config {config} is not valid YAML: {getattr(err, 'problem', None) or err}{where}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="switchyard checkpoint, HF MoE dir (e.g. from `switchyard export`), or 'tiny'")
-    parser.add_argument("--ep", type=int, help="expert-parallel size (default 1; the launcher's world size fits)")
+    parser.add_argument("--ep", type=int, help="expert-parallel size, dividing the world size (default 1: every rank "
+                                               "holds every expert)")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
     parser.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' (all but /health)")
@@ -30,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args(argv)
 
+    import yaml
+
     from switchyard.serve.config import ServeConfig
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "local_rank")}
@@ -37,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         config = ServeConfig.load(args.config, overrides)
         if not config.model:
             raise ValueError("--model is required (or `model:` in the --config file)")
-    except ValueError as err:
-        print(f"serve: config error: {err}", file=sys.stderr, flush=True)
+    except (ValueError, yaml.YAMLError) as err:
+        print(f"serve: config error: {_one_line(err, args.config)}", file=sys.stderr, flush=True)
         return 2
     from switchyard.serve.main import run
 

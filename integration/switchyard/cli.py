@@ -11,20 +11,91 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from switchyard.parallel.layout import local_expert_ids, rank_coordinates, rank_layout
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default where it has one (not for flags and required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if all(action.default is not v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _count(text: str) -> int:
+    """A degree or a count (``--world 0`` is refused naming the flag, before anything is read)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# what a Hugging Face hub id can look like ("name" or "org/name"); anything else is meant as a local path
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+
+
+def check_local_model(model: str, flag: str = "--model") -> Path:
+    """``model`` as a local path, refused where it is a file or cannot be a hub id and is not there: the hub client
+    would read a missing ``./dir`` as a malformed repo id. Puts back a checkpoint a killed re-save left aside."""
+    from switchyard.hf.checkpoint import recover_interrupted_save
+
+    recover_interrupted_save(model)
+    local = Path(model).expanduser()
+    named = f"{flag} {model}" if flag.startswith("-") else f"{flag}={model!r}"  # a flag, or a config key
+    if local.exists() and not local.is_dir():
+        raise ValueError(f"{named}: a file; pass the model's directory (the one holding config.json)")
+    if not local.exists() and (not _HUB_ID.fullmatch(model) or ".." in model):
+        raise ValueError(f"{named}: no such directory; pass a model directory or a hub id like org/name")
+    return local
+
+
+def model_config(model: str, flag: str = "--model") -> Any:
+    """``config.json`` of a local model dir or hub id, or a one-line ``ValueError`` naming ``model``."""
+    from transformers import AutoConfig
+
+    local = check_local_model(model, flag)
+    try:
+        return AutoConfig.from_pretrained(str(local) if local.exists() else model)
+    except OSError as err:
+        what = "cannot read its config.json" if local.exists() else "no such directory, and as a hub id it failed"
+        raise ValueError(f"{flag} {model}: {what}: {_one_line(err)}") from None
+
+
+def _one_line(err: BaseException) -> str:
+    """transformers' and the hub's messages span lines; an error here is one line."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence switchyard's log for a dry run whose messages the real run prints again."""
+    logger = logging.getLogger("switchyard")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _add_layout_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world", type=int, required=True, help="number of ranks (GPUs) in the job")
-    p.add_argument("--tp", type=int, default=1, help="tensor parallel degree")
-    p.add_argument("--pp", type=int, default=1, help="pipeline parallel degree")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel degree")
-    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel degree (1 or tp; default tp)")
-    p.add_argument("--num-experts", type=int, default=None, help="show which experts each rank holds")
+    p.add_argument("--world", type=_count, required=True, help="number of ranks (GPUs) in the job")
+    p.add_argument("--tp", type=_count, default=1, help="tensor parallel degree")
+    p.add_argument("--pp", type=_count, default=1, help="pipeline parallel degree")
+    p.add_argument("--ep", type=_count, default=1, help="expert parallel degree")
+    p.add_argument("--etp", type=_count, default=None, help="expert tensor parallel degree (1 or tp; default tp)")
+    p.add_argument("--num-experts", type=_count, default=None, help="show which experts each rank holds")
     p.add_argument("--json", action="store_true", help="print the groups as JSON instead of a table")
 
 
@@ -82,20 +153,24 @@ def _tokenizer_of(model_dir: str) -> Any:
 
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        indices = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,2,4, got {text!r}") from None
+        indices = []
+    if not indices or min(indices) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,2,4, got {text!r}")
+    return indices
 
 
 def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
     from switchyard.config import INIT_METHODS
 
     p.add_argument("--model", required=True, help="dense transformers model: a local dir (or a hub id)")
-    p.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer")
-    p.add_argument("--top-k", type=int, required=True, help="experts each token is routed to")
+    p.add_argument("--num-experts", type=_count, required=True, help="experts per MoE layer")
+    p.add_argument("--top-k", type=_count, required=True, help="experts each token is routed to")
     p.add_argument("--init", choices=INIT_METHODS, default="copy", help="how experts start from the dense FFN")
-    p.add_argument("--every-n", type=int, default=None, help="make layers 0, n, 2n, … MoE (others stay dense)")
-    p.add_argument("--layers", type=_int_list, default=None, help="comma-separated layer indices to make MoE")
+    p.add_argument("--every-n", type=_count, default=None, help="make layers 0, n, 2n, … MoE (others stay dense)")
+    p.add_argument("--layers", type=_int_list, default=None,
+                   help="comma-separated layer indices to make MoE (with --every-n: the layers both choose)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initializers and the router")
     p.add_argument("--out", required=True, help="directory for the switchyard checkpoint")
 
@@ -108,11 +183,36 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 
     moe_config = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init=args.init)
     check_save_target(Path(args.out).resolve())  # what save_pretrained would refuse, before a long load
+    _dry_run_upcycle(args, moe_config)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     sy.patch_model(model, moe_config, layers=args.layers, every_n=args.every_n, seed=args.seed)
     sy.save_pretrained(model, args.out, tokenizer=_tokenizer_of(args.model))
     print(f"wrote {args.out}")
     return 0
+
+
+def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
+    """Patch the model on the meta device (config.json only) so that a wrong ``--layers``, a model that is
+    already MoE or one switchyard cannot upcycle is an error before gigabytes of weights are read."""
+    import dataclasses
+
+    import switchyard as sy
+    from switchyard.hf.adopt import SUPPORTED_BLOCKS
+    from switchyard.hf.checkpoint import CONFIG_KEY, empty_model
+
+    config = model_config(args.model)
+    if getattr(config, CONFIG_KEY, None):
+        raise ValueError(f"--model {args.model} is a switchyard checkpoint, already MoE: upcycle its dense original "
+                         "(fine-tune or serve this one as it is)")
+    model = empty_model(config)
+    blocks = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in SUPPORTED_BLOCKS})
+    if blocks:
+        raise ValueError(f"--model {args.model} is an HF MoE model ({blocks[0]}), and upcycle takes a dense one: "
+                         "fine-tune or serve it as it is (its MoE blocks are adopted), or `switchyard plan` it")
+    # drop_upcycle reads the weights' statistics, which the meta device lacks; the other inits need shapes only
+    dry = dataclasses.replace(moe_config, init="copy") if moe_config.init == "drop_upcycle" else moe_config
+    with _quiet():
+        sy.patch_model(model, dry, layers=args.layers, every_n=args.every_n, seed=args.seed)
 
 
 def _shard_size(text: str) -> int:
@@ -132,9 +232,26 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="largest weight file, e.g. 5GB: more go in shards with an index (default: transformers')")
 
 
+def _check_export_target(args: argparse.Namespace) -> None:
+    """What export_hf would refuse about ``--out`` (a file, a switchyard checkpoint — ``--model`` itself —, another
+    model), checked from config.json before the checkpoint is loaded."""
+    from switchyard.hf.checkpoint import recover_interrupted_save
+    from switchyard.hf.export import EXPORTS, _check_destination
+
+    recover_interrupted_save(args.model)
+    try:
+        model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # from_pretrained names what is missing or unreadable
+    family = EXPORTS.get(model_type)
+    if family is not None:
+        _check_destination(Path(args.out), family.model_type)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import switchyard as sy
 
+    _check_export_target(args)
     model = sy.from_pretrained(args.model)  # puts back a checkpoint a killed re-save left aside
     out = sy.export_hf(model, args.out, tokenizer=_tokenizer_of(args.model), max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
@@ -145,25 +262,24 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="dense or HF MoE transformers model, or a switchyard checkpoint: dir or hub id "
                         "(only config.json is read)")
-    p.add_argument("--num-experts", type=int, default=None, help="upcycle a dense model to this many experts")
-    p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to (with --num-experts)")
-    p.add_argument("--every-n", type=int, default=None, help="make layers 0, n, 2n, … MoE (with --num-experts)")
-    p.add_argument("--layers", type=_int_list, default=None, help="comma-separated layer indices to make MoE")
-    p.add_argument("--world", type=int, required=True, help="number of ranks (GPUs) in the job")
-    p.add_argument("--ep", type=int, default=1, help="expert parallel degree (dp = world; experts: edp = world / ep)")
+    p.add_argument("--num-experts", type=_count, default=None, help="upcycle a dense model to this many experts")
+    p.add_argument("--top-k", type=_count, default=2, help="experts each token is routed to (with --num-experts)")
+    p.add_argument("--every-n", type=_count, default=None, help="make layers 0, n, 2n, … MoE (with --num-experts)")
+    p.add_argument("--layers", type=_int_list, default=None,
+                   help="comma-separated layer indices to make MoE (with --num-experts; with --every-n: both)")
+    p.add_argument("--world", type=_count, required=True, help="number of ranks (GPUs) in the job")
+    p.add_argument("--ep", type=_count, default=1,
+                   help="expert parallel degree (dp = world; experts: edp = world / ep)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (train.precision)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
 
 
 def _planned_model(args: argparse.Namespace) -> Any:
     """The model on the meta device (no weights read), patched as the job would patch it."""
-    from transformers import AutoConfig
-
     import switchyard as sy
-    from switchyard.hf.checkpoint import CONFIG_KEY, _repatch, empty_model, recover_interrupted_save
+    from switchyard.hf.checkpoint import CONFIG_KEY, _repatch, empty_model
 
-    recover_interrupted_save(args.model)  # a killed re-save leaves the checkpoint aside; put it back
-    config = AutoConfig.from_pretrained(args.model)
+    config = model_config(args.model)
     record = getattr(config, CONFIG_KEY, None)
     if record:
         if args.num_experts is not None or args.layers is not None or args.every_n is not None:
@@ -263,12 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="expert-parallel MoE for Hugging Face models")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text))
+        add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter))
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
     except (ValueError, OSError) as err:  # user mistakes: bad settings, missing or unreadable files
-        print(f"switchyard {args.command}: error: {err}", file=sys.stderr)
+        print(f"switchyard {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -109,5 +109,7 @@ def test_cli_layout_refuses_a_non_positive_expert_count(capsys):
     from switchyard.cli import main
 
     for extra in ([], ["--json"]):
-        assert main(["layout", "--world", "8", "--ep", "2", "--num-experts", "0", *extra]) == 2
-        assert "num_experts must be a positive integer, got 0" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_info:  # refused by the argument parser, before any layout
+            main(["layout", "--world", "8", "--ep", "2", "--num-experts", "0", *extra])
+        assert exit_info.value.code == 2
+        assert "argument --num-experts: expected a positive integer, got '0'" in capsys.readouterr().err

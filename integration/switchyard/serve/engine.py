@@ -158,6 +158,10 @@ class Engine:
     def idle(self) -> bool:
         return not self._inbox and not self.waiting and not self.running
 
+    def in_flight(self) -> int:
+        """Sequences submitted and not finished (for logs; a racing submit may be missed)."""
+        return len(self._inbox) + len(self.waiting) + len(self.running)
+
     def wait_for_work(self, timeout: float) -> None:
         self._wake.wait(timeout)
         self._wake.clear()

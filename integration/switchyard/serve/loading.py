@@ -9,7 +9,10 @@
   holds the whole model once), then every rank reads only its own experts from that;
 * ``tiny``: the embedded tiny Llama, upcycled to 4 experts and cached (``SWITCHYARD_CACHE``).
 
-Only safetensors files are read (``use_safetensors=True``): nothing is unpickled.
+Only safetensors files are read (``use_safetensors=True``): nothing is unpickled. Before any weight is read
+(or any conversion starts) every rank checks what a user can get wrong — config.json, the weights files'
+presence and headers, the MoE blocks, ``--ep`` against the expert count, the tokenizer — and a failure on any
+rank is a ``ValueError`` naming the file and the fix on every rank.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from switchyard.hf.checkpoint import recover_interrupted_save
+from switchyard.hf.checkpoint import on_every_rank, recover_interrupted_save
 from switchyard.log import get_logger
 
 if TYPE_CHECKING:
@@ -104,24 +107,82 @@ def resolve_model_dir(model: str) -> Path:
 
 def load_for_serving(path: Path, groups: "ProcessGroupManager | None", dtype: str = "auto",
                      device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
-    """(model in eval mode on ``device``, tokenizer) for this rank."""
+    """(model in eval mode on ``device``, tokenizer) for this rank. Everything a user can get wrong (config,
+    weights files, MoE blocks, ``--ep``, tokenizer) is checked on every rank before any weight is read."""
     import switchyard as sy
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _DTYPES.get(dtype)
-    adopt = not json.loads((path / "config.json").read_text()).get("switchyard")
-    if adopt:
-        check_adoptable(path)  # on every rank, before any rank converts: a bad directory fails everywhere
-    tokenizer = load_tokenizer(path)  # likewise before any conversion or weight is read
+    if groups is not None and groups.world_size > 1:  # a rank that alone sees a bad file (its node's copy) stops all
+        adopt, tokenizer = on_every_rank(f"checking {path}", _checked, path, groups.size("ep"))
+    else:
+        adopt, tokenizer = _checked(path, 1)
     if adopt and groups is not None and groups.world_size > 1:
         path = adopted_checkpoint(path)  # then each rank reads only its experts, as below
-    if json.loads((path / "config.json").read_text()).get("switchyard"):
+        adopt = False
+    if not adopt:
         model = sy.from_pretrained(path, groups=groups, dtype=torch_dtype, device=device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch_dtype or "auto")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch_dtype or "auto")
+        except (RuntimeError, OSError) as err:  # e.g. weights shaped unlike config.json says
+            raise ValueError(f"transformers could not load {path} ({_short(err)}); its weights do not match its "
+                             "config.json (see transformers' report above)") from None
         sy.patch_model(model, None, groups)
         model.to(device)
     return model.eval(), tokenizer
+
+
+def _checked(path: Path, ep: int) -> tuple[bool, Any]:
+    """(whether ``path`` is an HF MoE directory to adopt, its tokenizer), after every check that reads no weights."""
+    raw, config = read_config(path)
+    adopt = not raw.get("switchyard")
+    check_ep(path, check_adoptable(path, config) if adopt else _recorded_experts(raw), ep)
+    return adopt, load_tokenizer(path)
+
+
+def _short(err: BaseException) -> str:
+    """A library error on one line (transformers' span several), cut to a readable length."""
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+def read_config(path: Path) -> tuple[dict[str, Any], Any]:
+    """(config.json as a dict, transformers' config of it). Every way it can be broken is an error naming the
+    file: json's own names a line only, and transformers' failures (a field of the wrong type, a dtype torch
+    does not have, inconsistent sizes) surfaced as tracebacks, or as "no tokenizer" from the tokenizer's loader."""
+    from transformers import AutoConfig
+
+    file = path / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): a truncated or hand-edited file; restore it "
+                         "from where the model came from") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - anything transformers raises here is this file's content
+        raise ValueError(f"{file} is not a config transformers can read ({type(err).__name__}: {_short(err)})"
+                         ) from None
+    return raw, config
+
+
+def _recorded_experts(raw: dict[str, Any]) -> int | None:
+    """The expert count a switchyard checkpoint records (None if the record does not say; loading checks it)."""
+    moe = raw["switchyard"].get("moe") if isinstance(raw["switchyard"], dict) else None
+    n = moe.get("num_experts") if isinstance(moe, dict) else None
+    return n if isinstance(n, int) else None
+
+
+def check_ep(path: Path, num_experts: int | None, ep: int) -> None:
+    """``--ep`` must split the experts evenly; checked before an HF directory's conversion (which can take
+    long), with the sizes that would work."""
+    if num_experts is None or num_experts % ep == 0:
+        return
+    fits = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+    raise ValueError(f"--ep {ep} does not divide the {num_experts} experts of {path}; use an --ep that divides "
+                     f"{num_experts} ({', '.join(map(str, fits))}) and start that many ranks (or a multiple)")
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -133,28 +194,61 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
-        reason = " ".join(str(err).split())[:300] or type(err).__name__  # transformers' is several lines
-        raise ValueError(f"{path} has no tokenizer the server can load ({reason}); save the model's tokenizer "
+        raise ValueError(f"{path} has no tokenizer the server can load ({_short(err)}); save the model's tokenizer "
                          f"into it: AutoTokenizer.from_pretrained(<the original model>).save_pretrained({str(path)!r})"
                          ) from None
 
 
-def check_adoptable(path: Path) -> None:
-    """An HF MoE directory switchyard can serve: safetensors weights, MoE blocks it adopts (checked on
-    the meta device: no weights are read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_adoptable(path: Path, config: Any) -> int:
+    """An HF MoE directory switchyard can serve: readable safetensors weights, MoE blocks it adopts (checked
+    on the meta device: no weights are read). Returns the expert count."""
+    from transformers import AutoModelForCausalLM
 
-    from switchyard.hf.adopt import SUPPORTED_BLOCKS
+    from switchyard.hf.adopt import SUPPORTED_BLOCKS, moe_config_from_hf, refuse_unadoptable
 
-    if not list(path.glob("*.safetensors")):
-        raise ValueError(f"{path} has no *.safetensors files; switchyard reads checkpoints only as "
-                         "safetensors (convert .bin files with transformers' save_pretrained)")
-    config = AutoConfig.from_pretrained(path)
+    check_safetensors(path)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    if not any(type(m).__name__ in SUPPORTED_BLOCKS for m in skeleton.modules()):
+    try:
+        refuse_unadoptable(skeleton)  # an MoE switchyard cannot reproduce: its reason, not "upcycle it"
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    block = next((type(m).__name__ for m in skeleton.modules() if type(m).__name__ in SUPPORTED_BLOCKS), None)
+    if block is None:
         raise ValueError(f"{path} ({config.model_type}) has no MoE blocks switchyard can adopt "
-                         f"({sorted(SUPPORTED_BLOCKS)}); upcycle a dense model first: `switchyard upcycle`")
+                         f"({sorted(SUPPORTED_BLOCKS)}); upcycle a dense model first, then serve the result: "
+                         f"`switchyard upcycle --model {path} --num-experts 8 --top-k 2 --out {path}-moe`")
+    return moe_config_from_hf(config, block).num_experts
+
+
+def check_safetensors(path: Path) -> None:
+    """Every weights file transformers will read is there and whole (a header that does not cover the file:
+    an interrupted download or copy). Headers only; transformers' own errors named no fix, after a traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({path / name for name in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is not a safetensors index ({type(err).__name__}: {err}); restore it from "
+                             "where the model came from") from None
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no *.safetensors files; switchyard reads checkpoints only as "
+                         "safetensors (convert .bin files with transformers' save_pretrained)")
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"{file} (listed in {index.name}) is missing: an incomplete download or copy; fetch "
+                             "the model again")
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError as err:
+            raise ValueError(f"cannot read {file}: truncated or corrupt safetensors file ({err}); fetch the "
+                             "model again") from None
 
 
 def _source_key(path: Path) -> str:

@@ -19,6 +19,7 @@ from switchyard.serve.config import ServeConfig
 
 if TYPE_CHECKING:
     from switchyard.parallel.manager import ProcessGroupManager
+    from switchyard.serve.workers import ControlChannel
 
 log = get_logger(__name__)
 
@@ -44,6 +45,7 @@ def run(config: ServeConfig) -> int:
             log.warning("world %d > ep %d: the %d expert-parallel groups compute the same steps redundantly",
                         groups.world_size, config.ep, groups.size("edp"), ranks=[0])
         channel = ControlChannel()
+        _check_address(config, channel)
         path = resolve_model_dir(config.model)
         model, tokenizer = load_for_serving(path, groups if groups.world_size > 1 else None, config.dtype, _device())
         rank = dist.get_rank()
@@ -74,10 +76,52 @@ def _process_groups(ep: int) -> "ProcessGroupManager":
     from switchyard.parallel.manager import ProcessGroupManager, init_distributed
 
     init_distributed()
-    if dist.get_world_size() == 1 and ep > 1:
+    world = dist.get_world_size()
+    if world == 1 and ep > 1:
         raise ValueError(f"--ep {ep} needs {ep} ranks (or a multiple) but this is one process: start it with "
                          f"`deepspeed --num_gpus {ep} launch/serve.py …`, or leave --ep out")
+    if world % ep:  # the layout's own message speaks of tp*dp and etp, which a server has no flags for
+        raise ValueError(f"--ep {ep} needs {ep} ranks (or a multiple) but the launcher started {world}: start "
+                         f"`deepspeed --num_gpus {ep} launch/serve.py …`, or pass an --ep that divides {world}")
     return ProcessGroupManager(ep=ep, register_with_deepspeed=False)
+
+
+def _check_address(config: ServeConfig, channel: "ControlChannel") -> None:
+    """Rank 0 tries ``host:port`` now, not once the model has loaded (minutes; hours for a large HF directory's
+    conversion): a port in use or an address not on this machine is an error on every rank before any weight
+    is read. uvicorn binds it for real later (something could take it in between: that is still an error)."""
+    import torch.distributed as dist
+
+    problem = [_bind_problem(config.host, config.port) if dist.get_rank() == 0 else None]
+    if channel.world_size > 1:
+        dist.broadcast_object_list(problem, src=0, group=channel.group)
+    if problem[0] is not None:
+        raise ValueError(problem[0])
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on ``host:port`` (bound as asyncio's ``create_server`` binds), or None."""
+    import socket
+
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as err:
+        return f"--host {host!r} is not an address of this machine ({err}); use 127.0.0.1 or 0.0.0.0"
+    for family, kind, proto, _, address in addresses:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this machine lacks (no IPv6): asyncio skips it too
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as err:
+                return (f"cannot listen on {host}:{port} ({err.strerror}): another server holds the port, or the "
+                        "address is not this machine's; stop it or pass another --port / --host")
+    return None
 
 
 def _destroy_process_group(code: int, timeout_s: float = 30.0) -> None:

@@ -7,6 +7,7 @@
           runner.execute(plan)   ◀── all-to-alls ──▶      runner.execute(plan)
           idle: heartbeat every heartbeat_s ──▶          (empty plan: nothing to run)
     SIGTERM: drain, stop uvicorn, STOP plan ──▶   return 0
+    a step fails (a rank died): uvicorn stops at once, the in-flight requests get errors, rank 0 raises
 
 Plans travel on a gloo group of their own (CPU, even when the model runs on NCCL), so an idle
 worker blocks in a cheap CPU receive, not in a GPU collective; rank 0 sends an empty plan every
@@ -111,8 +112,7 @@ class Rank0Loop:
                 if self.engine.draining:
                     if self._drain_started is None:
                         self._drain_started = time.monotonic()
-                        log.info("draining: no new requests; finishing %d in flight",
-                                 len(self.engine.running) + len(self.engine.waiting) + len(self.engine._inbox))
+                        log.info("draining: no new requests; finishing %d in flight", self.engine.in_flight())
                     if self.engine.idle():
                         break
                     if self._force or time.monotonic() - self._drain_started > self.drain_timeout_s:
@@ -132,6 +132,13 @@ class Rank0Loop:
                     last_sent = time.monotonic()
                 self.engine.wait_for_work(self.poll_s)
             clean = True
+        except Exception:
+            # a step failed, most often a collective whose peer died: no request in flight can finish now
+            log.error("a step failed (traceback below): another rank died, or a collective broke; the requests "
+                      "in flight (%d sequences) get an error now and every rank stops", self.engine.in_flight())
+            self.engine.begin_drain()  # /health and new requests: 503 while uvicorn stops
+            self.server.force_exit = True  # no graceful wait for requests that cannot finish: uvicorn ends them
+            raise
         finally:
             self.server.should_exit = True
             thread.join(timeout=30)

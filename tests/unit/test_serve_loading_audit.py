@@ -1,0 +1,245 @@
+"""What a user meets pointing ``--model`` / ``--ep`` / ``--port`` at the wrong thing, and a rank dying mid-request.
+
+Each load mistake is one line naming the file and the fix, on every rank, before any weight is read and before
+the port is bound (exit code 2). Most directories here are a config.json and a few-byte safetensors file: the
+checks read headers and configs only.
+
+    python -m pytest -q tests/unit/test_serve_loading_audit.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import run_on_ranks
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_MOE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=96, num_local_experts=4, num_experts_per_tok=2)
+
+
+def hf_dir(path: Path, model_type: str = "mixtral", edit: dict | None = None, **fields) -> Path:
+    """A config.json (``edit`` written over it as is) and one small safetensors file: enough for every check
+    before loading."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, **{**TINY_MOE, **fields}).save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **(edit or {})}))
+    save_file({"x": torch.zeros(4)}, str(path / "model.safetensors"))
+    return path
+
+
+def add_tokenizer(path: Path) -> Path:
+    """A two-word tokenizer: the checks only need one that loads."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def load_error(path: Path, groups=None) -> str:
+    from switchyard.serve.loading import load_for_serving
+
+    with pytest.raises(ValueError) as err:
+        load_for_serving(path, groups)
+    return str(err.value)
+
+
+def test_a_broken_config_json_is_an_error_naming_the_file(tmp_path):
+    """json's message named only a line and column; a value transformers rejects (a dtype torch lacks, a field of
+    the wrong type) was a traceback — or, read first by the tokenizer's loader, "no tokenizer"."""
+    bad = hf_dir(tmp_path / "not-json")
+    (bad / "config.json").write_text('{"model_type": "mixtral", ')
+    assert f"{bad / 'config.json'} is not valid JSON" in load_error(bad)
+    (bad / "config.json").write_text("[1, 2]")
+    assert f"{bad / 'config.json'} holds a JSON list, not an object" in load_error(bad)
+    dtype = hf_dir(tmp_path / "dtype", edit={"dtype": "float99"})
+    message = load_error(dtype)
+    assert f"{dtype / 'config.json'} is not a config transformers can read" in message and "float99" in message
+    typed = hf_dir(tmp_path / "typed", edit={"hidden_size": "abc"})
+    assert "hidden_size" in load_error(typed) and str(typed / "config.json") in load_error(typed)
+
+
+def test_missing_or_truncated_weights_files_are_named_before_loading(tmp_path):
+    """An HF directory's missing shard or truncated file was transformers' traceback from inside its loader."""
+    sharded = hf_dir(tmp_path / "sharded")
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {"x": "model-00001-of-00002.safetensors",
+                                            "y": "model-00002-of-00002.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = load_error(sharded)
+    assert f"{sharded / 'model-00002-of-00002.safetensors'} (listed in model.safetensors.index.json) is missing" \
+        in message and "fetch the model again" in message
+    cut = hf_dir(tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:-8])
+    assert f"cannot read {cut / 'model.safetensors'}: truncated or corrupt" in load_error(cut)
+
+
+def test_dense_and_unadoptable_moe_dirs_say_what_to_do(tmp_path):
+    """A dense model gets the upcycle command; an MoE family switchyard cannot reproduce was told to "upcycle a
+    dense model first" too — now it hears what differs."""
+    dense = hf_dir(tmp_path / "dense", "llama")
+    assert f"switchyard upcycle --model {dense} --num-experts 8 --top-k 2 --out {dense}-moe" in load_error(dense)
+    gpt_oss = hf_dir(tmp_path / "gpt-oss", "gpt_oss", head_dim=8)
+    message = load_error(gpt_oss)
+    assert "GptOssMLP" in message and "cannot adopt exactly" in message and "upcycle" not in message
+
+
+def test_an_ep_that_does_not_divide_the_experts_is_refused_before_any_conversion(tmp_path):
+    """It was 'num_experts=4 is not divisible by ep=3' (no fix), and for an HF directory only after rank 0 had
+    converted the whole model into the cache (hours for a large one)."""
+    groups = SimpleNamespace(size=lambda kind: 3, world_size=3)  # checked before any collective
+    message = load_error(hf_dir(tmp_path / "hf"), groups)
+    assert "--ep 3 does not divide the 4 experts of" in message and "(1, 2, 4)" in message
+    from switchyard.serve.loading import check_ep
+
+    check_ep(tmp_path, 4, 2)
+    with pytest.raises(ValueError, match=r"--ep 4 does not divide the 6 experts .* \(1, 2, 3, 6\)"):
+        check_ep(tmp_path, 6, 4)
+
+
+def test_weights_unlike_the_config_are_an_error_not_a_traceback(tmp_path_factory, tmp_path):
+    import switchyard as sy
+    from switchyard.serve.loading import build_tiny_moe, load_for_serving
+
+    base = tmp_path_factory.getbasetemp()
+    model, tok = load_for_serving(build_tiny_moe(base / "serve-tiny-moe", base / "serve-cache"), None)
+    exported = Path(sy.export_hf(model, tmp_path / "exported", tokenizer=tok))
+    config = json.loads((exported / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (exported / "config.json").write_text(json.dumps(config))
+    assert f"transformers could not load {exported}" in load_error(exported)
+
+
+def _load_own_copy(dirs: list[str]) -> str:
+    """Each rank loads its own copy of the model (multi-node: one per node); returns this rank's error."""
+    import torch.distributed as dist
+
+    import switchyard as sy
+    from switchyard.serve.loading import load_for_serving
+
+    groups = sy.ProcessGroupManager(ep=2, register_with_deepspeed=False)
+    try:
+        load_for_serving(Path(dirs[dist.get_rank()]), groups)
+    except ValueError as err:
+        return str(err)
+    return "loaded"
+
+
+def test_a_bad_file_only_one_rank_sees_stops_every_rank(tmp_path):
+    """Rank 1's copy is truncated, rank 0's is whole: rank 1 stopped alone while rank 0 went on into the
+    conversion and waited for it there."""
+    good = add_tokenizer(hf_dir(tmp_path / "good"))
+    cut = add_tokenizer(hf_dir(tmp_path / "cut"))
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:-8])
+    rank0, rank1 = run_on_ranks(_load_own_copy, 2, [str(good), str(cut)], timeout_s=60)
+    assert rank1.startswith(f"cannot read {cut / 'model.safetensors'}"), rank1
+    assert rank0.startswith(f"checking {good} failed on rank 1: ValueError: cannot read"), rank0
+
+
+def _groups_for(ep: int) -> str:
+    from switchyard.serve.main import _process_groups
+
+    try:
+        _process_groups(ep)
+    except ValueError as err:
+        return str(err)
+    return "built"
+
+
+def test_an_ep_larger_than_the_ranks_names_the_flag_and_the_launcher():
+    """The layout's message spoke of tp*dp and etp, which the server has no flags for."""
+    messages = run_on_ranks(_groups_for, 2, 4, timeout_s=60)
+    assert all("--ep 4 needs 4 ranks (or a multiple) but the launcher started 2" in m for m in messages), messages
+    assert all("deepspeed --num_gpus 4 launch/serve.py" in m for m in messages), messages
+
+
+def _serve(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "serve.py"), *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_launch_serve_exits_2_with_one_line_before_binding_a_port(tmp_path):
+    """A truncated HF weights file: a traceback and exit 1 before. A port in use: found only after the model had
+    loaded (uvicorn's bind) — now before it is read, so here the model is not even looked at."""
+    cut = hf_dir(tmp_path / "cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:-8])
+    done = _serve(["--model", str(cut), "--port", "0"])
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert "serve: cannot read" in out and "Traceback" not in out and "Uvicorn running" not in out, out[-3000:]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _serve(["--model", str(tmp_path / "no-such-model"), "--port", str(port)])
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "no config.json" not in out, out[-3000:]
+
+
+@pytest.mark.distributed
+def test_a_worker_dying_mid_request_errors_the_request_at_once_and_the_server_exits_nonzero(tmp_path_factory):
+    """rank 1 killed while a stream is in flight: rank 0's next collective fails; uvicorn then waited its 10 s
+    graceful shutdown for a request that could never finish before the client got anything. Now the stream is
+    cut (no [DONE]) at once and the launcher exits non-zero seconds later."""
+    import psutil
+
+    from switchyard.serve.launcher import ServerProcess
+    from switchyard.serve.loading import build_tiny_moe
+
+    base = tmp_path_factory.getbasetemp()
+    model_dir = build_tiny_moe(base / "serve-tiny-moe-long", base / "serve-cache", max_position_embeddings=512)
+    with ServerProcess.start(model_dir, ep=2) as server:
+        server.wait_ready()
+        body = {"model": model_dir.name, "prompt": "def f(x):", "max_tokens": 400, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        started, outcome = threading.Event(), {}
+
+        def stream() -> None:
+            import urllib.request
+
+            request = urllib.request.Request(f"{server.base_url}/v1/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    data = response.readline()
+                    started.set()
+                    while line := response.readline():
+                        data += line
+                outcome["done"] = b"[DONE]" in data
+            except Exception as err:  # noqa: BLE001 - what the client sees is the point
+                outcome["error"] = repr(err)
+            outcome["at"] = time.monotonic()
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        assert started.wait(60), server.output()
+        rank1 = next(p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                     if "--local_rank=1" in p.cmdline())
+        killed = time.monotonic()
+        rank1.kill()
+        thread.join(30)
+        assert not outcome.get("done"), outcome
+        assert outcome["at"] - killed < 5, (outcome["at"] - killed, outcome)
+        code = server.proc.wait(timeout=30)
+        assert code != 0 and time.monotonic() - killed < 15, server.output()
+        assert "a step failed" in server.output(60000)

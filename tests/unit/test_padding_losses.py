@@ -1,4 +1,5 @@
-"""Padding (a layer's ``token_mask``) stays out of the sequence-wise balance loss and the expert-bias counts.
+"""Padding (a layer's ``token_mask``) stays out of the sequence-wise balance loss, the router z-loss and the
+expert-bias counts.
 
     /work/main/.venv/bin/python -m pytest -q tests/unit/test_padding_losses.py
 
@@ -15,7 +16,7 @@ import torch
 
 from switchyard import MoEConfig
 from switchyard.moe.layer import MoELayer
-from switchyard.moe.losses import sequence_balance_loss
+from switchyard.moe.losses import sequence_balance_loss, z_loss
 
 H = 8
 # per row: (left padding, real tokens, right padding), all rows 7 wide; the last row is all padding
@@ -53,6 +54,63 @@ def test_sequence_balance_loss_of_a_padded_batch_is_that_of_its_sequences_unpadd
     layer.aux_loss.backward()
     torch.testing.assert_close(got, want.detach())
     torch.testing.assert_close(layer.router.weight.grad, want_grad)
+
+
+def test_z_loss_of_a_padded_batch_is_that_of_its_real_tokens_unpadded() -> None:
+    """The z-loss averaged over every row, padding included: how much padding a batch had changed it."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.0, z_loss_coef=1.0), H, 16).train()
+    x_BSH, mask_BS, _ = _padded_batch(seed=3)
+    x_BSH[~mask_BS.bool()] *= 4.0  # padding with large logits: it would dominate a mean over all rows
+
+    layer(x_BSH[mask_BS.bool()])
+    want = layer.last_stats.losses["z_loss"]
+    layer.aux_loss.backward()
+    want_grad = layer.router.weight.grad.clone()
+
+    layer.router.weight.grad = None
+    layer.token_mask = mask_BS
+    layer(x_BSH)
+    got = layer.last_stats.losses["z_loss"]
+    layer.aux_loss.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(layer.router.weight.grad, want_grad)
+
+    layer.router.weight.grad = None
+    layer.token_mask = torch.zeros_like(mask_BS)  # all padding: 0 and a zero gradient, not NaN
+    layer(x_BSH)
+    assert layer.last_stats.losses["z_loss"].item() == 0.0
+    layer.aux_loss.backward()
+    assert torch.count_nonzero(layer.router.weight.grad) == 0
+
+
+def test_z_loss_mask_forms() -> None:
+    """No mask is the plain mean (unchanged), all ones agrees with it, [T] means what [B, L] means, padding rows'
+    logits (even inf / NaN) reach neither value nor gradient, and all padding gives a graph-attached 0."""
+    logits_TE = torch.randn(12, 4) * 3
+    plain = z_loss(logits_TE)
+    assert torch.equal(plain, torch.logsumexp(logits_TE, -1).square().mean())
+    torch.testing.assert_close(z_loss(logits_TE, torch.ones(3, 4)), plain)
+    mask_BL = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [1, 1, 1, 1]])
+    real_T = mask_BL.reshape(-1).bool()
+    torch.testing.assert_close(z_loss(logits_TE, real_T), z_loss(logits_TE[real_T]))
+    torch.testing.assert_close(z_loss(logits_TE, mask_BL), z_loss(logits_TE, real_T))
+
+    poisoned_TE = logits_TE.clone()
+    poisoned_TE[~real_T] = torch.tensor([float("inf"), float("nan"), 0.0, -float("inf")])
+    poisoned_TE.requires_grad_(True)
+    loss = z_loss(poisoned_TE, real_T)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), z_loss(logits_TE[real_T]))
+    assert torch.isfinite(poisoned_TE.grad).all() and not poisoned_TE.grad[~real_T].any()
+
+    leaf_TE = logits_TE.clone().requires_grad_(True)
+    nothing = z_loss(leaf_TE, torch.zeros(12, dtype=torch.bool))
+    assert nothing.item() == 0.0 and nothing.requires_grad
+    nothing.backward()
+    assert not leaf_TE.grad.any()
+    with pytest.raises(ValueError, match="attention_mask has 11 elements, logits have T=12"):
+        z_loss(logits_TE, torch.ones(11))
 
 
 def _sequence_loss(layer: MoELayer, x_1LH: torch.Tensor) -> torch.Tensor:

@@ -374,7 +374,7 @@ class MoELayer(DeepSpeedMoEModule):
                     routed.scores_TE, balance_idx_TK, self.num_experts, num_sequences, real_T
                 )
         if torch.is_grad_enabled() and cfg.z_loss_coef > 0:
-            losses["z_loss"] = z_loss(routed.logits_TE)
+            losses["z_loss"] = z_loss(routed.logits_TE, real_T)
         coefs = {"load_balancing": cfg.aux_loss_coef, "sequence_balance": cfg.seq_aux_loss_coef, "z_loss": cfg.z_loss_coef}
         self.aux_loss = sum((coefs[k] * v for k, v in losses.items()), torch.zeros((), device=routed.logits_TE.device)) if losses else None
         self.last_router_output = routed

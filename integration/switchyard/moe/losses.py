@@ -125,14 +125,26 @@ def sequence_balance_loss(
     return (frac_BE * prob_BE).sum(dim=1).sum() / (real_B > 0).sum().clamp_min(1)
 
 
-def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+def z_loss(logits_TE: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Router z-loss of ST-MoE (Zoph et al. 2022, arXiv:2202.08906 eq. 5): ``mean_t logsumexp(x_t)^2``.
 
-    Keeps router logits small so the fp32/bf16 exponentials in softmax stay well conditioned. Every row counts
-    (transformers' ``router_z_loss_func`` takes no mask either).
+    Keeps router logits small so the fp32/bf16 exponentials in softmax stay well conditioned. Without a mask
+    every row counts (transformers' ``router_z_loss_func`` takes no mask). ``attention_mask`` ([B, S] or [T],
+    1 = real token) averages over real tokens only, as the balance losses do, so the amount of padding changes
+    neither the loss nor its gradient; padding rows' logits (even non-finite ones) reach neither. All padding
+    gives a graph-attached 0.
     """
     if logits_TE.dim() != 2:
         raise ValueError(f"logits_TE must be [T, E], got {tuple(logits_TE.shape)}")
-    if logits_TE.shape[0] == 0:
+    num_tokens = logits_TE.shape[0]
+    if num_tokens == 0:
         return _zero_like_graph(logits_TE)
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    if attention_mask is None:
+        return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    real_T = attention_mask.reshape(-1).to(device=logits_TE.device, dtype=torch.bool)
+    if real_T.numel() != num_tokens:
+        raise ValueError(f"attention_mask has {real_T.numel()} elements, logits have T={num_tokens}")
+    logits_TE = logits_TE.float().masked_fill(~real_T.unsqueeze(-1), 0.0)
+    lse_sq_T = torch.logsumexp(logits_TE, dim=-1).square() * real_T
+    # All padding: the sum is 0; clamp avoids 0/0 without a host sync.
+    return lse_sq_T.sum() / real_T.sum().clamp_min(1)

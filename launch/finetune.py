@@ -144,6 +144,33 @@ def check_model_source(config) -> None:
             check_local_model(value, key)
 
 
+def check_hub_sources(config) -> None:
+    """``model.source`` / ``model.tokenizer`` given as a hub id, fetched now (config.json / the tokenizer, small): a
+    repo that does not exist, or a hub out of reach (no network; HF_HUB_OFFLINE=1 and not in the cache), is a
+    ValueError naming the key and the fix, not an OSError traceback from every rank's model load."""
+    from pathlib import Path
+
+    from huggingface_hub import constants
+    from transformers import AutoConfig, AutoTokenizer
+
+    from switchyard.cli import _one_line
+
+    for key, value, loader in (("model.source", config.model.source, AutoConfig),
+                               ("model.tokenizer", config.model.tokenizer, AutoTokenizer)):
+        if value is None or value == "tiny" or Path(value).expanduser().exists():
+            continue
+        try:
+            loader.from_pretrained(value)
+        except OSError as err:
+            if constants.HF_HUB_OFFLINE:
+                raise ValueError(f"{key}={value!r} is not a local directory nor in the hub cache (HF_HUB_OFFLINE=1 is "
+                                 f"set: nothing is downloaded); point {key} at a local model directory, or download "
+                                 "it once with network access (HF_HUB_OFFLINE unset)") from None
+            raise ValueError(f"{key}={value!r} is not a local directory, and fetching it from the hub failed: "
+                             f"{_one_line(err)}; point {key} at a local model directory, or check the repo id and the "
+                             "network (without one, HF_HUB_OFFLINE=1 loads from the hub cache alone)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -166,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: config error: {err}{hint}", file=sys.stderr, flush=True)
         return 2
     try:
+        check_hub_sources(config)
         summary = train(config)
     except ValueError as err:  # a user mistake found while building (the checkpoint to resume, the model, the data)
         print(f"finetune: error: {err}", file=sys.stderr, flush=True)

@@ -232,29 +232,20 @@ def _add_export_args(p: argparse.ArgumentParser) -> None:
                    help="largest weight file, e.g. 5GB: more go in shards with an index (default: transformers')")
 
 
-def _check_export_target(args: argparse.Namespace) -> None:
-    """What export_hf would refuse about ``--out`` (a file, a switchyard checkpoint — ``--model`` itself —, another
-    model), checked from config.json before the checkpoint is loaded."""
-    from switchyard.hf.checkpoint import recover_interrupted_save
-    from switchyard.hf.export import EXPORTS, _check_destination
-
-    recover_interrupted_save(args.model)
-    try:
-        model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return  # from_pretrained names what is missing or unreadable
-    family = EXPORTS.get(model_type)
-    if family is not None:
-        _check_destination(Path(args.out), family.model_type)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    import switchyard as sy
+    import io
 
-    _check_export_target(args)
-    model = sy.from_pretrained(args.model)  # puts back a checkpoint a killed re-save left aside
-    out = sy.export_hf(model, args.out, tokenizer=_tokenizer_of(args.model), max_shard_size=args.max_shard_size)
+    import switchyard as sy
+    from switchyard.hf.export import check_export
+
+    with _quiet():  # its warnings (training-only settings) are logged again by the export itself
+        check_export(args.model, args.out)  # every refusal, from config.json: before gigabytes of weights are read
+    model = sy.from_pretrained(args.model)
+    with contextlib.redirect_stderr(io.StringIO()) as notes:  # "no tokenizer files" goes after the export, not
+        tokenizer = _tokenizer_of(args.model)                 # before an error that makes it moot
+    out = sy.export_hf(model, args.out, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     print(f"wrote {out}")
+    sys.stderr.write(notes.getvalue())
     return 0
 
 

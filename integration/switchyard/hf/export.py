@@ -7,7 +7,8 @@ Mixtral, Qwen2 → Qwen2-MoE, Qwen3 → Qwen3-MoE; adopted MoE models go back to
 Correctness rests on one rule: the target config is built first and its routing is read back with
 ``switchyard.hf.adopt.moe_config_from_hf`` (the same code that adopts those blocks, parity-tested
 against transformers), then compared field by field with ours — whatever the target cannot compute
-is a ``ValueError`` naming the setting, before anything is written. The target model is built with
+is a ``ValueError`` naming the setting, before anything is written (``check_export`` runs every check on the
+meta device from a checkpoint's config.json, before its weights are read). The target model is built with
 meta parameters, filled with our tensors (shared storage, no copy) by a strict ``load_state_dict``,
 and saved by its own ``save_pretrained``, so the on-disk layout is whatever that transformers
 version (and vLLM) expects. It is saved into a hidden directory inside ``path`` and moved up when complete;
@@ -101,7 +102,8 @@ MIXTRAL = MoEFamily("mixtral", "MixtralSparseMoeBlock", _mixtral_fields, hints={
                       "Qwen2/Qwen3 model instead (qwen2_moe/qwen3_moe export norm_topk_prob either way)",
     "shared": "Mixtral has no shared expert; upcycle Qwen2 instead (Qwen2-MoE has one)",
     "dense_layers": "Mixtral has no dense layers: patch every layer (no every_n/layers), or upcycle Qwen2/Qwen3 "
-                    "instead (their mlp_only_layers keep dense layers)",
+                    "instead (the export targets that keep dense layers are Qwen2-MoE and Qwen3-MoE, by "
+                    "mlp_only_layers)",
 })
 QWEN2_MOE = MoEFamily("qwen2_moe", "Qwen2MoeSparseMoeBlock", _qwen2_moe_fields, True, True, hints={
     "shared": "Qwen2-MoE's shared expert always has a sigmoid gate: use shared_expert_gate=True"})
@@ -391,9 +393,51 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None,
     The model is only read (the written tensors share its storage while saving). ``max_shard_size`` (e.g.
     ``"5GB"``) splits the weights into shards with an index; default: transformers' own.
     """
-    record = switchyard_record(model)
     out = Path(path)
     shard_bytes = _parse_size(max_shard_size) if max_shard_size is not None else None
+    target, zero_shared = _plan(model, out)
+    cls = type(target).__name__
+    if zero_shared:
+        log.info("%s needs a shared expert and this model has none: wrote a zero shared expert (down_proj = 0, "
+                 "outputs unchanged)", cls, ranks=[0])
+    if getattr(model, "generation_config", None) is not None:
+        target.generation_config = copy.deepcopy(model.generation_config)
+    _save(target, tokenizer, out, shard_bytes)
+    log.info("exported %s (%s) to %s", cls, model.config.model_type, out, ranks=[0])
+    return str(out)
+
+
+def check_export(path: str | Path, out: str | Path) -> None:
+    """Every refusal of exporting the switchyard checkpoint at ``path`` into ``out``, before its weights are read:
+    the model is rebuilt from config.json on the meta device (as ``from_pretrained`` rebuilds it) and taken through
+    the export's checks and its strict tensor mapping, so a layout the target cannot hold (Mixtral with dense layers
+    left by every_n/layers) is not found only after gigabytes are loaded. A directory that is no switchyard
+    checkpoint is refused here as ``from_pretrained`` would refuse it."""
+    from transformers import AutoConfig
+
+    from switchyard.hf.checkpoint import _repatch, read_record, recover_interrupted_save
+
+    recover_interrupted_save(path)
+    record = read_record(Path(path))
+    config = AutoConfig.from_pretrained(path)
+    family = EXPORTS.get(config.model_type)
+    if family is not None:  # the destination first: it needs no model (--out naming --model, or another model)
+        _check_destination(Path(out), family.model_type)
+    delattr(config, CONFIG_KEY)
+    model = empty_model(config)
+    try:
+        _repatch(model, record, None)
+    except KeyError as err:
+        raise ValueError(f"{Path(path) / 'config.json'}: its {CONFIG_KEY!r} record has no {err}: a truncated or "
+                         "hand-edited file; save the model again") from None
+    setattr(model.config, CONFIG_KEY, copy.deepcopy(record))
+    _plan(model, Path(out))
+
+
+def _plan(model: nn.Module, out: Path) -> tuple[nn.Module, bool]:
+    """The target model holding ``model``'s tensors (shared storage) after every check, and whether it has a zero
+    shared expert; nothing is written. A meta-device ``model`` gives a meta-device target (``check_export``)."""
+    record = switchyard_record(model)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     sharded = sorted({l.ep_size for l in layers if l.ep_size > 1})
     if sharded:
@@ -425,14 +469,7 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None,
     except RuntimeError as err:
         raise ValueError(f"cannot map this model's tensors onto {cls}: {err}") from err
     target.tie_weights()
-    if zero_shared:
-        log.info("%s needs a shared expert and this model has none: wrote a zero shared expert (down_proj = 0, "
-                 "outputs unchanged)", cls, ranks=[0])
-    if getattr(model, "generation_config", None) is not None:
-        target.generation_config = copy.deepcopy(model.generation_config)
-    _save(target, tokenizer, out, shard_bytes)
-    log.info("exported %s (%s) to %s", cls, model_type, out, ranks=[0])
-    return str(out)
+    return target, zero_shared
 
 
-__all__ = ["EXPORTS", "MoEFamily", "export_hf", "supported_exports"]
+__all__ = ["EXPORTS", "MoEFamily", "check_export", "export_hf", "supported_exports"]

@@ -197,49 +197,76 @@ def test_launch_serve_exits_2_with_one_line_before_binding_a_port(tmp_path):
 
 
 @pytest.mark.distributed
-def test_a_worker_dying_mid_request_errors_the_request_at_once_and_the_server_exits_nonzero(tmp_path_factory):
-    """rank 1 killed while a stream is in flight: rank 0's next collective fails; uvicorn then waited its 10 s
-    graceful shutdown for a request that could never finish before the client got anything. Now the stream is
-    cut (no [DONE]) at once and the launcher exits non-zero seconds later."""
+def test_a_worker_dying_mid_request_gives_openai_errors_at_once_and_the_server_exits_nonzero(tmp_path_factory):
+    """rank 1 killed while a plain and a streamed request are in flight: rank 0's next collective fails. uvicorn
+    first waited its 10 s graceful shutdown for requests that could never finish; then it cancelled them, so the
+    plain request got uvicorn's text/plain "Internal Server Error" and the stream was cut without a word. Now the
+    plain request gets OpenAI's JSON error (500, ``engine_failed``, naming the dead rank), the stream ends with an
+    error event (the ``openai`` client raises ``APIError`` with its message), both within seconds, and the launcher
+    exits non-zero seconds later. Started with ``--port 0``: the log line names the port bound (it said 0)."""
+    import re
+
     import psutil
 
+    openai = pytest.importorskip("openai")
     from switchyard.serve.launcher import ServerProcess
     from switchyard.serve.loading import build_tiny_moe
 
     base = tmp_path_factory.getbasetemp()
     model_dir = build_tiny_moe(base / "serve-tiny-moe-long", base / "serve-cache", max_position_embeddings=512)
-    with ServerProcess.start(model_dir, ep=2) as server:
+    with ServerProcess.start(model_dir, ep=2, args=["--port", "0"]) as server:  # the last --port wins
+        deadline = time.monotonic() + 180
+        while not (bound := re.search(r"serving .* on http://127\.0\.0\.1:(\d+)/v1", server.output(60000))):
+            assert server.proc.poll() is None and time.monotonic() < deadline, server.output()
+            time.sleep(0.2)
+        assert bound[1] != "0", server.output()
+        server.base_url = f"http://127.0.0.1:{bound[1]}"
         server.wait_ready()
-        body = {"model": model_dir.name, "prompt": "def f(x):", "max_tokens": 400, "temperature": 0,
-                "ignore_eos": True, "stream": True}
-        started, outcome = threading.Event(), {}
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0, timeout=60)
+        body = dict(model=model_dir.name, prompt="def f(x):", max_tokens=400, temperature=0,
+                    extra_body={"ignore_eos": True})
+        outcome: dict = {}
 
-        def stream() -> None:
-            import urllib.request
-
-            request = urllib.request.Request(f"{server.base_url}/v1/completions", data=json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
+        def ask(stream: bool) -> None:
+            name = "stream" if stream else "plain"
             try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    data = response.readline()
-                    started.set()
-                    while line := response.readline():
-                        data += line
-                outcome["done"] = b"[DONE]" in data
+                if stream:
+                    outcome[name] = [chunk for chunk in client.completions.create(**body, stream=True)]
+                else:
+                    outcome[name] = client.completions.create(**body)
             except Exception as err:  # noqa: BLE001 - what the client sees is the point
-                outcome["error"] = repr(err)
-            outcome["at"] = time.monotonic()
+                outcome[name] = err
+            outcome[f"{name}_at"] = time.monotonic()
 
-        thread = threading.Thread(target=stream)
-        thread.start()
-        assert started.wait(60), server.output()
+        threads = [threading.Thread(target=ask, args=(stream,)) for stream in (False, True)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while "switchyard_num_requests_running 2.0" not in _metrics(server.base_url):  # both decoding
+            assert time.monotonic() < deadline and not outcome, (outcome, server.output())
+            time.sleep(0.05)
         rank1 = next(p for p in psutil.Process(server.proc.pid).children(recursive=True)
                      if "--local_rank=1" in p.cmdline())
         killed = time.monotonic()
         rank1.kill()
-        thread.join(30)
-        assert not outcome.get("done"), outcome
-        assert outcome["at"] - killed < 5, (outcome["at"] - killed, outcome)
+        for thread in threads:
+            thread.join(30)
+        dead = "an expert-parallel worker rank exited or stopped answering"
+        plain, stream = outcome["plain"], outcome["stream"]
+        assert isinstance(plain, openai.InternalServerError), (plain, server.output())
+        assert plain.response.headers["content-type"] == "application/json", plain.response.text
+        assert plain.body["type"] == "server_error" and plain.body["code"] == "engine_failed", plain.body
+        assert plain.body["message"].startswith(dead) and "shutting down" in plain.body["message"], plain.body
+        assert type(stream) is openai.APIError and stream.message == plain.body["message"], repr(stream)
+        assert stream.body == plain.body, stream.body
+        assert max(outcome["plain_at"], outcome["stream_at"]) - killed < 5, outcome
         code = server.proc.wait(timeout=30)
         assert code != 0 and time.monotonic() - killed < 15, server.output()
         assert "a step failed" in server.output(60000)
+
+
+def _metrics(base_url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as response:
+        return response.read().decode()

@@ -152,7 +152,7 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > self.config.max_body_bytes):
             return self._error_for(413)
         if self.engine.draining and path in GENERATE_PATHS:
-            return _error(503, "the server is shutting down and takes no new requests", code="shutting_down")
+            return _error(503, self.engine.refusal(), code="shutting_down")
         return None
 
 
@@ -178,13 +178,19 @@ async def _event_stream(gen: "_Generation", request: Request, req: Any, chunk: C
                         choice: Callable[[Any], Any], first: list | None = None) -> AsyncIterator[str]:
     """The SSE body shared by both endpoints: an optional opening chunk, one chunk per event that carries
     text, a finish reason or token ids, the usage chunk when asked for, then ``[DONE]``; the generation is
-    aborted however the stream ends (a client disconnect included)."""
+    aborted however the stream ends (a client disconnect included). If the engine fails, the status line
+    (200) is long sent: the last event is OpenAI's error body instead, with no ``[DONE]`` after it, so no
+    client reads the stream as complete (the ``openai`` client raises ``APIError`` with the message)."""
     try:
         if first is not None:
             yield _sse(chunk(first))
-        async for out in gen.events(request):
-            if out.text or out.finish_reason or req.return_token_ids or out.logprob is not None:
-                yield _sse(chunk([choice(out)]))
+        try:
+            async for out in gen.events(request):
+                if out.text or out.finish_reason or req.return_token_ids or out.logprob is not None:
+                    yield _sse(chunk([choice(out)]))
+        except APIError as err:
+            yield _sse(P.error_body(err.status, err.message, err.param, err.code))
+            return
         if req.stream_options and req.stream_options.include_usage:
             yield _sse(chunk([], gen.usage()))
         yield _sse("[DONE]")
@@ -306,7 +312,8 @@ class _Generation:
             raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from err
 
     async def events(self, request: Request) -> AsyncIterator[SeqOutput]:
-        """Outputs until every sequence finished; aborts them all if the client goes away."""
+        """Outputs until every sequence finished; aborts them all if the client goes away. An engine failure is
+        raised as a 500 ``engine_failed`` (the request cannot finish; the server is going down)."""
         left, checked = len(self.seqs), time.monotonic()
         while left:
             try:  # an output already queued costs no task and no timer (wait_for makes both)
@@ -321,6 +328,8 @@ class _Generation:
                 if await request.is_disconnected():
                     self.abort()
                     return
+            if out is not None and out.error is not None:
+                raise APIError(500, out.error, code="engine_failed")
             if out is not None:
                 left -= out.finish_reason is not None
                 yield out

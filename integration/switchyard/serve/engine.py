@@ -40,7 +40,7 @@ STATS_EVERY = 32  # steps between copies of the per-expert counts to the host
 
 
 class EngineDraining(RuntimeError):
-    """The engine stopped taking new sequences (SIGTERM); the server answers 503."""
+    """The engine stopped taking new sequences (SIGTERM, or it failed); the server answers 503."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class SeqOutput:
     token_id: int | None
     finish_reason: str | None
     logprob: TokenLogprob | None = None  # when the sequence asked for logprobs
+    error: str | None = None  # the engine failed (``Engine.fail``): the sequence ends unfinished, for this reason
 
 
 _ids = itertools.count()
@@ -130,6 +131,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self.draining = False
+        self.failure: str | None = None  # why the engine can no longer step (``fail``)
         self.steps = 0
         self._unsynced_steps = 0
         self.last_plan: StepPlan | None = None
@@ -142,7 +144,7 @@ class Engine:
                                  f"exceeds the model's context of {self.max_model_len} tokens")
         with self._lock:
             if self.draining:
-                raise EngineDraining("the server is shutting down and takes no new requests")
+                raise EngineDraining(self.refusal())
             self._inbox.extend(seqs)
         self.metrics.prompt_tokens(sum(len(s.prompt_ids) for s in seqs))
         self._wake.set()
@@ -154,6 +156,10 @@ class Engine:
     def begin_drain(self) -> None:
         """Stop taking new sequences; those already submitted run to the end. Safe in a signal handler."""
         self.draining = True
+
+    def refusal(self) -> str:
+        """Why a new sequence is refused once draining: the failure, when there was one."""
+        return f"{self.failure + '; ' if self.failure else ''}the server is shutting down and takes no new requests"
 
     def idle(self) -> bool:
         return not self._inbox and not self.waiting and not self.running
@@ -226,6 +232,22 @@ class Engine:
         self.last_plan = plan
         self.metrics.step(running=len(self.running), waiting=len(self.waiting) + len(self._inbox))
         return plan
+
+    def fail(self, reason: str) -> None:
+        """No step can run any more (a rank died): every sequence in flight ends now with an output whose ``error``
+        says so, not with a finish reason a client would take for a complete answer, and new ones are refused
+        (``refusal``). Call it on the engine's thread, after ``step`` raised."""
+        with self._lock:
+            self.failure, self.draining = reason, True
+            pending = list(self._inbox)
+            self._inbox.clear()
+        error = f"{reason}; the server is shutting down"
+        for seq in [*self.running.values(), *self.waiting, *pending]:
+            seq.finish_reason = "abort"
+            self.metrics.finished(seq)
+            self._emit(seq, SeqOutput(seq.index, "", None, "abort", error=error))
+        self.running.clear()
+        self.waiting.clear()
 
     def heartbeat(self) -> None:
         """An empty plan: keeps the other ranks' wait for the next plan from timing out while idle."""

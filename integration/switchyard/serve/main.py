@@ -174,7 +174,12 @@ def _serve_rank0(config: ServeConfig, runner, tokenizer, channel, path: Path) ->
     app = create_app(engine, tokenizer, name, config, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                            access_log=False, timeout_graceful_shutdown=10, lifespan="off"))
-    log.info("serving %r (%s) on http://%s:%d/v1 — rank 0 pid %d (SIGTERM it to drain and stop every rank)%s",
-             name, path, config.host, config.port, os.getpid(), " — API key required" if config.api_key else "")
+
+    def announce() -> None:  # once uvicorn listens: the port it bound (--port 0 picks one)
+        sockets = [sock for listener in server.servers for sock in listener.sockets]
+        port = sockets[0].getsockname()[1] if sockets else config.port
+        log.info("serving %r (%s) on http://%s:%d/v1 — rank 0 pid %d (SIGTERM it to drain and stop every rank)%s",
+                 name, path, config.host, port, os.getpid(), " — API key required" if config.api_key else "")
+
     return Rank0Loop(engine, channel, server, heartbeat_s=config.heartbeat_s,
-                     drain_timeout_s=config.drain_timeout_s).run()
+                     drain_timeout_s=config.drain_timeout_s, on_started=announce).run()

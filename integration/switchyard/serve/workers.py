@@ -7,7 +7,7 @@
           runner.execute(plan)   ◀── all-to-alls ──▶      runner.execute(plan)
           idle: heartbeat every heartbeat_s ──▶          (empty plan: nothing to run)
     SIGTERM: drain, stop uvicorn, STOP plan ──▶   return 0
-    a step fails (a rank died): uvicorn stops at once, the in-flight requests get errors, rank 0 raises
+    a step fails (a rank died): the in-flight requests get OpenAI errors, new ones 503, uvicorn stops, rank 0 raises
 
 Plans travel on a gloo group of their own (CPU, even when the model runs on NCCL), so an idle
 worker blocks in a cheap CPU receive, not in a GPU collective; rank 0 sends an empty plan every
@@ -22,7 +22,8 @@ import datetime
 import signal
 import threading
 import time
-from typing import Any
+import traceback
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -31,6 +32,8 @@ from switchyard.parallel.manager import DEFAULT_TIMEOUT_S
 from switchyard.serve.engine import Engine, ModelRunner, StepPlan
 
 log = get_logger(__name__)
+
+FAILED_GRACE_S = 2.0  # after a failed step: how long uvicorn may take to write the requests' error responses
 
 
 class ControlChannel:
@@ -75,8 +78,9 @@ class Rank0Loop:
     """Rank 0's main thread: the engine loop, with the HTTP server in a thread and SIGTERM draining."""
 
     def __init__(self, engine: Engine, channel: ControlChannel, server: Any, heartbeat_s: float = 30.0,
-                 drain_timeout_s: float = 300.0, poll_s: float = 0.05) -> None:
-        self.engine, self.channel, self.server = engine, channel, server
+                 drain_timeout_s: float = 300.0, poll_s: float = 0.05,
+                 on_started: Callable[[], None] | None = None) -> None:
+        self.engine, self.channel, self.server, self.on_started = engine, channel, server, on_started
         self.heartbeat_s, self.drain_timeout_s, self.poll_s = heartbeat_s, drain_timeout_s, poll_s
         self._drain_started: float | None = None
         self._force = False
@@ -103,6 +107,8 @@ class Rank0Loop:
                 self.channel.send(StepPlan(stop=True))
                 return 1
             time.sleep(0.02)
+        if self.on_started is not None:
+            self.on_started()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         code, clean = 0, False
@@ -132,12 +138,15 @@ class Rank0Loop:
                     last_sent = time.monotonic()
                 self.engine.wait_for_work(self.poll_s)
             clean = True
-        except Exception:
+        except Exception as err:
             # a step failed, most often a collective whose peer died: no request in flight can finish now
-            log.error("a step failed (traceback below): another rank died, or a collective broke; the requests "
-                      "in flight (%d sequences) get an error now and every rank stops", self.engine.in_flight())
-            self.engine.begin_drain()  # /health and new requests: 503 while uvicorn stops
-            self.server.force_exit = True  # no graceful wait for requests that cannot finish: uvicorn ends them
+            reason = self._failure(err)
+            log.error("a step failed (traceback below): %s; the requests in flight (%d sequences) get an error now "
+                      "and every rank stops", reason, self.engine.in_flight())
+            self.engine.fail(reason)  # in flight: an error each at once; /health and new requests: 503
+            # their error responses are written within milliseconds; uvicorn's graceful shutdown waits for those
+            # writes, never as long as its usual timeout for requests that cannot finish
+            self.server.config.timeout_graceful_shutdown = FAILED_GRACE_S
             raise
         finally:
             self.server.should_exit = True
@@ -146,3 +155,12 @@ class Rank0Loop:
                 self.channel.send(StepPlan(stop=True))
         log.info("served %d steps; every rank stops now", self.engine.steps)
         return code
+
+    def _failure(self, err: BaseException) -> str:
+        """What a client is told about a failed step: a collective failing in a world of several ranks means
+        a worker rank died or stopped answering (gloo says "Connection reset by peer"); else rank 0's own error."""
+        in_collective = any("torch/distributed/" in frame.filename.replace("\\", "/")
+                            for frame in traceback.extract_tb(err.__traceback__))
+        if self.channel.world_size > 1 and in_collective:
+            return "an expert-parallel worker rank exited or stopped answering (a collective with it failed)"
+        return f"the engine failed on rank 0 ({type(err).__name__}; the cause is in the server's log)"

@@ -213,6 +213,12 @@ def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
     dry = dataclasses.replace(moe_config, init="copy") if moe_config.init == "drop_upcycle" else moe_config
     with _quiet():
         sy.patch_model(model, dry, layers=args.layers, every_n=args.every_n, seed=args.seed)
+        from switchyard.hf.export import export_refusal
+
+        refusal = export_refusal(model)
+    if refusal is not None:  # a valid switchyard model (fine-tune, serve), but say now that export will refuse it
+        print(f"switchyard upcycle: note: `switchyard export` will refuse this model: {' '.join(refusal.split())}",
+              file=sys.stderr)
 
 
 def _shard_size(text: str) -> int:

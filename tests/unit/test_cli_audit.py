@@ -133,3 +133,18 @@ def test_finetune_unknown_option_from_the_shell_exits_2_with_the_override():
                                                                 "--max-steps", "10"], timeout_s=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "settings are overrides: train.max_steps=10" in result.stderr
+
+
+def test_upcycle_says_up_front_when_export_will_refuse_the_result(tmp_path, capsys):
+    # llama with dense layers left (every_n=2) fine-tunes and serves, but Mixtral cannot hold dense layers;
+    # qwen2's export (Qwen2-MoE, mlp_only_layers) can. The note comes from the meta-device dry run, before weights
+    base = ["upcycle", "--num-experts", "4", "--top-k", "2", "--out", str(tmp_path / "out")]
+    note = "upcycle: note: `switchyard export` will refuse this model"
+    for model_type, every_n, refused in (("llama", ["--every-n", "2"], True), ("llama", [], False),
+                                         ("qwen2", ["--every-n", "2"], False)):
+        model = config_only(tmp_path / f"{model_type}{len(every_n)}", model_type)
+        main(base + ["--model", model, *every_n])  # then fails reading weights: these models are config.json alone
+        err = capsys.readouterr().err
+        assert (note in err) == refused, err
+        if refused:
+            assert "dense" in err.split(note, 1)[1].splitlines()[0]

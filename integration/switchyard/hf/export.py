@@ -407,6 +407,16 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None,
     return str(out)
 
 
+def export_refusal(model: nn.Module) -> str | None:
+    """Why ``switchyard export`` would refuse this patched model (any destination), or None; nothing is written
+    (a meta-device model will do)."""
+    try:
+        _plan(model, None)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def check_export(path: str | Path, out: str | Path) -> None:
     """Every refusal of exporting the switchyard checkpoint at ``path`` into ``out``, before its weights are read:
     the model is rebuilt from config.json on the meta device (as ``from_pretrained`` rebuilds it) and taken through
@@ -434,9 +444,10 @@ def check_export(path: str | Path, out: str | Path) -> None:
     _plan(model, Path(out))
 
 
-def _plan(model: nn.Module, out: Path) -> tuple[nn.Module, bool]:
+def _plan(model: nn.Module, out: Path | None) -> tuple[nn.Module, bool]:
     """The target model holding ``model``'s tensors (shared storage) after every check, and whether it has a zero
-    shared expert; nothing is written. A meta-device ``model`` gives a meta-device target (``check_export``)."""
+    shared expert; nothing is written. A meta-device ``model`` gives a meta-device target (``check_export``).
+    ``out`` None: the model's own checks only, no destination (whether a model could be exported at all)."""
     record = switchyard_record(model)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     sharded = sorted({l.ep_size for l in layers if l.ep_size > 1})
@@ -449,7 +460,8 @@ def _plan(model: nn.Module, out: Path) -> tuple[nn.Module, bool]:
     if family is None or (model_type != family.model_type and record["mode"] != "upcycle"):
         raise ValueError(f"no standard transformers MoE class fits {model_type}; save with switchyard.save_pretrained "
                          f"instead (supported exports: {supported_exports()})")
-    _check_destination(out, family.model_type)
+    if out is not None:
+        _check_destination(out, family.model_type)
     target_config = _target_config(model, family, record, layers)
     target_config.architectures = [_target_class(model, family)]
     zero_shared = _check(model, target_config, family, record, layers)

@@ -259,8 +259,7 @@ def train(config: RunConfig) -> dict[str, Any]:
             lm_losses.append(lm_loss)
             aux_losses.append(aux_loss)
             for name, layer in layers.items():
-                stats = layer.last_stats
-                load.add(name, stats.tokens_per_expert_E, stats.dropped_copies, stats.routed_copies)
+                load.add_forward(name, layer, micro.get("attention_mask"))
         for layer in layers.values():
             layer.update_expert_bias()
         checkpointing.inject_fault("step", step + 1)
@@ -271,8 +270,8 @@ def train(config: RunConfig) -> dict[str, Any]:
         loss, router_loss, mean_tokens, *norm_v = _dp_means(
             [torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean(), torch.tensor(float(tokens))],
             groups, extra=norm_t)
-        if grad_norm is None:
-            grad_norm = norm_v[0] if norm_v else float(engine_norm or 0.0)
+        if grad_norm is None and engine_norm is not None:  # None: DeepSpeed computed none (compute_grad_norm off)
+            grad_norm = norm_v[0] if norm_v else float(engine_norm)
         history.append(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower train.lr or check the data")
@@ -282,7 +281,7 @@ def train(config: RunConfig) -> dict[str, Any]:
             "loss": loss,
             "router_loss": router_loss,
             "lr": lr,
-            "grad_norm": grad_norm,
+            **({"grad_norm": grad_norm} if grad_norm is not None else {}),
             "tokens_per_s": global_tokens / elapsed,
             "loss_tokens": loss_tokens,
         }

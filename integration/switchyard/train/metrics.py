@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from switchyard.moe.layer import MoELayer
 
 
 class ExpertLoad:
@@ -30,6 +33,21 @@ class ExpertLoad:
         else:
             self.counts[name], self.dropped[name], self.routed[name] = counts.clone(), dropped.clone(), routed
 
+    def add_forward(self, name: str, layer: MoELayer, token_mask: torch.Tensor | None) -> None:
+        """A MoE layer's last training forward, real tokens' copies only (``token_mask``: the batch's
+        ``attention_mask``, 1 = real). Under a capacity factor the layer's own counts are that (padding is never
+        kept); dropless it routes and counts padding copies too, which would show up as load (and in the
+        fractions' denominator) in proportion to the batch's padding."""
+        stats = layer.last_stats
+        counts, routed = stats.tokens_per_expert_E, stats.routed_copies
+        if token_mask is not None and layer.config.capacity_factor is None:
+            idx_TK = layer.last_router_output.topk_idx_TK
+            assert token_mask.numel() == idx_TK.shape[0], (tuple(token_mask.shape), tuple(idx_TK.shape))
+            real_TK = token_mask.reshape(-1, 1).expand_as(idx_TK).to(counts.dtype)
+            counts = torch.zeros_like(counts).scatter_add_(0, idx_TK.reshape(-1), real_TK.reshape(-1))
+            routed = real_TK.sum()
+        self.add(name, counts, stats.dropped_copies, routed)
+
     def take(self) -> dict[str, torch.Tensor]:
         """Per layer ``[copies kept per expert (E)…, copies dropped, copies routed]`` as one float64 vector
         (this rank's: sum it over the data-parallel group before taking shares or the dropped fraction)."""
@@ -45,6 +63,8 @@ class MetricsWriter:
         self.enabled = enabled
         self.run_dir = run_dir
         self.load_history: list[tuple[int, dict[str, list[float]]]] = []
+        self.load_first: list[int] = []  # first step each load_history row counts (its last is the row's step)
+        self._load_from = start_step + 1  # the expert-load counts restart at a resume: what they count from
         self._started = time.perf_counter()
         if not enabled:
             return
@@ -54,7 +74,11 @@ class MetricsWriter:
             rows = [row for row in _read_rows(path) if row["step"] <= start_step]
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
             # the heatmap covers the whole run, not only the steps after the resume
-            self.load_history = [(row["step"], row["expert_load"]) for row in rows if "expert_load" in row]
+            loaded = [row for row in rows if "expert_load" in row]
+            self.load_history = [(row["step"], row["expert_load"]) for row in loaded]
+            # rows written before the first step was recorded counted every step since the previous row
+            ends = [0] + [row["step"] for row in loaded]
+            self.load_first = [row.get("expert_load_from", end + 1) for row, end in zip(loaded, ends)]
         self._jsonl = open(path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -70,13 +94,18 @@ class MetricsWriter:
             return
         record = {"step": step, "time_s": round(time.perf_counter() - self._started, 3), **values}
         if expert_fractions:
-            record["expert_load"] = expert_fractions
+            # the first step these counts cover: after a resume the checkpoint's step + 1, as the counts since the
+            # previous row were not checkpointed; the heatmap leaves the steps between blank
+            record["expert_load"], record["expert_load_from"] = expert_fractions, self._load_from
             self.load_history.append((step, expert_fractions))
+            self.load_first.append(self._load_from)
+            self._load_from = step + 1
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self._tb.add_scalar(key, value, step)
-        shown = {k: values[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in values}
+        shown = {k: values[k] for k in ("loss", "router_loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+                 if k in values}
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def advance(self, n: int = 1) -> None:
@@ -93,7 +122,7 @@ class MetricsWriter:
         self._bar.close()
         self._tb.close()
         self._jsonl.close()
-        return write_expert_load_heatmap(self.load_history, self.run_dir / "expert_load.png")
+        return write_expert_load_heatmap(self.load_history, self.run_dir / "expert_load.png", self.load_first)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -107,25 +136,38 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_expert_load_heatmap(history: list[tuple[int, dict[str, list[float]]]], path: Path) -> Path | None:
+def write_expert_load_heatmap(history: list[tuple[int, dict[str, list[float]]]], path: Path,
+                              first_steps: list[int] | None = None) -> Path | None:
     """One panel per MoE layer: expert (y) × step (x), colour = fraction of the layer's token copies. A logged
-    row counts the steps since the previous one, so its cell spans them: logged steps need not be evenly spaced
-    (the last step, ``log_every`` changed at a resume)."""
+    row counts steps ``first_steps[i]`` … its step (default: every step since the previous row), so its cell
+    spans them: logged steps need not be evenly spaced (the last step, ``log_every`` changed at a resume), and
+    steps no row counts (those between the last row before a resume and its checkpoint) stay blank."""
     if not history:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     layers = list(history[-1][1])
-    step_edges = [0] + [s for s, _ in history]
+    edges, columns = [0], []  # columns: an index into history, or None for a blank span
+    for i, (step, _) in enumerate(history):
+        start = max(first_steps[i] - 1, edges[-1]) if first_steps is not None else edges[-1]
+        if start > edges[-1]:
+            edges.append(start)
+            columns.append(None)
+        edges.append(step)
+        columns.append(i)
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.6 + 1.2 * len(layers)), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers):
-        grid = torch.tensor([fractions.get(layer, [0.0] * len(history[-1][1][layer])) for _, fractions in history]).T
-        image = ax.pcolormesh(step_edges, torch.arange(grid.shape[0] + 1).numpy() - 0.5, grid.numpy(),
-                              cmap="viridis")
+        num_experts = len(history[-1][1][layer])
+        blank = [float("nan")] * num_experts
+        grid = np.array([history[i][1].get(layer, blank) if i is not None else blank for i in columns]).T
+        image = ax.pcolormesh(edges, np.arange(num_experts + 1) - 0.5, np.ma.masked_invalid(grid), cmap="viridis")
         ax.invert_yaxis()  # expert 0 on top
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # experts are whole numbers (2 experts: no "0.5")
         ax.set_ylabel("expert")
         ax.set_title(f"{layer}: fraction of token copies per expert", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.03)

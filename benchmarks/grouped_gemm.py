@@ -56,8 +56,16 @@ WGRAD_CONFIGS = [  # BM, BN, BK, warps, stages
 # past the last tile. Rows of a tile past its expert's end are loaded but never stored. ``wgrad`` reduces over
 # each expert's rows. Groups are int32 cumulative row ends read on the device, as torch._grouped_mm takes them.
 @triton.jit
-def _row_tile_expert(offs_ptr, tile_m, E: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr):
-    """(expert, first row, end row, tiles in all) of flat row tile ``tile_m``."""
+def _row_tile(offs_ptr, N, E: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              GROUP_M: tl.constexpr):
+    """(flat row tile, column tile, expert, first row, end row, row tiles in all) of this program. GROUP_M row
+    tiles share a column sweep (b[e]'s tiles stay in L2 across them)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    group = pid // (GROUP_M * num_n)
+    in_group = pid % (GROUP_M * num_n)
+    tile_m = group * GROUP_M + in_group % GROUP_M
+    tile_n = in_group // GROUP_M
     e_idx = tl.arange(0, E_POW2)
     valid = e_idx < E
     ends = tl.load(offs_ptr + e_idx, mask=valid, other=0)
@@ -69,7 +77,17 @@ def _row_tile_expert(offs_ptr, tile_m, E: tl.constexpr, E_POW2: tl.constexpr, BM
     first_tile = tl.sum(tl.where(e_idx < expert, tiles, 0), 0)
     row_start = tl.sum(tl.where(e_idx == expert, starts, 0), 0) + (tile_m - first_tile) * BM
     row_end = tl.sum(tl.where(e_idx == expert, ends, 0), 0)
-    return expert, row_start, row_end, total
+    return tile_m, tile_n, expert, row_start, row_end, total
+
+
+@triton.jit
+def _store_row_tile(c_ptr, acc, row_start, row_end, tile_n, N, stride_cm, stride_cn, BM: tl.constexpr,
+                    BN: tl.constexpr):
+    """The tile's rows of its expert (not the next expert's rows it also computed) and columns within N."""
+    rows = row_start + tl.arange(0, BM)
+    cols = tile_n * BN + tl.arange(0, BN)
+    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < row_end)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -77,14 +95,7 @@ def _grouped_mm_rows_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, N_ROWS, N, K,
                             stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
                             E: tl.constexpr, E_POW2: tl.constexpr, EVEN_NK: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BN)
-    # GROUP_M row tiles share a column sweep (b[e]'s tiles stay in L2 across them)
-    group = pid // (GROUP_M * num_n)
-    in_group = pid % (GROUP_M * num_n)
-    tile_m = group * GROUP_M + in_group % GROUP_M
-    tile_n = in_group // GROUP_M
-    expert, row_start, row_end, total = _row_tile_expert(offs_ptr, tile_m, E, E_POW2, BM)
+    tile_m, tile_n, expert, row_start, row_end, total = _row_tile(offs_ptr, N, E, E_POW2, BM, BN, GROUP_M)
     if tile_m >= total:
         return
     rows = row_start + tl.arange(0, BM)
@@ -104,8 +115,7 @@ def _grouped_mm_rows_kernel(a_ptr, b_ptr, c_ptr, offs_ptr, N_ROWS, N, K,
         acc = tl.dot(a, b, acc)
         a_ptrs += BK * stride_ak
         b_ptrs += BK * stride_bk
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < row_end)[:, None] & (cols < N)[None, :])
+    _store_row_tile(c_ptr, acc, row_start, row_end, tile_n, N, stride_cm, stride_cn, BM, BN)
 
 
 @triton.jit
@@ -144,13 +154,7 @@ def _grouped_mm_rows_tma_kernel(a_desc, b_desc, c_ptr, offs_ptr, N, K, stride_cm
                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # as _grouped_mm_rows_kernel, operands through TMA: a as [N_ROWS, K] (rows past the end read as zeros),
     # b as [E*K, N] (B_KN) or [E*N, K] (b[e] stored transposed); K % BK == 0 so no tile crosses experts in K
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BN)
-    group = pid // (GROUP_M * num_n)
-    in_group = pid % (GROUP_M * num_n)
-    tile_m = group * GROUP_M + in_group % GROUP_M
-    tile_n = in_group // GROUP_M
-    expert, row_start, row_end, total = _row_tile_expert(offs_ptr, tile_m, E, E_POW2, BM)
+    tile_m, tile_n, expert, row_start, row_end, total = _row_tile(offs_ptr, N, E, E_POW2, BM, BN, GROUP_M)
     if tile_m >= total:
         return
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -161,10 +165,7 @@ def _grouped_mm_rows_tma_kernel(a_desc, b_desc, c_ptr, offs_ptr, N, K, stride_cm
         else:
             b = b_desc.load([expert * N + tile_n * BN, k0]).T
         acc = tl.dot(a, b, acc)
-    rows = row_start + tl.arange(0, BM)
-    cols = tile_n * BN + tl.arange(0, BN)
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(rows < row_end)[:, None] & (cols < N)[None, :])
+    _store_row_tile(c_ptr, acc, row_start, row_end, tile_n, N, stride_cm, stride_cn, BM, BN)
 
 
 def median_ms(fn, iters: int, warmup: int = 3) -> float:

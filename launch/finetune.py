@@ -134,14 +134,19 @@ def check_world(config) -> None:
     config.deepspeed_config(world)
 
 
+def _model_sources(config) -> list[tuple[str, str]]:
+    """(key, value) of ``model.source`` / ``model.tokenizer`` where each names a model dir or hub id (not ``tiny``)."""
+    pairs = (("model.source", config.model.source), ("model.tokenizer", config.model.tokenizer))
+    return [(key, value) for key, value in pairs if value is not None and value != "tiny"]
+
+
 def check_model_source(config) -> None:
     """A local path that is not there, named now (else every rank's traceback from the hub client, which reads
     a missing ``./dir`` as a malformed repo id)."""
     from switchyard.cli import check_local_model
 
-    for key, value in (("model.source", config.model.source), ("model.tokenizer", config.model.tokenizer)):
-        if value is not None and value != "tiny":
-            check_local_model(value, key)
+    for key, value in _model_sources(config):
+        check_local_model(value, key)
 
 
 def check_hub_sources(config) -> None:
@@ -155,12 +160,12 @@ def check_hub_sources(config) -> None:
 
     from switchyard.cli import _one_line
 
-    for key, value, loader in (("model.source", config.model.source, AutoConfig),
-                               ("model.tokenizer", config.model.tokenizer, AutoTokenizer)):
-        if value is None or value == "tiny" or Path(value).expanduser().exists():
+    loaders = {"model.source": AutoConfig, "model.tokenizer": AutoTokenizer}
+    for key, value in _model_sources(config):
+        if Path(value).expanduser().exists():
             continue
         try:
-            loader.from_pretrained(value)
+            loaders[key].from_pretrained(value)
         except OSError as err:
             if constants.HF_HUB_OFFLINE:
                 raise ValueError(f"{key}={value!r} is not a local directory nor in the hub cache (HF_HUB_OFFLINE=1 is "

@@ -72,7 +72,7 @@ def model_config(model: str, flag: str = "--model") -> Any:
         raise ValueError(f"{flag} {model}: {what}: {_one_line(err)}") from None
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line(err: BaseException | str) -> str:
     """transformers' and the hub's messages span lines; an error here is one line."""
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
@@ -199,6 +199,7 @@ def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
     import switchyard as sy
     from switchyard.hf.adopt import SUPPORTED_BLOCKS
     from switchyard.hf.checkpoint import CONFIG_KEY, empty_model
+    from switchyard.hf.export import export_refusal
 
     config = model_config(args.model)
     if getattr(config, CONFIG_KEY, None):
@@ -213,11 +214,9 @@ def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
     dry = dataclasses.replace(moe_config, init="copy") if moe_config.init == "drop_upcycle" else moe_config
     with _quiet():
         sy.patch_model(model, dry, layers=args.layers, every_n=args.every_n, seed=args.seed)
-        from switchyard.hf.export import export_refusal
-
         refusal = export_refusal(model)
     if refusal is not None:  # a valid switchyard model (fine-tune, serve), but say now that export will refuse it
-        print(f"switchyard upcycle: note: `switchyard export` will refuse this model: {' '.join(refusal.split())}",
+        print(f"switchyard upcycle: note: `switchyard export` will refuse this model: {_one_line(refusal)}",
               file=sys.stderr)
 
 

@@ -68,7 +68,7 @@ def main() -> None:
     loss = engine(x).square().mean() + layer.aux_loss
     engine.backward(loss)
     if own_clipping:
-        clip_global_grad_norm_(layer, CLIP, manager.group("ep"))
+        clip_global_grad_norm_(layer, CLIP, manager)
     engine.step()
     if rank == 0:
         print(f"DeepSpeed ZeRO-{engine.zero_optimization_stage()} step done: loss {loss.item():.4f}, "

@@ -85,7 +85,7 @@ def _zero_steps(stages, ep, experts_impl="auto"):
         assert engine.has_moe_layers and engine.num_experts == [EXPERTS]
         loss = engine(_batches(dp)[manager.rank("dp")])
         engine.backward(loss)
-        norm = clip_global_grad_norm_(model, MAX_NORM, manager.group("ep")) if stage == 0 else None
+        norm = clip_global_grad_norm_(model, MAX_NORM, manager) if stage == 0 else None
         engine.step()
         norm = norm if norm is not None else float(engine.get_global_grad_norm())
         out[stage] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, norm)

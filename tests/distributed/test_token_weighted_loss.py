@@ -68,7 +68,7 @@ def _loop_step(rank_spans: list, moe: bool) -> dict:
     loss_tokens, divisor = lm_loss_divisor(micro_batches, groups, torch.device("cpu"))
     lm_losses, aux_losses = [], []
     for micro in micro_batches:
-        lm_loss, aux_loss = forward_backward(engine, micro, divisor)
+        lm_loss, aux_loss, _ = forward_backward(engine, micro, divisor)
         engine.step()
         lm_losses.append(float(lm_loss))
         aux_losses.append(float(aux_loss))

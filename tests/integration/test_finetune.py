@@ -59,12 +59,21 @@ def reference(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("ranks", [2, 4], ids=["ep2", "dp2xep2"])
-@pytest.mark.parametrize("stage", [0, 2])
-def test_parameters_match_one_process(reference, tmp_path, ranks, stage):
-    result = finetune(ranks, tmp_path, EQUIV + ["parallel.ep=2", f"train.micro_batch_size={GLOBAL_BATCH // ranks}",
-                                                f"deepspeed=configs/deepspeed/zero{stage}.json"])
+# (ranks, layout, ZeRO stage): tensor-parallel ranks share their batch, so dp = ranks / tp
+LAYOUTS = [(2, "ep2", 0), (2, "ep2", 2), (4, "dp2xep2", 0), (4, "dp2xep2", 2),
+           (2, "tp2", 0), (2, "tp2", 2), (4, "tp2xep2", 2)]
+LAYOUT_OVERRIDES = {"ep2": ["parallel.ep=2"], "dp2xep2": ["parallel.ep=2"], "tp2": ["parallel.tp=2", "parallel.ep=1"],
+                    "tp2xep2": ["parallel.tp=2", "parallel.ep=2"]}
+
+
+@pytest.mark.parametrize("ranks, layout, stage", LAYOUTS, ids=[f"{lay}-zero{st}" for _, lay, st in LAYOUTS])
+def test_parameters_match_one_process(reference, tmp_path, ranks, layout, stage):
+    dp = ranks // (2 if layout.startswith("tp2") else 1)
+    result = finetune(ranks, tmp_path, EQUIV + LAYOUT_OVERRIDES[layout] + [
+        f"train.micro_batch_size={GLOBAL_BATCH // dp}", f"deepspeed=configs/deepspeed/zero{stage}.json"])
     assert result.returncode == 0, output_of(result)[-4000:]
+    if layout.startswith("tp2"):  # the model really is split, not replicated on both tp ranks
+        assert "tensor parallel: 16 modules sharded over tp=2 (4 MoE layers shard their experts)" in output_of(result)
     assert [m["loss"] for m in metrics(tmp_path)] == pytest.approx([m["loss"] for m in metrics(reference)], rel=1e-5)
     want, got = final_state(reference, 3), final_state(tmp_path, 3)
     assert want.keys() == got.keys()

@@ -1,5 +1,6 @@
 """Fine-tune loop pieces called directly: checkpoint pruning and resume checks, metrics history, token counts,
-the launcher's arguments and accelerate settings, rank 0 preparing while the others wait."""
+the router loss per kind, the launcher's arguments and accelerate settings, rank 0 preparing while the others
+wait."""
 
 from __future__ import annotations
 
@@ -317,3 +318,36 @@ def test_token_weighting_follows_transformers_rule_for_loss_kwargs() -> None:
 
     assert not accepts_loss_kwargs(NoKwargs())
     assert not accepts_loss_kwargs(SaysNo())
+
+
+def test_the_router_loss_per_kind_is_each_kinds_loss_alone_and_they_sum_to_it() -> None:
+    """An adopted Mixtral with all three router losses: each kind's part is the aux_loss of the same model with
+    only that kind's coefficient on, and the parts sum to the aux_loss the hook added; every kind stays in the
+    dict (0) without grad, so ranks and micro-batches all-reduce the same keys; an unpatched model has none."""
+    import copy
+
+    import switchyard as sy
+    from switchyard.hf.patch import router_loss_parts
+    from tiny_models import build_moe, ids
+
+    hf = build_moe("mixtral", router_aux_loss_coef=0.02)
+    coefs = {"aux_loss_coef": 0.02, "seq_aux_loss_coef": 0.03, "z_loss_coef": 0.004}
+    kinds = {"aux_loss_coef": "load_balancing", "seq_aux_loss_coef": "sequence_balance", "z_loss_coef": "z_loss"}
+    x = ids()
+    assert router_loss_parts(hf) == {}
+
+    def forward(overrides: dict[str, float]):
+        model = sy.patch_model(copy.deepcopy(hf), overrides=overrides).train()
+        out = model(input_ids=x, labels=x)
+        return model, float(out.aux_loss.detach())
+
+    model, aux_loss = forward(coefs)
+    parts = {k: float(v) for k, v in router_loss_parts(model).items()}
+    assert set(parts) == set(kinds.values()) and all(v > 0 for v in parts.values())
+    assert sum(parts.values()) == pytest.approx(aux_loss, rel=1e-6)
+    for field, kind in kinds.items():
+        _, alone = forward({f: (v if f == field else 0.0) for f, v in coefs.items()})
+        assert parts[kind] == pytest.approx(alone, rel=1e-6), kind
+    with torch.no_grad():
+        model(input_ids=x, labels=x)
+    assert {k: float(v) for k, v in router_loss_parts(model).items()} == dict.fromkeys(kinds.values(), 0.0)

@@ -1,8 +1,8 @@
 """What a fine-tune user sees, checked value by value against oracles outside the loop: a 2-rank EP=2 ZeRO-2 run
 of ``train()`` on padded rows, replayed in one process with plain torch (the same micro-batches from the same
-weights, SGD by hand): loss per loss token, router loss, the lr each step used, the pre-clip global grad norm
-(``torch.nn.utils.get_total_norm``), expert load of real tokens; TensorBoard's reader against metrics.jsonl; the
-progress bar; a run whose DeepSpeed computes no norm; the heatmap after a resume."""
+weights, SGD by hand): loss per loss token, router loss and its part per kind, the lr each step used, the
+pre-clip global grad norm (``torch.nn.utils.get_total_norm``), expert load of real tokens; TensorBoard's reader
+against metrics.jsonl; the progress bar; a run whose DeepSpeed computes no norm; the heatmap after a resume."""
 
 from __future__ import annotations
 
@@ -64,9 +64,10 @@ def _recorded_train(overrides: list[str], cache: str) -> dict:
 
 
 def _oracle(records: list[dict], overrides: list[str], clip: float, log_every: int) -> list[dict]:
-    """Per step: the global batch's LM loss per loss token, the router loss (each micro-batch's, averaged),
-    the pre-clip norm of the whole gradient and the lr (SGD by hand with it), and at logged steps the share
-    of real tokens' copies per expert since the last logged step."""
+    """Per step: the global batch's LM loss per loss token, the router loss (each micro-batch's, averaged) and
+    per kind (coefficient × the layers' mean of that loss, averaged the same way), the pre-clip norm of the
+    whole gradient and the lr (SGD by hand with it), and at logged steps the share of real tokens' copies per
+    expert since the last logged step."""
     from switchyard.moe.layer import MoELayer
     from switchyard.train.model_source import load_model, resolve_source
     from switchyard.train.run_config import load_run_config
@@ -76,6 +77,8 @@ def _oracle(records: list[dict], overrides: list[str], clip: float, log_every: i
     model.load_state_dict({k: v for record in records for k, v in record["init"].items()})
     model.train()
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    moe = config.moe_config()
+    coefs = {"load_balancing": moe.aux_loss_coef, "sequence_balance": moe.seq_aux_loss_coef, "z_loss": moe.z_loss_coef}
     counts = {name: torch.zeros(m.num_experts) for name, m in layers.items()}
     expected = []
     for step in range(len(records[0]["steps"])):
@@ -83,12 +86,15 @@ def _oracle(records: list[dict], overrides: list[str], clip: float, log_every: i
         loss_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro_batches)
         model.zero_grad()
         lm_sum = router_sum = 0.0
+        kind_sums = dict.fromkeys(coefs, 0.0)
         for micro in micro_batches:
             out = model(input_ids=micro["input_ids"], attention_mask=micro["attention_mask"])
             token_losses = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
                                                              micro["labels"][:, 1:].flatten(), reduction="sum")
             (token_losses / loss_tokens + out.aux_loss / len(micro_batches)).backward()
             lm_sum, router_sum = lm_sum + token_losses.item(), router_sum + out.aux_loss.item()
+            for kind, coef in coefs.items():
+                kind_sums[kind] += coef * sum(float(m.last_stats.losses[kind]) for m in layers.values()) / len(layers)
             real = micro["attention_mask"].reshape(-1).bool()
             for name, layer in layers.items():
                 chosen = layer.last_router_output.topk_idx_TK[real].reshape(-1)
@@ -97,7 +103,8 @@ def _oracle(records: list[dict], overrides: list[str], clip: float, log_every: i
         norm = float(torch.nn.utils.get_total_norm(grads))
         lr = records[0]["steps"][step]["lrs"][0]
         row = {"loss": lm_sum / loss_tokens, "router_loss": router_sum / len(micro_batches), "grad_norm": norm,
-               "lr": lr, "loss_tokens": loss_tokens}
+               "lr": lr, "loss_tokens": loss_tokens,
+               **{f"router_loss/{kind}": total / len(micro_batches) for kind, total in kind_sums.items()}}
         if (step + 1) % log_every == 0 or step + 1 == len(records[0]["steps"]):
             row["expert_load"] = {name: (c / c.sum()).tolist() for name, c in counts.items()}
             counts = {name: torch.zeros_like(c) for name, c in counts.items()}
@@ -112,16 +119,17 @@ def _oracle(records: list[dict], overrides: list[str], clip: float, log_every: i
 
 def test_every_logged_value_matches_a_single_process_replay(tmp_path, monkeypatch):
     """EP=2 over 2 ranks, ZeRO-2, 2 micro-batches each, padded rows, clipping active (norms ≈ 3 > 1), a window
-    of 2 steps for the expert load. The later steps' losses match only if the update used the logged lr
-    (warmup: 0.025 then 0.05) and the clipped pre-clip norm. The expert load counted padding copies (dropless
-    routes them), off by up to 0.03 of the copies per expert here."""
+    of 2 steps for the expert load, all three router losses on (each kind logged, the kinds summing to
+    router_loss). The later steps' losses match only if the update used the logged lr (warmup: 0.025 then
+    0.05) and the clipped pre-clip norm. The expert load counted padding copies (dropless routes them), off by
+    up to 0.03 of the copies per expert here."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("SWITCHYARD_CACHE", cache)
     overrides = _overrides(tmp_path, ["parallel.ep=2", "train.max_steps=3", "train.micro_batch_size=2",
                                       "train.grad_accum=2", "train.lr=0.05", "train.clip=1.0", "train.log_every=2",
-                                      "deepspeed=configs/deepspeed/zero2.json"])
+                                      "moe.seq_aux_loss_coef=0.005", "deepspeed=configs/deepspeed/zero2.json"])
     records = run_on_ranks(_recorded_train, 2, overrides, cache, timeout_s=240)
     expected = _oracle(records, overrides, clip=1.0, log_every=2)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -130,8 +138,11 @@ def test_every_logged_value_matches_a_single_process_replay(tmp_path, monkeypatc
     for row, want in zip(rows, expected):
         assert row["loss_tokens"] == want["loss_tokens"]
         assert row["lr"] == want["lr"]
-        for key in ("loss", "router_loss", "grad_norm"):
+        kinds = [k for k in want if k.startswith("router_loss/")]
+        assert len(kinds) == 3 and all(want[k] > 0 for k in kinds)
+        for key in ("loss", "router_loss", "grad_norm", *kinds):
             assert row[key] == pytest.approx(want[key], rel=2e-5), (row["step"], key)
+        assert sum(row[k] for k in kinds) == pytest.approx(row["router_loss"], rel=1e-6)
         assert ("expert_load" in row) == ("expert_load" in want)
         for name, shares in want.get("expert_load", {}).items():
             assert sum(row["expert_load"][name]) == pytest.approx(1.0, abs=5e-5)

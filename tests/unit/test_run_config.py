@@ -117,6 +117,18 @@ def test_world_dependent_checks():
         load_run_config(TINY, ["parallel.ep=8"]).check_world(8)
 
 
+def test_tensor_parallel_layouts_are_checked_before_the_model():
+    sizes = load_run_config(TINY, ["parallel.tp=2", "parallel.ep=2"]).check_world(4)
+    assert (sizes["tp"], sizes["dp"], sizes["etp"], sizes["edp"]) == (2, 2, 2, 1)
+    assert load_run_config(TINY, ["parallel.tp=2", "parallel.ep=1", "train.global_batch_size=4"]).check_world(2)["dp"] == 1
+    with pytest.raises(ValueError, match=r"parallel.etp=1 with parallel.tp=2: .* leave parallel.etp unset or set it to 2"):
+        load_run_config(TINY, ["parallel.tp=2", "parallel.etp=1", "parallel.ep=1"]).check_world(2)
+    with pytest.raises(ValueError, match=r"parallel.pp=2: fine-tuning with pipeline parallelism is not implemented"):
+        load_run_config(TINY, ["parallel.pp=2", "parallel.ep=1"]).check_world(2)
+    with pytest.raises(ValueError, match=r"ep\*etp = 2\*2 = 4 does not divide tp\*dp = 2\*1 = 2"):
+        load_run_config(TINY, ["parallel.tp=2", "parallel.ep=2"]).check_world(2)
+
+
 def test_expert_count_is_checked_only_where_the_run_config_decides_it(tmp_path):
     """An HF MoE model or a switchyard checkpoint keeps its own experts (any moe.num_experts is refused for
     an HF MoE model): MoESection's default of 4 experts used to fail ep=8 for a 64-expert model."""

@@ -1,42 +1,54 @@
-"""Global gradient-norm clipping for ZeRO stage 0 with expert parallelism.
+"""Global gradient-norm clipping for ZeRO stage 0 with expert and tensor parallelism.
 
 DeepSpeed 0.19's stage-0 ``clip_grad_norm_`` averages each rank's local norm over the data-parallel
 group. With experts sharded over EP ranks every rank's local norm differs (it sees only its experts),
 so the mean is not the model's norm and the update differs from the single-process one
 (tests/integration/test_finetune.py catches it). ZeRO-1/2 compute the right norm themselves.
 
-Here: dense gradients are identical on every rank after the data-parallel all-reduce; each expert
-exists once per EP group; so ‖g‖² = Σ dense² + all_reduce_sum_over_ep(Σ local expert²).
+Here, after the data-parallel reduction: a replicated dense gradient is the same on every rank (counted once);
+a tensor-parallel shard (``tp_shard``, ``parallel/tensor_shards.py``) exists once per tp group; each expert once
+per EP group, and an expert shard once per EP × etp group. So ‖g‖² = Σ dense² + Σ_tp(Σ dense shard²)
++ Σ_ep(Σ expert² + Σ_etp(Σ expert shard²)).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.utils import is_moe_param
 
+from switchyard.parallel.tensor_shards import shard_of
+
+if TYPE_CHECKING:
+    from switchyard.parallel import ProcessGroupManager
+
+
+def _sum_over(value: torch.Tensor, groups: "ProcessGroupManager | None", *kinds: str) -> torch.Tensor:
+    for kind in kinds:
+        if groups is not None and groups.size(kind) > 1:
+            dist.all_reduce(value, group=groups.group(kind))
+    return value
+
 
 @torch.no_grad()
-def clip_global_grad_norm_(model: nn.Module, max_norm: float, ep_group: dist.ProcessGroup | None) -> float:
-    """Clip in place (after gradients are reduced); returns the global norm before clipping."""
-    grads = [(p.grad, is_moe_param(p)) for p in model.parameters() if p.grad is not None]
+def clip_global_grad_norm_(model: nn.Module, max_norm: float, groups: "ProcessGroupManager | None") -> float:
+    """Clip in place (after gradients are reduced); returns the global norm before clipping. Every rank calls it."""
+    grads = [p for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    device = grads[0][0].device
-    dense_sq = torch.zeros((), device=device, dtype=torch.float32)
-    expert_sq = torch.zeros((), device=device, dtype=torch.float32)
-    for grad, expert in grads:
-        square = grad.detach().float().pow(2).sum()
-        if expert:
-            expert_sq += square
-        else:
-            dense_sq += square
-    if ep_group is not None and dist.get_world_size(ep_group) > 1:
-        dist.all_reduce(expert_sq, group=ep_group)
-    norm = (dense_sq + expert_sq).sqrt()
+    device = grads[0].grad.device
+    # squares by where the other copies or shards live: (expert?, sharded?) → the groups to sum over
+    squares = {key: torch.zeros((), device=device, dtype=torch.float32)
+               for key in ((False, False), (False, True), (True, False), (True, True))}
+    for param in grads:
+        squares[(is_moe_param(param), shard_of(param) is not None)] += param.grad.detach().float().pow(2).sum()
+    total = (squares[(False, False)] + _sum_over(squares[(False, True)], groups, "tp")
+             + _sum_over(squares[(True, False)] + _sum_over(squares[(True, True)], groups, "etp"), groups, "ep"))
     if max_norm > 0:
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for grad, _ in grads:
-            grad.mul_(scale.to(grad.dtype))
-    return float(norm)
+        scale = torch.clamp(max_norm / (total.sqrt() + 1e-6), max=1.0)
+        for param in grads:
+            param.grad.mul_(scale.to(param.grad.dtype))
+    return float(total.sqrt())

@@ -41,6 +41,7 @@ from switchyard.config import MoEConfig
 from switchyard.hf.patch import CONFIG_KEY, moe_layers, patch_model
 from switchyard.log import get_logger
 from switchyard.moe.layer import EXPERT_PARAM_NAMES
+from switchyard.parallel.tensor_parallel import full_state_dict
 
 if TYPE_CHECKING:
     from switchyard.parallel.manager import ProcessGroupManager
@@ -364,10 +365,11 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     # resolved: a symlink's target is what gets replaced, and "." names the directory, not the process's cwd
     rank, out = dist.get_rank() if _distributed() else 0, Path(path).resolve()
     staging, _ = swap_paths(out)
-    writes_experts = groups.rank("edp") == 0 if groups is not None else rank == 0
+    # one writer per expert block: the first rank of its expert-data-parallel group, after the etp shards are gathered
+    writes_experts = groups.rank("edp") == 0 and groups.rank("etp") == 0 if groups is not None else rank == 0
     on_every_rank(f"save_pretrained({out})", lambda: _prepare(out) if rank == 0 else None)
     error: BaseException | None = None
-    state = model.state_dict()
+    state = full_state_dict(model, groups) if groups is not None else model.state_dict()  # tp shards gathered
     prefixes = tuple(f"{p}.experts." for p in moe_prefixes(model))
     expert_keys = [k for k in state if k.startswith(prefixes) and _EXPERT_KEY.match(k)]
     mine: tuple[dict[str, str], int, dict[str, str]] = ({}, 0, {})

@@ -34,7 +34,7 @@ from switchyard.hf.upcycle import (
     check_extra, expert_fields, expert_intermediate_size, output_preserving_issues, upcycle_layer,
 )
 from switchyard.log import get_logger
-from switchyard.moe.layer import MoELayer
+from switchyard.moe.layer import LOSS_COEFFICIENTS, MoELayer
 from switchyard.parallel.deepspeed_groups import tag_expert_parameters
 
 if TYPE_CHECKING:
@@ -430,6 +430,26 @@ def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: An
             layer.last_router_output.logits_TE for layer in layers if layer.last_router_output is not None
         )
     return _as_tuple(output) if state["as_tuple"] else output
+
+
+def router_loss_parts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each kind's share of the ``aux_loss`` the hook added to the last forward's loss: coefficient × loss,
+    averaged over the layers the hook averaged, so the kinds sum to ``aux_loss`` within rounding. Every kind a
+    layer's coefficient turns on is there (0 where none was computed: a forward without grad), so each call
+    and each rank gives the same keys. Detached, on device: no host sync."""
+    layers = getattr(model, "_switchyard_moe_layers", ())
+    kinds = [k for k, field in LOSS_COEFFICIENTS.items() if any(getattr(l.config, field) for l in layers)]
+    if not kinds:
+        return {}
+    counted = [l for l in layers if l.aux_loss is not None]
+    zero = torch.zeros((), device=next(iter(layers[0].parameters())).device)
+    parts: dict[str, torch.Tensor] = {}
+    for kind in kinds:
+        field = LOSS_COEFFICIENTS[kind]
+        weighted = [getattr(l.config, field) * l.last_stats.losses[kind].float() for l in counted
+                    if kind in l.last_stats.losses]
+        parts[kind] = torch.stack(weighted).sum() / len(counted) if weighted else zero
+    return parts
 
 
 def _as_tuple(output: Any) -> tuple:

@@ -17,9 +17,10 @@ and the stats.
 Rules, each checked on every call (a call that breaks one runs eagerly; nothing is ever wrong, at worst slow):
 - training, grad enabled, something to differentiate (the input or a router / expert parameter requires grad),
   CUDA, not under ``torch.autocast``, parameters not partitioned by ZeRO-3,
-  ep = 1, dropless (no capacity factor), no router jitter, fused kernels on, an experts impl without host
-  syncs (``MoELayer._graph_rules_broken``); the same input shape, dtype, ``requires_grad`` and parameter
-  storage as at capture (storage moved or ``requires_grad`` changed: the graph is captured again).
+  ep = 1, etp = 1 (experts not sharded), dropless (no capacity factor), no router jitter, fused kernels on,
+  an experts impl without host syncs (``MoELayer._graph_rules_broken``); the same input shape, dtype,
+  ``requires_grad`` and parameter storage as at capture (storage moved or ``requires_grad`` changed: the graph is
+  captured again).
 - A forward's backward must run before the layer's next forward replays: the graph's buffers hold that
   forward's activations. A forward while one is pending runs eagerly (pipeline schedules that run two
   forwards of a layer before their backwards). A replayed forward whose autograd graph is freed without a

@@ -4,6 +4,11 @@ Parameters use transformers 5's fused layout (``MixtralExperts``: ``gate_up_proj
 gate rows first, ``down_proj`` [E, H, F]), so HF expert weights load by a plain copy and export back the
 same way. The math is single-device; dispatch/combine live elsewhere.
 
+Expert tensor parallelism (``shard_ffn``) keeps a slice of every expert's FFN width on each rank: GEMM 1's
+rows (of gate and of up) and GEMM 2's columns, so each rank's output is a partial sum that the layer
+all-reduces (moe/layer.py). Every compute path runs unchanged on the slice; only ``down_proj_bias`` is left
+out of them (``weights``), for the layer to add once after that sum (``add_down_bias``).
+
 Tensor suffixes:
     N  permuted token rows (sorted by local expert)    E  local experts
     H  hidden size                                     F  expert intermediate (ffn) size
@@ -23,6 +28,7 @@ from torch import Tensor, nn
 from switchyard.activations import get_activation
 from switchyard.moe.kernels import fused_kernels_enabled, silu_mul
 from switchyard.moe.swiglu_ffn import GROUPED_MM as _GROUPED_MM, swiglu_ffn
+from switchyard.parallel.tensor_shards import TensorShard, mark_sharded, shard_tensor
 
 TokenCounts = Tensor | list[int]
 ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts, "Tensor | None"], Tensor]  # (.., offsets_E)
@@ -231,12 +237,13 @@ class GroupedExperts(nn.Module):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.etp_size = 1  # ranks sharing each expert's FFN width (``shard_ffn``): intermediate_size is one slice
         self.activation, self.gated, self.has_bias = activation, gated, bias
         self.act_fn = get_activation(activation)
         self.impl = impl
         kw = {"dtype": dtype, "device": device}
         out1 = 2 * intermediate_size if gated else intermediate_size
-        up_name = "gate_up_proj" if gated else "up_proj"
+        up_name = self.up_name
         self.register_parameter(up_name, nn.Parameter(torch.empty(num_experts, out1, hidden_size, **kw)))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
         if bias:
@@ -262,12 +269,59 @@ class GroupedExperts(nn.Module):
         """Gated SiLU without bias: the FFN the SwiGLU Function (and the fused kernels) cover."""
         return self.gated and self.activation in _SILU_NAMES and not self.has_bias
 
+    @property
+    def up_name(self) -> str:
+        return "gate_up_proj" if self.gated else "up_proj"
+
     def weights(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-        """(w1_EOH, b1_EO, w2_EHF, b2_EH) whatever the gated/plain parameter names."""
-        up = "gate_up_proj" if self.gated else "up_proj"
+        """(w1_EOH, b1_EO, w2_EHF, b2_EH) whatever the gated/plain parameter names. ``b2`` is None once the FFN
+        is sharded (``etp_size > 1``): the output is then a partial sum, and the bias belongs to the total."""
+        up = self.up_name
         b1 = getattr(self, f"{up}_bias") if self.has_bias else None
-        b2 = self.down_proj_bias if self.has_bias else None
+        b2 = self.down_proj_bias if self.has_bias and self.etp_size == 1 else None
         return getattr(self, up), b1, self.down_proj, b2
+
+    def ffn_shards(self) -> dict[str, TensorShard]:
+        """How ``shard_ffn`` splits each parameter over the "etp" group (Megatron's column-parallel GEMM 1,
+        row-parallel GEMM 2): the rows of gate and of up (packed in ``gate_up_proj``, gate first) and their
+        bias, the columns of ``down_proj``. ``down_proj_bias`` is not split."""
+        packed = 2 if self.gated else 1
+        shards = {self.up_name: TensorShard(1, "etp", packed), "down_proj": TensorShard(2, "etp")}
+        if self.has_bias:
+            shards[f"{self.up_name}_bias"] = TensorShard(1, "etp", packed)
+        return shards
+
+    def shard_ffn(self, rank: int, size: int) -> None:
+        """Keep FFN slice ``rank`` of ``size`` of every expert, in place (the same Parameter objects, so their
+        DeepSpeed tags, hooks and ``requires_grad`` stay; tagged with ``mark_sharded``). The forward then returns
+        the partial output of this slice, without ``down_proj_bias``: sum it over the ``size`` ranks, then
+        ``add_down_bias``."""
+        if self.etp_size != 1:
+            raise RuntimeError(f"these experts are already sharded over {self.etp_size} ranks")
+        if size == 1:
+            return
+        if self.intermediate_size % size != 0:
+            raise ValueError(f"expert intermediate size {self.intermediate_size} does not split over etp={size} "
+                             f"ranks; choose tp (= etp) dividing {self.intermediate_size}")
+        with torch.no_grad():
+            for name, shard in self.ffn_shards().items():
+                param = getattr(self, name)
+                param.data = shard_tensor(param.data, shard, rank, size)
+                param.grad = None
+                mark_sharded(param, shard)
+        self.intermediate_size //= size
+        self.etp_size = size
+
+    def add_down_bias(self, y_NH: Tensor, tokens_per_expert: TokenCounts) -> Tensor:
+        """``y_NH`` plus each row's expert's ``down_proj_bias`` (rows sorted by expert, as ``forward`` takes
+        them; rows past the counts, kept by serving's capture, get the last expert's): what a sharded forward
+        leaves out. No host sync. Unchanged without bias or when not sharded (the forward added it)."""
+        if not self.has_bias or self.etp_size == 1:
+            return y_NH
+        offs_E = torch.cumsum(torch.as_tensor(tokens_per_expert, device=y_NH.device), dim=0)
+        rows_N = torch.arange(y_NH.shape[0], device=y_NH.device)
+        eid_N = torch.searchsorted(offs_E, rows_N, right=True).clamp_max(self.num_experts - 1)
+        return _ExpertBias.apply(y_NH, self.down_proj_bias.to(y_NH.dtype), eid_N)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -276,8 +330,9 @@ class GroupedExperts(nn.Module):
         (kaiming_uniform_ with a=sqrt(5) reduces to that bound; it cannot be called on the 3-D tensor
         directly because it would take E as fan_out and F*H as fan_in.)
         """
-        w1, b1, w2, b2 = self.weights()
-        for w, b, fan_in in ((w1, b1, self.hidden_size), (w2, b2, self.intermediate_size)):
+        w1, b1, w2, _ = self.weights()
+        b2 = self.down_proj_bias if self.has_bias else None
+        for w, b, fan_in in ((w1, b1, self.hidden_size), (w2, b2, self.intermediate_size * self.etp_size)):
             bound = 1.0 / math.sqrt(fan_in)
             w.uniform_(-bound, bound)
             if b is not None:
@@ -318,4 +373,5 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, "
-                f"gated={self.gated}, bias={self.has_bias}, impl={self.impl!r}")
+                f"gated={self.gated}, bias={self.has_bias}, impl={self.impl!r}"
+                + (f", etp_size={self.etp_size}" if self.etp_size > 1 else ""))

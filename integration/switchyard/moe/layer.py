@@ -13,6 +13,13 @@ without bias) skip the permutation: ``routed_swiglu_combine`` runs the experts o
 From two copies per expert up to ``all_experts_tokens`` tokens (which reach nearly every expert anyway),
 every local expert runs on every token and the combine picks each token's K outputs (``moe/all_experts.py``).
 
+Tensor parallelism (tp > 1) runs inside the layer as expert tensor parallelism with etp = tp: the layer is
+built with full-width experts (so upcycling and adoption copy whole FFNs), then ``shard_experts_tensor_parallel``
+keeps 1/etp of every local expert's FFN width on each rank. The ranks of an etp group hold the same tokens and,
+after the dispatch, the same rows: each computes its slice's partial output, one all-reduce over the group sums
+them (Megatron's column- then row-parallel FFN), and ``down_proj_bias`` is added once to that sum. Router and
+dispatch run replicated on the etp ranks, identically.
+
 The state dict speaks global expert ids (``experts.{id}.gate_up_proj``): a layer saved at ep=N loads
 at ep=M, each rank picking its own experts.
 
@@ -33,13 +40,14 @@ from switchyard.log import get_logger
 from switchyard.moe.all_experts import all_experts_swiglu_combine
 from switchyard.moe.capacity import capacity_keep_mask
 from switchyard.moe.cuda_graph import LayerGraph, module_substitute
-from switchyard.moe.dispatcher import TokenDispatcher
+from switchyard.moe.dispatcher import DispatchPlan, TokenDispatcher
 from switchyard.moe.experts import GroupedExperts
 from switchyard.moe.kernels import fused_kernels_enabled, routed_swiglu_combine
 from switchyard.moe.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from switchyard.moe.router import Router, RouterOutput
 from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
 from switchyard.parallel.layout import local_expert_ids
+from switchyard.parallel.tensor_shards import copy_to_group, reduce_from_group, shard_tensor
 
 if TYPE_CHECKING:
     from switchyard.parallel.manager import ProcessGroupManager
@@ -67,6 +75,11 @@ ALL_EXPERTS_MIN_COPIES_PER_EXPERT = 2
 INFERENCE_PATHS = {"small_batch": routed_swiglu_combine, "all_experts": all_experts_swiglu_combine}
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
+
+
+# each router loss kind of MoEStats.losses → the MoEConfig field that weighs it in ``aux_loss``
+LOSS_COEFFICIENTS = {"load_balancing": "aux_loss_coef", "sequence_balance": "seq_aux_loss_coef",
+                     "z_loss": "z_loss_coef"}
 
 
 @dataclass
@@ -143,10 +156,13 @@ class MoELayer(DeepSpeedMoEModule):
                 f"num_experts={config.num_experts} is not divisible by ep={ep_size}; "
                 f"choose ep dividing {config.num_experts}"
             )
-        if groups is not None and groups.size("tp") > 1:
+        tp_size = groups.size("tp") if groups is not None else 1
+        etp_size = groups.size("etp") if groups is not None else 1
+        if tp_size > 1 and etp_size != tp_size:
             raise ValueError(
-                f"tensor parallelism (tp={groups.size('tp')}) inside the MoE layer is not implemented yet; "
-                "use tp=1 with ep for the MoE layers"
+                f"tp={tp_size} with etp={etp_size}: inside the MoE layer tensor parallelism is expert tensor "
+                f"parallelism (each tp rank holds 1/tp of every local expert's FFN), which needs etp = tp; build "
+                f"the ProcessGroupManager with etp={tp_size} (or leave etp unset)"
             )
         group_name = groups.ep_group_name if groups is not None else "ep_size_1"
         self._init_expert_module(config.num_experts, ep_size, group_name)
@@ -178,6 +194,25 @@ class MoELayer(DeepSpeedMoEModule):
         self._graph_skip_reason: str | None = None  # last reason logged for running eagerly
         self._register_state_dict_hook(_experts_to_global_ids)
         self._register_load_state_dict_pre_hook(_experts_from_global_ids, with_module=True)
+
+    def shard_experts_tensor_parallel(self) -> None:
+        """Keep this rank's 1/etp of every local expert's FFN width (``GroupedExperts.shard_ffn``); from then on
+        the forward sums the slices' partial outputs over the "etp" group. Called once the full-width experts
+        hold their weights (``patch_model``'s upcycling or adoption, a checkpoint): ``apply_tensor_parallel``
+        does. A no-op at etp = 1 and on a layer already sharded. Router jitter is refused: each rank draws its own
+        noise, so the etp ranks could route their (same) tokens differently and sum slices of different rows."""
+        etp_size = self.groups.size("etp") if self.groups is not None else 1
+        if etp_size == 1 or self.experts.etp_size == etp_size:
+            return
+        assert self.groups is not None
+        if self.config.router_jitter > 0:
+            raise ValueError(
+                f"router_jitter={self.config.router_jitter} with expert tensor parallelism (etp={etp_size}): the etp "
+                "ranks must route their tokens identically, and each draws its own jitter noise; set router_jitter=0 "
+                "for tp > 1"
+            )
+        self.experts.shard_ffn(self.groups.rank("etp"), etp_size)
+        self._graph = None  # captured on the full-width parameters
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -234,8 +269,21 @@ class MoELayer(DeepSpeedMoEModule):
             plan.overlap_out = overlap() if overlap is not None else None
         else:
             x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK, overlap)
-        y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_offsets_L)
+        y_MH = self._run_experts(x_MH, plan)
         return self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK), plan.tokens_per_expert_E, plan.overlap_out
+
+    def _run_experts(self, x_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """The local experts on the dispatched rows. Sharded (etp > 1), every etp rank holds the same rows: each
+        computes its FFN slice's partial output, the all-reduce over the group sums them and the down bias is added
+        once. Backward: every slice takes the whole output gradient, and ``copy_to_group`` sums the slices' input
+        gradients."""
+        counts_L, offsets_L = plan.tokens_per_local_expert_L, plan.local_offsets_L
+        if self.experts.etp_size == 1:
+            return self.experts(x_MH, counts_L, offsets_L)
+        assert self.groups is not None
+        group = self.groups.group("etp")
+        y_MH = reduce_from_group(self.experts(copy_to_group(x_MH, group), counts_L, offsets_L), group)
+        return self.experts.add_down_bias(y_MH, counts_L)
 
     def _routed_core(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What ``cuda_graph`` captures: the dropless routed path, outputs as tensors only."""
@@ -255,6 +303,7 @@ class MoELayer(DeepSpeedMoEModule):
             (not torch.is_autocast_enabled("cuda"), "under torch.autocast"),
             (not hasattr(self.experts.down_proj, "ds_id"), "ZeRO-3 partitions the parameters"),
             (self.ep_size == 1 and not self.replicated_tokens, f"ep={self.ep_size}"),
+            (self.experts.etp_size == 1, f"etp={self.experts.etp_size} (the expert tensor-parallel all-reduces)"),
             (cfg.capacity_factor is None, f"capacity_factor={cfg.capacity_factor} (drops need a host sync)"),
             (cfg.router_jitter == 0, f"router_jitter={cfg.router_jitter}"),
             (fused_kernels_enabled(), "fused kernels off (the unfused dispatch syncs)"),
@@ -308,12 +357,17 @@ class MoELayer(DeepSpeedMoEModule):
     def _inference_forward(self, path: str, x_TH: torch.Tensor, routed: RouterOutput,
                            keep_TK: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``path`` function on this rank's experts, combined in fp32; at ep > 1 (replicated tokens)
-        each rank adds its experts' share and the EP all-reduce sums them, as ``combine`` does."""
+        each rank adds its experts' share and the EP all-reduce sums them, as ``combine`` does. Sharded experts
+        (etp > 1) give their FFN slice's share, summed over the etp group (these paths take no bias)."""
         w1_LOH, _, w2_LHF, _ = self.experts.weights()
         out_TH, tokens_per_expert_E = INFERENCE_PATHS[path](
             x_TH, w1_LOH, w2_LHF, routed.topk_idx_TK, routed.topk_weight_TK, keep_TK,
             first_expert=self.local_expert_ids[0], num_experts=self.num_experts)
-        return self.dispatcher.reduce_replicated(out_TH), tokens_per_expert_E
+        out_TH = self.dispatcher.reduce_replicated(out_TH)
+        if self.experts.etp_size > 1:
+            assert self.groups is not None
+            out_TH = reduce_from_group(out_TH, self.groups.group("etp"))
+        return out_TH, tokens_per_expert_E
 
     def _token_split(self, shape: torch.Size, device: torch.device) -> tuple[torch.Tensor | None, int]:
         """(real_T, sequences) of a call on hidden states of ``shape``: ``token_mask`` as bool ``real_T`` (None
@@ -375,7 +429,7 @@ class MoELayer(DeepSpeedMoEModule):
                 )
         if torch.is_grad_enabled() and cfg.z_loss_coef > 0:
             losses["z_loss"] = z_loss(routed.logits_TE, real_T)
-        coefs = {"load_balancing": cfg.aux_loss_coef, "sequence_balance": cfg.seq_aux_loss_coef, "z_loss": cfg.z_loss_coef}
+        coefs = {kind: getattr(cfg, field) for kind, field in LOSS_COEFFICIENTS.items()}
         self.aux_loss = sum((coefs[k] * v for k, v in losses.items()), torch.zeros((), device=routed.logits_TE.device)) if losses else None
         self.last_router_output = routed
         counts = tokens_per_expert_E.detach()
@@ -421,7 +475,8 @@ class MoELayer(DeepSpeedMoEModule):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.config.top_k}, ep_size={self.ep_size}, "
-                f"local_experts={self.local_expert_ids[0]}..{self.local_expert_ids[-1]}")
+                f"local_experts={self.local_expert_ids[0]}..{self.local_expert_ids[-1]}"
+                + (f", etp_size={self.experts.etp_size}" if self.experts.etp_size > 1 else ""))
 
 
 def _balance_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:
@@ -445,12 +500,21 @@ def _experts_to_global_ids(module: MoELayer, state_dict: dict, prefix: str, loca
 
 
 def _experts_from_global_ids(module: MoELayer, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Stack this rank's experts from per-id keys; drop other ranks' experts (not ours to load)."""
+    """Stack this rank's experts from per-id keys; drop other ranks' experts (not ours to load). A sharded
+    layer (etp > 1) takes full-width tensors too (a full state dict), keeping its own slice."""
     per_id_prefix = f"{prefix}experts."
+    experts = module.experts
+    shards = experts.ffn_shards() if experts.etp_size > 1 else {}
     for name in EXPERT_PARAM_NAMES:
         wanted = [f"{per_id_prefix}{gid}.{name}" for gid in module.local_expert_ids]
         if all(key in state_dict for key in wanted):
-            state_dict[f"{per_id_prefix}{name}"] = torch.stack([state_dict.pop(key) for key in wanted])
+            stacked = torch.stack([state_dict.pop(key) for key in wanted])
+            shard = shards.get(name)
+            full_width = getattr(experts, name).shape[shard.dim] * experts.etp_size if shard is not None else None
+            if shard is not None and stacked.shape[shard.dim] == full_width:
+                assert module.groups is not None
+                stacked = shard_tensor(stacked, shard, module.groups.rank("etp"), experts.etp_size)
+            state_dict[f"{per_id_prefix}{name}"] = stacked
     for key in [k for k in state_dict if k.startswith(per_id_prefix)]:
         rest = key[len(per_id_prefix):].split(".", 1)
         if len(rest) == 2 and rest[0].isdigit() and rest[1] in EXPERT_PARAM_NAMES:

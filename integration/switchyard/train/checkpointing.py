@@ -59,21 +59,23 @@ class ResumePoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    def layout_changes(self, world_size: int, ep: int, zero_stage: int, optimizer: str | None = None) -> list[str]:
+    def layout_changes(self, world_size: int, ep: int, zero_stage: int, optimizer: str | None = None,
+                       tp: int = 1) -> list[str]:
         """What differs from the layout the engine state was saved under, as ``name old → new``; any difference
         means reshard the weights and restart the optimizer. ``optimizer`` is the engine's optimizer class (its
         state dict's format: ZeRO-0 fp32 steps torch's optimizer, ZeRO-0 bf16 a DeepSpeed wrapper, and neither
         loads the other's). A value a checkpoint from before it was recorded lacks counts as the same."""
-        now = {"world": world_size, "ep": ep, "ZeRO stage": zero_stage, "optimizer": optimizer}
-        saved = {"world": self.meta.get("world_size"), "ep": self.meta.get("ep"),
+        now = {"world": world_size, "ep": ep, "tp": tp, "ZeRO stage": zero_stage, "optimizer": optimizer}
+        saved = {"world": self.meta.get("world_size"), "ep": self.meta.get("ep"), "tp": self.meta.get("tp", 1),
                  "ZeRO stage": self.meta.get("zero_stage", zero_stage),
                  "optimizer": self.meta.get("engine_optimizer", optimizer)}
         return [f"{k} {saved[k]} → {now[k]}" for k in now if now[k] is not None and saved[k] != now[k]]
 
-    def same_layout(self, world_size: int, ep: int, zero_stage: int, optimizer: str | None = None) -> bool:
+    def same_layout(self, world_size: int, ep: int, zero_stage: int, optimizer: str | None = None,
+                    tp: int = 1) -> bool:
         """Whether the engine state (partitioned by ZeRO over this layout) loads as saved; else reshard the
         weights and restart the optimizer."""
-        return not self.layout_changes(world_size, ep, zero_stage, optimizer)
+        return not self.layout_changes(world_size, ep, zero_stage, optimizer, tp)
 
 
 def step_of(path: Path) -> int:

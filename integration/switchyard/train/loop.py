@@ -150,19 +150,24 @@ def accepts_loss_kwargs(model: torch.nn.Module) -> bool:
 
 
 def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One micro-batch's forward and backward; returns its (LM, router) losses, detached.
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's forward and backward; returns its (LM, router) losses and the router loss per kind
+    (``router_loss_parts``: they sum to the router loss), detached, on device.
 
     The model sums its token losses and divides by ``lm_divisor`` (transformers' ``num_items_in_batch``); the
     router losses that the ``patch_model`` hook adds to ``loss`` stay a per-micro-batch mean, so DeepSpeed
     averages them over micro-batches and ranks as before. ``lm_divisor`` None (a model whose loss ignores the
     keyword): the model's own per-micro-batch mean."""
+    from switchyard.hf.patch import router_loss_parts
+
     out = engine(**micro) if lm_divisor is None else engine(**micro, num_items_in_batch=lm_divisor)
+    # read before backward: gradient checkpointing's recompute overwrites the layers' last losses
+    parts = router_loss_parts(engine.module)
     engine.backward(out.loss)
     aux = out.get("aux_loss")
     if aux is None:
-        return out.loss.detach(), torch.zeros((), device=out.loss.device)
-    return (out.loss - aux).detach(), aux.detach()
+        return out.loss.detach(), torch.zeros((), device=out.loss.device), parts
+    return (out.loss - aux).detach(), aux.detach(), parts
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -171,7 +176,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     from switchyard.deepspeed import optimizer_param_groups, zero_stage
     from switchyard.deepspeed.clipping import clip_global_grad_norm_
     from switchyard.moe.layer import MoELayer
-    from switchyard.parallel import ProcessGroupManager, init_distributed
+    from switchyard.parallel import ProcessGroupManager, apply_tensor_parallel, init_distributed
     from switchyard.train import checkpointing
     from switchyard.train.data import load_datasets
     from switchyard.train.metrics import ExpertLoad, MetricsWriter
@@ -197,6 +202,8 @@ def train(config: RunConfig) -> dict[str, Any]:
 
     source = resolve_source(config)
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
+    matmul_params = _matmul_params(model)  # the whole model's, before tensor parallelism slices it
+    apply_tensor_parallel(model, groups)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
     for layer in layers.values():
         layer.cuda_graph = config.train.cuda_graph
@@ -225,12 +232,11 @@ def train(config: RunConfig) -> dict[str, Any]:
     metrics = MetricsWriter(run_dir, enabled=rank == 0, total_steps=steps, start_step=start_step)
     load = ExpertLoad()
     device = engine.device
-    matmul_params = _matmul_params(model)
     token_weighted = accepts_loss_kwargs(model)
     if not token_weighted:
         log.warning("%s's loss ignores num_items_in_batch: each micro-batch's LM loss is its own per-token mean, "
                     "weighted equally (a micro-batch without loss tokens gives NaN)", type(model).__name__, ranks=[0])
-    meta = {"world_size": world, "ep": groups.size("ep"), "dp": dp_size, "zero_stage": stage,
+    meta = {"world_size": world, "ep": groups.size("ep"), "tp": groups.size("tp"), "dp": dp_size, "zero_stage": stage,
             "engine_optimizer": engine_optimizer, "config": config.to_dict()}
     history: list[float] = []
     last_eval: dict[str, float] = {}
@@ -239,6 +245,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         started = time.perf_counter()
         engine.train()
         lm_losses, aux_losses, tokens = [], [], 0
+        router_parts: dict[str, list[torch.Tensor]] = {}  # per kind, one per micro-batch (the same kinds each)
         grad_norm = None
         lr = engine.lr_scheduler.get_last_lr()[0]  # this step's: engine.step() moves the scheduler on
         micro_batches = batches.next_step()
@@ -252,12 +259,14 @@ def train(config: RunConfig) -> dict[str, Any]:
         for micro in micro_batches:
             tokens += batch_tokens(micro)[0]  # on the host batch: no device sync
             micro = {k: v.to(device) for k, v in micro.items()}
-            lm_loss, aux_loss = forward_backward(engine, micro, lm_divisor)
+            lm_loss, aux_loss, parts = forward_backward(engine, micro, lm_divisor)
             if own_clipping and engine.is_gradient_accumulation_boundary():
-                grad_norm = clip_global_grad_norm_(model, t.clip, groups.group("ep"))
+                grad_norm = clip_global_grad_norm_(model, t.clip, groups)
             engine.step()
             lm_losses.append(lm_loss)
             aux_losses.append(aux_loss)
+            for kind, part in parts.items():
+                router_parts.setdefault(kind, []).append(part)
             for name, layer in layers.items():
                 load.add_forward(name, layer, micro.get("attention_mask"))
         for layer in layers.values():
@@ -266,10 +275,14 @@ def train(config: RunConfig) -> dict[str, Any]:
         engine_norm = engine.get_global_grad_norm() if grad_norm is None else None
         norm_t = [engine_norm] if torch.is_tensor(engine_norm) else []
         # the LM losses' mean over micro-batches and ranks is the global batch's mean per loss token (each was
-        # divided by lm_divisor); token counts as dp means × dp: ranks' counts differ when padding does
-        loss, router_loss, mean_tokens, *norm_v = _dp_means(
-            [torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean(), torch.tensor(float(tokens))],
+        # divided by lm_divisor); token counts as dp means × dp: ranks' counts differ when padding does; the
+        # router loss per kind averaged as the router loss, in the same all-reduce
+        kinds = list(router_parts)  # the same on every rank: the layers' coefficients say which
+        loss, router_loss, mean_tokens, *rest = _dp_means(
+            [torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean(), torch.tensor(float(tokens)),
+             *(torch.stack(router_parts[kind]).mean() for kind in kinds)],
             groups, extra=norm_t)
+        router_by_kind, norm_v = rest[:len(kinds)], rest[len(kinds):]
         if grad_norm is None and engine_norm is not None:  # None: DeepSpeed computed none (compute_grad_norm off)
             grad_norm = norm_v[0] if norm_v else float(engine_norm)
         history.append(loss)
@@ -280,6 +293,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         values: dict[str, Any] = {
             "loss": loss,
             "router_loss": router_loss,
+            **{f"router_loss/{kind}": value for kind, value in zip(kinds, router_by_kind)},
             "lr": lr,
             **({"grad_norm": grad_norm} if grad_norm is not None else {}),
             "tokens_per_s": global_tokens / elapsed,
@@ -333,7 +347,7 @@ def _resume_engine(engine, resume, world: int, groups, stage: int, engine_optimi
     restarts. The weights came from the checkpoint's safetensors either way (any layout reads them)."""
     from switchyard.train import checkpointing
 
-    changes = resume.layout_changes(world, groups.size("ep"), stage, engine_optimizer)
+    changes = resume.layout_changes(world, groups.size("ep"), stage, engine_optimizer, groups.size("tp"))
     if not changes:
         checkpointing.load_engine_state(engine, resume.path / "engine", dist.get_rank(), groups.rank("dp"),
                                         groups.size("dp"))

@@ -150,10 +150,16 @@ class RunConfig:
     def check_world(self, world_size: int) -> dict[str, int]:
         """Checks that need the world size; returns the derived degrees (dp, edp, …)."""
         sizes = self.parallel.derived(world_size)
-        if self.parallel.tp > 1 or self.parallel.pp > 1:
+        if self.parallel.pp > 1:
             raise ValueError(
-                f"parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp}: fine-tuning with tensor or "
-                "pipeline parallelism is not implemented yet; use tp=1, pp=1 with ep and data parallelism"
+                f"parallel.pp={self.parallel.pp}: fine-tuning with pipeline parallelism is not implemented yet; "
+                "use pp=1 with tp, ep and data parallelism"
+            )
+        if sizes["tp"] > 1 and sizes["etp"] != sizes["tp"]:
+            raise ValueError(
+                f"parallel.etp={sizes['etp']} with parallel.tp={sizes['tp']}: with tensor parallelism the experts are "
+                "sharded over the tensor-parallel group (etp = tp); leave parallel.etp unset or set it to "
+                f"{sizes['tp']}"
             )
         # only a count this config decides: a source with its own MoE layers (an HF MoE model, a switchyard
         # checkpoint) keeps its experts, which MoESection's default of 4 says nothing about (patch_model checks them)

@@ -1,0 +1,96 @@
+"""Tensor-parallel shards of parameters, and the two collectives that make a sharded layer exact.
+
+A sharded parameter carries a ``TensorShard`` (``param.tp_shard``): which dimension is split, over which group
+kind of the ``ProcessGroupManager`` ("tp" for dense layers, "etp" for experts) and whether the full tensor packs
+several equal chunks along that dimension (a fused ``gate_up_proj`` packs gate and up: each rank holds its slice of
+each chunk, so gathering is not a plain concatenation). It also gets ``tensor_model_parallel = True``, the flag
+DeepSpeed's gradient norm reads (``deepspeed.runtime.utils.is_model_parallel_parameter``): sharded parameters count
+on every model-parallel rank, replicated ones on model-parallel rank 0 only.
+
+``copy_to_group`` / ``reduce_from_group`` are Megatron-LM's f / g: the input of a column-parallel product is the same
+on every rank, so its gradient is the sum of every rank's partial gradient (identity forward, all-reduce backward);
+a row-parallel product's output is a partial sum (all-reduce forward, identity backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TensorShard:
+    dim: int  # the dimension split over the group
+    group_kind: str  # "tp" or "etp": the ProcessGroupManager kind that holds the other shards
+    packed: int = 1  # the full tensor is ``packed`` equal chunks along ``dim``, each split over the group
+
+
+def shard_tensor(full: torch.Tensor, shard: TensorShard, rank: int, size: int) -> torch.Tensor:
+    """This rank's slice of ``full`` (a copy, contiguous): slice ``rank`` of each packed chunk, concatenated."""
+    length = full.shape[shard.dim]
+    if length % (shard.packed * size) != 0:
+        raise ValueError(
+            f"dimension {shard.dim} of a {tuple(full.shape)} tensor ({length}) does not split into {shard.packed} "
+            f"packed chunk(s) × {size} {shard.group_kind} ranks; choose a {shard.group_kind} size dividing "
+            f"{length // shard.packed}"
+        )
+    chunks = full.chunk(shard.packed, dim=shard.dim)
+    return torch.cat([c.chunk(size, dim=shard.dim)[rank] for c in chunks], dim=shard.dim).contiguous()
+
+
+def gather_tensor(local: torch.Tensor, shard: TensorShard, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
+    """The full tensor from every rank's ``local`` slice (a collective over ``group``: call it on every rank)."""
+    if size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    per_rank = [p.chunk(shard.packed, dim=shard.dim) for p in parts]
+    return torch.cat([torch.cat([r[c] for r in per_rank], dim=shard.dim) for c in range(shard.packed)], dim=shard.dim)
+
+
+def mark_sharded(param: torch.Tensor, shard: TensorShard) -> None:
+    """Tag ``param`` as a shard: ``tp_shard`` for gathering, ``tensor_model_parallel`` for DeepSpeed's norm."""
+    param.tp_shard = shard  # type: ignore[attr-defined]
+    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+    param.partition_dim = shard.dim  # type: ignore[attr-defined]
+
+
+def shard_of(param: torch.Tensor) -> TensorShard | None:
+    return getattr(param, "tp_shard", None)
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        out = x.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+def copy_to_group(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Identity forward; all-reduce of the gradient over ``group`` (the input of a column-parallel product)."""
+    return _CopyToGroup.apply(x, group)
+
+
+def reduce_from_group(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-reduce over ``group`` forward; identity backward (the partial output of a row-parallel product)."""
+    return _ReduceFromGroup.apply(x, group)

@@ -1,0 +1,165 @@
+"""Expert tensor parallelism (etp = tp) changes where each expert's FFN slice runs, never what the layer computes.
+
+Oracle: the same weights in one unsharded ``MoELayer`` in one process, run on each data-parallel rank's tokens
+separately (the ranks of a tp group share their dp rank's tokens). Outputs, input gradients, router gradients
+(summed over dp) and expert gradients (gathered over etp, summed over edp) must match, and the etp ranks' router
+gradients must be the same bits. ``full_state_dict`` gives the reference's tensors, and loads back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import run_on_ranks
+
+pytestmark = pytest.mark.distributed
+
+HIDDEN, FFN, EXPERTS = 16, 24, 4
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+CASES = {
+    "swiglu": dict(),
+    "swiglu_bias": dict(bias=True),
+    "plain_gelu": dict(gated=False, activation="gelu"),
+    "plain_gelu_bias": dict(gated=False, activation="gelu", bias=True),
+}
+
+
+def _pair(config, manager):
+    """(one-process reference, sharded layer with its weights)."""
+    from switchyard.moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    reference = MoELayer(config, HIDDEN, FFN)
+    with torch.no_grad():
+        reference.router.weight.mul_(20)  # far from top-k ties
+    layer = MoELayer(config, HIDDEN, FFN, groups=manager)
+    layer.load_state_dict(reference.state_dict())
+    layer.shard_experts_tensor_parallel()
+    return reference, layer
+
+
+def _check_training(shape: dict) -> list[str]:
+    from switchyard import MoEConfig, ProcessGroupManager
+    from switchyard.parallel.tensor_parallel import full_state_dict
+    from switchyard.parallel.tensor_shards import gather_tensor, shard_of
+
+    manager = ProcessGroupManager(**shape)
+    etp, etp_group = manager.size("etp"), manager.group("etp")
+    counts = [5 + 3 * r for r in range(manager.size("dp"))]
+    checked = []
+    for name, kwargs in CASES.items():
+        config = MoEConfig(num_experts=EXPERTS, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001, **kwargs)
+        reference, layer = _pair(config, manager)
+        assert layer.experts.intermediate_size == FFN // etp and layer.intermediate_size == FFN
+        gen = torch.Generator().manual_seed(1)
+        x_all, g_all = torch.randn(sum(counts), HIDDEN, generator=gen), torch.randn(sum(counts), HIDDEN, generator=gen)
+        ref_out, ref_xgrad = [], []
+        for x, g in zip(x_all.split(counts), g_all.split(counts)):
+            x = x.clone().requires_grad_(True)
+            y = reference(x)
+            ((y * g).sum() + reference.aux_loss).backward()
+            ref_out.append(y.detach())
+            ref_xgrad.append(x.grad)
+
+        dp_rank = manager.rank("dp")
+        x = x_all.split(counts)[dp_rank].clone().requires_grad_(True)
+        y = layer(x)
+        ((y * g_all.split(counts)[dp_rank]).sum() + layer.aux_loss).backward()
+        where = f"{name} on rank {dist.get_rank()}"
+        torch.testing.assert_close(y, ref_out[dp_rank], **TOL, msg=lambda m: f"{where}: output: {m}")
+        torch.testing.assert_close(x.grad, ref_xgrad[dp_rank], **TOL, msg=lambda m: f"{where}: input grad: {m}")
+
+        ref_params = dict(reference.named_parameters())
+        for pname, param in layer.named_parameters():
+            grad, shard = param.grad, shard_of(param)
+            if pname.startswith("experts."):
+                # still DeepSpeed expert parameters; only the FFN slices count as model-parallel in its norm
+                assert param.allreduce is False and param.group_name == manager.ep_group_name, pname
+                assert getattr(param, "tensor_model_parallel", False) == (pname != "experts.down_proj_bias"), pname
+                if shard is not None:
+                    grad = gather_tensor(grad, shard, etp_group, etp)
+                    full = gather_tensor(param.detach(), shard, etp_group, etp)
+                    torch.testing.assert_close(full, ref_params[pname].detach()[layer.local_expert_ids], rtol=0, atol=0)
+                dist.all_reduce(grad, group=manager.group("edp"))
+                want = ref_params[pname].grad[layer.local_expert_ids]
+            else:
+                mine = grad.clone()
+                peers = [torch.empty_like(mine) for _ in range(etp)]
+                dist.all_gather(peers, mine, group=etp_group)
+                assert all(torch.equal(p, mine) for p in peers), f"{where}: {pname} grads differ over the etp ranks"
+                dist.all_reduce(grad, group=manager.group("dp"))
+                want = ref_params[pname].grad
+            torch.testing.assert_close(grad, want, **TOL, msg=lambda m: f"{where}: grad of {pname}: {m}")
+
+        # the full state dict (per-expert keys) equals the reference's; it loads into a sharded layer, which keeps
+        # its own slices
+        state, ref_state, full = layer.state_dict(), reference.state_dict(), full_state_dict(layer, manager)
+        assert set(full) == set(state) and set(full) <= set(ref_state)
+        for key, value in full.items():
+            torch.testing.assert_close(value, ref_state[key], rtol=0, atol=0, msg=lambda m: f"{where}: {key}: {m}")
+        _, again = _pair(config, manager)
+        with torch.no_grad():
+            for param in again.experts.parameters():
+                param.zero_()
+        again.load_state_dict(full)
+        for key, value in again.state_dict().items():
+            assert torch.equal(value, state[key]), f"{where}: {key} after loading the full state dict"
+        checked.append(name)
+    return checked
+
+
+def _check_inference_and_errors() -> list[str]:
+    """tp=2 on 2 ranks: eval on the sort, small-batch and all-experts paths, serving's replicated tokens; the
+    refusals (etp=1 with tp=2; router jitter; an FFN width etp does not divide)."""
+    from switchyard import MoEConfig, ProcessGroupManager
+    from switchyard.moe.layer import MoELayer
+
+    manager = ProcessGroupManager(tp=2)
+    checked = []
+    for name, kwargs in CASES.items():
+        reference, layer = _pair(MoEConfig(num_experts=EXPERTS, top_k=2, **kwargs), manager)
+        reference.eval(), layer.eval()
+        layer.replicated_tokens = True  # ep=1: the same forward; what serving sets
+        for tokens, all_experts in ((1, 0), (3, 0), (4, 64), (40, 0)):  # small-batch, all-experts, sort
+            reference.all_experts_tokens = layer.all_experts_tokens = all_experts
+            x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+            with torch.no_grad():
+                path = layer.inference_path(x, layer.router(x).topk_idx_TK)
+                torch.testing.assert_close(layer(x), reference(x), **TOL, msg=lambda m: f"{name}, {path}: {m}")
+            checked.append(f"{name}:{path}")
+    with pytest.raises(ValueError, match=r"tp=2 with etp=1.*etp=2"):
+        MoELayer(MoEConfig(num_experts=EXPERTS), HIDDEN, FFN, groups=ProcessGroupManager(tp=2, etp=1))
+    jittery = MoELayer(MoEConfig(num_experts=EXPERTS, router_jitter=0.01), HIDDEN, FFN, groups=manager)
+    with pytest.raises(ValueError, match="router_jitter=0.01 with expert tensor parallelism"):
+        jittery.shard_experts_tensor_parallel()
+    odd = MoELayer(MoEConfig(num_experts=EXPERTS), HIDDEN, 25, groups=manager)
+    with pytest.raises(ValueError, match="intermediate size 25 does not split over etp=2"):
+        odd.shard_experts_tensor_parallel()
+    assert odd.experts.gate_up_proj.shape == (EXPERTS, 50, HIDDEN)  # untouched
+    return checked
+
+
+@pytest.mark.parametrize("world, shape", [(2, dict(tp=2)), (4, dict(tp=2, ep=2))], ids=["tp2", "tp2xep2"])
+def test_expert_tensor_parallel_matches_one_process(world, shape):
+    results = run_on_ranks(_check_training, world, shape, timeout_s=60)
+    assert all(r == list(CASES) for r in results)
+
+
+def test_expert_tensor_parallel_inference_paths_and_refusals():
+    results = run_on_ranks(_check_inference_and_errors, 2, timeout_s=60)
+    paths = {r.split(":")[1] for r in results[0]}
+    assert paths == {"small_batch", "all_experts", "None"}, paths
+
+
+def test_unsharded_layer_is_left_alone():
+    from switchyard import MoEConfig
+    from switchyard.moe.layer import MoELayer
+
+    layer = MoELayer(MoEConfig(num_experts=EXPERTS, bias=True), HIDDEN, FFN)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.shard_experts_tensor_parallel()
+    assert layer.experts.etp_size == 1
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())

@@ -351,3 +351,43 @@ def test_the_router_loss_per_kind_is_each_kinds_loss_alone_and_they_sum_to_it() 
     with torch.no_grad():
         model(input_ids=x, labels=x)
     assert {k: float(v) for k, v in router_loss_parts(model).items()} == dict.fromkeys(kinds.values(), 0.0)
+
+
+def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients():
+    """train.gradient_checkpointing: the MoE layers run again in the backward (entered twice per step: torch stops
+    a recomputation once the saved tensors are back, so a forward hook would not fire), and every gradient equals
+    the run that keeps its activations, router losses included."""
+    import copy
+
+    import switchyard as sy
+    from switchyard.hf.patch import moe_layers
+    from switchyard.train.loop import enable_gradient_checkpointing
+    from tiny_models import build, ids
+
+    kept = sy.patch_model(build("llama", intermediate_size=48), sy.MoEConfig(num_experts=4, top_k=2,
+                                                                             aux_loss_coef=0.01, z_loss_coef=0.001))
+    recomputed = copy.deepcopy(kept)
+    enable_gradient_checkpointing(recomputed)
+    assert recomputed.config.use_cache is False
+    calls = {"kept": 0, "recomputed": 0}
+    for name, model in (("kept", kept), ("recomputed", recomputed)):
+        for layer in moe_layers(model):
+            layer.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        model.train()
+        batch = ids(2, 9)
+        model(input_ids=batch, labels=batch).loss.backward()
+    assert calls == {"kept": 4, "recomputed": 8}
+    for (name, a), (_, b) in zip(kept.named_parameters(), recomputed.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_is_refused_where_it_cannot_work():
+    from switchyard.train.loop import enable_gradient_checkpointing
+
+    with pytest.raises(ValueError, match="train.cuda_graph and train.gradient_checkpointing are both true"):
+        load_run_config(REPO_ROOT / "configs" / "finetune" / "tiny.yaml",
+                        ["train.cuda_graph=true", "train.gradient_checkpointing=true"])
+    with pytest.raises(ValueError, match="train.gradient_checkpointing must be true or false, got 'maybe'"):
+        load_run_config(REPO_ROOT / "configs" / "finetune" / "tiny.yaml", ["train.gradient_checkpointing=maybe"])
+    with pytest.raises(ValueError, match="Linear does not support transformers' gradient checkpointing"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))

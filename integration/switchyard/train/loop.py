@@ -149,6 +149,24 @@ def accepts_loss_kwargs(model: torch.nn.Module) -> bool:
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' activation checkpointing of every decoder layer, non-reentrant (no input needs
+    ``requires_grad``; recomputation replays the MoE layers' all-to-alls in the backward, in the same order on
+    every rank, and torch's checkpoint restores the RNG, so router jitter draws the same noise again)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support transformers' "
+                         "gradient checkpointing; set train.gradient_checkpointing=false")
+    # transformers 5.24 renamed the switch (the old name warns, and older releases have only it)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # a KV cache is useless while training and transformers warns about it
+    log.info("gradient checkpointing: %s recomputes each decoder layer in the backward", type(model).__name__,
+             ranks=[0])
+
+
 def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float | None
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's forward and backward; returns its (LM, router) losses and the router loss per kind
@@ -204,6 +222,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
     matmul_params = _matmul_params(model)  # the whole model's, before tensor parallelism slices it
     apply_tensor_parallel(model, groups)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
     for layer in layers.values():
         layer.cuda_graph = config.train.cuda_graph

@@ -91,10 +91,16 @@ class TrainSection:
     eval_batches: int = 8
     log_every: int = 1
     cuda_graph: bool = False  # MoE layers' routed path as CUDA graph replays where its rules hold (moe-layer.md)
+    # each decoder layer's activations recomputed in the backward instead of kept (transformers' own switch)
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"train.cuda_graph must be true or false, got {self.cuda_graph!r}")
+        for name in ("cuda_graph", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.cuda_graph and self.gradient_checkpointing:
+            raise ValueError("train.cuda_graph and train.gradient_checkpointing are both true: a CUDA graph saves "
+                             "its activations itself, so recomputation cannot replace them; turn one of them off")
         if self.max_steps is None and self.epochs is None:
             raise ValueError("train needs max_steps or epochs (or both: whichever ends first); set train.max_steps "
                              "or train.epochs")

@@ -353,10 +353,11 @@ def test_the_router_loss_per_kind_is_each_kinds_loss_alone_and_they_sum_to_it() 
     assert {k: float(v) for k, v in router_loss_parts(model).items()} == dict.fromkeys(kinds.values(), 0.0)
 
 
-def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients():
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early_stop", "whole_layer"])
+def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients(early_stop):
     """train.gradient_checkpointing: the MoE layers run again in the backward (entered twice per step: torch stops
     a recomputation once the saved tensors are back, so a forward hook would not fire), and every gradient equals
-    the run that keeps its activations, router losses included."""
+    the run that keeps its activations, router losses included; expert-bias counts are counted once."""
     import copy
 
     import switchyard as sy
@@ -364,8 +365,8 @@ def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients():
     from switchyard.train.loop import enable_gradient_checkpointing
     from tiny_models import build, ids
 
-    kept = sy.patch_model(build("llama", intermediate_size=48), sy.MoEConfig(num_experts=4, top_k=2,
-                                                                             aux_loss_coef=0.01, z_loss_coef=0.001))
+    kept = sy.patch_model(build("llama", intermediate_size=48), sy.MoEConfig(
+        num_experts=4, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001, expert_bias=True))
     recomputed = copy.deepcopy(kept)
     enable_gradient_checkpointing(recomputed)
     assert recomputed.config.use_cache is False
@@ -375,8 +376,14 @@ def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients():
             layer.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
         model.train()
         batch = ids(2, 9)
-        model(input_ids=batch, labels=batch).loss.backward()
+        # torch stops a recomputation once the saved tensors are back (early stop); without it the whole layer
+        # runs again, its statistics included
+        with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+            model(input_ids=batch, labels=batch).loss.backward()
     assert calls == {"kept": 4, "recomputed": 8}
+    # the expert-bias counts are the step's tokens once, not again for the recomputation
+    for a, b in zip(moe_layers(kept), moe_layers(recomputed), strict=True):
+        assert a._bias_counts_E.sum() == 2 * 9 * 2 and torch.equal(b._bias_counts_E, a._bias_counts_E)
     for (name, a), (_, b) in zip(kept.named_parameters(), recomputed.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 

@@ -155,3 +155,22 @@ def test_expert_bias_counts_real_tokens_only(capacity_factor: float | None) -> N
     padded.update_expert_bias()
     unpadded.update_expert_bias()
     torch.testing.assert_close(padded.router.expert_bias, unpadded.router.expert_bias)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.5])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layer_stats_count_real_tokens_only(capacity_factor: float | None, training: bool) -> None:
+    """``last_stats`` (the expert load that training metrics and a user's own monitoring read): dropless routing
+    sends the padding rows to experts too, but only the real tokens' copies are load; the unpadded batch's stats
+    are the oracle."""
+    config = MoEConfig(num_experts=4, top_k=2, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor)
+    padded = MoELayer(config, H, 16).train(training)
+    unpadded = copy.deepcopy(padded)
+    x_BSH, mask_BS, _ = _padded_batch(seed=4)
+    unpadded(x_BSH[mask_BS.bool()])
+    padded.token_mask = mask_BS
+    padded(x_BSH)
+    got, want = padded.last_stats, unpadded.last_stats
+    assert int(got.tokens_per_expert_E.sum()) + int(got.dropped_copies) == int(mask_BS.sum()) * 2
+    torch.testing.assert_close(got.tokens_per_expert_E, want.tokens_per_expert_E)
+    assert int(got.routed_copies) == int(want.routed_copies) and int(got.dropped_copies) == int(want.dropped_copies)

@@ -86,9 +86,11 @@ LOSS_COEFFICIENTS = {"load_balancing": "aux_loss_coef", "sequence_balance": "seq
 class MoEStats:
     """Cheap per-forward metrics, detached; read them off the hot path (no host sync here)."""
 
-    tokens_per_expert_E: torch.Tensor  # kept copies this rank routed to each global expert
-    # T * K before drops; under a capacity factor with a token_mask, real tokens' copies only (a scalar tensor:
-    # no host sync), as dropped_copies counts real copies only (padding is never kept, and not a drop)
+    # kept copies this rank routed to each global expert; with a token_mask, real tokens' copies only (dropless
+    # routes padding rows too, and they are not load)
+    tokens_per_expert_E: torch.Tensor
+    # T * K before drops; with a token_mask, real tokens' copies only (a scalar tensor: no host sync), as
+    # dropped_copies counts real copies only (padding is never kept, and not a drop)
     routed_copies: int | torch.Tensor
     dropped_copies: torch.Tensor  # scalar tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -433,24 +435,24 @@ class MoELayer(DeepSpeedMoEModule):
         self.aux_loss = sum((coefs[k] * v for k, v in losses.items()), torch.zeros((), device=routed.logits_TE.device)) if losses else None
         self.last_router_output = routed
         counts = tokens_per_expert_E.detach()
+        top_k = routed.topk_idx_TK.shape[1]
         routed_copies: int | torch.Tensor = routed.topk_idx_TK.numel()
+        if real_T is not None:  # real tokens' copies only: padding is neither load nor a drop
+            routed_copies = real_T.sum() * top_k
+            if keep_TK is None:  # dropless routed and counted the padding copies too: count the real ones
+                real_copies = real_T.to(counts.dtype).repeat_interleave(top_k)
+                counts = torch.zeros_like(counts).scatter_add_(0, routed.topk_idx_TK.reshape(-1), real_copies)
         if keep_TK is None:
             dropped = torch.zeros((), dtype=torch.long, device=counts.device)
         elif real_T is None:
             dropped = (~keep_TK).sum()
-        else:  # padding copies are never kept; not drops of real tokens
+        else:  # padding copies are never kept (so ``counts`` holds real copies); not drops of real tokens
             dropped = (~keep_TK & real_T[:, None]).sum()
-            routed_copies = real_T.sum() * keep_TK.shape[1]
         self.last_stats = MoEStats(counts, routed_copies, dropped, {k: v.detach() for k, v in losses.items()})
-        if self.training and cfg.expert_bias:
-            if real_T is None or keep_TK is not None:
-                # a copy: under cuda_graph ``counts`` is a graph buffer that the next replay overwrites.
-                # Under a capacity factor padding copies are never kept, so ``counts`` holds real copies only.
-                bias_counts_E = counts.clone()
-            else:  # dropless: padding copies were routed and counted; padding must not steer the bias
-                real_copies = real_T.to(counts.dtype).repeat_interleave(routed.topk_idx_TK.shape[1])
-                bias_counts_E = torch.zeros_like(counts).scatter_add_(0, routed.topk_idx_TK.reshape(-1), real_copies)
-            self._bias_counts_E = bias_counts_E if self._bias_counts_E is None else self._bias_counts_E + bias_counts_E
+        # not again when activation checkpointing recomputes this forward inside the backward (the test FSDP uses)
+        if self.training and cfg.expert_bias and torch._C._current_graph_task_id() == -1:
+            # a copy: under cuda_graph ``counts`` may be a graph buffer that the next replay overwrites
+            self._bias_counts_E = counts.clone() if self._bias_counts_E is None else self._bias_counts_E + counts
 
     def __getstate__(self) -> dict[str, Any]:
         """What a deep copy or pickle takes (an EMA, reference or best-model copy made mid-training): not the

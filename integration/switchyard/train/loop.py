@@ -288,7 +288,7 @@ def train(config: RunConfig) -> dict[str, Any]:
             for kind, part in parts.items():
                 router_parts.setdefault(kind, []).append(part)
             for name, layer in layers.items():
-                load.add_forward(name, layer, micro.get("attention_mask"))
+                load.add_forward(name, layer)
         for layer in layers.values():
             layer.update_expert_bias()
         checkpointing.inject_fault("step", step + 1)

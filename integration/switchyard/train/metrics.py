@@ -33,20 +33,11 @@ class ExpertLoad:
         else:
             self.counts[name], self.dropped[name], self.routed[name] = counts.clone(), dropped.clone(), routed
 
-    def add_forward(self, name: str, layer: MoELayer, token_mask: torch.Tensor | None) -> None:
-        """A MoE layer's last training forward, real tokens' copies only (``token_mask``: the batch's
-        ``attention_mask``, 1 = real). Under a capacity factor the layer's own counts are that (padding is never
-        kept); dropless it routes and counts padding copies too, which would show up as load (and in the
-        fractions' denominator) in proportion to the batch's padding."""
+    def add_forward(self, name: str, layer: MoELayer) -> None:
+        """A MoE layer's last training forward: its own stats, which count real tokens' copies only (the patch_model
+        hook hands the layer the batch's attention mask; dropless routing also routes padding rows)."""
         stats = layer.last_stats
-        counts, routed = stats.tokens_per_expert_E, stats.routed_copies
-        if token_mask is not None and layer.config.capacity_factor is None:
-            idx_TK = layer.last_router_output.topk_idx_TK
-            assert token_mask.numel() == idx_TK.shape[0], (tuple(token_mask.shape), tuple(idx_TK.shape))
-            real_TK = token_mask.reshape(-1, 1).expand_as(idx_TK).to(counts.dtype)
-            counts = torch.zeros_like(counts).scatter_add_(0, idx_TK.reshape(-1), real_TK.reshape(-1))
-            routed = real_TK.sum()
-        self.add(name, counts, stats.dropped_copies, routed)
+        self.add(name, stats.tokens_per_expert_E, stats.dropped_copies, stats.routed_copies)
 
     def take(self) -> dict[str, torch.Tensor]:
         """Per layer ``[copies kept per expert (E)…, copies dropped, copies routed]`` as one float64 vector

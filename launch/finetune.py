@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                                       | {"first_loss": summary["losses"][0] if summary["losses"] else None,
                                          "last_loss": summary["losses"][-1] if summary["losses"] else None}),
               flush=True)
+    # every rank leaves together and shuts its process groups down: left to interpreter exit, a gloo group's
+    # threads were seen to abort a rank ("terminate called without an active exception") after a finished run
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 

@@ -3,7 +3,7 @@
     switchyard layout --world 8 --tp 2 --ep 2 --num-experts 8
     switchyard upcycle --model ./llama --num-experts 8 --top-k 2 --init drop_upcycle --out ./llama-moe
     switchyard export --model ./llama-moe --out ./llama-moe-hf
-    switchyard plan --model ./llama --num-experts 8 --top-k 2 --world 8 --ep 8
+    switchyard plan --model ./llama --num-experts 8 --top-k 2 --world 8 --tp 2 --ep 4
 """
 
 from __future__ import annotations
@@ -264,8 +264,12 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=_int_list, default=None,
                    help="comma-separated layer indices to make MoE (with --num-experts; with --every-n: both)")
     p.add_argument("--world", type=_count, required=True, help="number of ranks (GPUs) in the job")
+    p.add_argument("--tp", type=_count, default=1,
+                   help="tensor parallel degree (parallel.tp; experts split over their FFN width, etp = tp)")
+    p.add_argument("--etp", type=_count, default=None,
+                   help="expert tensor parallel degree (parallel.etp): tp (default) or 1 (experts whole, tokens split)")
     p.add_argument("--ep", type=_count, default=1,
-                   help="expert parallel degree (dp = world; experts: edp = world / ep)")
+                   help="expert parallel degree (dp = world / tp; experts: edp = world / (tp * ep))")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (train.precision)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
 
@@ -298,26 +302,36 @@ def _planned_model(args: argparse.Namespace) -> Any:
     return sy.patch_model(model, moe, layers=args.layers, every_n=args.every_n)
 
 
-def plan_numbers(model: Any, world: int, ep: int, precision: str) -> dict[str, Any]:
-    """Parameters and model-state memory per rank of an EP job (ZeRO paper's estimate, activations excluded):
-    dense parameters are replicated over dp = world ranks, each expert over edp = world / ep ranks."""
+def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, etp: int | None = None
+                 ) -> dict[str, Any]:
+    """Parameters and model-state memory per rank of an EP (and TP) job (ZeRO paper's estimate, activations
+    excluded): dense parameters are replicated over dp = world / tp ranks, each expert over edp = world / (tp·ep)
+    ranks; what ``apply_tensor_parallel`` shards, each rank holds 1/tp of (experts: 1/etp, etp = tp)."""
     from switchyard.hf.patch import moe_layers
+    from switchyard.parallel.tensor_parallel import tensor_parallel_shards
 
-    sizes = rank_layout(world, ep=ep)
+    etp = tp if etp is None else etp
+    sizes = rank_layout(world, tp=tp, ep=ep, etp=etp)
     dp, edp = len(sizes["dp"][0]), len(sizes["edp"][0])
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no MoE layers to plan")
     num_experts = layers[0].config.num_experts
     local_expert_ids(num_experts, ep, 0)  # ep must divide the experts: the error says so
-    expert = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True) is False)
-    total = sum(p.numel() for p in model.parameters())
+    shards = tensor_parallel_shards(model, tp, etp)  # the launcher's checks: heads, widths, a plan at all
+    total = expert = dense_rank = expert_rank = 0
+    for name, p in model.named_parameters():
+        held = p.numel() // (tp if name in shards else 1)  # experts split only at etp = tp
+        total += p.numel()
+        if getattr(p, "allreduce", True) is False:
+            expert, expert_rank = expert + p.numel(), expert_rank + held // ep
+        else:
+            dense_rank += held
     dense = total - expert
     active = dense + sum(sum(p.numel() for p in layer.experts.parameters()) * layer.config.top_k
                          // layer.config.num_experts for layer in layers)
     # bytes per parameter: weights, gradients, optimizer state (Adam: fp32 moments, plus a fp32 master in bf16)
     weight_b, grad_b, optim_b = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
-    dense_rank, expert_rank = dense, expert // ep
     gib = 1 << 30
 
     def states(shard_grads: bool, shard_optim: bool) -> float:
@@ -328,7 +342,7 @@ def plan_numbers(model: Any, world: int, ep: int, precision: str) -> dict[str, A
         return round(per / gib, 3)
 
     return {
-        "world": world, "ep": ep, "dp": dp, "edp": edp, "moe_layers": len(layers), "num_experts": num_experts,
+        "world": world, "tp": tp, "etp": etp, "ep": ep, "dp": dp, "edp": edp, "moe_layers": len(layers), "num_experts": num_experts,
         "experts_per_rank": num_experts // ep, "params_total": total, "params_dense": dense,
         "params_experts": expert, "params_active_per_token": active, "params_per_rank": dense_rank + expert_rank,
         "precision": precision,
@@ -343,10 +357,10 @@ def _billions(count: int) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    rank_layout(args.world, ep=args.ep)  # the degrees first: a bad one is an error before any config is read
+    rank_layout(args.world, tp=args.tp, ep=args.ep, etp=args.etp)  # the degrees first, before any config is read
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep --json parseable
         model = _planned_model(args)
-    numbers = plan_numbers(model, args.world, args.ep, args.precision)
+    numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp)
     if args.json:
         print(json.dumps(numbers))
         return 0
@@ -355,8 +369,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{args.model}: {n['moe_layers']} MoE layers of {n['num_experts']} experts; parameters "
           f"{count(n['params_total'])} (dense {count(n['params_dense'])}, experts {count(n['params_experts'])}), "
           f"active per token {count(n['params_active_per_token'])}")
-    print(f"world {n['world']}, ep={n['ep']}: dp={n['dp']} for the dense weights, edp={n['edp']} for each expert; "
-          f"each rank holds {n['experts_per_rank']} experts per layer and {count(n['params_per_rank'])} parameters")
+    split = f" (1/{n['etp']} of each one's FFN width)" if n["etp"] > 1 else ""
+    print(f"world {n['world']}, tp={n['tp']}, ep={n['ep']}: dp={n['dp']} for the dense weights, edp={n['edp']} for "
+          f"each expert; each rank holds {n['experts_per_rank']} experts per layer{split} and "
+          f"{count(n['params_per_rank'])} parameters")
     print(f"model states per rank ({n['precision']}, Adam; activations not included): ZeRO-0 {states['zero0']} GiB, "
           f"ZeRO-1 {states['zero1']} GiB, ZeRO-2 {states['zero2']} GiB")
     return 0
@@ -366,8 +382,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "layout": ("print every rank's coordinates, groups and experts", _add_layout_args, cmd_layout),
     "upcycle": ("turn a dense transformers model into a switchyard MoE checkpoint", _add_upcycle_args, cmd_upcycle),
     "export": ("write a switchyard checkpoint as a standard transformers MoE checkpoint", _add_export_args, cmd_export),
-    "plan": ("parameters and memory per rank of an expert-parallel job (reads only config.json)", _add_plan_args,
-             cmd_plan),
+    "plan": ("parameters and memory per rank of an expert- (and tensor-) parallel job (reads only config.json)",
+             _add_plan_args, cmd_plan),
 }
 
 

@@ -113,7 +113,7 @@ def _check_training(shape: dict) -> list[str]:
 
 def _check_inference_and_errors() -> list[str]:
     """tp=2 on 2 ranks: eval on the sort, small-batch and all-experts paths, serving's replicated tokens; the
-    refusals (etp=1 with tp=2; router jitter; an FFN width etp does not divide)."""
+    refusals (router jitter; an FFN width etp does not divide); etp=1 leaves the experts whole."""
     from switchyard import MoEConfig, ProcessGroupManager
     from switchyard.moe.layer import MoELayer
 
@@ -130,8 +130,10 @@ def _check_inference_and_errors() -> list[str]:
                 path = layer.inference_path(x, layer.router(x).topk_idx_TK)
                 torch.testing.assert_close(layer(x), reference(x), **TOL, msg=lambda m: f"{name}, {path}: {m}")
             checked.append(f"{name}:{path}")
-    with pytest.raises(ValueError, match=r"tp=2 with etp=1.*etp=2"):
-        MoELayer(MoEConfig(num_experts=EXPERTS), HIDDEN, FFN, groups=ProcessGroupManager(tp=2, etp=1))
+    # etp=1 splits the tokens over the tp ranks instead (tests/distributed/test_moe_token_split_tp.py): experts whole
+    whole = MoELayer(MoEConfig(num_experts=EXPERTS), HIDDEN, FFN, groups=ProcessGroupManager(tp=2, etp=1))
+    whole.shard_experts_tensor_parallel()
+    assert whole.tp_token_slices == 2 and whole.experts.etp_size == 1 and whole.experts.intermediate_size == FFN
     jittery = MoELayer(MoEConfig(num_experts=EXPERTS, router_jitter=0.01), HIDDEN, FFN, groups=manager)
     with pytest.raises(ValueError, match="router_jitter=0.01 with expert tensor parallelism"):
         jittery.shard_experts_tensor_parallel()

@@ -61,9 +61,10 @@ def reference(tmp_path_factory):
 
 # (ranks, layout, ZeRO stage): tensor-parallel ranks share their batch, so dp = ranks / tp
 LAYOUTS = [(2, "ep2", 0), (2, "ep2", 2), (4, "dp2xep2", 0), (4, "dp2xep2", 2),
-           (2, "tp2", 0), (2, "tp2", 2), (4, "tp2xep2", 2), (2, "ep2+recompute", 2)]
+           (2, "tp2", 0), (2, "tp2", 2), (4, "tp2xep2", 2), (2, "tp2-etp1", 2), (2, "ep2+recompute", 2)]
 LAYOUT_OVERRIDES = {"ep2": ["parallel.ep=2"], "dp2xep2": ["parallel.ep=2"], "tp2": ["parallel.tp=2", "parallel.ep=1"],
                     "tp2xep2": ["parallel.tp=2", "parallel.ep=2"],
+                    "tp2-etp1": ["parallel.tp=2", "parallel.etp=1", "parallel.ep=2"],  # experts whole, tokens split
                     "ep2+recompute": ["parallel.ep=2", "train.gradient_checkpointing=true"]}
 
 
@@ -74,7 +75,8 @@ def test_parameters_match_one_process(reference, tmp_path, ranks, layout, stage)
         f"train.micro_batch_size={GLOBAL_BATCH // dp}", f"deepspeed=configs/deepspeed/zero{stage}.json"])
     assert result.returncode == 0, output_of(result)[-4000:]
     if layout.startswith("tp2"):  # the model really is split, not replicated on both tp ranks
-        assert "tensor parallel: 16 modules sharded over tp=2 (4 MoE layers shard their experts)" in output_of(result)
+        experts = "split their tokens over the tp ranks (etp=1)" if layout.endswith("etp1") else "shard their experts"
+        assert f"tensor parallel: 16 modules sharded over tp=2 (4 MoE layers {experts})" in output_of(result)
     if layout.endswith("+recompute"):  # the all-to-alls run again inside the backward
         assert "gradient checkpointing: LlamaForCausalLM recomputes each decoder layer" in output_of(result)
     assert [m["loss"] for m in metrics(tmp_path)] == pytest.approx([m["loss"] for m in metrics(reference)], rel=1e-5)

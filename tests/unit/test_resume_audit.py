@@ -107,9 +107,11 @@ def test_layout_changes_name_what_restarts_the_optimizer(tmp_path):
     older = checkpointing.ResumePoint(tmp_path, {"step": 4, "world_size": 2, "ep": 2})  # before class, stage, tp
     assert older.same_layout(2, 2, 2, "DeepSpeedZeroOptimizer")
     # the engine files hold this rank's tensor-parallel slices: another tp reshards from the whole model checkpoint
-    assert point.layout_changes(2, 2, 0, "SGD", tp=2) == ["tp 1 → 2"]
+    assert point.layout_changes(2, 2, 0, "SGD", tp=2) == ["tp 1 → 2", "etp 1 → 2"]
     tp2 = checkpointing.ResumePoint(tmp_path, {"step": 4, "world_size": 2, "ep": 1, "tp": 2, "zero_stage": 2})
-    assert tp2.layout_changes(2, 1, 2, tp=1) == ["tp 2 → 1"] and tp2.same_layout(2, 1, 2, tp=2)
+    assert tp2.layout_changes(2, 1, 2, tp=1) == ["tp 2 → 1", "etp 2 → 1"] and tp2.same_layout(2, 1, 2, tp=2)
+    # etp = tp → 1 at the same tp: whole experts instead of FFN slices, flat partitions of possibly equal size
+    assert tp2.layout_changes(2, 1, 2, tp=2, etp=1) == ["etp 2 → 1"]
 
 
 def _checkpoint(root: Path, step: int, meta: dict | str | None = None) -> Path:

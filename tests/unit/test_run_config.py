@@ -121,8 +121,12 @@ def test_tensor_parallel_layouts_are_checked_before_the_model():
     sizes = load_run_config(TINY, ["parallel.tp=2", "parallel.ep=2"]).check_world(4)
     assert (sizes["tp"], sizes["dp"], sizes["etp"], sizes["edp"]) == (2, 2, 2, 1)
     assert load_run_config(TINY, ["parallel.tp=2", "parallel.ep=1", "train.global_batch_size=4"]).check_world(2)["dp"] == 1
-    with pytest.raises(ValueError, match=r"parallel.etp=1 with parallel.tp=2: .* leave parallel.etp unset or set it to 2"):
-        load_run_config(TINY, ["parallel.tp=2", "parallel.etp=1", "parallel.ep=1"]).check_world(2)
+    # etp=1: experts whole, tokens split over the tp ranks; a loss or noise a slice of the tokens cannot honour is refused
+    sizes = load_run_config(TINY, ["parallel.tp=2", "parallel.etp=1", "parallel.ep=2"]).check_world(2)
+    assert (sizes["tp"], sizes["dp"], sizes["ep"], sizes["etp"], sizes["edp"]) == (2, 1, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"moe.seq_aux_loss_coef=0.01 with parallel.tp=2 and parallel.etp=1: .*set "
+                                         r"moe.seq_aux_loss_coef=0 or leave parallel.etp unset"):
+        load_run_config(TINY, ["parallel.tp=2", "parallel.etp=1", "moe.seq_aux_loss_coef=0.01"]).check_world(2)
     with pytest.raises(ValueError, match=r"parallel.pp=2: fine-tuning with pipeline parallelism is not implemented"):
         load_run_config(TINY, ["parallel.pp=2", "parallel.ep=1"]).check_world(2)
     with pytest.raises(ValueError, match=r"ep\*etp = 2\*2 = 4 does not divide tp\*dp = 2\*1 = 2"):

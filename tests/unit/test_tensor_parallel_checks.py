@@ -87,14 +87,14 @@ def test_a_plan_style_switchyard_cannot_honour_is_refused_by_module_and_style():
     _assert_unchanged(model, snapshot)
 
 
-def test_moe_layers_with_an_expert_tp_other_than_tp_are_refused():
+def test_moe_layers_with_an_expert_tp_neither_1_nor_tp_are_refused():
     import switchyard as sy
     from tiny_models import build_moe
 
     model = sy.patch_model(build_moe("qwen2_moe", num_hidden_layers=2))
     snapshot = _snapshot(model)
-    with pytest.raises(ValueError, match=r"etp=1 differs from tp=2.*leave etp unset"):
-        apply_tensor_parallel(model, FakeGroups(2, etp=1))
+    with pytest.raises(ValueError, match=r"etp=3 with tp=2: .*use etp=2 or etp=1"):
+        apply_tensor_parallel(model, FakeGroups(2, etp=3))
     _assert_unchanged(model, snapshot)
 
 

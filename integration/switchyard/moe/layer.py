@@ -20,6 +20,14 @@ after the dispatch, the same rows: each computes its slice's partial output, one
 them (Megatron's column- then row-parallel FFN), and ``down_proj_bias`` is added once to that sum. Router and
 dispatch run replicated on the etp ranks, identically.
 
+Tensor parallelism with etp = 1 (``ProcessGroupManager(tp=N, etp=1)``; Megatron-Core's choice for fine-grained
+experts, whose FFN slices would be too narrow to shard) keeps the experts whole and splits the tokens instead: each
+tp rank routes its 1/tp of the flattened tokens (padded to a multiple of tp with rows marked as padding) through
+router, dispatch (the EP group then spans the tp ranks: ``rank = ep_r + ep·edp_r``), experts and combine, and the
+rows are all-gathered back (``scatter_to_group`` / ``gather_from_group``). The router weight enters through
+``copy_to_group``, so its gradient (each rank's covers its rows) is summed over the tp ranks; router losses are per
+slice, averaged over the tp ranks. Shared experts run on every token.
+
 The state dict speaks global expert ids (``experts.{id}.gate_up_proj``): a layer saved at ep=N loads
 at ep=M, each rank picking its own experts.
 
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from switchyard.activations import get_activation
@@ -47,7 +56,13 @@ from switchyard.moe.losses import load_balancing_loss, sequence_balance_loss, z_
 from switchyard.moe.router import Router, RouterOutput
 from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
 from switchyard.parallel.layout import local_expert_ids
-from switchyard.parallel.tensor_shards import copy_to_group, reduce_from_group, shard_tensor
+from switchyard.parallel.tensor_shards import (
+    copy_to_group,
+    gather_from_group,
+    reduce_from_group,
+    scatter_to_group,
+    shard_tensor,
+)
 
 if TYPE_CHECKING:
     from switchyard.parallel.manager import ProcessGroupManager
@@ -160,17 +175,16 @@ class MoELayer(DeepSpeedMoEModule):
             )
         tp_size = groups.size("tp") if groups is not None else 1
         etp_size = groups.size("etp") if groups is not None else 1
-        if tp_size > 1 and etp_size != tp_size:
-            raise ValueError(
-                f"tp={tp_size} with etp={etp_size}: inside the MoE layer tensor parallelism is expert tensor "
-                f"parallelism (each tp rank holds 1/tp of every local expert's FFN), which needs etp = tp; build "
-                f"the ProcessGroupManager with etp={tp_size} (or leave etp unset)"
-            )
+        # tokens split over the tp ranks (etp = 1); else 1 (ParallelConfig allows only etp = 1 or tp)
+        token_slices = tp_size if tp_size > 1 and etp_size == 1 else 1
+        if token_slices > 1:
+            _check_token_slices(config, tp_size)
         group_name = groups.ep_group_name if groups is not None else "ep_size_1"
         self._init_expert_module(config.num_experts, ep_size, group_name)
         self.config = config
         self.hidden_size, self.intermediate_size = hidden_size, ffn
         self.groups = groups
+        self.tp_token_slices = token_slices
         self.ep_rank = groups.rank("ep") if groups is not None else 0
         self.local_expert_ids = local_expert_ids(config.num_experts, ep_size, self.ep_rank)
         kw: dict[str, Any] = {"dtype": dtype, "device": device}
@@ -202,7 +216,16 @@ class MoELayer(DeepSpeedMoEModule):
         the forward sums the slices' partial outputs over the "etp" group. Called once the full-width experts
         hold their weights (``patch_model``'s upcycling or adoption, a checkpoint): ``apply_tensor_parallel``
         does. A no-op at etp = 1 and on a layer already sharded. Router jitter is refused: each rank draws its own
-        noise, so the etp ranks could route their (same) tokens differently and sum slices of different rows."""
+        noise, so the etp ranks could route their (same) tokens differently and sum slices of different rows.
+
+        With tokens split over the tp ranks (etp = 1) the experts stay whole, and are marked
+        ``tensor_model_parallel`` for DeepSpeed's gradient norm, which counts unmarked parameters on tp rank 0 only:
+        the tp ranks hold other experts (their EP group spans them) or other ZeRO partitions of the same ones (their
+        expert-data-parallel group does), so each rank's share counts once."""
+        if self.tp_token_slices > 1:
+            for param in self.experts.parameters():
+                param.tensor_model_parallel = True  # type: ignore[attr-defined]
+            return
         etp_size = self.groups.size("etp") if self.groups is not None else 1
         if etp_size == 1 or self.experts.etp_size == etp_size:
             return
@@ -224,6 +247,8 @@ class MoELayer(DeepSpeedMoEModule):
                              f"{tuple(shape)} {hidden_states.dtype}")
         real_T, num_sequences = self._token_split(shape, hidden_states.device)
         x_TH = hidden_states.reshape(-1, self.hidden_size)
+        if self.tp_token_slices > 1:
+            return self._token_sliced_forward(x_TH, real_T).reshape(shape)
         if self.config.jitter_experts_input:  # transformers' Mixtral: router and experts see one jittered input
             x_TH = self.router.jitter(x_TH)
         if self.cuda_graph:  # the last forward's outputs would keep a dropped replay pending (cuda_graph.py)
@@ -257,6 +282,67 @@ class MoELayer(DeepSpeedMoEModule):
         if self.shared_expert_gate is not None:
             shared_TH = torch.sigmoid(self.shared_expert_gate(x_TH)) * shared_TH
         return shared_TH
+
+    def _token_sliced_forward(self, x_TH: torch.Tensor, real_T: torch.Tensor | None) -> torch.Tensor:
+        """tp > 1 with etp = 1: this tp rank's 1/tp of the rows (t of them, padding rows appended to make T a
+        multiple of tp, marked as padding) through router, dispatch, experts and combine; the rows' outputs are
+        all-gathered back. ``last_router_output`` and ``last_stats`` are this rank's slice's."""
+        assert self.groups is not None
+        if self.replicated_tokens:
+            raise RuntimeError("replicated_tokens (serving: every EP rank holds the same tokens) does not hold when "
+                               "the tp ranks split the tokens (etp = 1); set replicated_tokens=False")
+        if self.cuda_graph:
+            self._run_eagerly(f"tp={self.tp_token_slices} with etp=1: tokens split over the tp ranks")
+        group, size = self.groups.group("tp"), self.tp_token_slices
+        num_tokens = x_TH.shape[0]
+        pad = -num_tokens % size
+        if pad:
+            x_TH_padded = torch.cat([x_TH, x_TH.new_zeros(pad, self.hidden_size)])
+            real_T = torch.ones(num_tokens, dtype=torch.bool, device=x_TH.device) if real_T is None else real_T
+            real_T = torch.cat([real_T, real_T.new_zeros(pad)])
+        else:
+            x_TH_padded = x_TH
+        x_tH = scatter_to_group(x_TH_padded, group)
+        rows = x_tH.shape[0]
+        real_t = None if real_T is None else real_T.narrow(0, self.groups.rank("tp") * rows, rows)
+        routed = self._sliced_router(x_tH, group)
+        keep_tK = self._capacity_mask(routed, real_t)
+        path = self.inference_path(x_tH, routed.topk_idx_TK)
+        shared_TH = None
+        if path is not None:
+            out_tH, tokens_per_expert_E = self._inference_forward(path, x_tH, routed, keep_tK)
+        else:
+            overlap = None
+            if self.shared_experts is not None and self.overlap_shared_experts:
+                overlap = lambda: self._shared_forward(x_TH)  # noqa: E731
+            out_tH, tokens_per_expert_E, shared_TH = self._sorted_forward(x_tH, routed, keep_tK, overlap)
+        out_TH = gather_from_group(out_tH, group)[:num_tokens]
+        if self.shared_experts is not None:
+            out_TH = out_TH + (shared_TH if shared_TH is not None else self._shared_forward(x_TH))
+        self._record(routed, tokens_per_expert_E, keep_tK, real_t, 1)
+        self._average_losses_over_tp(group, size)
+        return out_TH
+
+    def _sliced_router(self, x_tH: torch.Tensor, group: dist.ProcessGroup | None) -> RouterOutput:
+        """The router on this rank's rows, its weight read through ``copy_to_group``: each rank's weight gradient
+        covers its rows only, so they are summed over the tp ranks before they reach ``.grad`` (then DeepSpeed's dp
+        reduction sees the whole batch's gradient on every tp rank, as for any replicated parameter)."""
+        weight = self.router.weight
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return self.router(x_tH)
+        return torch.func.functional_call(self.router, {"weight": copy_to_group(weight, group)}, (x_tH,))
+
+    def _average_losses_over_tp(self, group: dist.ProcessGroup | None, size: int) -> None:
+        """The slices' router losses → their mean over the tp ranks, as data parallelism's gradient mean treats the
+        dp ranks' (the losses are nonlinear in the batch: not one process's on all T tokens). One all-reduce; the
+        backward gives each rank 1/tp of its own slice's loss gradient, and the value is the same on every tp rank."""
+        stats = self.last_stats
+        if self.aux_loss is None or stats is None:
+            return
+        kinds = list(stats.losses)
+        mean = reduce_from_group(torch.stack([self.aux_loss, *(stats.losses[k] for k in kinds)]), group) / size
+        self.aux_loss = mean[0]
+        stats.losses = {kind: mean[i + 1].detach() for i, kind in enumerate(kinds)}
 
     def _sorted_forward(self, x_TH: torch.Tensor, routed: RouterOutput, keep_TK: torch.Tensor | None,
                         overlap: Callable[[], torch.Tensor] | None = None
@@ -320,9 +406,7 @@ class MoELayer(DeepSpeedMoEModule):
         """The captured graph for this call (capturing it first if needed), or None: run eagerly."""
         why = self._graph_rules_broken(x_TH)
         if why is not None:
-            if why != self._graph_skip_reason:
-                log.info(f"MoE layer cuda_graph: running eagerly ({why})")
-                self._graph_skip_reason = why
+            self._run_eagerly(why)
             return None
         named = [*self.router.named_parameters("router"), *self.router.named_buffers("router"),
                  *self.experts.named_parameters("experts")]
@@ -332,6 +416,12 @@ class MoELayer(DeepSpeedMoEModule):
             self._graph = LayerGraph(self._routed_core, x_TH, tensors,
                                      module_substitute(self, [name for name, _ in named]))
         return self._graph
+
+    def _run_eagerly(self, why: str) -> None:
+        """Log why ``cuda_graph`` runs this call eagerly, once per change of reason."""
+        if why != self._graph_skip_reason:
+            log.info(f"MoE layer cuda_graph: running eagerly ({why})")
+            self._graph_skip_reason = why
 
     def inference_path(self, x_TH: torch.Tensor, topk_idx_TK: torch.Tensor) -> str | None:
         """Which unsorted inference path (a key of ``INFERENCE_PATHS``) this forward takes; None: the sort
@@ -467,10 +557,14 @@ class MoELayer(DeepSpeedMoEModule):
         """Aux-loss-free balancing step (DeepSeek-V3): call once per optimizer step.
 
         Counts since the last call are summed over the data-parallel group (every rank routing
-        tokens of the same global batch) before the bias moves.
+        tokens of the same global batch) before the bias moves; with tokens split over the tp ranks (etp = 1),
+        over the tp group first (each tp rank counted its slice).
         """
         if not self.config.expert_bias or self._bias_counts_E is None:
             return
+        if self.tp_token_slices > 1:
+            assert self.groups is not None
+            dist.all_reduce(self._bias_counts_E, group=self.groups.group("tp"))
         group = self.groups.group("dp") if self.groups is not None else None
         self.router.update_expert_bias(self._bias_counts_E, group=group)
         self._bias_counts_E = None
@@ -479,6 +573,22 @@ class MoELayer(DeepSpeedMoEModule):
         return (f"num_experts={self.num_experts}, top_k={self.config.top_k}, ep_size={self.ep_size}, "
                 f"local_experts={self.local_expert_ids[0]}..{self.local_expert_ids[-1]}"
                 + (f", etp_size={self.experts.etp_size}" if self.experts.etp_size > 1 else ""))
+
+
+def _check_token_slices(config: MoEConfig, tp: int) -> None:
+    """What a layer whose tp ranks each route a slice of the flattened tokens (etp = 1) cannot honour."""
+    if config.seq_aux_loss_coef > 0:
+        raise ValueError(
+            f"seq_aux_loss_coef={config.seq_aux_loss_coef} with tp={tp} and etp=1: each tp rank routes a slice of the "
+            "flattened tokens, which cuts sequences apart, so the sequence balance loss has no whole sequence to "
+            f"balance; set seq_aux_loss_coef=0 (aux_loss_coef balances per slice) or use etp={tp}"
+        )
+    if config.router_jitter > 0:
+        raise ValueError(
+            f"router_jitter={config.router_jitter} with tp={tp} and etp=1: each tp rank draws its own jitter noise, "
+            "and with jitter_experts_input the shared experts and the gathered rows would see different inputs on "
+            "the tp ranks; set router_jitter=0 for tp > 1"
+        )
 
 
 def _balance_probs(scores_TE: torch.Tensor, score_func: str) -> torch.Tensor:

@@ -7,8 +7,10 @@ and FFN channels stay local and one all-reduce per block restores the full outpu
 ``lm_head`` stay replicated. The modules keep their class's names and parameters (only the class changes to a
 subclass whose forward adds the collectives), so ``state_dict`` keys are the same as before sharding.
 
-MoE layers shard their own routed experts (``MoELayer.shard_experts_tensor_parallel``); plan entries inside them
-are skipped, and their shared experts are sharded here like a dense MLP.
+MoE layers shard their own routed experts (``MoELayer.shard_experts_tensor_parallel``; at etp = 1 they keep them
+whole and split the tokens over the tp ranks instead); plan entries inside them are skipped, and their shared
+experts are sharded here like a dense MLP. ``tensor_parallel_shards(model, tp)`` runs the same checks and finds the
+same parameters without changing anything (``switchyard plan`` sizes jobs with it).
 
 ``full_state_dict(model, groups)`` is the unsharded state dict, gathered on every rank (a collective); a sharded
 linear loads either its own slice or the full tensor (keeping its slice), so that state dict loads back.
@@ -92,15 +94,20 @@ SHARED_EXPERT_STYLES = {"gate_proj": "colwise", "up_proj": "colwise", "down_proj
 def _shard_linear(cls: type[_ShardedLinear], linear: nn.Module, group: dist.ProcessGroup | None, rank: int,
                   size: int) -> None:
     """Slice ``linear``'s parameters in place (same Parameter objects: their attributes, hooks and names stay)."""
-    shard = TensorShard(cls.weight_dim, "tp")
-    linear.weight.data = shard_tensor(linear.weight.data, shard, rank, size)
-    mark_sharded(linear.weight, shard)
-    if linear.bias is not None and cls.weight_dim == 0:
-        linear.bias.data = shard_tensor(linear.bias.data, shard, rank, size)
-        mark_sharded(linear.bias, shard)
+    for name, shard in _linear_shards(cls, linear).items():
+        param = getattr(linear, name)
+        param.data = shard_tensor(param.data, shard, rank, size)
+        mark_sharded(param, shard)
     linear.out_features, linear.in_features = linear.weight.shape
     linear.__class__ = cls
     linear.tp_group, linear.tp_rank, linear.tp_size = group, rank, size
+
+
+def _linear_shards(cls: type[_ShardedLinear], linear: nn.Module) -> dict[str, TensorShard]:
+    """The weight splits along ``cls.weight_dim``; a column-parallel bias with it, a row-parallel one stays whole
+    (it is added once, after the sum)."""
+    shard = TensorShard(cls.weight_dim, "tp")
+    return {"weight": shard, **({"bias": shard} if linear.bias is not None and cls.weight_dim == 0 else {})}
 
 
 def _sum_grads_over_group(module: nn.Module, group: dist.ProcessGroup | None, rank: int, size: int) -> None:
@@ -140,6 +147,45 @@ def apply_tensor_parallel(model: nn.Module, groups: "ProcessGroupManager") -> No
     tp = groups.size("tp")
     if tp == 1:
         return
+    sites, moe_layers = _checked_sites(model, tp, groups.size("etp"))
+    for layer in moe_layers.values():
+        layer.shard_experts_tensor_parallel()
+    group, rank = groups.group("tp"), groups.rank("tp")
+    for site in sites:
+        STYLES[site.style](site.module, group, rank, tp)
+    experts = "shard their experts" if groups.size("etp") == tp else "split their tokens over the tp ranks (etp=1)"
+    log.info("tensor parallel: %d modules sharded over tp=%d (%d MoE layers %s)",
+             sum(site.style in LINEAR_STYLES for site in sites), tp, len(moe_layers), experts, ranks=[0])
+
+
+def tensor_parallel_shards(model: nn.Module, tp: int, etp: int | None = None) -> dict[str, TensorShard]:
+    """What ``apply_tensor_parallel`` at this tp and etp (default tp; at 1 the experts stay whole) would split,
+    changing nothing: parameter name (as in ``model.named_parameters()``) → its shard; parameters left out stay
+    whole on every rank. For sizing a job on the meta device (``switchyard plan``); raises the same errors, and
+    ``{}`` at tp=1."""
+    if tp == 1:
+        return {}
+    etp = tp if etp is None else etp
+    sites, moe_layers = _checked_sites(model, tp, etp)
+    shards: dict[str, TensorShard] = {}
+    for site in sites:
+        if site.style in LINEAR_STYLES:
+            linear = _linear_shards(LINEAR_STYLES[site.style], site.module)
+            shards.update({f"{site.name}.{param}": shard for param, shard in linear.items()})
+    prefix = _base_prefix(model)
+    for name, layer in moe_layers.items() if etp > 1 else ():
+        experts = f"{prefix}.{name}.experts".lstrip(".")
+        shards.update({f"{experts}.{param}": shard for param, shard in layer.experts.ffn_shards().items()})
+    return shards
+
+
+def _base_prefix(model: nn.Module) -> str:
+    base = model.base_model
+    return next(name for name, module in model.named_modules() if module is base)
+
+
+def _checked_sites(model: nn.Module, tp: int, etp: int) -> tuple[list[_Site], dict[str, nn.Module]]:
+    """The modules the plan shards and the MoE layers (by name in the base model), after every check."""
     from switchyard.moe.layer import MoELayer  # moe imports parallel (and DeepSpeed): imported on use
 
     plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
@@ -150,22 +196,14 @@ def apply_tensor_parallel(model: nn.Module, groups: "ProcessGroupManager") -> No
         )
     if any(shard_of(p) is not None for p in model.parameters()):
         raise ValueError(f"{type(model).__name__} is already tensor-parallel: call apply_tensor_parallel once")
-    base = model.base_model
-    prefix = next(name for name, module in model.named_modules() if module is base)
+    base, prefix = model.base_model, _base_prefix(model)
     moe_layers = {name: m for name, m in base.named_modules() if isinstance(m, MoELayer)}
     sites = _plan_sites(base, plan, moe_layers, prefix) + _shared_expert_sites(moe_layers, prefix)
     if not sites and not moe_layers:
         raise ValueError(f"{type(model).__name__}'s base_model_tp_plan {plan} matched no module of the model; "
                          "use tp=1")
-    _check_divisible(model, sites, moe_layers, groups)
-
-    for layer in moe_layers.values():
-        layer.shard_experts_tensor_parallel()
-    group, rank = groups.group("tp"), groups.rank("tp")
-    for site in sites:
-        STYLES[site.style](site.module, group, rank, tp)
-    log.info("tensor parallel: %d modules sharded over tp=%d (%d MoE layers shard their experts)",
-             sum(site.style in LINEAR_STYLES for site in sites), tp, len(moe_layers), ranks=[0])
+    _check_divisible(model, sites, moe_layers, tp, etp)
+    return sites, moe_layers
 
 
 def _plan_sites(base: nn.Module, plan: dict[str, str], moe_layers: dict[str, nn.Module], prefix: str) -> list[_Site]:
@@ -208,9 +246,8 @@ def _shared_expert_sites(moe_layers: dict[str, nn.Module], prefix: str) -> list[
     return sites
 
 
-def _check_divisible(model: nn.Module, sites: list[_Site], moe_layers: dict[str, nn.Module],
-                     groups: "ProcessGroupManager") -> None:
-    tp = groups.size("tp")
+def _check_divisible(model: nn.Module, sites: list[_Site], moe_layers: dict[str, nn.Module], tp: int,
+                     etp: int) -> None:
     config = model.config
     heads = getattr(config, "num_attention_heads", None)
     if heads is not None:
@@ -228,13 +265,13 @@ def _check_divisible(model: nn.Module, sites: list[_Site], moe_layers: dict[str,
         if site.style in LINEAR_STYLES and site.module.weight.shape[LINEAR_STYLES[site.style].weight_dim] % tp
     ]
     problems += [f"{name}.experts' intermediate size ({layer.intermediate_size})"
-                 for name, layer in moe_layers.items() if layer.intermediate_size % tp]
+                 for name, layer in moe_layers.items() if etp == tp and layer.intermediate_size % tp]
     if problems:
         raise ValueError(f"tp={tp} does not divide {'; '.join(problems[:3])}"
                          f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}; choose a tp dividing it")
-    if moe_layers and groups.size("etp") != tp:
-        raise ValueError(f"expert tensor parallelism etp={groups.size('etp')} differs from tp={tp}; with tp > 1 "
-                         "the MoE layers support only etp == tp: leave etp unset (it defaults to tp)")
+    if moe_layers and etp not in (1, tp):
+        raise ValueError(f"expert tensor parallelism etp={etp} with tp={tp}: the MoE layers shard their experts over "
+                         f"the tp ranks (etp = tp) or split the tokens over them (etp = 1); use etp={tp} or etp=1")
 
 
 def full_state_dict(model: nn.Module, groups: "ProcessGroupManager") -> dict[str, torch.Tensor]:

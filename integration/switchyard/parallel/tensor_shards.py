@@ -10,6 +10,11 @@ on every model-parallel rank, replicated ones on model-parallel rank 0 only.
 ``copy_to_group`` / ``reduce_from_group`` are Megatron-LM's f / g: the input of a column-parallel product is the same
 on every rank, so its gradient is the sum of every rank's partial gradient (identity forward, all-reduce backward);
 a row-parallel product's output is a partial sum (all-reduce forward, identity backward).
+
+``scatter_to_group`` / ``gather_from_group`` are Megatron's pair for a region that splits the tokens (dim 0) over
+the group: the input is the same on every rank and each rank keeps its 1/size of the rows (backward: the rows'
+gradients all-gathered), and the rows' outputs are all-gathered back (backward: each rank keeps its rows of a
+gradient that is the same on every rank). An MoE layer at tp > 1 with etp = 1 routes its slice of the tokens.
 """
 
 from __future__ import annotations
@@ -94,3 +99,49 @@ def copy_to_group(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Ten
 def reduce_from_group(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """All-reduce over ``group`` forward; identity backward (the partial output of a row-parallel product)."""
     return _ReduceFromGroup.apply(x, group)
+
+
+def _rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    if x.shape[0] % size != 0:
+        raise ValueError(f"{x.shape[0]} rows do not split over {size} ranks; pad them to a multiple of {size}")
+    rows = x.shape[0] // size
+    return x.narrow(0, dist.get_rank(group) * rows, rows).contiguous()
+
+
+def _all_rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+class _ScatterToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return _rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return _all_rows(grad, ctx.group), None
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):  # type: ignore[override]
+        ctx.group = group
+        return _all_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return _rows(grad, ctx.group), None
+
+
+def scatter_to_group(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's 1/size of ``x``'s rows (dim 0, which the group size must divide); all-gather of the gradient."""
+    return _ScatterToGroup.apply(x, group)
+
+
+def gather_from_group(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every rank's rows (dim 0) concatenated in rank order; backward: this rank's rows of the gradient."""
+    return _GatherFromGroup.apply(x, group)

@@ -15,7 +15,7 @@ import inspect
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 import torch.distributed as dist
@@ -256,7 +256,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     if not token_weighted:
         log.warning("%s's loss ignores num_items_in_batch: each micro-batch's LM loss is its own per-token mean, "
                     "weighted equally (a micro-batch without loss tokens gives NaN)", type(model).__name__, ranks=[0])
-    meta = {"world_size": world, "ep": groups.size("ep"), "tp": groups.size("tp"), "dp": dp_size, "zero_stage": stage,
+    meta = {"world_size": world, "ep": groups.size("ep"), "tp": groups.size("tp"), "etp": groups.size("etp"),
+            "dp": dp_size, "zero_stage": stage,
             "engine_optimizer": engine_optimizer, "config": config.to_dict()}
     history: list[float] = []
     last_eval: dict[str, float] = {}
@@ -323,7 +324,8 @@ def train(config: RunConfig) -> dict[str, Any]:
             values["mfu"] = 6 * matmul_params * global_tokens / elapsed / (H200_BF16_PEAK_FLOPS * world)
         fractions = None
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
-            fractions = _expert_fractions(load, groups, values)
+            sliced = {name for name, layer in layers.items() if layer.tp_token_slices > 1}
+            fractions = _expert_fractions(load, groups, values, sliced)
         if (step + 1) % t.eval_every == 0 or step + 1 == steps:
             last_eval = evaluate(engine, eval_set, config, dp_rank, dp_size, groups)
             values.update(last_eval)
@@ -367,7 +369,8 @@ def _resume_engine(engine, resume, world: int, groups, stage: int, engine_optimi
     restarts. The weights came from the checkpoint's safetensors either way (any layout reads them)."""
     from switchyard.train import checkpointing
 
-    changes = resume.layout_changes(world, groups.size("ep"), stage, engine_optimizer, groups.size("tp"))
+    changes = resume.layout_changes(world, groups.size("ep"), stage, engine_optimizer, groups.size("tp"),
+                                    groups.size("etp"))
     if not changes:
         checkpointing.load_engine_state(engine, resume.path / "engine", dist.get_rank(), groups.rank("dp"),
                                         groups.size("dp"))
@@ -404,10 +407,15 @@ def _replay_schedule(scheduler, state_at_start: dict[str, Any], steps: int) -> N
         scheduler.step()
 
 
-def _expert_fractions(load, groups, values: dict[str, Any]) -> dict[str, list[float]]:
-    """Expert shares, max/mean and dropped fraction per layer over the data-parallel group's token copies."""
+def _expert_fractions(load, groups, values: dict[str, Any], tp_sliced: Collection[str] = ()
+                       ) -> dict[str, list[float]]:
+    """Expert shares, max/mean and dropped fraction per layer over the data-parallel group's token copies; the
+    ``tp_sliced`` layers' (tokens split over the tp ranks, etp = 1: each tp rank counted its slice) over the tp
+    group's first."""
     fractions = {}
     for name, totals in load.take().items():
+        if name in tp_sliced:
+            dist.all_reduce(totals, group=groups.group("tp"))
         dist.all_reduce(totals, group=groups.group("dp"))
         kept, dropped, routed = totals[:-2], totals[-2], totals[-1]
         share = kept / kept.sum().clamp_min(1)

@@ -41,7 +41,8 @@ class ExpertLoad:
 
     def take(self) -> dict[str, torch.Tensor]:
         """Per layer ``[copies kept per expert (E)…, copies dropped, copies routed]`` as one float64 vector
-        (this rank's: sum it over the data-parallel group before taking shares or the dropped fraction)."""
+        (this rank's: sum it over the data-parallel group, and first over the tp group for a layer whose tp ranks
+        split the tokens (etp = 1), before taking shares or the dropped fraction)."""
         out = {name: torch.cat([c.double().reshape(-1), self.dropped[name].double().reshape(1).to(c.device),
                                 torch.tensor([float(self.routed[name])], dtype=torch.float64, device=c.device)])
                for name, c in self.counts.items()}

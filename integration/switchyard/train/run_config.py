@@ -161,12 +161,14 @@ class RunConfig:
                 f"parallel.pp={self.parallel.pp}: fine-tuning with pipeline parallelism is not implemented yet; "
                 "use pp=1 with tp, ep and data parallelism"
             )
-        if sizes["tp"] > 1 and sizes["etp"] != sizes["tp"]:
-            raise ValueError(
-                f"parallel.etp={sizes['etp']} with parallel.tp={sizes['tp']}: with tensor parallelism the experts are "
-                "sharded over the tensor-parallel group (etp = tp); leave parallel.etp unset or set it to "
-                f"{sizes['tp']}"
-            )
+        if sizes["tp"] > 1 and sizes["etp"] == 1:  # tokens split over the tp ranks: what a slice cannot honour
+            # the fix per key: etp = tp takes a sequence balance loss, no tensor parallelism takes router jitter
+            for key, other in (("seq_aux_loss_coef", " or leave parallel.etp unset (etp = tp)"), ("router_jitter", "")):
+                if self.moe.config.get(key):
+                    raise ValueError(
+                        f"moe.{key}={self.moe.config[key]} with parallel.tp={sizes['tp']} and parallel.etp=1: each tp "
+                        f"rank routes a slice of the tokens (docs/moe-layer.md); set moe.{key}=0{other}"
+                    )
         # only a count this config decides: a source with its own MoE layers (an HF MoE model, a switchyard
         # checkpoint) keeps its experts, which MoESection's default of 4 says nothing about (patch_model checks them)
         num_experts = self.moe.config.get("num_experts")

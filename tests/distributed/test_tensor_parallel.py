@@ -82,6 +82,13 @@ def _check_against_unsharded(build, groups, before_sharding=lambda model: None) 
     for key, tensor in before.items():
         assert torch.equal(full[key], tensor), key
     assert list(model.state_dict()) == list(before)  # the shards are back in place
+    # a rank that will not write a parameter gets a placeholder of the full shape that holds no memory
+    split = {name for name, p in model.named_parameters() if shard_of(p) is not None}
+    placeholders = full_state_dict(model, groups, wanted=lambda param: False)
+    assert list(placeholders) == list(before)
+    for key, tensor in placeholders.items():
+        assert tensor.shape == before[key].shape, key
+        assert (tensor.stride() == (0,) * tensor.dim()) == (key in split), key
     with torch.no_grad():  # (replicated entries of a state dict share the parameters' storage: left alone)
         for param in model.parameters():
             if shard_of(param) is not None:

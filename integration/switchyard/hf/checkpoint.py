@@ -369,7 +369,11 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     writes_experts = groups.rank("edp") == 0 and groups.rank("etp") == 0 if groups is not None else rank == 0
     on_every_rank(f"save_pretrained({out})", lambda: _prepare(out) if rank == 0 else None)
     error: BaseException | None = None
-    state = full_state_dict(model, groups) if groups is not None else model.state_dict()  # tp shards gathered
+    if groups is not None:  # tensor-parallel shards gathered, kept only where this rank writes them
+        state = full_state_dict(model, groups, lambda p: writes_experts if getattr(p, "allreduce", True) is False
+                                else rank == 0)
+    else:
+        state = model.state_dict()
     prefixes = tuple(f"{p}.experts." for p in moe_prefixes(model))
     expert_keys = [k for k in state if k.startswith(prefixes) and _EXPERT_KEY.match(k)]
     mine: tuple[dict[str, str], int, dict[str, str]] = ({}, 0, {})

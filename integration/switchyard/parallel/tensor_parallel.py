@@ -274,18 +274,26 @@ def _check_divisible(model: nn.Module, sites: list[_Site], moe_layers: dict[str,
                          f"the tp ranks (etp = tp) or split the tokens over them (etp = 1); use etp={tp} or etp=1")
 
 
-def full_state_dict(model: nn.Module, groups: "ProcessGroupManager") -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every tensor-parallel shard gathered: the unsharded model's state dict, on every
-    rank. A collective: every rank calls it.
+def full_state_dict(model: nn.Module, groups: "ProcessGroupManager",
+                    wanted: Callable[[nn.Parameter], bool] | None = None) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every tensor-parallel shard gathered: the unsharded model's state dict. A
+    collective: every rank calls it.
 
-    The gathered tensors stand in for the shards while ``state_dict`` runs, so state-dict hooks (an MoE layer's
-    per-expert keys) see full tensors and the keys are exactly the model's own.
+    Shards are gathered one at a time on their device and the full tensor moved to the CPU, so the device never
+    holds more than one gathered tensor beside the model (a model split because it does not fit one GPU does not
+    have to fit for a save). ``wanted(param)`` False (a parameter this rank will not write): its entries are
+    zero-stride placeholders of the full shape, costing no memory, whose values mean nothing. The gathered tensors
+    stand in for the shards while ``state_dict`` runs, so state-dict hooks (an MoE layer's per-expert keys) see
+    full shapes and the keys are exactly the model's own.
     """
     sharded = [(p, s) for p in model.parameters() if (s := shard_of(p)) is not None]
     local = [p.data for p, _ in sharded]
     try:
         for param, shard in sharded:
-            param.data = gather_tensor(param.data, shard, groups.group(shard.group_kind), groups.size(shard.group_kind))
+            full = gather_tensor(param.data, shard, groups.group(shard.group_kind), groups.size(shard.group_kind))
+            keep = wanted is None or wanted(param)
+            param.data = full.cpu() if keep else param.data.new_zeros(()).expand(full.shape)
+            del full
         return model.state_dict()
     finally:
         for (param, _), data in zip(sharded, local):

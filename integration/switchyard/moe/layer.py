@@ -263,18 +263,24 @@ class MoELayer(DeepSpeedMoEModule):
         else:
             routed = self.router(x_TH)
             keep_TK = self._capacity_mask(routed, real_T)
-            path = self.inference_path(x_TH, routed.topk_idx_TK)
-            if path is not None:
-                out_TH, tokens_per_expert_E = self._inference_forward(path, x_TH, routed, keep_TK)
-            else:
-                overlap = None
-                if self.shared_experts is not None and self.overlap_shared_experts:
-                    overlap = lambda: self._shared_forward(x_TH)  # noqa: E731
-                out_TH, tokens_per_expert_E, shared_TH = self._sorted_forward(x_TH, routed, keep_TK, overlap)
+            out_TH, tokens_per_expert_E, shared_TH = self._routed_forward(x_TH, routed, keep_TK, x_TH)
         if self.shared_experts is not None:
             out_TH = out_TH + (shared_TH if shared_TH is not None else self._shared_forward(x_TH))
         self._record(routed, tokens_per_expert_E, keep_TK, real_T, num_sequences)
         return out_TH.reshape(shape)
+
+    def _routed_forward(self, x_NH: torch.Tensor, routed: RouterOutput, keep_NK: torch.Tensor | None,
+                        shared_input_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The routed experts on ``x_NH``'s rows: an unsorted inference path where one applies, else the sort path,
+        whose dispatch the shared experts overlap (on ``shared_input_TH``: every token, also when ``x_NH`` is this
+        tp rank's slice). Returns (output, tokens per expert, the shared experts' output or None)."""
+        path = self.inference_path(x_NH, routed.topk_idx_TK)
+        if path is not None:
+            return (*self._inference_forward(path, x_NH, routed, keep_NK), None)
+        overlap = None
+        if self.shared_experts is not None and self.overlap_shared_experts:
+            overlap = lambda: self._shared_forward(shared_input_TH)  # noqa: E731
+        return self._sorted_forward(x_NH, routed, keep_NK, overlap)
 
     def _shared_forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         assert self.shared_experts is not None
@@ -307,15 +313,7 @@ class MoELayer(DeepSpeedMoEModule):
         real_t = None if real_T is None else real_T.narrow(0, self.groups.rank("tp") * rows, rows)
         routed = self._sliced_router(x_tH, group)
         keep_tK = self._capacity_mask(routed, real_t)
-        path = self.inference_path(x_tH, routed.topk_idx_TK)
-        shared_TH = None
-        if path is not None:
-            out_tH, tokens_per_expert_E = self._inference_forward(path, x_tH, routed, keep_tK)
-        else:
-            overlap = None
-            if self.shared_experts is not None and self.overlap_shared_experts:
-                overlap = lambda: self._shared_forward(x_TH)  # noqa: E731
-            out_tH, tokens_per_expert_E, shared_TH = self._sorted_forward(x_tH, routed, keep_tK, overlap)
+        out_tH, tokens_per_expert_E, shared_TH = self._routed_forward(x_tH, routed, keep_tK, x_TH)
         out_TH = gather_from_group(out_tH, group)[:num_tokens]
         if self.shared_experts is not None:
             out_TH = out_TH + (shared_TH if shared_TH is not None else self._shared_forward(x_TH))

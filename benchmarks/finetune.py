@@ -180,6 +180,9 @@ class Run:
     moe_max_group_size: int | None = None
     experts_impl: str | None = None  # switchyard's GroupedExperts.impl ("auto" when None)
     cuda_graph: bool = False  # switchyard's MoELayer.cuda_graph (the --variant-cuda-graph experiment)
+    # transformers' activation checkpointing of every decoder layer, for every implementation alike
+    # (the --variant-gradient-checkpointing experiment; train.gradient_checkpointing in launch/finetune.py)
+    gradient_checkpointing: bool = False
     ep: int = 1  # expert-parallel size = world size (--ep)
 
     @property
@@ -261,6 +264,10 @@ def build_switchyard(run: Run, aux: bool) -> Built:
     sy.patch_model(model, sy.MoEConfig(num_experts=run.shape.experts, top_k=run.shape.top_k, init="copy",
                                        aux_loss_coef=AUX_LOSS_COEF), groups)
     model.to(dtype=run.dtype).train()
+    if run.gradient_checkpointing:
+        from switchyard.train.loop import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     impls = set()
     for module in model.modules():
         if isinstance(module, sy.moe.experts.GroupedExperts):
@@ -289,6 +296,10 @@ def _mixtral(run: Run, aux: bool, experts_impl: str | None) -> nn.Module:
     if experts_impl is not None and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(experts_impl)
     model.to(dtype=run.dtype).train()
+    if run.gradient_checkpointing:
+        from switchyard.train.loop import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     return model
 
 
@@ -741,6 +752,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant-moe-max-group-size", type=int_at_least(1), default=None, metavar="N",
                    help="after the main runs, rerun switchyard and deepspeed_autoep with the MoE param-group "
                         "size cap set to N elements (an experiment; stored under 'variants')")
+    p.add_argument("--variant-gradient-checkpointing", action="store_true",
+                   help="after the rounds, rerun every implementation with activation checkpointing of every decoder "
+                        "layer (stored under 'variants')")
     p.add_argument("--variant-cuda-graph", action="store_true",
                    help="after the rounds, rerun switchyard with MoELayer.cuda_graph on (stored under 'variants')")
     p.add_argument("--variant-experts-impl", default=None, metavar="IMPL",
@@ -874,6 +888,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"switchyard rerun (same process, same inputs) with every GroupedExperts.impl = "
             f"{args.variant_experts_impl!r} instead of 'auto'",
             dataclasses.replace(run, experts_impl=args.variant_experts_impl), ["switchyard"]))
+    if args.variant_gradient_checkpointing:
+        experiments.append((
+            "gradient_checkpointing",
+            "every implementation rerun (same process, same inputs) with transformers' activation checkpointing of "
+            "every decoder layer, non-reentrant (switchyard.train.loop.enable_gradient_checkpointing, what "
+            "train.gradient_checkpointing does in launch/finetune.py)",
+            dataclasses.replace(run, gradient_checkpointing=True), [i for i in RUN_ORDER if i in args.impls]))
     if args.variant_cuda_graph:
         experiments.append((
             "cuda_graph",

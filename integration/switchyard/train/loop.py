@@ -14,6 +14,7 @@ import copy
 import inspect
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Collection, Iterator
 
@@ -401,10 +402,13 @@ def _log_data_position(resume, batches: StepBatches, steps: int) -> None:
 def _replay_schedule(scheduler, state_at_start: dict[str, Any], steps: int) -> None:
     """Put the scheduler at optimizer step ``steps`` of this run's schedule. A checkpoint's scheduler state holds
     its run's base lr and the lr its schedule gave; a resume may change ``train.lr``, the schedule and the step
-    count (docs/finetune.md), which that state would silently override."""
+    count (docs/finetune.md), which that state would silently override. The replay runs before this run's first
+    optimizer step, which torch warns about (on every rank) as if a step of the schedule were skipped; none is."""
     scheduler.load_state_dict(state_at_start)
-    for _ in range(steps):
-        scheduler.step()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        for _ in range(steps):
+            scheduler.step()
 
 
 def _expert_fractions(load, groups, values: dict[str, Any], tp_sliced: Collection[str] = ()

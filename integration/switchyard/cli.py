@@ -78,7 +78,7 @@ def _one_line(err: BaseException | str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_log() -> Iterator[None]:
     """Silence switchyard's log for a dry run whose messages the real run prints again."""
     logger = logging.getLogger("switchyard")
     level = logger.level
@@ -212,7 +212,7 @@ def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
                          "fine-tune or serve it as it is (its MoE blocks are adopted), or `switchyard plan` it")
     # drop_upcycle reads the weights' statistics, which the meta device lacks; the other inits need shapes only
     dry = dataclasses.replace(moe_config, init="copy") if moe_config.init == "drop_upcycle" else moe_config
-    with _quiet():
+    with quiet_log():
         sy.patch_model(model, dry, layers=args.layers, every_n=args.every_n, seed=args.seed)
         refusal = export_refusal(model)
     if refusal is not None:  # a valid switchyard model (fine-tune, serve), but say now that export will refuse it
@@ -243,7 +243,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import switchyard as sy
     from switchyard.hf.export import check_export
 
-    with _quiet():  # its warnings (training-only settings) are logged again by the export itself
+    with quiet_log():  # its warnings (training-only settings) are logged again by the export itself
         check_export(args.model, args.out)  # every refusal, from config.json: before gigabytes of weights are read
     model = sy.from_pretrained(args.model)
     with contextlib.redirect_stderr(io.StringIO()) as notes:  # "no tokenizer files" goes after the export, not
@@ -274,7 +274,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
 
 
-def _planned_model(args: argparse.Namespace) -> Any:
+def planned_model(args: argparse.Namespace) -> Any:
     """The model on the meta device (no weights read), patched as the job would patch it."""
     import switchyard as sy
     from switchyard.hf.checkpoint import CONFIG_KEY, _repatch, empty_model
@@ -359,7 +359,7 @@ def _billions(count: int) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     rank_layout(args.world, tp=args.tp, ep=args.ep, etp=args.etp)  # the degrees first, before any config is read
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep --json parseable
-        model = _planned_model(args)
+        model = planned_model(args)
     numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp)
     if args.json:
         print(json.dumps(numbers))

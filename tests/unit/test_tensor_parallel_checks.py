@@ -16,6 +16,7 @@ from switchyard.parallel import apply_tensor_parallel
 from switchyard.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from switchyard.parallel.tensor_shards import TensorShard, shard_of, shard_tensor
 
+from harness import REPO_ROOT as REPO
 from tiny_models import build
 
 SMALL = dict(num_hidden_layers=2, intermediate_size=64, head_dim=8)
@@ -133,3 +134,22 @@ def test_packed_shards_take_their_slice_of_each_chunk():
     assert shard_tensor(full, TensorShard(0, "etp", packed=2), 1, 2).tolist() == [2, 3, 6, 7]
     with pytest.raises(ValueError, match="does not split into 2 packed chunk"):
         shard_tensor(torch.arange(6), TensorShard(0, "etp", packed=2), 0, 2)
+
+
+def test_the_launcher_refuses_a_tensor_parallel_layout_before_any_weight_is_read(tmp_path):
+    """train(): check_tensor_parallel runs the model's checks on the meta device (upcycled as the run config says,
+    or adopted) before load_model reads a weight; a layout that fits passes."""
+    from switchyard.train import model_source
+    from switchyard.train.run_config import load_run_config
+    from tiny_models import build_moe
+
+    dense, moe = tmp_path / "dense", tmp_path / "moe"  # config.json only: no weights to read
+    build("llama", intermediate_size=48).config.save_pretrained(dense)  # 4 heads, 2 KV heads
+    build_moe("qwen2_moe").config.save_pretrained(moe)
+    config = load_run_config(REPO / "configs" / "finetune" / "tiny.yaml", [f"model.source={dense}"])
+    with pytest.raises(ValueError, match=r"tp=4 must divide num_attention_heads=4 and num_key_value_heads=2"):
+        model_source.check_tensor_parallel(config, str(dense), tp=4, etp=4)
+    model_source.check_tensor_parallel(config, str(dense), tp=2, etp=2)
+    model_source.check_tensor_parallel(config, str(moe), tp=2, etp=1)  # adopted: its own experts
+    with pytest.raises(ValueError, match=r"tp=3 must divide num_attention_heads=4"):
+        model_source.check_tensor_parallel(config, str(moe), tp=3, etp=3)

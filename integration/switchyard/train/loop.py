@@ -199,7 +199,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     from switchyard.train import checkpointing
     from switchyard.train.data import load_datasets
     from switchyard.train.metrics import ExpertLoad, MetricsWriter
-    from switchyard.train.model_source import cache_dir, load_model, rank0_first, resolve_source
+    from switchyard.train.model_source import (cache_dir, check_tensor_parallel, load_model, rank0_first,
+                                               resolve_source)
     from switchyard.train.schedule import build_scheduler
 
     init_distributed()
@@ -220,6 +221,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)
 
     source = resolve_source(config)
+    check_tensor_parallel(config, source, groups.size("tp"), groups.size("etp"))  # before any weight is read
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
     matmul_params = _matmul_params(model)  # the whole model's, before tensor parallelism slices it
     apply_tensor_parallel(model, groups)

@@ -47,3 +47,19 @@ def build_moe(model_type: str, **extra) -> torch.nn.Module:
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0, 0.5)
     return model
+
+
+def moe_layer_pair(config, hidden: int, ffn: int, groups) -> tuple:
+    """(an unsharded one-process MoELayer, the same weights in a layer built with ``groups`` and tensor-parallel
+    sharded): the reference and the layer under test of the tensor-parallel layer tests. The router is scaled far
+    from top-k ties, so both route alike."""
+    from switchyard.moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    reference = MoELayer(config, hidden, ffn)
+    with torch.no_grad():
+        reference.router.weight.mul_(20)
+    layer = MoELayer(config, hidden, ffn, groups=groups)
+    layer.load_state_dict(reference.state_dict())
+    layer.shard_experts_tensor_parallel()
+    return reference, layer

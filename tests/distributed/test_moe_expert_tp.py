@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from harness import run_on_ranks
+from tiny_models import moe_layer_pair
 
 pytestmark = pytest.mark.distributed
 
@@ -27,20 +28,6 @@ CASES = {
 }
 
 
-def _pair(config, manager):
-    """(one-process reference, sharded layer with its weights)."""
-    from switchyard.moe.layer import MoELayer
-
-    torch.manual_seed(0)
-    reference = MoELayer(config, HIDDEN, FFN)
-    with torch.no_grad():
-        reference.router.weight.mul_(20)  # far from top-k ties
-    layer = MoELayer(config, HIDDEN, FFN, groups=manager)
-    layer.load_state_dict(reference.state_dict())
-    layer.shard_experts_tensor_parallel()
-    return reference, layer
-
-
 def _check_training(shape: dict) -> list[str]:
     from switchyard import MoEConfig, ProcessGroupManager
     from switchyard.parallel.tensor_parallel import full_state_dict
@@ -52,7 +39,7 @@ def _check_training(shape: dict) -> list[str]:
     checked = []
     for name, kwargs in CASES.items():
         config = MoEConfig(num_experts=EXPERTS, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001, **kwargs)
-        reference, layer = _pair(config, manager)
+        reference, layer = moe_layer_pair(config, HIDDEN, FFN, manager)
         assert layer.experts.intermediate_size == FFN // etp and layer.intermediate_size == FFN
         gen = torch.Generator().manual_seed(1)
         x_all, g_all = torch.randn(sum(counts), HIDDEN, generator=gen), torch.randn(sum(counts), HIDDEN, generator=gen)
@@ -100,7 +87,7 @@ def _check_training(shape: dict) -> list[str]:
         assert set(full) == set(state) and set(full) <= set(ref_state)
         for key, value in full.items():
             torch.testing.assert_close(value, ref_state[key], rtol=0, atol=0, msg=lambda m: f"{where}: {key}: {m}")
-        _, again = _pair(config, manager)
+        _, again = moe_layer_pair(config, HIDDEN, FFN, manager)
         with torch.no_grad():
             for param in again.experts.parameters():
                 param.zero_()
@@ -120,7 +107,7 @@ def _check_inference_and_errors() -> list[str]:
     manager = ProcessGroupManager(tp=2)
     checked = []
     for name, kwargs in CASES.items():
-        reference, layer = _pair(MoEConfig(num_experts=EXPERTS, top_k=2, **kwargs), manager)
+        reference, layer = moe_layer_pair(MoEConfig(num_experts=EXPERTS, top_k=2, **kwargs), HIDDEN, FFN, manager)
         reference.eval(), layer.eval()
         layer.replicated_tokens = True  # ep=1: the same forward; what serving sets
         for tokens, all_experts in ((1, 0), (3, 0), (4, 64), (40, 0)):  # small-batch, all-experts, sort

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from harness import run_on_ranks
+from tiny_models import moe_layer_pair
 
 pytestmark = pytest.mark.distributed
 
@@ -24,20 +25,6 @@ COUNTS = (7, 9)  # tokens per dp rank: odd, so tp=2 pads one row
 TOL = dict(atol=1e-5, rtol=1e-5)
 EXACT = dict(aux_loss_coef=0.0, z_loss_coef=0.0, expert_bias=True, num_shared_experts=1, shared_expert_gate=True)
 LOSSES = dict(aux_loss_coef=0.01, z_loss_coef=0.001)
-
-
-def _pair(config, manager):
-    """(one-process reference, the tp layer with its weights)."""
-    from switchyard.moe.layer import MoELayer
-
-    torch.manual_seed(0)
-    reference = MoELayer(config, HIDDEN, FFN)
-    with torch.no_grad():
-        reference.router.weight.mul_(20)  # far from top-k ties
-    layer = MoELayer(config, HIDDEN, FFN, groups=manager)
-    layer.load_state_dict(reference.state_dict())
-    layer.shard_experts_tensor_parallel()
-    return reference, layer
 
 
 def _batches():
@@ -120,7 +107,7 @@ def _check_training(shape: dict) -> list[str]:
     checked = []
     for name, kwargs in (("exact", EXACT), ("losses", LOSSES)):
         config = MoEConfig(num_experts=EXPERTS, top_k=2, **kwargs)
-        reference, layer = _pair(config, manager)
+        reference, layer = moe_layer_pair(config, HIDDEN, FFN, manager)
         if name == "exact":
             ref_out, ref_xgrad, ref_counts = _reference_full(reference, xs, gs, masks)
         else:

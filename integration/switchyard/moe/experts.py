@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from switchyard.activations import get_activation
 from switchyard.moe.kernels import fused_kernels_enabled, silu_mul
 from switchyard.moe.swiglu_ffn import GROUPED_MM as _GROUPED_MM, swiglu_ffn
-from switchyard.parallel.tensor_shards import TensorShard, mark_sharded, shard_tensor
+from switchyard.parallel.tensor_shards import TensorShard, shard_parameter_
 
 TokenCounts = Tensor | list[int]
 ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts, "Tensor | None"], Tensor]  # (.., offsets_E)
@@ -306,9 +306,8 @@ class GroupedExperts(nn.Module):
         with torch.no_grad():
             for name, shard in self.ffn_shards().items():
                 param = getattr(self, name)
-                param.data = shard_tensor(param.data, shard, rank, size)
+                shard_parameter_(param, shard, rank, size)
                 param.grad = None
-                mark_sharded(param, shard)
         self.intermediate_size //= size
         self.etp_size = size
 

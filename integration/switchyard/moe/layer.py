@@ -57,11 +57,11 @@ from switchyard.moe.router import Router, RouterOutput
 from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
 from switchyard.parallel.layout import local_expert_ids
 from switchyard.parallel.tensor_shards import (
+    as_local_shard,
     copy_to_group,
     gather_from_group,
     reduce_from_group,
     scatter_to_group,
-    shard_tensor,
 )
 
 if TYPE_CHECKING:
@@ -309,8 +309,7 @@ class MoELayer(DeepSpeedMoEModule):
         else:
             x_TH_padded = x_TH
         x_tH = scatter_to_group(x_TH_padded, group)
-        rows = x_tH.shape[0]
-        real_t = None if real_T is None else real_T.narrow(0, self.groups.rank("tp") * rows, rows)
+        real_t = None if real_T is None else scatter_to_group(real_T, group)  # the same rows' mask
         routed = self._sliced_router(x_tH, group)
         keep_tK = self._capacity_mask(routed, real_t)
         out_tH, tokens_per_expert_E, shared_TH = self._routed_forward(x_tH, routed, keep_tK, x_TH)
@@ -620,10 +619,10 @@ def _experts_from_global_ids(module: MoELayer, state_dict: dict, prefix: str, *a
         if all(key in state_dict for key in wanted):
             stacked = torch.stack([state_dict.pop(key) for key in wanted])
             shard = shards.get(name)
-            full_width = getattr(experts, name).shape[shard.dim] * experts.etp_size if shard is not None else None
-            if shard is not None and stacked.shape[shard.dim] == full_width:
+            if shard is not None:
                 assert module.groups is not None
-                stacked = shard_tensor(stacked, shard, module.groups.rank("etp"), experts.etp_size)
+                stacked = as_local_shard(stacked, getattr(experts, name), shard, module.groups.rank("etp"),
+                                         experts.etp_size)
             state_dict[f"{per_id_prefix}{name}"] = stacked
     for key in [k for k in state_dict if k.startswith(per_id_prefix)]:
         rest = key[len(per_id_prefix):].split(".", 1)

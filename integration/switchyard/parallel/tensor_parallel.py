@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from switchyard.log import get_logger
 from switchyard.parallel.tensor_shards import (
     TensorShard,
+    as_local_shard,
     copy_to_group,
     gather_tensor,
-    mark_sharded,
     reduce_from_group,
     shard_of,
-    shard_tensor,
+    shard_parameter_,
 )
 
 if TYPE_CHECKING:
@@ -56,10 +56,8 @@ class _ShardedLinear(nn.Linear):
         slice-sized one as it is."""
         for name, param in self._parameters.items():
             shard, given = shard_of(param) if param is not None else None, state_dict.get(prefix + name)
-            if shard is None or given is None:
-                continue
-            if given.shape[shard.dim] == self.tp_size * param.shape[shard.dim]:
-                state_dict[prefix + name] = shard_tensor(given, shard, self.tp_rank, self.tp_size)
+            if shard is not None and given is not None:
+                state_dict[prefix + name] = as_local_shard(given, param, shard, self.tp_rank, self.tp_size)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -95,9 +93,7 @@ def _shard_linear(cls: type[_ShardedLinear], linear: nn.Module, group: dist.Proc
                   size: int) -> None:
     """Slice ``linear``'s parameters in place (same Parameter objects: their attributes, hooks and names stay)."""
     for name, shard in _linear_shards(cls, linear).items():
-        param = getattr(linear, name)
-        param.data = shard_tensor(param.data, shard, rank, size)
-        mark_sharded(param, shard)
+        shard_parameter_(getattr(linear, name), shard, rank, size)
     linear.out_features, linear.in_features = linear.weight.shape
     linear.__class__ = cls
     linear.tp_group, linear.tp_rank, linear.tp_size = group, rank, size

@@ -66,6 +66,21 @@ def shard_of(param: torch.Tensor) -> TensorShard | None:
     return getattr(param, "tp_shard", None)
 
 
+def shard_parameter_(param: torch.Tensor, shard: TensorShard, rank: int, size: int) -> None:
+    """Keep slice ``rank`` of ``size`` of ``param`` in place (the same Parameter object, so its attributes, hooks and
+    name stay) and tag it (``mark_sharded``)."""
+    param.data = shard_tensor(param.data, shard, rank, size)
+    mark_sharded(param, shard)
+
+
+def as_local_shard(given: torch.Tensor, local: torch.Tensor, shard: TensorShard, rank: int, size: int) -> torch.Tensor:
+    """``given`` for a shard shaped like ``local``: this rank's slice when ``given`` is the full tensor (a full state
+    dict, or the model's before sharding), else ``given`` as it is."""
+    if given.shape[shard.dim] == size * local.shape[shard.dim]:
+        return shard_tensor(given, shard, rank, size)
+    return given
+
+
 class _CopyToGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):  # type: ignore[override]

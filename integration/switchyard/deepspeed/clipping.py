@@ -8,7 +8,7 @@ so the mean is not the model's norm and the update differs from the single-proce
 Here, after the data-parallel reduction: a replicated dense gradient is the same on every rank (counted once);
 a tensor-parallel shard (``tp_shard``, ``parallel/tensor_shards.py``) exists once per tp group; each expert once
 per EP group, and an expert shard once per EP × etp group. So ‖g‖² = Σ dense² + Σ_tp(Σ dense shard²)
-+ Σ_ep(Σ expert² + Σ_etp(Σ expert shard²)).
++ Σ_ep(Σ expert² + Σ_etp(Σ expert shard²)), summed over the pipeline stages (each holds other layers).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def _sum_over(value: torch.Tensor, groups: "ProcessGroupManager | None", *kinds:
 def clip_global_grad_norm_(model: nn.Module, max_norm: float, groups: "ProcessGroupManager | None") -> float:
     """Clip in place (after gradients are reduced); returns the global norm before clipping. Every rank calls it."""
     grads = [p for p in model.parameters() if p.grad is not None]
-    if not grads:
+    if not grads and (groups is None or groups.size("pp") == 1):
         return 0.0
-    device = grads[0].grad.device
+    device = grads[0].grad.device if grads else next(model.parameters()).device
     # squares by where the other copies or shards live: (expert?, sharded?) → the groups to sum over
     squares = {key: torch.zeros((), device=device, dtype=torch.float32)
                for key in ((False, False), (False, True), (True, False), (True, True))}
@@ -47,6 +47,7 @@ def clip_global_grad_norm_(model: nn.Module, max_norm: float, groups: "ProcessGr
         squares[(is_moe_param(param), shard_of(param) is not None)] += param.grad.detach().float().pow(2).sum()
     total = (squares[(False, False)] + _sum_over(squares[(False, True)], groups, "tp")
              + _sum_over(squares[(True, False)] + _sum_over(squares[(True, True)], groups, "etp"), groups, "ep"))
+    total = _sum_over(total, groups, "pp")
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total.sqrt() + 1e-6), max=1.0)
         for param in grads:

@@ -353,39 +353,46 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     """
     record = switchyard_record(model)
     layers = moe_layers(model)
-    if not layers:
+    groups = groups if groups is not None else layers[0].groups if layers else None
+    pp, stage = (groups.size("pp"), groups.rank("pp")) if groups is not None else (1, 0)
+    if not layers and pp == 1:  # a pipeline stage may hold none; the whole model must hold some
         raise ValueError("model.config.switchyard is set but the model holds no MoE layers")
     config = _saved_config(model)
-    groups = groups if groups is not None else layers[0].groups
-    if groups is not None and groups.size("pp") > 1:
-        raise ValueError(f"saving a pipeline-parallel model (pp={groups.size('pp')}) is not supported yet")
-    ep, ep_rank = layers[0].ep_size, layers[0].ep_rank
+    ep, ep_rank = (groups.size("ep"), groups.rank("ep")) if groups is not None else (layers[0].ep_size, layers[0].ep_rank)
     assert all((l.ep_size, l.ep_rank) == (ep, ep_rank) for l in layers), "MoE layers disagree on their EP rank"
     max_bytes = _parse_size(max_shard_size)
     # resolved: a symlink's target is what gets replaced, and "." names the directory, not the process's cwd
     rank, out = dist.get_rank() if _distributed() else 0, Path(path).resolve()
     staging, _ = swap_paths(out)
-    # one writer per expert block: the first rank of its expert-data-parallel group, after the etp shards are gathered
+    # one writer per expert block: the first rank of its expert-data-parallel group, after the etp shards are gathered;
+    # one for the dense tensors of each pipeline stage (rank 0 without pipelining)
     writes_experts = groups.rank("edp") == 0 and groups.rank("etp") == 0 if groups is not None else rank == 0
+    writes_dense = groups.rank("dp") == 0 and groups.rank("tp") == 0 if groups is not None else rank == 0
+    in_stage = f"-pp{stage:03d}-of-{pp:03d}" if pp > 1 else ""  # each stage's files are its own
     on_every_rank(f"save_pretrained({out})", lambda: _prepare(out) if rank == 0 else None)
     error: BaseException | None = None
     if groups is not None:  # tensor-parallel shards gathered, kept only where this rank writes them
         state = full_state_dict(model, groups, lambda p: writes_experts if getattr(p, "allreduce", True) is False
-                                else rank == 0)
+                                else writes_dense)
     else:
         state = model.state_dict()
     prefixes = tuple(f"{p}.experts." for p in moe_prefixes(model))
     expert_keys = [k for k in state if k.startswith(prefixes) and _EXPERT_KEY.match(k)]
-    mine: tuple[dict[str, str], int, dict[str, str]] = ({}, 0, {})
+    # what this rank wrote: key → file, bytes, tied names dropped, expert keys, experts per layer
+    mine: dict[str, Any] = {"files": {}, "bytes": 0, "tied": {}, "experts": [],
+                            "num_experts": layers[0].num_experts if layers else None}
     try:
-        if rank == 0:
-            dense, tied = _drop_tied({k: v for k, v in state.items() if k not in set(expert_keys)})
-            weight_map, nbytes = _write_shards(dense, staging, "dense", max_bytes)
-            mine = (weight_map, nbytes, tied)
+        if writes_dense:
+            dense, mine["tied"] = _drop_tied({k: v for k, v in state.items() if k not in set(expert_keys)})
+            weight_map, nbytes = _write_shards(dense, staging, f"dense{in_stage}", max_bytes)
+            mine["files"].update(weight_map)
+            mine["bytes"] += nbytes
         if writes_experts:
             weight_map, nbytes = _write_shards({k: state[k] for k in expert_keys}, staging,
-                                               f"experts-ep{ep_rank:03d}-of-{ep:03d}", max_bytes)
-            mine = ({**mine[0], **weight_map}, mine[1] + nbytes, mine[2])
+                                               f"experts-ep{ep_rank:03d}-of-{ep:03d}{in_stage}", max_bytes)
+            mine["files"].update(weight_map)
+            mine["bytes"] += nbytes
+            mine["experts"] = expert_keys
     except Exception as err:  # noqa: BLE001 - disk full, permissions: the earlier checkpoint is still intact
         error = err
     try:
@@ -393,7 +400,7 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
         parts = _gather(mine)
         if rank == 0:
             try:
-                index = _index(parts, record, ep, expert_keys, layers[0].num_experts)
+                index = _index(parts, record, ep)
                 (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
                 config.save_pretrained(staging)
                 generates = getattr(model, "can_generate", lambda: False)()
@@ -403,9 +410,10 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
                     tokenizer.save_pretrained(staging)
                 _carry_over(out, staging)
                 _swap(out, staging)
-                files = {name for part in parts for name in part[0].values()}
-                log.info("saved %s: %d tensors in %d files, experts from %d EP ranks", out,
-                         sum(len(p[0]) for p in parts), len(files), ep, ranks=[0])
+                files = {name for part in parts for name in part["files"].values()}
+                log.info("saved %s: %d tensors in %d files, experts from %d EP ranks%s", out,
+                         sum(len(p["files"]) for p in parts), len(files), ep,
+                         f" in {pp} pipeline stages" if pp > 1 else "", ranks=[0])
             except Exception as err:  # noqa: BLE001 - raised again on this rank by agree
                 error = err
         agree(error, f"save_pretrained({out})")
@@ -415,17 +423,21 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
         raise
 
 
-def _index(parts: list, record: dict, ep: int, expert_keys: list[str], num_experts: int) -> dict[str, Any]:
+def _index(parts: list, record: dict, ep: int) -> dict[str, Any]:
+    """The index over every writer's (key → file, bytes, tied names, experts per layer); pipeline stages each
+    wrote their own layers."""
     weight_map: dict[str, str] = {}
-    for part_map, _, _ in parts:
-        weight_map.update(part_map)
-    tied = parts[0][2]
+    tied: dict[str, str] = {}
+    for part in parts:
+        weight_map.update(part["files"])
+        tied.update(part["tied"])
+    num_experts = next(p["num_experts"] for p in parts if p["num_experts"] is not None)
     # Every layer's every expert must have a writer; a hole means some rank did not call save_pretrained.
-    names = {(m["prefix"], m["name"]) for m in map(_EXPERT_KEY.match, expert_keys) if m}
+    names = {(m["prefix"], m["name"]) for p in parts for m in map(_EXPERT_KEY.match, p["experts"]) if m}
     holes = [f"{p}.experts.{i}.{n}" for p, n in sorted(names) for i in range(num_experts)
              if f"{p}.experts.{i}.{n}" not in weight_map]
     assert not holes, f"no rank wrote {len(holes)} expert tensors, e.g. {holes[:3]}"
-    metadata = {"total_size": sum(p[1] for p in parts), "format": "switchyard", "version": record.get("version", 1),
+    metadata = {"total_size": sum(p["bytes"] for p in parts), "format": "switchyard", "version": record.get("version", 1),
                 "num_experts": num_experts, "saved_ep": ep, "tied_weights": tied}
     return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
 

@@ -343,6 +343,21 @@ def attach_router_loss_hooks(model: nn.Module) -> None:
     object.__setattr__(model, "_switchyard_hooks", handles)
 
 
+def keep_moe_layers_of_stage(model: nn.Module, all_layers: int) -> None:
+    """After a pipeline split (``train/pipeline.py``): the hooks read this stage's MoE layers, and the router loss
+    is this stage's share of the mean over all ``all_layers`` of the model (the stages' shares sum to it)."""
+    if not getattr(model, "_switchyard_hooks", None):
+        return
+    object.__setattr__(model, "_switchyard_moe_layers", moe_layers(model))
+    model._switchyard_hook_state["layers_in_model"] = all_layers
+
+
+def _router_loss_divisor(model: nn.Module, counted: int) -> int:
+    """The layers the router loss is a mean over: those that gave one, or all the model's when pipeline stages
+    each hold some."""
+    return getattr(model, "_switchyard_hook_state", {}).get("layers_in_model") or counted
+
+
 def takes_moe_token_mask(model: nn.Module) -> bool:
     """Whether ``model(...)`` accepts ``moe_token_mask`` (the real tokens, for a caller whose attention mask is
     4-D): its router-loss hooks take the keyword; an unpatched model's forward would not know it."""
@@ -421,7 +436,7 @@ def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: An
         # mean over layers, so a coefficient means the same here as transformers' router_aux_loss_coef (a sum
         # would scale with depth); transformers pools all layers' tokens into one loss instead, which lets
         # one layer's imbalance offset another's: each layer's own, as Switch / Megatron apply it
-        aux = torch.stack([loss.float() for loss in losses]).mean()
+        aux = torch.stack([loss.float() for loss in losses]).sum() / _router_loss_divisor(module, len(losses))
         output["aux_loss"] = aux
         if output.get("loss") is not None:
             output["loss"] = output["loss"] + aux.to(output["loss"].dtype)
@@ -448,7 +463,7 @@ def router_loss_parts(model: nn.Module) -> dict[str, torch.Tensor]:
         field = LOSS_COEFFICIENTS[kind]
         weighted = [getattr(l.config, field) * l.last_stats.losses[kind].float() for l in counted
                     if kind in l.last_stats.losses]
-        parts[kind] = torch.stack(weighted).sum() / len(counted) if weighted else zero
+        parts[kind] = torch.stack(weighted).sum() / _router_loss_divisor(model, len(counted)) if weighted else zero
     return parts
 
 

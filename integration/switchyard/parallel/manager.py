@@ -103,6 +103,10 @@ class ProcessGroupManager:
                 group = dist.new_group(ranks)
                 if self.global_rank in ranks:
                     self._groups[kind] = GroupInfo(kind, tuple(ranks), group)
+        for ranks in _model_parallel_groups(self.layout):  # tp × pp: what DeepSpeed sums a norm over
+            group = dist.new_group(ranks) if len(ranks) > len(self.layout["tp"][0]) else None
+            if self.global_rank in ranks:
+                self._groups["mp"] = GroupInfo("mp", tuple(ranks), group or self._groups["tp"].group)
         self._groups["world"] = GroupInfo("world", tuple(range(self.world_size)), dist.group.WORLD)
         self.mpu = _make_mpu(self)
         if register_with_deepspeed:
@@ -145,6 +149,12 @@ class ProcessGroupManager:
     def __repr__(self) -> str:
         degrees = ", ".join(f"{k}={v}" for k, v in self.sizes.items())
         return f"ProcessGroupManager(rank={self.global_rank}/{self.world_size}, {degrees})"
+
+
+def _model_parallel_groups(layout: dict[str, list[list[int]]]) -> list[list[int]]:
+    """The ranks of one data-parallel replica of the model: the tp groups of one rank per pipeline stage."""
+    replicas = {tuple(sorted(r for g in layout["tp"] if set(g) & set(stages) for r in g)) for stages in layout["pp"]}
+    return sorted(map(list, replicas))
 
 
 def _fingerprint(settings: tuple) -> int:

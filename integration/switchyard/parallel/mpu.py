@@ -1,11 +1,10 @@
 """The ``mpu`` object DeepSpeed's engine queries (Megatron's naming), backed by our groups.
 
 Every method DeepSpeed 0.19 calls on an mpu (``grep -rhoE "mpu\\.[a-z_]+" deepspeed/``) is here.
-"Model parallel" means tensor parallel here; the pipeline group is reported separately. DeepSpeed is not of
-one mind: its PipelineParallelGrid's model-parallel group spans tp × pp (ZeRO's gradient-norm sum and the
-``mp_rank_XX`` checkpoint names assume that), while its inference and hybrid engines read the same methods as
-tensor parallel. With pp = 1, the only pipeline size fine-tuning accepts today (``RunConfig.check_world``), the
-two agree; pipeline parallelism has to settle it.
+The model-parallel rank is the tensor-parallel rank; the model-parallel group (and its size) is tp × pp, the ranks
+of one data-parallel replica, as in DeepSpeed's PipelineParallelGrid: ZeRO sums gradient norms over that group
+and counts a replicated parameter on tensor rank 0 of each stage (``bwc_tensor_model_parallel_rank``), so every
+stage's parameters count once. With pp = 1 the group is the tp group.
 """
 
 from __future__ import annotations
@@ -35,9 +34,13 @@ class DeepSpeedMPU:
     def get_tensor_model_parallel_src_rank(self) -> int:
         return self._m.ranks("tp")[0]
 
-    get_model_parallel_group = get_tensor_model_parallel_group
+    def get_model_parallel_group(self) -> "dist.ProcessGroup":
+        return self._m.group("mp")
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._m.size("mp")
+
     get_model_parallel_rank = get_tensor_model_parallel_rank
-    get_model_parallel_world_size = get_tensor_model_parallel_world_size
     get_slice_parallel_group = get_tensor_model_parallel_group
     get_slice_parallel_rank = get_tensor_model_parallel_rank
     get_slice_parallel_world_size = get_tensor_model_parallel_world_size

@@ -16,13 +16,16 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Collection, Iterator
+from typing import TYPE_CHECKING, Any, Collection, Iterator
 
 import torch
 import torch.distributed as dist
 
 from switchyard.log import get_logger
 from switchyard.train.run_config import RunConfig
+
+if TYPE_CHECKING:
+    from switchyard.train.pipeline import MicroResult
 
 log = get_logger(__name__)
 
@@ -168,8 +171,7 @@ def enable_gradient_checkpointing(model) -> None:
              ranks=[0])
 
 
-def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float | None) -> "MicroResult":
     """One micro-batch's forward and backward; returns its (LM, router) losses and the router loss per kind
     (``router_loss_parts``: they sum to the router loss), detached, on device.
 
@@ -178,6 +180,7 @@ def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float |
     averages them over micro-batches and ranks as before. ``lm_divisor`` None (a model whose loss ignores the
     keyword): the model's own per-micro-batch mean."""
     from switchyard.hf.patch import router_loss_parts
+    from switchyard.train.pipeline import MicroResult
 
     out = engine(**micro) if lm_divisor is None else engine(**micro, num_items_in_batch=lm_divisor)
     # read before backward: gradient checkpointing's recompute overwrites the layers' last losses
@@ -185,8 +188,8 @@ def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float |
     engine.backward(out.loss)
     aux = out.get("aux_loss")
     if aux is None:
-        return out.loss.detach(), torch.zeros((), device=out.loss.device), parts
-    return (out.loss - aux).detach(), aux.detach(), parts
+        return MicroResult(out.loss.detach(), torch.zeros((), device=out.loss.device), parts)
+    return MicroResult((out.loss - aux).detach(), aux.detach(), parts)
 
 
 def train(config: RunConfig) -> dict[str, Any]:
@@ -201,6 +204,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     from switchyard.train.metrics import ExpertLoad, MetricsWriter
     from switchyard.train.model_source import (cache_dir, check_tensor_parallel, load_model, rank0_first,
                                                resolve_source)
+    from switchyard.train.pipeline import PipelineStage
     from switchyard.train.schedule import build_scheduler
 
     init_distributed()
@@ -223,7 +227,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     source = resolve_source(config)
     check_tensor_parallel(config, source, groups.size("tp"), groups.size("etp"))  # before any weight is read
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
-    matmul_params = _matmul_params(model)  # the whole model's, before tensor parallelism slices it
+    matmul_params = _matmul_params(model)  # the whole model's, before pipeline stages and tensor parallelism split it
+    pipeline = PipelineStage(model, groups) if groups.size("pp") > 1 else None
     apply_tensor_parallel(model, groups)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -255,20 +260,22 @@ def train(config: RunConfig) -> dict[str, Any]:
     metrics = MetricsWriter(run_dir, enabled=rank == 0, total_steps=steps, start_step=start_step)
     load = ExpertLoad()
     device = engine.device
+    zero = torch.zeros((), device=device)
     token_weighted = accepts_loss_kwargs(model)
     if not token_weighted:
         log.warning("%s's loss ignores num_items_in_batch: each micro-batch's LM loss is its own per-token mean, "
                     "weighted equally (a micro-batch without loss tokens gives NaN)", type(model).__name__, ranks=[0])
     meta = {"world_size": world, "ep": groups.size("ep"), "tp": groups.size("tp"), "etp": groups.size("etp"),
-            "dp": dp_size, "zero_stage": stage,
+            "pp": groups.size("pp"), "dp": dp_size, "zero_stage": stage,
             "engine_optimizer": engine_optimizer, "config": config.to_dict()}
     history: list[float] = []
     last_eval: dict[str, float] = {}
+    kinds = _router_loss_kinds(model, groups)  # the same on every rank: every stage logs every kind
 
     for step in range(start_step, steps):
         started = time.perf_counter()
         engine.train()
-        lm_losses, aux_losses, tokens = [], [], 0
+        lm_losses, aux_losses = [], []
         router_parts: dict[str, list[torch.Tensor]] = {}  # per kind, one per micro-batch (the same kinds each)
         grad_norm = None
         lr = engine.lr_scheduler.get_last_lr()[0]  # this step's: engine.step() moves the scheduler on
@@ -280,19 +287,32 @@ def train(config: RunConfig) -> dict[str, Any]:
             log.warning("step %d: no label of the global batch is predicted (all -100 after the shift); only the "
                         "router losses train this step. Check data.seq_len against the prompts' length",
                         step + 1, ranks=[0])
-        for micro in micro_batches:
-            tokens += batch_tokens(micro)[0]  # on the host batch: no device sync
-            micro = {k: v.to(device) for k, v in micro.items()}
-            lm_loss, aux_loss, parts = forward_backward(engine, micro, lm_divisor)
+        tokens = sum(batch_tokens(micro)[0] for micro in micro_batches)  # on the host batches: no device sync
+        device_batches = [{k: v.to(device) for k, v in micro.items()} for micro in micro_batches]
+
+        def after_forward() -> None:  # the MoE layers' stats describe the last forward
+            for name, layer in layers.items():
+                load.add_forward(name, layer)
+
+        def after_backward() -> None:
+            nonlocal grad_norm
             if own_clipping and engine.is_gradient_accumulation_boundary():
                 grad_norm = clip_global_grad_norm_(model, t.clip, groups)
             engine.step()
-            lm_losses.append(lm_loss)
-            aux_losses.append(aux_loss)
-            for kind, part in parts.items():
-                router_parts.setdefault(kind, []).append(part)
-            for name, layer in layers.items():
-                load.add_forward(name, layer)
+
+        if pipeline is not None:
+            results = pipeline.train_step(engine, device_batches, lm_divisor, after_forward, after_backward)
+        else:
+            results = []
+            for micro in device_batches:
+                results.append(forward_backward(engine, micro, lm_divisor))
+                after_forward()
+                after_backward()
+        for result in results:
+            lm_losses.append(result.lm_loss)
+            aux_losses.append(result.aux_loss)
+            for kind in kinds:
+                router_parts.setdefault(kind, []).append(result.parts.get(kind, zero))
         for layer in layers.values():
             layer.update_expert_bias()
         checkpointing.inject_fault("step", step + 1)
@@ -300,12 +320,13 @@ def train(config: RunConfig) -> dict[str, Any]:
         norm_t = [engine_norm] if torch.is_tensor(engine_norm) else []
         # the LM losses' mean over micro-batches and ranks is the global batch's mean per loss token (each was
         # divided by lm_divisor); token counts as dp means × dp: ranks' counts differ when padding does; the
-        # router loss per kind averaged as the router loss, in the same all-reduce
-        kinds = list(router_parts)  # the same on every rank: the layers' coefficients say which
-        loss, router_loss, mean_tokens, *rest = _dp_means(
-            [torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean(), torch.tensor(float(tokens)),
-             *(torch.stack(router_parts[kind]).mean() for kind in kinds)],
-            groups, extra=norm_t)
+        # router loss per kind averaged as the router loss, in the same all-reduce. Pipeline stages: the LM loss
+        # is the last stage's and each stage's router loss its share of the mean over all layers, so both are
+        # summed over the stages first (the token count is each stage's own)
+        losses = _sum_over_stages([torch.stack(lm_losses).mean(), torch.stack(aux_losses).mean(),
+                                   *(torch.stack(router_parts[kind]).mean() for kind in kinds)], groups)
+        loss, router_loss, mean_tokens, *rest = _dp_means([*losses[:2], torch.tensor(float(tokens)), *losses[2:]],
+                                                          groups, extra=norm_t)
         router_by_kind, norm_v = rest[:len(kinds)], rest[len(kinds):]
         if grad_norm is None and engine_norm is not None:  # None: DeepSpeed computed none (compute_grad_norm off)
             grad_norm = norm_v[0] if norm_v else float(engine_norm)
@@ -329,8 +350,10 @@ def train(config: RunConfig) -> dict[str, Any]:
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             sliced = {name for name, layer in layers.items() if layer.tp_token_slices > 1}
             fractions = _expert_fractions(load, groups, values, sliced)
+            if pipeline is not None:  # each stage counted its own layers; rank 0 logs them all
+                fractions = _gather_stage_loads(fractions, values, groups)
         if (step + 1) % t.eval_every == 0 or step + 1 == steps:
-            last_eval = evaluate(engine, eval_set, config, dp_rank, dp_size, groups)
+            last_eval = evaluate(engine, eval_set, config, dp_rank, dp_size, groups, pipeline)
             values.update(last_eval)
         metrics.log(step + 1, values, fractions)
         metrics.advance()
@@ -344,9 +367,11 @@ def train(config: RunConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, groups) -> dict[str, float]:
+def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, groups, pipeline=None
+             ) -> dict[str, float]:
     """LM loss per loss token over the first ``eval_batches`` global batches of the eval split (all of it if
-    smaller, a short last batch included), summed over the data-parallel group."""
+    smaller, a short last batch included), summed over the data-parallel group (and from the last pipeline
+    stage, where the logits are)."""
     if eval_set is None:
         return {}
     from switchyard.train.data import eval_rank_batches
@@ -357,12 +382,17 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
                                    config.train.eval_batches, config.data.seed):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         labels = batch.pop("labels")[:, 1:]  # the model predicts token i + 1 at position i
-        logits = engine(**batch).logits[:, :-1]
+        logits = engine(**batch).logits if pipeline is None else pipeline.logits(engine, batch)
+        if logits is None:  # an earlier pipeline stage: it handed its output on
+            continue
+        logits = logits[:, :-1]
         sums[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
                                                      ignore_index=-100, reduction="sum")
         sums[1] += (labels != -100).sum()
     engine.train()
     dist.all_reduce(sums, group=groups.group("dp"))
+    if pipeline is not None:
+        dist.all_reduce(sums, group=groups.group("pp"))
     loss = float(sums[0] / sums[1].clamp_min(1))
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
@@ -373,7 +403,7 @@ def _resume_engine(engine, resume, world: int, groups, stage: int, engine_optimi
     from switchyard.train import checkpointing
 
     changes = resume.layout_changes(world, groups.size("ep"), stage, engine_optimizer, groups.size("tp"),
-                                    groups.size("etp"))
+                                    groups.size("etp"), groups.size("pp"))
     if not changes:
         checkpointing.load_engine_state(engine, resume.path / "engine", dist.get_rank(), groups.rank("dp"),
                                         groups.size("dp"))
@@ -411,6 +441,41 @@ def _replay_schedule(scheduler, state_at_start: dict[str, Any], steps: int) -> N
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         for _ in range(steps):
             scheduler.step()
+
+
+def _router_loss_kinds(model, groups) -> list[str]:
+    """The router-loss kinds any pipeline stage's layers compute, in ``LOSS_COEFFICIENTS`` order: a stage
+    without MoE layers (or without one kind) logs zeros, so every rank reduces the same list."""
+    from switchyard.moe.layer import LOSS_COEFFICIENTS
+
+    layers = getattr(model, "_switchyard_moe_layers", ())
+    mine = {k for k, field in LOSS_COEFFICIENTS.items() if any(getattr(l.config, field) for l in layers)}
+    if groups.size("pp") > 1:
+        stages: list[Any] = [None] * groups.size("pp")
+        dist.all_gather_object(stages, mine, group=groups.group("pp"))
+        mine = set().union(*stages)
+    return [k for k in LOSS_COEFFICIENTS if k in mine]
+
+
+def _sum_over_stages(values: list[torch.Tensor], groups) -> list[torch.Tensor]:
+    if groups.size("pp") == 1:
+        return values
+    summed = torch.stack([v.detach().float().reshape(()) for v in values])
+    dist.all_reduce(summed, group=groups.group("pp"))
+    return list(summed.unbind())
+
+
+def _gather_stage_loads(fractions: dict[str, list[float]], values: dict[str, Any], groups
+                        ) -> dict[str, list[float]]:
+    """Every stage's expert shares and per-layer load metrics, merged (rank 0 of the pipeline group logs them)."""
+    mine = (fractions, {k: v for k, v in values.items() if k.startswith(("load_max_over_mean/", "dropped_fraction/"))})
+    stages: list[Any] = [None] * groups.size("pp")
+    dist.all_gather_object(stages, mine, group=groups.group("pp"))
+    merged: dict[str, list[float]] = {}
+    for stage_fractions, stage_values in stages:
+        merged.update(stage_fractions)
+        values.update(stage_values)
+    return merged
 
 
 def _expert_fractions(load, groups, values: dict[str, Any], tp_sliced: Collection[str] = ()

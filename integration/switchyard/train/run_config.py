@@ -156,11 +156,6 @@ class RunConfig:
     def check_world(self, world_size: int) -> dict[str, int]:
         """Checks that need the world size; returns the derived degrees (dp, edp, …)."""
         sizes = self.parallel.derived(world_size)
-        if self.parallel.pp > 1:
-            raise ValueError(
-                f"parallel.pp={self.parallel.pp}: fine-tuning with pipeline parallelism is not implemented yet; "
-                "use pp=1 with tp, ep and data parallelism"
-            )
         if sizes["tp"] > 1 and sizes["etp"] == 1:  # tokens split over the tp ranks: what a slice cannot honour
             # the fix per key: etp = tp takes a sequence balance loss, no tensor parallelism takes router jitter
             for key, other in (("seq_aux_loss_coef", " or leave parallel.etp unset (etp = tp)"), ("router_jitter", "")):

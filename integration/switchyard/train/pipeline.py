@@ -1,0 +1,250 @@
+"""Pipeline parallelism for fine-tuning: each pipeline stage holds a contiguous block of decoder layers.
+
+The model stays transformers' own class. A stage keeps its decoder layers and puts a parameterless
+``SkippedLayer`` where another stage's layers were (the decoder's loop passes the hidden state through it), so
+state-dict keys and layer indices stay the model's own and a checkpoint is the union of the stages' tensors. Stage 0
+keeps the input embedding; the last stage keeps the final norm and the LM head. A stage that is not first is given
+its hidden state as ``inputs_embeds``; one that is not last hands on the decoder's output before the norm (its
+norm and head are identities). Every stage calls the whole model, so transformers builds the same causal mask and
+rotary embedding on each, and switchyard's router-loss hooks see the stage's MoE layers.
+
+Schedule: GPipe over the step's micro-batches (every forward, then every backward, micro-batches in order), with
+blocking point-to-point sends between neighbouring stages of one pipeline group. DeepSpeed's engine drives each
+stage as it drives a whole model (ZeRO 0/1/2, the accumulation boundary, the reduction over the stage's
+data-parallel and expert-data-parallel groups): the last stage's backward is its loss; an earlier stage's is the
+surrogate Σ(output · gradient received) + its router-loss share / grad_accum, run with ``scale_wrt_gas=False``
+because the gradient received carries the 1 / grad_accum already.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from switchyard.log import get_logger
+
+if TYPE_CHECKING:
+    from switchyard.parallel import ProcessGroupManager
+
+log = get_logger(__name__)
+
+# Model types whose decoder hands ``inputs_embeds`` to the first layer unchanged and whose layers take and return
+# the hidden state alone (tests/unit/test_pipeline_split.py checks each against the unsplit model). Gemma scales
+# the embeddings inside the decoder, Granite multiplies them, so a later stage would scale its input again.
+PIPELINE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
+
+
+def stage_layer_ranges(num_layers: int, stages: int) -> list[range]:
+    """Contiguous decoder layers per stage, as even as the count allows (the first stages take one more)."""
+    if num_layers < stages:
+        raise ValueError(f"parallel.pp={stages} but the model has {num_layers} decoder layers; every pipeline stage "
+                         f"needs at least one: use parallel.pp ≤ {num_layers}")
+    per, extra = divmod(num_layers, stages)
+    ranges, start = [], 0
+    for stage in range(stages):
+        size = per + (1 if stage < extra else 0)
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a decoder layer another pipeline stage holds: the hidden state passes through. Keeps the
+    layer's plain attributes (``attention_type``: the decoder picks each layer's mask by it)."""
+
+    def __init__(self, layer: nn.Module, held_by: int) -> None:
+        super().__init__()
+        for name, value in vars(layer).items():
+            if not name.startswith("_") and name != "training" and isinstance(value, (str, int, float, bool)):
+                setattr(self, name, value)
+        self.held_by_stage = held_by
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"held by pipeline stage {self.held_by_stage}"
+
+
+class HeldElsewhere(nn.Module):
+    """The input embedding on a stage that is not first: its input arrives as ``inputs_embeds``."""
+
+    def __init__(self, what: str, stage: int) -> None:
+        super().__init__()
+        self.what, self.stage = what, stage
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(f"{self.what} is held by pipeline stage {self.stage}; this stage takes inputs_embeds")
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", model)
+    if not isinstance(getattr(base, "layers", None), nn.ModuleList) or not hasattr(base, "norm"):
+        raise ValueError(f"parallel.pp > 1: {type(model).__name__} has no decoder with .layers and .norm to split "
+                         f"into pipeline stages; use parallel.pp=1")
+    return base
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if module is old and name:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            return
+    raise ValueError(f"{type(old).__name__} is not a submodule of {type(model).__name__}")
+
+
+def check_pipeline_model(model: nn.Module, stages: int) -> None:
+    """Refuse a model the stages cannot split, before anything is changed. The same on every rank (it reads the
+    config only), so every rank raises it."""
+    if stages == 1:
+        return
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PIPELINE_MODEL_TYPES:
+        raise ValueError(f"parallel.pp={stages}: pipeline stages are implemented for model types "
+                         f"{sorted(PIPELINE_MODEL_TYPES)}, not {model_type!r}; use parallel.pp=1")
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError(f"parallel.pp={stages}: {type(model).__name__} ties its LM head to the input embedding "
+                         f"(tie_word_embeddings), which the first and last stages would each hold; use parallel.pp=1")
+    stage_layer_ranges(len(_decoder(model).layers), stages)
+
+
+def split_model(model: nn.Module, stage: int, stages: int) -> range:
+    """Keep stage ``stage`` of ``stages`` in ``model`` (in place); returns its decoder layers' indices."""
+    from switchyard.hf.patch import keep_moe_layers_of_stage, moe_layers
+
+    check_pipeline_model(model, stages)
+    decoder = _decoder(model)
+    ranges = stage_layer_ranges(len(decoder.layers), stages)
+    holder = {i: s for s, r in enumerate(ranges) for i in r}
+    all_moe = len(moe_layers(model))
+    for i, layer in enumerate(decoder.layers):
+        if i not in ranges[stage]:
+            decoder.layers[i] = SkippedLayer(layer, holder[i])
+    if stage > 0:
+        _replace(model, model.get_input_embeddings(), HeldElsewhere("the input embedding", 0))
+    if stage < stages - 1:
+        decoder.norm = nn.Identity()
+        head = model.get_output_embeddings()
+        if head is not None:
+            _replace(model, head, nn.Identity())
+    keep_moe_layers_of_stage(model, all_moe)
+    return ranges[stage]
+
+
+class MicroResult(NamedTuple):
+    """One micro-batch's losses on this rank (detached, on device): LM loss (0 on a stage before the last), router
+    loss (a pipeline stage's share), and the router loss per kind (``router_loss_parts``)."""
+
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class PipelineStage:
+    """This rank's stage: its layers, its neighbours in the pipeline group, the GPipe schedule."""
+
+    def __init__(self, model: nn.Module, groups: "ProcessGroupManager") -> None:
+        self.index, self.count = groups.rank("pp"), groups.size("pp")
+        ranks = groups.ranks("pp")
+        self.prev_rank = ranks[self.index - 1] if self.index > 0 else None
+        self.next_rank = ranks[self.index + 1] if self.index < self.count - 1 else None
+        self.layers = split_model(model, self.index, self.count)
+        self.hidden_size = model.config.hidden_size
+        self._hidden: torch.Tensor | None = None
+        if not self.last:  # the decoder's output (its norm is an identity here) is what the next stage takes
+            _decoder(model).register_forward_hook(self._capture)
+        if groups.rank("dp") == 0 and groups.rank("tp") == 0:  # one line per stage
+            log.info("pipeline stage %d of %d: decoder layers %d–%d%s%s", self.index, self.count, self.layers.start,
+                     self.layers.stop - 1, ", input embedding" if self.first else "",
+                     ", final norm and LM head" if self.last else "", ranks=None)
+
+    @property
+    def first(self) -> bool:
+        return self.prev_rank is None
+
+    @property
+    def last(self) -> bool:
+        return self.next_rank is None
+
+    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def _take_hidden(self) -> torch.Tensor:
+        hidden, self._hidden = self._hidden, None
+        assert hidden is not None, "the decoder's forward hook did not run"
+        return hidden
+
+    def _inputs(self, micro: dict[str, torch.Tensor], hidden_in: torch.Tensor | None, lm_divisor: float | None,
+                with_labels: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {k: v for k, v in micro.items() if k != "labels" or (self.last and with_labels)}
+        if hidden_in is not None:
+            kwargs.pop("input_ids")
+            kwargs["inputs_embeds"] = hidden_in
+        if self.last and with_labels and lm_divisor is not None:
+            kwargs["num_items_in_batch"] = lm_divisor
+        kwargs["use_cache"] = False
+        return kwargs
+
+    def _receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(buffer, src)
+        return buffer
+
+    def _hidden_in(self, engine, micro: dict[str, torch.Tensor], grad: bool) -> torch.Tensor | None:
+        if self.first:
+            return None
+        dtype = next(p.dtype for p in engine.module.parameters() if p.is_floating_point())
+        hidden = self._receive((*micro["input_ids"].shape, self.hidden_size), dtype, engine.device, self.prev_rank)
+        return hidden.requires_grad_(grad)
+
+    def train_step(self, engine, micro_batches: list[dict[str, torch.Tensor]], lm_divisor: float | None,
+                   after_forward: Callable[[], None], after_backward: Callable[[], None]) -> list[MicroResult]:
+        """Forward and backward of the step's micro-batches on this stage. ``after_forward`` (expert load) runs
+        after each forward, ``after_backward`` (clipping at the boundary, ``engine.step()``) after each backward."""
+        from switchyard.hf.patch import router_loss_parts
+
+        pending = []
+        for micro in micro_batches:
+            hidden_in = self._hidden_in(engine, micro, grad=True)
+            out = engine(**self._inputs(micro, hidden_in, lm_divisor, with_labels=True))
+            parts = router_loss_parts(engine.module)  # before backward (a recompute overwrites the layers' losses)
+            after_forward()
+            aux = out.get("aux_loss")
+            aux = aux if aux is not None else torch.zeros((), device=engine.device)
+            if self.last:
+                pending.append((hidden_in, out.loss, aux, parts))
+            else:
+                hidden = self._take_hidden()
+                dist.send(hidden.detach().contiguous(), self.next_rank)
+                pending.append((hidden_in, hidden, aux, parts))
+        results = []
+        accumulation = len(micro_batches)
+        for i, (hidden_in, produced, aux, parts) in enumerate(pending):
+            pending[i] = None  # this micro-batch's graph goes once its backward has run
+            if self.last:
+                engine.backward(produced)
+                lm_loss = (produced - aux).detach()
+            else:
+                grad = self._receive(tuple(produced.shape), produced.dtype, produced.device, self.next_rank)
+                engine.backward((produced * grad).sum() + aux / accumulation, scale_wrt_gas=False)
+                lm_loss = torch.zeros((), device=engine.device)
+            if hidden_in is not None:
+                dist.send(hidden_in.grad.contiguous(), self.prev_rank)
+            after_backward()
+            results.append(MicroResult(lm_loss, aux.detach(), parts))
+        return results
+
+    @torch.no_grad()
+    def logits(self, engine, micro: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Forward only (eval): the logits on the last stage, None on the others (they hand on their output)."""
+        hidden_in = self._hidden_in(engine, micro, grad=False)
+        out = engine(**self._inputs(micro, hidden_in, None, with_labels=False))
+        if self.last:
+            return out.logits
+        dist.send(self._take_hidden().contiguous(), self.next_rank)
+        return None

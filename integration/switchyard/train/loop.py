@@ -271,6 +271,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     history: list[float] = []
     last_eval: dict[str, float] = {}
     kinds = _router_loss_kinds(model, groups)  # the same on every rank: every stage logs every kind
+    if pipeline is not None and pipeline.tied:
+        pipeline.share_tied_weight()  # the engine cast the weight, a resume may have loaded another
 
     for step in range(start_step, steps):
         started = time.perf_counter()

@@ -107,14 +107,14 @@ def check_pipeline_model(model: nn.Module, stages: int) -> None:
     if model_type not in PIPELINE_MODEL_TYPES:
         raise ValueError(f"parallel.pp={stages}: pipeline stages are implemented for model types "
                          f"{sorted(PIPELINE_MODEL_TYPES)}, not {model_type!r}; use parallel.pp=1")
-    if getattr(config, "tie_word_embeddings", False):
-        raise ValueError(f"parallel.pp={stages}: {type(model).__name__} ties its LM head to the input embedding "
-                         f"(tie_word_embeddings), which the first and last stages would each hold; use parallel.pp=1")
     stage_layer_ranges(len(_decoder(model).layers), stages)
 
 
-def split_model(model: nn.Module, stage: int, stages: int) -> range:
-    """Keep stage ``stage`` of ``stages`` in ``model`` (in place); returns its decoder layers' indices."""
+def split_model(model: nn.Module, stage: int, stages: int) -> tuple[range, bool]:
+    """Keep stage ``stage`` of ``stages`` in ``model`` (in place); returns its decoder layers' indices and whether
+    the LM head is tied to the input embedding. Tied: the first stage owns the weight (a parameter, stepped by
+    its optimizer); the last stage's head holds a copy as a buffer, which ``PipelineStage`` refreshes after every
+    step and whose gradient it sends to the first stage."""
     from switchyard.hf.patch import keep_moe_layers_of_stage, moe_layers
 
     check_pipeline_model(model, stages)
@@ -122,18 +122,23 @@ def split_model(model: nn.Module, stage: int, stages: int) -> range:
     ranges = stage_layer_ranges(len(decoder.layers), stages)
     holder = {i: s for s, r in enumerate(ranges) for i in r}
     all_moe = len(moe_layers(model))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
     for i, layer in enumerate(decoder.layers):
         if i not in ranges[stage]:
             decoder.layers[i] = SkippedLayer(layer, holder[i])
     if stage > 0:
-        _replace(model, model.get_input_embeddings(), HeldElsewhere("the input embedding", 0))
+        _replace(model, embedding, HeldElsewhere("the input embedding", 0))
     if stage < stages - 1:
         decoder.norm = nn.Identity()
-        head = model.get_output_embeddings()
         if head is not None:
             _replace(model, head, nn.Identity())
+    elif tied:  # a copy in the state dict (saved as the head's weight), not a parameter of this stage
+        weight = head.weight.detach()
+        del head._parameters["weight"]
+        head.register_buffer("weight", weight)
     keep_moe_layers_of_stage(model, all_moe)
-    return ranges[stage]
+    return ranges[stage], tied
 
 
 class MicroResult(NamedTuple):
@@ -153,8 +158,12 @@ class PipelineStage:
         ranks = groups.ranks("pp")
         self.prev_rank = ranks[self.index - 1] if self.index > 0 else None
         self.next_rank = ranks[self.index + 1] if self.index < self.count - 1 else None
-        self.layers = split_model(model, self.index, self.count)
+        self.layers, self.tied = split_model(model, self.index, self.count)
         self.hidden_size = model.config.hidden_size
+        # tied LM head: the first stage's embedding weight and the last stage's copy of it, and each one's peer
+        self._embedding = model.get_input_embeddings() if self.tied and self.first else None
+        self._head = model.get_output_embeddings() if self.tied and self.last else None
+        self._tied_peer = ranks[-1] if self.first else ranks[0]
         self._hidden: torch.Tensor | None = None
         if not self.last:  # the decoder's output (its norm is an identity here) is what the next stage takes
             _decoder(model).register_forward_hook(self._capture)
@@ -173,6 +182,16 @@ class PipelineStage:
 
     def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
         self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def share_tied_weight(self) -> None:
+        """The first stage's embedding weight → the last stage's head (a fresh leaf that collects this step's
+        gradient). After every optimizer step, and once before the first (the weights may come from a resume)."""
+        if self._embedding is not None:
+            dist.send(self._embedding.weight.detach().contiguous(), self._tied_peer)
+        elif self._head is not None:
+            copy = torch.empty_like(self._head.weight)
+            dist.recv(copy, self._tied_peer)
+            self._head._buffers["weight"] = copy.requires_grad_()
 
     def _take_hidden(self) -> torch.Tensor:
         hidden, self._hidden = self._hidden, None
@@ -231,13 +250,30 @@ class PipelineStage:
                 lm_loss = (produced - aux).detach()
             else:
                 grad = self._receive(tuple(produced.shape), produced.dtype, produced.device, self.next_rank)
-                engine.backward((produced * grad).sum() + aux / accumulation, scale_wrt_gas=False)
+                surrogate = (produced * grad).sum() + aux / accumulation
+                if self._embedding is not None and i == accumulation - 1:
+                    surrogate = surrogate + self._tied_head_grad_term()
+                engine.backward(surrogate, scale_wrt_gas=False)
                 lm_loss = torch.zeros((), device=engine.device)
             if hidden_in is not None:
                 dist.send(hidden_in.grad.contiguous(), self.prev_rank)
+            if self._head is not None and i == accumulation - 1:
+                # the head's gradient of the whole step (1 / grad_accum in it) → the first stage, before the
+                # optimizer step: its gradient norm is a collective over every stage
+                dist.send(self._head.weight.grad.contiguous(), self._tied_peer)
             after_backward()
             results.append(MicroResult(lm_loss, aux.detach(), parts))
+        if self.tied:
+            self.share_tied_weight()
         return results
+
+    def _tied_head_grad_term(self) -> torch.Tensor:
+        """Σ(weight · the last stage's head gradient): its gradient adds that gradient to the embedding weight's
+        inside the step's last backward, where DeepSpeed's hooks and reduction see it."""
+        weight = self._embedding.weight
+        head_grad = torch.empty_like(weight)
+        dist.recv(head_grad, self._tied_peer)
+        return (weight * head_grad).sum()
 
     @torch.no_grad()
     def logits(self, engine, micro: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -61,22 +61,29 @@ def reference(tmp_path_factory):
 
 # (ranks, layout, ZeRO stage): tensor-parallel ranks share their batch, so dp = ranks / tp
 LAYOUTS = [(2, "ep2", 0), (2, "ep2", 2), (4, "dp2xep2", 0), (4, "dp2xep2", 2),
-           (2, "tp2", 0), (2, "tp2", 2), (4, "tp2xep2", 2), (2, "tp2-etp1", 2), (2, "ep2+recompute", 2)]
+           (2, "tp2", 0), (2, "tp2", 2), (4, "tp2xep2", 2), (2, "tp2-etp1", 2), (2, "ep2+recompute", 2),
+           (2, "pp2", 0), (4, "pp2xep2", 1)]
 LAYOUT_OVERRIDES = {"ep2": ["parallel.ep=2"], "dp2xep2": ["parallel.ep=2"], "tp2": ["parallel.tp=2", "parallel.ep=1"],
                     "tp2xep2": ["parallel.tp=2", "parallel.ep=2"],
                     "tp2-etp1": ["parallel.tp=2", "parallel.etp=1", "parallel.ep=2"],  # experts whole, tokens split
-                    "ep2+recompute": ["parallel.ep=2", "train.gradient_checkpointing=true"]}
+                    "ep2+recompute": ["parallel.ep=2", "train.gradient_checkpointing=true"],
+                    # pipeline stages: two micro-batches per step, so the GPipe schedule has one in flight per stage
+                    "pp2": ["parallel.pp=2", "parallel.ep=1", "train.grad_accum=2"],
+                    "pp2xep2": ["parallel.pp=2", "parallel.ep=2", "train.grad_accum=2"]}
 
 
 @pytest.mark.parametrize("ranks, layout, stage", LAYOUTS, ids=[f"{lay}-zero{st}" for _, lay, st in LAYOUTS])
 def test_parameters_match_one_process(reference, tmp_path, ranks, layout, stage):
-    dp = ranks // (2 if layout.startswith("tp2") else 1)
+    dp = ranks // (2 if layout.startswith(("tp2", "pp2")) else 1)
+    accumulation = 2 if layout.startswith("pp2") else 1
     result = finetune(ranks, tmp_path, EQUIV + LAYOUT_OVERRIDES[layout] + [
-        f"train.micro_batch_size={GLOBAL_BATCH // dp}", f"deepspeed=configs/deepspeed/zero{stage}.json"])
+        f"train.micro_batch_size={GLOBAL_BATCH // dp // accumulation}", f"deepspeed=configs/deepspeed/zero{stage}.json"])
     assert result.returncode == 0, output_of(result)[-4000:]
     if layout.startswith("tp2"):  # the model really is split, not replicated on both tp ranks
         experts = "split their tokens over the tp ranks (etp=1)" if layout.endswith("etp1") else "shard their experts"
         assert f"tensor parallel: 16 modules sharded over tp=2 (4 MoE layers {experts})" in output_of(result)
+    if layout.startswith("pp2"):  # each stage holds its half of the decoder
+        assert "pipeline stage 1 of 2: decoder layers 2–3, final norm and LM head" in output_of(result)
     if layout.endswith("+recompute"):  # the all-to-alls run again inside the backward
         assert "gradient checkpointing: LlamaForCausalLM recomputes each decoder layer" in output_of(result)
     assert [m["loss"] for m in metrics(tmp_path)] == pytest.approx([m["loss"] for m in metrics(reference)], rel=1e-5)
@@ -84,6 +91,32 @@ def test_parameters_match_one_process(reference, tmp_path, ranks, layout, stage)
     assert want.keys() == got.keys()
     for key in want:  # tolerance: fp32 summation order across ranks, 3 SGD steps at lr 0.5
         torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=1e-5, msg=key)
+
+
+def test_pipeline_with_a_tied_head_and_router_losses_matches_one_process_and_resumes_at_pp1(tmp_path):
+    """pp = 2 at ZeRO-2 on a model whose LM head is its input embedding (the first stage owns it, the last holds a
+    copy), with the router losses on (each stage adds its layers' share): losses, router losses and parameters as
+    one process over the same micro-batches. Its step-2 checkpoint (written by both stages into one index) resumes
+    in one process at pp = 1, whose step 3 is the pipelined run's (SGD without momentum: no optimizer state)."""
+    tied = [o for o in EQUIV if "loss_coef" not in o] + [
+        "model.tiny.tie_word_embeddings=true", "model.tiny.name=tied", "moe.aux_loss_coef=0.01",
+        "moe.z_loss_coef=0.001", "checkpoint.every=2", "train.micro_batch_size=4", "train.grad_accum=2"]
+    one, piped, resumed = tmp_path / "one", tmp_path / "pp2", tmp_path / "resumed"
+    for ranks, out, extra in ((1, one, []), (2, piped, ["parallel.pp=2"])):
+        result = finetune(ranks, out, tied + ["parallel.ep=1", "deepspeed=configs/deepspeed/zero2.json", *extra])
+        assert result.returncode == 0, output_of(result)[-4000:]
+    want, got = metrics(one), metrics(piped)
+    for key in ("loss", "router_loss", "router_loss/load_balancing", "router_loss/z_loss", "grad_norm"):
+        assert [m[key] for m in got] == pytest.approx([m[key] for m in want], rel=1e-5), key
+    assert got[0]["router_loss"] > 0 and set(got[-1]["expert_load"]) == set(want[-1]["expert_load"])
+    for key, value in final_state(one, 3).items():
+        torch.testing.assert_close(final_state(piped, 3)[key], value, atol=2e-6, rtol=1e-5, msg=key)
+    result = finetune(1, resumed, tied + ["parallel.ep=1", "deepspeed=configs/deepspeed/zero2.json",
+                                          f"checkpoint.resume={piped / 'checkpoints' / 'step_000002'}"])
+    assert result.returncode == 0, output_of(result)[-4000:]
+    assert "pp 2 → 1" in output_of(result) and "optimizer state restarts" in output_of(result)
+    assert metrics(resumed)[0]["step"] == 3
+    assert metrics(resumed)[0]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-5)
 
 
 SHORT = ["train.max_steps=8", "checkpoint.every=4", "train.eval_every=4", "data.seq_len=64"]

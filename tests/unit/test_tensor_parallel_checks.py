@@ -137,7 +137,7 @@ def test_packed_shards_take_their_slice_of_each_chunk():
 
 
 def test_the_launcher_refuses_a_tensor_parallel_layout_before_any_weight_is_read(tmp_path):
-    """train(): check_tensor_parallel runs the model's checks on the meta device (upcycled as the run config says,
+    """train(): check_model_split runs the model's checks on the meta device (upcycled as the run config says,
     or adopted) before load_model reads a weight; a layout that fits passes."""
     from switchyard.train import model_source
     from switchyard.train.run_config import load_run_config
@@ -148,8 +148,12 @@ def test_the_launcher_refuses_a_tensor_parallel_layout_before_any_weight_is_read
     build_moe("qwen2_moe").config.save_pretrained(moe)
     config = load_run_config(REPO / "configs" / "finetune" / "tiny.yaml", [f"model.source={dense}"])
     with pytest.raises(ValueError, match=r"tp=4 must divide num_attention_heads=4 and num_key_value_heads=2"):
-        model_source.check_tensor_parallel(config, str(dense), tp=4, etp=4)
-    model_source.check_tensor_parallel(config, str(dense), tp=2, etp=2)
-    model_source.check_tensor_parallel(config, str(moe), tp=2, etp=1)  # adopted: its own experts
+        model_source.check_model_split(config, str(dense), tp=4, etp=4)
+    model_source.check_model_split(config, str(dense), tp=2, etp=2)
+    model_source.check_model_split(config, str(moe), tp=2, etp=1)  # adopted: its own experts
     with pytest.raises(ValueError, match=r"tp=3 must divide num_attention_heads=4"):
-        model_source.check_tensor_parallel(config, str(moe), tp=3, etp=3)
+        model_source.check_model_split(config, str(moe), tp=3, etp=3)
+    # pipeline stages: one decoder layer each at least (the tiny models have 4)
+    model_source.check_model_split(config, str(dense), tp=1, etp=1, pp=4)
+    with pytest.raises(ValueError, match=r"parallel.pp=5 but the model has 4 decoder layers"):
+        model_source.check_model_split(config, str(dense), tp=2, etp=2, pp=5)

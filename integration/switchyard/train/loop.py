@@ -202,8 +202,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     from switchyard.train import checkpointing
     from switchyard.train.data import load_datasets
     from switchyard.train.metrics import ExpertLoad, MetricsWriter
-    from switchyard.train.model_source import (cache_dir, check_tensor_parallel, load_model, rank0_first,
-                                               resolve_source)
+    from switchyard.train.model_source import cache_dir, check_model_split, load_model, rank0_first, resolve_source
     from switchyard.train.pipeline import PipelineStage
     from switchyard.train.schedule import build_scheduler
 
@@ -225,7 +224,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)
 
     source = resolve_source(config)
-    check_tensor_parallel(config, source, groups.size("tp"), groups.size("etp"))  # before any weight is read
+    check_model_split(config, source, groups.size("tp"), groups.size("etp"), groups.size("pp"))  # before weights
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
     matmul_params = _matmul_params(model)  # the whole model's, before pipeline stages and tensor parallelism split it
     pipeline = PipelineStage(model, groups) if groups.size("pp") > 1 else None

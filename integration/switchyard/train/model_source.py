@@ -98,16 +98,18 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     return model, tokenizer
 
 
-def check_tensor_parallel(config: RunConfig, source: str, tp: int, etp: int) -> None:
-    """At tp > 1, the tensor-parallel checks (a plan at all, heads, widths) on the model built on the meta device
-    from ``source``'s config.json and patched as ``load_model`` would patch it: a refusal before any weight is
-    read, not after a large model has loaded (``apply_tensor_parallel`` checks again on the real model)."""
-    if tp == 1:
+def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int = 1) -> None:
+    """At tp > 1 or pp > 1, the tensor-parallel checks (a plan at all, heads, widths) and the pipeline checks (a
+    model type the stages split, enough decoder layers) on the model built on the meta device from ``source``'s
+    config.json and patched as ``load_model`` would patch it: a refusal before any weight is read, not after a
+    large model has loaded (``apply_tensor_parallel`` and ``split_model`` check again on the real model)."""
+    if tp == 1 and pp == 1:
         return
     from argparse import Namespace
 
     from switchyard.cli import planned_model, quiet_log
     from switchyard.parallel.tensor_parallel import tensor_parallel_shards
+    from switchyard.train.pipeline import check_pipeline_model
 
     hf_config = AutoConfig.from_pretrained(source)
     adopts = getattr(hf_config, "switchyard", None) or hf_config.model_type in MOE_MODEL_TYPES
@@ -116,7 +118,9 @@ def check_tensor_parallel(config: RunConfig, source: str, tp: int, etp: int) -> 
                      layers=None if adopts else config.moe.layers, every_n=None if adopts else config.moe.every_n)
     with quiet_log():  # the real load logs the patching
         model = planned_model(plan)
-    tensor_parallel_shards(model, tp, etp)
+    check_pipeline_model(model, pp)
+    if tp > 1:
+        tensor_parallel_shards(model, tp, etp)
 
 
 def _refuse_unused_moe_settings(config: RunConfig, source: str, record: dict[str, Any] | None) -> None:

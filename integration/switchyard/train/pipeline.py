@@ -119,6 +119,8 @@ def split_model(model: nn.Module, stage: int, stages: int) -> tuple[range, bool]
 
     check_pipeline_model(model, stages)
     decoder = _decoder(model)
+    if stages == 1:  # the whole model: nothing to split (a tied head stays tied)
+        return range(len(decoder.layers)), False
     ranges = stage_layer_ranges(len(decoder.layers), stages)
     holder = {i: s for s, r in enumerate(ranges) for i in r}
     all_moe = len(moe_layers(model))

@@ -268,8 +268,11 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="tensor parallel degree (parallel.tp; experts split over their FFN width, etp = tp)")
     p.add_argument("--etp", type=_count, default=None,
                    help="expert tensor parallel degree (parallel.etp): tp (default) or 1 (experts whole, tokens split)")
+    p.add_argument("--pp", type=_count, default=1,
+                   help="pipeline parallel degree (parallel.pp): each stage holds contiguous decoder layers; the "
+                        "numbers per rank are the heaviest stage's")
     p.add_argument("--ep", type=_count, default=1,
-                   help="expert parallel degree (dp = world / tp; experts: edp = world / (tp * ep))")
+                   help="expert parallel degree (dp = world / (tp * pp); experts: edp = world / (tp * pp * ep))")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (train.precision)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
 
@@ -302,31 +305,29 @@ def planned_model(args: argparse.Namespace) -> Any:
     return sy.patch_model(model, moe, layers=args.layers, every_n=args.every_n)
 
 
-def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, etp: int | None = None
-                 ) -> dict[str, Any]:
-    """Parameters and model-state memory per rank of an EP (and TP) job (ZeRO paper's estimate, activations
-    excluded): dense parameters are replicated over dp = world / tp ranks, each expert over edp = world / (tp·ep)
-    ranks; what ``apply_tensor_parallel`` shards, each rank holds 1/tp of (experts: 1/etp, etp = tp)."""
+def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, etp: int | None = None,
+                 pp: int = 1) -> dict[str, Any]:
+    """Parameters and model-state memory per rank of an EP (TP, PP) job (ZeRO paper's estimate, activations
+    excluded): dense parameters are replicated over dp = world / (tp·pp) ranks, each expert over
+    edp = world / (tp·pp·ep) ranks; what ``apply_tensor_parallel`` shards, each rank holds 1/tp of (experts: 1/etp,
+    etp = tp). With pp > 1 each stage is cut from a copy by ``split_model``, as the launcher cuts it, and the numbers
+    per rank are the heaviest stage's (most parameters per rank); ``stages`` lists every stage's."""
     from switchyard.hf.patch import moe_layers
     from switchyard.parallel.tensor_parallel import tensor_parallel_shards
+    from switchyard.train.pipeline import check_pipeline_model
 
     etp = tp if etp is None else etp
-    sizes = rank_layout(world, tp=tp, ep=ep, etp=etp)
+    sizes = rank_layout(world, tp=tp, pp=pp, ep=ep, etp=etp)
     dp, edp = len(sizes["dp"][0]), len(sizes["edp"][0])
     layers = moe_layers(model)
     if not layers:
         raise ValueError("the model has no MoE layers to plan")
     num_experts = layers[0].config.num_experts
     local_expert_ids(num_experts, ep, 0)  # ep must divide the experts: the error says so
-    shards = tensor_parallel_shards(model, tp, etp)  # the launcher's checks: heads, widths, a plan at all
-    total = expert = dense_rank = expert_rank = 0
-    for name, p in model.named_parameters():
-        held = p.numel() // (tp if name in shards else 1)  # experts split only at etp = tp
-        total += p.numel()
-        if getattr(p, "allreduce", True) is False:
-            expert, expert_rank = expert + p.numel(), expert_rank + held // ep
-        else:
-            dense_rank += held
+    check_pipeline_model(model, pp)  # the launcher's checks: a model type the stages split, enough layers
+    tensor_parallel_shards(model, tp, etp)  # and heads, widths, a plan at all: on the whole model, as it checks
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True) is False)
     dense = total - expert
     active = dense + sum(sum(p.numel() for p in layer.experts.parameters()) * layer.config.top_k
                          // layer.config.num_experts for layer in layers)
@@ -334,21 +335,66 @@ def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, e
     weight_b, grad_b, optim_b = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
     gib = 1 << 30
 
-    def states(shard_grads: bool, shard_optim: bool) -> float:
+    def states(dense_rank: int, expert_rank: int, shard_grads: bool, shard_optim: bool) -> float:
         per = 0.0
         for count, replicas in ((dense_rank, dp), (expert_rank, edp)):
             per += count * (weight_b + grad_b / (replicas if shard_grads else 1)
                             + optim_b / (replicas if shard_optim else 1))
         return round(per / gib, 3)
 
-    return {
-        "world": world, "tp": tp, "etp": etp, "ep": ep, "dp": dp, "edp": edp, "moe_layers": len(layers), "num_experts": num_experts,
+    stages = []
+    for held, stage_model in _pipeline_stages(model, pp):
+        dense_rank, expert_rank = _held_per_rank(stage_model, tp, etp, ep)
+        stages.append({"stage": len(stages), "layers": list(held), "params_per_rank": dense_rank + expert_rank,
+                       "model_states_gib_per_rank": {"zero0": states(dense_rank, expert_rank, False, False),
+                                                     "zero1": states(dense_rank, expert_rank, False, True),
+                                                     "zero2": states(dense_rank, expert_rank, True, True)}})
+    heaviest = max(stages, key=lambda stage: stage["params_per_rank"])  # the first of equals
+    numbers = {
+        "world": world, "tp": tp, **({"pp": pp} if pp > 1 else {}), "etp": etp, "ep": ep, "dp": dp, "edp": edp,
+        "moe_layers": len(layers), "num_experts": num_experts,
         "experts_per_rank": num_experts // ep, "params_total": total, "params_dense": dense,
-        "params_experts": expert, "params_active_per_token": active, "params_per_rank": dense_rank + expert_rank,
-        "precision": precision,
-        "model_states_gib_per_rank": {"zero0": states(False, False), "zero1": states(False, True),
-                                      "zero2": states(True, True)},
+        "params_experts": expert, "params_active_per_token": active, "params_per_rank": heaviest["params_per_rank"],
+        "precision": precision, "model_states_gib_per_rank": heaviest["model_states_gib_per_rank"],
     }
+    if pp > 1:
+        numbers.update(heaviest_stage=heaviest["stage"], stages=stages)
+    return numbers
+
+
+def _pipeline_stages(model: Any, pp: int) -> Iterator[tuple[range, Any]]:
+    """Each pipeline stage's decoder layers and its model (at pp = 1 the model itself, layers left empty: the
+    plan does not list them)."""
+    import copy
+
+    from switchyard.train.pipeline import split_model
+
+    if pp == 1:
+        yield range(0), model
+        return
+    originals = dict(model.named_parameters())
+    for stage in range(pp):
+        stage_model = copy.deepcopy(model)  # meta tensors: a copy costs no memory
+        held, _ = split_model(stage_model, stage, pp)
+        for name, param in stage_model.named_parameters():  # the split keeps names; deepcopy drops a Parameter's
+            vars(param).update(vars(originals[name]))      # attributes (the experts' allreduce=False)
+        yield held, stage_model
+
+
+def _held_per_rank(model: Any, tp: int, etp: int, ep: int) -> tuple[int, int]:
+    """Dense and expert parameter elements one rank holds of ``model``: 1/tp of what tensor parallelism shards
+    (experts split only at etp = tp), 1/ep of the experts."""
+    from switchyard.parallel.tensor_parallel import tensor_parallel_shards
+
+    shards = tensor_parallel_shards(model, tp, etp)
+    dense_rank = expert_rank = 0
+    for name, p in model.named_parameters():
+        held = p.numel() // (tp if name in shards else 1)
+        if getattr(p, "allreduce", True) is False:
+            expert_rank += held // ep
+        else:
+            dense_rank += held
+    return dense_rank, expert_rank
 
 
 def _billions(count: int) -> str:
@@ -356,11 +402,22 @@ def _billions(count: int) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
 
 
+def _stage_text(stage: dict[str, Any], pp: int) -> str:
+    """What a pipeline stage holds, as pipeline.py logs it: its decoder layers, the embedding or the head."""
+    layers = stage["layers"]
+    ends = [", input embedding"] * (stage["stage"] == 0) + [", final norm and LM head"] * (stage["stage"] == pp - 1)
+    return f"stage {stage['stage']} (decoder layers {layers[0]}–{layers[-1]}{''.join(ends)})"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    rank_layout(args.world, tp=args.tp, ep=args.ep, etp=args.etp)  # the degrees first, before any config is read
+    # the degrees first, before any config is read
+    rank_layout(args.world, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep --json parseable
         model = planned_model(args)
-    numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp)
+    # as loading ties it (the meta-device build leaves a tied head apart): counted once, and the last pipeline
+    # stage holds it as a buffer, as split_model makes it
+    model.tie_weights()
+    numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp, pp=args.pp)
     if args.json:
         print(json.dumps(numbers))
         return 0
@@ -370,11 +427,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{count(n['params_total'])} (dense {count(n['params_dense'])}, experts {count(n['params_experts'])}), "
           f"active per token {count(n['params_active_per_token'])}")
     split = f" (1/{n['etp']} of each one's FFN width)" if n["etp"] > 1 else ""
-    print(f"world {n['world']}, tp={n['tp']}, ep={n['ep']}: dp={n['dp']} for the dense weights, edp={n['edp']} for "
+    pp = n.get("pp", 1)
+    degrees = f"tp={n['tp']}, " + (f"pp={pp}, " if pp > 1 else "") + f"ep={n['ep']}"
+    heaviest = f" in the heaviest pipeline stage, stage {n['heaviest_stage']}" if pp > 1 else ""
+    print(f"world {n['world']}, {degrees}: dp={n['dp']} for the dense weights, edp={n['edp']} for "
           f"each expert; each rank holds {n['experts_per_rank']} experts per layer{split} and "
-          f"{count(n['params_per_rank'])} parameters")
-    print(f"model states per rank ({n['precision']}, Adam; activations not included): ZeRO-0 {states['zero0']} GiB, "
-          f"ZeRO-1 {states['zero1']} GiB, ZeRO-2 {states['zero2']} GiB")
+          f"{count(n['params_per_rank'])} parameters{heaviest}")
+    if pp > 1:
+        print("pipeline stages, parameters per rank: " + "; ".join(
+            f"{_stage_text(stage, pp)} {count(stage['params_per_rank'])}" for stage in n["stages"]))
+    of_stage = f" of stage {n['heaviest_stage']}" if pp > 1 else ""
+    print(f"model states per rank{of_stage} ({n['precision']}, Adam; activations not included): ZeRO-0 "
+          f"{states['zero0']} GiB, ZeRO-1 {states['zero1']} GiB, ZeRO-2 {states['zero2']} GiB")
     return 0
 
 
@@ -382,7 +446,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "layout": ("print every rank's coordinates, groups and experts", _add_layout_args, cmd_layout),
     "upcycle": ("turn a dense transformers model into a switchyard MoE checkpoint", _add_upcycle_args, cmd_upcycle),
     "export": ("write a switchyard checkpoint as a standard transformers MoE checkpoint", _add_export_args, cmd_export),
-    "plan": ("parameters and memory per rank of an expert- (and tensor-) parallel job (reads only config.json)",
+    "plan": ("parameters and memory per rank of an expert- (tensor-, pipeline-) parallel job (reads only config.json)",
              _add_plan_args, cmd_plan),
 }
 

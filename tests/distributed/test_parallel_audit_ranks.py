@@ -59,13 +59,18 @@ def _mpu_answers(mpu) -> dict[str, object]:
 
 def _expected_mpu(mine: dict[str, list[int]], rank: int) -> dict[str, object]:
     want = {}
-    for prefixes, kind in ((("tensor_model", "model", "slice"), "tp"), (("data",), "dp"),
+    for prefixes, kind in ((("tensor_model", "slice"), "tp"), (("data",), "dp"),
                            (("pipeline_model", "pipe"), "pp"), (("expert_model",), "ep"),
                            (("expert_data",), "edp"), (("expert_tensor",), "etp")):
         for prefix in prefixes:
             want[f"get_{prefix}_parallel_group"] = mine[kind]
             want[f"get_{prefix}_parallel_rank"] = mine[kind].index(rank)
             want[f"get_{prefix}_parallel_world_size"] = len(mine[kind])
+    # DeepSpeed's model-parallel group is one replica of the model, tp × pp (its PipelineParallelGrid's); the rank
+    # in it is the tensor-parallel rank (ZeRO counts a replicated parameter on tp rank 0 of every stage)
+    want["get_model_parallel_group"] = mine["mp"]
+    want["get_model_parallel_world_size"] = len(mine["mp"])
+    want["get_model_parallel_rank"] = mine["tp"].index(rank)
     want["get_tensor_model_parallel_src_rank"] = mine["tp"][0]
     want["get_data_parallel_group_ranks"] = mine["dp"]
     return want
@@ -76,6 +81,7 @@ def _deepspeed_sees_our_groups(shapes) -> list[str]:
 
     from switchyard import ProcessGroupManager
     from switchyard.parallel import rank_layout
+    from switchyard.parallel.layout import rank_coordinates
 
     rank, wrong = dist.get_rank(), []
 
@@ -87,6 +93,8 @@ def _deepspeed_sees_our_groups(shapes) -> list[str]:
         manager = ProcessGroupManager(**shape)
         mine = {kind: next(g for g in groups if rank in g)
                 for kind, groups in rank_layout(dist.get_world_size(), **shape).items()}
+        coords = rank_coordinates(dist.get_world_size(), **shape)  # the ranks of this rank's data-parallel replica
+        mine["mp"] = [r for r, c in enumerate(coords) if c["dp"] == coords[rank]["dp"]]
         answers = _mpu_answers(manager.mpu)
         for name, want in _expected_mpu(mine, rank).items():
             check(shape, f"mpu.{name}()", answers.get(name), want)
@@ -95,7 +103,7 @@ def _deepspeed_sees_our_groups(shapes) -> list[str]:
         check(shape, "dense reduction group", _ranks(engine.data_parallel_group), mine["dp"])
         check(shape, "sequence-data reduction group", _ranks(engine.seq_data_parallel_group), mine["dp"])
         check(shape, "dp_world_size", engine.dp_world_size, len(mine["dp"]))
-        check(shape, "mp_world_size", engine.mp_world_size, len(mine["tp"]))
+        check(shape, "mp_world_size", engine.mp_world_size, len(mine["mp"]))
         check(shape, "expert group names", sorted(engine.expert_parallel_group), [name])
         check(shape, "largest expert group", ds_groups._get_max_expert_size_name(), name)
         check(shape, "expert-parallel group", _ranks(engine.expert_parallel_group[name]), mine["ep"])
@@ -107,7 +115,7 @@ def _deepspeed_sees_our_groups(shapes) -> list[str]:
         for index, group in enumerate(zero.real_dp_process_group):
             kind = "edp" if zero.is_moe_param_group[index] else "dp"
             check(shape, f"ZeRO partition group of param group {index}", _ranks(group), mine[kind])
-        check(shape, "ZeRO model-parallel group", _ranks(zero.model_parallel_group), mine["tp"])
+        check(shape, "ZeRO model-parallel group", _ranks(zero.model_parallel_group), mine["mp"])
     return wrong
 
 

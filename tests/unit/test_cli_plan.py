@@ -116,3 +116,83 @@ def test_tp_splits_what_tensor_parallelism_shards_and_is_refused_as_the_launcher
         assert main(["plan", "--model", str(tmp_path / model), "--num-experts", "4", *argv, "--json"]) == 2, argv
         out, err = capsys.readouterr()
         assert out == "" and f"switchyard plan: error: {message}" in err, err
+
+
+# --pp: hand counts of the tiny llama below (hidden 64, FFN 96, 4 heads, vocab 128, 4 layers, each upcycled to 4
+# experts): a decoder layer's dense part is q/k/v/o, two norms and the router; each expert is gate/up/down
+ATTENTION, NORMS, ROUTER, EXPERT = 4 * 64 * 64, 2 * 64, 4 * 64, 3 * 64 * 96
+EMBEDDING = HEAD = 128 * 64
+FINAL_NORM = 64
+
+
+def _tiny_llama(path, **fields) -> list[str]:
+    AutoConfig.for_model("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                         vocab_size=128, **fields).save_pretrained(path)
+    return ["--model", str(path), "--num-experts", "4"]
+
+
+def test_pp_counts_the_heaviest_stage_embedding_first_head_last(tmp_path, capsys):
+    upcycled = _tiny_llama(tmp_path / "dense")
+    got = plan(capsys, *upcycled, "--world", "4", "--pp", "2", "--ep", "2", "--precision", "fp32")
+    # 4 ranks, 2 stages: dp = 4 / 2 = 2 ranks per stage; edp = 2 / ep 2 = 1
+    assert (got["pp"], got["dp"], got["edp"], got["experts_per_rank"]) == (2, 2, 1, 2)
+    layer_dense, layer_experts_rank = ATTENTION + NORMS + ROUTER, 4 * EXPERT // 2  # 2 of the 4 experts per rank
+    stage0 = EMBEDDING + 2 * (layer_dense + layer_experts_rank)
+    stage1 = 2 * (layer_dense + layer_experts_rank) + FINAL_NORM + HEAD
+    assert [(s["stage"], s["layers"], s["params_per_rank"]) for s in got["stages"]] == [
+        (0, [0, 1], stage0), (1, [2, 3], stage1)]
+    assert (got["heaviest_stage"], got["params_per_rank"]) == (1, stage1)  # the final norm tips it
+    dense1, experts1 = stage1 - 2 * layer_experts_rank, 2 * layer_experts_rank
+    zero2 = (dense1 * (4 + 12 / 2) + experts1 * (4 + 12 / 1)) / GIB  # fp32: 4 + 4 + 8 bytes; dp 2, edp 1
+    assert got["model_states_gib_per_rank"] == got["stages"][1]["model_states_gib_per_rank"]
+    assert got["model_states_gib_per_rank"]["zero2"] == pytest.approx(zero2, abs=1e-3)
+    whole = plan(capsys, *upcycled, "--world", "4", "--ep", "2", "--precision", "fp32")
+    assert got["params_total"] == whole["params_total"]  # the model is the same, only split
+    assert set(whole) == set(got) - {"pp", "heaviest_stage", "stages"}  # pp=1 prints what it printed before --pp
+
+    # a tied head: the last stage holds a copy as a buffer, not a parameter, so the first stage is the heavier
+    tied = plan(capsys, *_tiny_llama(tmp_path / "tied", tie_word_embeddings=True), "--world", "2", "--pp", "2")
+    layer = ATTENTION + NORMS + ROUTER + 4 * EXPERT
+    assert [s["params_per_rank"] for s in tied["stages"]] == [EMBEDDING + 2 * layer, 2 * layer + FINAL_NORM]
+    assert (tied["heaviest_stage"], tied["dp"], tied["edp"]) == (0, 1, 1)
+    assert tied["params_total"] == EMBEDDING + 4 * layer + FINAL_NORM  # the tied weight counted once
+
+
+def test_pp_is_refused_as_the_launcher_refuses_it(tmp_path, capsys):
+    upcycled = _tiny_llama(tmp_path / "dense")
+    AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=96).save_pretrained(tmp_path / "gpt2")
+    for model, argv, message in (
+        (upcycled, ["--world", "5", "--pp", "5"], "parallel.pp=5 but the model has 4 decoder layers; every pipeline "
+                                                  "stage needs at least one: use parallel.pp ≤ 4"),
+        (upcycled, ["--world", "8", "--pp", "3"], "world size 8 is not divisible by tp*pp = 1*3 = 3"),
+        (["--model", str(tmp_path / "gpt2"), "--num-experts", "4"], ["--world", "2", "--pp", "2"],
+         "parallel.pp=2: pipeline stages are implemented for model types"),
+    ):
+        assert main(["plan", *model, *argv, "--json"]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and f"switchyard plan: error: {message}" in err, err
+
+
+def test_pp_with_tp_and_ep_takes_dp_and_edp_from_rank_layout(tmp_path, capsys):
+    from switchyard.parallel import rank_layout
+
+    upcycled = _tiny_llama(tmp_path / "dense")
+    degrees = ["--world", "16", "--tp", "2", "--pp", "2", "--ep", "2"]
+    got = plan(capsys, *upcycled, *degrees)
+    layout = rank_layout(16, tp=2, pp=2, ep=2)
+    assert (got["dp"], got["edp"]) == (len(layout["dp"][0]), len(layout["edp"][0])) == (4, 2)  # 16/(2·2), 16/(2·2·2)
+    # per rank: q/k/v/o split over tp, norms, router, embedding and head whole; 2 experts per rank, each split over tp
+    layer = ATTENTION // 2 + NORMS + ROUTER + 4 * EXPERT // 2 // 2
+    assert [s["params_per_rank"] for s in got["stages"]] == [EMBEDDING + 2 * layer, 2 * layer + FINAL_NORM + HEAD]
+    whole_experts = plan(capsys, *upcycled, *degrees, "--etp", "1")
+    layout = rank_layout(16, tp=2, pp=2, ep=2, etp=1)
+    assert (whole_experts["dp"], whole_experts["edp"]) == (len(layout["dp"][0]), len(layout["edp"][0])) == (4, 4)
+
+    assert main(["plan", *upcycled, *degrees]) == 0
+    out = capsys.readouterr().out
+    assert ("world 16, tp=2, pp=2, ep=2: dp=4 for the dense weights, edp=2 for each expert; each rank holds 2 "
+            f"experts per layer (1/2 of each one's FFN width) and {(2 * layer + FINAL_NORM + HEAD) / 1e6:.2f}M "
+            "parameters in the heaviest pipeline stage, stage 1") in out
+    assert "stage 0 (decoder layers 0–1, input embedding)" in out
+    assert "stage 1 (decoder layers 2–3, final norm and LM head)" in out
+    assert "model states per rank of stage 1 (bf16" in out

@@ -8,8 +8,8 @@ its hidden state as ``inputs_embeds``; one that is not last hands on the decoder
 norm and head are identities). Every stage calls the whole model, so transformers builds the same causal mask and
 rotary embedding on each, and switchyard's router-loss hooks see the stage's MoE layers.
 
-Schedule: GPipe over the step's micro-batches (every forward, then every backward, micro-batches in order), with
-blocking point-to-point sends between neighbouring stages of one pipeline group. DeepSpeed's engine drives each
+Schedule: 1F1B over the step's micro-batches (Megatron's schedule without interleaving), the hidden states and their
+gradients exchanged with the neighbouring stages of one pipeline group in batched point-to-point operations. DeepSpeed's engine drives each
 stage as it drives a whole model (ZeRO 0/1/2, the accumulation boundary, the reduction over the stage's
 data-parallel and expert-data-parallel groups): the last stage's backward is its loss; an earlier stage's is the
 surrogate Σ(output · gradient received) + its router-loss share / grad_accum, run with ``scale_wrt_gas=False``
@@ -18,6 +18,7 @@ because the gradient received carries the 1 / grad_accum already.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
@@ -153,7 +154,7 @@ class MicroResult(NamedTuple):
 
 
 class PipelineStage:
-    """This rank's stage: its layers, its neighbours in the pipeline group, the GPipe schedule."""
+    """This rank's stage: its layers, its neighbours in the pipeline group, the 1F1B schedule."""
 
     def __init__(self, model: nn.Module, groups: "ProcessGroupManager") -> None:
         self.index, self.count = groups.rank("pp"), groups.size("pp")
@@ -211,60 +212,93 @@ class PipelineStage:
         kwargs["use_cache"] = False
         return kwargs
 
-    def _receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
-        buffer = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(buffer, src)
-        return buffer
+    def _hidden_shape(self, micro: dict[str, torch.Tensor]) -> tuple[int, ...]:
+        return (*micro["input_ids"].shape, self.hidden_size)
 
-    def _hidden_in(self, engine, micro: dict[str, torch.Tensor], grad: bool) -> torch.Tensor | None:
-        if self.first:
-            return None
+    def _exchange(self, engine, send_prev: torch.Tensor | None = None, send_next: torch.Tensor | None = None,
+                  recv_prev: dict[str, torch.Tensor] | None = None, recv_next: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One batch of point-to-point operations with the neighbouring stages (Megatron's send_forward_recv_backward
+        and kin): a step's sends and receives go out together, so two stages that each send to the other cannot both
+        wait in a send. ``recv_prev`` / ``recv_next``: the micro-batch whose hidden state (or its gradient, of the
+        same shape) arrives. Returns (from the previous stage, from the next); None where there is no such stage."""
         dtype = next(p.dtype for p in engine.module.parameters() if p.is_floating_point())
-        hidden = self._receive((*micro["input_ids"].shape, self.hidden_size), dtype, engine.device, self.prev_rank)
-        return hidden.requires_grad_(grad)
+        ops, got = [], []
+        for tensor, peer in ((send_prev, self.prev_rank), (send_next, self.next_rank)):
+            if tensor is not None and peer is not None:
+                ops.append(dist.P2POp(dist.isend, tensor.detach().contiguous(), peer))
+        for micro, peer in ((recv_prev, self.prev_rank), (recv_next, self.next_rank)):
+            buffer = None
+            if micro is not None and peer is not None:
+                buffer = torch.empty(self._hidden_shape(micro), dtype=dtype, device=engine.device)
+                ops.append(dist.P2POp(dist.irecv, buffer, peer))
+            got.append(buffer)
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+        return got[0], got[1]
 
     def train_step(self, engine, micro_batches: list[dict[str, torch.Tensor]], lm_divisor: float | None,
                    after_forward: Callable[[], None], after_backward: Callable[[], None]) -> list[MicroResult]:
-        """Forward and backward of the step's micro-batches on this stage. ``after_forward`` (expert load) runs
-        after each forward, ``after_backward`` (clipping at the boundary, ``engine.step()``) after each backward."""
+        """Forward and backward of the step's micro-batches on this stage, 1F1B: stage s runs pp − s − 1 forwards
+        ahead, then alternates one forward and one backward, then finishes the backwards, so it holds the
+        activations of at most pp − s micro-batches. Backwards run in micro-batch order on every stage.
+        ``after_forward`` (expert load) runs after each forward, ``after_backward`` (clipping at the boundary,
+        ``engine.step()``) after each backward, as in the loop without stages."""
         from switchyard.hf.patch import router_loss_parts
 
-        pending = []
-        for micro in micro_batches:
-            hidden_in = self._hidden_in(engine, micro, grad=True)
-            out = engine(**self._inputs(micro, hidden_in, lm_divisor, with_labels=True))
+        count = len(micro_batches)
+        warmup = min(self.count - self.index - 1, count)
+        in_flight: deque[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, dict]] = deque()
+        results: list[MicroResult] = []
+
+        def forward(i: int, hidden_in: torch.Tensor | None) -> torch.Tensor | None:
+            if hidden_in is not None:
+                hidden_in.requires_grad_()
+            out = engine(**self._inputs(micro_batches[i], hidden_in, lm_divisor, with_labels=True))
             parts = router_loss_parts(engine.module)  # before backward (a recompute overwrites the layers' losses)
             after_forward()
             aux = out.get("aux_loss")
             aux = aux if aux is not None else torch.zeros((), device=engine.device)
-            if self.last:
-                pending.append((hidden_in, out.loss, aux, parts))
-            else:
-                hidden = self._take_hidden()
-                dist.send(hidden.detach().contiguous(), self.next_rank)
-                pending.append((hidden_in, hidden, aux, parts))
-        results = []
-        accumulation = len(micro_batches)
-        for i, (hidden_in, produced, aux, parts) in enumerate(pending):
-            pending[i] = None  # this micro-batch's graph goes once its backward has run
+            produced = out.loss if self.last else self._take_hidden()
+            in_flight.append((hidden_in, produced, aux, parts))
+            return None if self.last else produced
+
+        def backward(grad: torch.Tensor | None) -> torch.Tensor | None:
+            hidden_in, produced, aux, parts = in_flight.popleft()  # the oldest: backwards in micro-batch order
             if self.last:
                 engine.backward(produced)
                 lm_loss = (produced - aux).detach()
             else:
-                grad = self._receive(tuple(produced.shape), produced.dtype, produced.device, self.next_rank)
-                surrogate = (produced * grad).sum() + aux / accumulation
-                if self._embedding is not None and i == accumulation - 1:
+                surrogate = (produced * grad).sum() + aux / count
+                if self._embedding is not None and len(results) == count - 1:
                     surrogate = surrogate + self._tied_head_grad_term()
                 engine.backward(surrogate, scale_wrt_gas=False)
                 lm_loss = torch.zeros((), device=engine.device)
-            if hidden_in is not None:
-                dist.send(hidden_in.grad.contiguous(), self.prev_rank)
-            if self._head is not None and i == accumulation - 1:
+            results.append(MicroResult(lm_loss, aux.detach(), parts))
+            return None if hidden_in is None else hidden_in.grad
+
+        def after(input_grad: torch.Tensor | None, next_micro: dict | None = None) -> torch.Tensor | None:
+            """Send a backward's input gradient back (receiving the next forward's input with it), then step."""
+            hidden_in, _ = self._exchange(engine, send_prev=input_grad, recv_prev=next_micro)
+            if self._head is not None and len(results) == count:
                 # the head's gradient of the whole step (1 / grad_accum in it) → the first stage, before the
                 # optimizer step: its gradient norm is a collective over every stage
                 dist.send(self._head.weight.grad.contiguous(), self._tied_peer)
             after_backward()
-            results.append(MicroResult(lm_loss, aux.detach(), parts))
+            return hidden_in
+
+        for i in range(warmup):
+            hidden_in, _ = self._exchange(engine, recv_prev=micro_batches[i])
+            self._exchange(engine, send_next=forward(i, hidden_in))
+        hidden_in = self._exchange(engine, recv_prev=micro_batches[warmup])[0] if warmup < count else None
+        for i in range(warmup, count):
+            output = forward(i, hidden_in)
+            _, grad = self._exchange(engine, send_next=output, recv_next=micro_batches[i - warmup])
+            hidden_in = after(backward(grad), micro_batches[i + 1] if i + 1 < count else None)
+        for i in range(count - warmup, count):
+            _, grad = self._exchange(engine, recv_next=micro_batches[i])
+            after(backward(grad))
         if self.tied:
             self.share_tied_weight()
         return results
@@ -280,9 +314,9 @@ class PipelineStage:
     @torch.no_grad()
     def logits(self, engine, micro: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Forward only (eval): the logits on the last stage, None on the others (they hand on their output)."""
-        hidden_in = self._hidden_in(engine, micro, grad=False)
+        hidden_in, _ = self._exchange(engine, recv_prev=micro)
         out = engine(**self._inputs(micro, hidden_in, None, with_labels=False))
         if self.last:
             return out.logits
-        dist.send(self._take_hidden().contiguous(), self.next_rank)
+        self._exchange(engine, send_next=self._take_hidden())
         return None

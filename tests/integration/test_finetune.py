@@ -62,7 +62,7 @@ def reference(tmp_path_factory):
 # (ranks, layout, ZeRO stage): tensor-parallel ranks share their batch, so dp = ranks / tp
 LAYOUTS = [(2, "ep2", 0), (2, "ep2", 2), (4, "dp2xep2", 0), (4, "dp2xep2", 2),
            (2, "tp2", 0), (2, "tp2", 2), (4, "tp2xep2", 2), (2, "tp2-etp1", 2), (2, "ep2+recompute", 2),
-           (4, "pp4", 0), (4, "pp2xep2", 1)]
+           (4, "pp4", 0), (4, "pp2xep2", 1), (4, "tp2xpp2", 1)]
 LAYOUT_OVERRIDES = {"ep2": ["parallel.ep=2"], "dp2xep2": ["parallel.ep=2"], "tp2": ["parallel.tp=2", "parallel.ep=1"],
                     "tp2xep2": ["parallel.tp=2", "parallel.ep=2"],
                     "tp2-etp1": ["parallel.tp=2", "parallel.etp=1", "parallel.ep=2"],  # experts whole, tokens split
@@ -70,19 +70,24 @@ LAYOUT_OVERRIDES = {"ep2": ["parallel.ep=2"], "dp2xep2": ["parallel.ep=2"], "tp2
                     # pipeline stages, as many micro-batches per step as stages: 1F1B's warm-up, steady state and
                     # cool-down all run (pp4: one decoder layer per stage, two middle stages)
                     "pp4": ["parallel.pp=4", "parallel.ep=1", "train.grad_accum=4"],
-                    "pp2xep2": ["parallel.pp=2", "parallel.ep=2", "train.grad_accum=2"]}
+                    "pp2xep2": ["parallel.pp=2", "parallel.ep=2", "train.grad_accum=2"],
+                    # every axis at once: tp shards in each stage, experts whole over an EP group spanning the tp ranks
+                    "tp2xpp2": ["parallel.tp=2", "parallel.pp=2", "parallel.etp=1", "parallel.ep=2",
+                                "train.grad_accum=2"]}
 
 
 @pytest.mark.parametrize("ranks, layout, stage", LAYOUTS, ids=[f"{lay}-zero{st}" for _, lay, st in LAYOUTS])
 def test_parameters_match_one_process(reference, tmp_path, ranks, layout, stage):
-    pp = int(layout[2]) if layout.startswith("pp") else 1
-    dp = ranks // (2 if layout.startswith("tp2") else pp)
+    pp = int(layout.split("pp")[1][0]) if "pp" in layout else 1
+    dp = ranks // (2 if layout.startswith("tp2") else 1) // pp
     result = finetune(ranks, tmp_path, EQUIV + LAYOUT_OVERRIDES[layout] + [
         f"train.micro_batch_size={GLOBAL_BATCH // dp // pp}", f"deepspeed=configs/deepspeed/zero{stage}.json"])
     assert result.returncode == 0, output_of(result)[-4000:]
     if layout.startswith("tp2"):  # the model really is split, not replicated on both tp ranks
-        experts = "split their tokens over the tp ranks (etp=1)" if layout.endswith("etp1") else "shard their experts"
-        assert f"tensor parallel: 16 modules sharded over tp=2 (4 MoE layers {experts})" in output_of(result)
+        experts = "split their tokens over the tp ranks (etp=1)" if "etp=1" in " ".join(LAYOUT_OVERRIDES[layout]) \
+            else "shard their experts"
+        modules, moe = (8, 2) if pp > 1 else (16, 4)  # rank 0's stage: half the layers
+        assert f"tensor parallel: {modules} modules sharded over tp=2 ({moe} MoE layers {experts})" in output_of(result)
     if pp > 1:  # each stage holds its part of the decoder
         last = "1 of 2: decoder layers 2–3" if pp == 2 else "3 of 4: decoder layers 3–3"
         assert f"pipeline stage {last}, final norm and LM head" in output_of(result)

@@ -127,8 +127,13 @@ def test_tensor_parallel_layouts_are_checked_before_the_model():
     with pytest.raises(ValueError, match=r"moe.seq_aux_loss_coef=0.01 with parallel.tp=2 and parallel.etp=1: .*set "
                                          r"moe.seq_aux_loss_coef=0 or leave parallel.etp unset"):
         load_run_config(TINY, ["parallel.tp=2", "parallel.etp=1", "moe.seq_aux_loss_coef=0.01"]).check_world(2)
-    with pytest.raises(ValueError, match=r"parallel.pp=2: fine-tuning with pipeline parallelism is not implemented"):
-        load_run_config(TINY, ["parallel.pp=2", "parallel.ep=1"]).check_world(2)
+    # pipeline stages: dp = world / (tp·pp), and the global batch counts dp only
+    sizes = load_run_config(TINY, ["parallel.pp=2", "parallel.ep=2", "train.global_batch_size=8"]).check_world(4)
+    assert (sizes["pp"], sizes["dp"], sizes["ep"], sizes["edp"]) == (2, 2, 2, 1)
+    with pytest.raises(ValueError, match=r"train.global_batch_size=8 but micro_batch_size × grad_accum × dp = 4 × 1 × 1"):
+        load_run_config(TINY, ["parallel.pp=2", "parallel.ep=1", "train.global_batch_size=8"]).check_world(2)
+    with pytest.raises(ValueError, match=r"ep\*etp = 2\*1 = 2 does not divide tp\*dp = 1\*1 = 1 \(world 2, pp 2\)"):
+        load_run_config(TINY, ["parallel.pp=2", "parallel.ep=2"]).check_world(2)
     with pytest.raises(ValueError, match=r"ep\*etp = 2\*2 = 4 does not divide tp\*dp = 2\*1 = 2"):
         load_run_config(TINY, ["parallel.tp=2", "parallel.ep=2"]).check_world(2)
 

@@ -20,7 +20,7 @@ import dataclasses
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -447,13 +447,19 @@ def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: An
     return _as_tuple(output) if state["as_tuple"] else output
 
 
+def router_loss_kinds(layers: Iterable[MoELayer]) -> list[str]:
+    """The router-loss kinds some layer's coefficient turns on, in ``LOSS_COEFFICIENTS`` order."""
+    layers = list(layers)
+    return [k for k, field in LOSS_COEFFICIENTS.items() if any(getattr(l.config, field) for l in layers)]
+
+
 def router_loss_parts(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each kind's share of the ``aux_loss`` the hook added to the last forward's loss: coefficient × loss,
     averaged over the layers the hook averaged, so the kinds sum to ``aux_loss`` within rounding. Every kind a
     layer's coefficient turns on is there (0 where none was computed: a forward without grad), so each call
     and each rank gives the same keys. Detached, on device: no host sync."""
     layers = getattr(model, "_switchyard_moe_layers", ())
-    kinds = [k for k, field in LOSS_COEFFICIENTS.items() if any(getattr(l.config, field) for l in layers)]
+    kinds = router_loss_kinds(layers)
     if not kinds:
         return {}
     counted = [l for l in layers if l.aux_loss is not None]

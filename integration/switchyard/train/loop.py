@@ -447,10 +447,10 @@ def _replay_schedule(scheduler, state_at_start: dict[str, Any], steps: int) -> N
 def _router_loss_kinds(model, groups) -> list[str]:
     """The router-loss kinds any pipeline stage's layers compute, in ``LOSS_COEFFICIENTS`` order: a stage
     without MoE layers (or without one kind) logs zeros, so every rank reduces the same list."""
+    from switchyard.hf.patch import router_loss_kinds
     from switchyard.moe.layer import LOSS_COEFFICIENTS
 
-    layers = getattr(model, "_switchyard_moe_layers", ())
-    mine = {k for k, field in LOSS_COEFFICIENTS.items() if any(getattr(l.config, field) for l in layers)}
+    mine = set(router_loss_kinds(getattr(model, "_switchyard_moe_layers", ())))
     if groups.size("pp") > 1:
         stages: list[Any] = [None] * groups.size("pp")
         dist.all_gather_object(stages, mine, group=groups.group("pp"))

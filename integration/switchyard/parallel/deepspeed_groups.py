@@ -12,7 +12,8 @@ calls its ``set_deepspeed_parallelism`` once its own groups are set, the one mom
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import copy
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -108,6 +109,21 @@ def tag_expert_parameters(module: nn.Module, group_name: str) -> int:
     return count
 
 
+def deepcopy_keeping_parameter_tags(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module)`` whose parameters keep their attributes. torch's ``Parameter.__deepcopy__`` drops
+    them, and a copied expert without ``allreduce=False`` / ``group_name`` (or a shard without ``tp_shard``) would
+    be reduced over the dense data-parallel group like a replicated weight: a deep copy handed to DeepSpeed (a
+    model copied before training, an EMA or reference model trained later) must keep them."""
+    clone = type(module).__new__(type(module))
+    memo[id(module)] = clone
+    clone.__setstate__(copy.deepcopy(module.__getstate__(), memo))  # what the class says a copy takes
+    pairs = zip(module.named_parameters(remove_duplicate=False), clone.named_parameters(remove_duplicate=False))
+    for (_, source), (_, target) in pairs:
+        for attr, value in vars(source).items():
+            target.__dict__.setdefault(attr, value)
+    return clone
+
+
 class DeepSpeedMoEModule(_DeepSpeedMoE):
     """Base for modules holding expert parameters, recognized by DeepSpeed's engine as MoE layers.
 
@@ -124,6 +140,9 @@ class DeepSpeedMoEModule(_DeepSpeedMoE):
         self.ep_size = ep_size
         self.expert_group_name = expert_group_name
         self.num_local_experts = num_experts // ep_size
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> nn.Module:
+        return deepcopy_keeping_parameter_tags(self, memo)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by DeepSpeed's engine; our groups were registered by the ProcessGroupManager."""

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from switchyard.log import get_logger
+from switchyard.parallel.deepspeed_groups import deepcopy_keeping_parameter_tags
 from switchyard.parallel.tensor_shards import (
     TensorShard,
     as_local_shard,
@@ -50,6 +51,9 @@ class _ShardedLinear(nn.Linear):
     tp_group: dist.ProcessGroup | None
     tp_rank: int
     tp_size: int
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:  # the copy's shards keep their tp_shard tags
+        return deepcopy_keeping_parameter_tags(self, memo)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         """A full tensor (``full_state_dict``'s, or the model's before sharding) loads as this rank's slice; a

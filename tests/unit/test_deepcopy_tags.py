@@ -1,0 +1,47 @@
+"""A deep copy of a patched or tensor-sharded model keeps its parameters' tags.
+
+torch's ``Parameter.__deepcopy__`` drops a parameter's attributes: a copied expert lost ``allreduce=False`` and
+``group_name`` and went into the dense parameter groups, where DeepSpeed all-reduces it over the data-parallel group
+(at ep > 1 that averages different experts). The oracle is the original model's own tags and param groups.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+import switchyard as sy
+from switchyard.deepspeed import optimizer_param_groups
+from switchyard.parallel.tensor_parallel import ColumnParallelLinear, _shard_linear
+from switchyard.parallel.tensor_shards import shard_of
+from tiny_models import build, ids
+
+
+def _tags(model: nn.Module) -> dict[str, dict]:
+    return {name: vars(p) for name, p in model.named_parameters()}
+
+
+def test_a_deep_copy_of_a_patched_model_keeps_the_expert_tags_and_param_groups():
+    model = build("llama", intermediate_size=48)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+    twin = copy.deepcopy(model)
+    assert _tags(twin) == _tags(model)
+    assert any(tags.get("allreduce") is False for tags in _tags(twin).values())
+    groups = [(g.get("moe", False), g.get("name"), len(g["params"])) for g in optimizer_param_groups(model, 0.1)]
+    assert [(g.get("moe", False), g.get("name"), len(g["params"])) for g in optimizer_param_groups(twin, 0.1)] == groups
+    # a copy, not the same tensors, and the same function
+    original = dict(model.named_parameters())
+    assert all(p is not original[n] and p.data_ptr() != original[n].data_ptr() for n, p in twin.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids()).logits, model(ids()).logits)
+
+
+def test_a_deep_copy_of_a_sharded_linear_keeps_its_shard():
+    linear = nn.Linear(8, 6)
+    _shard_linear(ColumnParallelLinear, linear, None, 1, 2)
+    twin = copy.deepcopy(linear)
+    assert type(twin) is ColumnParallelLinear and twin.tp_rank == 1
+    assert shard_of(twin.weight) == shard_of(linear.weight) is not None
+    assert shard_of(twin.bias) == shard_of(linear.bias) is not None

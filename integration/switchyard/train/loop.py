@@ -228,6 +228,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
     matmul_params = _matmul_params(model)  # the whole model's, before pipeline stages and tensor parallelism split it
     pipeline = PipelineStage(model, groups) if groups.size("pp") > 1 else None
+    if pipeline is not None and t.grad_accum < pipeline.count:
+        log.warning("train.grad_accum=%d micro-batches for %d pipeline stages: each stage idles %.0f%% of a step; "
+                    "raise train.grad_accum (≥ 2·pp keeps the idle share at or below a third)", t.grad_accum,
+                    pipeline.count, 100 * (pipeline.count - 1) / (t.grad_accum + pipeline.count - 1), ranks=[0])
     apply_tensor_parallel(model, groups)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -12,7 +12,6 @@ calls its ``set_deepspeed_parallelism`` once its own groups are set, the one mom
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +21,7 @@ from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from deepspeed.utils import groups as ds_groups
 
 from switchyard.log import get_logger
+from switchyard.parallel.tensor_shards import deepcopy_keeping_parameter_tags
 
 if TYPE_CHECKING:
     from switchyard.parallel.manager import ProcessGroupManager
@@ -107,21 +107,6 @@ def tag_expert_parameters(module: nn.Module, group_name: str) -> int:
         param.group_name = group_name
         count += 1
     return count
-
-
-def deepcopy_keeping_parameter_tags(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(module)`` whose parameters keep their attributes. torch's ``Parameter.__deepcopy__`` drops
-    them, and a copied expert without ``allreduce=False`` / ``group_name`` (or a shard without ``tp_shard``) would
-    be reduced over the dense data-parallel group like a replicated weight: a deep copy handed to DeepSpeed (a
-    model copied before training, an EMA or reference model trained later) must keep them."""
-    clone = type(module).__new__(type(module))
-    memo[id(module)] = clone
-    clone.__setstate__(copy.deepcopy(module.__getstate__(), memo))  # what the class says a copy takes
-    pairs = zip(module.named_parameters(remove_duplicate=False), clone.named_parameters(remove_duplicate=False))
-    for (_, source), (_, target) in pairs:
-        for attr, value in vars(source).items():
-            target.__dict__.setdefault(attr, value)
-    return clone
 
 
 class DeepSpeedMoEModule(_DeepSpeedMoE):

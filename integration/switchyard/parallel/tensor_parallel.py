@@ -29,11 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from switchyard.log import get_logger
-from switchyard.parallel.deepspeed_groups import deepcopy_keeping_parameter_tags
 from switchyard.parallel.tensor_shards import (
     TensorShard,
     as_local_shard,
     copy_to_group,
+    deepcopy_keeping_parameter_tags,
     gather_tensor,
     reduce_from_group,
     shard_of,

@@ -15,14 +15,20 @@ a row-parallel product's output is a partial sum (all-reduce forward, identity b
 the group: the input is the same on every rank and each rank keeps its 1/size of the rows (backward: the rows'
 gradients all-gathered), and the rows' outputs are all-gathered back (backward: each rank keeps its rows of a
 gradient that is the same on every rank). An MoE layer at tp > 1 with etp = 1 routes its slice of the tokens.
+
+``deepcopy_keeping_parameter_tags`` is the deep copy for modules whose parameters carry such tags (and DeepSpeed's
+expert tags): torch's ``Parameter.__deepcopy__`` drops every attribute.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,21 @@ def mark_sharded(param: torch.Tensor, shard: TensorShard) -> None:
 
 def shard_of(param: torch.Tensor) -> TensorShard | None:
     return getattr(param, "tp_shard", None)
+
+
+def deepcopy_keeping_parameter_tags(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(module)`` whose parameters keep their attributes. torch's ``Parameter.__deepcopy__`` drops
+    them, and a copied expert without ``allreduce=False`` / ``group_name`` (or a shard without ``tp_shard``) would
+    be reduced over the dense data-parallel group like a replicated weight: a deep copy handed to DeepSpeed (a
+    model copied before training, an EMA or reference model trained later) must keep them."""
+    clone = type(module).__new__(type(module))
+    memo[id(module)] = clone
+    clone.__setstate__(copy.deepcopy(module.__getstate__(), memo))  # what the class says a copy takes
+    pairs = zip(module.named_parameters(remove_duplicate=False), clone.named_parameters(remove_duplicate=False))
+    for (_, source), (_, target) in pairs:
+        for attr, value in vars(source).items():
+            target.__dict__.setdefault(attr, value)
+    return clone
 
 
 def shard_parameter_(param: torch.Tensor, shard: TensorShard, rank: int, size: int) -> None:

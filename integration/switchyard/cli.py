@@ -372,12 +372,10 @@ def _pipeline_stages(model: Any, pp: int) -> Iterator[tuple[range, Any]]:
     if pp == 1:
         yield range(0), model
         return
-    originals = dict(model.named_parameters())
     for stage in range(pp):
-        stage_model = copy.deepcopy(model)  # meta tensors: a copy costs no memory
+        # meta tensors: a copy costs no memory; the MoE layers' copies keep their experts' allreduce=False
+        stage_model = copy.deepcopy(model)
         held, _ = split_model(stage_model, stage, pp)
-        for name, param in stage_model.named_parameters():  # the split keeps names; deepcopy drops a Parameter's
-            vars(param).update(vars(originals[name]))      # attributes (the experts' allreduce=False)
         yield held, stage_model
 
 

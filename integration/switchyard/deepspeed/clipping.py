@@ -37,8 +37,8 @@ def _sum_over(value: torch.Tensor, groups: "ProcessGroupManager | None", *kinds:
 def clip_global_grad_norm_(model: nn.Module, max_norm: float, groups: "ProcessGroupManager | None") -> float:
     """Clip in place (after gradients are reduced); returns the global norm before clipping. Every rank calls it."""
     grads = [p for p in model.parameters() if p.grad is not None]
-    if not grads and (groups is None or groups.size("pp") == 1):
-        return 0.0
+    if not grads and groups is None:
+        return 0.0  # with groups, a rank without gradients still joins the sums the others wait in
     device = grads[0].grad.device if grads else next(model.parameters()).device
     # squares by where the other copies or shards live: (expert?, sharded?) → the groups to sum over
     squares = {key: torch.zeros((), device=device, dtype=torch.float32)

@@ -63,3 +63,12 @@ def moe_layer_pair(config, hidden: int, ffn: int, groups) -> tuple:
     layer.load_state_dict(reference.state_dict())
     layer.shard_experts_tensor_parallel()
     return reference, layer
+
+
+def assert_same_over_group(tensor: torch.Tensor, group, size: int, what: str) -> None:
+    """Every rank of ``group`` (``size`` ranks) holds the same ``tensor``: a replicated parameter's gradient, say."""
+    import torch.distributed as dist
+
+    peers = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(peers, tensor.contiguous(), group=group)
+    assert all(torch.equal(p, tensor) for p in peers), f"{what} differs over the group's ranks"

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from harness import run_on_ranks
-from tiny_models import moe_layer_pair
+from tiny_models import assert_same_over_group, moe_layer_pair
 
 pytestmark = pytest.mark.distributed
 
@@ -73,10 +73,7 @@ def _check_training(shape: dict) -> list[str]:
                 dist.all_reduce(grad, group=manager.group("edp"))
                 want = ref_params[pname].grad[layer.local_expert_ids]
             else:
-                mine = grad.clone()
-                peers = [torch.empty_like(mine) for _ in range(etp)]
-                dist.all_gather(peers, mine, group=etp_group)
-                assert all(torch.equal(p, mine) for p in peers), f"{where}: {pname} grads differ over the etp ranks"
+                assert_same_over_group(grad, etp_group, etp, f"{where}: the grad of {pname} (etp group)")
                 dist.all_reduce(grad, group=manager.group("dp"))
                 want = ref_params[pname].grad
             torch.testing.assert_close(grad, want, **TOL, msg=lambda m: f"{where}: grad of {pname}: {m}")

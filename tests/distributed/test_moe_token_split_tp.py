@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from harness import run_on_ranks
-from tiny_models import moe_layer_pair
+from tiny_models import assert_same_over_group, moe_layer_pair
 
 pytestmark = pytest.mark.distributed
 
@@ -85,9 +85,7 @@ def _check_grads(layer, reference, manager, where):
             dist.all_reduce(grad, group=manager.group("edp"))
             want = ref_params[name].grad[layer.local_expert_ids]
         else:
-            peers = [torch.empty_like(grad) for _ in range(tp)]
-            dist.all_gather(peers, grad, group=tp_group)
-            assert all(torch.equal(p, grad) for p in peers), f"{where}: {name} grads differ over the tp ranks"
+            assert_same_over_group(grad, tp_group, tp, f"{where}: the grad of {name} (tp group)")
             dist.all_reduce(grad, group=manager.group("dp"))
             want = ref_params[name].grad
         torch.testing.assert_close(grad, want, **TOL, msg=lambda m: f"{where}: grad of {name}: {m}")

@@ -50,7 +50,9 @@ reruns switchyard and AutoEP with the MoE param-group size cap set to N instead 
 ``switchyard.deepspeed.config.MOE_MAX_GROUP_SIZE`` (each group is one more ZeRO partition and optimizer
 call; DeepSpeed's own default, 178956971, makes 14 expert groups here) and stores them under ``variants``.
 ``--variant-experts-impl IMPL`` likewise reruns switchyard with its experts' compute path forced to IMPL,
-``--variant-cuda-graph`` with ``MoELayer.cuda_graph`` on.
+``--variant-cuda-graph`` with ``MoELayer.cuda_graph`` on. ``--gradient-checkpointing`` runs the rounds themselves
+with activation checkpointing of every decoder layer (every implementation; the variant of that name runs it once
+after the rounds, in one fixed order).
 One implementation failing records ``{"error": ...}`` and the run goes on (at ``--ep`` > 1 it ends the run
 instead: the launcher then stops every rank, where a rank going on alone would hang in its next collective).
 
@@ -601,6 +603,8 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
                 "grouped_mm_calls_first_step": spy.calls,
                 "params_total": built.params_total, "params_experts": built.params_experts,
                 "variant": built.variant,
+                # transformers' own flag: whether the model really checkpoints its decoder layers
+                "gradient_checkpointing": bool(getattr(engine.module, "is_gradient_checkpointing", False)),
                 "optimizer_param_groups": _param_group_count(engine),
             }
             notes += built.notes
@@ -752,6 +756,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant-moe-max-group-size", type=int_at_least(1), default=None, metavar="N",
                    help="after the main runs, rerun switchyard and deepspeed_autoep with the MoE param-group "
                         "size cap set to N elements (an experiment; stored under 'variants')")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="run the rounds themselves with activation checkpointing of every decoder layer, for every "
+                        "implementation (so its timing alternates the order like the default's; meta.gradient_checkpointing)")
     p.add_argument("--variant-gradient-checkpointing", action="store_true",
                    help="after the rounds, rerun every implementation with activation checkpointing of every decoder "
                         "layer (stored under 'variants')")
@@ -768,6 +775,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.ep != world:
         p.error(f"--ep {args.ep} needs a world of {args.ep} ranks, this one has {world}: "
                 f"launch with torchrun --nproc_per_node {args.ep} (or deepspeed --num_gpus {args.ep})")
+    if args.gradient_checkpointing and args.variant_gradient_checkpointing:
+        p.error("--variant-gradient-checkpointing reruns with checkpointing, which --gradient-checkpointing already "
+                "gives the rounds: pass one of them")
     if args.ep > 1:
         args.impls = [i for i in args.impls if i != "hf_grouped_mm"]
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -798,7 +808,8 @@ def main(argv: list[str] | None = None) -> dict:
         rank = dist.get_rank()
     gen = torch.Generator().manual_seed(args.seed + rank)  # every data-parallel rank its own batch
     input_ids = torch.randint(0, shape.vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
-    run = Run(shape, args.device, dtype, args.batch, args.seq_len, input_ids, args.seed, ep=args.ep)
+    run = Run(shape, args.device, dtype, args.batch, args.seq_len, input_ids, args.seed, ep=args.ep,
+              gradient_checkpointing=args.gradient_checkpointing)
     argv_used = [a for a in (sys.argv[1:] if argv is None else argv)
                  if not a.startswith(("--local_rank", "--local-rank"))]  # the deepspeed launcher adds it
     meta = {
@@ -814,6 +825,7 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": args.steps,
         "rounds": args.rounds,
         "profile_steps": args.profile_steps,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "dtype": run.precision,
         "training": {"zero_stage": 2, "config": "configs/deepspeed/zero2.json via fill_deepspeed_config",
                       "optimizer": f"torch.optim.AdamW(lr={LR}, weight_decay={WEIGHT_DECAY}"

@@ -275,7 +275,8 @@ def bench_shape(name: str, tokens: int, iters: int, tma: bool) -> dict:
         dense_a = lhs
         dense_b = rhs[0].contiguous() if rhs.stride(2) == 1 else rhs[0]
         row = {"flops": flops, "torch_grouped_mm_ms": median_ms(lambda: gmm(lhs, rhs, offs=offs), iters),
-               "dense_mm_ms": median_ms(lambda: torch.mm(dense_a, dense_b), iters), "triton": {}, "triton_tma": {}}
+               "dense_mm_ms": median_ms(lambda: torch.mm(dense_a, dense_b), iters), "triton": {}, "triton_tma": {},
+               "layouts": rows_layouts(lhs, rhs, offs, iters)}
         for cfg in ROWS_CONFIGS:
             key = "x".join(map(str, cfg))
             try:
@@ -299,7 +300,8 @@ def bench_shape(name: str, tokens: int, iters: int, tma: bool) -> dict:
         ref = gmm(g.t(), xx, offs=offs)
         flops = 2 * n * g.shape[1] * xx.shape[1]
         row = {"flops": flops, "torch_grouped_mm_ms": median_ms(lambda: gmm(g.t(), xx, offs=offs), iters),
-               "dense_mm_ms": median_ms(lambda: torch.mm(g.t(), xx), iters), "triton": {}}
+               "dense_mm_ms": median_ms(lambda: torch.mm(g.t(), xx), iters), "triton": {},
+               "layouts": wgrad_layouts(g, xx, offs, iters)}
         for cfg in WGRAD_CONFIGS:
             key = "x".join(map(str, cfg))
             try:
@@ -313,6 +315,41 @@ def bench_shape(name: str, tokens: int, iters: int, tma: bool) -> dict:
     return out
 
 
+def _k_major_rhs(b_EKN: torch.Tensor) -> bool:
+    return b_EKN.stride(1) == 1
+
+
+def rows_layouts(a: torch.Tensor, b_EKN: torch.Tensor, offs: torch.Tensor, iters: int) -> dict:
+    """The same product with the weight stored the other way round (K-major <-> N-major): which layout
+    CUTLASS's grouped kernel prefers, i.e. whether storing (or caching) the weights transposed would pay."""
+    flipped = (b_EKN.contiguous() if _k_major_rhs(b_EKN)
+               else b_EKN.transpose(-2, -1).contiguous().transpose(-2, -1))
+    name = "rhs_n_major" if _k_major_rhs(b_EKN) else "rhs_k_major"
+    ref = torch._grouped_mm(a, b_EKN, offs=offs)
+    got = torch._grouped_mm(a, flipped, offs=offs)
+    return {"layout": "rhs_k_major" if _k_major_rhs(b_EKN) else "rhs_n_major",
+            name: {"ms": median_ms(lambda: torch._grouped_mm(a, flipped, offs=offs), iters),
+                   "rel_err": rel_err(got, ref)}}
+
+
+def wgrad_layouts(g_NM: torch.Tensor, x_NK: torch.Tensor, offs: torch.Tensor, iters: int) -> dict:
+    """Weight-gradient variants: the transposed product (``x.T @ g`` per expert, output ``[E, K, M]``), and both
+    operands made K-major (row-grouped dim contiguous) first, timed with and without those copies."""
+    gmm = torch._grouped_mm
+    ref = gmm(g_NM.t(), x_NK, offs=offs)
+    g_MN, x_KN = g_NM.t().contiguous(), x_NK.t().contiguous()
+    out = {}
+    for name, fn in {
+        "transposed_product": lambda: gmm(x_NK.t(), g_NM, offs=offs),
+        "k_major_operands": lambda: gmm(g_MN, x_KN.t(), offs=offs),
+        "k_major_operands_with_copies": lambda: gmm(g_NM.t().contiguous(), x_NK.t().contiguous().t(), offs=offs),
+    }.items():
+        got = fn()
+        got = got.transpose(-2, -1) if name == "transposed_product" else got
+        out[name] = {"ms": median_ms(fn, iters), "rel_err": rel_err(got, ref)}
+    return out
+
+
 def summarize(row: dict) -> str:
     best = {}
     for kind in ("triton", "triton_tma"):
@@ -321,8 +358,9 @@ def summarize(row: dict) -> str:
             key = min(timed, key=timed.get)
             best[kind] = (key, round(timed[key], 4), round(row["torch_grouped_mm_ms"] / timed[key], 3))
     tf = row["flops"] / row["torch_grouped_mm_ms"] / 1e9
+    layouts = {k: round(v["ms"], 4) for k, v in row.get("layouts", {}).items() if isinstance(v, dict)}
     return (f"grouped_mm {row['torch_grouped_mm_ms']:.4f} ms ({tf:.0f} TF/s), dense {row['dense_mm_ms']:.4f}, "
-            f"best {best}")
+            f"other layouts {layouts}, best {best}")
 
 
 def main() -> None:

@@ -65,3 +65,10 @@ def test_omitted_counts_get_their_defaults_and_the_lowest_allowed_values_pass(tm
     assert (scaling.iters, scaling.warmup, scaling.tokens, scaling.shared_ffn) == (2, 1, 64, 0)
     finetune = _script("finetune").parse_args(["--tiny", "--device", "cpu", *out])
     assert (finetune.steps, finetune.warmup, finetune.batch, finetune.seq_len) == (2, 1, 2, 32)
+
+
+def test_finetune_refuses_the_checkpointing_variant_on_checkpointed_rounds(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _script("finetune").parse_args(["--tiny", "--gradient-checkpointing", "--variant-gradient-checkpointing"])
+    assert exit_info.value.code == 2
+    assert "pass one of them" in capsys.readouterr().err

@@ -7,17 +7,18 @@ any other HF causal LM (upcycled with ``moe``). Rank 0 builds caches first; the 
 
 from __future__ import annotations
 
-import datetime
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from switchyard.hf.adopt import SUPPORTED_BLOCKS
 from switchyard.hf.checkpoint import recover_interrupted_save
 from switchyard.log import get_logger
+from switchyard.train.load_waves import LoadFootprint, load_in_waves, patient_group
 from switchyard.train.run_config import RunConfig
 
 log = get_logger(__name__)
@@ -30,17 +31,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SWITCHYARD_CACHE", Path.home() / ".cache" / "switchyard"))
 
 
-# How long the other ranks wait for rank 0's preparation (tokenizing a large dataset can take hours, far
-# beyond the collective timeout); a rank 0 that dies closes its connections, so they still fail at once.
-RANK0_WAIT_S = float(os.environ.get("SWITCHYARD_RANK0_WAIT_S", 7 * 24 * 3600))
-
-
 def rank0_first(fn, *args, **kwargs) -> Any:
     """Run ``fn`` on rank 0, then on the others (which then find rank 0's cache). The others wait on a gloo
     group of their own with ``RANK0_WAIT_S`` as its timeout, and raise rank 0's error if ``fn`` failed there."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return fn(*args, **kwargs)
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=RANK0_WAIT_S))
+    group = patient_group()
     outcome: list[Any] = [None]  # rank 0's error as (type name, message), or None
     if dist.get_rank() == 0:
         try:
@@ -86,7 +82,23 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     if record:
         _refuse_unused_moe_settings(config, source, record)
         return sy.from_pretrained(source, groups=groups), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="float32")
+    model = load_in_waves(lambda: _load_and_patch(config, groups, source, hf_config),
+                          lambda: load_footprint(config, source, groups.size("ep") if groups is not None else 1),
+                          config.model.load_ranks_at_once)
+    return model, tokenizer
+
+
+def load_dtype(config: RunConfig) -> torch.dtype:
+    """The dtype an HF source is loaded in: the one the engine trains in (DeepSpeed casts the module to it, and keeps
+    its fp32 master weights from those values), so host memory holds half the bytes in a bf16 run."""
+    return torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+
+
+def _load_and_patch(config: RunConfig, groups, source: str, hf_config):
+    """The HF model, upcycled or adopted: the rank keeps its own experts and drops the rest."""
+    import switchyard as sy
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype(config))
     if hf_config.model_type in MOE_MODEL_TYPES or any(type(m).__name__ in SUPPORTED_BLOCKS for m in model.modules()):
         _refuse_unused_moe_settings(config, source, None)
         sy.patch_model(model, None, groups, overrides=config.moe.overrides or None, layers=config.moe.layers,
@@ -95,7 +107,40 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
         sy.patch_model(model, config.moe_config(), groups, layers=config.moe.layers, every_n=config.moe.every_n,
                        targets=config.moe.targets, exclude=config.moe.exclude, adapter=config.moe.adapter,
                        seed=config.train.seed)
-    return model, tokenizer
+    return model
+
+
+def load_footprint(config: RunConfig, source: str, ep: int) -> LoadFootprint:
+    """``source``'s bytes at the load dtype as transformers loads it, and a rank's share after patching (the dense
+    part and 1/ep of the experts), both counted on the meta device."""
+    from switchyard.hf.checkpoint import empty_model
+
+    itemsize = torch.empty((), dtype=load_dtype(config)).element_size()
+    loaded = sum(p.numel() for p in empty_model(AutoConfig.from_pretrained(source)).parameters())
+    try:
+        patched = _planned_model(config, source)
+    except ValueError as err:  # patched by module names (moe.targets / moe.adapter): the plan cannot say how
+        log.info("sizing the load without the patched model (%s): a rank's share counted as the whole model", err,
+                 ranks=[0])
+        return LoadFootprint(loaded_bytes=loaded * itemsize, kept_bytes=loaded * itemsize)
+    experts = sum(p.numel() for p in patched.parameters() if getattr(p, "allreduce", True) is False)
+    kept = sum(p.numel() for p in patched.parameters()) - experts + experts // ep
+    return LoadFootprint(loaded_bytes=loaded * itemsize, kept_bytes=kept * itemsize)
+
+
+def _planned_model(config: RunConfig, source: str):
+    """``source`` built on the meta device and patched as ``load_model`` patches it (no weight read)."""
+    from argparse import Namespace
+
+    from switchyard.cli import planned_model, quiet_log
+
+    hf_config = AutoConfig.from_pretrained(source)
+    adopts = getattr(hf_config, "switchyard", None) or hf_config.model_type in MOE_MODEL_TYPES
+    moe = config.moe_config()
+    plan = Namespace(model=source, num_experts=None if adopts else moe.num_experts, top_k=moe.top_k,
+                     layers=None if adopts else config.moe.layers, every_n=None if adopts else config.moe.every_n)
+    with quiet_log():  # the real load logs the patching
+        return planned_model(plan)
 
 
 def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int = 1) -> None:
@@ -105,19 +150,10 @@ def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int
     large model has loaded (``apply_tensor_parallel`` and ``split_model`` check again on the real model)."""
     if tp == 1 and pp == 1:
         return
-    from argparse import Namespace
-
-    from switchyard.cli import planned_model, quiet_log
     from switchyard.parallel.tensor_parallel import tensor_parallel_shards
     from switchyard.train.pipeline import check_pipeline_model
 
-    hf_config = AutoConfig.from_pretrained(source)
-    adopts = getattr(hf_config, "switchyard", None) or hf_config.model_type in MOE_MODEL_TYPES
-    moe = config.moe_config()
-    plan = Namespace(model=source, num_experts=None if adopts else moe.num_experts, top_k=moe.top_k,
-                     layers=None if adopts else config.moe.layers, every_n=None if adopts else config.moe.every_n)
-    with quiet_log():  # the real load logs the patching
-        model = planned_model(plan)
+    model = _planned_model(config, source)
     check_pipeline_model(model, pp)
     if tp > 1:
         tensor_parallel_shards(model, tp, etp)

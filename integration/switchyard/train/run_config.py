@@ -23,8 +23,6 @@ from switchyard.train.data import DataConfig
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
-MODEL_DTYPES = ("float32", "bfloat16")
-
 
 @dataclass
 class ModelSection:
@@ -34,9 +32,14 @@ class ModelSection:
     source: str = "tiny"
     tokenizer: str | None = None  # defaults to the model's own
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides for the embedded tiny model
+    # HF sources: how many ranks of a node load the whole model at once (None: as many as host memory holds)
+    load_ranks_at_once: int | None = None
 
     def __post_init__(self) -> None:
         self.tiny = _checked_tiny(self.tiny)
+        if self.load_ranks_at_once is not None and self.load_ranks_at_once < 1:
+            raise ValueError(f"model.load_ranks_at_once={self.load_ranks_at_once} must be >= 1 (ranks of a node that "
+                             "load the model at the same time), or left out to size it from the host's free memory")
 
 
 def _checked_tiny(values: dict[str, Any]) -> dict[str, Any]:

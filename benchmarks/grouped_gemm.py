@@ -168,6 +168,10 @@ def _grouped_mm_rows_tma_kernel(a_desc, b_desc, c_ptr, offs_ptr, N, K, stride_cm
     _store_row_tile(c_ptr, acc, row_start, row_end, tile_n, N, stride_cm, stride_cn, BM, BN)
 
 
+# the weight-gradient products' other operand layouts (wgrad_layouts)
+WGRAD_LAYOUTS = ("transposed_product", "k_major_operands", "k_major_operands_with_copies")
+
+
 def median_ms(fn, iters: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -247,7 +251,8 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
-def bench_shape(name: str, tokens: int, iters: int, tma: bool) -> dict:
+def bench_shape(name: str, tokens: int, iters: int, tma: bool, layouts_only: bool = False,
+                wgrad_names: tuple[str, ...] = WGRAD_LAYOUTS) -> dict:
     hidden, width, experts, top_k = SHAPES[name]
     dev = "cuda"
     torch.manual_seed(0)
@@ -277,7 +282,7 @@ def bench_shape(name: str, tokens: int, iters: int, tma: bool) -> dict:
         row = {"flops": flops, "torch_grouped_mm_ms": median_ms(lambda: gmm(lhs, rhs, offs=offs), iters),
                "dense_mm_ms": median_ms(lambda: torch.mm(dense_a, dense_b), iters), "triton": {}, "triton_tma": {},
                "layouts": rows_layouts(lhs, rhs, offs, iters)}
-        for cfg in ROWS_CONFIGS:
+        for cfg in () if layouts_only else ROWS_CONFIGS:
             key = "x".join(map(str, cfg))
             try:
                 got = rows_triton(lhs, rhs, offs, cfg)
@@ -301,8 +306,8 @@ def bench_shape(name: str, tokens: int, iters: int, tma: bool) -> dict:
         flops = 2 * n * g.shape[1] * xx.shape[1]
         row = {"flops": flops, "torch_grouped_mm_ms": median_ms(lambda: gmm(g.t(), xx, offs=offs), iters),
                "dense_mm_ms": median_ms(lambda: torch.mm(g.t(), xx), iters), "triton": {},
-               "layouts": wgrad_layouts(g, xx, offs, iters)}
-        for cfg in WGRAD_CONFIGS:
+               "layouts": wgrad_layouts(g, xx, offs, iters, wgrad_names)}
+        for cfg in () if layouts_only else WGRAD_CONFIGS:
             key = "x".join(map(str, cfg))
             try:
                 got = wgrad_triton(g, xx, offs, cfg)
@@ -332,7 +337,8 @@ def rows_layouts(a: torch.Tensor, b_EKN: torch.Tensor, offs: torch.Tensor, iters
                    "rel_err": rel_err(got, ref)}}
 
 
-def wgrad_layouts(g_NM: torch.Tensor, x_NK: torch.Tensor, offs: torch.Tensor, iters: int) -> dict:
+def wgrad_layouts(g_NM: torch.Tensor, x_NK: torch.Tensor, offs: torch.Tensor, iters: int,
+                  names: tuple[str, ...] = WGRAD_LAYOUTS) -> dict:
     """Weight-gradient variants: the transposed product (``x.T @ g`` per expert, output ``[E, K, M]``), and both
     operands made K-major (row-grouped dim contiguous) first, timed with and without those copies."""
     gmm = torch._grouped_mm
@@ -344,6 +350,8 @@ def wgrad_layouts(g_NM: torch.Tensor, x_NK: torch.Tensor, offs: torch.Tensor, it
         "k_major_operands": lambda: gmm(g_MN, x_KN.t(), offs=offs),
         "k_major_operands_with_copies": lambda: gmm(g_NM.t().contiguous(), x_NK.t().contiguous().t(), offs=offs),
     }.items():
+        if name not in names:
+            continue
         got = fn()
         got = got.transpose(-2, -1) if name == "transposed_product" else got
         out[name] = {"ms": median_ms(fn, iters), "rel_err": rel_err(got, ref)}
@@ -370,13 +378,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-tma", action="store_true")
+    parser.add_argument("--layouts-only", action="store_true",
+                        help="time torch._grouped_mm in each operand layout, no Triton kernels")
+    parser.add_argument("--wgrad-layouts", nargs="*", choices=WGRAD_LAYOUTS, default=list(WGRAD_LAYOUTS),
+                        help="weight-gradient layouts to time (one per process isolates a layout the kernel rejects "
+                             "with a device-side assert)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     meta = {"device": _device_name(torch.device("cuda")), **_versions(optional=("triton",), required=()),
             "git_commit": _git_commit(), "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
             "tokens": args.tokens, "iters": args.iters, "triton": triton.__version__}
     result = {"meta": meta,
-              "shapes": {s: bench_shape(s, args.tokens, args.iters, not args.no_tma) for s in args.shapes}}
+              "shapes": {s: bench_shape(s, args.tokens, args.iters, not args.no_tma, args.layouts_only,
+                                         tuple(args.wgrad_layouts)) for s in args.shapes}}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -53,9 +53,12 @@ def test_a_bf16_run_loads_the_source_in_bf16_with_the_values_the_engines_cast_gi
         compared += 1
     assert compared > len(routers) * 2  # embeddings, attention, norms, head and the copied experts
 
-    fp32_size, bf16_size = load_footprint(fp32_config, source, 1), load_footprint(bf16_config, source, 1)
+    fp32_size, bf16_size = load_footprint(fp32_config, source), load_footprint(bf16_config, source)
     assert fp32_size.loaded_bytes == 2 * bf16_size.loaded_bytes > 0
     # the upcycled share holds the experts on top of the dense model; at ep=2 each rank keeps half of them
     assert bf16_size.kept_bytes > bf16_size.loaded_bytes
-    halved = load_footprint(bf16_config, source, 2)
+    halved = load_footprint(bf16_config, source, world=2, ep=2)
     assert halved.loaded_bytes == bf16_size.loaded_bytes and halved.kept_bytes < bf16_size.kept_bytes
+    # a rank of two pipeline stages keeps its stage only (the heaviest stage's share)
+    staged = load_footprint(bf16_config, source, world=2, pp=2)
+    assert staged.loaded_bytes == bf16_size.loaded_bytes and staged.kept_bytes < bf16_size.kept_bytes

@@ -225,14 +225,22 @@ def train(config: RunConfig) -> dict[str, Any]:
 
     source = resolve_source(config)
     check_model_split(config, source, groups.size("tp"), groups.size("etp"), groups.size("pp"))  # before weights
-    model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None)
-    matmul_params = _matmul_params(model)  # the whole model's, before pipeline stages and tensor parallelism split it
-    pipeline = PipelineStage(model, groups) if groups.size("pp") > 1 else None
+    pipeline: PipelineStage | None = None
+    matmul_params = 0
+
+    def cut_rank_share(model) -> None:
+        """Right after loading (in the rank's load wave): keep this rank's pipeline stage and tensor-parallel shard."""
+        nonlocal pipeline, matmul_params
+        matmul_params = _matmul_params(model)  # the whole model's, before the stage and the shards are cut
+        pipeline = PipelineStage(model, groups) if groups.size("pp") > 1 else None
+        apply_tensor_parallel(model, groups)
+
+    model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None,
+                                  after_load=cut_rank_share)
     if pipeline is not None and t.grad_accum < pipeline.count:
         log.warning("train.grad_accum=%d micro-batches for %d pipeline stages: each stage idles %.0f%% of a step; "
                     "raise train.grad_accum (≥ 2·pp keeps the idle share at or below a third)", t.grad_accum,
                     pipeline.count, 100 * (pipeline.count - 1) / (t.grad_accum + pipeline.count - 1), ranks=[0])
-    apply_tensor_parallel(model, groups)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from switchyard.hf.adopt import SUPPORTED_BLOCKS
@@ -67,24 +68,38 @@ def resolve_source(config: RunConfig) -> str:
     return rank0_first(build)
 
 
-def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | None = None):
+def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | None = None,
+               after_load: Callable[[nn.Module], None] | None = None):
     """(model, tokenizer). ``from_checkpoint``: a switchyard model dir that overrides ``source``
-    (resuming at another expert-parallel layout)."""
+    (resuming at another expert-parallel layout). ``after_load(model)`` runs on the patched model; for an HF source
+    inside the rank's load wave, so that cutting the rank's pipeline stage and tensor-parallel shard there leaves
+    only its share in host memory while the next wave loads."""
     import switchyard as sy
 
     recover_interrupted_save(source)  # a killed re-save leaves a checkpoint aside: put it back before reading
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or source)
+    cut = after_load or (lambda model: None)
     if from_checkpoint is not None:
         log.info("loading model weights from %s (resharded to ep=%d)", from_checkpoint, groups.size("ep"), ranks=[0])
-        return sy.from_pretrained(from_checkpoint, groups=groups), tokenizer
+        model = sy.from_pretrained(from_checkpoint, groups=groups)
+        cut(model)
+        return model, tokenizer
     hf_config = AutoConfig.from_pretrained(source)
     record = getattr(hf_config, "switchyard", None)
     if record:
         _refuse_unused_moe_settings(config, source, record)
-        return sy.from_pretrained(source, groups=groups), tokenizer
-    model = load_in_waves(lambda: _load_and_patch(config, groups, source, hf_config),
-                          lambda: load_footprint(config, source, groups.size("ep") if groups is not None else 1),
-                          config.model.load_ranks_at_once)
+        model = sy.from_pretrained(source, groups=groups)
+        cut(model)
+        return model, tokenizer
+    sizes = {"world": dist.get_world_size(), **{k: groups.size(k) for k in ("ep", "tp", "etp", "pp")}} \
+        if groups is not None and dist.is_initialized() else {}
+
+    def load() -> nn.Module:
+        model = _load_and_patch(config, groups, source, hf_config)
+        cut(model)
+        return model
+
+    model = load_in_waves(load, lambda: load_footprint(config, source, **sizes), config.model.load_ranks_at_once)
     return model, tokenizer
 
 
@@ -110,21 +125,23 @@ def _load_and_patch(config: RunConfig, groups, source: str, hf_config):
     return model
 
 
-def load_footprint(config: RunConfig, source: str, ep: int) -> LoadFootprint:
-    """``source``'s bytes at the load dtype as transformers loads it, and a rank's share after patching (the dense
-    part and 1/ep of the experts), both counted on the meta device."""
+def load_footprint(config: RunConfig, source: str, world: int = 1, ep: int = 1, tp: int = 1, etp: int | None = None,
+                   pp: int = 1) -> LoadFootprint:
+    """``source``'s bytes at the load dtype as transformers loads it, and a rank's share once patched and cut (the
+    dense part of its pipeline stage and its 1/ep of the stage's experts, tensor-parallel modules at 1/tp; the
+    heaviest stage's), both counted on the meta device."""
+    from switchyard.cli import plan_numbers
     from switchyard.hf.checkpoint import empty_model
 
     itemsize = torch.empty((), dtype=load_dtype(config)).element_size()
     loaded = sum(p.numel() for p in empty_model(AutoConfig.from_pretrained(source)).parameters())
     try:
-        patched = _planned_model(config, source)
+        kept = plan_numbers(_planned_model(config, source), world=world, ep=ep, precision=config.train.precision,
+                            tp=tp, etp=etp, pp=pp)["params_per_rank"]
     except ValueError as err:  # patched by module names (moe.targets / moe.adapter): the plan cannot say how
         log.info("sizing the load without the patched model (%s): a rank's share counted as the whole model", err,
                  ranks=[0])
-        return LoadFootprint(loaded_bytes=loaded * itemsize, kept_bytes=loaded * itemsize)
-    experts = sum(p.numel() for p in patched.parameters() if getattr(p, "allreduce", True) is False)
-    kept = sum(p.numel() for p in patched.parameters()) - experts + experts // ep
+        kept = loaded
     return LoadFootprint(loaded_bytes=loaded * itemsize, kept_bytes=kept * itemsize)
 
 

@@ -412,9 +412,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rank_layout(args.world, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep --json parseable
         model = planned_model(args)
-    # as loading ties it (the meta-device build leaves a tied head apart): counted once, and the last pipeline
-    # stage holds it as a buffer, as split_model makes it
-    model.tie_weights()
     numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp, pp=args.pp)
     if args.json:
         print(json.dumps(numbers))

@@ -250,3 +250,18 @@ def test_saving_over_another_models_directory_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"holds another model \(.*config\.json has no 'switchyard' record\).*new dir"):
         sy.save_pretrained(upcycled("llama"), tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_meta_device_model_ties_its_head_as_the_config_says(tied):
+    """empty_model builds on meta, where transformers leaves a tied LM head a parameter of its own until
+    tie_weights: the plan counted it twice and every meta-device size was off by the vocabulary's embedding."""
+    from transformers import LlamaConfig
+
+    from switchyard.hf.checkpoint import empty_model
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=tied)
+    model = empty_model(config)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) is tied
+    assert model.get_input_embeddings().weight.is_meta

@@ -75,7 +75,7 @@ def no_init_weights() -> contextlib.AbstractContextManager:
 
 def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
     """The class ``config.architectures`` names (``AutoModelForCausalLM`` if none) with parameters on meta
-    and buffers real.
+    and buffers real, its weights tied as the config says.
 
     Non-persistent buffers (rotary ``inv_freq``) are computed in ``__init__`` and never saved, so they
     must stay real; everything saved is filled later with ``load_state_dict(assign=True)``.
@@ -90,8 +90,11 @@ def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with no_init_weights(), init_empty_weights(include_buffers=False):
         if model_class is AutoModelForCausalLM:
-            return model_class.from_config(config, **kwargs)
-        return model_class._from_config(config, **kwargs)  # what the Auto classes call
+            model = model_class.from_config(config, **kwargs)
+        else:
+            model = model_class._from_config(config, **kwargs)  # what the Auto classes call
+    model.tie_weights()  # built on meta, a tied head is a parameter of its own until tied: counted twice, saved twice
+    return model
 
 
 def _transformers_class(name: str) -> type | None:

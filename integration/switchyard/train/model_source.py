@@ -103,6 +103,13 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     return model, tokenizer
 
 
+def has_moe_blocks(model: nn.Module) -> bool:
+    """Whether loading adopts ``model``'s own MoE blocks (else it upcycles the dense FFNs); the same answer on the
+    meta-device model the early checks build as on the loaded one."""
+    return model.config.model_type in MOE_MODEL_TYPES or any(type(m).__name__ in SUPPORTED_BLOCKS
+                                                            for m in model.modules())
+
+
 def load_dtype(config: RunConfig) -> torch.dtype:
     """The dtype an HF source is loaded in: the one the engine trains in (DeepSpeed casts the module to it, and keeps
     its fp32 master weights from those values), so host memory holds half the bytes in a bf16 run."""
@@ -114,7 +121,7 @@ def _load_and_patch(config: RunConfig, groups, source: str, hf_config):
     import switchyard as sy
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype(config))
-    if hf_config.model_type in MOE_MODEL_TYPES or any(type(m).__name__ in SUPPORTED_BLOCKS for m in model.modules()):
+    if has_moe_blocks(model):
         _refuse_unused_moe_settings(config, source, None)
         sy.patch_model(model, None, groups, overrides=config.moe.overrides or None, layers=config.moe.layers,
                        every_n=config.moe.every_n, targets=config.moe.targets, exclude=config.moe.exclude)
@@ -150,9 +157,10 @@ def _planned_model(config: RunConfig, source: str):
     from argparse import Namespace
 
     from switchyard.cli import planned_model, quiet_log
+    from switchyard.hf.checkpoint import empty_model
 
     hf_config = AutoConfig.from_pretrained(source)
-    adopts = getattr(hf_config, "switchyard", None) or hf_config.model_type in MOE_MODEL_TYPES
+    adopts = getattr(hf_config, "switchyard", None) or has_moe_blocks(empty_model(hf_config))
     moe = config.moe_config()
     plan = Namespace(model=source, num_experts=None if adopts else moe.num_experts, top_k=moe.top_k,
                      layers=None if adopts else config.moe.layers, every_n=None if adopts else config.moe.every_n)

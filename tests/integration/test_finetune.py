@@ -100,11 +100,13 @@ def test_parameters_match_one_process(reference, tmp_path, ranks, layout, stage)
         torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=1e-5, msg=key)
 
 
-def test_pipeline_with_a_tied_head_and_router_losses_matches_one_process_and_resumes_at_pp1(tmp_path):
+def test_pipeline_with_a_tied_head_and_router_losses_matches_one_process_and_resumes_at_pp1_and_pp2(tmp_path):
     """pp = 2 at ZeRO-2 on a model whose LM head is its input embedding (the first stage owns it, the last holds a
     copy), with the router losses on (each stage adds its layers' share): losses, router losses and parameters as
     one process over the same micro-batches. Its step-2 checkpoint (written by both stages into one index) resumes
-    in one process at pp = 1, whose step 3 is the pipelined run's (SGD without momentum: no optimizer state)."""
+    in one process at pp = 1, whose step 3 is the pipelined run's (SGD without momentum: no optimizer state), and at
+    pp = 2, where each stage reads only its own tensors (the last stage its head's copy of the embedding) and
+    step 3 and the final parameters are the uninterrupted run's."""
     tied = [o for o in EQUIV if "loss_coef" not in o] + [
         "model.tiny.tie_word_embeddings=true", "model.tiny.name=tied", "moe.aux_loss_coef=0.01",
         "moe.z_loss_coef=0.001", "checkpoint.every=2", "train.micro_batch_size=4", "train.grad_accum=2"]
@@ -124,6 +126,13 @@ def test_pipeline_with_a_tied_head_and_router_losses_matches_one_process_and_res
     assert "pp 2 → 1" in output_of(result) and "optimizer state restarts" in output_of(result)
     assert metrics(resumed)[0]["step"] == 3
     assert metrics(resumed)[0]["loss"] == pytest.approx(want[-1]["loss"], rel=1e-5)
+    staged = tmp_path / "resumed_pp2"
+    result = finetune(2, staged, tied + ["parallel.ep=1", "deepspeed=configs/deepspeed/zero2.json", "parallel.pp=2",
+                                         f"checkpoint.resume={piped / 'checkpoints' / 'step_000002'}"])
+    assert result.returncode == 0, output_of(result)[-4000:]
+    assert [(m["step"], m["loss"]) for m in metrics(staged)] == [(m["step"], m["loss"]) for m in got[2:]]
+    for key, value in final_state(piped, 3).items():
+        torch.testing.assert_close(final_state(staged, 3)[key], value, atol=0, rtol=0, msg=key)
 
 
 SHORT = ["train.max_steps=8", "checkpoint.every=4", "train.eval_every=4", "data.seq_len=64"]

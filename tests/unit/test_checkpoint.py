@@ -265,3 +265,40 @@ def test_the_meta_device_model_ties_its_head_as_the_config_says(tied):
     model = empty_model(config)
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) is tied
     assert model.get_input_embeddings().weight.is_meta
+
+
+@pytest.mark.parametrize("case,stages", [("llama_copy_tied", 2), ("llama_drop_upcycle", 3), ("qwen3_every_2", 4),
+                                         ("mixtral_adopted", 2)])
+def test_a_pipeline_stage_reads_only_its_own_tensors(case, stages, tmp_path, monkeypatch):
+    """from_pretrained(stage=(s, P)) gives the stage split_model cuts from the whole loaded model (same tensors, the
+    tied head as the last stage's buffer copy, the same layers and tie) and reads no other stage's tensor."""
+    from switchyard.hf import checkpoint
+    from switchyard.train.pipeline import split_model
+
+    sy.save_pretrained(CASES[case](), tmp_path, max_shard_size="40KB")
+    read_keys: list[str] = []
+    real_read = checkpoint._read_tensors
+
+    def recording_read(path, plan, wanted, device):
+        read_keys.extend(source for pairs in plan.values() for _, source in pairs)
+        return real_read(path, plan, wanted, device)
+
+    for s in range(stages):
+        whole = sy.from_pretrained(tmp_path)
+        cut = split_model(whole, s, stages)
+        monkeypatch.setattr(checkpoint, "_read_tensors", recording_read)
+        read_keys.clear()
+        staged = sy.from_pretrained(tmp_path, stage=(s, stages))
+        monkeypatch.setattr(checkpoint, "_read_tensors", real_read)
+
+        assert split_model(staged, s, stages) == cut  # the cut it was read as, again
+        want, got = whole.state_dict(), staged.state_dict()
+        assert set(got) == set(want), (s, set(got) ^ set(want))
+        for key in want:
+            assert torch.equal(got[key], want[key]), (s, key)
+        layers = [f"model.layers.{i}." for i in range(TINY["num_hidden_layers"]) if i not in cut[0]]
+        assert not [k for k in read_keys if k.startswith(tuple(layers))], (s, read_keys)
+        assert ("model.embed_tokens.weight" in read_keys) == (s == 0 or (cut[1] and s == stages - 1))
+        assert ("model.norm.weight" in read_keys) == (s == stages - 1)
+    with pytest.raises(ValueError, match=r"pipeline stage 0 of 2 already; it cannot become stage 1 of 2"):
+        split_model(sy.from_pretrained(tmp_path, stage=(0, 2)), 1, 2)

@@ -550,11 +550,13 @@ def _open(file: Path) -> Iterator[Any]:
 
 
 def _plan(model: nn.Module, wanted: dict[str, torch.Tensor], weight_map: dict[str, str], tied: dict[str, str],
-          index_file: Path) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
+          index_file: Path, elsewhere: set[str] = frozenset(), expert_prefixes: set[str] | None = None
+          ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
     """{file: [(model key, checkpoint key)]} for this rank, and the tied parameters to share again.
 
     Strict both ways: every key of this rank's model must be in the index, and every key of the index
-    must belong to the model (another EP rank's experts do; anything else means a different model).
+    must belong to the model (another EP rank's experts do, and with a pipeline stage read alone the ``elsewhere``
+    keys of the other stages, whose MoE layers are among ``expert_prefixes``; anything else means a different model).
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     retie = {k: v for k, v in tied.items() if k in params and v in params}
@@ -566,8 +568,9 @@ def _plan(model: nn.Module, wanted: dict[str, torch.Tensor], weight_map: dict[st
         if source not in weight_map:
             raise CheckpointError(f"tensor {key} is not in {index_file} (the model built from config.json has it)")
         plan[weight_map[source]].append((key, source))
-    prefixes = set(moe_prefixes(model))
-    others = [k for k in weight_map if k not in wanted and not ((m := _EXPERT_KEY.match(k)) and m["prefix"] in prefixes)]
+    prefixes = set(moe_prefixes(model)) if expert_prefixes is None else expert_prefixes
+    others = [k for k in weight_map if k not in wanted and k not in elsewhere
+              and not ((m := _EXPERT_KEY.match(k)) and m["prefix"] in prefixes)]
     if others:
         raise CheckpointError(f"{index_file} lists {len(others)} tensors the model built from config.json does not "
                               f"have, e.g. {others[:3]}")
@@ -599,8 +602,11 @@ def _read_tensors(path: Path, plan: dict[str, list[tuple[str, str]]], wanted: di
 
 
 def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = None, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> nn.Module:
+                    device: torch.device | str | None = None, stage: tuple[int, int] | None = None) -> nn.Module:
     """Rebuild a model saved by ``save_pretrained`` at any EP size; each rank reads only its experts.
+
+    ``stage=(index, count)``: build and read pipeline stage ``index`` of ``count`` only, the model
+    ``switchyard.train.pipeline.split_model`` would cut from the whole one (the other stages' tensors are not read).
 
     The model's class is the one config.json's ``architectures`` names (``AutoModelForCausalLM`` if none);
     ``dtype`` defaults to the one in config.json; ``device`` to CPU. Returns the model in eval mode.
@@ -609,13 +615,15 @@ def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = Non
     (``path`` missing, the earlier checkpoint aside) is undone first (``recover_interrupted_save``).
     """
     if groups is None or not _distributed():
-        return _load(Path(path), groups, dtype, device)
-    return on_every_rank(f"from_pretrained({path})", _load, Path(path), groups, dtype, device)
+        return _load(Path(path), groups, dtype, device, stage)
+    return on_every_rank(f"from_pretrained({path})", _load, Path(path), groups, dtype, device, stage)
 
 
 def _load(path: Path, groups: "ProcessGroupManager | None", dtype: torch.dtype | None,
-          device: torch.device | str | None) -> nn.Module:
+          device: torch.device | str | None, stage: tuple[int, int] | None = None) -> nn.Module:
     from transformers import AutoConfig, GenerationConfig
+
+    from switchyard.train.pipeline import SPLIT_ATTR, split_model
 
     recover_interrupted_save(path)
     record = read_record(path)
@@ -627,9 +635,12 @@ def _load(path: Path, groups: "ProcessGroupManager | None", dtype: torch.dtype |
     setattr(model.config, CONFIG_KEY, copy.deepcopy(record))
     _check_experts(model, index["weight_map"], path / INDEX_NAME)
 
+    whole, prefixes = set(model.state_dict()), set(moe_prefixes(model))
+    if stage is not None:
+        split_model(model, *stage)
     wanted = model.state_dict(keep_vars=True)
     tied = index.get("metadata", {}).get("tied_weights", {})
-    plan, retie = _plan(model, wanted, index["weight_map"], tied, path / INDEX_NAME)
+    plan, retie = _plan(model, wanted, index["weight_map"], tied, path / INDEX_NAME, whole - set(wanted), prefixes)
     state = _read_tensors(path, plan, wanted, device)
     # assign=True makes new Parameter objects: keep DeepSpeed's expert tags (allreduce, group_name) and HF's flags
     attributes = {name: dict(p.__dict__) for name, p in model.named_parameters(remove_duplicate=False)}
@@ -638,7 +649,8 @@ def _load(path: Path, groups: "ProcessGroupManager | None", dtype: torch.dtype |
     for dropped, kept in retie.items():  # stored once, shared again as saved
         parent, _, leaf = dropped.rpartition(".")
         setattr(model.get_submodule(parent), leaf, model.get_parameter(kept))
-    model.tie_weights()
+    if getattr(model, SPLIT_ATTR, None) is None:  # a stage holds its tied head as split_model made it
+        model.tie_weights()
     for name, param in model.named_parameters(remove_duplicate=False):
         for attr, value in attributes.get(name, {}).items():
             setattr(param, attr, value)

@@ -202,8 +202,9 @@ def train(config: RunConfig) -> dict[str, Any]:
     from switchyard.train import checkpointing
     from switchyard.train.data import load_datasets
     from switchyard.train.metrics import ExpertLoad, MetricsWriter
-    from switchyard.train.model_source import cache_dir, check_model_split, load_model, rank0_first, resolve_source
-    from switchyard.train.pipeline import PipelineStage
+    from switchyard.train.model_source import (cache_dir, check_model_split, load_model, planned_run_model, rank0_first,
+                                               resolve_source)
+    from switchyard.train.pipeline import SPLIT_ATTR, PipelineStage
     from switchyard.train.schedule import build_scheduler
 
     init_distributed()
@@ -231,7 +232,10 @@ def train(config: RunConfig) -> dict[str, Any]:
     def cut_rank_share(model) -> None:
         """Right after loading (in the rank's load wave): keep this rank's pipeline stage and tensor-parallel shard."""
         nonlocal pipeline, matmul_params
-        matmul_params = _matmul_params(model)  # the whole model's, before the stage and the shards are cut
+        # the whole model's, before the stage and the shards are cut; a checkpoint read as one stage: on meta
+        whole = model if getattr(model, SPLIT_ATTR, None) is None else planned_run_model(config, str(
+            resume.path / "model" if resume else source))
+        matmul_params = _matmul_params(whole)
         pipeline = PipelineStage(model, groups) if groups.size("pp") > 1 else None
         apply_tensor_parallel(model, groups)
 

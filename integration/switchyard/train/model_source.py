@@ -79,16 +79,18 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     recover_interrupted_save(source)  # a killed re-save leaves a checkpoint aside: put it back before reading
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or source)
     cut = after_load or (lambda model: None)
+    # a switchyard checkpoint: each rank reads its experts, and of a pipeline its stage only
+    stage = (groups.rank("pp"), groups.size("pp")) if groups is not None and groups.size("pp") > 1 else None
     if from_checkpoint is not None:
         log.info("loading model weights from %s (resharded to ep=%d)", from_checkpoint, groups.size("ep"), ranks=[0])
-        model = sy.from_pretrained(from_checkpoint, groups=groups)
+        model = sy.from_pretrained(from_checkpoint, groups=groups, stage=stage)
         cut(model)
         return model, tokenizer
     hf_config = AutoConfig.from_pretrained(source)
     record = getattr(hf_config, "switchyard", None)
     if record:
         _refuse_unused_moe_settings(config, source, record)
-        model = sy.from_pretrained(source, groups=groups)
+        model = sy.from_pretrained(source, groups=groups, stage=stage)
         cut(model)
         return model, tokenizer
     sizes = {"world": dist.get_world_size(), **{k: groups.size(k) for k in ("ep", "tp", "etp", "pp")}} \
@@ -143,7 +145,7 @@ def load_footprint(config: RunConfig, source: str, world: int = 1, ep: int = 1, 
     itemsize = torch.empty((), dtype=load_dtype(config)).element_size()
     loaded = sum(p.numel() for p in empty_model(AutoConfig.from_pretrained(source)).parameters())
     try:
-        kept = plan_numbers(_planned_model(config, source), world=world, ep=ep, precision=config.train.precision,
+        kept = plan_numbers(planned_run_model(config, source), world=world, ep=ep, precision=config.train.precision,
                             tp=tp, etp=etp, pp=pp)["params_per_rank"]
     except ValueError as err:  # patched by module names (moe.targets / moe.adapter): the plan cannot say how
         log.info("sizing the load without the patched model (%s): a rank's share counted as the whole model", err,
@@ -152,7 +154,7 @@ def load_footprint(config: RunConfig, source: str, world: int = 1, ep: int = 1, 
     return LoadFootprint(loaded_bytes=loaded * itemsize, kept_bytes=kept * itemsize)
 
 
-def _planned_model(config: RunConfig, source: str):
+def planned_run_model(config: RunConfig, source: str):
     """``source`` built on the meta device and patched as ``load_model`` patches it (no weight read)."""
     from argparse import Namespace
 
@@ -178,7 +180,7 @@ def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int
     from switchyard.parallel.tensor_parallel import tensor_parallel_shards
     from switchyard.train.pipeline import check_pipeline_model
 
-    model = _planned_model(config, source)
+    model = planned_run_model(config, source)
     check_pipeline_model(model, pp)
     if tp > 1:
         tensor_parallel_shards(model, tp, etp)

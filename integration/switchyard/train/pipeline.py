@@ -111,13 +111,23 @@ def check_pipeline_model(model: nn.Module, stages: int) -> None:
     stage_layer_ranges(len(_decoder(model).layers), stages)
 
 
+SPLIT_ATTR = "_switchyard_pipeline_stage"  # (stage, stages, its layers, tied) on a model split_model has cut
+
+
 def split_model(model: nn.Module, stage: int, stages: int) -> tuple[range, bool]:
     """Keep stage ``stage`` of ``stages`` in ``model`` (in place); returns its decoder layers' indices and whether
     the LM head is tied to the input embedding. Tied: the first stage owns the weight (a parameter, stepped by
     its optimizer); the last stage's head holds a copy as a buffer, which ``PipelineStage`` refreshes after every
-    step and whose gradient it sends to the first stage."""
+    step and whose gradient it sends to the first stage. A model cut already answers for its cut (and refuses
+    another)."""
     from switchyard.hf.patch import keep_moe_layers_of_stage, moe_layers
 
+    done = getattr(model, SPLIT_ATTR, None)
+    if done is not None:  # already cut (from_pretrained reads a stage only): the same cut again is that one
+        if done[:2] != (stage, stages):
+            raise ValueError(f"the model is pipeline stage {done[0]} of {done[1]} already; it cannot become stage "
+                             f"{stage} of {stages}: load the whole model for that")
+        return done[2], done[3]
     check_pipeline_model(model, stages)
     decoder = _decoder(model)
     if stages == 1:  # the whole model: nothing to split (a tied head stays tied)
@@ -141,6 +151,7 @@ def split_model(model: nn.Module, stage: int, stages: int) -> tuple[range, bool]
         del head._parameters["weight"]
         head.register_buffer("weight", weight)
     keep_moe_layers_of_stage(model, all_moe)
+    setattr(model, SPLIT_ATTR, (stage, stages, ranges[stage], tied))
     return ranges[stage], tied
 
 

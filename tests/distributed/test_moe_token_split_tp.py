@@ -116,6 +116,10 @@ def _check_training(shape: dict) -> list[str]:
         loss = (y * gs[dp_rank]).sum() + (layer.aux_loss if layer.aux_loss is not None else 0)
         loss.backward()
         where = f"{name} on rank {dist.get_rank()}"
+        with torch.no_grad():  # transformers' router_logits: every token's, the tp ranks' slices gathered
+            want_logits = reference.router(xs[dp_rank]).logits_TE
+        torch.testing.assert_close(layer.router_logits().detach(), want_logits, **TOL,
+                                   msg=lambda m: f"{where}: router logits: {m}")
         torch.testing.assert_close(y, ref_out[dp_rank], **TOL, msg=lambda m: f"{where}: output: {m}")
         torch.testing.assert_close(x.grad, ref_xgrad[dp_rank], **TOL, msg=lambda m: f"{where}: input grad: {m}")
         _check_grads(layer, reference, manager, where)

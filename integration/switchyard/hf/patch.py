@@ -442,7 +442,7 @@ def _add_router_outputs(module: nn.Module, args: tuple, kwargs: dict, output: An
             output["loss"] = output["loss"] + aux.to(output["loss"].dtype)
     if state["router_logits"]:
         output["router_logits"] = tuple(
-            layer.last_router_output.logits_TE for layer in layers if layer.last_router_output is not None
+            logits for logits in (layer.router_logits() for layer in layers) if logits is not None
         )
     return _as_tuple(output) if state["as_tuple"] else output
 

@@ -204,6 +204,7 @@ class MoELayer(DeepSpeedMoEModule):
         self.replicated_tokens = False  # serving: every EP rank holds the same tokens (see dispatcher.py)
         self.aux_loss: torch.Tensor | None = None
         self.last_router_output: RouterOutput | None = None
+        self._unsliced_tokens = 0  # the last token-sliced forward's rows before the tp ranks split them
         self.last_stats: MoEStats | None = None
         self._bias_counts_E: torch.Tensor | None = None
         self._graph: LayerGraph | None = None
@@ -292,7 +293,8 @@ class MoELayer(DeepSpeedMoEModule):
     def _token_sliced_forward(self, x_TH: torch.Tensor, real_T: torch.Tensor | None) -> torch.Tensor:
         """tp > 1 with etp = 1: this tp rank's 1/tp of the rows (t of them, padding rows appended to make T a
         multiple of tp, marked as padding) through router, dispatch, experts and combine; the rows' outputs are
-        all-gathered back. ``last_router_output`` and ``last_stats`` are this rank's slice's."""
+        all-gathered back. ``last_router_output`` and ``last_stats`` are this rank's slice's (``router_logits()``
+        gathers the logits of every slice)."""
         assert self.groups is not None
         if self.replicated_tokens:
             raise RuntimeError("replicated_tokens (serving: every EP rank holds the same tokens) does not hold when "
@@ -300,7 +302,7 @@ class MoELayer(DeepSpeedMoEModule):
         if self.cuda_graph:
             self._run_eagerly(f"tp={self.tp_token_slices} with etp=1: tokens split over the tp ranks")
         group, size = self.groups.group("tp"), self.tp_token_slices
-        num_tokens = x_TH.shape[0]
+        num_tokens = self._unsliced_tokens = x_TH.shape[0]
         pad = -num_tokens % size
         if pad:
             x_TH_padded = torch.cat([x_TH, x_TH.new_zeros(pad, self.hidden_size)])
@@ -319,6 +321,16 @@ class MoELayer(DeepSpeedMoEModule):
         self._record(routed, tokens_per_expert_E, keep_tK, real_t, 1)
         self._average_losses_over_tp(group, size)
         return out_TH
+
+    def router_logits(self) -> torch.Tensor | None:
+        """The last forward's router logits ``[T, E]`` over all its tokens (transformers' ``router_logits``). With the
+        tokens split over the tp ranks (etp = 1) each rank routed a slice: the slices are all-gathered (a collective
+        of the tp group; the gradient goes back to each rank's slice)."""
+        routed = self.last_router_output
+        if routed is None or self.tp_token_slices == 1:
+            return None if routed is None else routed.logits_TE
+        assert self.groups is not None
+        return gather_from_group(routed.logits_TE, self.groups.group("tp"))[: self._unsliced_tokens]
 
     def _sliced_router(self, x_tH: torch.Tensor, group: dist.ProcessGroup | None) -> RouterOutput:
         """The router on this rank's rows, its weight read through ``copy_to_group``: each rank's weight gradient

@@ -271,6 +271,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=_count, default=1,
                    help="pipeline parallel degree (parallel.pp): each stage holds contiguous decoder layers; the "
                         "numbers per rank are the heaviest stage's")
+    p.add_argument("--pp-layers", type=_count, nargs="+", default=None, metavar="N",
+                   help="decoder layers per pipeline stage, first to last (parallel.pp_layers; default: as even as "
+                        "the count allows)")
     p.add_argument("--ep", type=_count, default=1,
                    help="expert parallel degree (dp = world / (tp * pp); experts: edp = world / (tp * pp * ep))")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (train.precision)")
@@ -306,7 +309,7 @@ def planned_model(args: argparse.Namespace) -> Any:
 
 
 def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, etp: int | None = None,
-                 pp: int = 1) -> dict[str, Any]:
+                 pp: int = 1, pp_layers: list[int] | None = None) -> dict[str, Any]:
     """Parameters and model-state memory per rank of an EP (TP, PP) job (ZeRO paper's estimate, activations
     excluded): dense parameters are replicated over dp = world / (tp·pp) ranks, each expert over
     edp = world / (tp·pp·ep) ranks; what ``apply_tensor_parallel`` shards, each rank holds 1/tp of (experts: 1/etp,
@@ -324,7 +327,7 @@ def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, e
         raise ValueError("the model has no MoE layers to plan")
     num_experts = layers[0].config.num_experts
     local_expert_ids(num_experts, ep, 0)  # ep must divide the experts: the error says so
-    check_pipeline_model(model, pp)  # the launcher's checks: a model type the stages split, enough layers
+    check_pipeline_model(model, pp, pp_layers)  # the launcher's checks: a model type the stages split, enough layers
     tensor_parallel_shards(model, tp, etp)  # and heads, widths, a plan at all: on the whole model, as it checks
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True) is False)
@@ -343,7 +346,7 @@ def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, e
         return round(per / gib, 3)
 
     stages = []
-    for held, stage_model in _pipeline_stages(model, pp):
+    for held, stage_model in _pipeline_stages(model, pp, pp_layers):
         dense_rank, expert_rank = _held_per_rank(stage_model, tp, etp, ep)
         stages.append({"stage": len(stages), "layers": list(held), "params_per_rank": dense_rank + expert_rank,
                        "model_states_gib_per_rank": {"zero0": states(dense_rank, expert_rank, False, False),
@@ -362,7 +365,7 @@ def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, e
     return numbers
 
 
-def _pipeline_stages(model: Any, pp: int) -> Iterator[tuple[range, Any]]:
+def _pipeline_stages(model: Any, pp: int, pp_layers: list[int] | None = None) -> Iterator[tuple[range, Any]]:
     """Each pipeline stage's decoder layers and its model (at pp = 1 the model itself, layers left empty: the
     plan does not list them)."""
     import copy
@@ -375,7 +378,7 @@ def _pipeline_stages(model: Any, pp: int) -> Iterator[tuple[range, Any]]:
     for stage in range(pp):
         # meta tensors: a copy costs no memory; the MoE layers' copies keep their experts' allreduce=False
         stage_model = copy.deepcopy(model)
-        held, _ = split_model(stage_model, stage, pp)
+        held, _ = split_model(stage_model, stage, pp, pp_layers)
         yield held, stage_model
 
 
@@ -410,9 +413,13 @@ def _stage_text(stage: dict[str, Any], pp: int) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     # the degrees first, before any config is read
     rank_layout(args.world, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
+    if args.pp_layers is not None and len(args.pp_layers) != args.pp:
+        raise ValueError(f"--pp-layers {' '.join(map(str, args.pp_layers))} gives {len(args.pp_layers)} stages' layer "
+                         f"counts for --pp {args.pp}: give one per stage")
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep --json parseable
         model = planned_model(args)
-    numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp, pp=args.pp)
+    numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp, pp=args.pp,
+                           pp_layers=args.pp_layers)
     if args.json:
         print(json.dumps(numbers))
         return 0

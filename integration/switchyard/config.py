@@ -65,16 +65,28 @@ def _positive_int(name: str, value: Any) -> None:
 
 @dataclass
 class ParallelConfig:
-    """Degrees of parallelism. ``etp=None`` means expert tensor parallel = ``tp``."""
+    """Degrees of parallelism. ``etp=None`` means expert tensor parallel = ``tp``. ``pp_layers``: decoder layers per
+    pipeline stage, first to last (None: as even as the count allows, the first stages taking one more)."""
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
     etp: int | None = None
+    pp_layers: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "ep"):
             _positive_int(name, getattr(self, name))
+        if self.pp_layers is not None:
+            if self.pp == 1:
+                raise ValueError(f"pp_layers={self.pp_layers!r} divides the layers among pipeline stages, but pp=1; "
+                                 "leave pp_layers out or set pp")
+            if not isinstance(self.pp_layers, (list, tuple)) or len(self.pp_layers) != self.pp:
+                raise ValueError(f"pp_layers={self.pp_layers!r} must list one layer count per pipeline stage, "
+                                 f"{self.pp} of them (pp={self.pp})")
+            for count in self.pp_layers:
+                _positive_int("every pp_layers entry (a stage's decoder layers)", count)
+            self.pp_layers = list(self.pp_layers)
         if self.etp is None:
             self.etp = self.tp
         _positive_int("etp", self.etp)

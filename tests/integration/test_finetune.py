@@ -70,7 +70,8 @@ LAYOUT_OVERRIDES = {"ep2": ["parallel.ep=2"], "dp2xep2": ["parallel.ep=2"], "tp2
                     # pipeline stages, as many micro-batches per step as stages: 1F1B's warm-up, steady state and
                     # cool-down all run (pp4: one decoder layer per stage, two middle stages)
                     "pp4": ["parallel.pp=4", "parallel.ep=1", "train.grad_accum=4"],
-                    "pp2xep2": ["parallel.pp=2", "parallel.ep=2", "train.grad_accum=2"],
+                    # stages of the sizes asked for (parallel.pp_layers): one decoder layer, then three
+                    "pp2xep2": ["parallel.pp=2", "parallel.ep=2", "train.grad_accum=2", "parallel.pp_layers=[1, 3]"],
                     # every axis at once: tp shards in each stage, experts whole over an EP group spanning the tp ranks
                     "tp2xpp2": ["parallel.tp=2", "parallel.pp=2", "parallel.etp=1", "parallel.ep=2",
                                 "train.grad_accum=2"]}
@@ -89,7 +90,8 @@ def test_parameters_match_one_process(reference, tmp_path, ranks, layout, stage)
         modules, moe = (8, 2) if pp > 1 else (16, 4)  # rank 0's stage: half the layers
         assert f"tensor parallel: {modules} modules sharded over tp=2 ({moe} MoE layers {experts})" in output_of(result)
     if pp > 1:  # each stage holds its part of the decoder
-        last = "1 of 2: decoder layers 2–3" if pp == 2 else "3 of 4: decoder layers 3–3"
+        last = {"pp2xep2": "1 of 2: decoder layers 1–3", "tp2xpp2": "1 of 2: decoder layers 2–3",
+                "pp4": "3 of 4: decoder layers 3–3"}[layout]
         assert f"pipeline stage {last}, final norm and LM head" in output_of(result)
     if layout.endswith("+recompute"):  # the all-to-alls run again inside the backward
         assert "gradient checkpointing: LlamaForCausalLM recomputes each decoder layer" in output_of(result)

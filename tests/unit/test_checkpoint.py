@@ -267,9 +267,10 @@ def test_the_meta_device_model_ties_its_head_as_the_config_says(tied):
     assert model.get_input_embeddings().weight.is_meta
 
 
-@pytest.mark.parametrize("case,stages", [("llama_copy_tied", 2), ("llama_drop_upcycle", 3), ("qwen3_every_2", 4),
-                                         ("mixtral_adopted", 2)])
-def test_a_pipeline_stage_reads_only_its_own_tensors(case, stages, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case,stages,sizes", [("llama_copy_tied", 2, None), ("llama_drop_upcycle", 3, None),
+                                               ("qwen3_every_2", 4, None), ("mixtral_adopted", 2, None),
+                                               ("llama_copy_tied", 2, [3, 1]), ("qwen3_every_2", 3, [1, 1, 2])])
+def test_a_pipeline_stage_reads_only_its_own_tensors(case, stages, sizes, tmp_path, monkeypatch):
     """from_pretrained(stage=(s, P)) gives the stage split_model cuts from the whole loaded model (same tensors, the
     tied head as the last stage's buffer copy, the same layers and tie) and reads no other stage's tensor."""
     from switchyard.hf import checkpoint
@@ -285,13 +286,13 @@ def test_a_pipeline_stage_reads_only_its_own_tensors(case, stages, tmp_path, mon
 
     for s in range(stages):
         whole = sy.from_pretrained(tmp_path)
-        cut = split_model(whole, s, stages)
+        cut = split_model(whole, s, stages, sizes)
         monkeypatch.setattr(checkpoint, "_read_tensors", recording_read)
         read_keys.clear()
-        staged = sy.from_pretrained(tmp_path, stage=(s, stages))
+        staged = sy.from_pretrained(tmp_path, stage=(s, stages, sizes))
         monkeypatch.setattr(checkpoint, "_read_tensors", real_read)
 
-        assert split_model(staged, s, stages) == cut  # the cut it was read as, again
+        assert split_model(staged, s, stages, sizes) == cut  # the cut it was read as, again
         want, got = whole.state_dict(), staged.state_dict()
         assert set(got) == set(want), (s, set(got) ^ set(want))
         for key in want:
@@ -300,5 +301,6 @@ def test_a_pipeline_stage_reads_only_its_own_tensors(case, stages, tmp_path, mon
         assert not [k for k in read_keys if k.startswith(tuple(layers))], (s, read_keys)
         assert ("model.embed_tokens.weight" in read_keys) == (s == 0 or (cut[1] and s == stages - 1))
         assert ("model.norm.weight" in read_keys) == (s == stages - 1)
-    with pytest.raises(ValueError, match=r"pipeline stage 0 of 2 already; it cannot become stage 1 of 2"):
+    with pytest.raises(ValueError, match=r"pipeline stage 0 of 2 \(decoder layers 0–1\) already; it cannot become "
+                                         r"stage 1 of 2 \(layers 2–3\)"):
         split_model(sy.from_pretrained(tmp_path, stage=(0, 2)), 1, 2)

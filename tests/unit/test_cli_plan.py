@@ -196,3 +196,18 @@ def test_pp_with_tp_and_ep_takes_dp_and_edp_from_rank_layout(tmp_path, capsys):
     assert "stage 0 (decoder layers 0–1, input embedding)" in out
     assert "stage 1 (decoder layers 2–3, final norm and LM head)" in out
     assert "model states per rank of stage 1 (bf16" in out
+
+
+def test_pp_layers_chooses_each_stages_layers(tmp_path, capsys):
+    """--pp-layers (parallel.pp_layers): one layer on the first stage, with the embedding; three with the head."""
+    upcycled = _tiny_llama(tmp_path / "dense")
+    got = plan(capsys, *upcycled, "--world", "2", "--pp", "2", "--pp-layers", "1", "3")
+    layer = ATTENTION + NORMS + ROUTER + 4 * EXPERT
+    assert [(s["layers"], s["params_per_rank"]) for s in got["stages"]] == [
+        ([0], EMBEDDING + layer), ([1, 2, 3], 3 * layer + FINAL_NORM + HEAD)]
+    for argv, message in ((["--pp-layers", "2", "1"], "parallel.pp_layers=[2, 1] must give each of the 2 pipeline "
+                                                       "stages at least one decoder layer and sum to the model's 4"),
+                          (["--pp-layers", "4"], "--pp-layers 4 gives 1 stages' layer counts for --pp 2")):
+        assert main(["plan", *upcycled, "--world", "2", "--pp", "2", *argv, "--json"]) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and f"switchyard plan: error: {message}" in err, err

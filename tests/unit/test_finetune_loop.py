@@ -143,6 +143,17 @@ def test_a_resume_at_another_zero_stage_restarts_the_optimizer_state(tmp_path):
     assert older.same_layout(2, 2, 0) and older.same_layout(2, 2, 2)
 
 
+def test_a_resume_with_other_stage_sizes_restarts_the_optimizer_state(tmp_path):
+    """Each pipeline stage's optimizer partition holds its own layers: other parallel.pp_layers is another layout."""
+    point = checkpointing.ResumePoint(tmp_path, {"step": 4, "world_size": 2, "ep": 1, "zero_stage": 1, "pp": 2,
+                                                 "pp_layers": [2, 2]})
+    assert point.same_layout(2, 1, 1, pp=2, pp_layers=[2, 2])
+    assert point.layout_changes(2, 1, 1, pp=2, pp_layers=[1, 3]) == ["pp layers [2, 2] → [1, 3]"]
+    assert point.layout_changes(2, 1, 1, pp=1) == ["pp 2 → 1"]
+    older = checkpointing.ResumePoint(tmp_path, {"step": 4, "world_size": 2, "ep": 1, "zero_stage": 1, "pp": 2})
+    assert older.same_layout(2, 1, 1, pp=2, pp_layers=[2, 2])  # saved before the sizes were kept
+
+
 def _examples(batches, dp_size: int, steps: int) -> list[int]:
     """The example ids (first token) the data-parallel group trains on, step by step, rank 0's rows first."""
     seen = []

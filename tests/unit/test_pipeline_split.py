@@ -13,6 +13,7 @@ train mode, no dropout or jitter: deterministic). Switchyard-patched MoE models 
 from __future__ import annotations
 
 import copy
+import re
 from functools import partial
 from typing import Any
 
@@ -65,12 +66,12 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, mask, x.masked_fill(mask == 0, -100)
 
 
-def _split(model: nn.Module, stages: int) -> list[nn.Module]:
+def _split(model: nn.Module, stages: int, sizes: list[int] | None = None) -> list[nn.Module]:
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    ranges = stage_layer_ranges(model.config.num_hidden_layers, stages)
+    ranges = stage_layer_ranges(model.config.num_hidden_layers, stages, sizes)
     parts = [copy.deepcopy(model) for _ in range(stages)]
     for stage, part in enumerate(parts):
-        assert split_model(part, stage, stages) == (ranges[stage], tied)
+        assert split_model(part, stage, stages, sizes) == (ranges[stage], tied)
     return parts
 
 
@@ -248,6 +249,45 @@ def test_stage_ranges_are_contiguous_and_even(num_layers):
         sizes = [len(r) for r in ranges]
         assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
         assert sizes == sorted(sizes, reverse=True)  # the first stages take the extra layers
+
+
+@pytest.mark.parametrize("sizes", [[1, 3], [3, 1], [1, 2, 1]])
+def test_stages_of_chosen_sizes_reproduce_the_unsplit_model(sizes):
+    """parallel.pp_layers: the stages hold the layers asked for, and run as the unsplit model."""
+    model = build("llama", intermediate_size=48).train()
+    x, mask, labels = _batch()
+    ref, want = _reference(model, x, mask, labels)
+    parts = _split(model, len(sizes), sizes)
+    held = [[i for i, layer in enumerate(p.model.layers) if not isinstance(layer, SkippedLayer)] for p in parts]
+    assert [len(h) for h in held] == sizes and sum(held, []) == list(range(4))
+    outputs = _run(parts, x, mask, labels)
+    torch.testing.assert_close(outputs[-1].logits, want.logits, **TOL)
+    torch.testing.assert_close(outputs[-1].loss, want.loss, **TOL)
+    _assert_same_gradients(ref, parts)
+
+
+@pytest.mark.parametrize("sizes", [[2, 1], [4, 0], [1, 1, 2]])
+def test_chosen_stage_sizes_must_cover_the_layers_once(sizes):
+    """Too few layers, an empty stage, a count per stage for another number of stages: refused, naming the value."""
+    want = rf"parallel\.pp_layers={re.escape(str(sizes))} must give each of the 2 pipeline stages at least one " \
+           rf"decoder layer and sum to the model's 4 \(it sums to {sum(sizes)}\)"
+    with pytest.raises(ValueError, match=want):
+        stage_layer_ranges(4, 2, sizes)
+    model = build("llama", intermediate_size=48)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=want):
+        split_model(model, 0, 2, sizes)
+    assert model.state_dict().keys() == before.keys()
+    assert not any(isinstance(m, SkippedLayer) for m in model.modules())
+
+
+def test_a_cut_model_answers_for_its_cut_and_refuses_another():
+    model = build("llama", intermediate_size=48)
+    assert split_model(model, 0, 2, [1, 3]) == (range(0, 1), False)
+    assert split_model(model, 0, 2, [1, 3]) == (range(0, 1), False)
+    with pytest.raises(ValueError, match=r"stage 0 of 2 \(decoder layers 0–0\) already; it cannot become stage 0 of "
+                                         r"2 \(layers 0–1\)"):
+        split_model(model, 0, 2)
 
 
 def test_more_stages_than_layers_is_refused():

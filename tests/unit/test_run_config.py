@@ -257,3 +257,15 @@ def test_optimizer_param_groups_split_moe_groups_at_the_cap():
     assert [len(g["params"]) for g in capped] == [2, 2]
     with pytest.raises(ValueError, match="max_group_size=0"):
         optimizer_param_groups(model, 0.1, max_group_size=0)
+
+
+def test_pp_layers_needs_one_count_per_stage_and_pp_above_one():
+    assert load_run_config(TINY, ["parallel.pp=2", "parallel.pp_layers=[1, 3]"]).parallel.pp_layers == [1, 3]
+    for overrides, message in ((["parallel.pp=2", "parallel.pp_layers=[4]"], r"pp_layers=\[4\] must list one layer "
+                                r"count per pipeline stage, 2 of them"),
+                               (["parallel.pp_layers=[4]"], r"pp_layers=\[4\] divides the layers among pipeline "
+                                r"stages, but pp=1"),
+                               (["parallel.pp=2", "parallel.pp_layers=[0, 4]"], r"every pp_layers entry .* must be a "
+                                r"positive integer, got 0")):
+        with pytest.raises(ValueError, match=message):
+            load_run_config(TINY, overrides)

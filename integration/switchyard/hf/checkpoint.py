@@ -150,12 +150,12 @@ def _parse_size(size: int | str) -> int:
 
 
 # -- saving ---------------------------------------------------------------------------------------------
-def _gather(value: Any) -> list[Any]:
+def _gather(value: Any, group: "dist.ProcessGroup | None" = None) -> list[Any]:
     """Every rank's ``value`` (small: key→file maps), or ``[value]`` in one process."""
     if not _distributed():
         return [value]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=group)
     return out
 
 
@@ -320,10 +320,10 @@ def _swap(out: Path, staging: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def agree(error: BaseException | None, what: str) -> None:
+def agree(error: BaseException | None, what: str, group: "dist.ProcessGroup | None" = None) -> None:
     """Raise on every rank if any rank failed ``what``: a rank raising alone would leave its peers blocked in
-    the next collective. Collective: every rank calls it, with its own error or None."""
-    failures = _gather(None if error is None else f"{type(error).__name__}: {error}")
+    the next collective. Collective: every rank (of ``group``, default all) calls it, with its own error or None."""
+    failures = _gather(None if error is None else f"{type(error).__name__}: {error}", group)
     if error is not None:
         raise error
     failed = [(r, msg) for r, msg in enumerate(failures) if msg]
@@ -602,11 +602,12 @@ def _read_tensors(path: Path, plan: dict[str, list[tuple[str, str]]], wanted: di
 
 
 def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = None, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None, stage: tuple[int, int] | None = None) -> nn.Module:
+                    device: torch.device | str | None = None, stage: tuple | None = None) -> nn.Module:
     """Rebuild a model saved by ``save_pretrained`` at any EP size; each rank reads only its experts.
 
-    ``stage=(index, count)``: build and read pipeline stage ``index`` of ``count`` only, the model
-    ``switchyard.train.pipeline.split_model`` would cut from the whole one (the other stages' tensors are not read).
+    ``stage=(index, count)`` or ``(index, count, layers per stage)``: build and read that pipeline stage only, the
+    model ``switchyard.train.pipeline.split_model`` would cut from the whole one (the other stages' tensors are not
+    read).
 
     The model's class is the one config.json's ``architectures`` names (``AutoModelForCausalLM`` if none);
     ``dtype`` defaults to the one in config.json; ``device`` to CPU. Returns the model in eval mode.
@@ -620,7 +621,7 @@ def from_pretrained(path: str | Path, groups: "ProcessGroupManager | None" = Non
 
 
 def _load(path: Path, groups: "ProcessGroupManager | None", dtype: torch.dtype | None,
-          device: torch.device | str | None, stage: tuple[int, int] | None = None) -> nn.Module:
+          device: torch.device | str | None, stage: tuple | None = None) -> nn.Module:
     from transformers import AutoConfig, GenerationConfig
 
     from switchyard.train.pipeline import SPLIT_ATTR, split_model

@@ -60,26 +60,29 @@ class ResumePoint:
         return int(self.meta["step"])
 
     def layout_changes(self, world_size: int, ep: int, zero_stage: int, optimizer: str | None = None,
-                       tp: int = 1, etp: int | None = None, pp: int = 1) -> list[str]:
+                       tp: int = 1, etp: int | None = None, pp: int = 1, pp_layers: list[int] | None = None
+                       ) -> list[str]:
         """What differs from the layout the engine state was saved under, as ``name old → new``; any difference
         means reshard the weights and restart the optimizer. ``optimizer`` is the engine's optimizer class (its
         state dict's format: ZeRO-0 fp32 steps torch's optimizer, ZeRO-0 bf16 a DeepSpeed wrapper, and neither
         loads the other's). A value a checkpoint from before it was recorded lacks counts as the same."""
         # etp: which experts (whole, or one FFN slice) a rank's optimizer partition holds; recorded since tp was
+        # pp layers: each stage's decoder layers (None at pp = 1), which set what a stage's optimizer partition holds
         now = {"world": world_size, "ep": ep, "tp": tp, "etp": tp if etp is None else etp, "pp": pp,
-               "ZeRO stage": zero_stage, "optimizer": optimizer}
+               "pp layers": pp_layers, "ZeRO stage": zero_stage, "optimizer": optimizer}
         saved_tp = self.meta.get("tp", 1)
         saved = {"world": self.meta.get("world_size"), "ep": self.meta.get("ep"), "tp": saved_tp,
                  "etp": self.meta.get("etp", saved_tp), "pp": self.meta.get("pp", 1),
+                 "pp layers": self.meta.get("pp_layers", pp_layers),
                  "ZeRO stage": self.meta.get("zero_stage", zero_stage),
                  "optimizer": self.meta.get("engine_optimizer", optimizer)}
         return [f"{k} {saved[k]} → {now[k]}" for k in now if now[k] is not None and saved[k] != now[k]]
 
     def same_layout(self, world_size: int, ep: int, zero_stage: int, optimizer: str | None = None,
-                    tp: int = 1, etp: int | None = None, pp: int = 1) -> bool:
+                    tp: int = 1, etp: int | None = None, pp: int = 1, pp_layers: list[int] | None = None) -> bool:
         """Whether the engine state (partitioned by ZeRO over this layout) loads as saved; else reshard the
         weights and restart the optimizer."""
-        return not self.layout_changes(world_size, ep, zero_stage, optimizer, tp, etp, pp)
+        return not self.layout_changes(world_size, ep, zero_stage, optimizer, tp, etp, pp, pp_layers)
 
 
 def step_of(path: Path) -> int:

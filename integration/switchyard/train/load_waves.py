@@ -9,8 +9,9 @@ the ranks of a node take turns, ``at_once`` at a time; a wave starts when the pr
 
     at_once = (available − ranks_per_node · kept) // loaded      (at least 1, at most ranks_per_node)
 
-``loaded`` is the model as transformers loads it and ``kept`` a rank's patched share, both counted on the meta
-device at the load dtype. A switchyard checkpoint is not loaded in waves: each rank reads only its own experts.
+``loaded`` is the model as transformers loads it and ``kept`` a rank's patched share (of its pipeline stage and
+tensor-parallel shard, which the fine-tune cuts inside the wave), both counted on the meta device at the load dtype.
+A switchyard checkpoint is not loaded in waves: each rank reads only its own experts and pipeline stage.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from switchyard.hf.checkpoint import agree
 from switchyard.log import get_logger
 
 log = get_logger(__name__)
@@ -87,7 +89,8 @@ def _available_host_bytes() -> int:
 
 def load_in_waves(load: Callable[[], T], footprint: Callable[[], LoadFootprint], at_once: int | None = None) -> T:
     """``load()`` on every rank, ``at_once`` ranks of each node at a time (None: sized from the free host memory,
-    see the module doc). A failure on any rank raises on every rank at the end of its wave. Collective."""
+    see the module doc). A failure on any rank raises on every rank at the end of its wave (its own error there, a
+    ``CheckpointError`` naming it on the others). Collective."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return load()
     group = patient_group()
@@ -116,12 +119,5 @@ def load_in_waves(load: Callable[[], T], footprint: Callable[[], LoadFootprint],
                 result = load()
             except Exception as err:  # noqa: BLE001 - raised again below, after every rank has heard of it
                 error = err
-        failures: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}", group=group)
-        if error is not None:
-            raise error
-        failed = [(rank, message) for rank, message in enumerate(failures) if message]
-        if failed:
-            rank, message = failed[0]
-            raise RuntimeError(f"loading the model failed on rank {rank}: {message}")
+        agree(error, "loading the model", group)
     return result  # type: ignore[return-value]

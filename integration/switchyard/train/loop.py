@@ -236,7 +236,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         whole = model if getattr(model, SPLIT_ATTR, None) is None else planned_run_model(config, str(
             resume.path / "model" if resume else source))
         matmul_params = _matmul_params(whole)
-        pipeline = PipelineStage(model, groups) if groups.size("pp") > 1 else None
+        pipeline = PipelineStage(model, groups, config.parallel.pp_layers) if groups.size("pp") > 1 else None
         apply_tensor_parallel(model, groups)
 
     model, tokenizer = load_model(config, groups, source, from_checkpoint=resume.path / "model" if resume else None,
@@ -268,7 +268,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     schedule_at_start = copy.deepcopy(engine.lr_scheduler.state_dict())  # this run's lr and schedule, step 0
     engine_optimizer = type(engine.optimizer).__name__  # its state dict's format
     if resume is not None:
-        _resume_engine(engine, resume, world, groups, stage, engine_optimizer)
+        _resume_engine(engine, resume, world, groups, stage, engine_optimizer, pipeline)
         _replay_schedule(engine.lr_scheduler, schedule_at_start, start_step)
         _log_data_position(resume, batches, steps)
 
@@ -281,7 +281,8 @@ def train(config: RunConfig) -> dict[str, Any]:
         log.warning("%s's loss ignores num_items_in_batch: each micro-batch's LM loss is its own per-token mean, "
                     "weighted equally (a micro-batch without loss tokens gives NaN)", type(model).__name__, ranks=[0])
     meta = {"world_size": world, "ep": groups.size("ep"), "tp": groups.size("tp"), "etp": groups.size("etp"),
-            "pp": groups.size("pp"), "dp": dp_size, "zero_stage": stage,
+            "pp": groups.size("pp"), "pp_layers": pipeline.sizes if pipeline else None, "dp": dp_size,
+            "zero_stage": stage,
             "engine_optimizer": engine_optimizer, "config": config.to_dict()}
     history: list[float] = []
     last_eval: dict[str, float] = {}
@@ -414,13 +415,13 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
-def _resume_engine(engine, resume, world: int, groups, stage: int, engine_optimizer: str) -> None:
+def _resume_engine(engine, resume, world: int, groups, stage: int, engine_optimizer: str, pipeline=None) -> None:
     """Load the checkpoint's optimizer state, counters and RNG where its layout is this run's; else say what
     restarts. The weights came from the checkpoint's safetensors either way (any layout reads them)."""
     from switchyard.train import checkpointing
 
     changes = resume.layout_changes(world, groups.size("ep"), stage, engine_optimizer, groups.size("tp"),
-                                    groups.size("etp"), groups.size("pp"))
+                                    groups.size("etp"), groups.size("pp"), pipeline.sizes if pipeline else None)
     if not changes:
         checkpointing.load_engine_state(engine, resume.path / "engine", dist.get_rank(), groups.rank("dp"),
                                         groups.size("dp"))

@@ -80,7 +80,8 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or source)
     cut = after_load or (lambda model: None)
     # a switchyard checkpoint: each rank reads its experts, and of a pipeline its stage only
-    stage = (groups.rank("pp"), groups.size("pp")) if groups is not None and groups.size("pp") > 1 else None
+    stage = (groups.rank("pp"), groups.size("pp"), config.parallel.pp_layers) \
+        if groups is not None and groups.size("pp") > 1 else None
     if from_checkpoint is not None:
         log.info("loading model weights from %s (resharded to ep=%d)", from_checkpoint, groups.size("ep"), ranks=[0])
         model = sy.from_pretrained(from_checkpoint, groups=groups, stage=stage)
@@ -146,7 +147,7 @@ def load_footprint(config: RunConfig, source: str, world: int = 1, ep: int = 1, 
     loaded = sum(p.numel() for p in empty_model(AutoConfig.from_pretrained(source)).parameters())
     try:
         kept = plan_numbers(planned_run_model(config, source), world=world, ep=ep, precision=config.train.precision,
-                            tp=tp, etp=etp, pp=pp)["params_per_rank"]
+                            tp=tp, etp=etp, pp=pp, pp_layers=config.parallel.pp_layers)["params_per_rank"]
     except ValueError as err:  # patched by module names (moe.targets / moe.adapter): the plan cannot say how
         log.info("sizing the load without the patched model (%s): a rank's share counted as the whole model", err,
                  ranks=[0])
@@ -181,7 +182,7 @@ def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int
     from switchyard.train.pipeline import check_pipeline_model
 
     model = planned_run_model(config, source)
-    check_pipeline_model(model, pp)
+    check_pipeline_model(model, pp, config.parallel.pp_layers)
     if tp > 1:
         tensor_parallel_shards(model, tp, etp)
 

@@ -19,7 +19,7 @@ because the gradient received carries the 1 / grad_accum already.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -38,15 +38,21 @@ log = get_logger(__name__)
 PIPELINE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
 
 
-def stage_layer_ranges(num_layers: int, stages: int) -> list[range]:
-    """Contiguous decoder layers per stage, as even as the count allows (the first stages take one more)."""
-    if num_layers < stages:
+def stage_layer_ranges(num_layers: int, stages: int, sizes: Sequence[int] | None = None) -> list[range]:
+    """Contiguous decoder layers per stage: ``sizes`` of them (``parallel.pp_layers``), or as even as the count
+    allows (the first stages take one more)."""
+    if sizes is not None:
+        if len(sizes) != stages or sum(sizes) != num_layers or min(sizes) < 1:
+            raise ValueError(f"parallel.pp_layers={list(sizes)} must give each of the {stages} pipeline stages at least "
+                             f"one decoder layer and sum to the model's {num_layers} (it sums to {sum(sizes)})")
+    elif num_layers < stages:
         raise ValueError(f"parallel.pp={stages} but the model has {num_layers} decoder layers; every pipeline stage "
                          f"needs at least one: use parallel.pp ≤ {num_layers}")
-    per, extra = divmod(num_layers, stages)
+    else:
+        per, extra = divmod(num_layers, stages)
+        sizes = [per + (1 if stage < extra else 0) for stage in range(stages)]
     ranges, start = [], 0
-    for stage in range(stages):
-        size = per + (1 if stage < extra else 0)
+    for size in sizes:
         ranges.append(range(start, start + size))
         start += size
     return ranges
@@ -98,7 +104,7 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     raise ValueError(f"{type(old).__name__} is not a submodule of {type(model).__name__}")
 
 
-def check_pipeline_model(model: nn.Module, stages: int) -> None:
+def check_pipeline_model(model: nn.Module, stages: int, sizes: Sequence[int] | None = None) -> None:
     """Refuse a model the stages cannot split, before anything is changed. The same on every rank (it reads the
     config only), so every rank raises it."""
     if stages == 1:
@@ -108,13 +114,13 @@ def check_pipeline_model(model: nn.Module, stages: int) -> None:
     if model_type not in PIPELINE_MODEL_TYPES:
         raise ValueError(f"parallel.pp={stages}: pipeline stages are implemented for model types "
                          f"{sorted(PIPELINE_MODEL_TYPES)}, not {model_type!r}; use parallel.pp=1")
-    stage_layer_ranges(len(_decoder(model).layers), stages)
+    stage_layer_ranges(len(_decoder(model).layers), stages, sizes)
 
 
 SPLIT_ATTR = "_switchyard_pipeline_stage"  # (stage, stages, its layers, tied) on a model split_model has cut
 
 
-def split_model(model: nn.Module, stage: int, stages: int) -> tuple[range, bool]:
+def split_model(model: nn.Module, stage: int, stages: int, sizes: Sequence[int] | None = None) -> tuple[range, bool]:
     """Keep stage ``stage`` of ``stages`` in ``model`` (in place); returns its decoder layers' indices and whether
     the LM head is tied to the input embedding. Tied: the first stage owns the weight (a parameter, stepped by
     its optimizer); the last stage's head holds a copy as a buffer, which ``PipelineStage`` refreshes after every
@@ -124,15 +130,17 @@ def split_model(model: nn.Module, stage: int, stages: int) -> tuple[range, bool]
 
     done = getattr(model, SPLIT_ATTR, None)
     if done is not None:  # already cut (from_pretrained reads a stage only): the same cut again is that one
-        if done[:2] != (stage, stages):
-            raise ValueError(f"the model is pipeline stage {done[0]} of {done[1]} already; it cannot become stage "
-                             f"{stage} of {stages}: load the whole model for that")
+        wanted = stage_layer_ranges(len(_decoder(model).layers), stages, sizes)[stage]
+        if done[:3] != (stage, stages, wanted):
+            raise ValueError(f"the model is pipeline stage {done[0]} of {done[1]} (decoder layers {done[2].start}–"
+                             f"{done[2].stop - 1}) already; it cannot become stage {stage} of {stages} (layers "
+                             f"{wanted.start}–{wanted.stop - 1}): load the whole model for that")
         return done[2], done[3]
-    check_pipeline_model(model, stages)
+    check_pipeline_model(model, stages, sizes)
     decoder = _decoder(model)
     if stages == 1:  # the whole model: nothing to split (a tied head stays tied)
         return range(len(decoder.layers)), False
-    ranges = stage_layer_ranges(len(decoder.layers), stages)
+    ranges = stage_layer_ranges(len(decoder.layers), stages, sizes)
     holder = {i: s for s, r in enumerate(ranges) for i in r}
     all_moe = len(moe_layers(model))
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -167,12 +175,14 @@ class MicroResult(NamedTuple):
 class PipelineStage:
     """This rank's stage: its layers, its neighbours in the pipeline group, the 1F1B schedule."""
 
-    def __init__(self, model: nn.Module, groups: "ProcessGroupManager") -> None:
+    def __init__(self, model: nn.Module, groups: "ProcessGroupManager", sizes: Sequence[int] | None = None) -> None:
         self.index, self.count = groups.rank("pp"), groups.size("pp")
         ranks = groups.ranks("pp")
         self.prev_rank = ranks[self.index - 1] if self.index > 0 else None
         self.next_rank = ranks[self.index + 1] if self.index < self.count - 1 else None
-        self.layers, self.tied = split_model(model, self.index, self.count)
+        self.layers, self.tied = split_model(model, self.index, self.count, sizes)
+        # every stage's layer count (recorded with checkpoints: another split is another optimizer partition)
+        self.sizes = [len(r) for r in stage_layer_ranges(len(_decoder(model).layers), self.count, sizes)]
         self.hidden_size = model.config.hidden_size
         # tied LM head: the first stage's embedding weight and the last stage's copy of it, and each one's peer
         self._embedding = model.get_input_embeddings() if self.tied and self.first else None

@@ -62,3 +62,17 @@ def test_a_bf16_run_loads_the_source_in_bf16_with_the_values_the_engines_cast_gi
     # a rank of two pipeline stages keeps its stage only (the heaviest stage's share)
     staged = load_footprint(bf16_config, source, world=2, pp=2)
     assert staged.loaded_bytes == bf16_size.loaded_bytes and staged.kept_bytes < bf16_size.kept_bytes
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_before_any_weight_is_read(tmp_path):
+    """Token ids past the embedding crash the first batch that holds one, deep inside the model: refused up front."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from switchyard.train.model_source import load_model, resolve_source
+
+    config = load_run_config(TINY, ["parallel.ep=1"])
+    tiny = resolve_source(config)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path)  # 2048 tokens
+    AutoConfig.from_pretrained(tiny, vocab_size=300).save_pretrained(tmp_path)  # and no weights at all
+    with pytest.raises(ValueError, match=r"has 2048 tokens but .* embeds 300 \(config.json vocab_size\): ids ≥ 300"):
+        load_model(config, None, str(tmp_path))

@@ -269,3 +269,16 @@ def test_pp_layers_needs_one_count_per_stage_and_pp_above_one():
                                 r"positive integer, got 0")):
         with pytest.raises(ValueError, match=message):
             load_run_config(TINY, overrides)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "finetune").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_run_config_is_valid_at_its_smallest_world(path):
+    """The example configs (adopt an HF MoE, upcycle a hub model) carry hub ids that CI cannot fetch: their keys,
+    types, batch arithmetic and DeepSpeed JSON are checked here, as the launcher checks them before any download."""
+    import math
+
+    config = load_run_config(path)
+    p = config.parallel
+    world = p.tp * p.pp * (math.lcm(p.tp, p.ep * p.etp) // p.tp)  # the fewest ranks whose dp the ep group divides
+    assert config.check_world(world)["dp"] * p.tp * p.pp == world
+    assert config.deepspeed_config(world)["bf16"]["enabled"] == (config.train.precision == "bf16")

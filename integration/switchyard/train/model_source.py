@@ -78,6 +78,8 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
 
     recover_interrupted_save(source)  # a killed re-save leaves a checkpoint aside: put it back before reading
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or source)
+    check_vocabulary(tokenizer, AutoConfig.from_pretrained(from_checkpoint or source), config.model.tokenizer or source,
+                     str(from_checkpoint or source))
     cut = after_load or (lambda model: None)
     # a switchyard checkpoint: each rank reads its experts, and of a pipeline its stage only
     stage = (groups.rank("pp"), groups.size("pp"), config.parallel.pp_layers) \
@@ -104,6 +106,19 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
 
     model = load_in_waves(load, lambda: load_footprint(config, source, **sizes), config.model.load_ranks_at_once)
     return model, tokenizer
+
+
+def check_vocabulary(tokenizer, hf_config, tokenizer_source: str, model_source: str) -> None:
+    """A tokenizer with more token ids than the model has embedding rows would crash the first batch holding one
+    (an ``IndexError`` deep in the embedding); refuse it before any weight is read."""
+    rows = getattr(getattr(hf_config, "get_text_config", lambda: hf_config)(), "vocab_size", None)
+    if rows is not None and len(tokenizer) > rows:
+        own = "use the model's own tokenizer (leave model.tokenizer unset), or " if tokenizer_source != model_source \
+            else ""
+        raise ValueError(f"the tokenizer of {tokenizer_source!r} has {len(tokenizer)} tokens but {model_source!r} "
+                         f"embeds {rows} (config.json vocab_size): ids ≥ {rows} would index past its embedding; "
+                         f"{own}resize the model's embeddings to the tokenizer (model.resize_token_embeddings) and save "
+                         "it first")
 
 
 def has_moe_blocks(model: nn.Module) -> bool:

@@ -197,12 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (no --config was given: start from --config configs/finetune/tiny.yaml)" if bare else ""
         print(f"finetune: config error: {err}{hint}", file=sys.stderr, flush=True)
         return 2
+    from switchyard.parallel.manager import release_shm_allreduce_buffer
+
     try:
         check_hub_sources(config)
         summary = train(config)
     except ValueError as err:  # a user mistake found while building (the checkpoint to resume, the model, the data)
         print(f"finetune: error: {err}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        release_shm_allreduce_buffer()
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

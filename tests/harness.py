@@ -206,7 +206,8 @@ def run_deepspeed_launcher(
     launcher = Path(sys.executable).with_name("deepspeed")
     from switchyard.parallel.ports import free_port
 
-    command = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script)]
+    port = free_port()
+    command = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(port), str(script)]
     command += script_args or []
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
@@ -220,4 +221,5 @@ def run_deepspeed_launcher(
         out, _ = proc.communicate()
         raise AssertionError(f"{' '.join(command)} did not finish within {timeout_s:.0f}s:\n{out[-6000:]}")
     result = subprocess.CompletedProcess(command, proc.returncode, out, "")
+    result.master_port = port  # names the run's DeepSpeed /dev/shm segments (deepspeed_allreduce_buffer_*_<port>_<rank>)
     return result

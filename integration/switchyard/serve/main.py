@@ -128,6 +128,9 @@ def _destroy_process_group(code: int, timeout_s: float = 30.0) -> None:
     """Tear the groups down, but never let a stuck communicator keep a finished rank alive."""
     import torch.distributed as dist
 
+    from switchyard.parallel.manager import release_shm_allreduce_buffer
+
+    release_shm_allreduce_buffer()  # CPU ranks: DeepSpeed never unlinks its all-reduce segment
     if not dist.is_initialized():
         return
     done = threading.Event()

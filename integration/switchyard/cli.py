@@ -420,6 +420,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model = planned_model(args)
     numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp, pp=args.pp,
                            pp_layers=args.pp_layers)
+    numbers.update(_host_load(args, numbers))
     if args.json:
         print(json.dumps(numbers))
         return 0
@@ -441,7 +442,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     of_stage = f" of stage {n['heaviest_stage']}" if pp > 1 else ""
     print(f"model states per rank{of_stage} ({n['precision']}, Adam; activations not included): ZeRO-0 "
           f"{states['zero0']} GiB, ZeRO-1 {states['zero1']} GiB, ZeRO-2 {states['zero2']} GiB")
+    if "host_load_gib" in n:
+        load = n["host_load_gib"]
+        print(f"host memory to load this HF model ({n['precision']}): {load['loaded']} GiB on each loading rank, "
+              f"then {load['kept_per_rank']} GiB kept per rank until the engine moves it to its device; the "
+              "fine-tune's ranks load in waves that fit the free memory (model.load_ranks_at_once)")
     return 0
+
+
+def _host_load(args: argparse.Namespace, numbers: dict[str, Any]) -> dict[str, Any]:
+    """An HF source's host memory at load (docs/finetune.md, "Loading the model"): every loading rank holds the whole
+    model as transformers loads it, at the training precision, then keeps its share (``params_per_rank``). A
+    switchyard checkpoint is read by share: nothing to add."""
+    from switchyard.hf.checkpoint import CONFIG_KEY, empty_model
+
+    config = model_config(args.model)
+    if getattr(config, CONFIG_KEY, None):
+        return {}
+    itemsize, gib = (2 if args.precision == "bf16" else 4), 1 << 30
+    loaded = sum(p.numel() for p in empty_model(config).parameters())
+    return {"host_load_gib": {"loaded": round(loaded * itemsize / gib, 3),
+                              "kept_per_rank": round(numbers["params_per_rank"] * itemsize / gib, 3)}}
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {

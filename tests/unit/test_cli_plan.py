@@ -76,7 +76,9 @@ def test_a_switchyard_checkpoint_is_planned_as_recorded(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path / "ckpt"), "--num-experts", "8", "--world", "2"]) == 2
     assert "already MoE" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path / "ckpt"), "--world", "2", "--ep", "2"]) == 0
-    assert "each rank holds 2 experts per layer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "each rank holds 2 experts per layer" in out
+    assert "host_load_gib" not in got and "host memory to load" not in out  # read by share, never whole
 
 
 def test_tp_splits_what_tensor_parallelism_shards_and_is_refused_as_the_launcher_refuses_it(tmp_path, capsys):
@@ -211,3 +213,15 @@ def test_pp_layers_chooses_each_stages_layers(tmp_path, capsys):
         assert main(["plan", *upcycled, "--world", "2", "--pp", "2", *argv, "--json"]) == 2, argv
         out, err = capsys.readouterr()
         assert out == "" and f"switchyard plan: error: {message}" in err, err
+
+
+def test_an_hf_source_shows_the_host_memory_of_its_load(tmp_path, capsys):
+    """Each loading rank holds the dense model whole at the training precision, then keeps its share."""
+    upcycled = _tiny_llama(tmp_path / "dense")
+    dense = EMBEDDING + HEAD + 4 * (ATTENTION + 2 * 64 + 3 * 64 * 96) + FINAL_NORM
+    for precision, itemsize in (("fp32", 4), ("bf16", 2)):
+        got = plan(capsys, *upcycled, "--world", "4", "--pp", "2", "--ep", "2", "--precision", precision)
+        assert got["host_load_gib"] == {"loaded": round(dense * itemsize / GIB, 3),
+                                        "kept_per_rank": round(got["params_per_rank"] * itemsize / GIB, 3)}
+    assert main(["plan", *upcycled, "--world", "4", "--pp", "2", "--ep", "2"]) == 0
+    assert "host memory to load this HF model (bf16): " in capsys.readouterr().out

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 import switchyard as sy
 from switchyard.hf.patch import router_loss_parts
-from switchyard.train.pipeline import (PIPELINE_MODEL_TYPES, HeldElsewhere, SkippedLayer, check_pipeline_model,
-                                       split_model, stage_layer_ranges)
+from switchyard.train.pipeline import (PIPELINE_MODEL_TYPES, HeldElsewhere, SkippedLayer,
+                                       check_inputs_embeds_pass_through, check_pipeline_model, split_model,
+                                       stage_layer_ranges)
 
 from test_patch import MOE_MODELS
 from tiny_models import build, build_moe, ids
@@ -54,6 +55,19 @@ MODELS = {
     "qwen3": partial(build, "qwen3", intermediate_size=48, head_dim=8, use_sliding_window=True, sliding_window=3,
                      max_window_layers=2),
     **{model_type: partial(_adopted, model_type) for model_type in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")},
+    # heads untied (their configs tie by default): the tied head has a test of its own below
+    "gemma2": partial(build, "gemma2", intermediate_size=48, head_dim=8, tie_word_embeddings=False),
+    "gemma3_text": partial(build, "gemma3_text", intermediate_size=48, head_dim=8, tie_word_embeddings=False,
+                           sliding_window=3),
+    "phi3": partial(build, "phi3", intermediate_size=48, pad_token_id=0),
+    "cohere": partial(build, "cohere", intermediate_size=48, tie_word_embeddings=False),
+    "olmo": partial(build, "olmo", intermediate_size=48),
+    "olmo2": partial(build, "olmo2", intermediate_size=48),
+    "olmo3": partial(build, "olmo3", intermediate_size=48),
+    "stablelm": partial(build, "stablelm", intermediate_size=48),
+    "starcoder2": partial(build, "starcoder2", intermediate_size=48, tie_word_embeddings=False),
+    "ernie4_5": partial(build, "ernie4_5", intermediate_size=48, head_dim=8, tie_word_embeddings=False),
+    "helium": partial(build, "helium", intermediate_size=48, head_dim=8, tie_word_embeddings=False),
 }
 
 
@@ -300,16 +314,36 @@ def test_more_stages_than_layers_is_refused():
 
 
 def test_a_model_type_not_known_to_split_is_refused_before_anything_changes():
-    # Gemma scales its embeddings inside the decoder: a later stage would scale its input again
-    model = build("gemma", intermediate_size=48, head_dim=8)
+    # Granite multiplies its embeddings inside the decoder: a later stage would scale its input again
+    model = build("granite", intermediate_size=48, embedding_multiplier=12.0)
     check_pipeline_model(model, 1)  # one stage: nothing to split
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"parallel\.pp=2: .* not 'gemma'; use parallel\.pp=1"):
+    with pytest.raises(ValueError, match=r"parallel\.pp=2: .* not 'granite'; use parallel\.pp=1"):
         check_pipeline_model(model, 2)
-    with pytest.raises(ValueError, match="not 'gemma'"):
+    with pytest.raises(ValueError, match="not 'granite'"):
         split_model(model, 1, 2)
     assert not any(isinstance(m, (SkippedLayer, HeldElsewhere, nn.Identity)) for m in model.modules())
     assert model.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_the_installed_transformers_passes_inputs_embeds_through_every_listed_decoder(model_type):
+    model = MODELS[model_type]().train()
+    modes = [m.training for m in model.modules()]
+    check_inputs_embeds_pass_through(model)
+    assert [m.training for m in model.modules()] == modes  # the probe ran in eval mode and put the modes back
+
+
+def test_a_decoder_that_changes_inputs_embeds_is_refused_by_the_run_time_probe():
+    """What PipelineStage checks on the installed transformers: Granite's embedding_multiplier, here past the type
+    list, is caught by the probe, and the model is left as it was."""
+    model = build("granite", intermediate_size=48, embedding_multiplier=12.0)
+    before = [type(layer) for layer in model.model.layers], type(model.model.norm)
+    with pytest.raises(ValueError, match=r"GraniteForCausalLM's decoder changes inputs_embeds before its first layer "
+                                         r"\(transformers .*\).*use parallel\.pp=1"):
+        check_inputs_embeds_pass_through(model)
+    assert ([type(layer) for layer in model.model.layers], type(model.model.norm)) == before
+    check_inputs_embeds_pass_through(build("granite", intermediate_size=48))  # a multiplier of 1 changes nothing
 
 
 def test_one_stage_leaves_the_model_whole_and_a_tied_head_tied():

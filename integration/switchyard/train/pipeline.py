@@ -33,9 +33,15 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 # Model types whose decoder hands ``inputs_embeds`` to the first layer unchanged and whose layers take and return
-# the hidden state alone (tests/unit/test_pipeline_split.py checks each against the unsplit model). Gemma scales
-# the embeddings inside the decoder, Granite multiplies them, so a later stage would scale its input again.
-PIPELINE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
+# the hidden state alone (tests/unit/test_pipeline_split.py checks each against the unsplit model). Granite multiplies
+# the embeddings inside the decoder (embedding_multiplier), so a later stage would scale its input again; so did
+# Gemma's decoder before transformers moved the scale into the embedding module. ``PipelineStage`` checks the
+# installed transformers at run time (``check_inputs_embeds_pass_through``).
+PIPELINE_MODEL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+    # their embeddings scale inside the embedding module (transformers 5.2x), not in the decoder
+    "gemma2", "gemma3_text", "phi3", "cohere", "olmo", "olmo2", "olmo3", "stablelm", "starcoder2", "ernie4_5", "helium",
+})
 
 
 def stage_layer_ranges(num_layers: int, stages: int, sizes: Sequence[int] | None = None) -> list[range]:
@@ -163,6 +169,36 @@ def split_model(model: nn.Module, stage: int, stages: int, sizes: Sequence[int] 
     return ranges[stage], tied
 
 
+def check_inputs_embeds_pass_through(model: nn.Module) -> None:
+    """A later stage takes its input as ``inputs_embeds``: the decoder must hand them to its first layer unchanged.
+    Checked on the installed transformers by running the decoder on a probe with every layer passed through and
+    the norm off (a decoder that scales its embeddings would apply that again on every stage). Restores the model;
+    a model on the meta device is not probed."""
+    decoder = _decoder(model)
+    param = next(decoder.parameters(), None)
+    if param is None or param.is_meta:
+        return
+    layers, norm = decoder.layers, decoder.norm
+    probe = torch.randn(1, 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(param)
+    modes = {module: module.training for module in decoder.modules()}
+    decoder.layers = nn.ModuleList(SkippedLayer(layer, 0) for layer in layers)
+    decoder.norm = nn.Identity()
+    try:
+        with torch.no_grad():
+            out = decoder.eval()(inputs_embeds=probe, use_cache=False)  # eval: no embedding dropout in the probe
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+        for module, training in modes.items():
+            module.training = training
+    got = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    if not torch.equal(got, probe):
+        import transformers
+
+        raise ValueError(f"parallel.pp > 1: {type(model).__name__}'s decoder changes inputs_embeds before its first "
+                         f"layer (transformers {transformers.__version__}), so every later pipeline stage would change "
+                         "its input again; use parallel.pp=1 for this model")
+
+
 class MicroResult(NamedTuple):
     """One micro-batch's losses on this rank (detached, on device): LM loss (0 on a stage before the last), router
     loss (a pipeline stage's share), and the router loss per kind (``router_loss_parts``)."""
@@ -181,6 +217,7 @@ class PipelineStage:
         self.prev_rank = ranks[self.index - 1] if self.index > 0 else None
         self.next_rank = ranks[self.index + 1] if self.index < self.count - 1 else None
         self.layers, self.tied = split_model(model, self.index, self.count, sizes)
+        check_inputs_embeds_pass_through(model)
         # every stage's layer count (recorded with checkpoints: another split is another optimizer partition)
         self.sizes = [len(r) for r in stage_layer_ranges(len(_decoder(model).layers), self.count, sizes)]
         self.hidden_size = model.config.hidden_size

@@ -55,6 +55,12 @@ MODELS = {
     "qwen3": partial(build, "qwen3", intermediate_size=48, head_dim=8, use_sliding_window=True, sliding_window=3,
                      max_window_layers=2),
     **{model_type: partial(_adopted, model_type) for model_type in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")},
+    # MLA attention (as many KV heads as heads), group-limited routing, a shared expert, a dense first layer
+    "deepseek_v3": lambda: sy.patch_model(build_moe(
+        "deepseek_v3", intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1, head_dim=None, num_key_value_heads=4,
+        q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8),
+        overrides=ROUTER_LOSSES),
     # heads untied (their configs tie by default): the tied head has a test of its own below
     "gemma2": partial(build, "gemma2", intermediate_size=48, head_dim=8, tie_word_embeddings=False),
     "gemma3_text": partial(build, "gemma3_text", intermediate_size=48, head_dim=8, tie_word_embeddings=False,
@@ -164,7 +170,8 @@ def test_stages_reproduce_the_unsplit_model(model_type, stages):
     shares = [_aux(out) for out in outputs]
     torch.testing.assert_close(sum(shares), _aux(want), **TOL)
     torch.testing.assert_close(outputs[-1].loss - shares[-1], want.loss - _aux(want), **TOL)
-    assert (want.get("aux_loss") is not None) == (model_type in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe"))
+    assert (want.get("aux_loss") is not None) == (model_type in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
+                                                                 "deepseek_v3"))
     _assert_same_gradients(ref, parts)
 
 

@@ -248,9 +248,8 @@ def _fractions_on_rank() -> dict:
     micro_batches = [([2, 0], 0), ([1, 1], 0)] if rank == 0 else [([0, 1], 1), ([0, 1], 1)]
     for kept, dropped in micro_batches:
         load.add("layer", torch.tensor(kept), torch.tensor(dropped), 2)
-    values: dict = {}
-    fractions = _expert_fractions(load, _WorldGroups(), values)
-    return {"fractions": fractions, **values}
+    fractions, layer_metrics = _expert_fractions(load, _WorldGroups())
+    return {"fractions": fractions, **layer_metrics}
 
 
 def test_expert_load_and_dropped_fraction_count_every_data_parallel_rank(tmp_path):

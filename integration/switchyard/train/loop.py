@@ -367,9 +367,10 @@ def train(config: RunConfig) -> dict[str, Any]:
         fractions = None
         if (step + 1) % t.log_every == 0 or step + 1 == steps:
             sliced = {name for name, layer in layers.items() if layer.tp_token_slices > 1}
-            fractions = _expert_fractions(load, groups, values, sliced)
+            fractions, layer_metrics = _expert_fractions(load, groups, sliced)
             if pipeline is not None:  # each stage counted its own layers; rank 0 logs them all
-                fractions = _gather_stage_loads(fractions, values, groups)
+                fractions, layer_metrics = _gather_stage_loads(fractions, layer_metrics, groups)
+            values.update(layer_metrics)
         if (step + 1) % t.eval_every == 0 or step + 1 == steps:
             last_eval = evaluate(engine, eval_set, config, dp_rank, dp_size, groups, pipeline)
             values.update(last_eval)
@@ -483,25 +484,25 @@ def _sum_over_stages(values: list[torch.Tensor], groups) -> list[torch.Tensor]:
     return list(summed.unbind())
 
 
-def _gather_stage_loads(fractions: dict[str, list[float]], values: dict[str, Any], groups
-                        ) -> dict[str, list[float]]:
+def _gather_stage_loads(fractions: dict[str, list[float]], layer_metrics: dict[str, float], groups
+                        ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Every stage's expert shares and per-layer load metrics, merged (rank 0 of the pipeline group logs them)."""
-    mine = (fractions, {k: v for k, v in values.items() if k.startswith(("load_max_over_mean/", "dropped_fraction/"))})
     stages: list[Any] = [None] * groups.size("pp")
-    dist.all_gather_object(stages, mine, group=groups.group("pp"))
-    merged: dict[str, list[float]] = {}
-    for stage_fractions, stage_values in stages:
-        merged.update(stage_fractions)
-        values.update(stage_values)
-    return merged
+    dist.all_gather_object(stages, (fractions, layer_metrics), group=groups.group("pp"))
+    merged_fractions: dict[str, list[float]] = {}
+    merged_metrics: dict[str, float] = {}
+    for stage_fractions, stage_metrics in stages:
+        merged_fractions.update(stage_fractions)
+        merged_metrics.update(stage_metrics)
+    return merged_fractions, merged_metrics
 
 
-def _expert_fractions(load, groups, values: dict[str, Any], tp_sliced: Collection[str] = ()
-                       ) -> dict[str, list[float]]:
-    """Expert shares, max/mean and dropped fraction per layer over the data-parallel group's token copies; the
-    ``tp_sliced`` layers' (tokens split over the tp ranks, etp = 1: each tp rank counted its slice) over the tp
-    group's first."""
-    fractions = {}
+def _expert_fractions(load, groups, tp_sliced: Collection[str] = ()
+                       ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Expert shares per layer, and each layer's max/mean and dropped fraction (metric name → value), over the
+    data-parallel group's token copies; the ``tp_sliced`` layers' (tokens split over the tp ranks, etp = 1: each tp
+    rank counted its slice) over the tp group's first."""
+    fractions, layer_metrics = {}, {}
     for name, totals in load.take().items():
         if name in tp_sliced:
             dist.all_reduce(totals, group=groups.group("tp"))
@@ -509,9 +510,9 @@ def _expert_fractions(load, groups, values: dict[str, Any], tp_sliced: Collectio
         kept, dropped, routed = totals[:-2], totals[-2], totals[-1]
         share = kept / kept.sum().clamp_min(1)
         fractions[name] = [round(x, 5) for x in share.tolist()]
-        values[f"load_max_over_mean/{name}"] = float(share.max() * share.numel())
-        values[f"dropped_fraction/{name}"] = float(dropped / routed.clamp_min(1))
-    return fractions
+        layer_metrics[f"load_max_over_mean/{name}"] = float(share.max() * share.numel())
+        layer_metrics[f"dropped_fraction/{name}"] = float(dropped / routed.clamp_min(1))
+    return fractions, layer_metrics
 
 
 def _matmul_params(model) -> int:

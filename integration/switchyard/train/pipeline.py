@@ -39,7 +39,7 @@ log = get_logger(__name__)
 # installed transformers at run time (``check_inputs_embeds_pass_through``).
 PIPELINE_MODEL_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3",
-    # their embeddings scale inside the embedding module (transformers 5.2x), not in the decoder
+    # their embeddings scale inside the embedding module (transformers 5.17 and 5.24 checked), not in the decoder
     "gemma2", "gemma3_text", "phi3", "cohere", "olmo", "olmo2", "olmo3", "stablelm", "starcoder2", "ernie4_5", "helium",
 })
 

@@ -111,6 +111,8 @@ def load_in_waves(load: Callable[[], T], footprint: Callable[[], LoadFootprint],
             log.info("loading the model %d rank(s) of each node at a time: %.1f GB as loaded, %.1f GB kept per rank, "
                      "%.1f GB of host memory free (set model.load_ranks_at_once to choose)", at_once,
                      size.loaded_bytes / GB, size.kept_bytes / GB, available / GB, ranks=[0])
+    elif at_once < layout.ranks_per_node:
+        log.info("loading the model %d rank(s) of each node at a time (model.load_ranks_at_once)", at_once, ranks=[0])
     waves = math.ceil(layout.ranks_per_node / at_once)
     result, error = None, None
     for wave in range(waves):

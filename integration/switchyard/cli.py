@@ -454,15 +454,15 @@ def _host_load(args: argparse.Namespace, numbers: dict[str, Any]) -> dict[str, A
     """An HF source's host memory at load (docs/finetune.md, "Loading the model"): every loading rank holds the whole
     model as transformers loads it, at the training precision, then keeps its share (``params_per_rank``). A
     switchyard checkpoint is read by share: nothing to add."""
-    from switchyard.hf.checkpoint import CONFIG_KEY, empty_model
+    from switchyard.hf.checkpoint import CONFIG_KEY
+    from switchyard.train.load_waves import footprint_of
 
     config = model_config(args.model)
     if getattr(config, CONFIG_KEY, None):
         return {}
-    itemsize, gib = (2 if args.precision == "bf16" else 4), 1 << 30
-    loaded = sum(p.numel() for p in empty_model(config).parameters())
-    return {"host_load_gib": {"loaded": round(loaded * itemsize / gib, 3),
-                              "kept_per_rank": round(numbers["params_per_rank"] * itemsize / gib, 3)}}
+    size, gib = footprint_of(config, numbers["params_per_rank"], args.precision), 1 << 30
+    return {"host_load_gib": {"loaded": round(size.loaded_bytes / gib, 3),
+                              "kept_per_rank": round(size.kept_bytes / gib, 3)}}
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {

@@ -51,6 +51,23 @@ class LoadFootprint:
     kept_bytes: int
 
 
+def load_dtype(precision: str) -> torch.dtype:
+    """The dtype an HF source is loaded in: the one the engine trains in (``train.precision``; DeepSpeed casts the
+    module to it, and keeps its fp32 master weights from those values), so a bf16 run holds half the host bytes."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def footprint_of(hf_config, kept_params: int | None, precision: str) -> LoadFootprint:
+    """The model ``hf_config`` describes as transformers loads it (counted on the meta device) and ``kept_params``
+    (None: the whole model), in bytes of ``load_dtype(precision)``."""
+    from switchyard.hf.checkpoint import empty_model
+
+    itemsize = torch.empty((), dtype=load_dtype(precision)).element_size()
+    loaded = sum(p.numel() for p in empty_model(hf_config).parameters())
+    return LoadFootprint(loaded_bytes=loaded * itemsize, kept_bytes=(loaded if kept_params is None else kept_params)
+                         * itemsize)
+
+
 def ranks_at_once(footprint: LoadFootprint, ranks_per_node: int, available_bytes: int) -> int:
     """How many ranks of a node can load at the same time: every rank's kept share stays in memory until the
     engine moves it to its device, and each loading rank needs room for the whole model on top."""

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -19,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from switchyard.hf.adopt import SUPPORTED_BLOCKS
 from switchyard.hf.checkpoint import recover_interrupted_save
 from switchyard.log import get_logger
-from switchyard.train.load_waves import LoadFootprint, load_in_waves, patient_group
+from switchyard.train.load_waves import LoadFootprint, footprint_of, load_dtype, load_in_waves, patient_group
 from switchyard.train.run_config import RunConfig
 
 log = get_logger(__name__)
@@ -78,8 +77,8 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
 
     recover_interrupted_save(source)  # a killed re-save leaves a checkpoint aside: put it back before reading
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or source)
-    check_vocabulary(tokenizer, AutoConfig.from_pretrained(from_checkpoint or source), config.model.tokenizer or source,
-                     str(from_checkpoint or source))
+    hf_config = AutoConfig.from_pretrained(from_checkpoint or source)  # below the checkpoint's branch: source's
+    check_vocabulary(tokenizer, hf_config, config.model.tokenizer or source, str(from_checkpoint or source))
     cut = after_load or (lambda model: None)
     # a switchyard checkpoint: each rank reads its experts, and of a pipeline its stage only
     stage = (groups.rank("pp"), groups.size("pp"), config.parallel.pp_layers) \
@@ -89,7 +88,6 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
         model = sy.from_pretrained(from_checkpoint, groups=groups, stage=stage)
         cut(model)
         return model, tokenizer
-    hf_config = AutoConfig.from_pretrained(source)
     record = getattr(hf_config, "switchyard", None)
     if record:
         _refuse_unused_moe_settings(config, source, record)
@@ -117,8 +115,8 @@ def check_vocabulary(tokenizer, hf_config, tokenizer_source: str, model_source: 
             else ""
         raise ValueError(f"the tokenizer of {tokenizer_source!r} has {len(tokenizer)} tokens but {model_source!r} "
                          f"embeds {rows} (config.json vocab_size): ids ≥ {rows} would index past its embedding; "
-                         f"{own}resize the model's embeddings to the tokenizer (model.resize_token_embeddings) and save "
-                         "it first")
+                         f"{own}resize the model's embeddings to the tokenizer (model.resize_token_embeddings) and "
+                         "save it first")
 
 
 def has_moe_blocks(model: nn.Module) -> bool:
@@ -128,17 +126,11 @@ def has_moe_blocks(model: nn.Module) -> bool:
                                                             for m in model.modules())
 
 
-def load_dtype(config: RunConfig) -> torch.dtype:
-    """The dtype an HF source is loaded in: the one the engine trains in (DeepSpeed casts the module to it, and keeps
-    its fp32 master weights from those values), so host memory holds half the bytes in a bf16 run."""
-    return torch.bfloat16 if config.train.precision == "bf16" else torch.float32
-
-
 def _load_and_patch(config: RunConfig, groups, source: str, hf_config):
     """The HF model, upcycled or adopted: the rank keeps its own experts and drops the rest."""
     import switchyard as sy
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype(config))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=load_dtype(config.train.precision))
     if has_moe_blocks(model):
         _refuse_unused_moe_settings(config, source, None)
         sy.patch_model(model, None, groups, overrides=config.moe.overrides or None, layers=config.moe.layers,
@@ -156,18 +148,16 @@ def load_footprint(config: RunConfig, source: str, world: int = 1, ep: int = 1, 
     dense part of its pipeline stage and its 1/ep of the stage's experts, tensor-parallel modules at 1/tp; the
     heaviest stage's), both counted on the meta device."""
     from switchyard.cli import plan_numbers
-    from switchyard.hf.checkpoint import empty_model
 
-    itemsize = torch.empty((), dtype=load_dtype(config)).element_size()
-    loaded = sum(p.numel() for p in empty_model(AutoConfig.from_pretrained(source)).parameters())
+    precision = config.train.precision
     try:
-        kept = plan_numbers(planned_run_model(config, source), world=world, ep=ep, precision=config.train.precision,
-                            tp=tp, etp=etp, pp=pp, pp_layers=config.parallel.pp_layers)["params_per_rank"]
+        kept = plan_numbers(planned_run_model(config, source), world=world, ep=ep, precision=precision, tp=tp,
+                            etp=etp, pp=pp, pp_layers=config.parallel.pp_layers)["params_per_rank"]
     except ValueError as err:  # patched by module names (moe.targets / moe.adapter): the plan cannot say how
         log.info("sizing the load without the patched model (%s): a rank's share counted as the whole model", err,
                  ranks=[0])
-        kept = loaded
-    return LoadFootprint(loaded_bytes=loaded * itemsize, kept_bytes=kept * itemsize)
+        kept = None
+    return footprint_of(AutoConfig.from_pretrained(source), kept, precision)
 
 
 def planned_run_model(config: RunConfig, source: str):

@@ -49,8 +49,8 @@ def stage_layer_ranges(num_layers: int, stages: int, sizes: Sequence[int] | None
     allows (the first stages take one more)."""
     if sizes is not None:
         if len(sizes) != stages or sum(sizes) != num_layers or min(sizes) < 1:
-            raise ValueError(f"parallel.pp_layers={list(sizes)} must give each of the {stages} pipeline stages at least "
-                             f"one decoder layer and sum to the model's {num_layers} (it sums to {sum(sizes)})")
+            raise ValueError(f"parallel.pp_layers={list(sizes)} must give each of the {stages} pipeline stages at "
+                             f"least one decoder layer and sum to the model's {num_layers} (it sums to {sum(sizes)})")
     elif num_layers < stages:
         raise ValueError(f"parallel.pp={stages} but the model has {num_layers} decoder layers; every pipeline stage "
                          f"needs at least one: use parallel.pp ≤ {num_layers}")

@@ -137,6 +137,43 @@ def test_pipeline_with_a_tied_head_and_router_losses_matches_one_process_and_res
         torch.testing.assert_close(final_state(staged, 3)[key], value, atol=0, rtol=0, msg=key)
 
 
+def test_frozen_parameters_keep_their_values_and_the_rest_matches_one_process(tmp_path):
+    """train.freeze at ep2 × ZeRO-2: attention, the routers and one layer's experts (expert-parallel tensors that
+    DeepSpeed would reduce over the expert-data-parallel group) are frozen. The frozen tensors are transformers'
+    dense model's own (``init: copy`` makes every expert its layer's dense MLP) in both runs, and everything, frozen
+    or trained, matches one process with the same patterns."""
+    freeze = ['train.freeze=["*.self_attn.*", "*.mlp.router.*", "model.layers.1.mlp.experts.*"]']
+    one, two = tmp_path / "one", tmp_path / "ep2"
+    for ranks, out in ((1, one), (2, two)):
+        result = finetune(ranks, out, EQUIV + freeze + [f"parallel.ep={ranks}", "deepspeed=configs/deepspeed/zero2.json",
+                                                        f"train.micro_batch_size={GLOBAL_BATCH // ranks}"])
+        assert result.returncode == 0, output_of(result)[-4000:]
+        assert "22 parameter tensors frozen" in output_of(result)
+    assert [m["loss"] for m in metrics(two)] == pytest.approx([m["loss"] for m in metrics(one)], rel=1e-5)
+    want, got = final_state(one, 3), final_state(two, 3)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=1e-5, msg=key)
+    from transformers import AutoModelForCausalLM
+
+    from switchyard.train.model_source import resolve_source
+    from switchyard.train.run_config import load_run_config
+
+    dense = AutoModelForCausalLM.from_pretrained(resolve_source(load_run_config(CONFIG, [f"output_dir={one}"])))
+    mlp = dense.model.layers[1].mlp
+    dense_state = dense.state_dict()
+    frozen = {k: v for k, v in dense_state.items() if ".self_attn." in k}
+    frozen |= {f"model.layers.1.mlp.experts.{e}.{name}": value for e in range(4) for name, value in (
+        ("gate_up_proj", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), ("down_proj", mlp.down_proj.weight))}
+    for state in (want, got):
+        for key, value in frozen.items():
+            assert torch.equal(state[key], value), key
+        trained = [k for k in dense_state if k in state and k not in frozen]  # embedding, norms, head
+        assert trained and not [k for k in trained if torch.equal(state[k], dense_state[k])]
+    for key in [k for k in want if "router" in k]:  # each run's own upcycled router, the same seed: untouched alike
+        assert torch.equal(got[key], want[key]), key
+    assert not torch.equal(got["model.layers.0.mlp.experts.0.down_proj"], dense.model.layers[0].mlp.down_proj.weight)
+
+
 SHORT = ["train.max_steps=8", "checkpoint.every=4", "train.eval_every=4", "data.seq_len=64"]
 
 

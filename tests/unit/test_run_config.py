@@ -54,6 +54,9 @@ def test_tiny_yaml_loads_with_overrides():
         (["train.clip=nan"], "train.clip must be a finite number, got nan"),
         (["train.weight_decay=.nan"], "train.weight_decay must be a finite number"),
         (["train.momentum=-0.9"], "train.momentum must be >= 0, got .*-0.9"),
+        (["train.freeze=[]"], r"train.freeze must be a non-empty list of glob patterns"),
+        (['train.freeze=["*.q_proj.*", ""]'], r"train.freeze must be a non-empty list of glob patterns"),
+        (["train.freeze=self_attn"], r"train.freeze must be a list or null, got 'self_attn' \(str\)"),
     ],
 )
 def test_bad_values_are_errors_naming_the_key(overrides, message):
@@ -105,6 +108,9 @@ def test_resume_mismatches_name_the_structural_fields():
     assert config.resume_mismatches(same.to_dict()) == []
     other = load_run_config(TINY, ["moe.num_experts=8", "data.seq_len=64"])
     assert [m.split(":")[0] for m in config.resume_mismatches(other.to_dict())] == ["moe.num_experts", "data.seq_len"]
+    # frozen parameters have no optimizer state: the engine's state would not load with other ones frozen
+    frozen = load_run_config(TINY, ['train.freeze=["*.self_attn.*"]'])
+    assert [m.split(":")[0] for m in config.resume_mismatches(frozen.to_dict())] == ["train.freeze"]
 
 
 def test_world_dependent_checks():

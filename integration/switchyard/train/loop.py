@@ -201,6 +201,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     from switchyard.parallel import ProcessGroupManager, apply_tensor_parallel, init_distributed
     from switchyard.train import checkpointing
     from switchyard.train.data import load_datasets
+    from switchyard.train.freezing import check_freeze
     from switchyard.train.metrics import ExpertLoad, MetricsWriter
     from switchyard.train.model_source import (cache_dir, check_model_split, load_model, planned_run_model, rank0_first,
                                                resolve_source)
@@ -226,6 +227,7 @@ def train(config: RunConfig) -> dict[str, Any]:
 
     source = resolve_source(config)
     check_model_split(config, source, groups.size("tp"), groups.size("etp"), groups.size("pp"))  # before weights
+    freeze_plan = check_freeze(planned_run_model(config, source), t.freeze) if t.freeze else None
     pipeline: PipelineStage | None = None
     matmul_params = 0
 
@@ -245,6 +247,8 @@ def train(config: RunConfig) -> dict[str, Any]:
         log.warning("train.grad_accum=%d micro-batches for %d pipeline stages: each stage idles %.0f%% of a step; "
                     "raise train.grad_accum (≥ 2·pp keeps the idle share at or below a third)", t.grad_accum,
                     pipeline.count, 100 * (pipeline.count - 1) / (t.grad_accum + pipeline.count - 1), ranks=[0])
+    if freeze_plan is not None:
+        _freeze(model, t.freeze, freeze_plan)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
@@ -414,6 +418,24 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
         dist.all_reduce(sums, group=groups.group("pp"))
     loss = float(sums[0] / sums[1].clamp_min(1))
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _freeze(model, patterns: list[str], plan) -> None:
+    """``train.freeze`` on this rank's share; every rank must keep something to train (an optimizer without
+    parameters fails on its own rank), so an empty share fails every rank."""
+    from switchyard.hf.checkpoint import agree
+    from switchyard.train.freezing import freeze_parameters
+
+    freeze_parameters(model, patterns)
+    error = None
+    if not any(p.requires_grad for p in model.parameters()):
+        error = ValueError(f"train.freeze {patterns} leaves rank {dist.get_rank()} nothing to train (its pipeline "
+                           "stage's or tensor-parallel shard's parameters all match): freeze less, or use fewer "
+                           "pipeline stages")
+    agree(error, "train.freeze")
+    log.info("train.freeze %s: %d parameter tensors frozen, %.2fM of %.2fM parameters (%.1f%%) left untrained",
+             patterns, plan.frozen_tensors, plan.frozen_params / 1e6, plan.total_params / 1e6,
+             100 * plan.frozen_params / plan.total_params, ranks=[0])
 
 
 def _resume_engine(engine, resume, world: int, groups, stage: int, engine_optimizer: str, pipeline=None) -> None:

@@ -96,11 +96,16 @@ class TrainSection:
     cuda_graph: bool = False  # MoE layers' routed path as CUDA graph replays where its rules hold (moe-layer.md)
     # each decoder layer's activations recomputed in the backward instead of kept (transformers' own switch)
     gradient_checkpointing: bool = False
+    # glob patterns over parameter names left untrained (train/freezing.py), e.g. ["*.self_attn.*"]
+    freeze: list[str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("cuda_graph", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.freeze is not None and (not self.freeze or not all(isinstance(p, str) and p for p in self.freeze)):
+            raise ValueError(f"train.freeze must be a non-empty list of glob patterns over parameter names (e.g. "
+                             f"['*.self_attn.*']) or null, got {self.freeze!r}")
         if self.cuda_graph and self.gradient_checkpointing:
             raise ValueError("train.cuda_graph and train.gradient_checkpointing are both true: a CUDA graph saves "
                              "its activations itself, so recomputation cannot replace them; turn one of them off")
@@ -210,7 +215,7 @@ RESUME_FIXED = (
     "moe.config", "moe.layers", "moe.every_n", "moe.targets", "moe.exclude", "moe.adapter", "moe.overrides",
     "data.source", "data.format", "data.text_field", "data.messages_field", "data.prompt_field",
     "data.response_field", "data.seq_len", "data.packing", "data.eval_fraction", "data.seed", "data.max_samples",
-    "data.sample_by", "train.optimizer",
+    "data.sample_by", "train.optimizer", "train.freeze",
 )
 
 

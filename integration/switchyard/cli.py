@@ -305,7 +305,8 @@ def planned_model(args: argparse.Namespace) -> Any:
             raise ValueError(f"{args.model} has no MoE blocks to adopt: to plan a dense model upcycled, pass "
                              f"--num-experts (and --top-k) [{err}]") from None
     moe = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init="copy")  # copy: shapes suffice
-    return sy.patch_model(model, moe, layers=args.layers, every_n=args.every_n)
+    return sy.patch_model(model, moe, layers=args.layers, every_n=args.every_n, targets=getattr(args, "targets", None),
+                          exclude=getattr(args, "exclude", None), adapter=getattr(args, "adapter", None))
 
 
 def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, etp: int | None = None,

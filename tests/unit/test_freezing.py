@@ -11,11 +11,14 @@ from switchyard.deepspeed import optimizer_param_groups
 from switchyard.train.freezing import check_freeze, freeze_parameters
 
 
+def _dense_config(tied: bool = False) -> LlamaConfig:
+    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, tie_word_embeddings=tied)
+
+
 def _model(tied: bool = False) -> torch.nn.Module:
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     torch.manual_seed(0)
-    return sy.patch_model(LlamaForCausalLM(config), sy.MoEConfig(num_experts=4, top_k=2))
+    return sy.patch_model(LlamaForCausalLM(_dense_config(tied)), sy.MoEConfig(num_experts=4, top_k=2))
 
 
 def test_patterns_freeze_what_they_match_and_the_optimizer_leaves_it_out():
@@ -56,3 +59,20 @@ def test_the_check_runs_on_the_meta_device():
     with torch.device("meta"):
         model = _model()
     assert check_freeze(model, ["*.router.*"]).frozen_tensors == 2
+
+
+def test_the_launchers_meta_model_is_patched_by_module_names_too(tmp_path):
+    """A run config that names the FFNs (moe.targets, moe.exclude, moe.adapter for architectures outside the
+    registry) gets its freeze patterns checked on the model the load builds (the plan used to ignore the names:
+    it patched every layer, or failed to build outside the registry)."""
+    from switchyard.moe.layer import MoELayer
+    from switchyard.train.model_source import planned_run_model
+    from switchyard.train.run_config import load_run_config
+
+    _dense_config().save_pretrained(tmp_path)
+    config = load_run_config("configs/finetune/tiny.yaml", [
+        f"model.source={tmp_path}", "output_dir=/unused", 'moe.targets=["re:.*\\\\.mlp"]', "moe.adapter=llama",
+        'moe.exclude=["model.layers.0.mlp"]'])
+    planned = planned_run_model(config, str(tmp_path))
+    assert [n for n, m in planned.named_modules() if isinstance(m, MoELayer)] == ["model.layers.1.mlp"]
+    assert check_freeze(planned, ["*.experts.*"]).frozen_tensors == 2

@@ -153,7 +153,7 @@ def load_footprint(config: RunConfig, source: str, world: int = 1, ep: int = 1, 
     try:
         kept = plan_numbers(planned_run_model(config, source), world=world, ep=ep, precision=precision, tp=tp,
                             etp=etp, pp=pp, pp_layers=config.parallel.pp_layers)["params_per_rank"]
-    except ValueError as err:  # patched by module names (moe.targets / moe.adapter): the plan cannot say how
+    except ValueError as err:  # a model the meta-device plan cannot build: size the load without it
         log.info("sizing the load without the patched model (%s): a rank's share counted as the whole model", err,
                  ranks=[0])
         kept = None
@@ -171,7 +171,8 @@ def planned_run_model(config: RunConfig, source: str):
     adopts = getattr(hf_config, "switchyard", None) or has_moe_blocks(empty_model(hf_config))
     moe = config.moe_config()
     plan = Namespace(model=source, num_experts=None if adopts else moe.num_experts, top_k=moe.top_k,
-                     layers=None if adopts else config.moe.layers, every_n=None if adopts else config.moe.every_n)
+                     **{key: None if adopts else getattr(config.moe, key)
+                        for key in ("layers", "every_n", "targets", "exclude", "adapter")})
     with quiet_log():  # the real load logs the patching
         return planned_model(plan)
 

@@ -161,6 +161,20 @@ def _int_list(text: str) -> list[int]:
     return indices
 
 
+def _add_selection_args(p: argparse.ArgumentParser, use: str) -> None:
+    """``patch_model``'s name-based selection (docs/upcycling.md, "Which layers"), as the run config's ``moe.*``."""
+    p.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                   help=f"FFN module names to make MoE ({use}), matched like peft: exact, .-suffix or re:<regex>")
+    p.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="FFN module names to leave dense")
+    p.add_argument("--adapter", default=None,
+                   help="how to read the FFNs named by --targets (an architecture outside the registry), e.g. llama")
+
+
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    return {"layers": args.layers, "every_n": args.every_n, "targets": getattr(args, "targets", None),
+            "exclude": getattr(args, "exclude", None), "adapter": getattr(args, "adapter", None)}
+
+
 def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
     from switchyard.config import INIT_METHODS
 
@@ -171,6 +185,7 @@ def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every-n", type=_count, default=None, help="make layers 0, n, 2n, … MoE (others stay dense)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="comma-separated layer indices to make MoE (with --every-n: the layers both choose)")
+    _add_selection_args(p, "with --layers / --every-n: the modules all choose")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initializers and the router")
     p.add_argument("--out", required=True, help="directory for the switchyard checkpoint")
 
@@ -185,7 +200,7 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     check_save_target(Path(args.out).resolve())  # what save_pretrained would refuse, before a long load
     _dry_run_upcycle(args, moe_config)
     model = AutoModelForCausalLM.from_pretrained(args.model)
-    sy.patch_model(model, moe_config, layers=args.layers, every_n=args.every_n, seed=args.seed)
+    sy.patch_model(model, moe_config, seed=args.seed, **_selection(args))
     sy.save_pretrained(model, args.out, tokenizer=_tokenizer_of(args.model))
     print(f"wrote {args.out}")
     return 0
@@ -213,7 +228,7 @@ def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
     # drop_upcycle reads the weights' statistics, which the meta device lacks; the other inits need shapes only
     dry = dataclasses.replace(moe_config, init="copy") if moe_config.init == "drop_upcycle" else moe_config
     with quiet_log():
-        sy.patch_model(model, dry, layers=args.layers, every_n=args.every_n, seed=args.seed)
+        sy.patch_model(model, dry, seed=args.seed, **_selection(args))
         refusal = export_refusal(model)
     if refusal is not None:  # a valid switchyard model (fine-tune, serve), but say now that export will refuse it
         print(f"switchyard upcycle: note: `switchyard export` will refuse this model: {_one_line(refusal)}",
@@ -263,6 +278,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every-n", type=_count, default=None, help="make layers 0, n, 2n, … MoE (with --num-experts)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="comma-separated layer indices to make MoE (with --num-experts; with --every-n: both)")
+    _add_selection_args(p, "with --num-experts")
     p.add_argument("--world", type=_count, required=True, help="number of ranks (GPUs) in the job")
     p.add_argument("--tp", type=_count, default=1,
                    help="tensor parallel degree (parallel.tp; experts split over their FFN width, etp = tp)")
@@ -288,25 +304,26 @@ def planned_model(args: argparse.Namespace) -> Any:
     config = model_config(args.model)
     record = getattr(config, CONFIG_KEY, None)
     if record:
-        if args.num_experts is not None or args.layers is not None or args.every_n is not None:
+        if args.num_experts is not None or any(value is not None for value in _selection(args).values()):
             raise ValueError(f"{args.model} is a switchyard checkpoint (already MoE, its layers chosen): leave out "
-                             "--num-experts, --layers and --every-n")
+                             "--num-experts and the layer selection (--layers, --every-n, --targets, --exclude, "
+                             "--adapter)")
         delattr(config, CONFIG_KEY)
         model = empty_model(config)
         _repatch(model, record, None)
         return model
     model = empty_model(config)
     if args.num_experts is None:
-        if args.layers is not None or args.every_n is not None:
-            raise ValueError("--layers / --every-n choose the layers to upcycle: pass --num-experts with them")
+        chosen = [f"--{key.replace('_', '-')}" for key, value in _selection(args).items() if value is not None]
+        if chosen:
+            raise ValueError(f"{' / '.join(chosen)} choose the layers to upcycle: pass --num-experts with them")
         try:
             return sy.patch_model(model)  # an HF MoE model: adopt its blocks
         except ValueError as err:
             raise ValueError(f"{args.model} has no MoE blocks to adopt: to plan a dense model upcycled, pass "
                              f"--num-experts (and --top-k) [{err}]") from None
     moe = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init="copy")  # copy: shapes suffice
-    return sy.patch_model(model, moe, layers=args.layers, every_n=args.every_n, targets=getattr(args, "targets", None),
-                          exclude=getattr(args, "exclude", None), adapter=getattr(args, "adapter", None))
+    return sy.patch_model(model, moe, **_selection(args))
 
 
 def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, etp: int | None = None,

@@ -55,8 +55,14 @@ def test_a_dense_model_is_planned_as_upcycled_and_mistakes_are_errors(tmp_path, 
     assert got["params_active_per_token"] == got["params_dense"] + experts // 2  # top-2 of 4
     assert got["model_states_gib_per_rank"]["zero0"] == pytest.approx(got["params_per_rank"] * 16 / GIB, abs=1e-3)
 
+    # name-based selection, as moe.targets / moe.exclude / moe.adapter: layers 1 and 3 left
+    got = plan(capsys, "--model", str(tmp_path / "dense"), "--num-experts", "4", "--targets", "re:.*\\.mlp",
+               "--adapter", "llama", "--exclude", "model.layers.0.mlp", "model.layers.2.mlp", "--world", "1")
+    assert (got["moe_layers"], got["params_experts"]) == (2, experts)
+
     for argv, message in (
         (["--world", "4"], "no MoE blocks to adopt: to plan a dense model upcycled, pass --num-experts"),
+        (["--exclude", "model.layers.0.mlp", "--world", "4"], "--exclude choose the layers to upcycle: pass --num-exp"),
         (["--num-experts", "6", "--world", "8", "--ep", "4"], "num_experts=6 is not divisible by ep=4"),
         (["--num-experts", "4", "--world", "4", "--ep", "3"], "ep*etp = 3*1 = 3 does not divide"),
     ):

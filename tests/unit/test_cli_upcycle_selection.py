@@ -1,0 +1,31 @@
+"""`switchyard upcycle --targets / --exclude / --adapter`: the Python API's name-based selection on the command line."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import switchyard as sy
+from switchyard.cli import main
+from switchyard.moe.layer import MoELayer
+
+
+def test_upcycle_with_names_patches_what_patch_model_patches(tmp_path, capsys):
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    argv = ["upcycle", "--model", str(tmp_path / "dense"), "--num-experts", "4", "--top-k", "2", "--targets",
+            "re:.*\\.mlp", "--adapter", "llama", "--exclude", "model.layers.1.mlp"]
+    assert main([*argv, "--out", str(tmp_path / "moe")]) == 0
+    got = sy.from_pretrained(tmp_path / "moe")
+    assert [n for n, m in got.named_modules() if isinstance(m, MoELayer)] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    want = sy.patch_model(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), sy.MoEConfig(num_experts=4, top_k=2),
+                          targets=["re:.*\\.mlp"], adapter="llama", exclude=["model.layers.1.mlp"])
+    x = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(got(x).logits, want(x).logits, atol=0, rtol=0)
+    # a name that matches no FFN is refused before the weights are read, and nothing is written
+    assert main([*argv[:-2], "--exclude", "model.layers.9.mlp", "--targets", "re:.*\\.ffn", "--out",
+                 str(tmp_path / "none")]) == 2
+    assert "matched targets=" in capsys.readouterr().err and not (tmp_path / "none").exists()

@@ -160,8 +160,15 @@ def test_run_config_fills_its_deepspeed_json_for_the_world():
     assert filled["train_batch_size"] == 4 * 2 * 4 and filled["gradient_clipping"] == 1.0
     stage0 = load_run_config(TINY, ["deepspeed=configs/deepspeed/zero0.json"]).deepspeed_config(2)
     assert stage0["gradient_clipping"] == 0.0  # ep=2 at stage 0: the loop clips with the global norm itself
-    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
-        load_run_config(TINY, ["deepspeed=configs/deepspeed/zero3.json"]).deepspeed_config(2)
+    zero3 = ["deepspeed=configs/deepspeed/zero3.json"]
+    assert load_run_config(TINY, zero3).deepspeed_config(2)["zero_optimization"]["stage"] == 3  # data × experts
+    for overrides, world, what in ((["parallel.tp=2", "parallel.ep=1"], 2, "parallel.tp=2"),
+                                   (["parallel.pp=2", "parallel.ep=1"], 2, "parallel.pp=2"),
+                                   (["train.cuda_graph=true"], 2, "train.cuda_graph=true")):
+        with pytest.raises(ValueError, match=rf"ZeRO stage 3 \(configs/deepspeed/zero3.json\) with {what}: not "
+                                             r"supported\. ZeRO-3 partitions switchyard's MoE layers with data and "
+                                             r"expert parallelism only"):
+            load_run_config(TINY, zero3 + overrides).deepspeed_config(world)
     with pytest.raises(ValueError, match="does not divide"):
         load_run_config(TINY).deepspeed_config(3)
 
@@ -210,9 +217,12 @@ def test_deepspeed_auto_values_filled_and_conflicts_refused(tmp_path):
     with pytest.raises(ValueError, match=r"bf16.enabled=True but the run config implies False \(train.precision\)"):
         fill_deepspeed_config(REPO / "configs/deepspeed/zero2_bf16.json", micro_batch_size=4, grad_accum=1,
                               dp_size=1, clip=1.0, precision="fp32")
-    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
-        fill_deepspeed_config(REPO / "configs/deepspeed/zero3.json", micro_batch_size=4, grad_accum=1, dp_size=1,
-                              clip=1.0, precision="fp32")
+    offloaded = json.loads((REPO / "configs/deepspeed/zero3.json").read_text())
+    offloaded["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    path.write_text(json.dumps(offloaded))
+    with pytest.raises(ValueError, match=r"with zero_optimization.offload_param: not supported.*offloading is not "
+                                         r"tested there"):
+        fill_deepspeed_config(path, micro_batch_size=4, grad_accum=1, dp_size=1, clip=1.0, precision="fp32")
 
 
 def test_stage0_clipping_with_sharded_experts_is_refused_with_the_fix():

@@ -1,5 +1,6 @@
-"""DeepSpeed glue: config loading with "auto" filling, MoE-aware optimizer parameter groups."""
+"""DeepSpeed glue: config loading with "auto" filling, MoE-aware optimizer parameter groups, ZeRO-3 placement."""
 
 from switchyard.deepspeed.config import fill_deepspeed_config, optimizer_param_groups, zero_stage
+from switchyard.deepspeed.zero3 import initialize
 
-__all__ = ["fill_deepspeed_config", "optimizer_param_groups", "zero_stage"]
+__all__ = ["fill_deepspeed_config", "initialize", "optimizer_param_groups", "zero_stage"]

@@ -14,9 +14,8 @@ from typing import Any
 import torch.nn as nn
 
 ZERO3_MESSAGE = (
-    "ZeRO stage 3 is not supported with switchyard MoE layers: DeepSpeed 0.19 rejects MoE modules under "
-    "stage 3 (only its AutoEP layer is partitioned there). Use stage 0, 1 or 2 (configs/deepspeed/zero*.json); "
-    "expert optimizer state is already partitioned over the expert-data-parallel group at stages 1-2"
+    "ZeRO stage 3 ({path}) with {what}: not supported. ZeRO-3 partitions switchyard's MoE layers with data and expert "
+    "parallelism only (switchyard/deepspeed/zero3.py); {fix}"
 )
 
 
@@ -130,7 +129,11 @@ def fill_deepspeed_config(
     config = _read(path)
     stage = _stage(config, path)
     if stage == 3:
-        raise ValueError(ZERO3_MESSAGE)
+        for key in ("offload_param", "offload_optimizer"):
+            if (config.get("zero_optimization", {}).get(key) or {}).get("device", "none") != "none":
+                raise ValueError(ZERO3_MESSAGE.format(path=path, what=f"zero_optimization.{key}",
+                                                      fix="offloading is not tested there: remove it, or offload the "
+                                                          "optimizer at stage 2 (configs/deepspeed/zero2.json)"))
     if stage == 0 and ep_size > 1 and clip > 0 and not caller_clips:
         raise ValueError(STAGE0_CLIP_MESSAGE.format(ep=ep_size, clip=clip, path=path))
     _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size")

@@ -41,6 +41,7 @@ from switchyard.config import MoEConfig
 from switchyard.hf.patch import CONFIG_KEY, moe_layers, patch_model
 from switchyard.log import get_logger
 from switchyard.moe.layer import EXPERT_PARAM_NAMES
+from switchyard.deepspeed import zero3
 from switchyard.parallel.tensor_parallel import full_state_dict
 
 if TYPE_CHECKING:
@@ -374,9 +375,14 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     in_stage = f"-pp{stage:03d}-of-{pp:03d}" if pp > 1 else ""  # each stage's files are its own
     on_every_rank(f"save_pretrained({out})", lambda: _prepare(out) if rank == 0 else None)
     error: BaseException | None = None
-    if groups is not None:  # tensor-parallel shards gathered, kept only where this rank writes them
-        state = full_state_dict(model, groups, lambda p: writes_experts if getattr(p, "allreduce", True) is False
-                                else writes_dense)
+    def written_here(param: nn.Parameter) -> bool:
+        return writes_experts if getattr(param, "allreduce", True) is False else writes_dense
+
+    if zero3.is_partitioned(model):  # ZeRO-3 partitions gathered (tp is 1 there), kept only where this rank writes
+        with zero3.gathered_parameters(model, written_here):
+            state = model.state_dict()
+    elif groups is not None:  # tensor-parallel shards gathered, kept only where this rank writes them
+        state = full_state_dict(model, groups, written_here)
     else:
         state = model.state_dict()
     prefixes = tuple(f"{p}.experts." for p in moe_prefixes(model))

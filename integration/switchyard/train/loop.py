@@ -193,9 +193,8 @@ def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float |
 
 
 def train(config: RunConfig) -> dict[str, Any]:
-    import deepspeed
-
     from switchyard.deepspeed import optimizer_param_groups, zero_stage
+    from switchyard.deepspeed import zero3
     from switchyard.deepspeed.clipping import clip_global_grad_norm_
     from switchyard.moe.layer import MoELayer
     from switchyard.parallel import ProcessGroupManager, apply_tensor_parallel, init_distributed
@@ -267,8 +266,9 @@ def train(config: RunConfig) -> dict[str, Any]:
         # fused: one kernel per param group on CUDA (what benchmarks/finetune.py measures); foreach on CPU
         optimizer = torch.optim.AdamW(param_groups, lr=t.lr, fused=torch.cuda.is_available() or None)
     scheduler = build_scheduler(optimizer, steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, mpu=groups.mpu)
+    # deepspeed.initialize, with the MoE layers' experts placed in their expert-data-parallel groups at ZeRO-3
+    engine, _, _, _ = zero3.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+                                       mpu=groups.mpu)
     schedule_at_start = copy.deepcopy(engine.lr_scheduler.state_dict())  # this run's lr and schedule, step 0
     engine_optimizer = type(engine.optimizer).__name__  # its state dict's format
     if resume is not None:

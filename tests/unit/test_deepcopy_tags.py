@@ -45,3 +45,25 @@ def test_a_deep_copy_of_a_sharded_linear_keeps_its_shard():
     assert type(twin) is ColumnParallelLinear and twin.tp_rank == 1
     assert shard_of(twin.weight) == shard_of(linear.weight) is not None
     assert shard_of(twin.bias) == shard_of(linear.bias) is not None
+
+
+def _deep_copy_at_ep2() -> float:
+    from switchyard.parallel import ProcessGroupManager
+
+    groups = ProcessGroupManager(ep=2)
+    model = build("llama", intermediate_size=48)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2), groups)
+    twin = copy.deepcopy(model)  # a reference or EMA model of a distributed run: the copy shares the groups
+    layer, copied = model.model.layers[0].mlp, twin.model.layers[0].mlp
+    assert copied.groups is groups and copied.dispatcher.ep_group is groups.group("ep")
+    assert copied.experts.gate_up_proj is not layer.experts.gate_up_proj and _tags(twin) == _tags(model)
+    with torch.no_grad():  # the copy's all-to-alls run over the same group and give the same outputs
+        torch.testing.assert_close(twin(ids()).logits, model(ids()).logits)
+    return float(twin(ids()).logits.sum())
+
+
+def test_a_deep_copy_of_an_expert_parallel_model_shares_its_process_groups():
+    from harness import run_on_ranks
+
+    sums = run_on_ranks(_deep_copy_at_ep2, 2, timeout_s=120)
+    assert sums[0] == sums[1]  # the ranks see the same tokens and exchange them

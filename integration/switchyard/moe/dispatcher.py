@@ -29,8 +29,9 @@ Tensor suffixes:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,16 @@ class TokenDispatcher:
             )
         self.num_local_experts = num_experts // self.ep_size
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "TokenDispatcher":
+        """A copy (a model deep-copied for an EMA or a reference model) shares the process group: a communicator
+        of this job, which cannot be copied (``ProcessGroup`` does not pickle)."""
+        if self.ep_group is not None:
+            memo[id(self.ep_group)] = self.ep_group
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
     def dispatch(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None,

@@ -13,6 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -131,6 +132,12 @@ class ProcessGroupManager:
             " ".join(f"{k}={v}" for k, v in self.sizes.items()),
             ranks=[0],
         )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "ProcessGroupManager":
+        """Itself: the groups are this job's communicators (they do not pickle), and a deep-copied model (an EMA, a
+        reference model) runs in the same job over the same ones."""
+        memo[id(self)] = self
+        return self
 
     # -- lookup -------------------------------------------------------------------------------
     def info(self, kind: str) -> GroupInfo:

@@ -304,3 +304,30 @@ def test_a_pipeline_stage_reads_only_its_own_tensors(case, stages, sizes, tmp_pa
     with pytest.raises(ValueError, match=r"pipeline stage 0 of 2 \(decoder layers 0–1\) already; it cannot become "
                                          r"stage 1 of 2 \(layers 2–3\)"):
         split_model(sy.from_pretrained(tmp_path, stage=(0, 2)), 1, 2)
+
+
+def test_a_compiled_model_saves_as_the_model_it_wraps(tmp_path):
+    model = build("llama", intermediate_size=48)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+    sy.save_pretrained(torch.compile(model), tmp_path / "ckpt")  # patch_model takes a compiled model: so does saving
+    with torch.no_grad():
+        torch.testing.assert_close(sy.from_pretrained(tmp_path / "ckpt")(ids()).logits, model(ids()).logits,
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("stage", [(2, 2), (0, 0), (1, 1), (-1, 2), (True, 2)])
+def test_a_stage_outside_the_pipeline_is_refused(tmp_path, stage):
+    model = build("llama", intermediate_size=48)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+    sy.save_pretrained(model, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=rf"pipeline stage {stage[0]!r} of {stage[1]!r}: the stage is an index 0"):
+        sy.from_pretrained(tmp_path / "ckpt", stage=stage)
+
+
+@pytest.mark.parametrize("size", [0, -1, "0GB"])
+def test_a_shard_size_below_one_byte_is_refused_before_writing(tmp_path, size):
+    model = build("llama", intermediate_size=48)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+    with pytest.raises(ValueError, match="must be at least one byte"):
+        sy.save_pretrained(model, tmp_path / "ckpt", max_shard_size=size)
+    assert not (tmp_path / "ckpt").exists()

@@ -38,10 +38,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from switchyard.config import MoEConfig
-from switchyard.hf.patch import CONFIG_KEY, moe_layers, patch_model
+from switchyard.deepspeed import zero3
+from switchyard.hf.patch import CONFIG_KEY, _uncompiled, moe_layers, patch_model
 from switchyard.log import get_logger
 from switchyard.moe.layer import EXPERT_PARAM_NAMES
-from switchyard.deepspeed import zero3
 from switchyard.parallel.tensor_parallel import full_state_dict
 
 if TYPE_CHECKING:
@@ -141,13 +141,19 @@ def moe_prefixes(model: nn.Module) -> list[str]:
 
 
 def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
+    if isinstance(size, int) and not isinstance(size, bool):
+        return _positive_size(size, size)
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", size.upper())
     if not found:
         raise ValueError(f"max_shard_size={size!r} is not a size like '2GB', '500MB' or an int of bytes")
-    return int(float(found.group(1)) * units[found.group(2)])
+    return _positive_size(int(float(found.group(1)) * units[found.group(2)]), size)
+
+
+def _positive_size(nbytes: int, given: int | str) -> int:
+    if nbytes < 1:  # 0 or less would put every tensor in a file of its own
+        raise ValueError(f"max_shard_size={given!r} must be at least one byte, e.g. '2GB'")
+    return nbytes
 
 
 # -- saving ---------------------------------------------------------------------------------------------
@@ -355,6 +361,7 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     at any moment leaves the earlier or the new checkpoint (see ``_swap``); a failure on any rank raises on
     every rank.
     """
+    model = _uncompiled(model)  # torch.compile's wrapper calls (and saves as) the model it wraps
     record = switchyard_record(model)
     layers = moe_layers(model)
     groups = groups if groups is not None else layers[0].groups if layers else None

@@ -134,6 +134,10 @@ def split_model(model: nn.Module, stage: int, stages: int, sizes: Sequence[int] 
     another)."""
     from switchyard.hf.patch import keep_moe_layers_of_stage, moe_layers
 
+    if isinstance(stage, bool) or isinstance(stages, bool) or not (isinstance(stage, int) and isinstance(stages, int)
+                                                                    and 0 <= stage < stages):
+        raise ValueError(f"pipeline stage {stage!r} of {stages!r}: the stage is an index 0 … stages - 1 into stages "
+                         "≥ 1 (stage=(0, 2) is the first of two)")
     done = getattr(model, SPLIT_ATTR, None)
     if done is not None:  # already cut (from_pretrained reads a stage only): the same cut again is that one
         wanted = stage_layer_ranges(len(_decoder(model).layers), stages, sizes)[stage]

@@ -264,3 +264,20 @@ def test_a_misspelt_extra_key_is_refused_not_replaced_by_its_default() -> None:
     sy.patch_model(model, MoEConfig(num_experts=4, top_k=2, init="drop_upcycle", extra={"drop_ratio": 0.25}))
     gate_up, gate = model.model.layers[0].mlp.experts.gate_up_proj[0, :48], before["model.layers.0.mlp.gate_proj.weight"]
     assert int((gate_up != gate).any(dim=1).sum()) == round(0.25 * 48)
+
+
+def test_a_layer_that_cannot_reproduce_the_dense_output_is_warned_about_once_per_patch(caplog):
+    import logging
+
+    import switchyard as sy
+    from tiny_models import build
+
+    config = MoEConfig(num_experts=4, top_k=2, norm_topk_prob=False, score_func="softmax", softmax_before_topk=True)
+    with caplog.at_level(logging.WARNING, logger="switchyard"):
+        sy.patch_model(build("llama", intermediate_size=48), config)
+    warned = [r.getMessage() for r in caplog.records if "will not reproduce" in r.getMessage()]
+    assert len(warned) == 1 and "norm_topk_prob=False" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="switchyard"):  # random experts are not meant to reproduce it
+        sy.patch_model(build("llama", intermediate_size=48), dataclasses.replace(config, init="random"))
+    assert not [r for r in caplog.records if "will not reproduce" in r.getMessage()]

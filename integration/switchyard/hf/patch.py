@@ -202,7 +202,8 @@ def _plan_upcycle(model, moe_config, selection, groups, adapter_name, targets, s
     config = _config_for(moe_config, denses[0])
     ep = groups.size("ep") if groups is not None else 1
     if config.num_experts % ep != 0:
-        raise ValueError(f"num_experts={config.num_experts} is not divisible by ep={ep}")
+        raise ValueError(f"num_experts={config.num_experts} is not divisible by ep={ep}: each EP rank holds "
+                         f"num_experts / ep experts; choose ep dividing {config.num_experts}, or another num_experts")
     _check_one_form(chosen, denses)
     if config.init == "drop_upcycle" and any(dense.up.is_meta for dense in denses):
         raise ValueError(
@@ -211,6 +212,10 @@ def _plan_upcycle(model, moe_config, selection, groups, adapter_name, targets, s
         )
     built = [_upcycled_layer(dense, config, groups, seed * _LAYER_SEED_STRIDE + site.layer_index)
              for site, dense in zip(chosen, denses)]
+    issues = output_preserving_issues(config) if config.init in ("copy", "granular") else []
+    if issues:  # once per patch, once every layer was built (a refusal is not preceded by a warning)
+        log.warning("init=%r: the upcycled layers will not reproduce the dense output at step 0: %s", config.init,
+                    "; ".join(issues), ranks=[0])
     return PatchPlan("upcycle", config, chosen, built, ffn_adapter.name)
 
 
@@ -268,10 +273,7 @@ def _config_for(moe_config: MoEConfig, dense: DenseFFN) -> MoEConfig:
         )
     if differing:
         log.info("expert FFN form taken from the dense model: %s", differing, ranks=[0])
-    config = dataclasses.replace(moe_config, **changes)
-    for issue in output_preserving_issues(config):
-        log.warning("upcycled layers will not reproduce the dense output at step 0: %s", issue, ranks=[0])
-    return config
+    return dataclasses.replace(moe_config, **changes)
 
 
 @torch.no_grad()

@@ -235,9 +235,6 @@ def init_experts(dense: DenseFFN, config: MoEConfig, expert_ids: list[int], seed
         raise ValueError(f"granular upcycling needs num_experts={config.num_experts} divisible by granularity={g}")
     f, h = expert_intermediate_size(dense, config), dense.hidden_size
     _check_ids(config, expert_ids)
-    issues = output_preserving_issues(config) if config.init in ("copy", "granular") else []
-    if issues:
-        log.warning(f"init={config.init!r} will not reproduce the dense FFN at step 0: " + "; ".join(issues), ranks=[0])
     n, kw = len(expert_ids), {"dtype": dense.up.dtype, "device": dense.up.device}
     up_name = "gate_up_proj" if dense.gated else "up_proj"
     o = 2 * f if dense.gated else f

@@ -89,7 +89,8 @@ class TokenDispatcher:
         self.ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         if num_experts % self.ep_size != 0:
             raise ValueError(
-                f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}"
+                f"num_experts={num_experts} is not divisible by the expert-parallel size {self.ep_size}: choose an "
+                f"ep dividing {num_experts}"
             )
         self.num_local_experts = num_experts // self.ep_size
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0

@@ -79,12 +79,15 @@ def _engine_without_native_moe() -> Iterator[None]:
         engine_module.MoE = native
 
 
-def _stage(config: Any) -> int:
+def _as_dict(config: Any) -> dict[str, Any]:
+    """``deepspeed.initialize``'s ``config``: a dict, or the path of a JSON file."""
     if isinstance(config, dict):
-        return int(config.get("zero_optimization", {}).get("stage", 0))
-    from switchyard.deepspeed.config import zero_stage
+        return config
+    from pathlib import Path
 
-    return zero_stage(config)
+    from switchyard.deepspeed.config import _read
+
+    return _read(Path(config))
 
 
 def initialize(model: nn.Module, config: Any, **kwargs: Any) -> tuple:
@@ -92,9 +95,11 @@ def initialize(model: nn.Module, config: Any, **kwargs: Any) -> tuple:
     (``prepare_for_zero3``) and the engine is checked to have taken the expert groups."""
     import deepspeed
 
-    if _stage(config) != 3:
+    settings = _as_dict(config)
+    if int(settings.get("zero_optimization", {}).get("stage", 0)) != 3:
         return deepspeed.initialize(model=model, config=config, **kwargs)
     prepare_for_zero3(model)
+    _partition_into_the_device(model, settings, kwargs.get("mpu"))
     with _engine_without_native_moe():
         result = deepspeed.initialize(model=model, config=config, **kwargs)
     wrong = [name for name, p in model.named_parameters() if getattr(p, "ds_zero_placement_family", None) ==
@@ -103,6 +108,29 @@ def initialize(model: nn.Module, config: Any, **kwargs: Any) -> tuple:
         raise RuntimeError(f"ZeRO-3 partitioned expert parameters {wrong[:3]} over another group than their "
                            "expert-data-parallel one: this DeepSpeed does not honour ds_zero_partition_process_group")
     return result
+
+
+def _partition_into_the_device(model: nn.Module, config: dict[str, Any], mpu: Any) -> None:
+    """Partition the model parameter by parameter on its way to the device (``deepspeed.zero.Init(module=...)``):
+    the engine would move the whole model to the device first, so a model larger than one device could not start.
+    Each parameter goes to the device in the training dtype and is cut to this rank's partition before the next
+    one moves; buffers (rotary frequencies, expert biases) move whole, as the engine would have moved them."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    dtype = torch.bfloat16 if config.get("bf16", {}).get("enabled") is True else None
+    device = torch.device(get_accelerator().current_device_name())
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    for param in model.parameters():
+        if dtype is not None and param.is_floating_point():
+            param.data = param.data.to(dtype)  # the engine checks a partitioned model is in its training dtype
+    # the ZeRO and precision settings only: Init checks batch sizes against a world size of its own
+    settings = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": config.get("zero_optimization", {}),
+                "bf16": config.get("bf16", {})}
+    deepspeed.zero.Init(module=model, config_dict_or_path=settings, mpu=mpu)
 
 
 def is_partitioned(model: nn.Module) -> bool:

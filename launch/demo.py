@@ -76,7 +76,8 @@ def main() -> int:
     print(f"  dense loss {loss_start:.3f} -> {dense_loss:.3f} (on the fine-tune's first batch)", flush=True)
 
     print(f"== upcycle to 4 experts (copy) and fine-tune on {args.ranks} ranks, ep={args.ranks} ==", flush=True)
-    shutil.rmtree(out / "finetune", ignore_errors=True)  # the last demo's run: a fresh run refuses its checkpoints
+    for last in ("finetune", "export"):  # the last demo's outputs: a fresh run refuses its checkpoints, and an export
+        shutil.rmtree(out / last, ignore_errors=True)  # refuses a directory it cannot tell for an earlier export
     launcher = Path(sys.executable).with_name("deepspeed")
     command = [str(launcher), "--num_gpus", str(args.ranks), "launch/finetune.py", "--config", str(CONFIG),
                f"model.source={out / 'dense'}", f"output_dir={out / 'finetune'}", f"parallel.ep={args.ranks}",

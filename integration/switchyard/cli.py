@@ -41,6 +41,13 @@ def _count(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """A ``--model`` / ``--out`` path; an empty one (an unset ``$OUT`` in a script) would mean the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"the path is empty ({text!r}; an unset variable?): give a directory")
+    return text
+
+
 # what a Hugging Face hub id can look like ("name" or "org/name"); anything else is meant as a local path
 _HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
 
@@ -65,6 +72,9 @@ def model_config(model: str, flag: str = "--model") -> Any:
     from transformers import AutoConfig
 
     local = check_local_model(model, flag)
+    if local.is_dir() and not (local / "config.json").is_file():  # transformers: "Unrecognized model in …"
+        raise ValueError(f"{flag} {model}: {local} has no config.json, so it is no transformers model directory: pass "
+                         "the model's directory (the one holding config.json)")
     try:
         return AutoConfig.from_pretrained(str(local) if local.exists() else model)
     except OSError as err:
@@ -95,7 +105,8 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=_count, default=1, help="pipeline parallel degree")
     p.add_argument("--ep", type=_count, default=1, help="expert parallel degree")
     p.add_argument("--etp", type=_count, default=None, help="expert tensor parallel degree (1 or tp; default tp)")
-    p.add_argument("--num-experts", type=_count, default=None, help="show which experts each rank holds")
+    p.add_argument("--num-experts", type=_count, default=None,
+                   help="show which experts each rank holds (with --json: local_experts, one list per rank)")
     p.add_argument("--json", action="store_true", help="print the groups as JSON instead of a table")
 
 
@@ -106,7 +117,9 @@ def cmd_layout(args: argparse.Namespace) -> int:
     if args.num_experts is not None:
         local_expert_ids(args.num_experts, ep_size, 0)  # validates divisibility with a clear error
     if args.json:
-        print(json.dumps(layout))
+        experts = {} if args.num_experts is None else {
+            "local_experts": [local_expert_ids(args.num_experts, ep_size, c["ep"]) for c in coords]}
+        print(json.dumps({**layout, **experts}))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -152,12 +165,15 @@ def _tokenizer_of(model_dir: str) -> Any:
 
 
 def _int_list(text: str) -> list[int]:
+    """Layer indices; an empty item (``1,,2``, a trailing comma) is refused: a lost index, not one to skip."""
+    parts = [part.strip() for part in text.split(",")]
     try:
-        indices = [int(part) for part in text.split(",") if part.strip()]
+        indices = [int(part) for part in parts]
     except ValueError:
         indices = []
     if not indices or min(indices) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,2,4, got {text!r}")
+        empty = " (an empty item)" if "" in parts and len(parts) > 1 else ""
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,2,4, got {text!r}{empty}")
     return indices
 
 
@@ -178,7 +194,7 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
 def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
     from switchyard.config import INIT_METHODS
 
-    p.add_argument("--model", required=True, help="dense transformers model: a local dir (or a hub id)")
+    p.add_argument("--model", type=_path, required=True, help="dense transformers model: a local dir (or a hub id)")
     p.add_argument("--num-experts", type=_count, required=True, help="experts per MoE layer")
     p.add_argument("--top-k", type=_count, required=True, help="experts each token is routed to")
     p.add_argument("--init", choices=INIT_METHODS, default="copy", help="how experts start from the dense FFN")
@@ -187,23 +203,38 @@ def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated layer indices to make MoE (with --every-n: the layers both choose)")
     _add_selection_args(p, "with --layers / --every-n: the modules all choose")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initializers and the router")
-    p.add_argument("--out", required=True, help="directory for the switchyard checkpoint")
+    p.add_argument("--out", type=_path, required=True,
+                   help="directory for the switchyard checkpoint (one holding a switchyard checkpoint is replaced)")
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     import switchyard as sy
-    from switchyard.hf.checkpoint import check_save_target
+    from switchyard.hf.checkpoint import check_save_target, recover_interrupted_save
 
     moe_config = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init=args.init)
-    check_save_target(Path(args.out).resolve())  # what save_pretrained would refuse, before a long load
+    out = Path(args.out).resolve()
+    recover_interrupted_save(out)  # as save_pretrained would, so that the notice below sees what it replaces
+    check_save_target(out)  # what save_pretrained would refuse, before a long load
     _dry_run_upcycle(args, moe_config)
+    _note_replaced(out)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     sy.patch_model(model, moe_config, seed=args.seed, **_selection(args))
     sy.save_pretrained(model, args.out, tokenizer=_tokenizer_of(args.model))
     print(f"wrote {args.out}")
     return 0
+
+
+def _note_replaced(out: Path) -> None:
+    """Saving over a switchyard checkpoint replaces it (docs/checkpoints.md): say so before the long load, so that a
+    mistyped ``--out`` can still be stopped."""
+    from switchyard.hf.checkpoint import CONFIG_KEY, _read_json
+
+    config_file = out / "config.json"
+    if config_file.is_file() and _read_json(config_file).get(CONFIG_KEY):
+        print(f"switchyard upcycle: replacing the switchyard checkpoint at {out} (its files this save does not write, "
+              "like a README, are kept)", file=sys.stderr)
 
 
 def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
@@ -246,8 +277,10 @@ def _shard_size(text: str) -> int:
 
 
 def _add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a switchyard checkpoint (switchyard upcycle / save_pretrained)")
-    p.add_argument("--out", required=True, help="directory for the transformers MoE checkpoint")
+    p.add_argument("--model", type=_path, required=True,
+                   help="a switchyard checkpoint (switchyard upcycle / save_pretrained)")
+    p.add_argument("--out", type=_path, required=True,
+                   help="new or empty directory for the transformers MoE checkpoint (or an earlier export, replaced)")
     p.add_argument("--max-shard-size", type=_shard_size, default=None,
                    help="largest weight file, e.g. 5GB: more go in shards with an index (default: transformers')")
 
@@ -269,12 +302,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_PLAN_TOP_K = 2  # plan's --top-k when upcycling, as documented; None in args: an explicit --top-k is detectable
+
+
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", type=_path, required=True,
                    help="dense or HF MoE transformers model, or a switchyard checkpoint: dir or hub id "
                         "(only config.json is read)")
     p.add_argument("--num-experts", type=_count, default=None, help="upcycle a dense model to this many experts")
-    p.add_argument("--top-k", type=_count, default=2, help="experts each token is routed to (with --num-experts)")
+    p.add_argument("--top-k", type=_count, default=None,
+                   help=f"experts each token is routed to (with --num-experts; default {_PLAN_TOP_K})")
     p.add_argument("--every-n", type=_count, default=None, help="make layers 0, n, 2n, … MoE (with --num-experts)")
     p.add_argument("--layers", type=_int_list, default=None,
                    help="comma-separated layer indices to make MoE (with --num-experts; with --every-n: both)")
@@ -297,7 +334,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def planned_model(args: argparse.Namespace) -> Any:
-    """The model on the meta device (no weights read), patched as the job would patch it."""
+    """The model on the meta device (no weights read), patched as the job would patch it. ``args.top_k`` None is
+    the documented default for upcycling (``_PLAN_TOP_K``); a model with its own MoE layers ignores it (the fine-tune
+    passes its run config's ``moe.top_k`` here, so ``cmd_plan`` refuses an explicit ``--top-k``, not this)."""
     import switchyard as sy
     from switchyard.hf.checkpoint import CONFIG_KEY, _repatch, empty_model
 
@@ -313,17 +352,62 @@ def planned_model(args: argparse.Namespace) -> Any:
         _repatch(model, record, None)
         return model
     model = empty_model(config)
-    if args.num_experts is None:
-        chosen = [f"--{key.replace('_', '-')}" for key, value in _selection(args).items() if value is not None]
-        if chosen:
-            raise ValueError(f"{' / '.join(chosen)} choose the layers to upcycle: pass --num-experts with them")
-        try:
-            return sy.patch_model(model)  # an HF MoE model: adopt its blocks
-        except ValueError as err:
-            raise ValueError(f"{args.model} has no MoE blocks to adopt: to plan a dense model upcycled, pass "
-                             f"--num-experts (and --top-k) [{err}]") from None
-    moe = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init="copy")  # copy: shapes suffice
+    blocks = _hf_moe_blocks(model)
+    if blocks:
+        given = ["--num-experts"] * (args.num_experts is not None) + _flags(args)
+        if given:
+            raise ValueError(f"{args.model} is an HF MoE model ({blocks[0]}), which keeps its own experts and routing "
+                             f"(every MoE block is adopted as it is): drop {' / '.join(given)}")
+        return sy.patch_model(model)  # adopt its blocks
+    if args.num_experts is None:  # with it, patch_model refuses an MoE model it cannot adopt, naming the block
+        _refuse_unadoptable(model, args.model)
+        if _flags(args):
+            raise ValueError(f"{' / '.join(_flags(args))} choose the layers to upcycle: pass --num-experts with them")
+        raise ValueError(f"{args.model} has no MoE blocks to adopt: to plan a dense model upcycled, pass --num-experts "
+                         "(and --top-k)")
+    top_k = _PLAN_TOP_K if args.top_k is None else args.top_k
+    moe = sy.MoEConfig(num_experts=args.num_experts, top_k=top_k, init="copy")  # copy: shapes suffice
     return sy.patch_model(model, moe, **_selection(args))
+
+
+def _flags(args: argparse.Namespace) -> list[str]:
+    """The layer-selection flags given (``--layers``, ``--every-n``, …)."""
+    return [f"--{key.replace('_', '-')}" for key, value in _selection(args).items() if value is not None]
+
+
+def _hf_moe_blocks(model: Any) -> list[str]:
+    """The class names of the HF MoE blocks switchyard adopts that ``model`` holds (none: a dense model)."""
+    from switchyard.hf.adopt import SUPPORTED_BLOCKS
+
+    return sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in SUPPORTED_BLOCKS})
+
+
+def _refuse_unadoptable(model: Any, name: str) -> None:
+    """An MoE model whose blocks switchyard cannot adopt (GPT-OSS) is neither adopted nor dense: say that, with
+    adopt's reason, rather than "no MoE blocks" or "pass --num-experts"."""
+    from switchyard.hf.adopt import refuse_unadoptable
+    from switchyard.hf.patch import _refuse_unsupported_moe
+
+    try:
+        refuse_unadoptable(model)
+        if not _hf_moe_blocks(model):
+            _refuse_unsupported_moe(model)
+    except ValueError as err:
+        raise ValueError(f"{name} has MoE blocks that switchyard cannot adopt, and it is no dense model to upcycle: "
+                         f"{err}") from None
+
+
+def _refuse_unused_top_k(args: argparse.Namespace, model: Any) -> None:
+    """``--top-k`` sets the routing of a dense model upcycled with ``--num-experts``; a model with its own MoE layers
+    (an HF MoE model, a switchyard checkpoint) keeps its routing, so the numbers would silently ignore it."""
+    from switchyard.hf.patch import moe_layers
+
+    if args.top_k is None or args.num_experts is not None:
+        return
+    layers = moe_layers(model)
+    own = f" (top-{layers[0].config.top_k} from its config.json)" if layers else ""
+    raise ValueError(f"--top-k {args.top_k}: {args.model} has its own MoE layers and keeps their routing{own}; "
+                     "drop --top-k (it applies with --num-experts, to a dense model upcycled)")
 
 
 def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, etp: int | None = None,
@@ -436,6 +520,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                          f"counts for --pp {args.pp}: give one per stage")
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep --json parseable
         model = planned_model(args)
+    _refuse_unused_top_k(args, model)
     numbers = plan_numbers(model, args.world, args.ep, args.precision, tp=args.tp, etp=args.etp, pp=args.pp,
                            pp_layers=args.pp_layers)
     numbers.update(_host_load(args, numbers))

@@ -13,7 +13,9 @@ meta parameters, filled with our tensors (shared storage, no copy) by a strict `
 and saved by its own ``save_pretrained``, so the on-disk layout is whatever that transformers
 version (and vLLM) expects. It is saved into a hidden directory inside ``path`` and moved up when complete;
 that directory's name records the process and host writing it, so a later export can tell a killed export's
-leftover (removed) from a running one's (kept).
+leftover (removed) from a running one's (kept). The written config.json carries ``EXPORT_KEY``: only a directory
+holding that mark is taken for an earlier export and replaced; any other non-empty directory is refused, as it may
+be a model the user downloaded or adopted from (same ``model_type`` or not).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ _WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetens
 # a killed export's leftover (pid gone on this host) from a concurrent one's; a bare .export-<random> is an older one's
 _STAGING_PREFIX = ".export-"
 _STAGING_OWNER = re.compile(r"^\.export-(?P<pid>\d+)@(?P<host>[^@/]+)\.[^.]+$")
+# The mark an export writes into its config.json ({"version": 1, "from": <source model_type>}): what tells an earlier
+# export, which a new one may replace, from a model of the same model_type that must never be overwritten
+EXPORT_KEY = "switchyard_export"
+_EXPORT_MARK_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -286,24 +292,52 @@ def _block_tensors(layer: MoELayer, block: nn.Module, family: MoEFamily, zero_sh
     return out
 
 
+def export_dir(path: str | Path) -> Path:
+    """``path`` as the export directory; an empty one is refused: ``Path("")`` is the working directory, which is
+    what an unset ``$OUT`` in ``--out "$OUT"`` would silently export into."""
+    if not str(path).strip():
+        raise ValueError(f"the export path is empty ({str(path)!r}; an unset variable?): give the directory for the "
+                         "transformers checkpoint, e.g. ./model-hf")
+    return Path(path)
+
+
+def _is_staging(entry: Path) -> bool:
+    """An export's staging directory (ours, a concurrent one's or a killed one's leftover): not the user's data."""
+    return entry.name.startswith(_STAGING_PREFIX) and entry.is_dir() and not entry.is_symlink()
+
+
 def _check_destination(out: Path, model_type: str) -> None:
-    """transformers' save_pretrained only logs (and writes nothing) when ``out`` is a file, and would overwrite
-    a switchyard checkpoint's config.json, losing the record that rebuilds it (``--out`` = ``--model``), or
-    another model's config and weights (``--out`` = the dense source); an earlier export of this family is
-    replaced."""
+    """Only a new or empty directory, or an earlier export of this family (its config.json carries ``EXPORT_KEY``),
+    may be written: the export replaces config.json and deletes weight files it did not write, which would destroy a
+    switchyard checkpoint (``--out`` = ``--model``), the model it was adopted from or upcycled from, a downloaded
+    model of the same ``model_type``, or any other files. transformers' save_pretrained only logs (and writes
+    nothing) when ``out`` is a file."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"export path {out} is a file; give a directory for the transformers checkpoint")
-    config_file = out / "config.json"
-    if not config_file.is_file():
+    if not out.is_dir():
         return
-    config = _read_json(config_file)
+    fix = "export into a new or empty directory"
+    config_file = out / "config.json"
+    config = _read_json(config_file) if config_file.is_file() else {}
     if config.get(CONFIG_KEY):
         raise ValueError(f"{out} holds a switchyard checkpoint; exporting there would overwrite its config.json and "
-                         "lose it: export into another directory")
-    if config.get("model_type") != model_type:
-        raise ValueError(f"{out} holds a {config.get('model_type')} model; exporting a {model_type} there would "
-                         "overwrite its config.json and weights: export into a new or empty directory (or one holding "
-                         f"an earlier {model_type} export, which is replaced)")
+                         f"lose it: {fix}")
+    if config.get(EXPORT_KEY):
+        if config.get("model_type") != model_type:
+            raise ValueError(f"{out} holds an earlier export of a {config.get('model_type')} model; exporting a "
+                             f"{model_type} there would mix the two: {fix} (or delete {out} first)")
+        return  # an earlier export of this family: replaced
+    held = sorted(entry.name for entry in out.iterdir() if not _is_staging(entry))
+    if not held:
+        return
+    if config_file.is_file():
+        raise ValueError(f"{out} holds a {config.get('model_type')} model that is no switchyard export ({config_file} "
+                         f"has no {EXPORT_KEY!r} mark): exporting there would overwrite its config.json and weights; "
+                         f"{fix} (an export written by a switchyard older than that mark is refused too: delete "
+                         f"{out} first, or choose another directory)")
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    raise ValueError(f"{out} is not empty ({shown}) and holds no earlier export (no config.json): exporting there "
+                     f"would overwrite or delete its files: {fix}")
 
 
 def _staging_prefix() -> str:
@@ -376,7 +410,9 @@ def _save(target: nn.Module, tokenizer: Any, out: Path, shard_bytes: int | None)
         for earlier in out.iterdir():
             if _WEIGHT_FILES.match(earlier.name) and not (staging / earlier.name).exists():
                 earlier.unlink()
-        for written in staging.iterdir():
+        # config.json (with EXPORT_KEY) first: an export killed while moving up leaves a directory marked as an export,
+        # which the next export replaces, not one of weights without a config, which it would refuse
+        for written in sorted(staging.iterdir(), key=lambda f: f.name != "config.json"):
             os.replace(written, out / written.name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -393,7 +429,7 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None,
     The model is only read (the written tensors share its storage while saving). ``max_shard_size`` (e.g.
     ``"5GB"``) splits the weights into shards with an index; default: transformers' own.
     """
-    out = Path(path)
+    out = export_dir(path)
     shard_bytes = _parse_size(max_shard_size) if max_shard_size is not None else None
     target, zero_shared = _plan(model, out)
     cls = type(target).__name__
@@ -427,12 +463,13 @@ def check_export(path: str | Path, out: str | Path) -> None:
 
     from switchyard.hf.checkpoint import _repatch, read_record, recover_interrupted_save
 
+    out = export_dir(out)
     recover_interrupted_save(path)
     record = read_record(Path(path))
     config = AutoConfig.from_pretrained(path)
     family = EXPORTS.get(config.model_type)
     if family is not None:  # the destination first: it needs no model (--out naming --model, or another model)
-        _check_destination(Path(out), family.model_type)
+        _check_destination(out, family.model_type)
     delattr(config, CONFIG_KEY)
     model = empty_model(config)
     try:
@@ -441,7 +478,7 @@ def check_export(path: str | Path, out: str | Path) -> None:
         raise ValueError(f"{Path(path) / 'config.json'}: its {CONFIG_KEY!r} record has no {err}: a truncated or "
                          "hand-edited file; save the model again") from None
     setattr(model.config, CONFIG_KEY, copy.deepcopy(record))
-    _plan(model, Path(out))
+    _plan(model, out)
 
 
 def _plan(model: nn.Module, out: Path | None) -> tuple[nn.Module, bool]:
@@ -464,6 +501,7 @@ def _plan(model: nn.Module, out: Path | None) -> tuple[nn.Module, bool]:
         _check_destination(out, family.model_type)
     target_config = _target_config(model, family, record, layers)
     target_config.architectures = [_target_class(model, family)]
+    setattr(target_config, EXPORT_KEY, {"version": _EXPORT_MARK_VERSION, "from": model_type})
     zero_shared = _check(model, target_config, family, record, layers)
     target = empty_model(target_config)
     prefixes = moe_prefixes(model)
@@ -484,4 +522,4 @@ def _plan(model: nn.Module, out: Path | None) -> tuple[nn.Module, bool]:
     return target, zero_shared
 
 
-__all__ = ["EXPORTS", "MoEFamily", "check_export", "export_hf", "supported_exports"]
+__all__ = ["EXPORTS", "EXPORT_KEY", "MoEFamily", "check_export", "export_dir", "export_hf", "supported_exports"]

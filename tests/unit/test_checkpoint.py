@@ -331,3 +331,12 @@ def test_a_shard_size_below_one_byte_is_refused_before_writing(tmp_path, size):
     with pytest.raises(ValueError, match="must be at least one byte"):
         sy.save_pretrained(model, tmp_path / "ckpt", max_shard_size=size)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_empty_save_path_is_refused_not_taken_for_the_working_directory(tmp_path, monkeypatch):
+    model = build("llama", intermediate_size=48)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"save_pretrained path is empty \(''; an unset variable\?\)"):
+        sy.save_pretrained(model, "")
+    assert not list(tmp_path.iterdir())

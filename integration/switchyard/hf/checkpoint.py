@@ -372,6 +372,9 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     ep, ep_rank = (groups.size("ep"), groups.rank("ep")) if groups is not None else (layers[0].ep_size, layers[0].ep_rank)
     assert all((l.ep_size, l.ep_rank) == (ep, ep_rank) for l in layers), "MoE layers disagree on their EP rank"
     max_bytes = _parse_size(max_shard_size)
+    if not str(path).strip():  # Path("") is the working directory: what an unset variable would silently name
+        raise ValueError(f"save_pretrained path is empty ({str(path)!r}; an unset variable?): give the checkpoint's "
+                         "directory")
     # resolved: a symlink's target is what gets replaced, and "." names the directory, not the process's cwd
     rank, out = dist.get_rank() if _distributed() else 0, Path(path).resolve()
     staging, _ = swap_paths(out)

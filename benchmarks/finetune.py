@@ -108,6 +108,7 @@ from bench_common import (  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "finetune.json"
 ZERO2_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
+ZERO_CONFIGS = {2: ZERO2_CONFIG, 3: REPO_ROOT / "configs" / "deepspeed" / "zero3.json"}
 PEAK_FLOPS = 989e12  # H200 dense bf16 datasheet value (the same constant as switchyard.train.loop)
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
 # Competitors first: switchyard's ProcessGroupManager registers its groups with DeepSpeed last, so it
@@ -186,6 +187,7 @@ class Run:
     # (the --variant-gradient-checkpointing experiment; train.gradient_checkpointing in launch/finetune.py)
     gradient_checkpointing: bool = False
     ep: int = 1  # expert-parallel size = world size (--ep)
+    zero_stage: int = 2  # configs/deepspeed/zero{2,3}.json (--zero-stage), the same for every implementation
 
     @property
     def precision(self) -> str:
@@ -205,7 +207,7 @@ class Built:
 def ds_config(run: Run, **extra: Any) -> dict:
     from switchyard.deepspeed import fill_deepspeed_config
 
-    config = fill_deepspeed_config(ZERO2_CONFIG, micro_batch_size=run.batch, grad_accum=1, dp_size=run.ep,
+    config = fill_deepspeed_config(ZERO_CONFIGS[run.zero_stage], micro_batch_size=run.batch, grad_accum=1, dp_size=run.ep,
                                    clip=CLIP, precision=run.precision, ep_size=run.ep)
     config.update(extra)
     return config
@@ -255,10 +257,10 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def build_switchyard(run: Run, aux: bool) -> Built:
     ensure_world(run.device)
-    import deepspeed
     from transformers import AutoModelForCausalLM
 
     import switchyard as sy
+    from switchyard.deepspeed import initialize  # deepspeed.initialize; at ZeRO-3 with the experts placed
 
     groups = sy.ProcessGroupManager(ep=run.ep)
     with torch.device(run.device):
@@ -278,8 +280,8 @@ def build_switchyard(run: Run, aux: bool) -> Built:
         if isinstance(module, sy.MoELayer):
             module.cuda_graph = run.cuda_graph
     total, experts = count_params(model)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, run),
-                                           config=ds_config(run), mpu=groups.mpu)
+    engine, _, _, _ = initialize(model=model, optimizer=make_optimizer(model, run), config=ds_config(run),
+                                 mpu=groups.mpu)
     graph = ", cuda_graph" if run.cuda_graph else ""
     return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}",
                  keep=[groups],
@@ -326,6 +328,11 @@ def build_hf_grouped_mm(run: Run, aux: bool) -> Built:
             model = _mixtral(run, aux, "eager")
     impl = getattr(model.config, "_experts_implementation", None)
     total, experts = count_params(model)
+    if run.zero_stage == 3:  # transformers' MoE block as one ZeRO-3 unit, as DeepSpeed advises for MoE models
+        from deepspeed.utils import set_z3_leaf_modules
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        set_z3_leaf_modules(model, [MixtralSparseMoeBlock])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, run),
                                            config=ds_config(run))
     return Built(engine, variant=f"MixtralForCausalLM, experts_implementation={impl}", notes=notes,
@@ -756,6 +763,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant-moe-max-group-size", type=int_at_least(1), default=None, metavar="N",
                    help="after the main runs, rerun switchyard and deepspeed_autoep with the MoE param-group "
                         "size cap set to N elements (an experiment; stored under 'variants')")
+    p.add_argument("--zero-stage", type=int, choices=sorted(ZERO_CONFIGS), default=2,
+                   help="ZeRO stage of every implementation (configs/deepspeed/zero<N>.json); at 3 the weights are "
+                        "partitioned too (switchyard: switchyard.deepspeed.initialize; AutoEP: its own ZeRO-3 support; "
+                        "transformers' block as a ZeRO-3 leaf module)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="run the rounds themselves with activation checkpointing of every decoder layer, for every "
                         "implementation (so its timing alternates the order like the default's; meta.gradient_checkpointing)")
@@ -809,7 +820,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(args.seed + rank)  # every data-parallel rank its own batch
     input_ids = torch.randint(0, shape.vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
     run = Run(shape, args.device, dtype, args.batch, args.seq_len, input_ids, args.seed, ep=args.ep,
-              gradient_checkpointing=args.gradient_checkpointing)
+              gradient_checkpointing=args.gradient_checkpointing, zero_stage=args.zero_stage)
     argv_used = [a for a in (sys.argv[1:] if argv is None else argv)
                  if not a.startswith(("--local_rank", "--local-rank"))]  # the deepspeed launcher adds it
     meta = {
@@ -827,12 +838,13 @@ def main(argv: list[str] | None = None) -> dict:
         "profile_steps": args.profile_steps,
         "gradient_checkpointing": args.gradient_checkpointing,
         "dtype": run.precision,
-        "training": {"zero_stage": 2, "config": "configs/deepspeed/zero2.json via fill_deepspeed_config",
+        "training": {"zero_stage": args.zero_stage,
+                     "config": f"configs/deepspeed/zero{args.zero_stage}.json via fill_deepspeed_config",
                       "optimizer": f"torch.optim.AdamW(lr={LR}, weight_decay={WEIGHT_DECAY}"
                                    f"{', fused=True' if args.device.type == 'cuda' else ''}) over "
                                    "switchyard.deepspeed.optimizer_param_groups", "gradient_clipping": CLIP,
                       "moe_max_group_size": MOE_MAX_GROUP_SIZE,
-                      "bf16_check_grad_overflow": json.loads(ZERO2_CONFIG.read_text()).get("bf16", {}).get(
+                      "bf16_check_grad_overflow": json.loads(ZERO_CONFIGS[args.zero_stage].read_text()).get("bf16", {}).get(
                           "check_grad_overflow", True),
                       "world_size": args.ep, "ep": args.ep},
         "aux_loss_coef": AUX_LOSS_COEF,

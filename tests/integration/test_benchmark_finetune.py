@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from harness import REPO_ROOT, load_script, run_deepspeed_launcher, run_script
@@ -149,3 +150,22 @@ def test_mfu_counts_the_matmul_parameters_a_token_goes_through():
     assert params["active_matmul"] == matmul and params["active"] - matmul == 32000 * h + layers * 2 * h + h
     assert math.isclose(bench.mfu(bench.SHAPE, 40_000.0, 1), 6 * matmul * 40_000.0 / 989e12)
     assert math.isclose(bench.mfu(bench.SHAPE, 40_000.0, 2), bench.mfu(bench.SHAPE, 40_000.0, 1) / 2)
+
+
+def test_finetune_benchmark_at_zero3(tmp_path):
+    """--zero-stage 3 puts every implementation under configs/deepspeed/zero3.json (switchyard through
+    switchyard.deepspeed.initialize, transformers' block as a ZeRO-3 leaf); the first losses are the ZeRO-2 run's
+    (the same weights and ids: stage 3 changes where the weights live, not the step)."""
+    losses = {}
+    for stage in (2, 3):
+        out = tmp_path / f"zero{stage}.json"
+        proc = run_script(REPO_ROOT / "benchmarks" / "finetune.py",
+                          ["--tiny", "--device", "cpu", "--impls", "switchyard", "hf_grouped_mm", "--rounds", "1",
+                           "--zero-stage", str(stage), "--out", str(out)], timeout_s=240)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        data = json.loads(out.read_text())
+        assert data["meta"]["training"]["zero_stage"] == stage
+        assert data["meta"]["training"]["config"] == f"configs/deepspeed/zero{stage}.json via fill_deepspeed_config"
+        assert all("error" not in entry for entry in data["results"].values()), data["results"]
+        losses[stage] = {impl: entry["loss_first"] for impl, entry in data["results"].items()}
+    assert losses[3] == pytest.approx(losses[2], rel=1e-5)

@@ -110,6 +110,9 @@ def test_models_health_and_auth(server, client):
     for key in (None, "wrong"):
         status, body = http(server, "GET", "/v1/models", key=key)
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    # RFC 7235: the scheme is case-insensitive ("bearer" was a 401), the key is not
+    assert http(server, "GET", "/v1/models", key=None, headers={"Authorization": f"bearer {KEY}"})[0] == 200
+    assert http(server, "GET", "/v1/models", key=None, headers={"Authorization": f"bearer {KEY.upper()}"})[0] == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong", max_retries=0).models.list()
 
@@ -365,6 +368,16 @@ BAD = {
     "image part": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, None, 400),
     "unknown route": ("/v1/engines", {"model": MODEL}, None, 404),
+    # types are strict (these were coerced: 1 token, a prompt of token ids 1 and 0, logprobs returned)
+    "max_tokens true": ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": True}, None, 400),
+    "stream 'yes'": ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "yes"}, None, 400),
+    "boolean prompt": ("/v1/completions", {"model": MODEL, "prompt": [True, False]}, None, 400),
+    "logprobs false": ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": False}, None, 400),
+    "user message without content": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, None,
+                                     400),
+    "too many prompts": ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 17}, None, 400),
+    "deeply nested": ("/v1/completions", None, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400),
+    "not utf-8": ("/v1/completions", None, b'{"model": "x", "prompt": "\xff"}', 400),
 }
 
 
@@ -404,6 +417,7 @@ def test_bad_input_gets_an_openai_error_and_the_server_goes_on(server, client, r
         assert status == want, (name, status, reply)
         assert isinstance(reply, dict) and set(reply["error"]) == {"message", "type", "param", "code"}, (name, reply)
         assert reply["error"]["message"], name
+        assert status != 400 or reply["error"]["code"] is not None, (name, reply)  # n, prompts, vocab, parse: null
     status, reply = http(server, "GET", "/v1/completions")
     assert status == 405 and "error" in reply
     with pytest.raises(openai.NotFoundError):

@@ -211,6 +211,64 @@ def test_draining_engine_refuses_new_sequences(model_and_tok):
     assert running.finish_reason == "length" and engine.idle()
 
 
+@pytest.mark.parametrize("stop", ["drain timeout", "second signal"])
+def test_a_drain_cut_short_ends_each_sequence_with_an_error_for_its_client(model_and_tok, stop):
+    """The drain timeout, or Ctrl-C twice, aborted what was left with finish_reason "abort" and nothing else: the
+    app answered a 200 carrying it (no OpenAI finish reason) and a stream its ``[DONE]``. Now each sequence still
+    in flight (running or waiting for a slot) ends with an error saying why, which the app turns into a 503
+    ``shutting_down``; a sequence aborted because its client went away has no error (nobody to tell)."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from switchyard.serve.workers import ControlChannel, Rank0Loop
+
+    model, tok = model_and_tok
+    engine, got = engine_for(model, tok, max_batch=2), Collector()
+    seqs = [Sequence(tok(p).input_ids, SamplingParams(max_tokens=200, temperature=0), got.sink, i)
+            for i, p in enumerate(PROMPTS[:3])]  # the third waits for a slot
+    gone = Sequence(tok(PROMPTS[3]).input_ids, SamplingParams(max_tokens=200), got.sink, 3)
+    execute = engine.runner.execute
+
+    def slow(plan: StepPlan) -> torch.Tensor:  # 200 tokens take seconds: the drain cannot finish them
+        time.sleep(0.01)
+        return execute(plan)
+
+    engine.runner.execute = slow
+
+    class Server:  # uvicorn's stand-in: the signals arrive while it serves
+        started = should_exit = False
+        config = SimpleNamespace(timeout_graceful_shutdown=10)
+
+        def run(self) -> None:
+            self.started = True
+            while not engine.running:
+                time.sleep(0.01)
+            engine.abort(gone)  # its client disconnected
+            loop._on_signal(signal.SIGTERM, None)
+            if stop == "second signal":
+                loop._on_signal(signal.SIGINT, None)
+            while not self.should_exit:
+                time.sleep(0.01)
+
+    engine.submit([*seqs, gone])
+    loop = Rank0Loop(engine, ControlChannel(), Server(), drain_timeout_s=0.3 if stop == "drain timeout" else 300)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert loop.run() == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    why = "the drain timeout (0.3s)" if stop == "drain timeout" else "a second signal"
+    for seq in seqs:
+        last = got.outputs[seq.index][-1]
+        assert (last.finish_reason, last.error_code) == ("abort", "shutting_down"), last
+        assert last.error.startswith(f"the server is shutting down and {why} stopped this request"), last.error
+        assert len(seq.output_ids) < 200
+    assert got.outputs[3][-1].finish_reason == "abort" and got.outputs[3][-1].error is None
+    assert engine.idle()
+
+
 @pytest.mark.parametrize("mode", ["stream", "window"])
 def test_detokenizer_deltas_concatenate_to_the_full_decode(model_and_tok, mode):
     """Both paths (tokenizers' DecodeStream for fast tokenizers, the two-window decode otherwise),
@@ -535,7 +593,10 @@ def test_nan_logits_end_only_their_sequence(model_and_tok, temperature):
     engine.runner.execute = poisoned
     engine.run_until_idle()
     assert broken.finish_reason == "abort" and len(broken.output_ids) == 3
-    assert got.outputs[0][-1].finish_reason == "abort" and got.outputs[0][-1].token_id is None
+    last = got.outputs[0][-1]
+    assert last.finish_reason == "abort" and last.token_id is None
+    # its client is told why (the app's 500 nonfinite_logits), not handed finish_reason "abort" in a 200
+    assert last.error_code == "nonfinite_logits" and "no finite value (NaN or inf) after 3 generated" in last.error
     for seq in others:
         assert seq.finish_reason == "length" and seq.output_ids == greedy(model, seq.prompt_ids, 10)
     assert engine.idle() and sorted(engine._free_slots) == [0, 1, 2]

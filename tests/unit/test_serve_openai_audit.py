@@ -11,6 +11,7 @@ computation ``generate`` does.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from types import SimpleNamespace
 
@@ -64,7 +65,7 @@ def served(tmp_path_factory):
         workers[0].join(0.02)
     base_url = f"http://127.0.0.1:{port}/v1"
     yield SimpleNamespace(client=openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60),
-                          base_url=base_url, model=model, tok=tok)
+                          base_url=base_url, model=model, tok=tok, engine=engine)
     server.should_exit = True
     stop.set()
     for worker in workers:
@@ -169,3 +170,136 @@ def test_error_bodies_carry_openais_types(served):
                    ("invalid_request_error", "invalid_value", "temperature")]
     assert [P.error_body(status, "m")["error"]["type"] for status in (405, 413, 500, 503)] == \
         ["invalid_request_error", "invalid_request_error", "server_error", "server_error"]
+
+
+def call(served, path: str, body: object = None, raw: bytes | None = None, auth: str = f"Bearer {KEY}") -> tuple:
+    """(status, body text) of a request sent as given (a POST with a body; bytes the ``openai`` client would not
+    send as such)."""
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(served.base_url + path, data=data, method="POST" if data else "GET",
+                                     headers={"Content-Type": "application/json", "Authorization": auth})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_a_request_the_server_stops_gets_a_503_not_finish_reason_abort(served, monkeypatch):
+    """A request the server ended unfinished (drain timeout, Ctrl-C twice: ``Engine.abort_all``, as ``Rank0Loop``
+    calls it) came back as a 200 with ``finish_reason: "abort"``, which is no OpenAI finish reason, and a stream
+    ended with ``[DONE]`` as if complete. Now, as after an engine failure: a plain request gets OpenAI's error body
+    (503 ``shutting_down``), a stream an error event and no ``[DONE]``."""
+    engine, why = served.engine, "the server is shutting down and the drain timeout (1s) stopped this request"
+    execute = engine.runner.execute
+
+    def stopping(plan):  # the engine's thread: once the three requests have tokens, the server stops them
+        if len(engine.running) == 3 and all(len(s.output_ids) >= 2 for s in engine.running.values()):
+            engine.abort_all(why)
+        return execute(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", stopping)
+    outcome: dict = {}
+    body = dict(model=MODEL, max_tokens=100, temperature=0)
+
+    def plain() -> None:
+        try:
+            outcome["plain"] = served.client.completions.create(prompt="x", **body)
+        except Exception as err:  # noqa: BLE001 - what the client sees is the point
+            outcome["plain"] = err
+
+    def chat_stream() -> None:
+        try:
+            outcome["chat"] = list(served.client.chat.completions.create(messages=[{"role": "user", "content": "x"}],
+                                                                         stream=True, **body))
+        except Exception as err:  # noqa: BLE001
+            outcome["chat"] = err
+
+    def raw_stream() -> None:
+        status, text = call(served, "/completions", {**body, "prompt": "y", "stream": True})
+        outcome["raw"] = (status, [e for e in text.split("\n\n") if e])
+
+    threads = [threading.Thread(target=f) for f in (plain, chat_stream, raw_stream)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    error = {"message": why, "type": "server_error", "param": None, "code": "shutting_down"}
+    assert isinstance(outcome["plain"], openai.InternalServerError), outcome["plain"]
+    assert outcome["plain"].status_code == 503 and outcome["plain"].body == error
+    assert type(outcome["chat"]) is openai.APIError and outcome["chat"].body == error, outcome["chat"]
+    status, events = outcome["raw"]
+    assert status == 200 and events[-1] == f"data: {json.dumps({'error': error}, separators=(',', ':'))}", events
+    assert "data: [DONE]" not in events and not any('"abort"' in e for e in events), events
+    assert engine.idle()
+
+
+def test_wrong_types_are_400s_naming_the_param(served):
+    """Lax pydantic coerced these (``max_tokens: true`` generated 1 token, ``"logprobs": false`` returned logprobs,
+    ``[true, false]`` was a prompt of token ids 1 and 0); each is now OpenAI's 400 with ``param``."""
+    client, user = served.client, [{"role": "user", "content": "x"}]
+    for path_fields in ({"max_tokens": True}, {"max_tokens": "5"}, {"n": True}, {"temperature": "0.5"},
+                        {"echo": "true"}, {"stream": "yes"}, {"stream": 1}, {"ignore_eos": "no"}, {"logprobs": False},
+                        {"logprobs": True}, {"prompt": [True, False]}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body=path_fields)
+        assert (err.value.param, err.value.code) == (next(iter(path_fields)), "invalid_value"), path_fields
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=user, max_tokens=2, extra_body={"logprobs": 1})
+    assert (err.value.param, err.value.code) == ("logprobs", "invalid_value")
+    # what JSON allows still passes: an integer temperature, "" as content
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=1).choices[0].text is not None
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": ""}], max_tokens=2)
+    assert chat.usage.completion_tokens == 2
+
+
+def test_messages_without_content_and_failed_unions_say_what_is_wrong(served):
+    """A user message without content was rendered as an empty one; ``"prompt": 5`` said "prompt.str: Input should
+    be a valid string", as if only strings were taken."""
+    client = served.client
+    for message in ({"role": "user"}, {"role": "user", "content": None}, {"role": "user", "content": []},
+                    {"role": "assistant", "content": None}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a"}, message])
+        assert (err.value.param, err.value.code) == ("messages", "invalid_value")
+        assert err.value.body["message"].startswith(f"messages.1: a message with role {message['role']!r} needs content")
+    for fields, want in (({"prompt": 5}, "prompt must be a string, a list of strings, a list of token ids or a list "
+                                         "of lists of token ids, got 5"),
+                         ({"stop": 5}, "stop must be a string or a list of strings, got 5")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt="x", extra_body=fields)
+        assert err.value.body["message"] == want and err.value.param == next(iter(fields))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [{"type": "text"}]}])
+    assert err.value.body["message"] == "messages.0.content.0.text: Field required"
+
+
+def test_every_400_has_a_code(served):
+    """``n`` over max_n, too many prompts, token ids outside the vocabulary and bodies JSON could not parse (too
+    deep, not UTF-8) had ``code: null`` while every other 400 has one."""
+    cases = [({"model": MODEL, "prompt": "x", "n": 9}, None, "n", "invalid_value"),
+             ({"model": MODEL, "prompt": ["x"] * 17}, None, "prompt", "invalid_value"),
+             ({"model": MODEL, "prompt": [1, 10**9]}, None, "prompt", "invalid_value"),
+             (None, b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, "invalid_json"),
+             (None, b'{"model": "m", "prompt": "\xff"}', None, "invalid_json"),
+             (None, b'{"model": "m", "prompt": ', None, "invalid_json")]
+    for body, raw, param, code in cases:
+        status, text = call(served, "/completions", body, raw)
+        reply = json.loads(text)
+        assert status == 400 and (reply["error"]["param"], reply["error"]["code"]) == (param, code), reply
+        assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"], reply
+
+
+def test_the_bearer_scheme_is_case_insensitive_and_the_key_is_not(served):
+    """RFC 7235: the auth scheme is case-insensitive; ``bearer <key>`` was a 401."""
+    def status(auth: str) -> int:
+        return call(served, "/models", auth=auth)[0]
+
+    assert [status(f"{scheme} {KEY}") for scheme in ("Bearer", "bearer", "BEARER", "bEaReR")] == [200] * 4
+    assert status(f"bearer  {KEY}") == 200  # 1*SP between scheme and credentials
+    for wrong in (f"bearer {KEY.upper()}", f"Bearer {KEY}x", f"Bearer {KEY[:-1]}", f"Basic {KEY}", KEY, f"Bearer{KEY}",
+                  f"Bearer: {KEY}", "bearer"):
+        assert status(wrong) == 401, wrong

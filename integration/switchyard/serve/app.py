@@ -27,7 +27,8 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from switchyard.log import get_logger
 from switchyard.serve import protocol as P
 from switchyard.serve.config import ServeConfig
-from switchyard.serve.engine import Engine, EngineDraining, Sequence, SeqOutput
+from switchyard.serve.engine import (ENGINE_FAILED, NONFINITE_LOGITS, SHUTTING_DOWN, Engine, EngineDraining, Sequence,
+                                     SeqOutput)
 from switchyard.serve.metrics import CONTENT_TYPE, ServeMetrics
 from switchyard.serve.sampling import SamplingParams
 
@@ -36,6 +37,8 @@ log = get_logger(__name__)
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 KNOWN_PATHS = (*GENERATE_PATHS, "/v1/models", "/health", "/metrics")
 DISCONNECT_POLL_S = 0.25
+# a sequence that ended unfinished while its client waits (``SeqOutput.error_code``): the status its request gets
+ERROR_STATUS = {ENGINE_FAILED: 500, NONFINITE_LOGITS: 500, SHUTTING_DOWN: 503}
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for one raw byte
 
 
@@ -51,20 +54,99 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 def validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
     """(message, param, code) of a 400 for a request pydantic refused, from its first error: the field it names
-    (a request-level check's ``FieldError`` names its own), the check's message without pydantic's "Value error, "."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    (a request-level check's ``FieldError`` names its own), the check's message without pydantic's "Value error, ",
+    the value sent when pydantic's message does not show it, and what a union field accepts (``_explain``)."""
+    errors = [{**e, "loc": _field_loc(e.get("loc", ()))} for e in errors]
+    first = _explain(errors) if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in first["loc"]]
     cause = first.get("ctx", {}).get("error")
     if first.get("type") == "json_invalid":
         return f"request body is not valid JSON: {cause or ''}".strip(), None, "invalid_json"
     if not loc and first.get("type") != "value_error":  # the body itself: empty, not an object, not JSON
         return ("the request body must be a JSON object sent with 'Content-Type: application/json' "
                 f"({first.get('msg', 'invalid body')})", None, "invalid_value")
-    message = str(cause) if first.get("type") == "value_error" and isinstance(cause, Exception) else \
-        first.get("msg", "invalid value")
-    where = ".".join(loc)
+    kind, where = first.get("type"), ".".join(loc)
     param = getattr(cause, "param", None) or (loc[0] if loc else None)
+    if kind == "union":
+        return f"{where} {first['msg']}", param, "invalid_value"
+    message = str(cause) if kind == "value_error" and isinstance(cause, Exception) else first.get("msg", "invalid value")
+    if kind not in ("value_error", "missing") and "input" in first:
+        message += f", got {_shown(first['input'])}"
     return f"{where + ': ' if where else ''}{message}", param, "invalid_value"
+
+
+def _field_loc(loc: Any) -> tuple:
+    """An error's location inside the request body (FastAPI's start with "body")."""
+    loc = tuple(loc)
+    return loc[1:] if loc[:1] == ("body",) else loc
+
+
+# what a union member's tag in pydantic's error location accepts, in words (singular, plural); lists compose
+_WORDS = {"str": ("a string", "strings"), "int": ("an integer", "integers"), "float": ("a number", "numbers"),
+          "bool": ("true or false", "booleans"), "token_ids": ("a list of token ids", "lists of token ids"),
+          "TextPart": ('a text part {"type": "text", "text": ...}', 'text parts {"type": "text", "text": ...}')}
+
+
+def _describe(tag: Any) -> tuple[str, str] | None:
+    """(singular, plural) words for a union member's tag (``str``, ``list[str]``, ``list[token_ids]`` …), or None
+    when ``tag`` is no such tag (a field name, a list index)."""
+    if not isinstance(tag, str):
+        return None
+    if tag in _WORDS:
+        return _WORDS[tag]
+    if (inner := re.fullmatch(r"list\[(.+)\]", tag)) is not None:
+        items = (_describe(inner[1]) or (inner[1], inner[1]))[1]
+        return f"a list of {items}", f"lists of {items}"
+    if re.fullmatch(r"dict\[.*\]", tag):
+        return "an object", "objects"
+    return None
+
+
+def _explain(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The error to report. A union field's value that fits no member gets one error per member, each located
+    under the member's tag ("prompt.str: Input should be a valid string" read as if only strings were taken). A
+    value shaped like exactly one member (its errors lie inside the value: a list whose items are wrong) gets
+    that member's first error without the tag; any other gets one error saying what the field accepts."""
+    first = errors[0]
+    loc = first["loc"]
+    for i, part in enumerate(loc):
+        if _describe(part) is None:
+            continue
+        group = [e for e in errors if e["loc"][:i] == loc[:i] and len(e["loc"]) > i and _describe(e["loc"][i])]
+        tags = list(dict.fromkeys(e["loc"][i] for e in group))
+        if len(tags) < 2:
+            continue
+        inside = list(dict.fromkeys(e["loc"][i] for e in group if len(e["loc"]) > i + 1))
+        if len(inside) == 1:
+            return _explain([{**e, "loc": e["loc"][:i] + e["loc"][i + 1:]} for e in group if e["loc"][i] == inside[0]])
+        words = [_describe(tag)[0] for tag in tags]  # type: ignore[index]
+        accepted = ", ".join(words[:-1]) + f" or {words[-1]}"
+        sent = next((e["input"] for e in group if len(e["loc"]) == i + 1 and "input" in e), None)
+        return {"loc": loc[:i], "type": "union",
+                "msg": f"must be {accepted}" + (f", got {_shown(sent)}" if sent is not None else "")}
+    return first
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as the client wrote it (JSON), cut short."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def unparsable_body(cause: BaseException | None) -> tuple[str, None, str]:
+    """(message, param, code) of a 400 for a body FastAPI could not parse although it is not a JSON syntax error
+    (that one is ``json_invalid``, in ``validation_error``): bytes that are not UTF-8, JSON nested too deeply for
+    the parser. Both are ``invalid_json``, as a syntax error is."""
+    if isinstance(cause, RecursionError):
+        why = "it is nested too deeply to parse"
+    elif isinstance(cause, UnicodeDecodeError):
+        why = f"it is not UTF-8 ({cause})"
+    else:
+        why = f"{type(cause).__name__}: {cause}" if cause is not None else "it could not be parsed"
+    return f"request body is not valid JSON: {why}; send a UTF-8 JSON object", None, "invalid_json"
 
 
 def _tokenize(tokenizer: Any, text: str, param: str, **kwargs: Any) -> list[int]:
@@ -97,7 +179,7 @@ class Guard:
 
     def __init__(self, app: Any, engine: Engine, config: ServeConfig, metrics: ServeMetrics) -> None:
         self.app, self.engine, self.config, self.metrics = app, engine, config, metrics
-        self._key = f"Bearer {config.api_key}".encode() if config.api_key else None
+        self._key = config.api_key.encode() if config.api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -142,10 +224,17 @@ class Guard:
                           code="request_too_large")
         return _error(code, HTTPStatus(code).phrase)
 
+    def _authorized(self, header: bytes) -> bool:
+        """``Bearer <key>``: the scheme in any case and one or more spaces after it (RFC 7235's ``auth-scheme 1*SP
+        token68``; clients send ``bearer``), the key exactly, compared in constant time."""
+        assert self._key is not None
+        scheme, _, key = header.partition(b" ")
+        return hmac.compare_digest(key.lstrip(b" "), self._key) and scheme.lower() == b"bearer"
+
     def _reject(self, scope: dict, path: str) -> JSONResponse | None:
         headers = dict(scope.get("headers") or [])
         if self._key is not None and path != "/health":
-            if not hmac.compare_digest(headers.get(b"authorization", b""), self._key):
+            if not self._authorized(headers.get(b"authorization", b"")):
                 return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                               code="invalid_api_key")
         length = headers.get(b"content-length")
@@ -178,9 +267,10 @@ async def _event_stream(gen: "_Generation", request: Request, req: Any, chunk: C
                         choice: Callable[[Any], Any], first: list | None = None) -> AsyncIterator[str]:
     """The SSE body shared by both endpoints: an optional opening chunk, one chunk per event that carries
     text, a finish reason or token ids, the usage chunk when asked for, then ``[DONE]``; the generation is
-    aborted however the stream ends (a client disconnect included). If the engine fails, the status line
-    (200) is long sent: the last event is OpenAI's error body instead, with no ``[DONE]`` after it, so no
-    client reads the stream as complete (the ``openai`` client raises ``APIError`` with the message)."""
+    aborted however the stream ends (a client disconnect included). If a sequence ends with an error (the engine
+    failed, the server stopped it: ``_Generation.events``), the status line (200) is long sent: the last event is
+    OpenAI's error body instead, with no ``[DONE]`` after it, so no client reads the stream as complete (the
+    ``openai`` client raises ``APIError`` with the message)."""
     try:
         if first is not None:
             yield _sse(chunk(first))
@@ -312,8 +402,10 @@ class _Generation:
             raise APIError(400, str(err), param="max_tokens", code="context_length_exceeded") from err
 
     async def events(self, request: Request) -> AsyncIterator[SeqOutput]:
-        """Outputs until every sequence finished; aborts them all if the client goes away. An engine failure is
-        raised as a 500 ``engine_failed`` (the request cannot finish; the server is going down)."""
+        """Outputs until every sequence finished; aborts them all if the client goes away. A sequence that ended
+        unfinished with an error is raised as OpenAI's error (``ERROR_STATUS``): the engine failed (500
+        ``engine_failed``: the server is going down), the drain timed out or was cut short (503 ``shutting_down``),
+        its logits broke (500 ``nonfinite_logits``); never a 200 with finish reason "abort"."""
         left, checked = len(self.seqs), time.monotonic()
         while left:
             try:  # an output already queued costs no task and no timer (wait_for makes both)
@@ -329,7 +421,8 @@ class _Generation:
                     self.abort()
                     return
             if out is not None and out.error is not None:
-                raise APIError(500, out.error, code="engine_failed")
+                code = out.error_code or ENGINE_FAILED
+                raise APIError(ERROR_STATUS.get(code, 500), out.error, code=code)
             if out is not None:
                 left -= out.finish_reason is not None
                 yield out
@@ -365,6 +458,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 400:  # FastAPI's only 400: a body json.loads refused for more than its syntax
+            return _error(400, *unparsable_body(err.__cause__))
         return _error(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
@@ -383,7 +478,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             raise APIError(400, "the prompt is empty", param="prompt", code="empty_prompt")
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param="prompt")
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})", param="prompt",
+                           code="invalid_value")
         return ids
 
     def budget(prompts: list[list[int]], max_tokens: int | None, param: str, tokens_param: str = "max_tokens",
@@ -406,7 +502,8 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
 
     def params_of(req: P._SamplingRequest, max_tokens: int, limit_n: int, logprobs: int | None) -> SamplingParams:
         if req.n > limit_n:
-            raise APIError(400, f"n={req.n} is larger than this server's limit of {limit_n}", param="n")
+            raise APIError(400, f"n={req.n} is larger than this server's limit of {limit_n}", param="n",
+                           code="invalid_value")
         bad = [t for t, _ in req.logit_bias_ids if t >= vocab_size]
         if bad:
             raise APIError(400, f"logit_bias names token ids {bad[:5]} outside the vocabulary [0, {vocab_size})",
@@ -457,7 +554,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
         sources = [raw] if isinstance(raw, str) or all(isinstance(x, int) for x in raw) else list(raw)
         if len(sources) > config.max_prompts:
             raise APIError(400, f"{len(sources)} prompts in one request; the limit is {config.max_prompts}",
-                           param="prompt")
+                           param="prompt", code="invalid_value")
         prompts = [check_ids(_tokenize(tokenizer, s, "prompt") if isinstance(s, str) else list(s))  # type: ignore
                    for s in sources]
         echoes = [""] * len(prompts)  # echo: each choice's text starts with its prompt's (as sent, or decoded)

@@ -35,7 +35,9 @@ __all__ = ["Engine", "EngineDraining", "ModelRunner", "Sequence", "SeqOutput", "
 
 log = get_logger(__name__)
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort")  # "abort" never reaches a client as such: see SeqOutput.error
+# why a sequence ended unfinished while its client waits (SeqOutput.error_code; the app's status for each)
+ENGINE_FAILED, SHUTTING_DOWN, NONFINITE_LOGITS = "engine_failed", "shutting_down", "nonfinite_logits"
 STATS_EVERY = 32  # steps between copies of the per-expert counts to the host
 
 
@@ -52,7 +54,10 @@ class SeqOutput:
     token_id: int | None
     finish_reason: str | None
     logprob: TokenLogprob | None = None  # when the sequence asked for logprobs
-    error: str | None = None  # the engine failed (``Engine.fail``): the sequence ends unfinished, for this reason
+    # the sequence ends unfinished ("abort") for this reason, which its client must be told (the engine failed, the
+    # server stopped it, its logits broke); None with "abort": its client went away and nobody is left to tell
+    error: str | None = None
+    error_code: str | None = None  # ENGINE_FAILED, SHUTTING_DOWN or NONFINITE_LOGITS, with ``error``
 
 
 _ids = itertools.count()
@@ -74,6 +79,7 @@ class Sequence:
         self.text = ""  # emitted text (stop strings cut off)
         self.finish_reason: str | None = None
         self.aborted = False  # set from any thread; the engine finishes the sequence at its next step
+        self.abort_error: str | None = None  # why, when its client is still waiting (``Engine.abort``)
         self.slot: int | None = None
         self.prefilled = False
         self.generator: torch.Generator | None = None
@@ -149,9 +155,21 @@ class Engine:
         self.metrics.prompt_tokens(sum(len(s.prompt_ids) for s in seqs))
         self._wake.set()
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, error: str | None = None) -> None:
+        """End ``seq`` at the next step. ``error``: why, for a client still waiting (the server stops the request: it
+        gets a 503 ``shutting_down``, not a 200 with a finish reason it cannot parse); None: the client went away."""
+        seq.abort_error = error  # before the flag: the engine's thread reads the flag first
         seq.aborted = True
         self._wake.set()
+
+    def abort_all(self, error: str) -> None:
+        """End every sequence in flight at the next step, telling each client ``error`` (drain timeout, Ctrl-C twice).
+        Call it on the engine's thread (it reads the running and waiting sequences)."""
+        with self._lock:
+            pending = list(self._inbox)
+        for seq in [*self.running.values(), *self.waiting, *pending]:
+            if not seq.aborted:  # one whose client went away keeps its silent abort
+                self.abort(seq, error)
 
     def begin_drain(self) -> None:
         """Stop taking new sequences; those already submitted run to the end. Safe in a signal handler."""
@@ -224,8 +242,10 @@ class Engine:
             seq.prefilled = True
             if i in broken:
                 log.error("sequence %d: the model's logits have no finite maximum (NaN/inf) after %d generated "
-                          "tokens; ending it with finish_reason 'abort'", seq.seq_id, len(seq.output_ids))
-                self._finish(seq, "abort", "", None)
+                          "tokens; ending it with an error", seq.seq_id, len(seq.output_ids))
+                self._finish(seq, "abort", "", None, error=f"the model's logits had no finite value (NaN or inf) "
+                             f"after {len(seq.output_ids)} generated tokens, so no token could be chosen; the "
+                             "checkpoint or its dtype is at fault, not the request", error_code=NONFINITE_LOGITS)
             else:
                 self._append(seq, tokens[i], now, logprobs.get(i))
         self.steps += 1
@@ -245,7 +265,7 @@ class Engine:
         for seq in [*self.running.values(), *self.waiting, *pending]:
             seq.finish_reason = "abort"
             self.metrics.finished(seq)
-            self._emit(seq, SeqOutput(seq.index, "", None, "abort", error=error))
+            self._emit(seq, SeqOutput(seq.index, "", None, "abort", error=error, error_code=ENGINE_FAILED))
         self.running.clear()
         self.waiting.clear()
 
@@ -257,9 +277,9 @@ class Engine:
     def _reap_aborted(self) -> None:
         for seq in [s for s in self.waiting if s.aborted]:
             self.waiting.remove(seq)
-            self._finish(seq, "abort", "", None)
+            self._finish(seq, "abort", "", None, error=seq.abort_error, error_code=SHUTTING_DOWN)
         for seq in [s for s in self.running.values() if s.aborted]:
-            self._finish(seq, "abort", "", None)
+            self._finish(seq, "abort", "", None, error=seq.abort_error, error_code=SHUTTING_DOWN)
 
     def _append(self, seq: Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         if seq.first_token_time is None:
@@ -291,7 +311,7 @@ class Engine:
         self._emit(seq, SeqOutput(seq.index, delta, token, None, logprob))
 
     def _finish(self, seq: Sequence, reason: str, delta: str, token: int | None,
-                logprob: TokenLogprob | None = None) -> None:
+                logprob: TokenLogprob | None = None, error: str | None = None, error_code: str | None = None) -> None:
         assert reason in FINISH_REASONS
         seq.text += delta
         seq.finish_reason = reason
@@ -301,7 +321,8 @@ class Engine:
             self._to_release.append(seq.slot)
             seq.slot = None
         self.metrics.finished(seq)
-        self._emit(seq, SeqOutput(seq.index, delta, token, reason, logprob))
+        self._emit(seq, SeqOutput(seq.index, delta, token, reason, logprob, error=error,
+                                  error_code=error_code if error is not None else None))
 
     def _emit(self, seq: Sequence, out: SeqOutput) -> None:
         if seq.sink is not None:

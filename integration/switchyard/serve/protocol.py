@@ -1,7 +1,9 @@
 """OpenAI-shaped request and response bodies (pydantic), and the error body every 4xx/5xx carries.
 
-Requests validate types and ranges here (a violation is a 400 with ``param`` naming the field);
-checks that need the model (context length, token ids in the vocabulary) live in the app.
+Requests validate types and ranges here (a violation is a 400 with ``param`` naming the field); types are strict,
+as JSON writes them: ``"5"`` is not an integer, ``true`` is not 1, ``"true"`` is not a boolean (only an integer
+where a number is expected is taken, ``"temperature": 1``). Checks that need the model (context length, token ids
+in the vocabulary) live in the app.
 Extensions beyond OpenAI's API, named as vLLM names them: ``ignore_eos`` and ``return_token_ids``
 (responses then carry ``prompt_token_ids`` and per-choice ``token_ids``).
 """
@@ -10,9 +12,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Tag, field_validator, model_validator
 
 from switchyard.serve.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
 
@@ -56,9 +58,11 @@ class FieldError(ValueError):
 # -- requests -------------------------------------------------------------------------------------------
 class _Request(BaseModel):
     """A request body part. Unknown fields are ignored (as vLLM does); ``null`` for a field with a default
-    means that default (OpenAI and vLLM accept ``"temperature": null``), while a required field stays required."""
+    means that default (OpenAI and vLLM accept ``"temperature": null``), while a required field stays required.
+    Strict: pydantic's lax mode read ``"max_tokens": true`` as 1, ``"stream": "yes"`` as true and a prompt of
+    booleans as token ids; a value of the wrong JSON type is a 400 naming the field."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -74,6 +78,12 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+# Token-id prompts, tagged so that a prompt of the wrong shape is explained in words (``app.validation_error``
+# reads the tags of a union's failed members): "a list of token ids", not "list[int]".
+TokenIds = Annotated[list[int], Tag("token_ids")]
+PromptIds = Annotated[list[list[int]], Tag("list[token_ids]")]
+
+
 # Settings this server does not implement, with the values that mean "off" (vLLM's sampling and structured-output
 # extensions, OpenAI's audio output): any other value is a 400 naming the field, not an unknown field dropped
 # without a word, so a client tuned for vLLM (``extra_body={"top_k": 1}``) learns that it is not honoured.
@@ -81,6 +91,11 @@ UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
     "top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "stop_token_ids": ([],),
     "include_stop_str_in_output": (False,), "use_beam_search": (False,), "guided_json": (), "guided_regex": (),
     "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "audio": (), "modalities": (["text"],)}
+
+
+def _same(value: Any, off: Any) -> bool:
+    """Equal and of the same JSON type: ``"top_k": false`` is not the "off" 0, nor ``"use_beam_search": 0`` false."""
+    return value == off and isinstance(value, bool) == isinstance(off, bool)
 
 
 class _SamplingRequest(_Request):
@@ -106,7 +121,7 @@ class _SamplingRequest(_Request):
     def _unsupported_settings(cls, data: Any) -> Any:
         for name, off in UNSUPPORTED_SETTINGS.items():
             value = data.get(name) if isinstance(data, dict) else None
-            if value is not None and value not in off:
+            if value is not None and not any(_same(value, o) for o in off):
                 raise FieldError(name, f"{name}={value!r} is not supported by this server; leave {name} out")
         return data
 
@@ -144,7 +159,7 @@ class _SamplingRequest(_Request):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | TokenIds | PromptIds
     max_tokens: int | None = Field(None, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token (OpenAI allows 5)
@@ -165,6 +180,8 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
@@ -184,6 +201,18 @@ class ChatMessage(_Request):
                 raise ValueError(f"content part type {kind!r} is not supported (the model reads text only): send "
                                  "the content as a string or as [{'type': 'text', 'text': ...}] parts")
         return value
+
+    @model_validator(mode="after")
+    def _content_present(self) -> "ChatMessage":
+        """OpenAI refuses a message without content (absent, null or []; "" is content); only an assistant message
+        that carries tool calls may omit it, and this server takes no tool calls."""
+        if self.content is None or self.content == []:
+            sent = "[]" if self.content == [] else "null" if "content" in self.model_fields_set else "no content field"
+            extra = " (only an assistant message with tool_calls may omit it, and tool calls are not supported)" \
+                if self.role == "assistant" else ""
+            raise ValueError(f"a message with role {self.role!r} needs content{extra}, got {sent}: send a string "
+                             "(\"\" is allowed) or a non-empty list of text parts")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):

@@ -122,10 +122,12 @@ class Rank0Loop:
                     if self.engine.idle():
                         break
                     if self._force or time.monotonic() - self._drain_started > self.drain_timeout_s:
-                        log.warning("%s: aborting what is left", "second signal" if self._force else
-                                    f"drain timeout ({self.drain_timeout_s:.0f}s)")
-                        for seq in [*self.engine.running.values(), *self.engine.waiting, *self.engine._inbox]:
-                            self.engine.abort(seq)
+                        why = "a second signal" if self._force else f"the drain timeout ({self.drain_timeout_s:g}s)"
+                        log.warning("%s: aborting what is left", why)
+                        # each waiting client gets a 503 shutting_down (a stream: an error event), not a 200 with a
+                        # finish reason no OpenAI client knows and a [DONE] that says it is complete
+                        self.engine.abort_all(f"the server is shutting down and {why} stopped this request before "
+                                              "it finished; send it again (to another server)")
                 if not thread.is_alive():
                     log.error("the HTTP server thread died; stopping every rank")
                     code = 1

@@ -386,7 +386,7 @@ def raw_post(server, head: dict[str, str], chunks: list[bytes]) -> tuple[int, di
     import http.client
     import socket
 
-    lines = [f"POST /v1/completions HTTP/1.1", f"Host: 127.0.0.1:{server.port}", f"Authorization: Bearer {KEY}",
+    lines = ["POST /v1/completions HTTP/1.1", f"Host: 127.0.0.1:{server.port}", f"Authorization: Bearer {KEY}",
              "Content-Type: application/json", *(f"{k}: {v}" for k, v in head.items())]
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())

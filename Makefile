@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.switchyard-installed
 # CPU build of torch where there is no GPU (pip finds 2.13.0+cpu on local disk); default build otherwise.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.5,<2.15' || echo 'torch==2.13.0')
 PYTEST_ARGS ?=
+# DeepSpeed compiles its CPU all-reduce op per torch build: one directory per venv, so that two checkouts' venvs do not
+# rebuild it in turn (each rebuild is a window in which a killed rank leaves a lock behind: deepspeed/build_lock.py)
+RUN_ENV = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" TORCH_EXTENSIONS_DIR="$${TORCH_EXTENSIONS_DIR:-$(CURDIR)/$(VENV)/torch_extensions}"
 
 .PHONY: install demo test test-fast clean
 
@@ -19,13 +22,13 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/quickstart.sh
+	$(RUN_ENV) bash launch/quickstart.sh
 
 test: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(RUN_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info integration/*.egg-info

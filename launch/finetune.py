@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_hub_sources(config)
         summary = train(config)
-    except ValueError as err:  # a user mistake found while building (the checkpoint to resume, the model, the data)
+    # a user mistake found while building (the checkpoint to resume, the model, the data), or a file in the way (a
+    # build lock a killed run left: switchyard/deepspeed/build_lock.py)
+    except (ValueError, FileExistsError) as err:
         print(f"finetune: error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -92,9 +92,13 @@ def _as_dict(config: Any) -> dict[str, Any]:
 
 def initialize(model: nn.Module, config: Any, **kwargs: Any) -> tuple:
     """``deepspeed.initialize(model=model, config=config, **kwargs)``; at ZeRO stage 3 the model is prepared first
-    (``prepare_for_zero3``) and the engine is checked to have taken the expert groups."""
+    (``prepare_for_zero3``) and the engine is checked to have taken the expert groups. A build lock left by a rank
+    killed while DeepSpeed compiled its CPU op is an error naming it, not a hang (``build_lock``)."""
     import deepspeed
 
+    from switchyard.deepspeed.build_lock import check_build_lock
+
+    check_build_lock()  # CPU ranks: DeepSpeed compiles its all-reduce op inside initialize, under a lock torch never times out
     settings = _as_dict(config)
     if int(settings.get("zero_optimization", {}).get("stage", 0)) != 3:
         return deepspeed.initialize(model=model, config=config, **kwargs)

@@ -408,3 +408,45 @@ def test_gradient_checkpointing_is_refused_where_it_cannot_work():
         load_run_config(REPO_ROOT / "configs" / "finetune" / "tiny.yaml", ["train.gradient_checkpointing=maybe"])
     with pytest.raises(ValueError, match="Linear does not support transformers' gradient checkpointing"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+class _Engine:
+    """What ``evaluate`` uses of DeepSpeed's engine: the module's forward, its device, eval/train."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.device = model, torch.device("cpu")
+
+    def __call__(self, **batch):
+        return self.model(**batch)
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def train(self) -> None:
+        self.model.train()
+
+
+def _eval_losses() -> list[float]:
+    import datasets
+
+    from switchyard.train.loop import evaluate
+    from tiny_models import build
+
+    torch.manual_seed(0)
+    engine = _Engine(build("llama", intermediate_size=48))
+    rows = torch.randint(0, 64, (40, 9)).tolist()
+    eval_set = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    losses = []
+    for micro, accum in ((8, 1), (4, 2), (2, 4)):  # one global batch of 8 rows, three ways
+        config = load_run_config(REPO_ROOT / "configs/finetune/tiny.yaml", [
+            "output_dir=/unused", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}", "train.eval_batches=3"])
+        losses.append(evaluate(engine, eval_set, config, 0, 1, _WorldGroups())["eval_loss"])
+    return losses
+
+
+def test_eval_covers_eval_batches_global_batches_whatever_the_accumulation():
+    """``eval_batches`` counts global batches (micro-batch × grad_accum × dp rows), as docs/finetune.md says: runs
+    with one global batch size evaluate the same rows (with grad_accum > 1 they used to evaluate 1/grad_accum of
+    them): the three ways of one global batch give one eval loss."""
+    losses = run_on_ranks(_eval_losses, 1, timeout_s=120)[0]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)

@@ -401,8 +401,10 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
 
     engine.eval()
     sums = torch.zeros(2, device=engine.device)  # loss sum, loss tokens
+    # a global batch is grad_accum micro-batches per data-parallel rank: eval_batches of them are the same rows in
+    # every layout of one global batch size (micro 8 × 1, micro 4 × accumulation 2, dp 2 × micro 4 …)
     for batch in eval_rank_batches(eval_set, config.train.micro_batch_size, dp_rank, dp_size,
-                                   config.train.eval_batches, config.data.seed):
+                                   config.train.eval_batches * config.train.grad_accum, config.data.seed):
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         labels = batch.pop("labels")[:, 1:]  # the model predicts token i + 1 at position i
         logits = engine(**batch).logits if pipeline is None else pipeline.logits(engine, batch)

@@ -450,3 +450,19 @@ def test_eval_covers_eval_batches_global_batches_whatever_the_accumulation():
     them): the three ways of one global batch give one eval loss."""
     losses = run_on_ranks(_eval_losses, 1, timeout_s=120)[0]
     assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_resuming_an_earlier_checkpoint_warns_that_later_ones_will_be_saved_over(tmp_path, caplog):
+    import logging
+
+    from switchyard.train.loop import _warn_of_later_checkpoints
+
+    for step in (2, 4, 6):
+        write_checkpoint(tmp_path, step, {})
+    with caplog.at_level(logging.WARNING, logger="switchyard"):
+        _warn_of_later_checkpoints(tmp_path, 4)
+        _warn_of_later_checkpoints(tmp_path, 6)  # the latest: nothing to say
+    warned = [r.getMessage() for r in caplog.records if "later checkpoints" in r.getMessage()]
+    assert warned == [f"resuming from step 4 while {tmp_path} holds later checkpoints ['step_000006']: this run saves "
+                      "over each one as it reaches its step (resume from the latest, or give this run another "
+                      "output_dir, to keep them)"]

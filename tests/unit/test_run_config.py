@@ -55,6 +55,8 @@ def test_tiny_yaml_loads_with_overrides():
         (["train.weight_decay=.nan"], "train.weight_decay must be a finite number"),
         (["train.momentum=-0.9"], "train.momentum must be >= 0, got .*-0.9"),
         (["train.freeze=[]"], r"train.freeze must be a non-empty list of glob patterns"),
+        (["output_dir=''"], r"output_dir is empty \(an unset variable\?\)"),
+        (["output_dir=configs/finetune/tiny.yaml"], r"output_dir='configs/finetune/tiny.yaml' is a file; a run writes"),
         (['train.freeze=["*.q_proj.*", ""]'], r"train.freeze must be a non-empty list of glob patterns"),
         (["train.freeze=self_attn"], r"train.freeze must be a list or null, got 'self_attn' \(str\)"),
     ],
@@ -178,7 +180,7 @@ def test_run_config_fills_its_deepspeed_json_for_the_world():
     [
         ('{"zero_optimization": {"stage": 2},}', r"ds.json is not valid JSON: Expecting property name .* line 1"),
         ("[]", "ds.json must be a JSON object, got list"),
-        ('{"zero_optimization": {"stage": "auto"}}', r"zero_optimization.stage='auto'; write the stage as a number"),
+        ('{"zero_optimization": {"stage": "auto"}}', r"zero_optimization.stage='auto'; the stage is one of the numbers 0, 1, 2 or 3"),
         ('{"bf16": true}', r'bf16=True; it must be a section, e.g. "bf16": \{"enabled": "auto"\}'),
     ],
 )

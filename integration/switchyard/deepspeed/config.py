@@ -90,8 +90,8 @@ def _stage(config: dict[str, Any], path: Path) -> int:
         raise ValueError(f'deepspeed config {path}: zero_optimization={zero!r} must be a section, e.g. {{"stage": 2}}')
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ValueError(f"deepspeed config {path}: zero_optimization.stage={stage!r}; write the stage as a number, "
-                         "0, 1 or 2")
+        raise ValueError(f"deepspeed config {path}: zero_optimization.stage={stage!r}; the stage is one of the numbers "
+                         "0, 1, 2 or 3 (written as a number: DeepSpeed would read \"auto\" as 0)")
     return stage
 
 
@@ -100,21 +100,21 @@ def zero_stage(path: str | Path) -> int:
     return _stage(_read(path), path)
 
 
-def _fill(config: dict[str, Any], key: str, value: Any, source: str) -> None:
+def _fill(config: dict[str, Any], key: str, value: Any, source: str, path: Path) -> None:
     """Fill ``key`` (dotted for nested sections: ``bf16.enabled``) if "auto" or absent, else check it agrees."""
     *sections, leaf = key.split(".")
     node = config
     for section in sections:
         node = node.setdefault(section, {})
         if not isinstance(node, dict):
-            raise ValueError(f"deepspeed config has {section}={node!r}; it must be a section, e.g. "
+            raise ValueError(f"deepspeed config {path} has {section}={node!r}; it must be a section, e.g. "
                              f'"{section}": {{"{leaf}": "auto"}}')
     current = node.get(leaf, "auto")
     if current == "auto":
         node[leaf] = value
     elif current != value:
-        raise ValueError(f"deepspeed config has {key}={current!r} but the run config implies {value!r} ({source}); "
-                         f"set it to \"auto\" or make them agree")
+        raise ValueError(f"deepspeed config {path} has {key}={current!r} but the run config implies {value!r} "
+                         f"({source}); set it to \"auto\" or make them agree")
 
 
 def fill_deepspeed_config(
@@ -136,13 +136,13 @@ def fill_deepspeed_config(
                                                           "optimizer at stage 2 (configs/deepspeed/zero2.json)"))
     if stage == 0 and ep_size > 1 and clip > 0 and not caller_clips:
         raise ValueError(STAGE0_CLIP_MESSAGE.format(ep=ep_size, clip=clip, path=path))
-    _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size")
-    _fill(config, "gradient_accumulation_steps", grad_accum, "train.grad_accum")
-    _fill(config, "train_batch_size", micro_batch_size * grad_accum * dp_size, "micro_batch × grad_accum × dp")
-    _fill(config, "gradient_clipping", clip, "train.clip")
+    _fill(config, "train_micro_batch_size_per_gpu", micro_batch_size, "train.micro_batch_size", path)
+    _fill(config, "gradient_accumulation_steps", grad_accum, "train.grad_accum", path)
+    _fill(config, "train_batch_size", micro_batch_size * grad_accum * dp_size, "micro_batch × grad_accum × dp", path)
+    _fill(config, "gradient_clipping", clip, "train.clip", path)
     if caller_clips:
         config["gradient_clipping"] = 0.0
-    _fill(config, "bf16.enabled", precision == "bf16", "train.precision")
+    _fill(config, "bf16.enabled", precision == "bf16", "train.precision", path)
     _refuse_own_groups(config, path)
     if config.get("fp16", {}).get("enabled") is True:
         raise ValueError("fp16 is not supported (use train.precision: bf16); remove the fp16 section")

@@ -117,7 +117,8 @@ def select(sites: list[FFNSite], selection: Selection, num_layers: int) -> list[
     if selection.layers is not None:
         bad = [i for i in selection.layers if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"layer indices {bad} are out of range for a model with {num_layers} layers")
+            raise ValueError(f"layer indices {bad} are out of range for a model with {num_layers} layers (0 … "
+                             f"{num_layers - 1}): fix layers={list(selection.layers)} (moe.layers in a run config)")
     chosen = []
     for site in sites:
         if selection.layers is not None and site.layer_index not in selection.layers:

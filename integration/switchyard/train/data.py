@@ -466,7 +466,11 @@ def load_datasets(
         raise ValueError("the tokenizer has no eos token; it is needed to separate documents and end responses: "
                          "set eos_token in its tokenizer_config.json or use a tokenizer that has one")
     if cfg.format == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("data.format='chat' needs a tokenizer with a chat template; use format='prompt_response'")
+        raise ValueError(f"data.format='chat' needs a tokenizer with a chat template, and "
+                         f"{getattr(tokenizer, 'name_or_path', None) or type(tokenizer).__name__} has none: set "
+                         "model.tokenizer to one that has (e.g. the instruct variant's), or give the tokenizer a "
+                         "chat_template in its tokenizer_config.json; for prompt/response data use "
+                         "format='prompt_response'")
     cache = _resolve_cache(cache_dir) / "data"
     raw = _load_raw(cfg, cache)
     if len(raw) == 0:

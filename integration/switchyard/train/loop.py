@@ -222,6 +222,7 @@ def train(config: RunConfig) -> dict[str, Any]:
     resume = checkpointing.find_resume(ckpt_root, config.checkpoint.resume)
     if resume is not None:
         checkpointing.check_resume_config(resume, config)
+        _warn_of_later_checkpoints(ckpt_root, resume.step)
     torch.manual_seed(config.train.seed)
 
     source = resolve_source(config)
@@ -420,6 +421,18 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
         dist.all_reduce(sums, group=groups.group("pp"))
     loss = float(sums[0] / sums[1].clamp_min(1))
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def _warn_of_later_checkpoints(root: Path, step: int) -> None:
+    """Resuming an earlier checkpoint starts a new branch of the run: its saves replace the later checkpoints of the
+    old branch step by step (never pruned before), and its metrics rows follow the old ones'. Say so at the start."""
+    from switchyard.train import checkpointing
+
+    later = [p.name for p in checkpointing.complete_checkpoints(root) if checkpointing.step_of(p) > step]
+    if later:
+        log.warning("resuming from step %d while %s holds later checkpoints %s: this run saves over each one as it "
+                    "reaches its step (resume from the latest, or give this run another output_dir, to keep them)",
+                    step, root, later, ranks=[0])
 
 
 def _freeze(model, patterns: list[str], plan) -> None:

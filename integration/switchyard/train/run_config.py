@@ -158,6 +158,14 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     deepspeed: str = "configs/deepspeed/zero2.json"
 
+    def __post_init__(self) -> None:
+        out = Path(self.output_dir)
+        if not self.output_dir.strip():  # Path("") is the working directory: what an unset variable would name
+            raise ValueError("output_dir is empty (an unset variable?): name the run's directory, e.g. runs/my-run")
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"output_dir={self.output_dir!r} is a file; a run writes its checkpoints, metrics and "
+                             "plots into a directory: choose another output_dir")
+
     def moe_config(self) -> MoEConfig:
         return MoEConfig.from_dict(self.moe.config)
 

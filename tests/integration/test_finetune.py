@@ -239,14 +239,14 @@ def test_ep2_checkpoint_resumes_at_ep1(uninterrupted, tmp_path):
     assert abs(rows[0]["loss"] - metrics(uninterrupted)[-1]["loss"]) < 0.5
 
 
-def test_zero3_checkpoint_resumes_exactly_and_its_weights_resume_at_zero2(tmp_path):
+def test_zero3_checkpoint_resumes_exactly(tmp_path):
     """ZeRO-3 at ep2 with AdamW: a run resumed from its step-2 checkpoint (each rank's partition of the fp32 weights
     and Adam moments, experts partitioned over their expert-data-parallel group) logs the uninterrupted run's steps 3
-    and 4 and ends with its parameters; the step-2 checkpoint also resumes at ZeRO-2 (weights read from its
-    safetensors, gathered from the partitions at save; the optimizer restarts)."""
+    and 4 and ends with its parameters. (The weights a ZeRO-3 save gathers are the equivalence tests' oracle input,
+    and a stage change on resume is a layout change like any other.)"""
     run = ["train.max_steps=4", "checkpoint.every=2", "train.eval_every=1000", "data.seq_len=64", "train.warmup_steps=1",
            "parallel.ep=2"]
-    full, resumed, staged = tmp_path / "full", tmp_path / "resumed", tmp_path / "zero2"
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
     result = finetune(2, full, run + ["deepspeed=configs/deepspeed/zero3.json"])
     assert result.returncode == 0, output_of(result)[-4000:]
     step2 = full / "checkpoints" / "step_000002"
@@ -256,10 +256,6 @@ def test_zero3_checkpoint_resumes_exactly_and_its_weights_resume_at_zero2(tmp_pa
     assert [(m["step"], m["loss"]) for m in metrics(resumed)] == [(m["step"], m["loss"]) for m in metrics(full)[2:]]
     for key, value in final_state(full, 4).items():
         torch.testing.assert_close(final_state(resumed, 4)[key], value, atol=0, rtol=0, msg=key)
-    result = finetune(2, staged, run + ["deepspeed=configs/deepspeed/zero2.json", f"checkpoint.resume={step2}"])
-    assert result.returncode == 0, output_of(result)[-4000:]
-    assert "ZeRO stage 3 → 2" in output_of(result) and metrics(staged)[0]["step"] == 3
-    assert metrics(staged)[0]["loss"] == pytest.approx(metrics(full)[2]["loss"], rel=1e-5)  # the same weights
 
 
 def test_output_dir_of_another_run_is_refused_before_anything_is_written(uninterrupted):

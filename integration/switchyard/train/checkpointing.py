@@ -406,4 +406,6 @@ def save_checkpoint(engine, model, tokenizer, groups, root: Path, step: int, met
     inject_fault("save", step)
     record = {**meta, "format": FORMAT, "step": step}
     on_every_rank(what, lambda: _publish(root, partial, final, record, keep) if rank == 0 else None)
+    # the model's own save line named the staging directory (*.partial), gone now
+    log.info("checkpoint of step %d complete: %s (model: %s)", step, final, final / "model", ranks=[0])
     return final

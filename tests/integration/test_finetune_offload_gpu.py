@@ -1,4 +1,4 @@
-"""ZeRO-2 with the optimizer offloaded to the CPU, on a GPU: the same run as plain ZeRO-2.
+"""ZeRO-2 and ZeRO-3 with the optimizer offloaded to the CPU, on a GPU: the same run as without offloading.
 
 switchyard steps torch's AdamW (fused on CUDA) rather than DeepSpeedCPUAdam, so with
 ``offload_optimizer`` DeepSpeed hands it fp32 master weights on the CPU. Oracle: the same launcher run with
@@ -44,14 +44,15 @@ OPTIMIZERS = {"sgd": ["train.optimizer=sgd", "train.lr=0.5", "moe.aux_loss_coef=
               "adamw": ["train.optimizer=adamw", "train.lr=1.0e-3"]}
 
 
+@pytest.mark.parametrize("stage_json", ["zero2_bf16.json", "zero3.json"])
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_offloaded_optimizer_trains_like_the_gpu_optimizer(tmp_path, optimizer):
-    zero2 = json.loads((REPO_ROOT / "configs" / "deepspeed" / "zero2_bf16.json").read_text())
-    offload = json.loads(json.dumps(zero2))
+def test_offloaded_optimizer_trains_like_the_gpu_optimizer(tmp_path, optimizer, stage_json):
+    on_gpu = json.loads((REPO_ROOT / "configs" / "deepspeed" / stage_json).read_text())
+    offload = json.loads(json.dumps(on_gpu))
     offload["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     offload["zero_force_ds_cpu_optimizer"] = False
     paths = {}
-    for name, cfg in (("gpu", zero2), ("offload", offload)):
+    for name, cfg in (("gpu", on_gpu), ("offload", offload)):
         paths[name] = tmp_path / f"{name}.json"
         paths[name].write_text(json.dumps(cfg))
     losses_gpu = finetune(tmp_path / "run_gpu", paths["gpu"], OPTIMIZERS[optimizer])

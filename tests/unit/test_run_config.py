@@ -223,7 +223,7 @@ def test_deepspeed_auto_values_filled_and_conflicts_refused(tmp_path):
     offloaded["zero_optimization"]["offload_param"] = {"device": "cpu"}
     path.write_text(json.dumps(offloaded))
     with pytest.raises(ValueError, match=r"with zero_optimization.offload_param: not supported.*offloading the weights "
-                                         r"tested there"):
+                                         r"is not tested there"):
         fill_deepspeed_config(path, micro_batch_size=4, grad_accum=1, dp_size=1, clip=1.0, precision="fp32")
 
 

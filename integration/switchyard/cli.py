@@ -243,7 +243,6 @@ def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
     import dataclasses
 
     import switchyard as sy
-    from switchyard.hf.adopt import SUPPORTED_BLOCKS
     from switchyard.hf.checkpoint import CONFIG_KEY, empty_model
     from switchyard.hf.export import export_refusal
 
@@ -252,7 +251,7 @@ def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
         raise ValueError(f"--model {args.model} is a switchyard checkpoint, already MoE: upcycle its dense original "
                          "(fine-tune or serve this one as it is)")
     model = empty_model(config)
-    blocks = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in SUPPORTED_BLOCKS})
+    blocks = _hf_moe_blocks(model)
     if blocks:
         raise ValueError(f"--model {args.model} is an HF MoE model ({blocks[0]}), and upcycle takes a dense one: "
                          "fine-tune or serve it as it is (its MoE blocks are adopted), or `switchyard plan` it")

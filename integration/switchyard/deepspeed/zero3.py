@@ -15,7 +15,7 @@ builds the engine; its MoE checkpoint code, which only stages 0-2 would reach, t
 own checkpoints, ``train/checkpointing.py``).
 
 :func:`initialize` is ``deepspeed.initialize`` for a model with switchyard layers at any stage: stages 0-2 pass
-through. :func:`gathered_state_dict` is the unpartitioned state dict a save needs.
+through. :func:`gathered_parameters` holds the unpartitioned tensors while a save reads the state dict.
 """
 
 from __future__ import annotations

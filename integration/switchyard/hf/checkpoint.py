@@ -150,6 +150,14 @@ def _parse_size(size: int | str) -> int:
     return _positive_size(int(float(found.group(1)) * units[found.group(2)]), size)
 
 
+def nonempty_path(path: str | Path, what: str, give: str) -> Path:
+    """``path``; an empty one is refused: ``Path("")`` is the working directory, which is what an unset variable in a
+    script (``--out "$OUT"``) would silently name."""
+    if not str(path).strip():
+        raise ValueError(f"{what} path is empty ({str(path)!r}; an unset variable?): give {give}")
+    return Path(path)
+
+
 def _positive_size(nbytes: int, given: int | str) -> int:
     if nbytes < 1:  # 0 or less would put every tensor in a file of its own
         raise ValueError(f"max_shard_size={given!r} must be at least one byte, e.g. '2GB'")
@@ -372,9 +380,7 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     ep, ep_rank = (groups.size("ep"), groups.rank("ep")) if groups is not None else (layers[0].ep_size, layers[0].ep_rank)
     assert all((l.ep_size, l.ep_rank) == (ep, ep_rank) for l in layers), "MoE layers disagree on their EP rank"
     max_bytes = _parse_size(max_shard_size)
-    if not str(path).strip():  # Path("") is the working directory: what an unset variable would silently name
-        raise ValueError(f"save_pretrained path is empty ({str(path)!r}; an unset variable?): give the checkpoint's "
-                         "directory")
+    nonempty_path(path, "save_pretrained", "the checkpoint's directory")
     # resolved: a symlink's target is what gets replaced, and "." names the directory, not the process's cwd
     rank, out = dist.get_rank() if _distributed() else 0, Path(path).resolve()
     staging, _ = swap_paths(out)
@@ -385,6 +391,7 @@ def save_pretrained(model: nn.Module, path: str | Path, groups: "ProcessGroupMan
     in_stage = f"-pp{stage:03d}-of-{pp:03d}" if pp > 1 else ""  # each stage's files are its own
     on_every_rank(f"save_pretrained({out})", lambda: _prepare(out) if rank == 0 else None)
     error: BaseException | None = None
+
     def written_here(param: nn.Parameter) -> bool:
         return writes_experts if getattr(param, "allreduce", True) is False else writes_dense
 

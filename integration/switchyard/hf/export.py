@@ -37,7 +37,8 @@ import torch.nn as nn
 from switchyard.config import MoEConfig
 from switchyard.hf.adopt import ADAPTERS as BLOCK_ADAPTERS
 from switchyard.hf.adopt import _PER_EXPERT_NAMES, moe_config_from_hf
-from switchyard.hf.checkpoint import _parse_size, _read_json, empty_model, moe_prefixes, switchyard_record
+from switchyard.hf.checkpoint import (_parse_size, _read_json, empty_model, moe_prefixes, nonempty_path,
+                                      switchyard_record)
 from switchyard.hf.patch import CONFIG_KEY
 from switchyard.log import get_logger
 from switchyard.moe.layer import MoELayer
@@ -293,12 +294,8 @@ def _block_tensors(layer: MoELayer, block: nn.Module, family: MoEFamily, zero_sh
 
 
 def export_dir(path: str | Path) -> Path:
-    """``path`` as the export directory; an empty one is refused: ``Path("")`` is the working directory, which is
-    what an unset ``$OUT`` in ``--out "$OUT"`` would silently export into."""
-    if not str(path).strip():
-        raise ValueError(f"the export path is empty ({str(path)!r}; an unset variable?): give the directory for the "
-                         "transformers checkpoint, e.g. ./model-hf")
-    return Path(path)
+    """``path`` as the export directory (an empty one, the working directory, refused)."""
+    return nonempty_path(path, "the export", "the directory for the transformers checkpoint, e.g. ./model-hf")
 
 
 def _is_staging(entry: Path) -> bool:

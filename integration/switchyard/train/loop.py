@@ -193,8 +193,7 @@ def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float |
 
 
 def train(config: RunConfig) -> dict[str, Any]:
-    from switchyard.deepspeed import optimizer_param_groups, zero_stage
-    from switchyard.deepspeed import zero3
+    from switchyard.deepspeed import optimizer_param_groups, zero3, zero_stage
     from switchyard.deepspeed.clipping import clip_global_grad_norm_
     from switchyard.moe.layer import MoELayer
     from switchyard.parallel import ProcessGroupManager, apply_tensor_parallel, init_distributed
@@ -226,8 +225,11 @@ def train(config: RunConfig) -> dict[str, Any]:
     torch.manual_seed(config.train.seed)
 
     source = resolve_source(config)
-    check_model_split(config, source, groups.size("tp"), groups.size("etp"), groups.size("pp"))  # before weights
-    freeze_plan = check_freeze(planned_run_model(config, source), t.freeze) if t.freeze else None
+    # the checks before any weight is read, on one meta-device model (built only when a check needs it)
+    planned = planned_run_model(config, source) if t.freeze or groups.size("tp") > 1 or groups.size("pp") > 1 \
+        else None
+    check_model_split(config, source, groups.size("tp"), groups.size("etp"), groups.size("pp"), planned)
+    freeze_plan = check_freeze(planned, t.freeze) if t.freeze else None
     pipeline: PipelineStage | None = None
     matmul_params = 0
 

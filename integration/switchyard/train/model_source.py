@@ -177,7 +177,8 @@ def planned_run_model(config: RunConfig, source: str):
         return planned_model(plan)
 
 
-def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int = 1) -> None:
+def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int = 1,
+                      planned: nn.Module | None = None) -> None:
     """At tp > 1 or pp > 1, the tensor-parallel checks (a plan at all, heads, widths) and the pipeline checks (a
     model type the stages split, enough decoder layers) on the model built on the meta device from ``source``'s
     config.json and patched as ``load_model`` would patch it: a refusal before any weight is read, not after a
@@ -187,7 +188,7 @@ def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int
     from switchyard.parallel.tensor_parallel import tensor_parallel_shards
     from switchyard.train.pipeline import check_pipeline_model
 
-    model = planned_run_model(config, source)
+    model = planned if planned is not None else planned_run_model(config, source)  # ``planned``: built already
     check_pipeline_model(model, pp, config.parallel.pp_layers)
     if tp > 1:
         tensor_parallel_shards(model, tp, etp)

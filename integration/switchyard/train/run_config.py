@@ -198,17 +198,18 @@ class RunConfig:
     def deepspeed_config(self, world_size: int) -> dict[str, Any]:
         """The ``deepspeed`` JSON with its "auto" values filled for ``world_size`` (after :meth:`check_world`);
         refuses ZeRO-3 with tp, pp or CUDA graphs, values contradicting the run config and sections switchyard
-        builds itself. At ZeRO
-        stage 0 the training loop clips with the global norm itself (``STAGE0_CLIP_MESSAGE``)."""
+        builds itself. At ZeRO stage 0 the training loop clips with the global norm itself
+        (``STAGE0_CLIP_MESSAGE``)."""
         from switchyard.deepspeed.config import fill_deepspeed_config, zero_stage
 
         sizes = self.check_world(world_size)
         t = self.train
-        if zero_stage(self.deepspeed) == 3:
+        stage = zero_stage(self.deepspeed)
+        if stage == 3:
             self._check_zero3(sizes)
         return fill_deepspeed_config(self.deepspeed, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
                                      dp_size=sizes["dp"], clip=t.clip, precision=t.precision, ep_size=sizes["ep"],
-                                     caller_clips=zero_stage(self.deepspeed) == 0)
+                                     caller_clips=stage == 0)
 
     def _check_zero3(self, sizes: dict[str, int]) -> None:
         from switchyard.deepspeed.config import ZERO3_MESSAGE

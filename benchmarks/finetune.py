@@ -18,7 +18,11 @@ gradient clipping 1.0, the same random token ids (fixed generator) for every imp
     switchyard        a Llama-shaped dense model with random weights (``AutoConfig.for_model("llama")``,
                       ``AutoModelForCausalLM.from_config``) upcycled by ``switchyard.patch_model`` into
                       E experts, top-k (``init="copy"``, aux_loss_coef 0.01, its router loss is inside
-                      ``.loss``); ``deepspeed.initialize(..., mpu=ProcessGroupManager(ep=1).mpu)``
+                      ``.loss``); ``switchyard.deepspeed.initialize(..., mpu=ProcessGroupManager(ep=1).mpu)``:
+                      DeepSpeed's engine, whose ZeRO-1/2 gradient norm is switchyard's fused fp32 one
+                      (``switchyard/deepspeed/grad_norm.py``; DeepSpeed's own takes an fp64 copy of each gradient)
+    switchyard_deepspeed_norm  (opt-in through ``--impls``) the same with DeepSpeed's own gradient norm: the A/B
+                      of that change, run in the same rounds
     deepspeed_autoep  the same MoE as a standard transformers ``MixtralForCausalLM`` (same hidden size,
                       layers, heads, experts, top-k, expert FFN; ``output_router_logits=True`` with
                       ``router_aux_loss_coef`` 0.01 so its loss has the same router term) under DeepSpeed
@@ -38,8 +42,9 @@ weights of the matmuls a token goes through: LM head, attention, routers, top_k 
 params less the input embedding, a lookup with no FLOPs; from the shape, the same number for all three;
 attention score FLOPs are not counted), ``peak_mem_gb`` (torch.cuda.max_memory_allocated during the timed
 steps, stats reset after warm-up, minus what was allocated before the implementation was built),
-``loss_first`` (the first step's loss, router term included) and ``lm_loss_first`` (cross-entropy of
-that step's logits, computed here the same way for every implementation). On CUDA a short
+``loss_first`` (the first step's loss, router term included), ``lm_loss_first`` (cross-entropy of
+that step's logits, computed here the same way for every implementation) and ``grad_norm_first`` (the global
+gradient norm that step was clipped by). On CUDA a short
 torch.profiler pass after the timed steps (first round only) records the top kernels, kernel time by
 category and each phase's host time (``profile``). On CUDA the implementations run in two rounds, in
 ``RUN_ORDER`` and then reversed (build order changes allocator and clock state); the round with the higher
@@ -111,9 +116,11 @@ ZERO2_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
 ZERO_CONFIGS = {2: ZERO2_CONFIG, 3: REPO_ROOT / "configs" / "deepspeed" / "zero3.json"}
 PEAK_FLOPS = 989e12  # H200 dense bf16 datasheet value (the same constant as switchyard.train.loop)
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
+# switchyard with DeepSpeed's own fp64 ZeRO gradient norm (an A/B of switchyard's fused one, in the same rounds)
+OPTIONAL_IMPLS = ("switchyard_deepspeed_norm",)
 # Competitors first: switchyard's ProcessGroupManager registers its groups with DeepSpeed last, so it
 # cannot change what the others ran with.
-RUN_ORDER = ("hf_grouped_mm", "deepspeed_autoep", "switchyard")
+RUN_ORDER = ("hf_grouped_mm", "deepspeed_autoep", "switchyard_deepspeed_norm", "switchyard")
 AUX_LOSS_COEF = 0.01
 LR, WEIGHT_DECAY, CLIP = 1e-5, 0.01, 1.0
 
@@ -188,6 +195,7 @@ class Run:
     gradient_checkpointing: bool = False
     ep: int = 1  # expert-parallel size = world size (--ep)
     zero_stage: int = 2  # configs/deepspeed/zero{2,3}.json (--zero-stage), the same for every implementation
+    fused_grad_norm: bool = True  # switchyard's ZeRO-1/2 gradient norm (False: DeepSpeed's fp64 one)
 
     @property
     def precision(self) -> str:
@@ -281,9 +289,10 @@ def build_switchyard(run: Run, aux: bool) -> Built:
             module.cuda_graph = run.cuda_graph
     total, experts = count_params(model)
     engine, _, _, _ = initialize(model=model, optimizer=make_optimizer(model, run), config=ds_config(run),
-                                 mpu=groups.mpu)
+                                 mpu=groups.mpu, fused_grad_norm=run.fused_grad_norm)
     graph = ", cuda_graph" if run.cuda_graph else ""
-    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}",
+    norm = "" if run.fused_grad_norm else ", DeepSpeed's fp64 grad norm"
+    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}{norm}",
                  keep=[groups],
                  params_total=total, params_experts=experts)
 
@@ -365,6 +374,7 @@ def build_deepspeed_autoep(run: Run, aux: bool) -> Built:
 
 BUILDERS: dict[str, Callable[[Run, bool], Built]] = {
     "switchyard": build_switchyard,
+    "switchyard_deepspeed_norm": lambda run, aux: build_switchyard(dataclasses.replace(run, fused_grad_norm=False), aux),
     "deepspeed_autoep": build_deepspeed_autoep,
     "hf_grouped_mm": build_hf_grouped_mm,
 }
@@ -427,6 +437,9 @@ def train_step(engine, input_ids: torch.Tensor, events: list | None = None, firs
         events[2].record()
     with phase("phase:optimizer"):
         engine.step()
+    if first is not None:  # the norm the step clipped with (switchyard's fused fp32 one vs DeepSpeed's fp64 one)
+        norm = engine.get_global_grad_norm()
+        first["grad_norm_first"] = None if norm is None else float(norm)
     if events:
         events[3].record()
 
@@ -550,7 +563,7 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
     device = run.device
     result: dict = {}
     notes: list[str] = []
-    attempts = (True, False) if name != "switchyard" else (True,)  # aux (router logits) on, then off
+    attempts = (True,) if name.startswith("switchyard") else (True, False)  # aux (router logits) on, then off
     for aux in attempts:
         free_memory(device)
         baseline = mem_allocated(device)
@@ -725,7 +738,7 @@ def print_table(results: dict) -> None:
     headers = ["impl", "tokens/s", "ms/step", "fwd", "bwd", "opt", "MFU", "peak GB", "vs autoep",
                "vs autoep (round mean)", "vs hf", "loss1", "lm1", "variant / error"]
     rows = []
-    for impl in [i for i in IMPLS if i in results]:
+    for impl in [i for i in IMPLS + OPTIONAL_IMPLS if i in results]:
         r = results[impl]
 
         def f(key: str, fmt: str) -> str:
@@ -742,7 +755,9 @@ def print_table(results: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--impls", nargs="+", choices=list(IMPLS), default=list(IMPLS))
+    p.add_argument("--impls", nargs="+", choices=list(IMPLS + OPTIONAL_IMPLS), default=list(IMPLS),
+                   help="default: %(default)s; switchyard_deepspeed_norm = switchyard with DeepSpeed's own fp64 ZeRO "
+                        "gradient norm instead of its fused one (switchyard/deepspeed/grad_norm.py), in the same rounds")
     p.add_argument("--batch", type=int_at_least(1), default=None, help="micro-batch (default 8; 2 with --tiny)")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
                    help="sequence length, 2 or more for a next-token loss (default 1024; 32 with --tiny)")
@@ -846,7 +861,9 @@ def main(argv: list[str] | None = None) -> dict:
                       "moe_max_group_size": MOE_MAX_GROUP_SIZE,
                       "bf16_check_grad_overflow": json.loads(ZERO_CONFIGS[args.zero_stage].read_text()).get("bf16", {}).get(
                           "check_grad_overflow", True),
-                      "world_size": args.ep, "ep": args.ep},
+                      "world_size": args.ep, "ep": args.ep,
+                      "grad_norm": "switchyard: fused fp32 (switchyard/deepspeed/grad_norm.py) at ZeRO-1/2; "
+                                   "deepspeed_autoep, hf_grouped_mm and switchyard_deepspeed_norm: DeepSpeed's fp64"},
         "aux_loss_coef": AUX_LOSS_COEF,
         "flops_formula": flops_formula(shape),
         "peak_flops": PEAK_FLOPS,
@@ -868,7 +885,7 @@ def main(argv: list[str] | None = None) -> dict:
     def write() -> None:
         if rank != 0:
             return
-        ordered = {impl: results[impl] for impl in IMPLS if impl in results}
+        ordered = {impl: results[impl] for impl in IMPLS + OPTIONAL_IMPLS if impl in results}
         data = {"meta": meta, "results": ordered}
         if variants:
             data["variants"] = variants

@@ -56,11 +56,10 @@ def _reference(dp):
 
 
 def _zero_steps(stages, ep, experts_impl="auto"):
-    import deepspeed
-
     import switchyard.moe.swiglu_ffn as swiglu_ffn
     from switchyard import ProcessGroupManager
-    from switchyard.deepspeed import optimizer_param_groups
+    from switchyard.deepspeed import initialize, optimizer_param_groups
+    from switchyard.deepspeed.grad_norm import fused_grad_norm_direct
     from switchyard.deepspeed.clipping import clip_global_grad_norm_
 
     manager = ProcessGroupManager(ep=ep)
@@ -81,8 +80,11 @@ def _zero_steps(stages, ep, experts_impl="auto"):
             "steps_per_print": 10**9,
         }
         optimizer = torch.optim.SGD(optimizer_param_groups(model, weight_decay=0.0), lr=LR)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=manager.mpu)
+        engine, *_ = initialize(model=model, optimizer=optimizer, config=config, mpu=manager.mpu)
         assert engine.has_moe_layers and engine.num_experts == [EXPERTS]
+        # ZeRO-1/2 norms are switchyard's fused fp32 ones (grad_norm.py): the norm below checks them against torch's
+        fused = getattr(getattr(engine.optimizer, "get_grad_norm_direct", None), "__func__", None) is fused_grad_norm_direct
+        assert fused == (stage > 0), f"ZeRO-{stage}: fused gradient norm installed: {fused}"
         loss = engine(_batches(dp)[manager.rank("dp")])
         engine.backward(loss)
         norm = clip_global_grad_norm_(model, MAX_NORM, manager) if stage == 0 else None

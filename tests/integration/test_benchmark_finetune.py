@@ -57,14 +57,18 @@ def test_finetune_benchmark_tiny(tmp_path):
 def test_finetune_benchmark_cuda_graph_variant_with_checkpointed_rounds(tmp_path):
     """--variant-cuda-graph reruns switchyard with MoELayer.cuda_graph on; on CPU the layers run eagerly,
     so the rerun's first loss is the main run's. --gradient-checkpointing puts the rounds themselves (and the
-    variants built from them) under transformers' activation checkpointing, which leaves the loss as it is."""
+    variants built from them) under transformers' activation checkpointing, which leaves the loss as it is.
+    switchyard_deepspeed_norm (switchyard with DeepSpeed's fp64 gradient norm) clips its first step by the norm
+    the fused fp32 one gives."""
     out = tmp_path / "finetune.json"
     proc = run_script(REPO_ROOT / "benchmarks" / "finetune.py",
-                      ["--tiny", "--device", "cpu", "--impls", "switchyard", "--rounds", "1", "--variant-cuda-graph",
-                       "--gradient-checkpointing", "--out", str(out)], timeout_s=240)
+                      ["--tiny", "--device", "cpu", "--impls", "switchyard", "switchyard_deepspeed_norm", "--rounds",
+                       "1", "--variant-cuda-graph", "--gradient-checkpointing", "--out", str(out)], timeout_s=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     data = json.loads(out.read_text())
-    main = data["results"]["switchyard"]
+    main, stock = data["results"]["switchyard"], data["results"]["switchyard_deepspeed_norm"]
+    assert stock["variant"].endswith("DeepSpeed's fp64 grad norm") and stock["loss_first"] == main["loss_first"]
+    assert main["grad_norm_first"] > 0 and main["grad_norm_first"] == pytest.approx(stock["grad_norm_first"], rel=1e-6)
     rerun = data["variants"]["cuda_graph"]["results"]["switchyard"]
     assert "error" not in rerun and rerun["variant"].endswith("cuda_graph"), rerun
     assert rerun["loss_first"] == main["loss_first"]

@@ -10,12 +10,12 @@ gathered when it runs, since which experts run changes from batch to batch.
 
 The engine refuses any ``deepspeed.moe.layer.MoE`` at stage 3 (it cannot partition DeepSpeed's own MoE layer), and
 switchyard's layer subclasses that class only so that stages 0-2 find it (``parallel/deepspeed_groups.py``). At
-stage 3 the placement above does that job, so :func:`initialize` hides the layers from the engine's MoE scan while it
-builds the engine; its MoE checkpoint code, which only stages 0-2 would reach, then never runs (switchyard saves its
-own checkpoints, ``train/checkpointing.py``).
+stage 3 the placement above does that job, so ``switchyard.deepspeed.initialize`` (``engine.py``) hides the layers
+from the engine's MoE scan (:func:`engine_without_native_moe`) while it builds the engine; its MoE checkpoint code,
+which only stages 0-2 would reach, then never runs (switchyard saves its own checkpoints, ``train/checkpointing.py``).
 
-:func:`initialize` is ``deepspeed.initialize`` for a model with switchyard layers at any stage: stages 0-2 pass
-through. :func:`gathered_parameters` holds the unpartitioned tensors while a save reads the state dict.
+:func:`partition_into_the_device` moves the model there already partitioned; :func:`gathered_parameters` holds the
+unpartitioned tensors while a save reads the state dict.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class _NoModule:
 
 
 @contextlib.contextmanager
-def _engine_without_native_moe() -> Iterator[None]:
+def engine_without_native_moe() -> Iterator[None]:
     import deepspeed.runtime.engine as engine_module
 
     native = engine_module.MoE
@@ -79,42 +79,7 @@ def _engine_without_native_moe() -> Iterator[None]:
         engine_module.MoE = native
 
 
-def _as_dict(config: Any) -> dict[str, Any]:
-    """``deepspeed.initialize``'s ``config``: a dict, or the path of a JSON file."""
-    if isinstance(config, dict):
-        return config
-    from pathlib import Path
-
-    from switchyard.deepspeed.config import _read
-
-    return _read(Path(config))
-
-
-def initialize(model: nn.Module, config: Any, **kwargs: Any) -> tuple:
-    """``deepspeed.initialize(model=model, config=config, **kwargs)``; at ZeRO stage 3 the model is prepared first
-    (``prepare_for_zero3``) and the engine is checked to have taken the expert groups. A build lock left by a rank
-    killed while DeepSpeed compiled its CPU op is an error naming it, not a hang (``build_lock``)."""
-    import deepspeed
-
-    from switchyard.deepspeed.build_lock import check_build_lock
-
-    check_build_lock()  # CPU ranks: DeepSpeed compiles its all-reduce op inside initialize, under a lock torch never times out
-    settings = _as_dict(config)
-    if int(settings.get("zero_optimization", {}).get("stage", 0)) != 3:
-        return deepspeed.initialize(model=model, config=config, **kwargs)
-    prepare_for_zero3(model)
-    _partition_into_the_device(model, settings, kwargs.get("mpu"))
-    with _engine_without_native_moe():
-        result = deepspeed.initialize(model=model, config=config, **kwargs)
-    wrong = [name for name, p in model.named_parameters() if getattr(p, "ds_zero_placement_family", None) ==
-             "autoep_expert" and getattr(p, "ds_process_group", None) is not p.ds_zero_partition_process_group]
-    if wrong:
-        raise RuntimeError(f"ZeRO-3 partitioned expert parameters {wrong[:3]} over another group than their "
-                           "expert-data-parallel one: this DeepSpeed does not honour ds_zero_partition_process_group")
-    return result
-
-
-def _partition_into_the_device(model: nn.Module, config: dict[str, Any], mpu: Any) -> None:
+def partition_into_the_device(model: nn.Module, config: dict[str, Any], mpu: Any) -> None:
     """Partition the model parameter by parameter on its way to the device (``deepspeed.zero.Init(module=...)``):
     the engine would move the whole model to the device first, so a model larger than one device could not start.
     Each parameter goes to the device in the training dtype and is cut to this rank's partition before the next

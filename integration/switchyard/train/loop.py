@@ -193,7 +193,7 @@ def forward_backward(engine, micro: dict[str, torch.Tensor], lm_divisor: float |
 
 
 def train(config: RunConfig) -> dict[str, Any]:
-    from switchyard.deepspeed import optimizer_param_groups, zero3, zero_stage
+    from switchyard.deepspeed import initialize, optimizer_param_groups, zero_stage
     from switchyard.deepspeed.clipping import clip_global_grad_norm_
     from switchyard.moe.layer import MoELayer
     from switchyard.parallel import ProcessGroupManager, apply_tensor_parallel, init_distributed
@@ -270,7 +270,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(param_groups, lr=t.lr, fused=torch.cuda.is_available() or None)
     scheduler = build_scheduler(optimizer, steps, t.warmup_steps, t.schedule, t.min_lr_ratio)
     # deepspeed.initialize, with the MoE layers' experts placed in their expert-data-parallel groups at ZeRO-3
-    engine, _, _, _ = zero3.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+    engine, _, _, _ = initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
                                        mpu=groups.mpu)
     schedule_at_start = copy.deepcopy(engine.lr_scheduler.state_dict())  # this run's lr and schedule, step 0
     engine_optimizer = type(engine.optimizer).__name__  # its state dict's format

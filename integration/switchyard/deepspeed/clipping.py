@@ -9,6 +9,8 @@ Here, after the data-parallel reduction: a replicated dense gradient is the same
 a tensor-parallel shard (``tp_shard``, ``parallel/tensor_shards.py``) exists once per tp group; each expert once
 per EP group, and an expert shard once per EP × etp group. So ‖g‖² = Σ dense² + Σ_tp(Σ dense shard²)
 + Σ_ep(Σ expert² + Σ_etp(Σ expert shard²)), summed over the pipeline stages (each holds other layers).
+Each Σ is one fused fp32-accumulating norm over its gradients (``torch._foreach_norm``), as the ZeRO-1/2 norm is
+(``grad_norm.py``), and the clip is one fused multiply per dtype.
 """
 
 from __future__ import annotations
@@ -41,15 +43,24 @@ def clip_global_grad_norm_(model: nn.Module, max_norm: float, groups: "ProcessGr
         return 0.0  # with groups, a rank without gradients still joins the sums the others wait in
     device = grads[0].grad.device if grads else next(model.parameters()).device
     # squares by where the other copies or shards live: (expert?, sharded?) → the groups to sum over
-    squares = {key: torch.zeros((), device=device, dtype=torch.float32)
-               for key in ((False, False), (False, True), (True, False), (True, True))}
+    kinds = ((False, False), (False, True), (True, False), (True, True))
+    by_kind: dict[tuple[bool, bool], list[torch.Tensor]] = {kind: [] for kind in kinds}
     for param in grads:
-        squares[(is_moe_param(param), shard_of(param) is not None)] += param.grad.detach().float().pow(2).sum()
+        by_kind[(is_moe_param(param), shard_of(param) is not None)].append(param.grad.detach())
+    squares = {kind: _sum_of_squares(tensors, device) for kind, tensors in by_kind.items()}
     total = (squares[(False, False)] + _sum_over(squares[(False, True)], groups, "tp")
              + _sum_over(squares[(True, False)] + _sum_over(squares[(True, True)], groups, "etp"), groups, "ep"))
     total = _sum_over(total, groups, "pp")
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total.sqrt() + 1e-6), max=1.0)
-        for param in grads:
-            param.grad.mul_(scale.to(param.grad.dtype))
+        for dtype in {param.grad.dtype for param in grads}:
+            torch._foreach_mul_([p.grad for p in grads if p.grad.dtype == dtype], scale.to(dtype))
     return float(total.sqrt())
+
+
+def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """fp32 sum of squares of the tensors: one fused fp32-accumulating norm over the list, no fp32 copies."""
+    if not tensors:
+        return torch.zeros((), device=device, dtype=torch.float32)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.stack(norms).double().pow(2).sum().float()

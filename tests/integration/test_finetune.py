@@ -93,6 +93,8 @@ def test_parameters_match_one_process(reference, tmp_path, ranks, layout, stage)
         last = {"pp2xep2": "1 of 2: decoder layers 1–3", "tp2xpp2": "1 of 2: decoder layers 2–3",
                 "pp4": "3 of 4: decoder layers 3–3"}[layout]
         assert f"pipeline stage {last}, final norm and LM head" in output_of(result)
+    # ZeRO-1/2/3 take the global norm with switchyard's fused reduction (grad_norm.py), the loop's own at ZeRO-0
+    assert ("gradient norm: one fused fp32 reduction" in output_of(result)) == (stage > 0)
     if layout.endswith("+recompute"):  # the all-to-alls run again inside the backward
         assert "gradient checkpointing: LlamaForCausalLM recomputes each decoder layer" in output_of(result)
     assert [m["loss"] for m in metrics(tmp_path)] == pytest.approx([m["loss"] for m in metrics(reference)], rel=1e-5)

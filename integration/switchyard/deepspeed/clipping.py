@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.utils import is_moe_param
 
+from switchyard.deepspeed.grad_norm import sum_of_squares
 from switchyard.parallel.tensor_shards import shard_of
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ def clip_global_grad_norm_(model: nn.Module, max_norm: float, groups: "ProcessGr
     by_kind: dict[tuple[bool, bool], list[torch.Tensor]] = {kind: [] for kind in kinds}
     for param in grads:
         by_kind[(is_moe_param(param), shard_of(param) is not None)].append(param.grad.detach())
-    squares = {kind: _sum_of_squares(tensors, device) for kind, tensors in by_kind.items()}
+    squares = {kind: sum_of_squares(tensors).float() if tensors else torch.zeros((), device=device)
+               for kind, tensors in by_kind.items()}
     total = (squares[(False, False)] + _sum_over(squares[(False, True)], groups, "tp")
              + _sum_over(squares[(True, False)] + _sum_over(squares[(True, True)], groups, "etp"), groups, "ep"))
     total = _sum_over(total, groups, "pp")
@@ -56,11 +58,3 @@ def clip_global_grad_norm_(model: nn.Module, max_norm: float, groups: "ProcessGr
         for dtype in {param.grad.dtype for param in grads}:
             torch._foreach_mul_([p.grad for p in grads if p.grad.dtype == dtype], scale.to(dtype))
     return float(total.sqrt())
-
-
-def _sum_of_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """fp32 sum of squares of the tensors: one fused fp32-accumulating norm over the list, no fp32 copies."""
-    if not tensors:
-        return torch.zeros((), device=device, dtype=torch.float32)
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return torch.stack(norms).double().pow(2).sum().float()

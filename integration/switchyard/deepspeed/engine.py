@@ -1,8 +1,8 @@
 """``switchyard.deepspeed.initialize``: ``deepspeed.initialize`` for a model with switchyard MoE layers, at any stage.
 
-Stages 0-2 build DeepSpeed's engine as it is, then give a ZeRO-1/2 optimizer the fused fp32 gradient norm
-(``grad_norm.py``). Stage 3 prepares the model first (expert placement, leaf modules, partitioning on the way to the
-device: ``zero3.py``) and checks afterwards that the engine took the expert groups. Every stage first checks for a
+Stages 0-2 build DeepSpeed's engine as it is. Stage 3 prepares the model first (expert placement, leaf modules,
+partitioning on the way to the device: ``zero3.py``) and checks afterwards that the engine took the expert groups.
+A ZeRO optimizer then gets the fused fp32 gradient norm (``grad_norm.py``). Every stage first checks for a
 build lock left by a rank killed while DeepSpeed compiled its CPU op (``build_lock.py``): an error, not a hang.
 """
 
@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
+
+from switchyard.log import get_logger
+
+log = get_logger(__name__)
 
 
 def _as_dict(config: Any) -> dict[str, Any]:
@@ -25,7 +29,7 @@ def _as_dict(config: Any) -> dict[str, Any]:
 
 def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, **kwargs: Any) -> tuple:
     """``deepspeed.initialize(model=model, config=config, **kwargs)``'s four results. ``fused_grad_norm=False``
-    keeps DeepSpeed's own fp64 gradient norm at stages 1-2 (the benchmark's A/B)."""
+    keeps DeepSpeed's own fp64 gradient norm (the benchmark's A/B)."""
     import deepspeed
 
     from switchyard.deepspeed import zero3
@@ -36,16 +40,17 @@ def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, *
     settings = _as_dict(config)
     if int(settings.get("zero_optimization", {}).get("stage", 0)) != 3:
         result = deepspeed.initialize(model=model, config=config, **kwargs)
-        if fused_grad_norm:
-            install_fused_grad_norm(result[0])
-        return result
-    zero3.prepare_for_zero3(model)
-    zero3.partition_into_the_device(model, settings, kwargs.get("mpu"))
-    with zero3.engine_without_native_moe():
-        result = deepspeed.initialize(model=model, config=config, **kwargs)
-    wrong = [name for name, p in model.named_parameters() if getattr(p, "ds_zero_placement_family", None) ==
-             "autoep_expert" and getattr(p, "ds_process_group", None) is not p.ds_zero_partition_process_group]
-    if wrong:
-        raise RuntimeError(f"ZeRO-3 partitioned expert parameters {wrong[:3]} over another group than their "
-                           "expert-data-parallel one: this DeepSpeed does not honour ds_zero_partition_process_group")
+    else:
+        zero3.prepare_for_zero3(model)
+        zero3.partition_into_the_device(model, settings, kwargs.get("mpu"))
+        with zero3.engine_without_native_moe():
+            result = deepspeed.initialize(model=model, config=config, **kwargs)
+        wrong = [name for name, p in model.named_parameters() if getattr(p, "ds_zero_placement_family", None) ==
+                 "autoep_expert" and getattr(p, "ds_process_group", None) is not p.ds_zero_partition_process_group]
+        if wrong:
+            raise RuntimeError(f"ZeRO-3 partitioned expert parameters {wrong[:3]} over another group than their "
+                               "expert-data-parallel one: this DeepSpeed does not honour ds_zero_partition_process_group")
+    if fused_grad_norm and install_fused_grad_norm(result[0]):
+        log.info("gradient norm: one fused fp32 reduction per parameter group (switchyard.deepspeed.grad_norm), not "
+                 "DeepSpeed's fp64 copy of each gradient", ranks=[0])
     return result

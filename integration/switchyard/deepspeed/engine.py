@@ -50,7 +50,9 @@ def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, *
         if wrong:
             raise RuntimeError(f"ZeRO-3 partitioned expert parameters {wrong[:3]} over another group than their "
                                "expert-data-parallel one: this DeepSpeed does not honour ds_zero_partition_process_group")
-    if fused_grad_norm and install_fused_grad_norm(result[0]):
+    replaced = install_fused_grad_norm(result[0]) if fused_grad_norm else []
+    if replaced:
+        clip = ("; clipping without a host sync per parameter group" if "unscale_and_clip_grads" in replaced else "")
         log.info("gradient norm: one fused fp32 reduction per parameter group (switchyard.deepspeed.grad_norm), not "
-                 "DeepSpeed's fp64 copy of each gradient", ranks=[0])
+                 "DeepSpeed's fp64 copy of each gradient%s", clip, ranks=[0])
     return result

@@ -1,4 +1,5 @@
-"""ZeRO's gradient norm as one fused fp32 reduction per parameter group instead of an fp64 copy per tensor.
+"""ZeRO's gradient norm as one fused fp32 reduction per parameter group instead of an fp64 copy per tensor, and
+the clip by it without a host sync.
 
 DeepSpeed 0.19's ``get_grad_norm_direct`` (ZeRO-1/2 and ZeRO-3 alike) casts every gradient of a group to fp64 and
 takes its norm, one tensor at a time: on the fine-tune benchmark's 2.6B-parameter model that writes and reads
@@ -8,8 +9,10 @@ kernel (no copy) and handles the whole list in a few launches. The tensors' norm
 everything after is DeepSpeed's own logic, method by method: the same gradients skipped (ZeRO's padding,
 pipeline-replicated parameters, model-parallel duplicates), the same sums over the partition, model-parallel and
 expert-parallel groups, the same NaN/inf handling; the expert groups' averaging (ZeRO-1/2) stays in DeepSpeed's
-``scaled_global_norm``. One function per ZeRO optimizer class (``FUSED_NORMS``); CPU-offloaded optimizers keep
-DeepSpeed's (their norms are taken on the host, by another method).
+``scaled_global_norm``. At ZeRO-1/2 the clip by that norm is replaced too (``clip_grads_without_sync``): DeepSpeed's
+reads the norm's validity back to the host once per parameter group. The methods are set on the optimizer instance
+by ``install_fused_grad_norm`` (one table entry per ZeRO optimizer class); CPU-offloaded optimizers keep DeepSpeed's
+(their norms are taken on the host, by another method).
 """
 
 from __future__ import annotations
@@ -77,21 +80,49 @@ def fused_grad_norm_direct_stage3(self: Any, gradients: list[torch.Tensor], para
     return torch.where(total_norm.isinf().logical_or(total_norm.isnan()), invalid, total_norm)
 
 
-def _fused_norms() -> dict[type, tuple[Callable[..., torch.Tensor], str]]:
-    """ZeRO optimizer class → (its fused norm, the attribute that says its optimizer is offloaded)."""
+def clip_grads_without_sync(self: Any, grad_groups_flat: list, total_norm: Any) -> None:
+    """Drop-in for ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (ZeRO-1/2): the same scale, ``1 / (max(1,
+    (norm / loss_scale + 1e-6) / clip) · loss_scale)``, an invalid norm (non-finite, or DeepSpeed's -1 sentinel)
+    clipping as an infinite one, i.e. zeroing the gradients, as DeepSpeed's does. DeepSpeed decides that invalidity
+    with ``bool(tensor)`` once per parameter group, a host sync that drains the device's queue each time, and then
+    multiplies by the 0-dim device tensor through a broadcasting (not vectorized) kernel; here the choice stays on the
+    device (``torch.where``) and the multiply is ``torch._foreach_mul_`` (the same fp32 products)."""
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    tensors = [g for grad in grad_groups_flat for g in (grad if isinstance(grad, list) else [grad])]
+    if not tensors:
+        return
+    if self.clip_grad > 0.0:
+        norm = total_norm if torch.is_tensor(total_norm) else torch.tensor(float(total_norm), device=tensors[0].device)
+        invalid = ~torch.isfinite(norm) | (norm < 0)
+        norm = torch.where(invalid, torch.full_like(norm, float("inf")), norm)
+        clip = torch.clamp(((norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
+        scale = (1.0 / (clip * self.loss_scale)).to(device=tensors[0].device, dtype=tensors[0].dtype)
+    else:
+        scale = 1.0 / self.loss_scale
+    for dtype in {t.dtype for t in tensors}:
+        same = [t.data for t in tensors if t.dtype == dtype]
+        torch._foreach_mul_(same, scale.to(dtype) if torch.is_tensor(scale) else scale)
+
+
+def _fused_methods() -> dict[type, tuple[dict[str, Callable[..., Any]], str]]:
+    """ZeRO optimizer class → its fused methods, and the attribute that says its optimizer is offloaded (an offloaded
+    optimizer keeps DeepSpeed's methods: its norms and gradients live on the host)."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    return {DeepSpeedZeroOptimizer: (fused_grad_norm_direct, "cpu_offload"),
-            DeepSpeedZeroOptimizer_Stage3: (fused_grad_norm_direct_stage3, "offload_optimizer")}
+    return {DeepSpeedZeroOptimizer: ({"get_grad_norm_direct": fused_grad_norm_direct,
+                                      "unscale_and_clip_grads": clip_grads_without_sync}, "cpu_offload"),
+            DeepSpeedZeroOptimizer_Stage3: ({"get_grad_norm_direct": fused_grad_norm_direct_stage3}, "offload_optimizer")}
 
 
-def install_fused_grad_norm(engine: Any) -> bool:
-    """Give a ZeRO engine's optimizer the fused norm; True when installed (False: stage 0, an offloaded optimizer,
-    or a ZeRO optimizer class this table does not know, which keep DeepSpeed's)."""
+def install_fused_grad_norm(engine: Any) -> list[str]:
+    """Give a ZeRO engine's optimizer the fused norm (and, at ZeRO-1/2, the sync-free clip); returns the names of
+    the methods replaced (none: stage 0, an offloaded optimizer, or a ZeRO optimizer class not in the table)."""
     optimizer = getattr(engine, "optimizer", None)
-    entry = _fused_norms().get(type(optimizer))
+    entry = _fused_methods().get(type(optimizer))
     if entry is None or getattr(optimizer, entry[1]):
-        return False
-    optimizer.get_grad_norm_direct = types.MethodType(entry[0], optimizer)
-    return True
+        return []
+    for name, function in entry[0].items():
+        setattr(optimizer, name, types.MethodType(function, optimizer))
+    return list(entry[0])

@@ -19,10 +19,11 @@ gradient clipping 1.0, the same random token ids (fixed generator) for every imp
                       ``AutoModelForCausalLM.from_config``) upcycled by ``switchyard.patch_model`` into
                       E experts, top-k (``init="copy"``, aux_loss_coef 0.01, its router loss is inside
                       ``.loss``); ``switchyard.deepspeed.initialize(..., mpu=ProcessGroupManager(ep=1).mpu)``:
-                      DeepSpeed's engine, whose ZeRO-1/2 gradient norm is switchyard's fused fp32 one
-                      (``switchyard/deepspeed/grad_norm.py``; DeepSpeed's own takes an fp64 copy of each gradient)
-    switchyard_deepspeed_norm  (opt-in through ``--impls``) the same with DeepSpeed's own gradient norm: the A/B
-                      of that change, run in the same rounds
+                      DeepSpeed's engine, whose ZeRO gradient norm is switchyard's fused fp32 one and whose
+                      ZeRO-1/2 clip has no host syncs (``switchyard/deepspeed/grad_norm.py``; DeepSpeed's own norm
+                      takes an fp64 copy of each gradient, its clip reads the norm back once per param group)
+    switchyard_deepspeed_norm  (opt-in through ``--impls``) the same with DeepSpeed's own gradient norm and clip:
+                      the A/B of those changes, run in the same rounds
     deepspeed_autoep  the same MoE as a standard transformers ``MixtralForCausalLM`` (same hidden size,
                       layers, heads, experts, top-k, expert FFN; ``output_router_logits=True`` with
                       ``router_aux_loss_coef`` 0.01 so its loss has the same router term) under DeepSpeed
@@ -116,7 +117,7 @@ ZERO2_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
 ZERO_CONFIGS = {2: ZERO2_CONFIG, 3: REPO_ROOT / "configs" / "deepspeed" / "zero3.json"}
 PEAK_FLOPS = 989e12  # H200 dense bf16 datasheet value (the same constant as switchyard.train.loop)
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
-# switchyard with DeepSpeed's own fp64 ZeRO gradient norm (an A/B of switchyard's fused one, in the same rounds)
+# switchyard with DeepSpeed's own ZeRO gradient norm and clip (an A/B of switchyard's, in the same rounds)
 OPTIONAL_IMPLS = ("switchyard_deepspeed_norm",)
 # Competitors first: switchyard's ProcessGroupManager registers its groups with DeepSpeed last, so it
 # cannot change what the others ran with.
@@ -291,7 +292,7 @@ def build_switchyard(run: Run, aux: bool) -> Built:
     engine, _, _, _ = initialize(model=model, optimizer=make_optimizer(model, run), config=ds_config(run),
                                  mpu=groups.mpu, fused_grad_norm=run.fused_grad_norm)
     graph = ", cuda_graph" if run.cuda_graph else ""
-    norm = "" if run.fused_grad_norm else ", DeepSpeed's fp64 grad norm"
+    norm = "" if run.fused_grad_norm else ", DeepSpeed's grad norm and clip"
     return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}{norm}",
                  keep=[groups],
                  params_total=total, params_experts=experts)
@@ -756,8 +757,9 @@ def print_table(results: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--impls", nargs="+", choices=list(IMPLS + OPTIONAL_IMPLS), default=list(IMPLS),
-                   help="default: %(default)s; switchyard_deepspeed_norm = switchyard with DeepSpeed's own fp64 ZeRO "
-                        "gradient norm instead of its fused one (switchyard/deepspeed/grad_norm.py), in the same rounds")
+                   help="default: %(default)s; switchyard_deepspeed_norm = switchyard with DeepSpeed's own ZeRO "
+                        "gradient norm and clip instead of its fused ones (switchyard/deepspeed/grad_norm.py), in the "
+                        "same rounds")
     p.add_argument("--batch", type=int_at_least(1), default=None, help="micro-batch (default 8; 2 with --tiny)")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
                    help="sequence length, 2 or more for a next-token loss (default 1024; 32 with --tiny)")
@@ -862,8 +864,9 @@ def main(argv: list[str] | None = None) -> dict:
                       "bf16_check_grad_overflow": json.loads(ZERO_CONFIGS[args.zero_stage].read_text()).get("bf16", {}).get(
                           "check_grad_overflow", True),
                       "world_size": args.ep, "ep": args.ep,
-                      "grad_norm": "switchyard: fused fp32 (switchyard/deepspeed/grad_norm.py) at ZeRO-1/2; "
-                                   "deepspeed_autoep, hf_grouped_mm and switchyard_deepspeed_norm: DeepSpeed's fp64"},
+                      "grad_norm": "switchyard: fused fp32 norm, ZeRO-1/2 clip without host syncs "
+                                   "(switchyard/deepspeed/grad_norm.py); deepspeed_autoep, hf_grouped_mm and "
+                                   "switchyard_deepspeed_norm: DeepSpeed's"},
         "aux_loss_coef": AUX_LOSS_COEF,
         "flops_formula": flops_formula(shape),
         "peak_flops": PEAK_FLOPS,

@@ -84,9 +84,8 @@ def clip_grads_without_sync(self: Any, grad_groups_flat: list, total_norm: Any) 
     """Drop-in for ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (ZeRO-1/2): the same scale, ``1 / (max(1,
     (norm / loss_scale + 1e-6) / clip) · loss_scale)``, an invalid norm (non-finite, or DeepSpeed's -1 sentinel)
     clipping as an infinite one, i.e. zeroing the gradients, as DeepSpeed's does. DeepSpeed decides that invalidity
-    with ``bool(tensor)`` once per parameter group, a host sync that drains the device's queue each time, and then
-    multiplies by the 0-dim device tensor through a broadcasting (not vectorized) kernel; here the choice stays on the
-    device (``torch.where``) and the multiply is ``torch._foreach_mul_`` (the same fp32 products)."""
+    with ``bool(tensor)`` once per parameter group, a host sync that drains the device's queue each time; here the
+    choice stays on the device (``torch.where``), then one ``torch._foreach_mul_`` (the same fp32 products)."""
     if self.clip_grad == 0.0 and self.loss_scale == 1.0:
         return
     tensors = [g for grad in grad_groups_flat for g in (grad if isinstance(grad, list) else [grad])]

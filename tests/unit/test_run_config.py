@@ -102,6 +102,10 @@ def test_relative_deepspeed_path_is_found_from_the_run_config(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert load_run_config("cfg/run.yaml").deepspeed == str((tmp_path / "cfg" / "ds.json").resolve())
     assert Path(load_run_config(TINY).deepspeed).is_file()  # the default config from outside the repo
+    # a run config kept outside the checkout, with no deepspeed key: the default is switchyard's own zero2.json
+    (tmp_path / "mine.yaml").write_text("\n".join(line for line in TINY.read_text().splitlines()
+                                                  if not line.startswith("deepspeed:")))
+    assert load_run_config(tmp_path / "mine.yaml").deepspeed == str((REPO / "configs/deepspeed/zero2.json").resolve())
 
 
 def test_resume_mismatches_name_the_structural_fields():

@@ -379,13 +379,16 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
 
 def resolve_deepspeed_path(value: str, run_config: Path | None) -> Path:
     """A relative ``deepspeed`` path, found from the cwd, else from the run config's directory or one above
-    it (``configs/deepspeed/zero2.json`` in configs/finetune/tiny.yaml works from any cwd)."""
+    it (``configs/deepspeed/zero2.json`` in configs/finetune/tiny.yaml works from any cwd), else from switchyard's
+    own checkout (the default ``configs/deepspeed/zero2.json`` works for a run config kept anywhere)."""
     path = Path(value).expanduser()
-    bases = [Path.cwd()] + ([] if path.is_absolute() or run_config is None
-                            else [run_config.resolve().parent, *run_config.resolve().parent.parents])
+    checkout = Path(__file__).resolve().parents[3]  # integration/switchyard/train/run_config.py → the checkout
+    bases = [Path.cwd()] + ([] if path.is_absolute() else
+                            ([] if run_config is None else [run_config.resolve().parent,
+                                                            *run_config.resolve().parent.parents]) + [checkout])
     for base in bases:
         if (base / path).is_file():
             return base / path if base != Path.cwd() else path
     raise ValueError(f"deepspeed={value!r}: no such file (looked from the cwd {Path.cwd()}"
-                     f"{'' if len(bases) == 1 else ', the run config directory and the ones above it'}); "
-                     "point deepspeed at a JSON in configs/deepspeed/")
+                     f"{'' if len(bases) == 1 else ', the run config directory and the ones above it, and ' + str(checkout)}"
+                     "); point deepspeed at a JSON in configs/deepspeed/")

@@ -141,12 +141,12 @@ def _model_sources(config) -> list[tuple[str, str]]:
 
 
 def check_model_source(config) -> None:
-    """A local path that is not there, named now (else every rank's traceback from the hub client, which reads
-    a missing ``./dir`` as a malformed repo id)."""
-    from switchyard.cli import check_local_model
+    """A local path that is not there, or a model directory without config.json, named now (else every rank's
+    traceback from the hub client, which reads a missing ``./dir`` as a malformed repo id, or transformers')."""
+    from switchyard.cli import check_local_model, check_model_dir
 
     for key, value in _model_sources(config):
-        check_local_model(value, key)
+        (check_model_dir if key == "model.source" else check_local_model)(value, key)
 
 
 def check_hub_sources(config) -> None:

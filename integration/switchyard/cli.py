@@ -67,14 +67,24 @@ def check_local_model(model: str, flag: str = "--model") -> Path:
     return local
 
 
+def check_model_dir(model: str, flag: str = "--model") -> Path:
+    """``check_local_model``, and a local directory must hold config.json (transformers' own error, "Unrecognized
+    model in …", names a key of a file that is not there)."""
+    from switchyard.hf.checkpoint import inner_model_hint
+
+    local = check_local_model(model, flag)
+    if local.is_dir() and not (local / "config.json").is_file():
+        named = f"{flag} {model}" if flag.startswith("-") else f"{flag}={model!r}"
+        raise ValueError(f"{named}: {local} has no config.json, so it is no transformers model directory: pass "
+                         f"the model's directory (the one holding config.json){inner_model_hint(local)}")
+    return local
+
+
 def model_config(model: str, flag: str = "--model") -> Any:
     """``config.json`` of a local model dir or hub id, or a one-line ``ValueError`` naming ``model``."""
     from transformers import AutoConfig
 
-    local = check_local_model(model, flag)
-    if local.is_dir() and not (local / "config.json").is_file():  # transformers: "Unrecognized model in …"
-        raise ValueError(f"{flag} {model}: {local} has no config.json, so it is no transformers model directory: pass "
-                         "the model's directory (the one holding config.json)")
+    local = check_model_dir(model, flag)
     try:
         return AutoConfig.from_pretrained(str(local) if local.exists() else model)
     except OSError as err:
@@ -145,15 +155,14 @@ def cmd_layout(args: argparse.Namespace) -> int:
     return 0
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
 def _tokenizer_of(model_dir: str) -> Any:
     """The tokenizer stored beside a model, or None: a local dir without tokenizer files has none."""
     from transformers import AutoTokenizer
 
+    from switchyard.hf.tokenizer import has_tokenizer_files
+
     local = Path(model_dir)
-    if local.is_dir() and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+    if local.is_dir() and not has_tokenizer_files(local):
         print(f"switchyard: {model_dir} has no tokenizer files, so the output has none either; serving it needs "
               "one: save the source's tokenizer into the output (tokenizer.save_pretrained(out))", file=sys.stderr)
         return None

@@ -480,11 +480,23 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
+def inner_model_hint(path: Path) -> str:
+    """For a directory without config.json: the model directory inside it, when it is a fine-tune checkpoint
+    (``step_N/model``) or a fine-tune's run directory (``checkpoints/step_N/model``); else empty."""
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        return f" ({path} is a fine-tune checkpoint: pass its model directory, {path / 'model'})"
+    steps = sorted((path / "checkpoints").glob("step_*/model/config.json"))
+    if steps:
+        return f" ({path} is a fine-tune's run directory: pass a checkpoint's model directory, e.g. {steps[-1].parent})"
+    return ""
+
+
 def read_record(path: Path) -> dict[str, Any]:
     """config.json's switchyard record, or a CheckpointError saying what this directory is."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{config_file} does not exist; is {path} a saved model directory?")
+        raise CheckpointError(f"{config_file} does not exist; is {path} a saved model directory?{inner_model_hint(path)}")
     raw = _read_json(config_file)
     if not raw.get(CONFIG_KEY):
         raise CheckpointError(

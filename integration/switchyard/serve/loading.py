@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from switchyard.hf.checkpoint import on_every_rank, recover_interrupted_save
+from switchyard.hf.checkpoint import inner_model_hint, on_every_rank, recover_interrupted_save
 from switchyard.log import get_logger
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def resolve_model_dir(model: str) -> Path:
     recover_interrupted_save(path)  # a killed re-save leaves the checkpoint aside; put it back
     if not (path / "config.json").is_file():
         raise ValueError(f"--model {model}: no config.json there; pass a switchyard checkpoint, an HF MoE "
-                         "model directory (e.g. from `switchyard export`), or `tiny`")
+                         f"model directory (e.g. from `switchyard export`), or `tiny`{inner_model_hint(path)}")
     return path
 
 
@@ -189,11 +189,17 @@ def load_tokenizer(path: Path) -> Any:
     """The tokenizer saved in the model directory. The server needs one (prompts, chat template, detokenizing);
     transformers' own error for a directory without one (e.g. ``switchyard upcycle`` of a model saved without
     its tokenizer) names neither the directory nor the fix."""
-    from transformers import AutoTokenizer
+    from switchyard.hf.tokenizer import load_tokenizer as load_checked
 
+    fix = ("save the model's tokenizer into it: AutoTokenizer.from_pretrained(<the original model>).save_pretrained("
+           f"{str(path)!r})")
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as err:
+        return load_checked(path, fix)
+    except ValueError as err:
+        if str(err).endswith(fix):
+            raise
+        raise ValueError(f"{path} has no tokenizer the server can load ({_short(err)}); {fix}") from None
+    except (OSError, TypeError) as err:
         raise ValueError(f"{path} has no tokenizer the server can load ({_short(err)}); save the model's tokenizer "
                          f"into it: AutoTokenizer.from_pretrained(<the original model>).save_pretrained({str(path)!r})"
                          ) from None

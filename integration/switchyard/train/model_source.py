@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from switchyard.hf.adopt import SUPPORTED_BLOCKS
 from switchyard.hf.checkpoint import recover_interrupted_save
+from switchyard.hf.tokenizer import load_tokenizer
 from switchyard.log import get_logger
 from switchyard.train.load_waves import LoadFootprint, footprint_of, load_dtype, load_in_waves, patient_group
 from switchyard.train.run_config import RunConfig
@@ -76,7 +77,10 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     import switchyard as sy
 
     recover_interrupted_save(source)  # a killed re-save leaves a checkpoint aside: put it back before reading
-    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or source)
+    tokenizer_source = config.model.tokenizer or source
+    tokenizer = load_tokenizer(tokenizer_source, "save the model's tokenizer there (tokenizer.save_pretrained(<dir>)) or "
+                               "name one with model.tokenizer" if tokenizer_source == source else
+                               "point model.tokenizer at a directory or hub id holding the tokenizer")
     hf_config = AutoConfig.from_pretrained(from_checkpoint or source)  # below the checkpoint's branch: source's
     check_vocabulary(tokenizer, hf_config, config.model.tokenizer or source, str(from_checkpoint or source))
     cut = after_load or (lambda model: None)

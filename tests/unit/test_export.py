@@ -92,8 +92,8 @@ def _fake_ep2(model):
 
 ERRORS = {
     "gpt2": (lambda: upcycled("gpt2", extra={"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}),
-             None, r"no standard transformers MoE class fits gpt2; save with switchyard\.save_pretrained instead "
-                   r"\(supported exports: llama→mixtral"),
+             None, r"no standard transformers MoE class fits gpt2 \(supported exports: llama→mixtral.*keep it as a "
+                   r"switchyard checkpoint.*launch/serve\.py --model <dir> serves"),
     "mixtral_no_renormalize": (lambda: upcycled("llama", norm_topk_prob=False), None,
                                r"norm_topk_prob=False but MixtralForCausalLM computes norm_topk_prob=True \(Mixtral "
                                r"always renormalizes.*qwen2_moe/qwen3_moe.*switchyard\.save_pretrained"),

@@ -205,6 +205,31 @@ def test_moe_settings_a_source_with_its_own_moe_layers_would_ignore_are_refused(
     _refuse_unused_moe_settings(load_run_config(None, ["train.max_steps=1", "moe.overrides.top_k=1"]), "m", None)
     with pytest.raises(ValueError, match=r"HF MoE model.*moe.overrides"):
         _refuse_unused_moe_settings(load_run_config(None, ["train.max_steps=1", "moe.top_k=1"]), "mixtral", None)
+    # router-loss coefficients weigh the losses, not the weights: a run may change a checkpoint's
+    _refuse_unused_moe_settings(load_run_config(TINY, ["moe.z_loss_coef=0.01", "moe.aux_loss_coef=0"]), "ckpt", record)
+
+
+def test_a_switchyard_checkpoint_takes_the_run_configs_router_loss_coefficients(tmp_path):
+    """What `switchyard upcycle` saved (aux 0.01, z 0) is trained with the run config's coefficients: each layer's
+    router loss is the run config's coefficient times the loss, and a later save records them."""
+    import torch
+
+    import switchyard as sy
+    from switchyard.train.model_source import _set_loss_coefficients
+    from tiny_models import build, ids
+
+    model = sy.patch_model(build("llama"), sy.MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.0))
+    _set_loss_coefficients(model, load_run_config(TINY, ["moe.z_loss_coef=0.5", "moe.aux_loss_coef=0"]))
+    layers = [m for m in model.modules() if isinstance(m, sy.MoELayer)]
+    assert all(l.config.z_loss_coef == 0.5 and l.config.aux_loss_coef == 0 for l in layers)
+    model.train()(ids())
+    for layer in layers:  # the loss is the z-loss alone, weighted by the new coefficient
+        from switchyard.moe.losses import z_loss
+
+        want = 0.5 * z_loss(layer.last_router_output.logits_TE, None)
+        torch.testing.assert_close(layer.aux_loss, want)
+    sy.save_pretrained(model, tmp_path / "saved")
+    assert sy.from_pretrained(tmp_path / "saved").config.switchyard["moe"]["z_loss_coef"] == 0.5
 
 
 def sy_moe_dict(**values) -> dict:

@@ -492,8 +492,10 @@ def _plan(model: nn.Module, out: Path | None) -> tuple[nn.Module, bool]:
     model_type = model.config.model_type
     family = EXPORTS.get(model_type)
     if family is None or (model_type != family.model_type and record["mode"] != "upcycle"):
-        raise ValueError(f"no standard transformers MoE class fits {model_type}; save with switchyard.save_pretrained "
-                         f"instead (supported exports: {supported_exports()})")
+        raise ValueError(f"no standard transformers MoE class fits {model_type} (supported exports: "
+                         f"{supported_exports()}): keep it as a switchyard checkpoint (switchyard.save_pretrained; a "
+                         "fine-tune's checkpoints already are), which launch/serve.py --model <dir> serves and "
+                         "switchyard.from_pretrained loads; plain transformers and vLLM cannot load it")
     if out is not None:
         _check_destination(out, family.model_type)
     target_config = _target_config(model, family, record, layers)

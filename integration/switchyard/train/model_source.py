@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from switchyard.hf.adopt import SUPPORTED_BLOCKS
+from switchyard.moe.layer import LOSS_COEFFICIENTS
 from switchyard.hf.checkpoint import recover_interrupted_save
 from switchyard.hf.tokenizer import load_tokenizer
 from switchyard.log import get_logger
@@ -23,6 +24,7 @@ from switchyard.train.load_waves import LoadFootprint, footprint_of, load_dtype,
 from switchyard.train.run_config import RunConfig
 
 log = get_logger(__name__)
+LOSS_COEFFICIENT_KEYS = frozenset(LOSS_COEFFICIENTS.values())  # moe.* keys a switchyard checkpoint's run may change
 
 # model_type of transformers' MoE models whose blocks switchyard adopts
 MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
@@ -88,7 +90,7 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     stage = (groups.rank("pp"), groups.size("pp"), config.parallel.pp_layers) \
         if groups is not None and groups.size("pp") > 1 else None
     if from_checkpoint is not None:
-        log.info("loading model weights from %s (resharded to ep=%d)", from_checkpoint, groups.size("ep"), ranks=[0])
+        log.info("loading model weights from %s for ep=%d", from_checkpoint, groups.size("ep"), ranks=[0])
         model = sy.from_pretrained(from_checkpoint, groups=groups, stage=stage)
         cut(model)
         return model, tokenizer
@@ -96,6 +98,7 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     if record:
         _refuse_unused_moe_settings(config, source, record)
         model = sy.from_pretrained(source, groups=groups, stage=stage)
+        _set_loss_coefficients(model, config)
         cut(model)
         return model, tokenizer
     sizes = {"world": dist.get_world_size(), **{k: groups.size(k) for k in ("ep", "tp", "etp", "pp")}} \
@@ -198,6 +201,27 @@ def check_model_split(config: RunConfig, source: str, tp: int, etp: int, pp: int
         tensor_parallel_shards(model, tp, etp)
 
 
+def _set_loss_coefficients(model: nn.Module, config: RunConfig) -> None:
+    """The router-loss coefficients the run config sets, on a switchyard checkpoint's layers: they weigh the losses,
+    not the weights, so a fine-tune may change what a checkpoint (e.g. ``switchyard upcycle``'s) was saved with."""
+    from switchyard.moe.layer import MoELayer
+
+    wanted = {key: config.moe.config[key] for key in config.moe_keys_set if key in LOSS_COEFFICIENT_KEYS}
+    changed: dict[str, tuple[Any, Any]] = {}
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        for key, value in wanted.items():
+            if getattr(layer.config, key) != value:
+                changed.setdefault(key, (getattr(layer.config, key), value))
+                setattr(layer.config, key, value)
+    if changed:  # and in the record a save writes, which is what loading rebuilds the layers from
+        record = model.config.switchyard
+        record["moe"].update({key: new for key, (_, new) in changed.items()})
+        if record["mode"] == "adopt":
+            record["overrides"] = {**(record.get("overrides") or {}), **{key: new for key, (_, new) in changed.items()}}
+        log.info("router-loss coefficients from the run config: %s", ", ".join(
+            f"moe.{k} {old} → {new}" for k, (old, new) in changed.items()), ranks=[0])
+
+
 def _refuse_unused_moe_settings(config: RunConfig, source: str, record: dict[str, Any] | None) -> None:
     """A source with its own MoE layers (a switchyard checkpoint: ``record``; an HF MoE model: None) would
     silently ignore the run config's ``moe`` settings: a setting that would not take effect is an error."""
@@ -212,7 +236,7 @@ def _refuse_unused_moe_settings(config: RunConfig, source: str, record: dict[str
         return
     recorded = record.get("moe") or {}
     unused = {f"moe.{k}": (moe.config[k], recorded.get(k)) for k in config.moe_keys_set
-              if moe.config[k] != recorded.get(k)}
+              if moe.config[k] != recorded.get(k) and k not in LOSS_COEFFICIENT_KEYS}
     unused.update({f"moe.{k}": (getattr(moe, k), None) for k in ("layers", "every_n", "targets", "exclude",
                                                                   "adapter", "overrides") if getattr(moe, k)})
     if unused:

@@ -210,3 +210,14 @@ def test_chat_and_response_data_errors_name_the_column_and_the_fix(tok, tmp_path
         load([{"messages": [{"role": "user", "content": "hi"}]}], format="chat")
     with pytest.raises(ValueError, match=r"no training examples of seq_len=8.*prompts fill.*raise data.seq_len"):
         load([{"prompt": "word " * 20, "response": " x"}], format="prompt_response")
+
+
+def test_a_format_that_does_not_fit_the_columns_suggests_the_one_that_does(tok, tmp_path: Path) -> None:
+    (tmp_path / "plain.jsonl").write_text('{"text": "hello world"}\n')
+    with pytest.raises(ValueError, match=r"data.messages_field='messages' is not a column .* with data.format=chat "
+                                         r".*set data.messages_field to the right column, or data.format=text"):
+        load_datasets(DataConfig(source=str(tmp_path / "plain.jsonl"), format="chat", eval_fraction=0), tok,
+                      tmp_path / "cache")
+    (tmp_path / "odd.jsonl").write_text('{"body": "hello world"}\n')
+    with pytest.raises(ValueError, match=r"set data.text_field to the right column$"):  # no other format fits
+        load_datasets(DataConfig(source=str(tmp_path / "odd.jsonl"), eval_fraction=0), tok, tmp_path / "cache")

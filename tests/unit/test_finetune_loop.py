@@ -491,3 +491,16 @@ def test_resuming_an_earlier_checkpoint_warns_that_later_ones_will_be_saved_over
     assert warned == [f"resuming from step 4 while {tmp_path} holds later checkpoints ['step_000006']: this run saves "
                       "over each one as it reaches its step (resume from the latest, or give this run another "
                       "output_dir, to keep them)"]
+
+
+def test_seq_len_beyond_the_models_positions_is_warned(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from switchyard.train.model_source import warn_beyond_positions
+
+    with caplog.at_level(logging.WARNING):
+        warn_beyond_positions(SimpleNamespace(max_position_embeddings=512), 512, "m")
+        assert "exceeds" not in caplog.text
+        warn_beyond_positions(SimpleNamespace(n_positions=64), 128, "gpt2-dir")  # GPT-2 names it n_positions
+    assert "data.seq_len=128 exceeds gpt2-dir's max_position_embeddings=64" in caplog.text

@@ -197,12 +197,16 @@ def _check_columns(cfg: DataConfig, raw: datasets.Dataset) -> None:
     needed = {
         "text": ["text_field"], "chat": ["messages_field"], "prompt_response": ["prompt_field", "response_field"]
     }
+    # another format whose default columns this source has: likely the format is what is wrong
+    fits = [fmt for fmt, names in needed.items() if fmt != cfg.format
+            and all(DataConfig.__dataclass_fields__[n].default in raw.column_names for n in names)]
     for name in needed[cfg.format]:
         column = getattr(cfg, name)
         if column not in raw.column_names:
+            other = f", or data.format={fits[0]} (its columns are there)" if fits else ""
             raise ValueError(
-                f"data.{name}={column!r} is not a column of data.source={cfg.source!r} "
-                f"(columns: {raw.column_names}); set data.{name} to the right column"
+                f"data.{name}={column!r} is not a column of data.source={cfg.source!r} with data.format="
+                f"{cfg.format} (columns: {raw.column_names}); set data.{name} to the right column{other}"
             )
 
 

@@ -85,6 +85,7 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
                                "point model.tokenizer at a directory or hub id holding the tokenizer")
     hf_config = AutoConfig.from_pretrained(from_checkpoint or source)  # below the checkpoint's branch: source's
     check_vocabulary(tokenizer, hf_config, config.model.tokenizer or source, str(from_checkpoint or source))
+    warn_beyond_positions(hf_config, config.data.seq_len, str(from_checkpoint or source))
     cut = after_load or (lambda model: None)
     # a switchyard checkpoint: each rank reads its experts, and of a pipeline its stage only
     stage = (groups.rank("pp"), groups.size("pp"), config.parallel.pp_layers) \
@@ -111,6 +112,17 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
 
     model = load_in_waves(load, lambda: load_footprint(config, source, **sizes), config.model.load_ranks_at_once)
     return model, tokenizer
+
+
+def warn_beyond_positions(hf_config, seq_len: int, model_source: str) -> None:
+    """Sequences longer than the model was built for train positions it never saw (rotary), or index past a
+    learned position table; the server later refuses such lengths. A warning: some models extrapolate on purpose."""
+    text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
+    limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if limit is not None and seq_len > limit:
+        log.warning("data.seq_len=%d exceeds %s's max_position_embeddings=%d: positions past %d were never trained "
+                    "(and a learned position table has no rows for them); lower data.seq_len to %d or less unless the "
+                    "model is meant to extrapolate", seq_len, model_source, limit, limit, limit, ranks=[0])
 
 
 def check_vocabulary(tokenizer, hf_config, tokenizer_source: str, model_source: str) -> None:

@@ -140,6 +140,13 @@ def _model_sources(config) -> list[tuple[str, str]]:
     return [(key, value) for key, value in pairs if value is not None and value != "tiny"]
 
 
+def _error_line(message: str) -> None:
+    """One write per line: every rank prints its error to the launcher's shared stderr, and print's separate write of
+    the newline let two ranks' lines run together."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 def check_model_source(config) -> None:
     """A local path that is not there, or a model directory without config.json, named now (else every rank's
     traceback from the hub client, which reads a missing ``./dir`` as a malformed repo id, or transformers')."""
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         bare = not args.config and not args.overrides
         hint = " (no --config was given: start from --config configs/finetune/tiny.yaml)" if bare else ""
-        print(f"finetune: config error: {err}{hint}", file=sys.stderr, flush=True)
+        _error_line(f"finetune: config error: {err}{hint}")
         return 2
     from switchyard.parallel.manager import release_shm_allreduce_buffer
 
@@ -205,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     # a user mistake found while building (the checkpoint to resume, the model, the data), or a file in the way (a
     # build lock a killed run left: switchyard/deepspeed/build_lock.py)
     except (ValueError, FileExistsError) as err:
-        print(f"finetune: error: {err}", file=sys.stderr, flush=True)
+        _error_line(f"finetune: error: {err}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: one line each, not a traceback each
+        _error_line("finetune: interrupted; the newest complete checkpoint in output_dir is intact: continue with "
+                    "--resume auto")
+        return 130
     finally:
         release_shm_allreduce_buffer()
     import torch.distributed as dist

@@ -6,7 +6,8 @@
   DeepSeek-V3): in one process transformers loads it and ``switchyard.patch_model`` adopts its MoE
   blocks. With more ranks, rank 0 first converts it once into a switchyard checkpoint in the cache
   (``SWITCHYARD_CACHE``/adopted, keyed by the directory and its files' sizes and times; a subprocess
-  holds the whole model once), then every rank reads only its own experts from that;
+  holds the whole model once; earlier conversions of the same directory are removed after an hour), then every
+  rank reads only its own experts from that;
 * ``tiny``: the embedded tiny Llama, upcycled to 4 experts and cached (``SWITCHYARD_CACHE``).
 
 Only safetensors files are read (``use_safetensors=True``): nothing is unpickled. Before any weight is read
@@ -283,6 +284,27 @@ def convert_hf_moe_dir(src: str | Path, out: str | Path) -> Path:
     return _save_aside(model, AutoTokenizer.from_pretrained(src), out)
 
 
+SOURCE_MARK = "switchyard_source"  # in each cached conversion: the directory it was converted from
+PRUNE_AFTER_S = 3600.0  # an older conversion of the same directory is removed once it is this old
+
+
+def _prune_older_conversions(path: Path, out: Path) -> None:
+    """Mark ``out`` with its source and remove the cache's earlier conversions of the same directory (the key
+    changes with every re-export into it, so each one left a full copy of the model behind). Only those older than
+    ``PRUNE_AFTER_S``: a server started from one a moment ago may still be reading it."""
+    import shutil
+    import time
+
+    source = str(path.resolve())
+    (out / SOURCE_MARK).write_text(source)
+    for other in out.parent.glob(f"{path.resolve().name}-*"):
+        mark = other / SOURCE_MARK
+        if other != out and mark.is_file() and mark.read_text() == source \
+                and time.time() - mark.stat().st_mtime > PRUNE_AFTER_S:
+            log.info("removing %s, an earlier conversion of %s", other, path)
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def adopted_checkpoint(path: Path) -> Path:
     """The switchyard checkpoint of HF MoE directory ``path`` in the cache, built by rank 0 (in a
     subprocess: a save inside this world would wait for the other ranks) while the others wait; a failed
@@ -300,6 +322,8 @@ def adopted_checkpoint(path: Path) -> Path:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if done.returncode != 0:
             status[0] = f"converting {path} failed:\n{done.stderr[-3000:]}"
+        else:
+            _prune_older_conversions(path, out)
     # the others wait on a gloo group of their own: a big model's conversion outlasts the usual timeout
     import datetime
 

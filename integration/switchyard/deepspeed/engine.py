@@ -2,7 +2,7 @@
 
 Stages 0-2 build DeepSpeed's engine as it is. Stage 3 prepares the model first (expert placement, leaf modules,
 partitioning on the way to the device: ``zero3.py``) and checks afterwards that the engine took the expert groups.
-A ZeRO optimizer then gets the fused fp32 gradient norm (``grad_norm.py``). Every stage first checks for a
+A ZeRO optimizer then gets the fused fp32 gradient norm and, at stages 1-2, the sync-free clip (``grad_norm.py``). Every stage first checks for a
 build lock left by a rank killed while DeepSpeed compiled its CPU op (``build_lock.py``): an error, not a hang.
 """
 
@@ -29,7 +29,7 @@ def _as_dict(config: Any) -> dict[str, Any]:
 
 def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, **kwargs: Any) -> tuple:
     """``deepspeed.initialize(model=model, config=config, **kwargs)``'s four results. ``fused_grad_norm=False``
-    keeps DeepSpeed's own fp64 gradient norm (the benchmark's A/B)."""
+    keeps DeepSpeed's own gradient norm and clip (the benchmark's A/B)."""
     import deepspeed
 
     from switchyard.deepspeed import zero3

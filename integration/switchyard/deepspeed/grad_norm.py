@@ -96,7 +96,7 @@ def clip_grads_without_sync(self: Any, grad_groups_flat: list, total_norm: Any) 
         invalid = ~torch.isfinite(norm) | (norm < 0)
         norm = torch.where(invalid, torch.full_like(norm, float("inf")), norm)
         clip = torch.clamp(((norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
-        scale = (1.0 / (clip * self.loss_scale)).to(device=tensors[0].device, dtype=tensors[0].dtype)
+        scale = (1.0 / (clip * self.loss_scale)).to(tensors[0].device)  # each dtype's products cast it once, below
     else:
         scale = 1.0 / self.loss_scale
     for dtype in {t.dtype for t in tensors}:

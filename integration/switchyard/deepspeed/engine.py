@@ -2,8 +2,9 @@
 
 Stages 0-2 build DeepSpeed's engine as it is. Stage 3 prepares the model first (expert placement, leaf modules,
 partitioning on the way to the device: ``zero3.py``) and checks afterwards that the engine took the expert groups.
-A ZeRO optimizer then gets the fused fp32 gradient norm and, at stages 1-2, the sync-free clip (``grad_norm.py``). Every stage first checks for a
-build lock left by a rank killed while DeepSpeed compiled its CPU op (``build_lock.py``): an error, not a hang.
+A ZeRO optimizer then gets the fused fp32 gradient norm and, at stages 1-2, the sync-free clip (``grad_norm.py``).
+Every stage first checks for a build lock left by a rank killed while DeepSpeed compiled its CPU op
+(``build_lock.py``): an error, not a hang.
 """
 
 from __future__ import annotations

@@ -153,6 +153,7 @@ def test_bodies_keep_openai_nulls_and_drop_unrequested_extensions():
     chunk = P.dump(P.ChatCompletionChunk(id="x", created=0, model="m",
                                          choices=[P.ChatChunkChoice(index=0, delta=P.DeltaMessage(content="hi"))]))
     assert chunk["choices"][0]["delta"] == {"content": "hi"} and chunk["object"] == "chat.completion.chunk"
+    assert "system_fingerprint" in chunk  # as in OpenAI's chunks (null here, as in the responses)
     assert P.error_body(404, "no", "model", "model_not_found") == {
         "error": {"message": "no", "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
 

@@ -351,6 +351,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None  # OpenAI's chunks carry it as the responses do
 
 
 class ModelCard(BaseModel):

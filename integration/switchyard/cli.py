@@ -59,12 +59,17 @@ def check_local_model(model: str, flag: str = "--model") -> Path:
 
     recover_interrupted_save(model)
     local = Path(model).expanduser()
-    named = f"{flag} {model}" if flag.startswith("-") else f"{flag}={model!r}"  # a flag, or a config key
+    named = _named(model, flag)
     if local.exists() and not local.is_dir():
         raise ValueError(f"{named}: a file; pass the model's directory (the one holding config.json)")
     if not local.exists() and (not _HUB_ID.fullmatch(model) or ".." in model):
         raise ValueError(f"{named}: no such directory; pass a model directory or a hub id like org/name")
     return local
+
+
+def _named(model: str, flag: str) -> str:
+    """How an error names the value: ``--model x`` for a flag, ``model.source='x'`` for a config key."""
+    return f"{flag} {model}" if flag.startswith("-") else f"{flag}={model!r}"
 
 
 def check_model_dir(model: str, flag: str = "--model") -> Path:
@@ -74,8 +79,7 @@ def check_model_dir(model: str, flag: str = "--model") -> Path:
 
     local = check_local_model(model, flag)
     if local.is_dir() and not (local / "config.json").is_file():
-        named = f"{flag} {model}" if flag.startswith("-") else f"{flag}={model!r}"
-        raise ValueError(f"{named}: {local} has no config.json, so it is no transformers model directory: pass "
+        raise ValueError(f"{_named(model, flag)}: {local} has no config.json, so it is no transformers model directory: pass "
                          f"the model's directory (the one holding config.json){inner_model_hint(local)}")
     return local
 

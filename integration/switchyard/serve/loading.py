@@ -190,20 +190,17 @@ def load_tokenizer(path: Path) -> Any:
     """The tokenizer saved in the model directory. The server needs one (prompts, chat template, detokenizing);
     transformers' own error for a directory without one (e.g. ``switchyard upcycle`` of a model saved without
     its tokenizer) names neither the directory nor the fix."""
+    from switchyard.hf.tokenizer import TokenizerError
     from switchyard.hf.tokenizer import load_tokenizer as load_checked
 
     fix = ("save the model's tokenizer into it: AutoTokenizer.from_pretrained(<the original model>).save_pretrained("
            f"{str(path)!r})")
     try:
         return load_checked(path, fix)
-    except ValueError as err:
-        if str(err).endswith(fix):
-            raise
+    except TokenizerError:
+        raise
+    except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"{path} has no tokenizer the server can load ({_short(err)}); {fix}") from None
-    except (OSError, TypeError) as err:
-        raise ValueError(f"{path} has no tokenizer the server can load ({_short(err)}); save the model's tokenizer "
-                         f"into it: AutoTokenizer.from_pretrained(<the original model>).save_pretrained({str(path)!r})"
-                         ) from None
 
 
 def check_adoptable(path: Path, config: Any) -> int:

@@ -16,10 +16,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from switchyard.hf.adopt import SUPPORTED_BLOCKS
-from switchyard.moe.layer import LOSS_COEFFICIENTS
 from switchyard.hf.checkpoint import recover_interrupted_save
 from switchyard.hf.tokenizer import load_tokenizer
 from switchyard.log import get_logger
+from switchyard.moe.layer import LOSS_COEFFICIENTS
 from switchyard.train.load_waves import LoadFootprint, footprint_of, load_dtype, load_in_waves, patient_group
 from switchyard.train.run_config import RunConfig
 
@@ -84,7 +84,7 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
                                "name one with model.tokenizer" if tokenizer_source == source else
                                "point model.tokenizer at a directory or hub id holding the tokenizer")
     hf_config = AutoConfig.from_pretrained(from_checkpoint or source)  # below the checkpoint's branch: source's
-    check_vocabulary(tokenizer, hf_config, config.model.tokenizer or source, str(from_checkpoint or source))
+    check_vocabulary(tokenizer, hf_config, tokenizer_source, str(from_checkpoint or source))
     warn_beyond_positions(hf_config, config.data.seq_len, str(from_checkpoint or source))
     cut = after_load or (lambda model: None)
     # a switchyard checkpoint: each rank reads its experts, and of a pipeline its stage only
@@ -114,10 +114,15 @@ def load_model(config: RunConfig, groups, source: str, from_checkpoint: Path | N
     return model, tokenizer
 
 
+def _text_config(hf_config):
+    """The language model's config (a multimodal config keeps it apart)."""
+    return getattr(hf_config, "get_text_config", lambda: hf_config)()
+
+
 def warn_beyond_positions(hf_config, seq_len: int, model_source: str) -> None:
     """Sequences longer than the model was built for train positions it never saw (rotary), or index past a
     learned position table; the server later refuses such lengths. A warning: some models extrapolate on purpose."""
-    text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
+    text_config = _text_config(hf_config)
     limit = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     if limit is not None and seq_len > limit:
         log.warning("data.seq_len=%d exceeds %s's max_position_embeddings=%d: positions past %d were never trained "
@@ -128,7 +133,7 @@ def warn_beyond_positions(hf_config, seq_len: int, model_source: str) -> None:
 def check_vocabulary(tokenizer, hf_config, tokenizer_source: str, model_source: str) -> None:
     """A tokenizer with more token ids than the model has embedding rows would crash the first batch holding one
     (an ``IndexError`` deep in the embedding); refuse it before any weight is read."""
-    rows = getattr(getattr(hf_config, "get_text_config", lambda: hf_config)(), "vocab_size", None)
+    rows = getattr(_text_config(hf_config), "vocab_size", None)
     if rows is not None and len(tokenizer) > rows:
         own = "use the model's own tokenizer (leave model.tokenizer unset), or " if tokenizer_source != model_source \
             else ""
@@ -226,10 +231,10 @@ def _set_loss_coefficients(model: nn.Module, config: RunConfig) -> None:
                 changed.setdefault(key, (getattr(layer.config, key), value))
                 setattr(layer.config, key, value)
     if changed:  # and in the record a save writes, which is what loading rebuilds the layers from
-        record = model.config.switchyard
-        record["moe"].update({key: new for key, (_, new) in changed.items()})
+        record, new_values = model.config.switchyard, {key: new for key, (_, new) in changed.items()}
+        record["moe"].update(new_values)
         if record["mode"] == "adopt":
-            record["overrides"] = {**(record.get("overrides") or {}), **{key: new for key, (_, new) in changed.items()}}
+            record["overrides"] = {**(record.get("overrides") or {}), **new_values}
         log.info("router-loss coefficients from the run config: %s", ", ".join(
             f"moe.{k} {old} → {new}" for k, (old, new) in changed.items()), ranks=[0])
 

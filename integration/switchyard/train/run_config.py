@@ -383,9 +383,12 @@ def resolve_deepspeed_path(value: str, run_config: Path | None) -> Path:
     own checkout (the default ``configs/deepspeed/zero2.json`` works for a run config kept anywhere)."""
     path = Path(value).expanduser()
     checkout = Path(__file__).resolve().parents[3]  # integration/switchyard/train/run_config.py → the checkout
-    bases = [Path.cwd()] + ([] if path.is_absolute() else
-                            ([] if run_config is None else [run_config.resolve().parent,
-                                                            *run_config.resolve().parent.parents]) + [checkout])
+    bases = [Path.cwd()]
+    if not path.is_absolute():
+        if run_config is not None:
+            here = run_config.resolve().parent
+            bases += [here, *here.parents]
+        bases.append(checkout)
     for base in bases:
         if (base / path).is_file():
             return base / path if base != Path.cwd() else path

@@ -19,11 +19,15 @@ gradient clipping 1.0, the same random token ids (fixed generator) for every imp
                       ``AutoModelForCausalLM.from_config``) upcycled by ``switchyard.patch_model`` into
                       E experts, top-k (``init="copy"``, aux_loss_coef 0.01, its router loss is inside
                       ``.loss``); ``switchyard.deepspeed.initialize(..., mpu=ProcessGroupManager(ep=1).mpu)``:
-                      DeepSpeed's engine, whose ZeRO gradient norm is switchyard's fused fp32 one and whose
+                      DeepSpeed's engine, whose ZeRO gradient norm is switchyard's fused fp32 one, whose
                       ZeRO-1/2 clip has no host syncs (``switchyard/deepspeed/grad_norm.py``; DeepSpeed's own norm
-                      takes an fp64 copy of each gradient, its clip reads the norm back once per param group)
-    switchyard_deepspeed_norm  (opt-in through ``--impls``) the same with DeepSpeed's own gradient norm and clip:
-                      the A/B of those changes, run in the same rounds
+                      takes an fp64 copy of each gradient, its clip reads the norm back once per param group) and
+                      whose ZeRO-1/2 step casts, clips, updates and copies back in one pass per param group
+                      (``switchyard/deepspeed/zero_step.py``; DeepSpeed's makes four)
+    switchyard_deepspeed_step  (opt-in through ``--impls``) the same with DeepSpeed's own ZeRO step (switchyard's
+                      norm and clip kept): the A/B of the fused step, run in the same rounds
+    switchyard_deepspeed_norm  (opt-in) the same with DeepSpeed's own gradient norm, clip and step: the A/B of
+                      all three
     deepspeed_autoep  the same MoE as a standard transformers ``MixtralForCausalLM`` (same hidden size,
                       layers, heads, experts, top-k, expert FFN; ``output_router_logits=True`` with
                       ``router_aux_loss_coef`` 0.01 so its loss has the same router term) under DeepSpeed
@@ -117,11 +121,11 @@ ZERO2_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
 ZERO_CONFIGS = {2: ZERO2_CONFIG, 3: REPO_ROOT / "configs" / "deepspeed" / "zero3.json"}
 PEAK_FLOPS = 989e12  # H200 dense bf16 datasheet value (the same constant as switchyard.train.loop)
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
-# switchyard with DeepSpeed's own ZeRO gradient norm and clip (an A/B of switchyard's, in the same rounds)
-OPTIONAL_IMPLS = ("switchyard_deepspeed_norm",)
+# switchyard with DeepSpeed's own ZeRO step, or its norm, clip and step (A/Bs of switchyard's, in the same rounds)
+OPTIONAL_IMPLS = ("switchyard_deepspeed_step", "switchyard_deepspeed_norm")
 # Competitors first: switchyard's ProcessGroupManager registers its groups with DeepSpeed last, so it
 # cannot change what the others ran with.
-RUN_ORDER = ("hf_grouped_mm", "deepspeed_autoep", "switchyard_deepspeed_norm", "switchyard")
+RUN_ORDER = ("hf_grouped_mm", "deepspeed_autoep", "switchyard_deepspeed_norm", "switchyard_deepspeed_step", "switchyard")
 AUX_LOSS_COEF = 0.01
 LR, WEIGHT_DECAY, CLIP = 1e-5, 0.01, 1.0
 
@@ -197,6 +201,7 @@ class Run:
     ep: int = 1  # expert-parallel size = world size (--ep)
     zero_stage: int = 2  # configs/deepspeed/zero{2,3}.json (--zero-stage), the same for every implementation
     fused_grad_norm: bool = True  # switchyard's ZeRO-1/2 gradient norm (False: DeepSpeed's fp64 one)
+    fused_step: bool = True  # switchyard's one-pass ZeRO-1/2 step (False: DeepSpeed's)
 
     @property
     def precision(self) -> str:
@@ -290,10 +295,11 @@ def build_switchyard(run: Run, aux: bool) -> Built:
             module.cuda_graph = run.cuda_graph
     total, experts = count_params(model)
     engine, _, _, _ = initialize(model=model, optimizer=make_optimizer(model, run), config=ds_config(run),
-                                 mpu=groups.mpu, fused_grad_norm=run.fused_grad_norm)
+                                 mpu=groups.mpu, fused_grad_norm=run.fused_grad_norm, fused_step=run.fused_step)
     graph = ", cuda_graph" if run.cuda_graph else ""
     norm = "" if run.fused_grad_norm else ", DeepSpeed's grad norm and clip"
-    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}{norm}",
+    step = "" if run.fused_step else ", DeepSpeed's ZeRO step"
+    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}{norm}{step}",
                  keep=[groups],
                  params_total=total, params_experts=experts)
 
@@ -375,7 +381,9 @@ def build_deepspeed_autoep(run: Run, aux: bool) -> Built:
 
 BUILDERS: dict[str, Callable[[Run, bool], Built]] = {
     "switchyard": build_switchyard,
-    "switchyard_deepspeed_norm": lambda run, aux: build_switchyard(dataclasses.replace(run, fused_grad_norm=False), aux),
+    "switchyard_deepspeed_step": lambda run, aux: build_switchyard(dataclasses.replace(run, fused_step=False), aux),
+    "switchyard_deepspeed_norm": lambda run, aux: build_switchyard(
+        dataclasses.replace(run, fused_grad_norm=False, fused_step=False), aux),
     "deepspeed_autoep": build_deepspeed_autoep,
     "hf_grouped_mm": build_hf_grouped_mm,
 }
@@ -757,9 +765,10 @@ def print_table(results: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--impls", nargs="+", choices=list(IMPLS + OPTIONAL_IMPLS), default=list(IMPLS),
-                   help="default: %(default)s; switchyard_deepspeed_norm = switchyard with DeepSpeed's own ZeRO "
-                        "gradient norm and clip instead of its fused ones (switchyard/deepspeed/grad_norm.py), in the "
-                        "same rounds")
+                   help="default: %(default)s; switchyard_deepspeed_step = switchyard with DeepSpeed's own ZeRO-1/2 "
+                        "step instead of its one-pass one (switchyard/deepspeed/zero_step.py); "
+                        "switchyard_deepspeed_norm = with DeepSpeed's gradient norm, clip and step "
+                        "(switchyard/deepspeed/grad_norm.py too); both in the same rounds")
     p.add_argument("--batch", type=int_at_least(1), default=None, help="micro-batch (default 8; 2 with --tiny)")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
                    help="sequence length, 2 or more for a next-token loss (default 1024; 32 with --tiny)")
@@ -864,9 +873,11 @@ def main(argv: list[str] | None = None) -> dict:
                       "bf16_check_grad_overflow": json.loads(ZERO_CONFIGS[args.zero_stage].read_text()).get("bf16", {}).get(
                           "check_grad_overflow", True),
                       "world_size": args.ep, "ep": args.ep,
-                      "grad_norm": "switchyard: fused fp32 norm, ZeRO-1/2 clip without host syncs "
-                                   "(switchyard/deepspeed/grad_norm.py); deepspeed_autoep, hf_grouped_mm and "
-                                   "switchyard_deepspeed_norm: DeepSpeed's"},
+                      "grad_norm": "switchyard and switchyard_deepspeed_step: fused fp32 norm, ZeRO-1/2 clip "
+                                   "without host syncs (switchyard/deepspeed/grad_norm.py); deepspeed_autoep, "
+                                   "hf_grouped_mm and switchyard_deepspeed_norm: DeepSpeed's",
+                      "zero_step": "switchyard: cast, clip, AdamW and bf16 copy in one pass per param group "
+                                   "(switchyard/deepspeed/zero_step.py); every other implementation: DeepSpeed's"},
         "aux_loss_coef": AUX_LOSS_COEF,
         "flops_formula": flops_formula(shape),
         "peak_flops": PEAK_FLOPS,

@@ -2,7 +2,9 @@
 
 Stages 0-2 build DeepSpeed's engine as it is. Stage 3 prepares the model first (expert placement, leaf modules,
 partitioning on the way to the device: ``zero3.py``) and checks afterwards that the engine took the expert groups.
-A ZeRO optimizer then gets the fused fp32 gradient norm and, at stages 1-2, the sync-free clip (``grad_norm.py``).
+A ZeRO optimizer then gets the fused fp32 gradient norm and, at stages 1-2, the sync-free clip (``grad_norm.py``) and,
+with torch's Adam/AdamW inside, the step that casts, clips, updates and writes the 16-bit weights in one pass
+(``zero_step.py``).
 Every stage first checks for a build lock left by a rank killed while DeepSpeed compiled its CPU op
 (``build_lock.py``): an error, not a hang.
 """
@@ -28,14 +30,16 @@ def _as_dict(config: Any) -> dict[str, Any]:
     return _read(Path(config))
 
 
-def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, **kwargs: Any) -> tuple:
+def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, fused_step: bool = True,
+               **kwargs: Any) -> tuple:
     """``deepspeed.initialize(model=model, config=config, **kwargs)``'s four results. ``fused_grad_norm=False``
-    keeps DeepSpeed's own gradient norm and clip (the benchmark's A/B)."""
+    keeps DeepSpeed's own gradient norm and clip, ``fused_step=False`` its ZeRO-1/2 step (the benchmark's A/Bs)."""
     import deepspeed
 
     from switchyard.deepspeed import zero3
     from switchyard.deepspeed.build_lock import check_build_lock
     from switchyard.deepspeed.grad_norm import install_fused_grad_norm
+    from switchyard.deepspeed.zero_step import install_fused_step
 
     check_build_lock()  # CPU ranks: DeepSpeed compiles its all-reduce op inside initialize, under a lock torch never times out
     settings = _as_dict(config)
@@ -56,4 +60,7 @@ def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, *
         clip = ("; clipping without a host sync per parameter group" if "unscale_and_clip_grads" in replaced else "")
         log.info("gradient norm: one fused fp32 reduction per parameter group (switchyard.deepspeed.grad_norm), not "
                  "DeepSpeed's fp64 copy of each gradient%s", clip, ranks=[0])
+    if fused_step and install_fused_step(result[0]):
+        log.info("optimizer step: the gradient's cast, the clip, Adam and the 16-bit weights' copy in one pass per "
+                 "parameter group (switchyard.deepspeed.zero_step)", ranks=[0])
     return result

@@ -80,26 +80,33 @@ def fused_grad_norm_direct_stage3(self: Any, gradients: list[torch.Tensor], para
     return torch.where(total_norm.isinf().logical_or(total_norm.isnan()), invalid, total_norm)
 
 
-def clip_grads_without_sync(self: Any, grad_groups_flat: list, total_norm: Any) -> None:
-    """Drop-in for ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (ZeRO-1/2): the same scale, ``1 / (max(1,
-    (norm / loss_scale + 1e-6) / clip) · loss_scale)``, an invalid norm (non-finite, or DeepSpeed's -1 sentinel)
-    clipping as an infinite one, i.e. zeroing the gradients, as DeepSpeed's does. DeepSpeed decides that invalidity
-    with ``bool(tensor)`` once per parameter group, a host sync that drains the device's queue each time; here the
-    choice stays on the device (``torch.where``), then one ``torch._foreach_mul_`` (the same fp32 products)."""
+def clip_scale(self: Any, total_norm: Any, device: torch.device) -> torch.Tensor | float | None:
+    """What DeepSpeed's ZeRO-1/2 ``unscale_and_clip_grads`` multiplies the gradients by: ``1 / (max(1, (norm /
+    loss_scale + 1e-6) / clip) · loss_scale)``, an invalid norm (non-finite, or DeepSpeed's -1 sentinel) clipping as an
+    infinite one, i.e. zeroing the gradients, as DeepSpeed's does; a 0-dim fp32 tensor on ``device`` (a float without
+    clipping; None when there is nothing to scale). DeepSpeed decides that invalidity with ``bool(tensor)``, a host sync
+    that drains the device's queue; here the choice stays on the device (``torch.where``)."""
     if self.clip_grad == 0.0 and self.loss_scale == 1.0:
-        return
+        return None
+    if self.clip_grad <= 0.0:
+        return 1.0 / self.loss_scale
+    norm = total_norm if torch.is_tensor(total_norm) else torch.tensor(float(total_norm), device=device)
+    invalid = ~torch.isfinite(norm) | (norm < 0)
+    norm = torch.where(invalid, torch.full_like(norm, float("inf")), norm)
+    clip = torch.clamp(((norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
+    return (1.0 / (clip * self.loss_scale)).to(device)
+
+
+def clip_grads_without_sync(self: Any, grad_groups_flat: list, total_norm: Any) -> None:
+    """Drop-in for ``DeepSpeedZeroOptimizer.unscale_and_clip_grads`` (ZeRO-1/2): ``clip_scale``'s factor, once per
+    parameter group without a host sync, then one ``torch._foreach_mul_`` per dtype (the same fp32 products)."""
     tensors = [g for grad in grad_groups_flat for g in (grad if isinstance(grad, list) else [grad])]
     if not tensors:
         return
-    if self.clip_grad > 0.0:
-        norm = total_norm if torch.is_tensor(total_norm) else torch.tensor(float(total_norm), device=tensors[0].device)
-        invalid = ~torch.isfinite(norm) | (norm < 0)
-        norm = torch.where(invalid, torch.full_like(norm, float("inf")), norm)
-        clip = torch.clamp(((norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
-        scale = (1.0 / (clip * self.loss_scale)).to(tensors[0].device)  # each dtype's products cast it once, below
-    else:
-        scale = 1.0 / self.loss_scale
-    for dtype in {t.dtype for t in tensors}:
+    scale = clip_scale(self, total_norm, tensors[0].device)
+    if scale is None:
+        return
+    for dtype in {t.dtype for t in tensors}:  # each dtype's products cast the scale once
         same = [t.data for t in tensors if t.dtype == dtype]
         torch._foreach_mul_(same, scale.to(dtype) if torch.is_tensor(scale) else scale)
 

@@ -1,0 +1,201 @@
+"""ZeRO-1/2's optimizer step with the gradient cast, the clip, AdamW and the 16-bit copy in one pass per group.
+
+DeepSpeed 0.19's ``DeepSpeedZeroOptimizer.step`` takes each parameter group's flat 16-bit gradient partition through
+four passes over memory: a cast to a fresh fp32 copy, the clip's multiply, the inner optimizer's update (which reads
+that fp32 copy), and a copy of the updated fp32 master back into the 16-bit partition the model reads. On the
+fine-tune benchmark's 2.6B-parameter model those passes around the update are ~15 ms a step on an H200
+(docs/performance.md). ``fused_zero_step`` is that method with the group loop's body replaced by ``adamw.py``'s one
+pass (the fp32 gradient copy is never made); everything else is DeepSpeed's, in DeepSpeed's order, through its own
+methods: the overflow check and the loss scaler, the norm (``scaled_global_norm``, so the expert groups' averaging
+and ``grad_norm.py``'s fused norm), freeing the gradients, the all-gather of the updated partitions and the model's
+views of them. The optimizer state is the inner torch optimizer's own (``exp_avg``, ``exp_avg_sq``, ``step``, created
+as torch creates them), so checkpoints save, load and resume as before.
+
+It applies when the inner optimizer is torch's Adam or AdamW without amsgrad, maximize, differentiable, tensor
+hyper-parameters or step hooks, and the ZeRO optimizer keeps its state on the device in bf16 or fp32 without a loss
+scale (no fp16, offload, Muon, ZenFlow or torch autocast); anything else runs DeepSpeed's ``step`` unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.optim.optimizer as torch_optimizer
+
+from switchyard.deepspeed.adamw import AdamHyper, adamw_update_
+from switchyard.deepspeed.grad_norm import clip_scale
+
+_ADAM_TYPES = (torch.optim.Adam, torch.optim.AdamW)
+_NEEDED_METHODS = ("scaled_global_norm", "check_overflow", "_update_scale", "_wait_for_offload_copies",
+                   "_get_preflattened_grad_partition", "_release_preflattened_grad_buffers", "free_grad_in_param_list",
+                   "flatten_dense_tensors_aligned", "_update_model_bit16_weights",
+                   "_lazy_init_hp_params_optimizer_state")
+_GLOBAL_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")  # torch.optim.optimizer's
+
+
+def fused_step_supported(zero_optimizer: Any) -> bool:
+    """Whether this ZeRO-1/2 optimizer's set-up is one ``fused_zero_step`` handles (fixed at ``initialize``)."""
+    inner = getattr(zero_optimizer, "optimizer", None)
+    return (type(inner) in _ADAM_TYPES and all(hasattr(zero_optimizer, name) for name in _NEEDED_METHODS)
+            and not zero_optimizer.cpu_offload and not getattr(zero_optimizer, "zenflow", False)
+            and getattr(zero_optimizer, "torch_autocast_gradscaler", None) is None
+            and zero_optimizer.dtype in (torch.bfloat16, torch.float32))
+
+
+def _group_hyper(group: dict[str, Any], adamw: bool) -> AdamHyper | None:
+    """A group's settings, or None where the step would need torch's own code (amsgrad, maximize, tensors)."""
+    if group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):
+        return None
+    numbers = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+    if not all(isinstance(value, (int, float)) for value in numbers):
+        return None
+    decoupled = adamw or group.get("decoupled_weight_decay", False)  # torch < 2.8: AdamW's groups lack the key
+    return AdamHyper(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                     weight_decay=group["weight_decay"], decoupled=bool(decoupled), step=0)
+
+
+def _applies_now(self: Any) -> list[AdamHyper] | None:
+    """Each group's settings if this step can be fused (checked every step: lr schedules, hooks, the loss scale)."""
+    inner = self.optimizer
+    if self.loss_scale != 1.0 or inner._optimizer_step_pre_hooks or inner._optimizer_step_post_hooks:
+        return None
+    if any(getattr(torch_optimizer, name, None) for name in _GLOBAL_HOOKS):
+        return None
+    hypers = [_group_hyper(group, isinstance(inner, torch.optim.AdamW)) for group in inner.param_groups]
+    return None if any(h is None for h in hypers) else hypers
+
+
+def _adam_state(inner: torch.optim.Optimizer, group: dict[str, Any], master: torch.Tensor) -> dict[str, Any]:
+    """The master partition's Adam state, created as torch's ``_init_group`` creates it on its first step."""
+    state = inner.state[master]
+    if len(state) == 0:
+        on_device = group.get("fused") or group.get("capturable")
+        state["step"] = torch.zeros((), dtype=torch.float32, device=master.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
+    return state
+
+
+def _step_count(self: Any, group_index: int, state: dict[str, Any]) -> int:
+    """This step's number for the bias corrections, counted on the host: read from the state's ``step`` tensor only
+    when that tensor is new (the first step, or a loaded checkpoint), so a device-side count costs one sync, once."""
+    step_tensor = state["step"]
+    known = self._switchyard_step_counts.get(group_index)
+    if known is None or known[0] is not step_tensor:
+        known = (step_tensor, int(step_tensor.item()))
+    count = known[1] + 1
+    self._switchyard_step_counts[group_index] = (step_tensor, count)
+    step_tensor.add_(1)
+    return count
+
+
+def _flat_gradient_partition(self: Any, i: int, partition_id: int) -> torch.Tensor:
+    """Group ``i``'s flat 16-bit gradient partition, as DeepSpeed's step builds it (padded on the last rank)."""
+    import deepspeed.runtime.zero.stage_1_and_2 as zero12
+
+    flat = self._get_preflattened_grad_partition(i)
+    if flat is None:
+        if partition_id == zero12.dist.get_world_size(group=self.real_dp_process_group[i]) - 1:
+            flat = self.flatten_dense_tensors_aligned(self.averaged_gradients[i], int(self.partition_size[i]))
+        else:
+            flat = self.flatten(self.averaged_gradients[i])
+    if flat.numel() != self.partition_size[i]:
+        raise RuntimeError(f"group {i}'s gradient partition has {flat.numel()} elements, its ZeRO partition "
+                           f"{self.partition_size[i]}: this DeepSpeed lays out ZeRO-1/2 partitions differently; "
+                           "initialize(..., fused_step=False) keeps DeepSpeed's step")
+    return flat
+
+
+def _skip_overflowed_step(self: Any) -> None:
+    """DeepSpeed's step on an overflow: no update, the gradients dropped."""
+    import deepspeed.runtime.zero.stage_1_and_2 as zero12
+
+    if self.compute_grad_norm:
+        self._global_grad_norm = float("inf")
+    self.zero_grad(set_to_none=True)
+    self._release_preflattened_grad_buffers()
+    for k in self.averaged_gradients.keys():
+        self.averaged_gradients[k] = None
+        self.all_grad_tensors[k] = None
+    for timer in zero12.OPTIMIZER_TIMERS:
+        self.timers(timer).start()
+        self.timers(timer).stop()
+
+
+def fused_zero_step(self: Any, closure: Any = None) -> None:
+    """Drop-in for ``DeepSpeedZeroOptimizer.step`` (ZeRO-1/2; bound to the optimizer instance)."""
+    import deepspeed.runtime.zero.stage_1_and_2 as zero12
+
+    hypers = _applies_now(self)
+    if hypers is None:
+        return type(self).step(self, closure)
+    self.micro_step_id = zero12.INITIAL_MICRO_STEP_ID
+    self._wait_for_offload_copies()
+    if not self.compute_grad_norm:
+        self._global_grad_norm = None
+    self.overflow = False
+    if self.check_grad_overflow:
+        self.check_overflow(partition_gradients=self.partition_gradients)
+    norm = None
+    if self.compute_grad_norm and not self.overflow:
+        norm = self.scaled_global_norm()
+        if self.dtype != torch.bfloat16 or self.check_grad_overflow:
+            self.overflow = zero12.is_invalid_grad_norm(norm)
+    prev_scale = self.loss_scale
+    self._update_scale(self.overflow)
+    if self.overflow:
+        return _skip_overflowed_step(self)
+    if norm is not None:
+        self._global_grad_norm = norm / prev_scale
+
+    inner = self.optimizer
+    for i, hyper in enumerate(hypers):
+        self.timers(zero12.OPTIMIZER_GRADIENTS_TIMER).start()
+        partition_id = zero12.dist.get_rank(group=self.real_dp_process_group[i])
+        self.free_grad_in_param_list(self.params_not_in_partition[i])
+        flat_grad = _flat_gradient_partition(self, i, partition_id)
+        self.free_grad_in_param_list(self.params_in_partition[i])
+        self._release_preflattened_grad_buffers(i)
+        self.averaged_gradients[i] = None
+        self.all_grad_tensors[i] = None
+        master = self.single_partition_of_fp32_groups[i]
+        scale = clip_scale(self, norm, master.device)
+        if scale is not None and not torch.is_tensor(scale):
+            scale = torch.tensor(scale, dtype=torch.float32, device=master.device)
+        self.timers(zero12.OPTIMIZER_GRADIENTS_TIMER).stop()
+
+        self.timers(zero12.OPTIMIZER_STEP_TIMER).start()
+        state = _adam_state(inner, inner.param_groups[i], master)
+        hyper = AdamHyper(**{**hyper.__dict__, "step": _step_count(self, i, state)})
+        adamw_update_(flat_grad, master, state["exp_avg"], state["exp_avg_sq"],
+                      self.parallel_partitioned_bit16_groups[i][partition_id], scale, hyper)
+        del flat_grad
+        self.timers(zero12.OPTIMIZER_STEP_TIMER).stop()
+    inner._opt_called = True  # what torch's step wrapper marks for the LR scheduler's order check
+    self._lazy_init_hp_params_optimizer_state()
+
+    self.timers(zero12.OPTIMIZER_ALLGATHER_TIMER).start()
+    zero12.all_gather_dp_groups(groups_flat=self.bit16_groups_flat,
+                                partitioned_param_groups=self.parallel_partitioned_bit16_groups,
+                                dp_process_group=self.real_dp_process_group,
+                                start_alignment_factor=self.nccl_start_alignment_factor,
+                                allgather_bucket_size=self.allgather_bucket_size)
+    self.timers(zero12.OPTIMIZER_ALLGATHER_TIMER).stop()
+    for i in range(len(self.bit16_groups)):
+        self._update_model_bit16_weights(i)
+    self.timers.log(zero12.OPTIMIZER_TIMERS)
+    return None
+
+
+def install_fused_step(engine: Any) -> bool:
+    """Give a ZeRO-1/2 engine's optimizer ``fused_zero_step``; False where its set-up is not one it handles."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    optimizer = getattr(engine, "optimizer", None)
+    if type(optimizer) is not DeepSpeedZeroOptimizer or not fused_step_supported(optimizer):
+        return False
+    optimizer._switchyard_step_counts = {}
+    optimizer.step = types.MethodType(fused_zero_step, optimizer)
+    return True

@@ -47,7 +47,7 @@ layer)
         --out "$out/small_batch_sweep_paths.json"
     ;;
 finetune)
-    run gpu_tests 280 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_cuda_graph.py \
+    run gpu_tests 280 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_cuda_graph.py tests/unit/test_adamw_update.py \
         tests/integration/test_finetune_offload_gpu.py
     run finetune 560 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/finetune.py --out "$out/finetune.json" \
         --variant-experts-impl grouped_mm --variant-cuda-graph

@@ -58,17 +58,22 @@ def test_finetune_benchmark_cuda_graph_variant_with_checkpointed_rounds(tmp_path
     """--variant-cuda-graph reruns switchyard with MoELayer.cuda_graph on; on CPU the layers run eagerly,
     so the rerun's first loss is the main run's. --gradient-checkpointing puts the rounds themselves (and the
     variants built from them) under transformers' activation checkpointing, which leaves the loss as it is.
-    switchyard_deepspeed_norm (switchyard with DeepSpeed's gradient norm and clip) clips its first step by the norm
-    the fused fp32 one gives."""
+    switchyard_deepspeed_norm (switchyard with DeepSpeed's gradient norm, clip and step) clips its first step by the
+    norm the fused fp32 one gives; switchyard_deepspeed_step (DeepSpeed's step) takes the same first step."""
     out = tmp_path / "finetune.json"
     proc = run_script(REPO_ROOT / "benchmarks" / "finetune.py",
-                      ["--tiny", "--device", "cpu", "--impls", "switchyard", "switchyard_deepspeed_norm", "--rounds",
-                       "1", "--variant-cuda-graph", "--gradient-checkpointing", "--out", str(out)], timeout_s=240)
+                      ["--tiny", "--device", "cpu", "--impls", "switchyard", "switchyard_deepspeed_norm",
+                       "switchyard_deepspeed_step", "--rounds", "1", "--variant-cuda-graph", "--gradient-checkpointing",
+                       "--out", str(out)], timeout_s=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     data = json.loads(out.read_text())
-    main, stock = data["results"]["switchyard"], data["results"]["switchyard_deepspeed_norm"]
-    assert stock["variant"].endswith("DeepSpeed's grad norm and clip") and stock["loss_first"] == main["loss_first"]
+    main = data["results"]["switchyard"]
+    stock, stock_step = data["results"]["switchyard_deepspeed_norm"], data["results"]["switchyard_deepspeed_step"]
+    assert stock["variant"].endswith("DeepSpeed's grad norm and clip, DeepSpeed's ZeRO step")
+    assert stock_step["variant"].endswith("experts impl ['auto'], DeepSpeed's ZeRO step"), stock_step["variant"]
+    assert stock["loss_first"] == main["loss_first"] == stock_step["loss_first"]
     assert main["grad_norm_first"] > 0 and main["grad_norm_first"] == pytest.approx(stock["grad_norm_first"], rel=1e-6)
+    assert stock_step["grad_norm_first"] == main["grad_norm_first"]
     rerun = data["variants"]["cuda_graph"]["results"]["switchyard"]
     assert "error" not in rerun and rerun["variant"].endswith("cuda_graph"), rerun
     assert rerun["loss_first"] == main["loss_first"]

@@ -185,6 +185,8 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     result = finetune(2, out, SHORT)
     assert result.returncode == 0, output_of(result)[-4000:]
+    # ZeRO-2 with AdamW: the resumes below check that the one-pass step (zero_step.py) resumes exactly too
+    assert "optimizer step: the gradient's cast, the clip, Adam and the 16-bit weights' copy" in output_of(result)
     # DeepSpeed's CPU all-reduce segments (~66 MiB of RAM each) are unlinked by each rank at the end of the run
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{result.master_port}_*"))
     return out

@@ -3,7 +3,7 @@
 DeepSpeed 0.19's ``DeepSpeedZeroOptimizer.step`` takes each parameter group's flat 16-bit gradient partition through
 four passes over memory: a cast to a fresh fp32 copy, the clip's multiply, the inner optimizer's update (which reads
 that fp32 copy), and a copy of the updated fp32 master back into the 16-bit partition the model reads. On the
-fine-tune benchmark's 2.6B-parameter model those passes around the update are ~15 ms a step on an H200
+fine-tune benchmark's 2.6B-parameter model those passes around the update are ~20 ms a step on an H200
 (docs/performance.md). ``fused_zero_step`` is that method with the group loop's body replaced by ``adamw.py``'s one
 pass (the fp32 gradient copy is never made); everything else is DeepSpeed's, in DeepSpeed's order, through its own
 methods: the overflow check and the loss scaler, the norm (``scaled_global_norm``, so the expert groups' averaging

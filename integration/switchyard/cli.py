@@ -41,6 +41,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _coefficient(text: str) -> float:
+    """A router-loss coefficient: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 turns the loss off), got {text!r}")
+    return value
+
+
 def _path(text: str) -> str:
     """A ``--model`` / ``--out`` path; an empty one (an unset ``$OUT`` in a script) would mean the working directory."""
     if not text.strip():
@@ -205,7 +216,7 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
-    from switchyard.config import INIT_METHODS
+    from switchyard.config import INIT_METHODS, MoEConfig
 
     p.add_argument("--model", type=_path, required=True, help="dense transformers model: a local dir (or a hub id)")
     p.add_argument("--num-experts", type=_count, required=True, help="experts per MoE layer")
@@ -216,6 +227,12 @@ def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated layer indices to make MoE (with --every-n: the layers both choose)")
     _add_selection_args(p, "with --layers / --every-n: the modules all choose")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initializers and the router")
+    defaults = MoEConfig.__dataclass_fields__
+    for name, what in (("aux_loss_coef", "load-balancing loss"), ("seq_aux_loss_coef", "per-sequence balancing loss"),
+                       ("z_loss_coef", "router z-loss")):
+        p.add_argument(f"--{name.replace('_', '-')}", type=_coefficient, default=defaults[name].default,
+                       help=f"weight of the {what} saved with the model (moe.{name}; a fine-tune's run config "
+                            "overrides it); default %(default)s")
     p.add_argument("--out", type=_path, required=True,
                    help="directory for the switchyard checkpoint (one holding a switchyard checkpoint is replaced)")
 
@@ -226,7 +243,9 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     import switchyard as sy
     from switchyard.hf.checkpoint import check_save_target, recover_interrupted_save
 
-    moe_config = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init=args.init)
+    moe_config = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init=args.init,
+                              aux_loss_coef=args.aux_loss_coef, seq_aux_loss_coef=args.seq_aux_loss_coef,
+                              z_loss_coef=args.z_loss_coef)
     out = Path(args.out).resolve()
     recover_interrupted_save(out)  # as save_pretrained would, so that the notice below sees what it replaces
     check_save_target(out)  # what save_pretrained would refuse, before a long load

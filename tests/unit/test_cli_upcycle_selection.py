@@ -29,3 +29,27 @@ def test_upcycle_with_names_patches_what_patch_model_patches(tmp_path, capsys):
     assert main([*argv[:-2], "--exclude", "model.layers.9.mlp", "--targets", "re:.*\\.ffn", "--out",
                  str(tmp_path / "none")]) == 2
     assert "matched targets=" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_upcycle_saves_the_router_loss_coefficients_given(tmp_path, capsys):
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    argv = ["upcycle", "--model", str(tmp_path / "dense"), "--num-experts", "4", "--top-k", "2"]
+    assert main([*argv, "--aux-loss-coef", "0.02", "--z-loss-coef", "1e-3", "--out", str(tmp_path / "moe")]) == 0
+    moe = sy.from_pretrained(tmp_path / "moe")
+    layers = [m for m in moe.modules() if isinstance(m, MoELayer)]
+    assert layers and all((m.config.aux_loss_coef, m.config.seq_aux_loss_coef, m.config.z_loss_coef) == (0.02, 0.0, 1e-3)
+                          for m in layers)
+    assert main([*argv, "--out", str(tmp_path / "default")]) == 0  # MoEConfig's defaults when not given
+    default = next(m for m in sy.from_pretrained(tmp_path / "default").modules() if isinstance(m, MoELayer))
+    assert default.config.aux_loss_coef == sy.MoEConfig(num_experts=4, top_k=2).aux_loss_coef
+    capsys.readouterr()
+    for bad in ("-0.1", "nan", "inf", "lots"):  # refused by argparse (exit 2) before the model is read
+        try:
+            main([*argv, "--z-loss-coef", bad, "--out", str(tmp_path / "bad")])
+        except SystemExit as exit_:
+            assert exit_.code == 2
+        else:
+            raise AssertionError(f"--z-loss-coef {bad} was accepted")
+        assert "--z-loss-coef" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -155,6 +155,25 @@ def test_every_chunk_of_a_stream_has_the_same_created(served, monkeypatch):
         assert len(chunks) >= 4 and len({(c.id, c.created) for c in chunks}) == 1, [c.created for c in chunks]
 
 
+def test_stream_chunks_carry_usage_only_when_include_usage_asks(served):
+    """OpenAI: with ``stream_options.include_usage`` every chunk has ``"usage": null`` and one more chunk, with no
+    choices, the usage; without it no chunk has the field (they all carried ``"usage": null``)."""
+    def events(path: str, body: dict) -> list[dict]:
+        status, text = call(served, path, {"model": MODEL, "max_tokens": 3, "stream": True, **body})
+        assert status == 200, text
+        data = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+        assert data[-1] == "[DONE]", data
+        return [json.loads(d) for d in data[:-1]]
+
+    for path, body in (("/completions", {"prompt": "x"}), ("/chat/completions",
+                                                           {"messages": [{"role": "user", "content": "x"}]})):
+        plain = events(path, body)
+        assert len(plain) >= 2 and not [c for c in plain if "usage" in c], (path, plain)
+        asked = events(path, {**body, "stream_options": {"include_usage": True}})
+        assert all(c["usage"] is None and c["choices"] for c in asked[:-1]), (path, asked)
+        assert asked[-1]["choices"] == [] and asked[-1]["usage"]["completion_tokens"] == 3, (path, asked[-1])
+
+
 def test_error_bodies_carry_openais_types(served):
     """OpenAI's ``type`` is ``invalid_request_error`` for every 4xx (``code`` names the case) and ``server_error`` for
     a 5xx; a wrong key was ``authentication_error``, an unknown model ``not_found_error``, a 500 ``internal_error``."""

@@ -271,18 +271,26 @@ async def _event_stream(gen: "_Generation", request: Request, req: Any, chunk: C
     failed, the server stopped it: ``_Generation.events``), the status line (200) is long sent: the last event is
     OpenAI's error body instead, with no ``[DONE]`` after it, so no client reads the stream as complete (the
     ``openai`` client raises ``APIError`` with the message)."""
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def sse_chunk(choices: list, usage: Any = None) -> str:
+        body = chunk(choices, usage)
+        if not with_usage:  # OpenAI's chunks carry "usage": null only when the last one is to hold the usage
+            body.pop("usage", None)
+        return _sse(body)
+
     try:
         if first is not None:
-            yield _sse(chunk(first))
+            yield sse_chunk(first)
         try:
             async for out in gen.events(request):
                 if out.text or out.finish_reason or req.return_token_ids or out.logprob is not None:
-                    yield _sse(chunk([choice(out)]))
+                    yield sse_chunk([choice(out)])
         except APIError as err:
             yield _sse(P.error_body(err.status, err.message, err.param, err.code))
             return
-        if req.stream_options and req.stream_options.include_usage:
-            yield _sse(chunk([], gen.usage()))
+        if with_usage:
+            yield sse_chunk([], gen.usage())
         yield _sse("[DONE]")
     finally:
         gen.abort()

@@ -21,13 +21,14 @@ from switchyard.log import get_logger
 log = get_logger(__name__)
 
 
-def _as_dict(config: Any) -> dict[str, Any]:
-    """``deepspeed.initialize``'s ``config``: a dict, or the path of a JSON file."""
-    if isinstance(config, dict):
-        return config
-    from switchyard.deepspeed.config import _read
+def _settings_and_stage(config: Any) -> tuple[dict[str, Any], int]:
+    """``deepspeed.initialize``'s ``config`` (a dict, or the path of a JSON file) as a dict, and its ZeRO stage
+    (checked as the launcher checks it: a number written out)."""
+    from switchyard.deepspeed.config import _read, _stage
 
-    return _read(Path(config))
+    path = Path("(the config dict)") if isinstance(config, dict) else Path(config)
+    settings = config if isinstance(config, dict) else _read(path)
+    return settings, _stage(settings, path)
 
 
 def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, fused_step: bool = True,
@@ -42,8 +43,8 @@ def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, f
     from switchyard.deepspeed.zero_step import install_fused_step
 
     check_build_lock()  # CPU ranks: DeepSpeed compiles its all-reduce op inside initialize, under a lock torch never times out
-    settings = _as_dict(config)
-    if int(settings.get("zero_optimization", {}).get("stage", 0)) != 3:
+    settings, stage = _settings_and_stage(config)
+    if stage != 3:
         result = deepspeed.initialize(model=model, config=config, **kwargs)
     else:
         zero3.prepare_for_zero3(model)

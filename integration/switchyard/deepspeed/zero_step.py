@@ -1,4 +1,4 @@
-"""ZeRO-1/2's optimizer step with the gradient cast, the clip, AdamW and the 16-bit copy in one pass per group.
+"""The ZeRO optimizer step with the gradient cast, the clip, AdamW and the 16-bit copy in one pass per group.
 
 DeepSpeed 0.19's ``DeepSpeedZeroOptimizer.step`` takes each parameter group's flat 16-bit gradient partition through
 four passes over memory: a cast to a fresh fp32 copy, the clip's multiply, the inner optimizer's update (which reads
@@ -11,9 +11,13 @@ and ``grad_norm.py``'s fused norm), freeing the gradients, the all-gather of the
 views of them. The optimizer state is the inner torch optimizer's own (``exp_avg``, ``exp_avg_sq``, ``step``, created
 as torch creates them), so checkpoints save, load and resume as before.
 
+ZeRO-3's step is the same four passes per sub-group, each in a method of its own; there the methods are replaced
+(``_stage3_*`` below) and DeepSpeed's ``step`` runs as it is.
+
 It applies when the inner optimizer is torch's Adam or AdamW without amsgrad, maximize, differentiable, tensor
 hyper-parameters or step hooks, and the ZeRO optimizer keeps its state on the device in bf16 or fp32 without a loss
-scale (no fp16, offload, Muon, ZenFlow or torch autocast); anything else runs DeepSpeed's ``step`` unchanged.
+scale (no fp16, offload, NVMe swapping, Muon, ZenFlow or torch autocast); anything else runs DeepSpeed's step
+unchanged.
 """
 
 from __future__ import annotations
@@ -189,13 +193,112 @@ def fused_zero_step(self: Any, closure: Any = None) -> None:
     return None
 
 
+# -- ZeRO-3 -----------------------------------------------------------------------------------------------------------
+# DeepSpeed's ZeRO-3 step goes sub-group by sub-group through methods of its own (prepare: the fp32 gradient copy;
+# clip; the inner optimizer; reassign: the bf16 copy and the parameters' views), so it is fused by replacing those
+# methods on the instance: ``step`` decides once per step whether the one pass applies, DeepSpeed's ``step`` runs, and
+# each replaced method does its part or, when the pass does not apply, DeepSpeed's.
+_STAGE3_METHODS = ("_prepare_sub_group", "unscale_and_clip_grads", "_optimizer_step",
+                   "_reassign_or_swap_out_partitioned_parameters", "_unflatten_partitioned_parameters", "flatten")
+
+
+def _stage3_step(self: Any, closure: Any = None) -> Any:
+    """Drop-in for ``DeepSpeedZeroOptimizer_Stage3.step``: DeepSpeed's, with the one pass where it applies."""
+    self._switchyard_hypers = _applies_now(self)
+    try:
+        return type(self).step(self, closure)
+    finally:
+        self._switchyard_hypers = None
+        self._switchyard_pending.clear()
+
+
+def _stage3_prepare_sub_group(self: Any, sub_group_id: int, timer_names: set) -> None:
+    """The sub-group's flat 16-bit gradient, kept for the update (DeepSpeed's makes an fp32 copy of it here)."""
+    if self._switchyard_hypers is None:
+        return type(self)._prepare_sub_group(self, sub_group_id, timer_names)
+    import deepspeed.runtime.zero.stage3 as zero3
+
+    gradients = self.averaged_gradients[sub_group_id]
+    flat = self.flatten(gradients)
+    master = self.fp32_partitioned_groups_flat[sub_group_id]
+    if flat.numel() != master.numel():
+        raise RuntimeError(f"sub-group {sub_group_id}'s gradients have {flat.numel()} elements, its fp32 partition "
+                           f"{master.numel()}: this DeepSpeed lays out ZeRO-3 partitions differently; "
+                           "initialize(..., fused_step=False) keeps DeepSpeed's step")
+    accelerator = zero3.get_accelerator()
+    if not accelerator.is_synchronized_device():  # as DeepSpeed's: the gradients came from another stream
+        for grad in filter(accelerator.on_accelerator, gradients):
+            grad.record_stream(accelerator.current_stream())
+    self.averaged_gradients[sub_group_id] = None
+    self._switchyard_pending[sub_group_id] = {"grad": flat}
+    return None
+
+
+def _stage3_unscale_and_clip_grads(self: Any, sub_group_id: int, total_norm: Any) -> None:
+    if self._switchyard_hypers is None:
+        return type(self).unscale_and_clip_grads(self, sub_group_id, total_norm)
+    master = self.fp32_partitioned_groups_flat[sub_group_id]
+    scale = clip_scale(self, total_norm, master.device)
+    if scale is not None and not torch.is_tensor(scale):
+        scale = torch.tensor(scale, dtype=torch.float32, device=master.device)
+    self._switchyard_pending[sub_group_id]["scale"] = scale
+    return None
+
+
+def _stage3_optimizer_step(self: Any, sub_group_id: int) -> None:
+    if self._switchyard_hypers is None:
+        return type(self)._optimizer_step(self, sub_group_id)
+    pending = self._switchyard_pending[sub_group_id]
+    group_id = self.sub_group_to_group_id[sub_group_id]
+    inner, master = self.optimizer, self.fp32_partitioned_groups_flat[sub_group_id]
+    state = _adam_state(inner, inner.param_groups[group_id], master)
+    hyper = self._switchyard_hypers[group_id]
+    hyper = AdamHyper(**{**hyper.__dict__, "step": _step_count(self, sub_group_id, state)})
+    adamw_update_(pending.pop("grad"), master, state["exp_avg"], state["exp_avg_sq"],
+                  self.fp16_partitioned_groups_flat[sub_group_id], pending["scale"], hyper)
+    pending["written"] = True
+    inner._opt_called = True  # what torch's step wrapper marks for the LR scheduler's order check
+    return None
+
+
+def _stage3_reassign(self: Any, sub_group_id: int) -> None:
+    """The 16-bit partition was written by the update: only the parameters' views of it are left to point."""
+    if not self._switchyard_pending.get(sub_group_id, {}).get("written"):
+        return type(self)._reassign_or_swap_out_partitioned_parameters(self, sub_group_id)
+    self._unflatten_partitioned_parameters(sub_group_id)
+    return None
+
+
+def fused_step_supported_stage3(zero_optimizer: Any) -> bool:
+    """Whether this ZeRO-3 optimizer's set-up is one the fused sub-group methods handle (fixed at ``initialize``)."""
+    return (type(getattr(zero_optimizer, "optimizer", None)) in _ADAM_TYPES
+            and all(hasattr(zero_optimizer, name) for name in _STAGE3_METHODS)
+            and hasattr(zero_optimizer, "fp16_partitioned_groups_flat")
+            and not zero_optimizer.offload_optimizer and not zero_optimizer.offload_param
+            and not zero_optimizer.swap_optimizer and not getattr(zero_optimizer, "use_muon", False)
+            and not getattr(zero_optimizer, "zenflow", False)
+            and getattr(zero_optimizer, "torch_autocast_gradscaler", None) is None
+            and zero_optimizer.dtype in (torch.bfloat16, torch.float32))
+
+
 def install_fused_step(engine: Any) -> bool:
-    """Give a ZeRO-1/2 engine's optimizer ``fused_zero_step``; False where its set-up is not one it handles."""
+    """Give a ZeRO-1/2 engine's optimizer ``fused_zero_step`` (a ZeRO-3 one the fused sub-group methods); False
+    where its set-up is not one they handle."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = getattr(engine, "optimizer", None)
-    if type(optimizer) is not DeepSpeedZeroOptimizer or not fused_step_supported(optimizer):
+    if type(optimizer) is DeepSpeedZeroOptimizer and fused_step_supported(optimizer):
+        methods = {"step": fused_zero_step}
+    elif type(optimizer) is DeepSpeedZeroOptimizer_Stage3 and fused_step_supported_stage3(optimizer):
+        methods = {"step": _stage3_step, "_prepare_sub_group": _stage3_prepare_sub_group,
+                   "unscale_and_clip_grads": _stage3_unscale_and_clip_grads,
+                   "_optimizer_step": _stage3_optimizer_step,
+                   "_reassign_or_swap_out_partitioned_parameters": _stage3_reassign}
+        optimizer._switchyard_hypers, optimizer._switchyard_pending = None, {}
+    else:
         return False
     optimizer._switchyard_step_counts = {}
-    optimizer.step = types.MethodType(fused_zero_step, optimizer)
+    for name, function in methods.items():
+        setattr(optimizer, name, types.MethodType(function, optimizer))
     return True

@@ -100,3 +100,24 @@ def test_fused_step_equals_deepspeeds(stage, dtype_name):
             for key, value in want_state.items():
                 assert torch.equal(got_state[key], value), f"rank {rank}: optimizer state {key} differs"
                 assert got_state[key].device == value.device and got_state[key].dtype == value.dtype, key
+
+
+def _installed(optimizer_kind: str) -> bool:
+    from switchyard import ProcessGroupManager
+    from switchyard.deepspeed import initialize, optimizer_param_groups
+
+    manager = ProcessGroupManager(ep=1)
+    model = _model(manager, torch.float32)
+    groups = optimizer_param_groups(model, weight_decay=0.1)
+    optimizer = {"adamw": lambda: torch.optim.AdamW(groups), "amsgrad": lambda: torch.optim.AdamW(groups, amsgrad=True),
+                 "sgd": lambda: torch.optim.SGD(groups, lr=0.1)}[optimizer_kind]()
+    config = {"train_micro_batch_size_per_gpu": TOKENS, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+              "zero_allow_untested_optimizer": True}
+    engine, *_ = initialize(model=model, optimizer=optimizer, config=config, mpu=manager.mpu)
+    return "step" in vars(engine.optimizer)
+
+
+def test_settings_no_step_would_fuse_keep_deepspeeds_step():
+    """SGD and AdamW with amsgrad run DeepSpeed's step: the fused one is not installed (nor logged) for them."""
+    got = {kind: run_on_ranks(_installed, 1, kind, timeout_s=120)[0] for kind in ("adamw", "amsgrad", "sgd")}
+    assert got == {"adamw": True, "amsgrad": False, "sgd": False}, got

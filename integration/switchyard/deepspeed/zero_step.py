@@ -295,10 +295,11 @@ def install_fused_step(engine: Any) -> bool:
                    "unscale_and_clip_grads": _stage3_unscale_and_clip_grads,
                    "_optimizer_step": _stage3_optimizer_step,
                    "_reassign_or_swap_out_partitioned_parameters": _stage3_reassign}
-        optimizer._switchyard_hypers, optimizer._switchyard_pending = None, {}
     else:
         return False
-    optimizer._switchyard_step_counts = {}
+    if _applies_now(optimizer) is None:  # settings no step would fuse (amsgrad, step hooks, fp16's loss scale)
+        return False
+    optimizer._switchyard_hypers, optimizer._switchyard_pending, optimizer._switchyard_step_counts = None, {}, {}
     for name, function in methods.items():
         setattr(optimizer, name, types.MethodType(function, optimizer))
     return True

@@ -36,12 +36,18 @@ def _model(groups, dtype):
     return Tiny().to(dtype)
 
 
-def _steps(stage: int, dtype_name: str, fused: bool) -> dict:
+def _both_steps(stage: int, dtype_name: str) -> dict[bool, dict]:
+    """DeepSpeed's step, then the fused one, in the same ranks (one process group for both engines)."""
     from switchyard import ProcessGroupManager
+
+    manager = ProcessGroupManager(ep=2)
+    return {fused: _steps(manager, stage, dtype_name, fused) for fused in (False, True)}
+
+
+def _steps(manager, stage: int, dtype_name: str, fused: bool) -> dict:
     from switchyard.deepspeed import initialize, optimizer_param_groups
 
     dtype = getattr(torch, dtype_name)
-    manager = ProcessGroupManager(ep=2)
     model = _model(manager, dtype)
     zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}  # every tensor split
     config = {"train_micro_batch_size_per_gpu": TOKENS, "zero_optimization": zero,
@@ -82,8 +88,8 @@ def _weights(engine, model, stage: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage,dtype_name", [(1, "float32"), (2, "float32"), (2, "bfloat16"), (3, "bfloat16")])
 def test_fused_step_equals_deepspeeds(stage, dtype_name):
-    results = {fused: run_on_ranks(_steps, 2, stage, dtype_name, fused, timeout_s=180) for fused in (False, True)}
-    for rank, (want, got) in enumerate(zip(results[False], results[True])):
+    per_rank = run_on_ranks(_both_steps, 2, stage, dtype_name, timeout_s=180)
+    for rank, (want, got) in enumerate((both[False], both[True]) for both in per_rank):
         assert got["lr"] == want["lr"]
         for step, ((want_state, want_norm), (got_state, got_norm)) in enumerate(zip(want["trace"], got["trace"])):
             where = f"ZeRO-{stage} {dtype_name} rank {rank} step {step}"
@@ -102,11 +108,16 @@ def test_fused_step_equals_deepspeeds(stage, dtype_name):
                 assert got_state[key].device == value.device and got_state[key].dtype == value.dtype, key
 
 
-def _installed(optimizer_kind: str) -> bool:
+def _installed(optimizer_kinds: list[str]) -> dict[str, bool]:
     from switchyard import ProcessGroupManager
-    from switchyard.deepspeed import initialize, optimizer_param_groups
 
     manager = ProcessGroupManager(ep=1)
+    return {kind: _installed_for(manager, kind) for kind in optimizer_kinds}
+
+
+def _installed_for(manager, optimizer_kind: str) -> bool:
+    from switchyard.deepspeed import initialize, optimizer_param_groups
+
     model = _model(manager, torch.float32)
     groups = optimizer_param_groups(model, weight_decay=0.1)
     optimizer = {"adamw": lambda: torch.optim.AdamW(groups), "amsgrad": lambda: torch.optim.AdamW(groups, amsgrad=True),
@@ -119,5 +130,5 @@ def _installed(optimizer_kind: str) -> bool:
 
 def test_settings_no_step_would_fuse_keep_deepspeeds_step():
     """SGD and AdamW with amsgrad run DeepSpeed's step: the fused one is not installed (nor logged) for them."""
-    got = {kind: run_on_ranks(_installed, 1, kind, timeout_s=120)[0] for kind in ("adamw", "amsgrad", "sgd")}
+    [got] = run_on_ranks(_installed, 1, ["adamw", "amsgrad", "sgd"], timeout_s=120)
     assert got == {"adamw": True, "amsgrad": False, "sgd": False}, got

@@ -1,8 +1,9 @@
 """switchyard's fused ZeRO step (``zero_step.py``) against DeepSpeed's own ``step`` with torch's AdamW (the oracle), on
 two CPU ranks (dp2 × ep2: the dense groups partitioned over two ranks, padding on the last one; the expert groups over
 one): the same weights, fp32 masters, moments, step counts and gradient norms after every step, bit for bit, with
-weight decay on some groups, a learning-rate schedule, clipping that bites, and a step whose gradients are NaN
-(skipped in fp32 and at ZeRO-3, zeroed by the clip in bf16 at ZeRO-1/2, as DeepSpeed does)."""
+weight decay on some groups, a learning-rate schedule, clipping that bites, a step DeepSpeed takes in between (a step
+hook on the optimizer) and a last step whose gradients are NaN (skipped in fp32 and at ZeRO-3; in bf16 at ZeRO-1/2,
+without the overflow check, DeepSpeed's clip multiplies them by 0, which leaves NaN, and the weights go NaN alike)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from harness import run_on_ranks
 pytestmark = pytest.mark.distributed
 
 HIDDEN, FFN, EXPERTS, TOKENS, STEPS = 8, 12, 4, 6, 4
-NAN_STEP = 2
+NAN_STEP = STEPS - 1  # last: in bf16 at ZeRO-1/2 (no overflow check) its NaN gradients make every weight NaN
+HOOKED_STEP = 1  # a step hook makes this step DeepSpeed's: the next fused one must count on from it
 
 
 def _model(groups, dtype):
@@ -45,13 +47,19 @@ def _both_steps(stage: int, dtype_name: str) -> dict[bool, dict]:
 
 
 def _steps(manager, stage: int, dtype_name: str, fused: bool) -> dict:
+    import switchyard.deepspeed.zero_step as zero_step
     from switchyard.deepspeed import initialize, optimizer_param_groups
 
+    passes = []  # the one pass ran (a step that falls back never calls it)
+    one_pass = zero_step.adamw_update_
+    zero_step.adamw_update_ = lambda *args: passes.append(1) or one_pass(*args)
     dtype = getattr(torch, dtype_name)
     model = _model(manager, dtype)
     zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}  # every tensor split
     config = {"train_micro_batch_size_per_gpu": TOKENS, "zero_optimization": zero,
-              "gradient_clipping": 1e-2, "steps_per_print": 10**9, "bf16": {"enabled": dtype == torch.bfloat16}}
+              "gradient_clipping": 1e-2, "steps_per_print": 10**9,
+              # the launcher's bf16 configs: no overflow check, so a NaN step is zeroed by the clip at ZeRO-1/2
+              "bf16": {"enabled": dtype == torch.bfloat16, "check_grad_overflow": False}}
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, weight_decay=0.1), lr=1e-2, betas=(0.8, 0.9),
                                   foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
@@ -66,10 +74,17 @@ def _steps(manager, stage: int, dtype_name: str, fused: bool) -> dict:
         if step == NAN_STEP:
             x[0, 0] = float("nan")
         engine.backward(engine(x))
-        engine.step()
+        inner = engine.optimizer.optimizer
+        hook = inner.register_step_pre_hook(lambda *_: None) if step == HOOKED_STEP else None
+        engine.step()  # with a step hook on the optimizer, DeepSpeed's step (torch's AdamW) takes this one
+        if hook is not None:
+            hook.remove()
         norm = engine.get_global_grad_norm()
         trace.append((_weights(engine, model, stage), float(norm) if norm is not None else None))
-    inner = engine.optimizer.optimizer
+    zero_step.adamw_update_ = one_pass
+    groups = len(inner.param_groups) if stage < 3 else len(engine.optimizer.fp32_partitioned_groups_flat)
+    ran = (STEPS - 1 - (stage == 3 or dtype != torch.bfloat16)) * groups  # not the hooked step, nor a skipped NaN one
+    assert len(passes) == (ran if fused else 0), f"ZeRO-{stage} {dtype_name}: {len(passes)} passes, not {ran}"
     states = [{k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()} for state in inner.state.values()]
     return {"trace": trace, "states": states, "lr": [g["lr"] for g in inner.param_groups]}
 
@@ -95,16 +110,17 @@ def test_fused_step_equals_deepspeeds(stage, dtype_name):
             where = f"ZeRO-{stage} {dtype_name} rank {rank} step {step}"
             assert got_norm == want_norm or (got_norm != got_norm and want_norm != want_norm), \
                 f"{where}: gradient norm {got_norm} vs DeepSpeed's {want_norm}"
-            for key, value in want_state.items():
-                assert torch.equal(got_state[key], value), \
-                    f"{where}: {key} differs by {(got_state[key].float() - value.float()).abs().max()}"
+            for key, value in want_state.items():  # bit for bit, NaN where DeepSpeed's is NaN
+                torch.testing.assert_close(got_state[key], value, rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m, k=key: f"{where}: {k}: {m}")
         first, last = want["trace"][0][0], want["trace"][-1][0]
         assert any(not torch.equal(first[k], last[k]) for k in first), "no parameter moved: nothing was compared"
         assert len(got["states"]) == len(want["states"]) > 0
         for got_state, want_state in zip(got["states"], want["states"]):
             assert got_state.keys() == want_state.keys(), f"optimizer state keys {got_state.keys()}"
             for key, value in want_state.items():
-                assert torch.equal(got_state[key], value), f"rank {rank}: optimizer state {key} differs"
+                torch.testing.assert_close(got_state[key], value, rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m, k=key: f"rank {rank}: optimizer state {k}: {m}")
                 assert got_state[key].device == value.device and got_state[key].dtype == value.dtype, key
 
 

@@ -13,7 +13,8 @@ SETTINGS = {"adamw": (torch.optim.AdamW, True, 0.1), "adam_l2": (torch.optim.Ada
             "adamw_no_decay": (torch.optim.AdamW, True, 0.0)}
 
 
-def _run(kind: str, device: str, size: int, steps: int, scales: list[float | None], torch_kwargs: dict):
+def _run(kind: str, device: str, size: int, steps: int, scales: list[float | None], torch_kwargs: dict,
+         scale_dtype: torch.dtype = torch.float32):
     optimizer_type, decoupled, weight_decay = SETTINGS[kind]
     gen = torch.Generator().manual_seed(3)
     start = torch.randn(size, generator=gen).to(device)
@@ -27,7 +28,7 @@ def _run(kind: str, device: str, size: int, steps: int, scales: list[float | Non
         scale_tensor = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=device)
         reference.grad = grad.float() if scale is None else grad.float().mul_(scale_tensor)
         torch_optimizer.step()
-        adamw_update_(grad, master, exp_avg, exp_avg_sq, out, scale_tensor,
+        adamw_update_(grad, master, exp_avg, exp_avg_sq, out, None if scale is None else scale_tensor.to(scale_dtype),
                       AdamHyper(lr=3e-2, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=weight_decay,
                                 decoupled=decoupled, step=step))
         assert torch.equal(out, master.to(torch.bfloat16)), f"step {step}: the 16-bit copy is not the master's"
@@ -37,7 +38,8 @@ def _run(kind: str, device: str, size: int, steps: int, scales: list[float | Non
 
 @pytest.mark.parametrize("kind", sorted(SETTINGS))
 def test_cpu_path_is_torchs_single_tensor_adam_bit_for_bit(kind):
-    got, want = _run(kind, "cpu", 1000, 4, [0.5, None, 0.0, 0.25], {"foreach": False})
+    # ZeRO-3's clip scale comes as fp64 (its norm is): used in fp32, as DeepSpeed's multiply of the fp32 gradient does
+    got, want = _run(kind, "cpu", 1000, 4, [0.5, None, 0.0, 0.3], {"foreach": False}, scale_dtype=torch.float64)
     for name, g, w in zip(("weight", "exp_avg", "exp_avg_sq"), got, want):
         assert torch.equal(g, w), f"{kind}: {name} differs by {(g - w).abs().max()}"
 
@@ -46,8 +48,17 @@ def test_cpu_path_is_torchs_single_tensor_adam_bit_for_bit(kind):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("kind", sorted(SETTINGS))
 @pytest.mark.parametrize("size", [1, 2047, 2048 * 3 + 5, 1 << 20])
-def test_gpu_kernel_matches_torchs_fused_adamw(kind, size):
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float64], ids=["fp32-scale", "fp64-scale"])
+def test_gpu_kernel_matches_torchs_fused_adamw(kind, size, scale_dtype):
     assert uses_kernel(torch.empty(1, device="cuda")), "Triton is missing: the kernel is not what ran"
-    got, want = _run(kind, "cuda", size, 4, [0.5, None, 0.0, 0.25], {"fused": True})
+    got, want = _run(kind, "cuda", size, 4, [0.5, None, 0.0, 0.3], {"fused": True}, scale_dtype=scale_dtype)
     for name, g, w in zip(("weight", "exp_avg", "exp_avg_sq"), got, want):
         torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-7, msg=lambda m, n=name: f"{kind} {size}: {n}: {m}")
+
+
+def test_tensors_of_other_lengths_or_strides_are_refused():
+    flat = [torch.zeros(8) for _ in range(4)]
+    hyper = AdamHyper(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
+    for bad in (torch.zeros(7, dtype=torch.bfloat16), torch.zeros(16, dtype=torch.bfloat16)[::2]):
+        with pytest.raises(ValueError, match="flat contiguous tensors of one length"):
+            adamw_update_(bad, *flat, None, hyper)

@@ -40,7 +40,14 @@ def uses_kernel(master: torch.Tensor) -> bool:
 def adamw_update_(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                   out: torch.Tensor, scale: torch.Tensor | None, hyper: AdamHyper) -> None:
     """Update ``master``, ``exp_avg``, ``exp_avg_sq`` (fp32) in place and write the result into ``out``; the gradient
-    is multiplied by ``scale`` (a one-element fp32 tensor, the clip; None: 1) first. All flat, of one length."""
+    is multiplied by ``scale`` (a one-element tensor, the clip, used in fp32; None: 1) first. All flat, contiguous, of
+    one length."""
+    tensors = (grad, master, exp_avg, exp_avg_sq, out)
+    if not all(t.is_contiguous() and t.numel() == master.numel() for t in tensors):
+        shapes = [(tuple(t.shape), t.is_contiguous()) for t in tensors]
+        raise ValueError(f"adamw_update_ takes flat contiguous tensors of one length; got (shape, contiguous) {shapes}")
+    if scale is not None:
+        scale = scale.to(torch.float32)  # ZeRO-3's norm is fp64: DeepSpeed multiplies the fp32 gradient in fp32
     if uses_kernel(master):
         if scale is None:
             scale = torch.ones((), dtype=torch.float32, device=master.device)
@@ -50,7 +57,7 @@ def adamw_update_(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tenso
         return
     grad = grad.to(master.dtype)  # DeepSpeed's fp32 copy of the flat gradient
     if scale is not None:
-        grad.mul_(scale.to(grad.dtype))
+        grad.mul_(scale)
     lr, beta1, beta2 = hyper.lr, hyper.beta1, hyper.beta2
     if hyper.weight_decay != 0:
         if hyper.decoupled:

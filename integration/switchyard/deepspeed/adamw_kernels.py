@@ -29,7 +29,7 @@ def _adamw_kernel(grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, sc
         grad = grad + param * weight_decay
     exp_avg = beta1 * exp_avg + (1 - beta1) * grad
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+    denom = tl.sqrt_rn(exp_avg_sq) / bias_correction2_sqrt + eps  # IEEE-rounded, as ATen's std::sqrt
     param = param - step_size * exp_avg / denom
     tl.store(master_ptr + offsets, param, mask=mask)
     tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)

@@ -9,7 +9,9 @@ pass (the fp32 gradient copy is never made); everything else is DeepSpeed's, in 
 methods: the overflow check and the loss scaler, the norm (``scaled_global_norm``, so the expert groups' averaging
 and ``grad_norm.py``'s fused norm), freeing the gradients, the all-gather of the updated partitions and the model's
 views of them. The optimizer state is the inner torch optimizer's own (``exp_avg``, ``exp_avg_sq``, ``step``, created
-as torch creates them), so checkpoints save, load and resume as before.
+as torch creates them; ``step`` kept on the host, as torch's non-fused AdamW keeps it, and moved back to the device
+before any step torch's fused AdamW takes; torch's ``load_state_dict`` moves it where a fused group wants it), so
+checkpoints save, load and resume as before.
 
 ZeRO-3's step is the same four passes per sub-group, each in a method of its own; there the methods are replaced
 (``_stage3_*`` below) and DeepSpeed's ``step`` runs as it is.
@@ -71,28 +73,40 @@ def _applies_now(self: Any) -> list[AdamHyper] | None:
     return None if any(h is None for h in hypers) else hypers
 
 
-def _adam_state(inner: torch.optim.Optimizer, group: dict[str, Any], master: torch.Tensor) -> dict[str, Any]:
-    """The master partition's Adam state, created as torch's ``_init_group`` creates it on its first step."""
+def _adam_state(inner: torch.optim.Optimizer, master: torch.Tensor) -> dict[str, Any]:
+    """The master partition's Adam state, created as torch's ``_init_group`` creates it on its first step (``step`` on
+    the host, as torch's non-fused AdamW keeps it: see ``_step_count``)."""
     state = inner.state[master]
     if len(state) == 0:
-        on_device = group.get("fused") or group.get("capturable")
-        state["step"] = torch.zeros((), dtype=torch.float32, device=master.device if on_device else "cpu")
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        state["step"] = torch.zeros((), dtype=scalar)
         state["exp_avg"] = torch.zeros_like(master, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(master, memory_format=torch.preserve_format)
     return state
 
 
-def _step_count(self: Any, group_index: int, state: dict[str, Any]) -> int:
-    """This step's number for the bias corrections, counted on the host: read from the state's ``step`` tensor only
-    when that tensor is new (the first step, or a loaded checkpoint), so a device-side count costs one sync, once."""
-    step_tensor = state["step"]
-    known = self._switchyard_step_counts.get(group_index)
-    if known is None or known[0] is not step_tensor:
-        known = (step_tensor, int(step_tensor.item()))
-    count = known[1] + 1
-    self._switchyard_step_counts[group_index] = (step_tensor, count)
-    step_tensor.add_(1)
+def _step_count(state: dict[str, Any]) -> int:
+    """This step's number for the bias corrections, read from the state's own ``step`` and written back as a fresh
+    host tensor: reading it costs no device sync, in-place loads of a checkpoint are seen, and a ``step`` tensor that
+    DeepSpeed's ZeRO-3 universal-checkpoint load shares between sub-groups is counted once per sub-group. A ``step``
+    on the device (torch's fused or capturable AdamW keeps it there; a loaded checkpoint) costs one sync, once."""
+    step = state["step"]
+    count = int(step.item()) + 1
+    state["step"] = torch.tensor(float(count), dtype=step.dtype)
     return count
+
+
+def _steps_back_to_torchs_devices(self: Any, masters_and_groups: Any) -> None:
+    """Before a step DeepSpeed and torch take (one the pass does not apply to): torch's fused or capturable AdamW
+    needs each ``step`` on its parameter's device, where ``_step_count`` had moved it to the host."""
+    for master, group in masters_and_groups:
+        step = self.optimizer.state.get(master, {}).get("step")
+        if step is not None and (group.get("fused") or group.get("capturable")) and step.device != master.device:
+            self.optimizer.state[master]["step"] = step.to(master.device)
+
+
+def _masters_and_groups_stage12(self: Any) -> Any:
+    return zip(self.single_partition_of_fp32_groups, self.optimizer.param_groups)
 
 
 def _flat_gradient_partition(self: Any, i: int, partition_id: int) -> torch.Tensor:
@@ -134,6 +148,7 @@ def fused_zero_step(self: Any, closure: Any = None) -> None:
 
     hypers = _applies_now(self)
     if hypers is None:
+        _steps_back_to_torchs_devices(self, _masters_and_groups_stage12(self))
         return type(self).step(self, closure)
     self.micro_step_id = zero12.INITIAL_MICRO_STEP_ID
     self._wait_for_offload_copies()
@@ -171,8 +186,8 @@ def fused_zero_step(self: Any, closure: Any = None) -> None:
         self.timers(zero12.OPTIMIZER_GRADIENTS_TIMER).stop()
 
         self.timers(zero12.OPTIMIZER_STEP_TIMER).start()
-        state = _adam_state(inner, inner.param_groups[i], master)
-        hyper = AdamHyper(**{**hyper.__dict__, "step": _step_count(self, i, state)})
+        state = _adam_state(inner, master)
+        hyper = AdamHyper(**{**hyper.__dict__, "step": _step_count(state)})
         adamw_update_(flat_grad, master, state["exp_avg"], state["exp_avg_sq"],
                       self.parallel_partitioned_bit16_groups[i][partition_id], scale, hyper)
         del flat_grad
@@ -205,6 +220,10 @@ _STAGE3_METHODS = ("_prepare_sub_group", "unscale_and_clip_grads", "_optimizer_s
 def _stage3_step(self: Any, closure: Any = None) -> Any:
     """Drop-in for ``DeepSpeedZeroOptimizer_Stage3.step``: DeepSpeed's, with the one pass where it applies."""
     self._switchyard_hypers = _applies_now(self)
+    if self._switchyard_hypers is None:
+        groups = self.optimizer.param_groups
+        _steps_back_to_torchs_devices(self, ((master, groups[self.sub_group_to_group_id[sub]])
+                                             for sub, master in enumerate(self.fp32_partitioned_groups_flat)))
     try:
         return type(self).step(self, closure)
     finally:
@@ -251,9 +270,8 @@ def _stage3_optimizer_step(self: Any, sub_group_id: int) -> None:
     pending = self._switchyard_pending[sub_group_id]
     group_id = self.sub_group_to_group_id[sub_group_id]
     inner, master = self.optimizer, self.fp32_partitioned_groups_flat[sub_group_id]
-    state = _adam_state(inner, inner.param_groups[group_id], master)
-    hyper = self._switchyard_hypers[group_id]
-    hyper = AdamHyper(**{**hyper.__dict__, "step": _step_count(self, sub_group_id, state)})
+    state = _adam_state(inner, master)
+    hyper = AdamHyper(**{**self._switchyard_hypers[group_id].__dict__, "step": _step_count(state)})
     adamw_update_(pending.pop("grad"), master, state["exp_avg"], state["exp_avg_sq"],
                   self.fp16_partitioned_groups_flat[sub_group_id], pending["scale"], hyper)
     pending["written"] = True
@@ -299,7 +317,7 @@ def install_fused_step(engine: Any) -> bool:
         return False
     if _applies_now(optimizer) is None:  # settings no step would fuse (amsgrad, step hooks, fp16's loss scale)
         return False
-    optimizer._switchyard_hypers, optimizer._switchyard_pending, optimizer._switchyard_step_counts = None, {}, {}
+    optimizer._switchyard_hypers, optimizer._switchyard_pending = None, {}
     for name, function in methods.items():
         setattr(optimizer, name, types.MethodType(function, optimizer))
     return True

@@ -14,7 +14,7 @@ SETTINGS = {"adamw": (torch.optim.AdamW, True, 0.1), "adam_l2": (torch.optim.Ada
 
 
 def _run(kind: str, device: str, size: int, steps: int, scales: list[float | None], torch_kwargs: dict,
-         scale_dtype: torch.dtype = torch.float32):
+         scale_dtype: torch.dtype | type = torch.float32):
     optimizer_type, decoupled, weight_decay = SETTINGS[kind]
     gen = torch.Generator().manual_seed(3)
     start = torch.randn(size, generator=gen).to(device)
@@ -28,7 +28,8 @@ def _run(kind: str, device: str, size: int, steps: int, scales: list[float | Non
         scale_tensor = None if scale is None else torch.tensor(scale, dtype=torch.float32, device=device)
         reference.grad = grad.float() if scale is None else grad.float().mul_(scale_tensor)
         torch_optimizer.step()
-        adamw_update_(grad, master, exp_avg, exp_avg_sq, out, None if scale is None else scale_tensor.to(scale_dtype),
+        given = None if scale is None else scale if scale_dtype is float else scale_tensor.to(scale_dtype)
+        adamw_update_(grad, master, exp_avg, exp_avg_sq, out, given,
                       AdamHyper(lr=3e-2, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=weight_decay,
                                 decoupled=decoupled, step=step))
         assert torch.equal(out, master.to(torch.bfloat16)), f"step {step}: the 16-bit copy is not the master's"
@@ -37,9 +38,10 @@ def _run(kind: str, device: str, size: int, steps: int, scales: list[float | Non
 
 
 @pytest.mark.parametrize("kind", sorted(SETTINGS))
-def test_cpu_path_is_torchs_single_tensor_adam_bit_for_bit(kind):
+@pytest.mark.parametrize("scale_dtype", [torch.float64, float], ids=["fp64-scale", "number-scale"])
+def test_cpu_path_is_torchs_single_tensor_adam_bit_for_bit(kind, scale_dtype):
     # ZeRO-3's clip scale comes as fp64 (its norm is): used in fp32, as DeepSpeed's multiply of the fp32 gradient does
-    got, want = _run(kind, "cpu", 1000, 4, [0.5, None, 0.0, 0.3], {"foreach": False}, scale_dtype=torch.float64)
+    got, want = _run(kind, "cpu", 1000, 4, [0.5, None, 0.0, 0.3], {"foreach": False}, scale_dtype=scale_dtype)
     for name, g, w in zip(("weight", "exp_avg", "exp_avg_sq"), got, want):
         assert torch.equal(g, w), f"{kind}: {name} differs by {(g - w).abs().max()}"
 

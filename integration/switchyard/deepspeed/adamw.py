@@ -38,15 +38,17 @@ def uses_kernel(master: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def adamw_update_(grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  out: torch.Tensor, scale: torch.Tensor | None, hyper: AdamHyper) -> None:
+                  out: torch.Tensor, scale: torch.Tensor | float | None, hyper: AdamHyper) -> None:
     """Update ``master``, ``exp_avg``, ``exp_avg_sq`` (fp32) in place and write the result into ``out``; the gradient
-    is multiplied by ``scale`` (a one-element tensor, the clip, used in fp32; None: 1) first. All flat, contiguous, of
-    one length."""
+    is multiplied by ``scale`` (the clip: a number or a one-element tensor, used in fp32; None: 1) first. All flat,
+    contiguous, of one length."""
     tensors = (grad, master, exp_avg, exp_avg_sq, out)
     if not all(t.is_contiguous() and t.numel() == master.numel() for t in tensors):
         shapes = [(tuple(t.shape), t.is_contiguous()) for t in tensors]
         raise ValueError(f"adamw_update_ takes flat contiguous tensors of one length; got (shape, contiguous) {shapes}")
-    if scale is not None:
+    if isinstance(scale, (int, float)):
+        scale = torch.full((), scale, dtype=torch.float32, device=master.device)  # a fill: no copy from the host
+    elif scale is not None:
         scale = scale.to(torch.float32)  # ZeRO-3's norm is fp64: DeepSpeed multiplies the fp32 gradient in fp32
     if uses_kernel(master):
         if scale is None:

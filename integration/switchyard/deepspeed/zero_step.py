@@ -181,8 +181,6 @@ def fused_zero_step(self: Any, closure: Any = None) -> None:
         self.all_grad_tensors[i] = None
         master = self.single_partition_of_fp32_groups[i]
         scale = clip_scale(self, norm, master.device)
-        if scale is not None and not torch.is_tensor(scale):
-            scale = torch.tensor(scale, dtype=torch.float32, device=master.device)
         self.timers(zero12.OPTIMIZER_GRADIENTS_TIMER).stop()
 
         self.timers(zero12.OPTIMIZER_STEP_TIMER).start()
@@ -257,10 +255,7 @@ def _stage3_unscale_and_clip_grads(self: Any, sub_group_id: int, total_norm: Any
     if self._switchyard_hypers is None:
         return type(self).unscale_and_clip_grads(self, sub_group_id, total_norm)
     master = self.fp32_partitioned_groups_flat[sub_group_id]
-    scale = clip_scale(self, total_norm, master.device)
-    if scale is not None and not torch.is_tensor(scale):
-        scale = torch.tensor(scale, dtype=torch.float32, device=master.device)
-    self._switchyard_pending[sub_group_id]["scale"] = scale
+    self._switchyard_pending[sub_group_id]["scale"] = clip_scale(self, total_norm, master.device)
     return None
 
 

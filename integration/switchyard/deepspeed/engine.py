@@ -34,7 +34,7 @@ def _settings_and_stage(config: Any) -> tuple[dict[str, Any], int]:
 def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, fused_step: bool = True,
                **kwargs: Any) -> tuple:
     """``deepspeed.initialize(model=model, config=config, **kwargs)``'s four results. ``fused_grad_norm=False``
-    keeps DeepSpeed's own gradient norm and clip, ``fused_step=False`` its ZeRO-1/2 step (the benchmark's A/Bs)."""
+    keeps DeepSpeed's own gradient norm and clip, ``fused_step=False`` its ZeRO step (the benchmark's A/Bs)."""
     import deepspeed
 
     from switchyard.deepspeed import zero3

@@ -84,8 +84,9 @@ def clip_scale(self: Any, total_norm: Any, device: torch.device) -> torch.Tensor
     """What DeepSpeed's ZeRO-1/2 ``unscale_and_clip_grads`` multiplies the gradients by: ``1 / (max(1, (norm /
     loss_scale + 1e-6) / clip) · loss_scale)``, an invalid norm (non-finite, or DeepSpeed's -1 sentinel) clipping as an
     infinite one, i.e. a factor of 0, as DeepSpeed's does (finite gradients become 0, a NaN or inf one NaN); a 0-dim
-    tensor on ``device`` in the norm's dtype (a float without clipping; None when there is nothing to scale). DeepSpeed decides that invalidity with ``bool(tensor)``, a host sync
-    that drains the device's queue; here the choice stays on the device (``torch.where``)."""
+    tensor on ``device`` in the norm's dtype (a float without clipping; None when there is nothing to scale).
+    DeepSpeed decides that invalidity with ``bool(tensor)``, a host sync that drains the device's queue; here the
+    choice stays on the device (``torch.where``)."""
     if self.clip_grad == 0.0 and self.loss_scale == 1.0:
         return None
     if self.clip_grad <= 0.0:

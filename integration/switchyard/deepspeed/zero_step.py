@@ -41,11 +41,12 @@ _NEEDED_METHODS = ("scaled_global_norm", "check_overflow", "_update_scale", "_wa
 _GLOBAL_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")  # torch.optim.optimizer's
 
 
-def fused_step_supported(zero_optimizer: Any) -> bool:
-    """Whether this ZeRO-1/2 optimizer's set-up is one ``fused_zero_step`` handles (fixed at ``initialize``)."""
-    inner = getattr(zero_optimizer, "optimizer", None)
-    return (type(inner) in _ADAM_TYPES and all(hasattr(zero_optimizer, name) for name in _NEEDED_METHODS)
-            and not zero_optimizer.cpu_offload and not getattr(zero_optimizer, "zenflow", False)
+def _set_up_supported(zero_optimizer: Any, needed: tuple[str, ...], offloaded: bool) -> bool:
+    """Whether a ZeRO optimizer's set-up is one the one pass handles (fixed at ``initialize``): torch's Adam/AdamW
+    inside, the DeepSpeed methods it relies on present, its state on the device, bf16 or fp32, no ZenFlow or autocast."""
+    return (type(getattr(zero_optimizer, "optimizer", None)) in _ADAM_TYPES
+            and all(hasattr(zero_optimizer, name) for name in needed) and not offloaded
+            and not getattr(zero_optimizer, "zenflow", False)
             and getattr(zero_optimizer, "torch_autocast_gradscaler", None) is None
             and zero_optimizer.dtype in (torch.bfloat16, torch.float32))
 
@@ -105,10 +106,6 @@ def _steps_back_to_torchs_devices(self: Any, masters_and_groups: Any) -> None:
             self.optimizer.state[master]["step"] = step.to(master.device)
 
 
-def _masters_and_groups_stage12(self: Any) -> Any:
-    return zip(self.single_partition_of_fp32_groups, self.optimizer.param_groups)
-
-
 def _flat_gradient_partition(self: Any, i: int, partition_id: int) -> torch.Tensor:
     """Group ``i``'s flat 16-bit gradient partition, as DeepSpeed's step builds it (padded on the last rank)."""
     import deepspeed.runtime.zero.stage_1_and_2 as zero12
@@ -148,7 +145,7 @@ def fused_zero_step(self: Any, closure: Any = None) -> None:
 
     hypers = _applies_now(self)
     if hypers is None:
-        _steps_back_to_torchs_devices(self, _masters_and_groups_stage12(self))
+        _steps_back_to_torchs_devices(self, zip(self.single_partition_of_fp32_groups, self.optimizer.param_groups))
         return type(self).step(self, closure)
     self.micro_step_id = zero12.INITIAL_MICRO_STEP_ID
     self._wait_for_offload_copies()
@@ -170,6 +167,7 @@ def fused_zero_step(self: Any, closure: Any = None) -> None:
         self._global_grad_norm = norm / prev_scale
 
     inner = self.optimizer
+    scale = clip_scale(self, norm, self.single_partition_of_fp32_groups[0].device)  # one norm: one factor for all
     for i, hyper in enumerate(hypers):
         self.timers(zero12.OPTIMIZER_GRADIENTS_TIMER).start()
         partition_id = zero12.dist.get_rank(group=self.real_dp_process_group[i])
@@ -180,7 +178,6 @@ def fused_zero_step(self: Any, closure: Any = None) -> None:
         self.averaged_gradients[i] = None
         self.all_grad_tensors[i] = None
         master = self.single_partition_of_fp32_groups[i]
-        scale = clip_scale(self, norm, master.device)
         self.timers(zero12.OPTIMIZER_GRADIENTS_TIMER).stop()
 
         self.timers(zero12.OPTIMIZER_STEP_TIMER).start()
@@ -212,7 +209,8 @@ def fused_zero_step(self: Any, closure: Any = None) -> None:
 # methods on the instance: ``step`` decides once per step whether the one pass applies, DeepSpeed's ``step`` runs, and
 # each replaced method does its part or, when the pass does not apply, DeepSpeed's.
 _STAGE3_METHODS = ("_prepare_sub_group", "unscale_and_clip_grads", "_optimizer_step",
-                   "_reassign_or_swap_out_partitioned_parameters", "_unflatten_partitioned_parameters", "flatten")
+                   "_reassign_or_swap_out_partitioned_parameters", "_unflatten_partitioned_parameters", "flatten",
+                   "fp16_partitioned_groups_flat")
 
 
 def _stage3_step(self: Any, closure: Any = None) -> Any:
@@ -225,7 +223,7 @@ def _stage3_step(self: Any, closure: Any = None) -> Any:
     try:
         return type(self).step(self, closure)
     finally:
-        self._switchyard_hypers = None
+        self._switchyard_hypers = self._switchyard_scale = None
         self._switchyard_pending.clear()
 
 
@@ -254,8 +252,9 @@ def _stage3_prepare_sub_group(self: Any, sub_group_id: int, timer_names: set) ->
 def _stage3_unscale_and_clip_grads(self: Any, sub_group_id: int, total_norm: Any) -> None:
     if self._switchyard_hypers is None:
         return type(self).unscale_and_clip_grads(self, sub_group_id, total_norm)
-    master = self.fp32_partitioned_groups_flat[sub_group_id]
-    self._switchyard_pending[sub_group_id]["scale"] = clip_scale(self, total_norm, master.device)
+    # every sub-group is clipped by the step's one norm: its factor computed once, kept as a 1-tuple (None is a factor)
+    if self._switchyard_scale is None:
+        self._switchyard_scale = (clip_scale(self, total_norm, self.fp32_partitioned_groups_flat[sub_group_id].device),)
     return None
 
 
@@ -268,7 +267,7 @@ def _stage3_optimizer_step(self: Any, sub_group_id: int) -> None:
     state = _adam_state(inner, master)
     hyper = AdamHyper(**{**self._switchyard_hypers[group_id].__dict__, "step": _step_count(state)})
     adamw_update_(pending.pop("grad"), master, state["exp_avg"], state["exp_avg_sq"],
-                  self.fp16_partitioned_groups_flat[sub_group_id], pending["scale"], hyper)
+                  self.fp16_partitioned_groups_flat[sub_group_id], self._switchyard_scale[0], hyper)
     pending["written"] = True
     inner._opt_called = True  # what torch's step wrapper marks for the LR scheduler's order check
     return None
@@ -282,18 +281,6 @@ def _stage3_reassign(self: Any, sub_group_id: int) -> None:
     return None
 
 
-def fused_step_supported_stage3(zero_optimizer: Any) -> bool:
-    """Whether this ZeRO-3 optimizer's set-up is one the fused sub-group methods handle (fixed at ``initialize``)."""
-    return (type(getattr(zero_optimizer, "optimizer", None)) in _ADAM_TYPES
-            and all(hasattr(zero_optimizer, name) for name in _STAGE3_METHODS)
-            and hasattr(zero_optimizer, "fp16_partitioned_groups_flat")
-            and not zero_optimizer.offload_optimizer and not zero_optimizer.offload_param
-            and not zero_optimizer.swap_optimizer and not getattr(zero_optimizer, "use_muon", False)
-            and not getattr(zero_optimizer, "zenflow", False)
-            and getattr(zero_optimizer, "torch_autocast_gradscaler", None) is None
-            and zero_optimizer.dtype in (torch.bfloat16, torch.float32))
-
-
 def install_fused_step(engine: Any) -> bool:
     """Give a ZeRO-1/2 engine's optimizer ``fused_zero_step`` (a ZeRO-3 one the fused sub-group methods); False
     where its set-up is not one they handle."""
@@ -301,9 +288,12 @@ def install_fused_step(engine: Any) -> bool:
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = getattr(engine, "optimizer", None)
-    if type(optimizer) is DeepSpeedZeroOptimizer and fused_step_supported(optimizer):
+    if type(optimizer) is DeepSpeedZeroOptimizer and _set_up_supported(optimizer, _NEEDED_METHODS,
+                                                                      optimizer.cpu_offload):
         methods = {"step": fused_zero_step}
-    elif type(optimizer) is DeepSpeedZeroOptimizer_Stage3 and fused_step_supported_stage3(optimizer):
+    elif type(optimizer) is DeepSpeedZeroOptimizer_Stage3 and _set_up_supported(
+            optimizer, _STAGE3_METHODS, optimizer.offload_optimizer or optimizer.offload_param
+            or optimizer.swap_optimizer or getattr(optimizer, "use_muon", False)):
         methods = {"step": _stage3_step, "_prepare_sub_group": _stage3_prepare_sub_group,
                    "unscale_and_clip_grads": _stage3_unscale_and_clip_grads,
                    "_optimizer_step": _stage3_optimizer_step,
@@ -312,7 +302,7 @@ def install_fused_step(engine: Any) -> bool:
         return False
     if _applies_now(optimizer) is None:  # settings no step would fuse (amsgrad, step hooks, fp16's loss scale)
         return False
-    optimizer._switchyard_hypers, optimizer._switchyard_pending = None, {}
+    optimizer._switchyard_hypers, optimizer._switchyard_scale, optimizer._switchyard_pending = None, None, {}
     for name, function in methods.items():
         setattr(optimizer, name, types.MethodType(function, optimizer))
     return True

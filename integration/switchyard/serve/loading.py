@@ -292,9 +292,10 @@ def _prune_older_conversions(path: Path, out: Path) -> None:
     import shutil
     import time
 
-    source = str(path.resolve())
+    resolved = path.resolve()
+    source = str(resolved)
     (out / SOURCE_MARK).write_text(source)
-    for other in out.parent.glob(f"{path.resolve().name}-*"):
+    for other in out.parent.glob(f"{resolved.name}-*"):
         mark = other / SOURCE_MARK
         if other != out and mark.is_file() and mark.read_text() == source \
                 and time.time() - mark.stat().st_mtime > PRUNE_AFTER_S:

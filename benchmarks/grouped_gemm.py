@@ -10,7 +10,10 @@ Per shape: rows sorted by expert from a random top-k routing of ``--tokens`` tok
     bwd1_dw  grad_h[e].T @ x[e]                 bwd2_dw  grad[e].T @ a[e]
 
 each timed with CUDA events (median of ``--iters`` after warm-up); the dense figure multiplies all rows by
-one expert's weight. The Triton outputs are compared with ``torch._grouped_mm``'s (``rel_err``).
+one expert's weight. The Triton outputs are compared with ``torch._grouped_mm``'s (``rel_err``). Where QuACK is
+installed (``pip install 'switchyard[quack]'``), its varlen GEMM (the layer's ``quack`` grouped-GEMM library,
+integration/switchyard/moe/grouped_gemm.py) is timed too, with ``bit_equal`` against torch's output;
+``--no-triton`` leaves out the Triton kernels and the layout variants (torch, QuACK and dense only).
 
     python benchmarks/grouped_gemm.py --out benchmarks/results/grouped_gemm.json   # one GPU
 """
@@ -32,7 +35,10 @@ except ImportError:  # CPU-only torch installs come without Triton
     sys.exit("benchmarks/grouped_gemm.py needs a CUDA GPU and Triton (a CUDA build of torch)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from bench_common import _device_name, _git_commit, _versions  # noqa: E402
+
+from switchyard.moe import grouped_gemm  # noqa: E402
 
 SHAPES = {  # hidden, expert width, experts, top-k
     "olmoe": (2048, 1024, 64, 8),
@@ -251,12 +257,21 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
+def quack_timing(fn, ref: torch.Tensor, iters: int) -> dict | None:
+    """QuACK's product against torch's: time and bit equality (None where QuACK cannot run here)."""
+    if grouped_gemm.quack_unfit(ref) is not None:
+        return None
+    got = fn()
+    return {"ms": median_ms(fn, iters), "bit_equal": bool(torch.equal(got, ref)), "rel_err": rel_err(got, ref)}
+
+
 def bench_shape(name: str, tokens: int, iters: int, tma: bool, layouts_only: bool = False,
-                wgrad_names: tuple[str, ...] = WGRAD_LAYOUTS) -> dict:
+                wgrad_names: tuple[str, ...] = WGRAD_LAYOUTS, triton_kernels: bool = True) -> dict:
     hidden, width, experts, top_k = SHAPES[name]
     dev = "cuda"
     torch.manual_seed(0)
     offs = routed_offsets(tokens, experts, top_k, dev)
+    cu = torch.nn.functional.pad(offs, (1, 0))  # QuACK's cu_seqlens
     n = tokens * top_k
     bf = torch.bfloat16
     x = torch.randn(n, hidden, device=dev, dtype=bf)
@@ -281,8 +296,10 @@ def bench_shape(name: str, tokens: int, iters: int, tma: bool, layouts_only: boo
         dense_b = rhs[0].contiguous() if rhs.stride(2) == 1 else rhs[0]
         row = {"flops": flops, "torch_grouped_mm_ms": median_ms(lambda: gmm(lhs, rhs, offs=offs), iters),
                "dense_mm_ms": median_ms(lambda: torch.mm(dense_a, dense_b), iters), "triton": {}, "triton_tma": {},
-               "layouts": rows_layouts(lhs, rhs, offs, iters)}
-        for cfg in () if layouts_only else ROWS_CONFIGS:
+               "quack": quack_timing(lambda: grouped_gemm.rows_by_expert(lhs, rhs, cu, "quack"), ref, iters)}
+        if triton_kernels:
+            row["layouts"] = rows_layouts(lhs, rhs, offs, iters)
+        for cfg in () if layouts_only or not triton_kernels else ROWS_CONFIGS:
             key = "x".join(map(str, cfg))
             try:
                 got = rows_triton(lhs, rhs, offs, cfg)
@@ -306,8 +323,10 @@ def bench_shape(name: str, tokens: int, iters: int, tma: bool, layouts_only: boo
         flops = 2 * n * g.shape[1] * xx.shape[1]
         row = {"flops": flops, "torch_grouped_mm_ms": median_ms(lambda: gmm(g.t(), xx, offs=offs), iters),
                "dense_mm_ms": median_ms(lambda: torch.mm(g.t(), xx), iters), "triton": {},
-               "layouts": wgrad_layouts(g, xx, offs, iters, wgrad_names)}
-        for cfg in () if layouts_only else WGRAD_CONFIGS:
+               "quack": quack_timing(lambda: grouped_gemm.weight_grad(g, xx, cu, "quack"), ref, iters)}
+        if triton_kernels:
+            row["layouts"] = wgrad_layouts(g, xx, offs, iters, wgrad_names)
+        for cfg in () if layouts_only or not triton_kernels else WGRAD_CONFIGS:
             key = "x".join(map(str, cfg))
             try:
                 got = wgrad_triton(g, xx, offs, cfg)
@@ -367,8 +386,18 @@ def summarize(row: dict) -> str:
             best[kind] = (key, round(timed[key], 4), round(row["torch_grouped_mm_ms"] / timed[key], 3))
     tf = row["flops"] / row["torch_grouped_mm_ms"] / 1e9
     layouts = {k: round(v["ms"], 4) for k, v in row.get("layouts", {}).items() if isinstance(v, dict)}
-    return (f"grouped_mm {row['torch_grouped_mm_ms']:.4f} ms ({tf:.0f} TF/s), dense {row['dense_mm_ms']:.4f}, "
-            f"other layouts {layouts}, best {best}")
+    quack = row.get("quack")
+    quack_s = "n/a" if quack is None else f"{quack['ms']:.4f} (bit_equal {quack['bit_equal']})"
+    return (f"grouped_mm {row['torch_grouped_mm_ms']:.4f} ms ({tf:.0f} TF/s), quack {quack_s}, "
+            f"dense {row['dense_mm_ms']:.4f}, other layouts {layouts}, best {best}")
+
+
+def _quack_version() -> str | None:
+    try:
+        from importlib.metadata import version
+        return version("quack-kernels")
+    except Exception:  # noqa: BLE001 - not installed
+        return None
 
 
 def main() -> None:
@@ -378,6 +407,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-tma", action="store_true")
+    parser.add_argument("--no-triton", action="store_true",
+                        help="time torch._grouped_mm, QuACK and the dense mm only (no Triton kernels, no layouts)")
     parser.add_argument("--layouts-only", action="store_true",
                         help="time torch._grouped_mm in each operand layout, no Triton kernels")
     parser.add_argument("--wgrad-layouts", nargs="*", choices=WGRAD_LAYOUTS, default=list(WGRAD_LAYOUTS),
@@ -387,10 +418,11 @@ def main() -> None:
     args = parser.parse_args()
     meta = {"device": _device_name(torch.device("cuda")), **_versions(optional=("triton",), required=()),
             "git_commit": _git_commit(), "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-            "tokens": args.tokens, "iters": args.iters, "triton": triton.__version__}
+            "tokens": args.tokens, "iters": args.iters, "triton": triton.__version__,
+            "quack": _quack_version()}
     result = {"meta": meta,
               "shapes": {s: bench_shape(s, args.tokens, args.iters, not args.no_tma, args.layouts_only,
-                                         tuple(args.wgrad_layouts)) for s in args.shapes}}
+                                         tuple(args.wgrad_layouts), not args.no_triton) for s in args.shapes}}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

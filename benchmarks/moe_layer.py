@@ -19,6 +19,9 @@ that of transformers' block, built as for ``hf_grouped_mm`` and run once before 
                       replayed as two CUDA graphs (moe/cuda_graph.py; the first step captures)
     switchyard_torch_router  (opt-in) the same layer with the one-launch router switched off
                       (``Router.fused = False``): the A/B of moe/kernels/router_fused.py
+    switchyard_torch_gemm  (opt-in) the same layer with its grouped GEMMs from torch's grouped_mm even
+                      where QuACK's would run (``grouped_gemm.use_backend("torch")``): the A/B of
+                      moe/grouped_gemm.py (the same rows as ``switchyard`` where QuACK is not installed)
     hf_grouped_mm     transformers' MixtralSparseMoeBlock with config._experts_implementation="grouped_mm"
                       (falls back to "eager" where grouped_mm cannot run; "variant" says what ran)
     deepspeed_moe     deepspeed.moe.layer.MoE (GShard-style, capacity_factor=1.0, drop_tokens=True,
@@ -118,9 +121,9 @@ TINY_SHAPES: dict[str, Shape] = {
 IMPLS = ("switchyard", "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm",
          "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
 # Opt-in with --impls: A/B variants of switchyard's layer.
-EXTRA_IMPLS = ("switchyard_torch_router",)
+EXTRA_IMPLS = ("switchyard_torch_router", "switchyard_torch_gemm")
 ALL_IMPLS = (*IMPLS, *EXTRA_IMPLS)
-RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard", "switchyard_cuda_graph", "switchyard_autograd",
+RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard_torch_gemm", "switchyard", "switchyard_cuda_graph", "switchyard_autograd",
              "switchyard_per_expert", "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
 
 
@@ -231,6 +234,10 @@ def build_switchyard(b: Bench, experts_impl: str | None = None) -> Built:
     if experts is not None and hasattr(experts, "resolve_impl"):  # what the experts see: tokens*K rows
         rows_NH = b.x_BTH.reshape(-1, s.hidden)[:1].expand(b.tokens * s.top_k, s.hidden)
         variant = f"experts impl {experts.resolve_impl(rows_NH)!r}"
+        if "grouped" in variant:
+            from switchyard.moe import grouped_gemm
+
+            variant += f", grouped GEMMs from {grouped_gemm.backend_for(rows_NH, experts.gate_up_proj)}"
     note = None if len(copied) >= 3 else f"only these weights were shared: {copied}"
     return Built(forward=lambda x: _first(layer(x)), params=list(layer.parameters()), variant=variant,
                  note=note, keep=[layer])
@@ -496,12 +503,29 @@ def build_switchyard_torch_router(b: Bench) -> Built:
     return built
 
 
+def build_switchyard_torch_gemm(b: Bench) -> Built:
+    """The default layer with its grouped GEMMs from torch's grouped_mm (the backward follows the forward's)."""
+    from switchyard.moe import grouped_gemm
+
+    with grouped_gemm.use_backend("torch"):
+        built = build_switchyard(b)
+    layer = built.keep[0]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with grouped_gemm.use_backend("torch"):
+            return _first(layer(x))
+
+    built.forward = forward
+    return built
+
+
 BUILDERS: dict[str, Callable[[Bench], Built]] = {
     "switchyard": build_switchyard,
     "switchyard_autograd": build_switchyard_autograd,
     "switchyard_per_expert": build_switchyard_per_expert,
     "switchyard_cuda_graph": build_switchyard_cuda_graph,
     "switchyard_torch_router": build_switchyard_torch_router,
+    "switchyard_torch_gemm": build_switchyard_torch_gemm,
     "hf_grouped_mm": build_hf_grouped_mm,
     "deepspeed_moe": build_deepspeed_moe,
     "deepspeed_autoep": build_deepspeed_autoep,

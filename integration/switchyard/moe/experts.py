@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from switchyard.activations import get_activation
+from switchyard.moe.grouped_gemm import TORCH_GROUPED_MM as _GROUPED_MM
 from switchyard.moe.kernels import fused_kernels_enabled, silu_mul
-from switchyard.moe.swiglu_ffn import GROUPED_MM as _GROUPED_MM, swiglu_ffn
+from switchyard.moe.swiglu_ffn import swiglu_ffn
 from switchyard.parallel.tensor_shards import TensorShard, shard_parameter_
 
 TokenCounts = Tensor | list[int]

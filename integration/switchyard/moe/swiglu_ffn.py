@@ -25,7 +25,8 @@ the sink's backward runs on it.
 
 Two GEMM backends, same math and the same saved tensors:
 
-    grouped     one grouped GEMM per product (2 forward, 4 backward); no host sync
+    grouped     one grouped GEMM per product (2 forward, 4 backward); no host sync. The library that runs
+                them (torch's grouped_mm or QuACK's) is chosen once per forward: see grouped_gemm.py
     per_expert  one cuBLAS ``mm`` per expert and product, written into slices of the outputs; needs the
                 counts on the host (one sync per forward); the SwiGLU backward walks the experts one
                 by one, so the recomputed ``a`` and its gradient exist for one expert at a time. Faster
@@ -40,38 +41,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from switchyard.moe import grouped_gemm
 from switchyard.moe.kernels.ops import records_graph, silu_mul_backward_, silu_mul_forward
 
-# torch >= 2.10: F.grouped_mm; before: the private op (bf16 only, see experts.py); None: neither
-GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 BACKENDS = ("grouped", "per_expert")
-Groups = Tensor | list[int]  # grouped: int32 cumulative offsets; per_expert: counts on the host
+Groups = Tensor | list[int]  # grouped: int32 cumulative offsets from 0 ([E + 1]); per_expert: counts on the host
 
 
-def _matmul_by_expert(a_NI: Tensor, w_EIO: Tensor, groups: Groups) -> Tensor:
-    """``a[rows of e] @ w[e]`` for every expert e (``w`` given as ``[E, in, out]``, any strides)."""
+def _matmul_by_expert(a_NI: Tensor, w_EIO: Tensor, groups: Groups, gemm: str) -> Tensor:
+    """``a[rows of e] @ w[e]`` for every expert e (``w`` given as ``[E, in, out]``, any strides); ``gemm``
+    names the grouped GEMMs' library (grouped_gemm.BACKENDS)."""
     if isinstance(groups, Tensor):
-        return GROUPED_MM(a_NI, w_EIO, offs=groups)
+        return grouped_gemm.rows_by_expert(a_NI, w_EIO, groups, gemm)
     out_NO = a_NI.new_empty((a_NI.shape[0], w_EIO.shape[2]))
     for e, (a_nI, out_nO) in enumerate(zip(a_NI.split(groups), out_NO.split(groups))):
         torch.mm(a_nI, w_EIO[e], out=out_nO)
     return out_NO
 
 
-def _weight_grad(grad_NO: Tensor, a_NI: Tensor, groups: Groups) -> Tensor:
+def _weight_grad(grad_NO: Tensor, a_NI: Tensor, groups: Groups, gemm: str) -> Tensor:
     """``grad[rows of e].T @ a[rows of e]`` for every expert e: ``[E, O, I]`` (zeros for empty experts)."""
     if isinstance(groups, Tensor):
-        return GROUPED_MM(grad_NO.t(), a_NI, offs=groups)
+        return grouped_gemm.weight_grad(grad_NO, a_NI, groups, gemm)
     out_EOI = grad_NO.new_empty((len(groups), grad_NO.shape[1], a_NI.shape[1]))
     for e, (g_nO, a_nI) in enumerate(zip(grad_NO.split(groups), a_NI.split(groups))):
         torch.mm(g_nO.t(), a_nI, out=out_EOI[e])  # an empty expert gets zeros: mm over 0 rows
     return out_EOI
 
 
-def _save(ctx, a: Tensor, w: Tensor, groups: Groups) -> None:
-    """Save an activation and a weight, plus the groups: offsets as a saved tensor, host counts on ctx."""
+def _save(ctx, a: Tensor, w: Tensor, groups: Groups, gemm: str) -> None:
+    """Save an activation and a weight, plus the groups: offsets as a saved tensor, host counts on ctx;
+    the backward's GEMMs run in the forward's library."""
     ctx.save_for_backward(a, w, *([groups] if isinstance(groups, Tensor) else []))
     ctx.counts = None if isinstance(groups, Tensor) else groups
+    ctx.gemm = gemm
 
 
 def _saved(ctx) -> tuple[Tensor, Tensor, Groups]:
@@ -83,28 +86,29 @@ class _UpProj(torch.autograd.Function):
     """GEMM 1: ``h = x @ w1[e].T`` per expert."""
 
     @staticmethod
-    def forward(ctx, x_NH: Tensor, w1_EOH: Tensor, groups: Groups) -> Tensor:  # type: ignore[override]
-        _save(ctx, x_NH, w1_EOH, groups)
-        return _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups)
+    def forward(ctx, x_NH: Tensor, w1_EOH: Tensor, groups: Groups, gemm: str) -> Tensor:  # type: ignore[override]
+        _save(ctx, x_NH, w1_EOH, groups, gemm)
+        return _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups, gemm)
 
     @staticmethod
     def backward(ctx, grad_h_NO: Tensor):  # type: ignore[override]
         x_NH, w1_EOH, groups = _saved(ctx)
         grad_h_NO = grad_h_NO.contiguous()
-        grad_w1 = _weight_grad(grad_h_NO, x_NH, groups) if ctx.needs_input_grad[1] else None
-        grad_x = _matmul_by_expert(grad_h_NO, w1_EOH, groups) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w1, None
+        grad_w1 = _weight_grad(grad_h_NO, x_NH, groups, ctx.gemm) if ctx.needs_input_grad[1] else None
+        grad_x = _matmul_by_expert(grad_h_NO, w1_EOH, groups, ctx.gemm) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w1, None, None
 
 
 class _LateDownGrad:
     """What ``_SwiGLUDown``'s backward leaves for ``_DownGradSink``'s: GEMM 2's weight-gradient operands."""
 
-    __slots__ = ("grad_NH", "a_NF", "groups")
+    __slots__ = ("grad_NH", "a_NF", "groups", "gemm")
 
-    def __init__(self) -> None:
+    def __init__(self, gemm: str) -> None:
         self.grad_NH: Tensor | None = None
         self.a_NF: Tensor | None = None
         self.groups: Groups | None = None
+        self.gemm = gemm
 
 
 def late_down_grad_saves_memory(rows: int, experts: int, hidden: int, width: int) -> bool:
@@ -130,7 +134,7 @@ class _DownGradSink(torch.autograd.Function):
             raise RuntimeError("the SwiGLU experts' down_proj gradient has no operands: the SwiGLU backward did not "
                                "run before this one (a partial torch.autograd.grad?); set "
                                "GroupedExperts.impl='grouped_mm' for such graphs")
-        grad_w2 = _weight_grad(box.grad_NH, box.a_NF, box.groups)
+        grad_w2 = _weight_grad(box.grad_NH, box.a_NF, box.groups, box.gemm)
         box.grad_NH = box.a_NF = box.groups = None
         return grad_x_NH, grad_w2, None
 
@@ -141,12 +145,12 @@ class _SwiGLUDown(torch.autograd.Function):
     With a ``box`` (late order) the backward returns no weight gradient: it leaves the operands in the box."""
 
     @staticmethod
-    def forward(ctx, h_NO: Tensor, w2_EHF: Tensor, groups: Groups,  # type: ignore[override]
+    def forward(ctx, h_NO: Tensor, w2_EHF: Tensor, groups: Groups, gemm: str,  # type: ignore[override]
                 box: _LateDownGrad | None = None) -> Tensor:
-        _save(ctx, h_NO, w2_EHF, groups)
+        _save(ctx, h_NO, w2_EHF, groups, gemm)
         ctx.h_consumed = False
         ctx.box = box
-        return _matmul_by_expert(silu_mul_forward(h_NO), w2_EHF.transpose(-2, -1), groups)
+        return _matmul_by_expert(silu_mul_forward(h_NO), w2_EHF.transpose(-2, -1), groups, gemm)
 
     @staticmethod
     def backward(ctx, grad_NH: Tensor):  # type: ignore[override]
@@ -159,21 +163,21 @@ class _SwiGLUDown(torch.autograd.Function):
         need_w2 = ctx.needs_input_grad[1]
         # one pass over h: its gradient over h, and the product silu(gate) * up over its own gradient ``da``
         if ctx.box is not None:
-            da_NF = _matmul_by_expert(grad_NH, w2_EHF, groups)
+            da_NF = _matmul_by_expert(grad_NH, w2_EHF, groups, ctx.gemm)
             silu_mul_backward_(h_NO, da_NF, product_into_da=True)
             ctx.box.grad_NH, ctx.box.a_NF, ctx.box.groups = grad_NH, da_NF, groups
-            return h_NO, None, None, None
+            return h_NO, None, None, None, None
         if isinstance(groups, Tensor):
-            da_NF = GROUPED_MM(grad_NH, w2_EHF, offs=groups)
+            da_NF = _matmul_by_expert(grad_NH, w2_EHF, groups, ctx.gemm)
             silu_mul_backward_(h_NO, da_NF, product_into_da=need_w2)
-            return h_NO, (_weight_grad(grad_NH, da_NF, groups) if need_w2 else None), None, None
+            return h_NO, (_weight_grad(grad_NH, da_NF, groups, ctx.gemm) if need_w2 else None), None, None, None
         grad_w2 = torch.empty_like(w2_EHF) if need_w2 else None
         for e, (g_nH, h_nO) in enumerate(zip(grad_NH.split(groups), h_NO.split(groups))):
             da_nF = g_nH @ w2_EHF[e]
             silu_mul_backward_(h_nO, da_nF, product_into_da=need_w2)  # over h: dead from here on
             if grad_w2 is not None:
                 torch.mm(g_nH.t(), da_nF, out=grad_w2[e])
-        return h_NO, grad_w2, None, None
+        return h_NO, grad_w2, None, None, None
 
 
 def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, backend: str,
@@ -183,8 +187,11 @@ def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, b
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
     groups: Groups
+    gemm = "torch"
     if backend == "grouped":
-        groups = offsets_E if offsets_E is not None else torch.cumsum(counts_E, 0, dtype=torch.int32)
+        ends_E = offsets_E if offsets_E is not None else torch.cumsum(counts_E, 0, dtype=torch.int32)
+        groups = F.pad(ends_E, (1, 0))
+        gemm = grouped_gemm.backend_for(x_NH, w1_EOH, w2_EHF)
     else:
         groups = counts_E.tolist()
     if records_graph(x_NH, w1_EOH, w2_EHF):
@@ -192,8 +199,8 @@ def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, b
         box = None
         if (x_NH.requires_grad and w2_EHF.requires_grad
                 and late_down_grad_saves_memory(x_NH.shape[0], num_experts, hidden, width)):
-            box = _LateDownGrad()
+            box = _LateDownGrad(gemm)
             x_NH = _DownGradSink.apply(x_NH, w2_EHF, box)
-        return _SwiGLUDown.apply(_UpProj.apply(x_NH, w1_EOH, groups), w2_EHF, groups, box)
-    h_NO = _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups)
-    return _matmul_by_expert(silu_mul_forward(h_NO), w2_EHF.transpose(-2, -1), groups)
+        return _SwiGLUDown.apply(_UpProj.apply(x_NH, w1_EOH, groups, gemm), w2_EHF, groups, gemm, box)
+    h_NO = _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups, gemm)
+    return _matmul_by_expert(silu_mul_forward(h_NO), w2_EHF.transpose(-2, -1), groups, gemm)

@@ -1,0 +1,140 @@
+"""The SwiGLU experts' grouped GEMMs, from one of two libraries: torch's ``grouped_mm`` or QuACK's varlen GEMM.
+
+Both products run over rows sorted by expert, grouped by int32 cumulative row offsets ``cu_E1`` (``E + 1``
+entries, the first 0: the layout QuACK takes; torch takes ``cu_E1[1:]``):
+
+    rows_by_expert(a_NI, w_EIO, cu_E1)     a[rows of e] @ w[e]                 forward, input gradients
+    weight_grad(grad_NO, a_NI, cu_E1)      grad[rows of e].T @ a[rows of e]    weight gradients ([E, O, I])
+
+Backends (a registry: ``BACKENDS``):
+
+    torch   ``F.grouped_mm`` / ``torch._grouped_mm`` (CUTLASS): any device torch supports
+    quack   QuACK's ``gemm`` with ``cu_seqlens_m`` / ``cu_seqlens_k`` (CuTe DSL kernels, compiled on first
+            use): Hopper GPUs (compute capability 9.x), bf16 / fp16, every row length a multiple of 8
+            elements (its copies move 16 bytes). Optional: ``pip install 'switchyard[quack]'``.
+
+Why QuACK: on an H200 its kernels give the same bits as torch's (the same fp32 accumulation order; checked
+in tests/unit/test_grouped_gemm.py) and ran the six GEMMs of a qwen3-shaped layer in 3.19 ms against
+3.63, mostly in the weight gradients, whose reduction over ~512 rows per expert torch's kernel handles
+worst (docs/performance.md, "The grouped GEMMs").
+
+Which one runs: ``SWITCHYARD_GROUPED_GEMM`` = ``auto`` (default: quack where it applies and is installed,
+else torch), ``torch`` or ``quack`` (an error, before any work, where quack cannot run the call), or
+``with use_backend("torch"): ...`` in code. An empty expert gets zero rows / a zero weight gradient from both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# torch >= 2.10: F.grouped_mm; before: the private op (bf16 only, see experts.py); None: neither
+TORCH_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+CHOICES = ("auto", "torch", "quack")
+ENV_VAR = "SWITCHYARD_GROUPED_GEMM"
+_choice: str | None = None  # set by use_backend; None: the environment variable decides
+
+
+def _torch_rows(a_NI: Tensor, w_EIO: Tensor, cu_E1: Tensor) -> Tensor:
+    return TORCH_GROUPED_MM(a_NI, w_EIO, offs=cu_E1[1:])
+
+
+def _torch_weight_grad(grad_NO: Tensor, a_NI: Tensor, cu_E1: Tensor) -> Tensor:
+    return TORCH_GROUPED_MM(grad_NO.t(), a_NI, offs=cu_E1[1:])
+
+
+@functools.cache
+def _quack_gemm() -> Callable[..., Tensor] | None:
+    """QuACK's ``gemm``, or None where it is not installed (or cannot load: no GPU driver, say)."""
+    try:
+        from quack.gemm_interface import gemm
+    except Exception:  # noqa: BLE001 - ImportError, or a CuTe DSL install that cannot initialise here
+        return None
+    return gemm
+
+
+def _quack_rows(a_NI: Tensor, w_EIO: Tensor, cu_E1: Tensor) -> Tensor:
+    return _quack_gemm()(a_NI, w_EIO, cu_seqlens_m=cu_E1, tuned=False)
+
+
+def _quack_weight_grad(grad_NO: Tensor, a_NI: Tensor, cu_E1: Tensor) -> Tensor:
+    return _quack_gemm()(grad_NO.t(), a_NI, cu_seqlens_k=cu_E1, tuned=False)
+
+
+@functools.cache
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def _on_hopper(t: Tensor) -> bool:
+    return t.is_cuda and _hopper(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def quack_unfit(*tensors: Tensor) -> str | None:
+    """Why QuACK cannot run a product of these operands (None: it can)."""
+    if _quack_gemm() is None:
+        return "quack is not installed (pip install 'switchyard[quack]')"
+    first = tensors[0]
+    if not _on_hopper(first):
+        return f"quack's kernels here are for Hopper GPUs (compute capability 9.x); the operands are on {first.device}"
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or first.dtype not in (torch.bfloat16, torch.float16):
+        return f"quack takes bf16 or fp16 operands of one dtype, got {sorted(map(str, dtypes))}"
+    widths = sorted({t.shape[-1] for t in tensors} | {t.shape[-2] for t in tensors if t.dim() == 3})
+    if any(w % 8 for w in widths):
+        return f"quack needs every row length to be a multiple of 8 elements (16 bytes), got {widths}"
+    return None
+
+
+BACKENDS: dict[str, tuple[Callable[[Tensor, Tensor, Tensor], Tensor], Callable[[Tensor, Tensor, Tensor], Tensor]]] = {
+    "torch": (_torch_rows, _torch_weight_grad),
+    "quack": (_quack_rows, _quack_weight_grad),
+}
+
+
+def requested() -> str:
+    """The backend asked for: ``use_backend``'s, else ``SWITCHYARD_GROUPED_GEMM``'s (default ``auto``)."""
+    choice = _choice if _choice is not None else os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={choice!r} is not one of {CHOICES}; unset it or pick one of those")
+    return choice
+
+
+def backend_for(*tensors: Tensor) -> str:
+    """The backend that runs a product of these operands (raises if ``quack`` was asked for and cannot)."""
+    choice = requested()
+    if choice == "torch":
+        return "torch"
+    why_not = quack_unfit(*tensors)
+    if choice == "quack" and why_not is not None:
+        raise RuntimeError(f"{ENV_VAR}=quack, but {why_not}; set it to 'auto' or 'torch'")
+    return "torch" if why_not is not None else "quack"
+
+
+@contextlib.contextmanager
+def use_backend(choice: str) -> Iterator[None]:
+    """Run the block's grouped GEMMs with ``choice`` (one of ``CHOICES``), whatever the environment says."""
+    global _choice
+    if choice not in CHOICES:
+        raise ValueError(f"grouped GEMM backend {choice!r} is not one of {CHOICES}")
+    previous, _choice = _choice, choice
+    try:
+        yield
+    finally:
+        _choice = previous
+
+
+def rows_by_expert(a_NI: Tensor, w_EIO: Tensor, cu_E1: Tensor, backend: str) -> Tensor:
+    """``a[rows of e] @ w[e]`` for every expert e (``w`` as ``[E, in, out]``, any strides)."""
+    return BACKENDS[backend][0](a_NI, w_EIO, cu_E1)
+
+
+def weight_grad(grad_NO: Tensor, a_NI: Tensor, cu_E1: Tensor, backend: str) -> Tensor:
+    """``grad[rows of e].T @ a[rows of e]`` for every expert e: ``[E, O, I]``, zeros for an empty expert."""
+    return BACKENDS[backend][1](grad_NO, a_NI, cu_E1)

@@ -93,16 +93,32 @@ def test_quack_products_equal_torch_bit_for_bit(dtype: torch.dtype, empty: tuple
     a = torch.randn(rows, hidden, device="cuda", dtype=dtype)
     w = torch.randn(num_experts, 2 * width, hidden, device="cuda", dtype=dtype) / hidden ** 0.5
     g = torch.randn(rows, 2 * width, device="cuda", dtype=dtype)
-    for name, args in (("rows", (a, w.transpose(-2, -1), cu)), ("rows_t", (g, w, cu))):
-        want = grouped_gemm.rows_by_expert(*args, "torch")
-        got = grouped_gemm.rows_by_expert(*args, "quack")
-        assert torch.equal(got, want), name
-    torch.empty(num_experts, 2 * width, hidden, device="cuda", dtype=dtype).fill_(7)  # dirty the allocator's blocks
-    want = grouped_gemm.weight_grad(g, a, cu, "torch")
-    got = grouped_gemm.weight_grad(g, a, cu, "quack")
-    assert torch.equal(got, want)
-    if empty:
-        assert torch.count_nonzero(got[list(empty)]) == 0
+    for call in range(2):  # the first call builds QuACK's launch plan, the second launches it with new data
+        for t in (a, w, g):
+            t.normal_()
+        for name, args in (("rows", (a, w.transpose(-2, -1), cu)), ("rows_t", (g, w, cu))):
+            want = grouped_gemm.rows_by_expert(*args, "torch")
+            got = grouped_gemm.rows_by_expert(*args, "quack")
+            assert torch.equal(got, want), (name, call)
+        torch.empty(num_experts, 2 * width, hidden, device="cuda", dtype=dtype).fill_(7)  # dirty the allocator
+        want = grouped_gemm.weight_grad(g, a, cu, "torch")
+        got = grouped_gemm.weight_grad(g, a, cu, "quack")
+        assert torch.equal(got, want), call
+        if empty:
+            assert torch.count_nonzero(got[list(empty)]) == 0
+
+
+@pytest.mark.gpu
+@needs_quack
+def test_quack_with_no_rows_at_all() -> None:
+    """An EP rank whose experts got no token: no launch, empty rows, zero weight gradients."""
+    cu = torch.zeros(5, device="cuda", dtype=torch.int32)
+    a = torch.empty(0, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4, 64, 32, device="cuda", dtype=torch.bfloat16)
+    assert grouped_gemm.rows_by_expert(a, w, cu, "quack").shape == (0, 32)
+    g = torch.empty(0, 32, device="cuda", dtype=torch.bfloat16)
+    grad = grouped_gemm.weight_grad(g, a, cu, "quack")
+    assert grad.shape == (4, 32, 64) and torch.count_nonzero(grad) == 0
 
 
 def _experts_step(ex: GroupedExperts, x: torch.Tensor, counts: torch.Tensor, cot: torch.Tensor) -> list[torch.Tensor]:

@@ -59,12 +59,50 @@ def _quack_gemm() -> Callable[..., Tensor] | None:
     return gemm
 
 
+# QuACK's launch plans for the varlen products, by operand metadata: {key: (config, split_k, dynamic, plan)}
+_quack_plans: dict[tuple, tuple] = {}
+
+
+def _quack_product(a: Tensor, b: Tensor, out: Tensor, cu_E1: Tensor, varlen: str) -> Tensor:
+    """``out = a @ b`` per group through QuACK's varlen GEMM (``varlen``: "m" rows grouped, "k" the reduction).
+
+    QuACK's ``gemm`` re-derives the launch (config, operand checks, compile-cache key) on every varlen call,
+    ~100 µs of host time that a synchronized layer step waits for; it caches the result only for its
+    non-varlen calls. Here the first call for an operand layout runs QuACK's own untuned path, which
+    returns that plan, and later calls launch it with QuACK's ``_gemm_execute``, as its non-varlen cache
+    does. The key holds everything the plan reads (dtypes, shapes, strides, the device); the data pointers
+    and the offsets' values are per call. Empty products take QuACK's empty path (no launch)."""
+    from quack.gemm_config import SplitKMode
+    from quack.gemm_interface import _gemm_execute, gemm_tuned
+    from quack.gemm_tvm_ffi_utils import tensor_key
+    from quack.rounding import RoundingMode
+
+    if out.numel() == 0:
+        return out
+    if a.numel() == 0:
+        return out.zero_()
+    offsets = {"cu_seqlens_m": cu_E1, "cu_seqlens_k": None} if varlen == "m" else \
+        {"cu_seqlens_m": None, "cu_seqlens_k": cu_E1}
+    key = (varlen, tensor_key(a), tensor_key(b), tensor_key(out), tensor_key(cu_E1), a.device)
+    plan = _quack_plans.get(key)
+    if plan is None:
+        _quack_plans[key] = gemm_tuned.fn(a, b, out, C=None, config=None, **offsets)
+        return out
+    config, split_k, dynamic, dispatch = plan
+    _gemm_execute(a, b, out, None, bias=None, alpha=1.0, beta=1.0, A_idx=None, batch_idx_permute=None,
+                  add_to_output=False, dynamic_scheduler=dynamic, config=config, rounding_mode=RoundingMode.RN,
+                  sr_seed=0, concat_layout=None, SFA=None, SFB=None, split_k=split_k,
+                  split_k_mode=SplitKMode.SERIAL, dispatch_plan=dispatch, **offsets)
+    return out
+
+
 def _quack_rows(a_NI: Tensor, w_EIO: Tensor, cu_E1: Tensor) -> Tensor:
-    return _quack_gemm()(a_NI, w_EIO, cu_seqlens_m=cu_E1, tuned=False)
+    return _quack_product(a_NI, w_EIO, a_NI.new_empty((a_NI.shape[0], w_EIO.shape[2])), cu_E1, "m")
 
 
 def _quack_weight_grad(grad_NO: Tensor, a_NI: Tensor, cu_E1: Tensor) -> Tensor:
-    return _quack_gemm()(grad_NO.t(), a_NI, cu_seqlens_k=cu_E1, tuned=False)
+    out_EOI = grad_NO.new_empty((cu_E1.shape[0] - 1, grad_NO.shape[1], a_NI.shape[1]))
+    return _quack_product(grad_NO.t(), a_NI, out_EOI, cu_E1, "k")
 
 
 @functools.cache

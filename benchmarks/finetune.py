@@ -851,7 +851,7 @@ def main(argv: list[str] | None = None) -> dict:
                  if not a.startswith(("--local_rank", "--local-rank"))]  # the deepspeed launcher adds it
     meta = {
         "command": shlex.join([*launcher_prefix(args.ep), "benchmarks/finetune.py", *argv_used]),
-        **_versions(("deepspeed", "triton"), python=True, error_detail=False),
+        **_versions(("deepspeed", "triton", "quack"), python=True, error_detail=False),
         "device": _device_name(args.device),
         "shape": {**asdict(shape), "model": "llama (switchyard, upcycled) / mixtral (deepspeed_autoep, hf_grouped_mm)",
                   "params": shape.params()},

@@ -392,14 +392,6 @@ def summarize(row: dict) -> str:
             f"dense {row['dense_mm_ms']:.4f}, other layouts {layouts}, best {best}")
 
 
-def _quack_version() -> str | None:
-    try:
-        from importlib.metadata import version
-        return version("quack-kernels")
-    except Exception:  # noqa: BLE001 - not installed
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["olmoe", "qwen3_30b_a3b", "finetune_llama_8x"],
@@ -416,10 +408,9 @@ def main() -> None:
                              "with a device-side assert)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    meta = {"device": _device_name(torch.device("cuda")), **_versions(optional=("triton",), required=()),
+    meta = {"device": _device_name(torch.device("cuda")), **_versions(optional=("triton", "quack"), required=()),
             "git_commit": _git_commit(), "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-            "tokens": args.tokens, "iters": args.iters, "triton": triton.__version__,
-            "quack": _quack_version()}
+            "tokens": args.tokens, "iters": args.iters}
     result = {"meta": meta,
               "shapes": {s: bench_shape(s, args.tokens, args.iters, not args.no_tma, args.layouts_only,
                                          tuple(args.wgrad_layouts), not args.no_triton) for s in args.shapes}}

@@ -746,7 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv_used = sys.argv[1:] if argv is None else argv
     meta = {
         "command": shlex.join(["python", "benchmarks/moe_layer.py", *argv_used]),
-        **_versions(),
+        **_versions(("deepspeed", "quack")),
         "device": _device_name(args.device),
         "tokens": args.tokens,
         "dtype": args.dtype,

@@ -15,7 +15,8 @@ set -uo pipefail
 group=${1:?"usage: bash benchmarks/device_run.sh serve|layer|finetune|ep|train"}
 out=${OUT:?"OUT must name the folder results go to"}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/integration:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# the second entry: QuACK's CuTe DSL packages, where benchmarks/device_quack.sh installed them (else absent, harmless)
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD/integration:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # the serve launcher starts `deepspeed` from beside the interpreter
 cp /tmp/site/bin/deepspeed "$(dirname "$(python3 -c 'import sys; print(sys.executable)')")/" 2>/dev/null
 gpus=$(nvidia-smi -L | wc -l)

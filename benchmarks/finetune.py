@@ -28,6 +28,8 @@ gradient clipping 1.0, the same random token ids (fixed generator) for every imp
                       norm and clip kept): the A/B of the fused step, run in the same rounds
     switchyard_deepspeed_norm  (opt-in) the same with DeepSpeed's own gradient norm, clip and step: the A/B of
                       all three
+    switchyard_torch_gemm  (opt-in) switchyard with its experts' grouped GEMMs from torch's grouped_mm even where
+                      QuACK's would run (switchyard/moe/grouped_gemm.py): the A/B of QuACK's GEMMs
     deepspeed_autoep  the same MoE as a standard transformers ``MixtralForCausalLM`` (same hidden size,
                       layers, heads, experts, top-k, expert FFN; ``output_router_logits=True`` with
                       ``router_aux_loss_coef`` 0.01 so its loss has the same router term) under DeepSpeed
@@ -122,10 +124,11 @@ ZERO_CONFIGS = {2: ZERO2_CONFIG, 3: REPO_ROOT / "configs" / "deepspeed" / "zero3
 PEAK_FLOPS = 989e12  # H200 dense bf16 datasheet value (the same constant as switchyard.train.loop)
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
 # switchyard with DeepSpeed's own ZeRO step, or its norm, clip and step (A/Bs of switchyard's, in the same rounds)
-OPTIONAL_IMPLS = ("switchyard_deepspeed_step", "switchyard_deepspeed_norm")
+OPTIONAL_IMPLS = ("switchyard_deepspeed_step", "switchyard_deepspeed_norm", "switchyard_torch_gemm")
 # Competitors first: switchyard's ProcessGroupManager registers its groups with DeepSpeed last, so it
 # cannot change what the others ran with.
-RUN_ORDER = ("hf_grouped_mm", "deepspeed_autoep", "switchyard_deepspeed_norm", "switchyard_deepspeed_step", "switchyard")
+RUN_ORDER = ("hf_grouped_mm", "deepspeed_autoep", "switchyard_deepspeed_norm", "switchyard_deepspeed_step",
+             "switchyard_torch_gemm", "switchyard")
 AUX_LOSS_COEF = 0.01
 LR, WEIGHT_DECAY, CLIP = 1e-5, 0.01, 1.0
 
@@ -202,6 +205,7 @@ class Run:
     zero_stage: int = 2  # configs/deepspeed/zero{2,3}.json (--zero-stage), the same for every implementation
     fused_grad_norm: bool = True  # switchyard's ZeRO-1/2 gradient norm (False: DeepSpeed's fp64 one)
     fused_step: bool = True  # switchyard's one-pass ZeRO-1/2 step (False: DeepSpeed's)
+    grouped_gemm: str = "auto"  # switchyard's experts' grouped-GEMM library ("torch": torch's even where QuACK runs)
 
     @property
     def precision(self) -> str:
@@ -216,6 +220,7 @@ class Built:
     keep: list[Any] = field(default_factory=list)
     params_total: int | None = None
     params_experts: int | None = None
+    grouped_gemm: str = "auto"  # the grouped-GEMM library its steps run under (switchyard.moe.grouped_gemm)
 
 
 def ds_config(run: Run, **extra: Any) -> dict:
@@ -299,9 +304,10 @@ def build_switchyard(run: Run, aux: bool) -> Built:
     graph = ", cuda_graph" if run.cuda_graph else ""
     norm = "" if run.fused_grad_norm else ", DeepSpeed's grad norm and clip"
     step = "" if run.fused_step else ", DeepSpeed's ZeRO step"
-    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}{norm}{step}",
+    gemm = "" if run.grouped_gemm == "auto" else f", grouped GEMMs: {run.grouped_gemm}"
+    return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}{norm}{step}{gemm}",
                  keep=[groups],
-                 params_total=total, params_experts=experts)
+                 params_total=total, params_experts=experts, grouped_gemm=run.grouped_gemm)
 
 
 def _mixtral(run: Run, aux: bool, experts_impl: str | None) -> nn.Module:
@@ -384,6 +390,7 @@ BUILDERS: dict[str, Callable[[Run, bool], Built]] = {
     "switchyard_deepspeed_step": lambda run, aux: build_switchyard(dataclasses.replace(run, fused_step=False), aux),
     "switchyard_deepspeed_norm": lambda run, aux: build_switchyard(
         dataclasses.replace(run, fused_grad_norm=False, fused_step=False), aux),
+    "switchyard_torch_gemm": lambda run, aux: build_switchyard(dataclasses.replace(run, grouped_gemm="torch"), aux),
     "deepspeed_autoep": build_deepspeed_autoep,
     "hf_grouped_mm": build_hf_grouped_mm,
 }
@@ -569,6 +576,8 @@ def _param_group_count(engine) -> int | None:
 
 def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> dict:
     """Build, one sanity step, warm-up, timed steps, optional profile; failures become ``{"error"}``."""
+    from switchyard.moe import grouped_gemm
+
     device = run.device
     result: dict = {}
     notes: list[str] = []
@@ -580,8 +589,10 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
         built: Built | None = None
         t_build = time.perf_counter()
         torch.manual_seed(run.seed)  # the same random weights on every run of one implementation
+        steps_context = contextlib.ExitStack()
         try:
             built = BUILDERS[name](run, aux)
+            steps_context.enter_context(grouped_gemm.use_backend(built.grouped_gemm))
             engine = built.engine
             engine.train()
             build_s = time.perf_counter() - t_build
@@ -658,6 +669,7 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
             if aux and len(attempts) > 1:
                 notes.append(f"with output_router_logits=True it failed ({err[:200]}); retried without")
         finally:
+            steps_context.close()
             if built is not None:
                 destroy = getattr(built.engine, "destroy", None)
                 if callable(destroy):

@@ -14,9 +14,9 @@ Backends (a registry: ``BACKENDS``):
             elements (its copies move 16 bytes). Optional: ``pip install 'switchyard[quack]'``.
 
 Why QuACK: on an H200 its kernels give the same bits as torch's (the same fp32 accumulation order; checked
-in tests/unit/test_grouped_gemm.py) and ran the six GEMMs of a qwen3-shaped layer in 3.19 ms against
-3.63, mostly in the weight gradients, whose reduction over ~512 rows per expert torch's kernel handles
-worst (docs/performance.md, "The grouped GEMMs").
+in tests/unit/test_grouped_gemm.py) and ran the six GEMMs of a qwen3-shaped layer in 3.18 ms against
+3.58, mostly in the weight gradients, whose reduction over ~512 rows per expert torch's kernel handles
+worst (benchmarks/results/grouped_gemm_quack.json; docs/performance.md, "The grouped GEMMs from QuACK").
 
 Which one runs: ``SWITCHYARD_GROUPED_GEMM`` = ``auto`` (default: quack where it applies and is installed,
 else torch), ``torch`` or ``quack`` (an error, before any work, where quack cannot run the call), or
@@ -66,11 +66,11 @@ _quack_plans: dict[tuple, tuple] = {}
 def _quack_product(a: Tensor, b: Tensor, out: Tensor, cu_E1: Tensor, varlen: str) -> Tensor:
     """``out = a @ b`` per group through QuACK's varlen GEMM (``varlen``: "m" rows grouped, "k" the reduction).
 
-    QuACK's ``gemm`` re-derives the launch (config, operand checks, compile-cache key) on every varlen call,
-    ~100 µs of host time that a synchronized layer step waits for; it caches the result only for its
-    non-varlen calls. Here the first call for an operand layout runs QuACK's own untuned path, which
-    returns that plan, and later calls launch it with QuACK's ``_gemm_execute``, as its non-varlen cache
-    does. The key holds everything the plan reads (dtypes, shapes, strides, the device); the data pointers
+    QuACK's ``gemm`` re-derives the launch (config, operand checks, dispatch key) on every varlen call; it
+    caches the result only for its non-varlen calls. Here the first call for an operand layout runs QuACK's
+    own untuned path, which returns that plan, and later calls launch it with QuACK's ``_gemm_execute``, as
+    its non-varlen cache does: 33 / 31 µs of host time per call (rows / weight gradient) instead of 38 / 47
+    (an H200, docs/performance.md), about torch's grouped_mm's. The key holds everything the plan reads (dtypes, shapes, strides, the device); the data pointers
     and the offsets' values are per call. Empty products take QuACK's empty path (no launch)."""
     from quack.gemm_config import SplitKMode
     from quack.gemm_interface import _gemm_execute, gemm_tuned
@@ -85,8 +85,13 @@ def _quack_product(a: Tensor, b: Tensor, out: Tensor, cu_E1: Tensor, varlen: str
         {"cu_seqlens_m": None, "cu_seqlens_k": cu_E1}
     key = (varlen, tensor_key(a), tensor_key(b), tensor_key(out), tensor_key(cu_E1), a.device)
     plan = _quack_plans.get(key)
-    if plan is None:
-        _quack_plans[key] = gemm_tuned.fn(a, b, out, C=None, config=None, **offsets)
+    if plan is None:  # compiles the kernel on its first use in this process (seconds)
+        try:
+            _quack_plans[key] = gemm_tuned.fn(a, b, out, C=None, config=None, **offsets)
+        except Exception as exc:
+            raise RuntimeError(f"QuACK's grouped GEMM could not run a [{tuple(a.shape)}] x [{tuple(b.shape)}] {a.dtype} "
+                               f"product ({type(exc).__name__}: {exc}); {ENV_VAR}=torch runs torch's grouped_mm "
+                               "instead") from exc
         return out
     config, split_k, dynamic, dispatch = plan
     _gemm_execute(a, b, out, None, bias=None, alpha=1.0, beta=1.0, A_idx=None, batch_idx_permute=None,

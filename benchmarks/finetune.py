@@ -205,7 +205,8 @@ class Run:
     zero_stage: int = 2  # configs/deepspeed/zero{2,3}.json (--zero-stage), the same for every implementation
     fused_grad_norm: bool = True  # switchyard's ZeRO-1/2 gradient norm (False: DeepSpeed's fp64 one)
     fused_step: bool = True  # switchyard's one-pass ZeRO-1/2 step (False: DeepSpeed's)
-    grouped_gemm: str = "auto"  # switchyard's experts' grouped-GEMM library ("torch": torch's even where QuACK runs)
+    grouped_gemm: str | None = None  # switchyard's experts' grouped-GEMM library (None: as the environment says;
+    # "torch": torch's even where QuACK would run)
 
     @property
     def precision(self) -> str:
@@ -220,7 +221,7 @@ class Built:
     keep: list[Any] = field(default_factory=list)
     params_total: int | None = None
     params_experts: int | None = None
-    grouped_gemm: str = "auto"  # the grouped-GEMM library its steps run under (switchyard.moe.grouped_gemm)
+    grouped_gemm: str | None = None  # the grouped-GEMM library its steps run under (None: SWITCHYARD_GROUPED_GEMM's)
 
 
 def ds_config(run: Run, **extra: Any) -> dict:
@@ -304,7 +305,7 @@ def build_switchyard(run: Run, aux: bool) -> Built:
     graph = ", cuda_graph" if run.cuda_graph else ""
     norm = "" if run.fused_grad_norm else ", DeepSpeed's grad norm and clip"
     step = "" if run.fused_step else ", DeepSpeed's ZeRO step"
-    gemm = "" if run.grouped_gemm == "auto" else f", grouped GEMMs: {run.grouped_gemm}"
+    gemm = "" if run.grouped_gemm is None else f", grouped GEMMs: {run.grouped_gemm}"
     return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}{norm}{step}{gemm}",
                  keep=[groups],
                  params_total=total, params_experts=experts, grouped_gemm=run.grouped_gemm)
@@ -592,7 +593,8 @@ def run_impl(name: str, run: Run, warmup: int, steps: int, profile_n: int) -> di
         steps_context = contextlib.ExitStack()
         try:
             built = BUILDERS[name](run, aux)
-            steps_context.enter_context(grouped_gemm.use_backend(built.grouped_gemm))
+            if built.grouped_gemm is not None:
+                steps_context.enter_context(grouped_gemm.use_backend(built.grouped_gemm))
             engine = built.engine
             engine.train()
             build_s = time.perf_counter() - t_build

@@ -217,6 +217,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _gemm_library(rows_NH: torch.Tensor, experts: nn.Module) -> str:
+    """Which library runs the SwiGLU experts' grouped GEMMs on these rows (switchyard.moe.grouped_gemm)."""
+    from switchyard.moe import grouped_gemm
+
+    return grouped_gemm.backend_for(rows_NH.to(experts.down_proj.dtype), experts.gate_up_proj, experts.down_proj)
+
+
 def build_switchyard(b: Bench, experts_impl: str | None = None) -> Built:
     from switchyard.config import MoEConfig
     from switchyard.moe.layer import MoELayer  # written concurrently; an ImportError is recorded as the result
@@ -235,9 +242,7 @@ def build_switchyard(b: Bench, experts_impl: str | None = None) -> Built:
         rows_NH = b.x_BTH.reshape(-1, s.hidden)[:1].expand(b.tokens * s.top_k, s.hidden)
         variant = f"experts impl {experts.resolve_impl(rows_NH)!r}"
         if "grouped" in variant:
-            from switchyard.moe import grouped_gemm
-
-            variant += f", grouped GEMMs from {grouped_gemm.backend_for(rows_NH, experts.gate_up_proj)}"
+            variant += f", grouped GEMMs from {_gemm_library(rows_NH, experts)}"
     note = None if len(copied) >= 3 else f"only these weights were shared: {copied}"
     return Built(forward=lambda x: _first(layer(x)), params=list(layer.parameters()), variant=variant,
                  note=note, keep=[layer])
@@ -491,7 +496,12 @@ def build_switchyard_cuda_graph(b: Bench) -> Built:
     built = build_switchyard(b)
     built.keep[0].cuda_graph = True
     # per-expert GEMMs read the counts on the host, which a capture cannot: the graph holds grouped GEMMs
-    built.variant = f"{built.variant.replace('swiglu_per_expert', 'swiglu_grouped')}; cuda_graph"
+    variant = built.variant
+    if "swiglu_per_expert" in variant:
+        rows_NH = b.x_BTH.reshape(-1, b.shape.hidden)[:1].expand(b.tokens * b.shape.top_k, b.shape.hidden)
+        variant = (f"{variant.replace('swiglu_per_expert', 'swiglu_grouped')}, grouped GEMMs from "
+                   f"{_gemm_library(rows_NH, built.keep[0].experts)}")
+    built.variant = f"{variant}; cuda_graph"
     return built
 
 

@@ -140,6 +140,38 @@ def test_pipeline_with_a_tied_head_and_router_losses_matches_one_process_and_res
         torch.testing.assert_close(final_state(staged, 3)[key], value, atol=0, rtol=0, msg=key)
 
 
+def test_pipeline_with_adamw_matches_one_process_with_torchs_adamw(tmp_path):
+    """pp = 2 at ZeRO-1 with AdamW (the launcher's default optimizer): each stage's ZeRO optimizer takes switchyard's
+    one-pass step (zero_step.py) with the global gradient norm over both stages. The oracle is one process at ZeRO-0,
+    where the loop steps torch's own AdamW: losses, gradient norms and every parameter after three steps. Adam divides
+    each gradient by its own running magnitude, so summation-order noise in a near-zero gradient can move an element
+    by up to lr; the parameters are compared at a tolerance far below one such step (lr = 1e-3) for all but a few."""
+    adam = [o for o in EQUIV if not o.startswith(("train.optimizer", "train.lr", "checkpoint.every"))] + [
+        "train.optimizer=adamw", "train.lr=1e-3", "parallel.ep=1", "checkpoint.every=1"]
+    one, piped = tmp_path / "one", tmp_path / "pp2"
+    result = finetune(1, one, adam + [f"train.micro_batch_size={GLOBAL_BATCH}", "deepspeed=configs/deepspeed/zero0.json"])
+    assert result.returncode == 0, output_of(result)[-4000:]
+    assert "optimizer step: the gradient's cast" not in output_of(result)  # the oracle is torch's AdamW
+    result = finetune(2, piped, adam + ["parallel.pp=2", "train.grad_accum=2", f"train.micro_batch_size={GLOBAL_BATCH // 2}",
+                                        "deepspeed=configs/deepspeed/zero1.json"])
+    assert result.returncode == 0, output_of(result)[-4000:]
+    assert "optimizer step: the gradient's cast, the clip, Adam and the 16-bit weights' copy" in output_of(result)
+    want, got = metrics(one), metrics(piped)
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in got] == pytest.approx([m[key] for m in want], rel=1e-5), key
+    want_state, got_state = final_state(one, 3), final_state(piped, 3)
+    assert want_state.keys() == got_state.keys()
+    start = final_state(one, 1)
+    moved = far = total = 0
+    for key, value in want_state.items():
+        diff = (got_state[key] - value).abs()
+        far += int((diff > 1e-5).sum())
+        total += value.numel()
+        moved += int(((value - start[key]).abs() > 1e-4).sum())
+    assert moved > total // 2  # steps 2 and 3 moved most parameters by about lr: a comparison that can fail
+    assert far <= total // 1000, f"{far} of {total} parameters differ from torch's AdamW by more than 1e-5"
+
+
 def test_frozen_parameters_keep_their_values_and_the_rest_matches_one_process(tmp_path):
     """train.freeze at ep2 × ZeRO-2: attention, the routers and one layer's experts (expert-parallel tensors that
     DeepSpeed would reduce over the expert-data-parallel group) are frozen. The frozen tensors are transformers'

@@ -50,16 +50,66 @@ def test_cpu_operands_take_torch_and_forcing_quack_fails_first(monkeypatch) -> N
 
 
 def test_why_quack_cannot_run(monkeypatch) -> None:
-    monkeypatch.setattr(grouped_gemm, "_quack_gemm", lambda: None)
-    assert "not installed" in grouped_gemm.quack_unfit(torch.randn(2, 8))
-    monkeypatch.setattr(grouped_gemm, "_quack_gemm", lambda: object())
+    imported = []
+    monkeypatch.setattr(grouped_gemm, "_quack_api", lambda: imported.append(1))
     assert "Hopper" in grouped_gemm.quack_unfit(torch.randn(2, 8))
+    assert not imported  # operands off a Hopper GPU never import QuACK
     monkeypatch.setattr(grouped_gemm, "_on_hopper", lambda t: True)
+    assert "not installed" in grouped_gemm.quack_unfit(torch.randn(2, 8))
+    monkeypatch.setattr(grouped_gemm, "_quack_api", lambda: object())
     assert "bf16 or fp16" in grouped_gemm.quack_unfit(torch.randn(2, 8))
     bf = torch.bfloat16
     assert "bf16 or fp16" in grouped_gemm.quack_unfit(torch.randn(2, 8, dtype=bf), torch.randn(1, 8, 8, dtype=torch.half))
     assert "[8, 12]" in grouped_gemm.quack_unfit(torch.randn(2, 8, dtype=bf), torch.randn(1, 8, 12, dtype=bf))
     assert grouped_gemm.quack_unfit(torch.randn(2, 16, dtype=bf), torch.randn(3, 16, 24, dtype=bf)) is None
+
+
+@pytest.mark.parametrize("late_down_grad", [False, True])
+def test_the_backward_runs_in_the_forwards_library(late_down_grad: bool, monkeypatch) -> None:
+    """On CPU, a stand-in "quack" (torch's products, counted) chosen at the forward: the backward's four products
+    (the late ``down_proj`` gradient too) run in it even when the choice changed in between, and the results are
+    torch's."""
+    import switchyard.moe.swiglu_ffn as swiglu_mod
+
+    monkeypatch.setattr(swiglu_mod, "late_down_grad_saves_memory", lambda *shape: late_down_grad)
+    calls: list[str] = []
+    rows, wgrad = grouped_gemm.BACKENDS["torch"]
+    monkeypatch.setitem(grouped_gemm.BACKENDS, "quack", (
+        lambda *a: calls.append("rows") or rows(*a), lambda *a: calls.append("wgrad") or wgrad(*a)))
+    monkeypatch.setattr(grouped_gemm, "quack_unfit", lambda *t: None)
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 16, 24, impl="swiglu_grouped")
+    counts, x, cot = torch.tensor([5, 0, 7, 4]), torch.randn(16, 16), torch.randn(16, 16)
+    with grouped_gemm.use_backend("torch"):
+        want = [t.clone() for t in _cpu_step(ex, x, counts, cot)]
+    assert not calls
+    with grouped_gemm.use_backend("quack"):
+        xq = x.clone().requires_grad_()
+        ex.zero_grad(set_to_none=True)
+        y = ex(xq, counts)
+    assert calls == ["rows", "rows"]
+    with grouped_gemm.use_backend("torch"):
+        (y * cot).sum().backward()
+    assert sorted(calls) == ["rows"] * 4 + ["wgrad"] * 2
+    for got, w in zip((xq.grad, ex.gate_up_proj.grad, ex.down_proj.grad), want[1:], strict=True):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
+
+
+def _cpu_step(ex: GroupedExperts, x: torch.Tensor, counts: torch.Tensor, cot: torch.Tensor) -> list[torch.Tensor]:
+    ex.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = ex(x, counts)
+    (y * cot).sum().backward()
+    return [y.detach(), x.grad, ex.gate_up_proj.grad, ex.down_proj.grad]
+
+
+def test_no_rows_at_all_on_torchs_grouped_gemms() -> None:
+    """An EP rank whose experts got no token: forward and backward run, the gradients are zeros."""
+    ex = GroupedExperts(4, 16, 24, impl="swiglu_grouped")
+    y, x_grad, gate_up_grad, down_grad = _cpu_step(ex, torch.empty(0, 16), torch.zeros(4, dtype=torch.long),
+                                                   torch.empty(0, 16))
+    assert y.shape == (0, 16) and x_grad.shape == (0, 16)
+    assert torch.count_nonzero(gate_up_grad) == 0 and torch.count_nonzero(down_grad) == 0
 
 
 # -- GPU: QuACK against torch ---------------------------------------------------------------------------------
@@ -93,9 +143,11 @@ def test_quack_products_equal_torch_bit_for_bit(dtype: torch.dtype, empty: tuple
     a = torch.randn(rows, hidden, device="cuda", dtype=dtype)
     w = torch.randn(num_experts, 2 * width, hidden, device="cuda", dtype=dtype) / hidden ** 0.5
     g = torch.randn(rows, 2 * width, device="cuda", dtype=dtype)
+    plans_before = len(grouped_gemm._quack_plans)
     for call in range(2):  # the first call builds QuACK's launch plan, the second launches it with new data
-        for t in (a, w, g):
-            t.normal_()
+        a.normal_()
+        g.normal_()
+        w.normal_().div_(hidden ** 0.5)
         for name, args in (("rows", (a, w.transpose(-2, -1), cu)), ("rows_t", (g, w, cu))):
             want = grouped_gemm.rows_by_expert(*args, "torch")
             got = grouped_gemm.rows_by_expert(*args, "quack")
@@ -106,6 +158,9 @@ def test_quack_products_equal_torch_bit_for_bit(dtype: torch.dtype, empty: tuple
         assert torch.equal(got, want), call
         if empty:
             assert torch.count_nonzero(got[list(empty)]) == 0
+        if call == 0:
+            plans_after_first = len(grouped_gemm._quack_plans)
+    assert plans_after_first == plans_before + 3 == len(grouped_gemm._quack_plans)  # the second call hit all three
 
 
 @pytest.mark.gpu

@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Callable, Iterator
+from collections import OrderedDict
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,25 +43,46 @@ _choice: str | None = None  # set by use_backend; None: the environment variable
 
 
 def _torch_rows(a_NI: Tensor, w_EIO: Tensor, cu_E1: Tensor) -> Tensor:
+    if a_NI.shape[0] == 0:  # a rank whose experts got no rows (grouped_mm rejects the stride-0 empty gradient)
+        return a_NI.new_zeros((0, w_EIO.shape[2]))
     return TORCH_GROUPED_MM(a_NI, w_EIO, offs=cu_E1[1:])
 
 
 def _torch_weight_grad(grad_NO: Tensor, a_NI: Tensor, cu_E1: Tensor) -> Tensor:
+    if a_NI.shape[0] == 0:
+        return a_NI.new_zeros((cu_E1.shape[0] - 1, grad_NO.shape[1], a_NI.shape[1]))
     return TORCH_GROUPED_MM(grad_NO.t(), a_NI, offs=cu_E1[1:])
 
 
+class _QuackApi(NamedTuple):
+    """What switchyard calls in QuACK: its public ``gemm`` and the pieces of it that launch a cached plan
+    (private names: the ``[quack]`` extra pins quack-kernels 0.6.x, measured with 0.6.5)."""
+
+    gemm: Callable[..., Tensor]
+    gemm_tuned: Any
+    gemm_execute: Callable[..., Any]
+    tensor_key: Callable[[Tensor], tuple]
+    round_nearest: Any
+    split_k_serial: Any
+
+
 @functools.cache
-def _quack_gemm() -> Callable[..., Tensor] | None:
-    """QuACK's ``gemm``, or None where it is not installed (or cannot load: no GPU driver, say)."""
+def _quack_api() -> _QuackApi | None:
+    """QuACK's functions, or None where it is not installed, cannot load (no GPU driver, say) or lacks them."""
     try:
-        from quack.gemm_interface import gemm
+        from quack.gemm_config import SplitKMode
+        from quack.gemm_interface import _gemm_execute, gemm, gemm_tuned
+        from quack.gemm_tvm_ffi_utils import tensor_key
+        from quack.rounding import RoundingMode
     except Exception:  # noqa: BLE001 - ImportError, or a CuTe DSL install that cannot initialise here
         return None
-    return gemm
+    return _QuackApi(gemm, gemm_tuned, _gemm_execute, tensor_key, RoundingMode.RN, SplitKMode.SERIAL)
 
 
-# QuACK's launch plans for the varlen products, by operand metadata: {key: (config, split_k, dynamic, plan)}
-_quack_plans: dict[tuple, tuple] = {}
+# QuACK's launch plans for the varlen products, by operand metadata (least recently used first):
+# {key: (config, split_k, dynamic, dispatch plan)}
+_quack_plans: OrderedDict[tuple, tuple] = OrderedDict()
+QUACK_PLANS_KEPT = 64
 
 
 def _quack_product(a: Tensor, b: Tensor, out: Tensor, cu_E1: Tensor, varlen: str) -> Tensor:
@@ -69,35 +91,40 @@ def _quack_product(a: Tensor, b: Tensor, out: Tensor, cu_E1: Tensor, varlen: str
     QuACK's ``gemm`` re-derives the launch (config, operand checks, dispatch key) on every varlen call; it
     caches the result only for its non-varlen calls. Here the first call for an operand layout runs QuACK's
     own untuned path, which returns that plan, and later calls launch it with QuACK's ``_gemm_execute``, as
-    its non-varlen cache does: 33 / 31 µs of host time per call (rows / weight gradient) instead of 38 / 47
-    (an H200, docs/performance.md), about torch's grouped_mm's. The key holds everything the plan reads (dtypes, shapes, strides, the device); the data pointers
-    and the offsets' values are per call. Empty products take QuACK's empty path (no launch)."""
-    from quack.gemm_config import SplitKMode
-    from quack.gemm_interface import _gemm_execute, gemm_tuned
-    from quack.gemm_tvm_ffi_utils import tensor_key
-    from quack.rounding import RoundingMode
-
+    its non-varlen cache does: 33 / 31 µs of host time per call (rows / weight gradient) instead of 38 / 47,
+    about torch's grouped_mm's (a scratch probe on an H200, docs/performance.md). The key holds what the plan
+    was built from (dtypes, shapes, strides, the device), the row count included, so it hits when a layer
+    sees the same number of rows again (every step of a fixed-shape batch at ep = 1; with ep > 1 the rows
+    received vary, and the least recently used of ``QUACK_PLANS_KEPT`` plans is dropped). Data pointers and the
+    offsets' values are per call. Empty products take QuACK's empty path (no launch); under ``torch.compile``
+    QuACK's public ``gemm`` (its custom-op route)."""
+    api = _quack_api()
+    offsets = {"cu_seqlens_m": cu_E1, "cu_seqlens_k": None} if varlen == "m" else \
+        {"cu_seqlens_m": None, "cu_seqlens_k": cu_E1}
+    if torch.compiler.is_compiling():
+        return api.gemm(a, b, out=out, tuned=False, **offsets)
     if out.numel() == 0:
         return out
     if a.numel() == 0:
         return out.zero_()
-    offsets = {"cu_seqlens_m": cu_E1, "cu_seqlens_k": None} if varlen == "m" else \
-        {"cu_seqlens_m": None, "cu_seqlens_k": cu_E1}
-    key = (varlen, tensor_key(a), tensor_key(b), tensor_key(out), tensor_key(cu_E1), a.device)
+    key = (varlen, api.tensor_key(a), api.tensor_key(b), api.tensor_key(out), api.tensor_key(cu_E1), a.device)
     plan = _quack_plans.get(key)
     if plan is None:  # compiles the kernel on its first use in this process (seconds)
         try:
-            _quack_plans[key] = gemm_tuned.fn(a, b, out, C=None, config=None, **offsets)
+            _quack_plans[key] = api.gemm_tuned.fn(a, b, out, C=None, config=None, **offsets)
         except Exception as exc:
-            raise RuntimeError(f"QuACK's grouped GEMM could not run a [{tuple(a.shape)}] x [{tuple(b.shape)}] {a.dtype} "
-                               f"product ({type(exc).__name__}: {exc}); {ENV_VAR}=torch runs torch's grouped_mm "
-                               "instead") from exc
+            raise RuntimeError(
+                f"QuACK's grouped GEMM could not run a {tuple(a.shape)} x {tuple(b.shape)} {a.dtype} product "
+                f"({type(exc).__name__}: {exc}); {ENV_VAR}=torch runs torch's grouped_mm instead") from exc
+        if len(_quack_plans) > QUACK_PLANS_KEPT:
+            _quack_plans.popitem(last=False)
         return out
+    _quack_plans.move_to_end(key)
     config, split_k, dynamic, dispatch = plan
-    _gemm_execute(a, b, out, None, bias=None, alpha=1.0, beta=1.0, A_idx=None, batch_idx_permute=None,
-                  add_to_output=False, dynamic_scheduler=dynamic, config=config, rounding_mode=RoundingMode.RN,
-                  sr_seed=0, concat_layout=None, SFA=None, SFB=None, split_k=split_k,
-                  split_k_mode=SplitKMode.SERIAL, dispatch_plan=dispatch, **offsets)
+    api.gemm_execute(a, b, out, None, bias=None, alpha=1.0, beta=1.0, A_idx=None, batch_idx_permute=None,
+                     add_to_output=False, dynamic_scheduler=dynamic, config=config, rounding_mode=api.round_nearest,
+                     sr_seed=0, concat_layout=None, SFA=None, SFB=None, split_k=split_k,
+                     split_k_mode=api.split_k_serial, dispatch_plan=dispatch, **offsets)
     return out
 
 
@@ -120,12 +147,12 @@ def _on_hopper(t: Tensor) -> bool:
 
 
 def quack_unfit(*tensors: Tensor) -> str | None:
-    """Why QuACK cannot run a product of these operands (None: it can)."""
-    if _quack_gemm() is None:
-        return "quack is not installed (pip install 'switchyard[quack]')"
+    """Why QuACK cannot run a product of these operands (None: it can). Only Hopper operands import QuACK."""
     first = tensors[0]
     if not _on_hopper(first):
         return f"quack's kernels here are for Hopper GPUs (compute capability 9.x); the operands are on {first.device}"
+    if _quack_api() is None:
+        return "quack is not installed, or is not a version this code knows (pip install 'switchyard[quack]')"
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or first.dtype not in (torch.bfloat16, torch.float16):
         return f"quack takes bf16 or fp16 operands of one dtype, got {sorted(map(str, dtypes))}"
@@ -162,7 +189,10 @@ def backend_for(*tensors: Tensor) -> str:
 
 @contextlib.contextmanager
 def use_backend(choice: str) -> Iterator[None]:
-    """Run the block's grouped GEMMs with ``choice`` (one of ``CHOICES``), whatever the environment says."""
+    """Run the block's grouped GEMMs with ``choice`` (one of ``CHOICES``), whatever the environment says.
+
+    Process-wide (not per thread). It decides at each forward; that forward's backward keeps its library, and
+    a CUDA graph keeps the one it was captured with."""
     global _choice
     if choice not in CHOICES:
         raise ValueError(f"grouped GEMM backend {choice!r} is not one of {CHOICES}")

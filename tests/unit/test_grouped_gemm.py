@@ -160,7 +160,8 @@ def test_quack_products_equal_torch_bit_for_bit(dtype: torch.dtype, empty: tuple
             assert torch.count_nonzero(got[list(empty)]) == 0
         if call == 0:
             plans_after_first = len(grouped_gemm._quack_plans)
-    assert plans_after_first == plans_before + 3 == len(grouped_gemm._quack_plans)  # the second call hit all three
+    # the second call added no plan: it launched the first call's (an earlier case of the same shapes may have built them)
+    assert plans_after_first == len(grouped_gemm._quack_plans) and plans_after_first <= plans_before + 3
 
 
 @pytest.mark.gpu

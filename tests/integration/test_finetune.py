@@ -147,7 +147,7 @@ def test_pipeline_with_adamw_matches_one_process_with_torchs_adamw(tmp_path):
     each gradient by its own running magnitude, so summation-order noise in a near-zero gradient can move an element
     by up to lr; the parameters are compared at a tolerance far below one such step (lr = 1e-3) for all but a few."""
     adam = [o for o in EQUIV if not o.startswith(("train.optimizer", "train.lr", "checkpoint.every"))] + [
-        "train.optimizer=adamw", "train.lr=1e-3", "parallel.ep=1", "checkpoint.every=1"]
+        "train.optimizer=adamw", "train.lr=1e-3", "parallel.ep=1", "checkpoint.every=1", "checkpoint.keep=3"]
     one, piped = tmp_path / "one", tmp_path / "pp2"
     result = finetune(1, one, adam + [f"train.micro_batch_size={GLOBAL_BATCH}", "deepspeed=configs/deepspeed/zero0.json"])
     assert result.returncode == 0, output_of(result)[-4000:]

@@ -156,6 +156,34 @@ def check_model_source(config) -> None:
         (check_model_dir if key == "model.source" else check_local_model)(value, key)
 
 
+def _in_hub_cache(key: str, repo_id: str) -> bool:
+    """Whether the hub cache holds the file transformers reads first for ``key`` (then it loads without the hub)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json" if key == "model.source" else "tokenizer_config.json")
+    except Exception:  # noqa: BLE001 - a malformed id: transformers' load below names it
+        return False
+    return isinstance(found, str)
+
+
+def _hub_silent(repo_id: str) -> str | None:
+    """Why the hub gave no answer about ``repo_id`` (no network, DNS, a timeout), or None when it answered: with
+    the model's info or with an error (no such repo, gated, a malformed id) that transformers' load then words."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    from switchyard.cli import _one_line
+
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except (HfHubHTTPError, HFValidationError):
+        return None
+    except Exception as err:  # noqa: BLE001 - httpx's connection errors and the like: nobody answered
+        return f"{type(err).__name__}: {_one_line(err)}"
+    return None
+
+
 def check_hub_sources(config) -> None:
     """``model.source`` / ``model.tokenizer`` given as a hub id, fetched now (config.json / the tokenizer, small): a
     repo that does not exist, or a hub out of reach (no network; HF_HUB_OFFLINE=1 and not in the cache), is a
@@ -171,6 +199,11 @@ def check_hub_sources(config) -> None:
     for key, value in _model_sources(config):
         if Path(value).expanduser().exists():
             continue
+        no_answer = None if constants.HF_HUB_OFFLINE or _in_hub_cache(key, value) else _hub_silent(value)
+        if no_answer is not None:  # at once: transformers' download would retry for ~25 s first
+            raise ValueError(f"{key}={value!r} is not a local directory nor in the hub cache, and the hub does not "
+                             f"answer ({no_answer}); point {key} at a local model directory, or download it once with "
+                             "network access")
         try:
             loaders[key].from_pretrained(value)
         except OSError as err:

@@ -217,6 +217,11 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _routed_rows(b: Bench) -> torch.Tensor:
+    """What the experts see: tokens * K rows (one row of ``x`` repeated: only its shape and dtype are read)."""
+    return b.x_BTH.reshape(-1, b.shape.hidden)[:1].expand(b.tokens * b.shape.top_k, b.shape.hidden)
+
+
 def _gemm_library(rows_NH: torch.Tensor, experts: nn.Module) -> str:
     """Which library runs the SwiGLU experts' grouped GEMMs on these rows (switchyard.moe.grouped_gemm)."""
     from switchyard.moe import grouped_gemm
@@ -238,8 +243,8 @@ def build_switchyard(b: Bench, experts_impl: str | None = None) -> Built:
     experts = getattr(layer, "experts", None)
     if experts_impl is not None:
         experts.impl = experts_impl
-    if experts is not None and hasattr(experts, "resolve_impl"):  # what the experts see: tokens*K rows
-        rows_NH = b.x_BTH.reshape(-1, s.hidden)[:1].expand(b.tokens * s.top_k, s.hidden)
+    if experts is not None and hasattr(experts, "resolve_impl"):
+        rows_NH = _routed_rows(b)
         variant = f"experts impl {experts.resolve_impl(rows_NH)!r}"
         if "grouped" in variant:
             variant += f", grouped GEMMs from {_gemm_library(rows_NH, experts)}"
@@ -498,9 +503,8 @@ def build_switchyard_cuda_graph(b: Bench) -> Built:
     # per-expert GEMMs read the counts on the host, which a capture cannot: the graph holds grouped GEMMs
     variant = built.variant
     if "swiglu_per_expert" in variant:
-        rows_NH = b.x_BTH.reshape(-1, b.shape.hidden)[:1].expand(b.tokens * b.shape.top_k, b.shape.hidden)
         variant = (f"{variant.replace('swiglu_per_expert', 'swiglu_grouped')}, grouped GEMMs from "
-                   f"{_gemm_library(rows_NH, built.keep[0].experts)}")
+                   f"{_gemm_library(_routed_rows(b), built.keep[0].experts)}")
     built.variant = f"{variant}; cuda_graph"
     return built
 

@@ -88,3 +88,40 @@ def test_moe_layer_host_refuses_what_it_cannot_time(tmp_path):
     if not torch.cuda.is_available():
         proc = run_script(host, ["--out", str(tmp_path / "h.json")], timeout_s=120)
         assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_moe_layer_host_idle_gaps_attributes_waits_to_the_launching_frame():
+    """benchmarks/moe_layer_host.py's ``idle_gaps`` on a hand-made trace: a forward whose first kernel waits 50 µs for
+    the router's launch, a backward kernel that waits 30 µs for a Function's launch, a 1 µs gap that is launch latency
+    (not counted), and a kernel launched before the step (not the step's)."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import moe_layer_host as host
+    finally:
+        sys.path.pop(0)
+
+    def ev(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+
+    trace = [
+        ev("user_annotation", "step0/forward", 100, 80), ev("user_annotation", "step0/backward", 180, 60, tid=2),
+        ev("python_function", "switchyard/moe/layer.py(1): forward", 100, 80),
+        ev("python_function", "switchyard/moe/router.py(9): forward", 110, 50),
+        ev("cuda_runtime", "cudaLaunchKernel", 145, 5, correlation=1),
+        ev("cuda_runtime", "cudaLaunchKernel", 170, 5, correlation=2),
+        ev("python_function", "switchyard/moe/swiglu_ffn.py(5): backward", 190, 40, tid=2),
+        ev("cuda_driver", "cuLaunchKernel", 215, 5, tid=2, correlation=3),
+        ev("cuda_runtime", "cudaLaunchKernel", 50, 5, correlation=9),
+        ev("kernel", "before_the_step", 60, 10, correlation=9),
+        ev("kernel", "router_kernel", 150, 20, correlation=1),
+        ev("kernel", "gather_kernel", 171, 19, correlation=2),
+        ev("kernel", "quack_gemm", 220, 100, correlation=3),
+    ]
+    (step,) = host.idle_gaps(trace)
+    assert step["kernels"] == 3 and step["first_kernel_after_us"] == 50.0
+    assert step["span_us"] == 220.0 and step["kernel_us"] == 139.0 and step["idle_us"] == 81.0
+    assert step["idle_by_frame_us"] == {"forward: switchyard/moe/router.py(9): forward": 50.0,
+                                        "backward: switchyard/moe/swiglu_ffn.py(5): backward": 30.0}
+    assert [g["before_kernel"] for g in step["largest_gaps"]] == ["router_kernel", "quack_gemm"]

@@ -22,6 +22,9 @@ that of transformers' block, built as for ``hf_grouped_mm`` and run once before 
     switchyard_torch_gemm  (opt-in) the same layer with its grouped GEMMs from torch's grouped_mm even
                       where QuACK's would run (``grouped_gemm.use_backend("torch")``): the A/B of
                       moe/grouped_gemm.py (the same rows as ``switchyard`` where QuACK is not installed)
+    switchyard_triton_launch  (opt-in) the same layer with its Triton kernels launched through Triton's own
+                      ``kernel[grid](...)`` every time, not switchyard's cached launcher: the A/B of
+                      moe/kernels/launch.py (forward and backward run under the switch; no ``rel_err_vs_hf``)
     hf_grouped_mm     transformers' MixtralSparseMoeBlock with config._experts_implementation="grouped_mm"
                       (falls back to "eager" where grouped_mm cannot run; "variant" says what ran)
     deepspeed_moe     deepspeed.moe.layer.MoE (GShard-style, capacity_factor=1.0, drop_tokens=True,
@@ -121,10 +124,11 @@ TINY_SHAPES: dict[str, Shape] = {
 IMPLS = ("switchyard", "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm",
          "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
 # Opt-in with --impls: A/B variants of switchyard's layer.
-EXTRA_IMPLS = ("switchyard_torch_router", "switchyard_torch_gemm")
+EXTRA_IMPLS = ("switchyard_torch_router", "switchyard_torch_gemm", "switchyard_triton_launch")
 ALL_IMPLS = (*IMPLS, *EXTRA_IMPLS)
-RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard_torch_gemm", "switchyard", "switchyard_cuda_graph", "switchyard_autograd",
-             "switchyard_per_expert", "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
+RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard_torch_gemm", "switchyard_triton_launch", "switchyard",
+             "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "deepspeed_moe", "deepspeed_autoep",
+             "dense_ceiling")
 
 
 def expert_flops(shape: Shape, tokens: int) -> int:
@@ -533,6 +537,44 @@ def build_switchyard_torch_gemm(b: Bench) -> Built:
     return built
 
 
+def build_switchyard_triton_launch(b: Bench) -> Built:
+    """The default layer, its Triton kernels launched by Triton's ``kernel[grid](...)`` (forward and backward)."""
+    built = build_switchyard(b)
+    forward = built.forward
+    assert forward is not None
+    x = b.x_BTH.detach().clone().requires_grad_(True)
+
+    def step() -> torch.Tensor:
+        with _plain_triton_launches():
+            out = forward(x)
+            out.backward(b.grad_BTH.view_as(out))
+        return out
+
+    def zero() -> None:
+        x.grad = None
+        for p in built.params:
+            p.grad = None
+
+    built.forward, built.step, built.zero = None, step, zero
+    built.variant = f"{built.variant}; Triton's own launches"
+    return built
+
+
+@contextlib.contextmanager
+def _plain_triton_launches() -> Iterator[None]:
+    """switchyard.moe.kernels.launch's cache off (where Triton is installed)."""
+    try:
+        from switchyard.moe.kernels import launch
+    except ImportError:  # no Triton: nothing is launched through it
+        yield
+        return
+    previous, launch.ENABLED = launch.ENABLED, False
+    try:
+        yield
+    finally:
+        launch.ENABLED = previous
+
+
 BUILDERS: dict[str, Callable[[Bench], Built]] = {
     "switchyard": build_switchyard,
     "switchyard_autograd": build_switchyard_autograd,
@@ -540,6 +582,7 @@ BUILDERS: dict[str, Callable[[Bench], Built]] = {
     "switchyard_cuda_graph": build_switchyard_cuda_graph,
     "switchyard_torch_router": build_switchyard_torch_router,
     "switchyard_torch_gemm": build_switchyard_torch_gemm,
+    "switchyard_triton_launch": build_switchyard_triton_launch,
     "hf_grouped_mm": build_hf_grouped_mm,
     "deepspeed_moe": build_deepspeed_moe,
     "deepspeed_autoep": build_deepspeed_autoep,

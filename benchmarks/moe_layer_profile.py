@@ -96,7 +96,7 @@ def staged_step(layer, x_BTH: torch.Tensor, grad_BTH: torch.Tensor, marks: Marks
         keep_TK = layer._capacity_mask(routed)
         x_MH, plan = layer.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK)
         marks.mark("permute")
-        y_MH = layer.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_offsets_L)
+        y_MH = layer.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1)
         marks.mark("gemm2")
         out_TH = layer.dispatcher.combine(y_MH, plan, routed.topk_weight_TK)
         marks.mark("combine")

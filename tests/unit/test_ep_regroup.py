@@ -34,7 +34,7 @@ def _oracle(send_E: torch.Tensor, recv_E: torch.Tensor, ep: int) -> dict[str, li
     return {
         "splits": [[sum(row) for row in send], [sum(row) for row in recv]],
         "per_local": per_local,
-        "offsets": [sum(per_local[: l + 1]) for l in range(local)],
+        "cu_offsets": [sum(per_local[:l]) for l in range(local + 1)],
         "dest": [where[label] for label in labels],
         "regroup": [arrived[label] for label in expert_major],
     }
@@ -45,7 +45,7 @@ def _check(device: torch.device, send_E: torch.Tensor, recv_E: torch.Tensor, ep:
     plan = plan_counts(send_E.to(device), recv_E.to(device), ep)
     assert plan.splits_2R.tolist() == want["splits"]
     assert plan.per_local_L.tolist() == want["per_local"]
-    assert plan.local_offsets_L.dtype == torch.int32 and plan.local_offsets_L.tolist() == want["offsets"]
+    assert plan.local_cu_offsets_L1.dtype == torch.int32 and plan.local_cu_offsets_L1.tolist() == want["cu_offsets"]
     dest_M, regroup_M = regroup_index(plan, int(recv_E.sum()))
     assert dest_M.tolist() == want["dest"]
     assert regroup_M.tolist() == want["regroup"]

@@ -36,12 +36,12 @@ def _definition(idx: torch.Tensor, keep: torch.Tensor | None, experts: int) -> S
     bounds = [sum(b < e for b in bucket) for e in range(experts + 1)]
     return SortedSlots(torch.tensor(order), torch.tensor([s // top_k for s in order]),
                        torch.tensor(row_of_slot).view(tokens, top_k), torch.tensor(bounds),
-                       torch.tensor(bounds[1:], dtype=torch.int32), torch.tensor(bounds).diff())
+                       torch.tensor(bounds, dtype=torch.int32), torch.tensor(bounds).diff())
 
 
 def _assert_same(got: SortedSlots, want: SortedSlots) -> None:
     for name, a, b in zip(SortedSlots._fields, got, want):
-        assert a.dtype == (torch.int32 if name == "offsets_E" else torch.int64), name
+        assert a.dtype == (torch.int32 if name == "cu_offsets_E1" else torch.int64), name
         assert torch.equal(a.cpu(), b.cpu()), name
 
 
@@ -56,7 +56,7 @@ def test_torch_route_matches_the_definition(tokens: int, top_k: int, experts: in
 
 def test_no_tokens() -> None:
     got = sort_slots_by_expert(torch.empty(0, 2, dtype=torch.int64), None, 8)
-    assert [t.numel() for t in got] == [0, 0, 0, 9, 8, 8] and got.bounds_E1.eq(0).all()
+    assert [t.numel() for t in got] == [0, 0, 0, 9, 9, 8] and got.bounds_E1.eq(0).all() and got.cu_offsets_E1.eq(0).all()
 
 
 # -- CUDA: the Triton counting sort ----------------------------------------------------------------------------

@@ -50,18 +50,31 @@ def test_cpu_operands_take_torch_and_forcing_quack_fails_first(monkeypatch) -> N
 
 
 def test_why_quack_cannot_run(monkeypatch) -> None:
+    """The verdict on what the operands are (device, dtypes, row lengths); cached, as a layer asks once per forward."""
     imported = []
     monkeypatch.setattr(grouped_gemm, "_quack_api", lambda: imported.append(1))
+    grouped_gemm._quack_unfit.cache_clear()
     assert "Hopper" in grouped_gemm.quack_unfit(torch.randn(2, 8))
     assert not imported  # operands off a Hopper GPU never import QuACK
-    monkeypatch.setattr(grouped_gemm, "_on_hopper", lambda t: True)
-    assert "not installed" in grouped_gemm.quack_unfit(torch.randn(2, 8))
+    # the operands' verdict without the cache, on a pretend Hopper device (no GPU needed to name one)
+    monkeypatch.setattr(grouped_gemm, "_hopper", lambda index: True)
+    hopper, bf, half = torch.device("cuda", 0), torch.bfloat16, torch.half
+
+    def unfit(dtypes: set, widths: set) -> str | None:
+        return grouped_gemm._quack_unfit.__wrapped__(hopper, frozenset(dtypes), frozenset(widths))
+
+    assert "not installed" in unfit({bf}, {8})
     monkeypatch.setattr(grouped_gemm, "_quack_api", lambda: object())
-    assert "bf16 or fp16" in grouped_gemm.quack_unfit(torch.randn(2, 8))
-    bf = torch.bfloat16
-    assert "bf16 or fp16" in grouped_gemm.quack_unfit(torch.randn(2, 8, dtype=bf), torch.randn(1, 8, 8, dtype=torch.half))
-    assert "[8, 12]" in grouped_gemm.quack_unfit(torch.randn(2, 8, dtype=bf), torch.randn(1, 8, 12, dtype=bf))
-    assert grouped_gemm.quack_unfit(torch.randn(2, 16, dtype=bf), torch.randn(3, 16, 24, dtype=bf)) is None
+    assert "bf16 or fp16" in unfit({torch.float32}, {8})
+    assert "bf16 or fp16" in unfit({bf, half}, {8})
+    assert "[8, 12]" in unfit({bf}, {8, 12})
+    assert unfit({bf}, {16, 24}) is None
+    grouped_gemm._quack_unfit.cache_clear()
+    # what it reads off the operands: every tensor's row length, and a 3-D weight's other dim
+    asked = []
+    monkeypatch.setattr(grouped_gemm, "_quack_unfit", lambda *key: asked.append(key))
+    grouped_gemm.quack_unfit(torch.randn(2, 16, dtype=bf), torch.randn(3, 40, 16, dtype=bf), torch.randn(3, 16, 24, dtype=bf))
+    assert asked == [(torch.device("cpu"), frozenset({bf}), frozenset({16, 40, 24}))]
 
 
 @pytest.mark.parametrize("late_down_grad", [False, True])

@@ -11,7 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from switchyard.moe.kernels.launch import fast_launch
 
+
+@fast_launch
 @triton.jit
 def _adamw_kernel(grad_ptr, master_ptr, exp_avg_ptr, exp_avg_sq_ptr, out_ptr, scale_ptr, n,
                   lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt,

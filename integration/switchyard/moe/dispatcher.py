@@ -51,7 +51,7 @@ class DispatchPlan:
     token_idx_N: torch.Tensor  # source token of each sent row
     tokens_per_expert_E: torch.Tensor  # rows this rank routes to each global expert (kept only)
     tokens_per_local_expert_L: torch.Tensor  # rows this rank's experts receive, per local expert
-    local_offsets_L: torch.Tensor | None = None  # their int32 cumulative sum, where the sort gave it (ep=1)
+    local_cu_offsets_L1: torch.Tensor | None = None  # 0, then their int32 cumulative sum (the grouped GEMMs' offsets)
     input_splits: list[int] | None = None  # rows sent to each EP rank
     output_splits: list[int] | None = None  # rows received from each EP rank
     regroup_M: torch.Tensor | None = None  # received (source-major) row for each local-expert-major row
@@ -116,7 +116,7 @@ class TokenDispatcher:
         num_tokens, top_k = expert_TK.shape
         if not fused_kernels_enabled():
             return self._dispatch_unfused(x_TH, expert_TK, keep_TK, overlap)
-        slot_order, token_idx, row_of_slot_TK, bounds, offsets_E, tokens_per_expert_E = sort_slots_by_expert(
+        slot_order, token_idx, row_of_slot_TK, bounds, cu_offsets_E1, tokens_per_expert_E = sort_slots_by_expert(
             expert_TK, keep_TK, self.num_experts)
         counts = self._exchange_counts(tokens_per_expert_E, x_TH) if self.ep_size > 1 else None
         if keep_TK is not None:  # dropped slots sorted after every real expert: cut off (one host sync)
@@ -126,7 +126,7 @@ class TokenDispatcher:
         plan = DispatchPlan(num_tokens, slot_order, token_idx, tokens_per_expert_E, tokens_per_expert_E,
                             row_of_slot_TK=row_of_slot_TK)
         if counts is None:
-            plan.local_offsets_L = offsets_E
+            plan.local_cu_offsets_L1 = cu_offsets_E1
             plan.overlap_out = overlap() if overlap is not None else None
             return x_NH, plan
         return self._exchange(x_NH, plan, counts, overlap)
@@ -206,7 +206,7 @@ class TokenDispatcher:
     def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan, counts: "_CountExchange",
                   overlap: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, DispatchPlan]:
         plan.tokens_per_local_expert_L = counts.plan.per_local_L
-        plan.local_offsets_L = counts.plan.local_offsets_L
+        plan.local_cu_offsets_L1 = counts.plan.local_cu_offsets_L1
         if counts.ready is not None:
             counts.ready.synchronize()  # the split sizes' host sync: waits for the counts, not for the gather
         plan.input_splits, plan.output_splits, dtype_codes, widths = counts.splits_4R.tolist()

@@ -32,7 +32,7 @@ from switchyard.moe.swiglu_ffn import swiglu_ffn
 from switchyard.parallel.tensor_shards import TensorShard, shard_parameter_
 
 TokenCounts = Tensor | list[int]
-ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts, "Tensor | None"], Tensor]  # (.., offsets_E)
+ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts, "Tensor | None"], Tensor]  # (.., cu_offsets_E1)
 
 
 @lru_cache(maxsize=None)
@@ -65,7 +65,7 @@ def _apply_act(module: "GroupedExperts", h_NO: Tensor) -> Tensor:
 
 
 def _loop_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts,
-                  offsets_E: Tensor | None = None) -> Tensor:
+                  cu_offsets_E1: Tensor | None = None) -> Tensor:
     """One ``F.linear`` pair per expert over its row slice.
 
     The CPU path and the fallback: CPU ``grouped_mm`` wants 16-byte-aligned strides and its backward
@@ -137,7 +137,7 @@ def _grouped_linear(x_NI: Tensor, w_EOI: Tensor, offs_E: Tensor, bias_EO: Tensor
 
 
 def _grouped_mm_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts,
-                        offsets_E: Tensor | None = None) -> Tensor:
+                        cu_offsets_E1: Tensor | None = None) -> Tensor:
     """One fused grouped GEMM per projection (CUDA): no host sync, no per-expert launches."""
     if _GROUPED_MM is None:
         raise RuntimeError(f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm")
@@ -146,7 +146,7 @@ def _grouped_mm_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_exper
         return _loop_forward(module, x_NH, [0] * module.num_experts)
     counts_E = torch.as_tensor(tokens_per_expert, device=device)
     assert counts_E.shape == (module.num_experts,), f"tokens_per_expert shape {tuple(counts_E.shape)}"
-    offs_E = offsets_E if offsets_E is not None else torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+    offs_E = cu_offsets_E1[1:] if cu_offsets_E1 is not None else torch.cumsum(counts_E, dim=0, dtype=torch.int32)
     eid_N = None
     if module.has_bias:
         experts_E = torch.arange(module.num_experts, device=device)
@@ -160,7 +160,7 @@ def _grouped_mm_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_exper
 
 
 def _gathered_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts,
-                      offsets_E: Tensor | None = None) -> Tensor:
+                      cu_offsets_E1: Tensor | None = None) -> Tensor:
     """Each row multiplies its own expert's gathered weights (``bmm``): no host sync, any dtype.
 
     What CUDA-graph capture uses where grouped_mm is not capturable (its non-bf16 path reads the
@@ -185,12 +185,12 @@ def _gathered_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert:
 
 def _swiglu_impl(backend: str) -> ExpertsImpl:
     def forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts,
-                offsets_E: Tensor | None = None) -> Tensor:
+                cu_offsets_E1: Tensor | None = None) -> Tensor:
         if x_NH.shape[0] == 0:  # all counts are 0 by contract; the loop gives zero grads without a sync
             return _loop_forward(module, x_NH, [0] * module.num_experts)
         w1_EOH, _, w2_EHF, _ = module.weights()
         counts_E = torch.as_tensor(tokens_per_expert, device=x_NH.device)
-        return swiglu_ffn(x_NH.to(w1_EOH.dtype).contiguous(), w1_EOH, w2_EHF, counts_E, backend, offsets_E)
+        return swiglu_ffn(x_NH.to(w1_EOH.dtype).contiguous(), w1_EOH, w2_EHF, counts_E, backend, cu_offsets_E1)
     forward.__doc__ = f"SwiGLU experts as one autograd Function, {backend} GEMMs (see swiglu_ffn.py)."
     return forward
 
@@ -363,8 +363,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts, offsets: Tensor | None = None) -> Tensor:
         """Rows of ``x_NH`` are sorted by local expert; ``tokens_per_expert[e]`` rows go to expert e.
 
-        ``offsets`` (optional): ``cumsum(tokens_per_expert)`` as int32 on the device, when the caller has
-        it already (the dispatcher's sort does), saving the grouped GEMMs' scan: one launch fewer.
+        ``offsets`` (optional): 0 then ``cumsum(tokens_per_expert)``, int32 on the device (``E + 1`` entries), when
+        the caller has them already (the dispatcher's sort does), saving the grouped GEMMs' scan and pad.
         """
         assert x_NH.dim() == 2 and x_NH.shape[-1] == self.hidden_size, f"x_NH shape {tuple(x_NH.shape)}"
         y_NH = EXPERT_IMPLS[self.resolve_impl(x_NH)](self, x_NH, tokens_per_expert, offsets)

@@ -142,23 +142,24 @@ def _hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
-def _on_hopper(t: Tensor) -> bool:
-    return t.is_cuda and _hopper(t.device.index if t.device.index is not None else torch.cuda.current_device())
-
-
 def quack_unfit(*tensors: Tensor) -> str | None:
     """Why QuACK cannot run a product of these operands (None: it can). Only Hopper operands import QuACK."""
     first = tensors[0]
-    if not _on_hopper(first):
-        return f"quack's kernels here are for Hopper GPUs (compute capability 9.x); the operands are on {first.device}"
+    widths = frozenset(t.shape[-1] for t in tensors) | frozenset(t.shape[-2] for t in tensors if t.dim() == 3)
+    return _quack_unfit(first.device, frozenset(t.dtype for t in tensors), widths)
+
+
+@functools.lru_cache(maxsize=256)
+def _quack_unfit(device: torch.device, dtypes: frozenset[torch.dtype], widths: frozenset[int]) -> str | None:
+    """``quack_unfit`` on what it reads of the operands: a layer asks once per forward, with the same answer."""
+    if device.type != "cuda" or not _hopper(device.index if device.index is not None else torch.cuda.current_device()):
+        return f"quack's kernels here are for Hopper GPUs (compute capability 9.x); the operands are on {device}"
     if _quack_api() is None:
         return "quack is not installed, or is not a version this code knows (pip install 'switchyard[quack]')"
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) != 1 or first.dtype not in (torch.bfloat16, torch.float16):
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.bfloat16, torch.float16):
         return f"quack takes bf16 or fp16 operands of one dtype, got {sorted(map(str, dtypes))}"
-    widths = sorted({t.shape[-1] for t in tensors} | {t.shape[-2] for t in tensors if t.dim() == 3})
     if any(w % 8 for w in widths):
-        return f"quack needs every row length to be a multiple of 8 elements (16 bytes), got {widths}"
+        return f"quack needs every row length to be a multiple of 8 elements (16 bytes), got {sorted(widths)}"
     return None
 
 

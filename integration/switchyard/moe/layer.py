@@ -374,12 +374,12 @@ class MoELayer(DeepSpeedMoEModule):
         computes its FFN slice's partial output, the all-reduce over the group sums them and the down bias is added
         once. Backward: every slice takes the whole output gradient, and ``copy_to_group`` sums the slices' input
         gradients."""
-        counts_L, offsets_L = plan.tokens_per_local_expert_L, plan.local_offsets_L
+        counts_L, cu_offsets_L1 = plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1
         if self.experts.etp_size == 1:
-            return self.experts(x_MH, counts_L, offsets_L)
+            return self.experts(x_MH, counts_L, cu_offsets_L1)
         assert self.groups is not None
         group = self.groups.group("etp")
-        y_MH = reduce_from_group(self.experts(copy_to_group(x_MH, group), counts_L, offsets_L), group)
+        y_MH = reduce_from_group(self.experts(copy_to_group(x_MH, group), counts_L, cu_offsets_L1), group)
         return self.experts.add_down_bias(y_MH, counts_L)
 
     def _routed_core(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, ...]:

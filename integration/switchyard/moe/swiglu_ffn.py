@@ -181,16 +181,16 @@ class _SwiGLUDown(torch.autograd.Function):
 
 
 def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, backend: str,
-               offsets_E: Tensor | None = None) -> Tensor:
+               cu_offsets_E1: Tensor | None = None) -> Tensor:
     """``down(silu(gate(x)) * up(x))`` per expert over rows sorted by expert; ``counts_E`` rows each
-    (``offsets_E``: their int32 cumulative sum, if the caller has it)."""
+    (``cu_offsets_E1``: 0 then their int32 cumulative sum, if the caller has it)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
     groups: Groups
     gemm = "torch"
     if backend == "grouped":
-        ends_E = offsets_E if offsets_E is not None else torch.cumsum(counts_E, 0, dtype=torch.int32)
-        groups = F.pad(ends_E, (1, 0))
+        groups = (cu_offsets_E1 if cu_offsets_E1 is not None
+                  else F.pad(torch.cumsum(counts_E, 0, dtype=torch.int32), (1, 0)))
         gemm = grouped_gemm.backend_for(x_NH, w1_EOH, w2_EHF)
     else:
         groups = counts_E.tolist()

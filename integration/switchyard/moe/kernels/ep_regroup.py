@@ -3,7 +3,7 @@
     plan_counts(send_E, recv_E, ep) -> CountPlan
         splits_2R        [rows sent to, rows received from] each EP rank (device; the host reads it once)
         per_local_L      rows this rank's experts receive, per local expert
-        local_offsets_L  their int32 cumulative sum: the grouped GEMMs' offsets
+        local_cu_offsets_L1  0, then their int32 cumulative sum: the grouped GEMMs' offsets
         src_start_C      first received row of each (source rank, local expert) chunk, as the all-to-all
                          delivers them (source-major)
         shift_C          each chunk's start in (local expert, source) order minus ``src_start_C``
@@ -36,7 +36,7 @@ except Exception:  # noqa: BLE001 - ImportError, or a Triton that cannot initial
 class CountPlan(NamedTuple):
     splits_2R: torch.Tensor
     per_local_L: torch.Tensor
-    local_offsets_L: torch.Tensor
+    local_cu_offsets_L1: torch.Tensor
     src_start_C: torch.Tensor
     shift_C: torch.Tensor
     recv_C: torch.Tensor  # the exchanged counts, (source, local expert) order
@@ -51,8 +51,8 @@ def plan_counts_torch(send_E: torch.Tensor, recv_E: torch.Tensor, ep: int) -> Co
     recv_LR = recv_RL.t().reshape(-1)
     expert_major_start_LR = (torch.cumsum(recv_LR, 0) - recv_LR).view(recv_RL.shape[1], ep)
     shift_C = expert_major_start_LR.t().reshape(-1) - src_start_C
-    return CountPlan(splits_2R, per_local_L, torch.cumsum(per_local_L, 0, dtype=torch.int32), src_start_C,
-                     shift_C, recv_E)
+    cu_offsets_L1 = torch.cat([per_local_L.new_zeros(1), torch.cumsum(per_local_L, 0)]).to(torch.int32)
+    return CountPlan(splits_2R, per_local_L, cu_offsets_L1, src_start_C, shift_C, recv_E)
 
 
 def regroup_index_torch(plan: CountPlan, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

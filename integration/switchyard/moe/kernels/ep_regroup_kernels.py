@@ -16,7 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from switchyard.moe.kernels.launch import fast_launch
 
+
+@fast_launch
 @triton.jit
 def _plan_counts_kernel(send_ptr, recv_ptr, splits_ptr, per_local_ptr, offsets_ptr, src_start_ptr, shift_ptr,
                         R, L, R_P: tl.constexpr, L_P: tl.constexpr):
@@ -32,7 +35,8 @@ def _plan_counts_kernel(send_ptr, recv_ptr, splits_ptr, per_local_ptr, offsets_p
     tl.store(splits_ptr + ranks, sent_R, mask=ranks < R)
     tl.store(splits_ptr + R + ranks, received_R, mask=ranks < R)
     tl.store(per_local_ptr + locals_, per_local_L, mask=locals_ < L)
-    tl.store(offsets_ptr + locals_, tl.cumsum(per_local_L, axis=0).to(tl.int32), mask=locals_ < L)
+    tl.store(offsets_ptr + locals_, tl.zeros([L_P], dtype=tl.int32), mask=locals_ == 0)  # a leading 0
+    tl.store(offsets_ptr + 1 + locals_, tl.cumsum(per_local_L, axis=0).to(tl.int32), mask=locals_ < L)
     # chunk (r, l) starts, as delivered: every row of the ranks before r, then r's chunks before l
     src_start = (tl.cumsum(received_R, axis=0) - received_R)[:, None] + tl.cumsum(recv, axis=1) - recv
     # and as the experts want them: every row of the experts before l, then l's chunks from ranks before r
@@ -41,6 +45,7 @@ def _plan_counts_kernel(send_ptr, recv_ptr, splits_ptr, per_local_ptr, offsets_p
     tl.store(shift_ptr + r * L + c, expert_start - src_start, mask=inside)
 
 
+@fast_launch
 @triton.jit
 def _regroup_index_kernel(src_start_ptr, shift_ptr, dest_ptr, regroup_ptr, rows, C,
                           C_P: tl.constexpr, LOG_C: tl.constexpr, BLOCK: tl.constexpr):
@@ -59,12 +64,12 @@ def _regroup_index_kernel(src_start_ptr, shift_ptr, dest_ptr, regroup_ptr, rows,
 
 
 def plan_counts(send_E: torch.Tensor, recv_E: torch.Tensor, ep: int) -> tuple[torch.Tensor, ...]:
-    """(splits_2R, per_local_L, local_offsets_L, src_start_C, shift_C); see ep_regroup.py."""
+    """(splits_2R, per_local_L, local_cu_offsets_L1, src_start_C, shift_C); see ep_regroup.py."""
     num_local = recv_E.numel() // ep
     device = recv_E.device
     splits = torch.empty((2, ep), dtype=torch.int64, device=device)
     per_local = torch.empty(num_local, dtype=torch.int64, device=device)
-    offsets = torch.empty(num_local, dtype=torch.int32, device=device)
+    offsets = torch.empty(num_local + 1, dtype=torch.int32, device=device)
     src_start = torch.empty(recv_E.numel(), dtype=torch.int64, device=device)
     shift = torch.empty(recv_E.numel(), dtype=torch.int64, device=device)
     _plan_counts_kernel[(1,)](send_E, recv_E, splits, per_local, offsets, src_start, shift, ep, num_local,

@@ -5,7 +5,7 @@
         token_idx_S     slot_order_S // K: the source token of each sorted row
         row_of_slot_TK  the sorted row of each slot, -1 where dropped (the inverse permutation)
         bounds_E1       bounds[e] = first sorted row whose expert is >= e (bounds[E] = kept slots)
-        offsets_E       bounds[1:] as int32: the cumulative row counts torch's grouped GEMMs take
+        cu_offsets_E1   bounds as int32 (a leading 0, then the cumulative row counts): the grouped GEMMs' offsets
         counts_E        kept slots per expert (bounds.diff())
 
 On CUDA a two-launch Triton counting sort (expert_sort_kernels.py); elsewhere, or with the fused kernels
@@ -36,7 +36,7 @@ class SortedSlots(NamedTuple):
     token_idx_S: torch.Tensor
     row_of_slot_TK: torch.Tensor
     bounds_E1: torch.Tensor
-    offsets_E: torch.Tensor
+    cu_offsets_E1: torch.Tensor
     counts_E: torch.Tensor
 
 
@@ -55,7 +55,7 @@ def sort_slots_torch(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_
         row_of_slot_S = torch.where(row_of_slot_S < bounds_E1[-1], row_of_slot_S, torch.full_like(row_of_slot_S, -1))
     token_idx_S = torch.div(slot_order_S, top_k, rounding_mode="floor")
     return SortedSlots(slot_order_S, token_idx_S, row_of_slot_S.view(num_tokens, top_k), bounds_E1,
-                       bounds_E1[1:].to(torch.int32), bounds_E1.diff())
+                       bounds_E1.to(torch.int32), bounds_E1.diff())
 
 
 def sort_slots_by_expert(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int) -> SortedSlots:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from switchyard.moe.kernels.launch import fast_launch
+
 
 @triton.jit
 def _bucket(expert_ptr, keep_ptr, offs, n, E, HAS_KEEP: tl.constexpr, NB: tl.constexpr):
@@ -28,6 +30,7 @@ def _bucket(expert_ptr, keep_ptr, offs, n, E, HAS_KEEP: tl.constexpr, NB: tl.con
     return tl.where(m, bucket, NB - 1)
 
 
+@fast_launch
 @triton.jit
 def _slot_hist_kernel(expert_ptr, keep_ptr, hist_ptr, n, E,
                       HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr, NB: tl.constexpr):
@@ -36,6 +39,7 @@ def _slot_hist_kernel(expert_ptr, keep_ptr, hist_ptr, n, E,
     tl.store(hist_ptr + pid * NB + tl.arange(0, NB), tl.histogram(bucket, NB))
 
 
+@fast_launch
 @triton.jit
 def _slot_place_kernel(expert_ptr, keep_ptr, hist_ptr, adj_ptr, slot_order_ptr, token_ptr, row_of_slot_ptr,
                        bounds_ptr, offsets_ptr, counts_ptr, n, E, num_blocks, top_k,
@@ -55,7 +59,7 @@ def _slot_place_kernel(expert_ptr, keep_ptr, hist_ptr, adj_ptr, slot_order_ptr, 
     tl.store(adj_ptr + pid * NB + cols, start + before - (tl.cumsum(own, axis=0) - own))
     if pid == 0:
         tl.store(bounds_ptr + cols, start.to(tl.int64), mask=cols <= E)
-        tl.store(offsets_ptr + cols - 1, start, mask=(cols >= 1) & (cols <= E))  # bounds[1:] as int32
+        tl.store(offsets_ptr + cols, start, mask=cols <= E)  # bounds as int32
         tl.store(counts_ptr + cols, total.to(tl.int64), mask=cols < E)
     tl.debug_barrier()  # adj is read back below by other threads of this program
 
@@ -74,7 +78,7 @@ def _slot_place_kernel(expert_ptr, keep_ptr, hist_ptr, adj_ptr, slot_order_ptr, 
 
 def sort_slots(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_experts: int
                ) -> tuple[torch.Tensor, ...]:
-    """(slot_order_S, token_idx_S, row_of_slot_S, bounds_E1, offsets_E, counts_E); see expert_sort.py."""
+    """(slot_order_S, token_idx_S, row_of_slot_S, bounds_E1, cu_offsets_E1, counts_E); see expert_sort.py."""
     num_slots = expert_TK.numel()
     top_k = expert_TK.shape[-1]
     device = expert_TK.device
@@ -87,7 +91,7 @@ def sort_slots(expert_TK: torch.Tensor, keep_TK: torch.Tensor | None, num_expert
     token_idx = torch.empty(num_slots, dtype=torch.int64, device=device)
     row_of_slot = torch.empty(num_slots, dtype=torch.int64, device=device)
     bounds = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
-    offsets = torch.empty(num_experts, dtype=torch.int32, device=device)
+    offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
     counts = torch.empty(num_experts, dtype=torch.int64, device=device)
     experts_flat = expert_TK.reshape(-1)
     keep_flat = keep_TK.reshape(-1) if keep_TK is not None else experts_flat

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from switchyard.moe.kernels.launch import fast_launch
+
 # (BLOCK_F, BLOCK_H, num_warps) of the gate/up kernel and (BLOCK_H, BLOCK_F, num_warps) of the down
 # kernel: tiles wide along the contiguous dimension and a few rows deep, so one token still launches
 # several programs per SM. Best overall of five candidates each on an H200 (bf16; mixtral, olmoe and
@@ -32,6 +34,7 @@ GATE_UP_BLOCKS = (16, 256, 4)
 DOWN_BLOCKS = (4, 512, 4)
 
 
+@fast_launch
 @triton.jit
 def _gate_up_kernel(x_ptr, idx_ptr, keep_ptr, w1_ptr, a_ptr, counts_ptr, H, F, first, num_local,
                     stride_x, stride_we, stride_wo, stride_a,
@@ -70,6 +73,7 @@ def _gate_up_kernel(x_ptr, idx_ptr, keep_ptr, w1_ptr, a_ptr, counts_ptr, H, F, f
     tl.store(a_ptr + r.to(tl.int64) * stride_a + offs_f, a.to(a_ptr.dtype.element_ty), mask=fmask)
 
 
+@fast_launch
 @triton.jit
 def _down_combine_kernel(a_ptr, idx_ptr, keep_ptr, wt_ptr, w2_ptr, out_ptr, H, F, first, num_local,
                          stride_a, stride_we, stride_wh, stride_out,

@@ -14,7 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from switchyard.moe.kernels.launch import fast_launch
 
+
+@fast_launch
 @triton.jit
 def _softmax_topk_kernel(x_ptr, w_ptr, logits_ptr, scores_ptr, idx_ptr, weight_ptr, T, H, E, stride_x,
                          stride_w, scale, K: tl.constexpr, KP: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -76,6 +79,7 @@ def softmax_topk(x_TH: torch.Tensor, weight_EH: torch.Tensor, top_k: int, normal
     return logits, scores, idx, weight
 
 
+@fast_launch
 @triton.jit
 def _softmax_topk_bwd_kernel(scores_ptr, idx_ptr, weight_ptr, gs_ptr, gw_ptr, gl_ptr, out_ptr, T, E, scale,
                              K: tl.constexpr, KP: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GS: tl.constexpr,

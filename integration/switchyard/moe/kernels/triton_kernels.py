@@ -14,7 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from switchyard.moe.kernels.launch import fast_launch
 
+
+@fast_launch
 @triton.jit
 def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, H, stride_src, stride_out,
                        K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -33,6 +36,7 @@ def _gather_sum_kernel(src_ptr, idx_ptr, w_ptr, out_ptr, H, stride_src, stride_o
     tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
+@fast_launch
 @triton.jit
 def _combine_bwd_kernel(grad_ptr, y_ptr, idx_ptr, w_ptr, grad_y_ptr, part_ptr, H, NHB,
                         stride_g, stride_y, stride_gy,
@@ -53,6 +57,7 @@ def _combine_bwd_kernel(grad_ptr, y_ptr, idx_ptr, w_ptr, grad_y_ptr, part_ptr, H
             tl.store(part_ptr + (t * K + k) * NHB + hb, tl.sum(g * yv, axis=0))
 
 
+@fast_launch
 @triton.jit
 def _silu_mul_fwd_kernel(h_ptr, a_ptr, F, stride_h, stride_a, BLOCK: tl.constexpr):
     # a[n, :] = silu(h[n, :F]) * h[n, F:]
@@ -65,6 +70,7 @@ def _silu_mul_fwd_kernel(h_ptr, a_ptr, F, stride_h, stride_a, BLOCK: tl.constexp
     tl.store(a_ptr + r * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=m)
 
 
+@fast_launch
 @triton.jit
 def _silu_mul_bwd_kernel(h_ptr, da_ptr, dh_ptr, a_ptr, F, stride_h, stride_da, stride_dh, stride_a,
                          WRITE_A: tl.constexpr, BLOCK: tl.constexpr):

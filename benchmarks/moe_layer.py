@@ -22,6 +22,9 @@ that of transformers' block, built as for ``hf_grouped_mm`` and run once before 
     switchyard_torch_gemm  (opt-in) the same layer with its grouped GEMMs from torch's grouped_mm even
                       where QuACK's would run (``grouped_gemm.use_backend("torch")``): the A/B of
                       moe/grouped_gemm.py (the same rows as ``switchyard`` where QuACK is not installed)
+    switchyard_weighted_combine  (opt-in) the same layer with ``fold_routing_weights = False``: the routing
+                      weights applied in the combine (which keeps the experts' output for its backward), not in
+                      the SwiGLU before GEMM 2: the A/B of that fold
     switchyard_triton_launch  (opt-in) the same layer with its Triton kernels launched through Triton's own
                       ``kernel[grid](...)`` every time, not switchyard's cached launcher: the A/B of
                       moe/kernels/launch.py (forward and backward run under the switch; no ``rel_err_vs_hf``)
@@ -124,9 +127,11 @@ TINY_SHAPES: dict[str, Shape] = {
 IMPLS = ("switchyard", "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm",
          "deepspeed_moe", "deepspeed_autoep", "dense_ceiling")
 # Opt-in with --impls: A/B variants of switchyard's layer.
-EXTRA_IMPLS = ("switchyard_torch_router", "switchyard_torch_gemm", "switchyard_triton_launch")
+EXTRA_IMPLS = ("switchyard_torch_router", "switchyard_torch_gemm", "switchyard_triton_launch",
+               "switchyard_weighted_combine")
 ALL_IMPLS = (*IMPLS, *EXTRA_IMPLS)
-RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard_torch_gemm", "switchyard_triton_launch", "switchyard",
+RUN_ORDER = ("hf_grouped_mm", "switchyard_torch_router", "switchyard_torch_gemm", "switchyard_triton_launch",
+             "switchyard_weighted_combine", "switchyard",
              "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "deepspeed_moe", "deepspeed_autoep",
              "dense_ceiling")
 
@@ -537,6 +542,14 @@ def build_switchyard_torch_gemm(b: Bench) -> Built:
     return built
 
 
+def build_switchyard_weighted_combine(b: Bench) -> Built:
+    """The default layer with the routing weights applied in the combine, not folded into the experts' SwiGLU."""
+    built = build_switchyard(b)
+    built.keep[0].fold_routing_weights = False
+    built.variant = f"{built.variant}; weights in the combine"
+    return built
+
+
 def build_switchyard_triton_launch(b: Bench) -> Built:
     """The default layer, its Triton kernels launched by Triton's ``kernel[grid](...)`` (forward and backward)."""
     built = build_switchyard(b)
@@ -583,6 +596,7 @@ BUILDERS: dict[str, Callable[[Bench], Built]] = {
     "switchyard_torch_router": build_switchyard_torch_router,
     "switchyard_torch_gemm": build_switchyard_torch_gemm,
     "switchyard_triton_launch": build_switchyard_triton_launch,
+    "switchyard_weighted_combine": build_switchyard_weighted_combine,
     "hf_grouped_mm": build_hf_grouped_mm,
     "deepspeed_moe": build_deepspeed_moe,
     "deepspeed_autoep": build_deepspeed_autoep,

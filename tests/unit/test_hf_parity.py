@@ -22,6 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP  # noqa: E402
 from switchyard.config import MoEConfig  # noqa: E402
 from switchyard.hf import SUPPORTED_BLOCKS, layer_from_hf_block, moe_config_from_hf  # noqa: E402
 from switchyard.hf.adopt import ADAPTERS, _collect  # noqa: E402
+from switchyard.moe.kernels import sum_copies  # noqa: E402
 from switchyard.moe.layer import MoELayer  # noqa: E402
 
 H, FFN, E, K = 32, 24, 8, 2
@@ -136,20 +137,55 @@ def test_config_mapping(case: str, expected: dict) -> None:
         assert getattr(cfg, key) == value, key
 
 
-def test_mixtral_backward_parity() -> None:
-    block, config = build_hf("mixtral")
+# "auto" is the per-expert loop on CPU, the weights applied in the combine; the SwiGLU Function's two backends take
+# each row's routing weight inside the experts (before GEMM 2) and the combine is a plain sum (``sum_copies``)
+EXPERT_IMPLS = ("auto", "swiglu_per_expert", "swiglu_grouped")
+
+
+@pytest.mark.parametrize("impl", EXPERT_IMPLS)
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe_raw"])
+def test_backward_parity(case: str, impl: str, monkeypatch) -> None:
+    import switchyard.moe.dispatcher as dispatcher_mod
+
+    plain_sums = []
+    monkeypatch.setattr(dispatcher_mod, "sum_copies", lambda *a: plain_sums.append(1) or sum_copies(*a))
+    block, config = build_hf(case)
     layer = layer_from_hf_block(block, config)
+    layer.experts.impl = impl
     x_hf, x_ours = make_input().requires_grad_(True), make_input().requires_grad_(True)
     upstream = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(7))
     (block(x_hf) * upstream).sum().backward()
     (layer(x_ours) * upstream).sum().backward()
+    assert len(plain_sums) == (impl != "auto")  # the weights went through the experts
     torch.testing.assert_close(x_ours.grad, x_hf.grad, **TOL)
     torch.testing.assert_close(layer.router.weight.grad, block.gate.weight.grad, **TOL)
     torch.testing.assert_close(layer.experts.gate_up_proj.grad, block.experts.gate_up_proj.grad, **TOL)
     torch.testing.assert_close(layer.experts.down_proj.grad, block.experts.down_proj.grad, **TOL)
 
 
-def test_expert_with_no_tokens() -> None:
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe_raw"])
+def test_backward_parity_on_cuda(case: str) -> None:
+    """On CUDA the layer's own kernels run (Triton sort, gather, SwiGLU with the folded weights, grouped GEMMs), in
+    fp32: outputs and gradients against the HF block on the same device."""
+    block, config = build_hf(case)
+    layer = layer_from_hf_block(block, config)
+    block, layer = block.cuda(), layer.cuda()
+    x_hf, x_ours = make_input().cuda().requires_grad_(True), make_input().cuda().requires_grad_(True)
+    upstream = torch.randn(2, 5, H, generator=torch.Generator().manual_seed(7)).cuda()
+    expected, ours = block(x_hf), layer(x_ours)
+    assert layer.experts.resolve_impl(x_ours.reshape(-1, H)) in ("swiglu_grouped", "swiglu_per_expert")
+    (expected * upstream).sum().backward()
+    (ours * upstream).sum().backward()
+    torch.testing.assert_close(ours, expected, **TOL)
+    torch.testing.assert_close(x_ours.grad, x_hf.grad, **TOL)
+    torch.testing.assert_close(layer.router.weight.grad, block.gate.weight.grad, **TOL)
+    torch.testing.assert_close(layer.experts.gate_up_proj.grad, block.experts.gate_up_proj.grad, **TOL)
+    torch.testing.assert_close(layer.experts.down_proj.grad, block.experts.down_proj.grad, **TOL)
+
+
+@pytest.mark.parametrize("impl", EXPERT_IMPLS)
+def test_expert_with_no_tokens(impl: str) -> None:
     """Expert 3 gets no token (its router row is pushed far down); output and grads still match HF."""
     block, config = build_hf("mixtral")
     x = make_input()
@@ -158,6 +194,7 @@ def test_expert_with_no_tokens() -> None:
         block.gate.weight[3].zero_()
         block.gate.weight[3, 0] = -100.0  # logit_3 <= -100 for every token
     layer = layer_from_hf_block(block, config)
+    layer.experts.impl = impl
     x_hf, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     expected, ours = block(x_hf), layer(x_ours)
     assert layer.last_stats is not None and int(layer.last_stats.tokens_per_expert_E[3]) == 0

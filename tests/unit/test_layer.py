@@ -129,3 +129,38 @@ def test_empty_batch_with_every_loss_on(shape):
     (y.sum() + layer.aux_loss).backward()
     assert y.shape == x.shape and layer.aux_loss.item() == 0.0
     assert layer.router.weight.grad is not None
+
+
+@pytest.mark.parametrize("impl", ["swiglu_per_expert", "swiglu_grouped"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+def test_folded_routing_weights_keep_no_expert_outputs_and_change_nothing(impl, capacity_factor):
+    """The routing weights folded into the SwiGLU (default) vs applied in the combine: the same outputs and
+    gradients (fp32, every parameter and the input; with dropped copies too), and the backward keeps one
+    [T*K, H] tensor fewer (the combine's saved expert outputs)."""
+    torch.manual_seed(0)
+    tokens, hidden, top_k = 24, 16, 2
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=top_k, capacity_factor=capacity_factor), hidden, 32)
+    layer.experts.impl = impl
+    x = torch.randn(tokens, hidden)
+    cotangent = torch.randn(tokens, hidden)
+    results = {}
+    for fold in (True, False):
+        layer.fold_routing_weights = fold
+        layer.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_(True)
+        kept_rows = []
+
+        def pack(t, kept_rows=kept_rows):
+            kept_rows.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(x_in)
+        (out * cotangent).sum().backward()
+        results[fold] = (out.detach(), x_in.grad, *[p.grad for p in layer.parameters()],
+                         sum(1 for shape in kept_rows if len(shape) == 2 and shape[1] == hidden and shape[0] > tokens))
+    *folded, folded_rows = results[True]
+    *weighted, weighted_rows = results[False]
+    for got, want in zip(folded, weighted, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert folded_rows == weighted_rows - 1

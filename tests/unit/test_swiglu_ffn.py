@@ -184,11 +184,42 @@ def test_silu_mul_backward_writes_the_forward_product_in_place(dtype: torch.dtyp
     torch.manual_seed(0)
     h_NO = torch.randn(300, 2 * 3000, device="cuda", dtype=dtype)  # 3000: two column blocks, a masked tail
     da_NF = torch.randn(300, 3000, device="cuda", dtype=dtype)
-    want_a, want_dh = silu_mul_forward(h_NO), tk.silu_mul_bwd(h_NO, da_NF)
-    got_dh = silu_mul_backward_(h_NO, da_NF, product_into_da=True)
-    assert got_dh.data_ptr() == h_NO.data_ptr()
+    want_a, (want_dh, _) = silu_mul_forward(h_NO), tk.silu_mul_bwd(h_NO, da_NF)
+    assert silu_mul_backward_(h_NO, da_NF, product_into_da=True) is None
     torch.testing.assert_close(da_NF, want_a, rtol=0, atol=0)
-    torch.testing.assert_close(got_dh, want_dh, rtol=0, atol=0)
+    torch.testing.assert_close(h_NO, want_dh, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_weighted_silu_mul_kernels_match_their_pytorch_math(dtype: torch.dtype) -> None:
+    """The routing weight folded into the SwiGLU (Triton): forward, the gradients of h and of the weights (two column
+    blocks: the weights' gradient summed over blocks), and the weighted product written over da, against the same
+    functions with the kernels off (their PyTorch math)."""
+    from switchyard.moe.kernels import set_fused_kernels
+    from switchyard.moe.kernels.ops import silu_mul_backward_, silu_mul_forward
+
+    torch.manual_seed(0)
+    h_NO = torch.randn(300, 2 * 3000, device="cuda", dtype=dtype)
+    da_NF = torch.randn(300, 3000, device="cuda", dtype=dtype)
+    w_N = torch.rand(300, device="cuda")
+    results = []
+    for fused in (True, False):
+        set_fused_kernels(fused)
+        try:
+            h, da = h_NO.clone(), da_NF.clone()
+            a = silu_mul_forward(h, w_N)
+            dw = silu_mul_backward_(h, da, product_into_da=True, row_weight_N=w_N)
+            results.append((a, h, da, dw))
+        finally:
+            set_fused_kernels(True)
+    (a, dh, product, dw), (a_ref, dh_ref, product_ref, dw_ref) = results
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    torch.testing.assert_close(a, a_ref, **tol)
+    torch.testing.assert_close(product, a, rtol=0, atol=0)  # the forward's bits, written by the backward
+    torch.testing.assert_close(dh, dh_ref, **tol)
+    assert dw.dtype == torch.float32 and dw.shape == (300,)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -200,10 +231,11 @@ def test_silu_mul_backward_product_into_da_on_cpu(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     h_NO, da_NF = torch.randn(10, 2 * FF, dtype=dtype), torch.randn(10, FF, dtype=dtype)
     want_a = silu_mul_forward(h_NO)
-    want_dh = silu_mul_backward_(h_NO.clone(), da_NF.clone())
-    got_dh = silu_mul_backward_(h_NO, da_NF, product_into_da=True)
+    want_dh = h_NO.clone()
+    silu_mul_backward_(want_dh, da_NF.clone())
+    silu_mul_backward_(h_NO, da_NF, product_into_da=True)
     torch.testing.assert_close(da_NF, want_a, rtol=0, atol=0)
-    torch.testing.assert_close(got_dh, want_dh, rtol=0, atol=0)
+    torch.testing.assert_close(h_NO, want_dh, rtol=0, atol=0)
 
 
 def test_late_down_grad_rule_on_the_benchmark_shapes() -> None:

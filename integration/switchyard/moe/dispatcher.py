@@ -4,6 +4,9 @@
                ──all-to-all (ep>1)──▶ rows from every source rank ──regroup──▶ x_MH (by local expert)
     combine:   y_MH ──regroup⁻¹──▶ ──all-to-all⁻¹──▶ y_NH ──gather by slot, Σ_k weight·row──▶ out_TH
 
+At ep = 1 the SwiGLU experts can take each row's weight themselves (``fold_weights`` / ``row_weights``; the layer
+decides): the combine is then Σ_k row, whose backward is a gather and keeps nothing.
+
 The local permutation has no host sync: the slots are sorted by expert and counted in one call
 (``sort_slots_by_expert``: a two-launch Triton counting sort on CUDA, ``torch.sort`` and a binary search
 elsewhere; ``torch.bincount`` would read its max back to the host on CUDA). With the fused kernels on (default;
@@ -36,7 +39,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.distributed as dist
 
-from switchyard.moe.kernels import fused_kernels_enabled, gather_rows, unpermute_combine
+from switchyard.moe.kernels import fused_kernels_enabled, gather_rows, sum_copies, unpermute_combine
 from switchyard.moe.kernels.ep_regroup import CountPlan, plan_counts, regroup_index
 from switchyard.moe.kernels.expert_sort import sort_slots_by_expert
 from switchyard.parallel.all_to_all import all_to_all, all_to_all_start, exchange_counts
@@ -226,6 +229,16 @@ class TokenDispatcher:
         plan.dest_M, plan.regroup_M = regroup_index(counts.plan, x_recv.shape[0])
         return permute_rows(x_recv, plan.regroup_M, plan.dest_M), plan
 
+    def fold_weights(self, plan: DispatchPlan) -> bool:
+        """Whether the routing weights can ride with the rows into the experts (``row_weights``), leaving
+        ``combine`` a plain sum: at ep = 1 on the fused path, where the rows never leave this rank."""
+        return self.ep_size == 1 and not plan.replicated and plan.row_of_slot_TK is not None
+
+    @staticmethod
+    def row_weights(weight_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Each dispatched row's routing weight (fp32 ``[N]``), in the rows' order; differentiable."""
+        return weight_TK.reshape(-1).index_select(0, plan.slot_order_N)
+
     def reduce_replicated(self, out_TH: torch.Tensor) -> torch.Tensor:
         """Each token's partial output summed over the EP ranks (in place), when every rank holds every
         token and added only its own experts' copies."""
@@ -233,8 +246,16 @@ class TokenDispatcher:
             dist.all_reduce(out_TH, group=self.ep_group)
         return out_TH
 
-    def combine(self, y_MH: torch.Tensor, plan: DispatchPlan, weight_TK: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of each token's expert outputs, back on the rank and in the order it came from."""
+    def combine(self, y_MH: torch.Tensor, plan: DispatchPlan, weight_TK: torch.Tensor | None) -> torch.Tensor:
+        """Weighted sum of each token's expert outputs, back on the rank and in the order it came from.
+
+        ``weight_TK`` None: the rows carry their weights already (the experts folded them in, see
+        ``fold_weights``): a plain sum, at ep = 1 on the fused path."""
+        if weight_TK is None:
+            if plan.replicated or self.ep_size > 1 or plan.row_of_slot_TK is None:
+                raise ValueError("rows weighted by the experts are combined at ep = 1 on the fused path only; "
+                                 "pass weight_TK to combine")
+            return sum_copies(y_MH, plan.token_idx_N, plan.row_of_slot_TK)
         if plan.replicated:
             assert plan.row_of_slot_TK is not None
             return self.reduce_replicated(unpermute_combine(y_MH, weight_TK, plan.row_of_slot_TK))

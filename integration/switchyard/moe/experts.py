@@ -185,12 +185,13 @@ def _gathered_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert:
 
 def _swiglu_impl(backend: str) -> ExpertsImpl:
     def forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts,
-                cu_offsets_E1: Tensor | None = None) -> Tensor:
+                cu_offsets_E1: Tensor | None = None, row_weight_N: Tensor | None = None) -> Tensor:
         if x_NH.shape[0] == 0:  # all counts are 0 by contract; the loop gives zero grads without a sync
-            return _loop_forward(module, x_NH, [0] * module.num_experts)
+            return _loop_forward(module, x_NH, [0] * module.num_experts)  # no rows: no weight to take a gradient
         w1_EOH, _, w2_EHF, _ = module.weights()
         counts_E = torch.as_tensor(tokens_per_expert, device=x_NH.device)
-        return swiglu_ffn(x_NH.to(w1_EOH.dtype).contiguous(), w1_EOH, w2_EHF, counts_E, backend, cu_offsets_E1)
+        return swiglu_ffn(x_NH.to(w1_EOH.dtype).contiguous(), w1_EOH, w2_EHF, counts_E, backend, cu_offsets_E1,
+                          row_weight_N)
     forward.__doc__ = f"SwiGLU experts as one autograd Function, {backend} GEMMs (see swiglu_ffn.py)."
     return forward
 
@@ -360,15 +361,30 @@ class GroupedExperts(nn.Module):
             return "swiglu_grouped"
         return "grouped_mm"
 
-    def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts, offsets: Tensor | None = None) -> Tensor:
+    def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts, offsets: Tensor | None = None,
+                row_weight_N: Tensor | None = None) -> Tensor:
         """Rows of ``x_NH`` are sorted by local expert; ``tokens_per_expert[e]`` rows go to expert e.
 
         ``offsets`` (optional): 0 then ``cumsum(tokens_per_expert)``, int32 on the device (``E + 1`` entries), when
         the caller has them already (the dispatcher's sort does), saving the grouped GEMMs' scan and pad.
+        ``row_weight_N`` (optional, fp32): each row's routing weight, applied inside the experts (``y = w · FFN(x)``;
+        ``folds_row_weight`` says for which inputs that is possible).
         """
         assert x_NH.dim() == 2 and x_NH.shape[-1] == self.hidden_size, f"x_NH shape {tuple(x_NH.shape)}"
-        y_NH = EXPERT_IMPLS[self.resolve_impl(x_NH)](self, x_NH, tokens_per_expert, offsets)
+        impl = self.resolve_impl(x_NH)
+        if row_weight_N is None:
+            y_NH = EXPERT_IMPLS[impl](self, x_NH, tokens_per_expert, offsets)
+        elif impl in _SWIGLU_IMPLS:
+            y_NH = EXPERT_IMPLS[impl](self, x_NH, tokens_per_expert, offsets, row_weight_N)
+        else:
+            raise ValueError(f"experts impl {impl!r} takes no row weights (only {_SWIGLU_IMPLS} fold them in); "
+                             "weight the rows in the combine instead")
         return y_NH.to(x_NH.dtype)
+
+    def folds_row_weight(self, x_NH: Tensor) -> bool:
+        """Whether ``forward`` can take ``row_weight_N`` for these rows: the SwiGLU Function multiplies each row's
+        SwiGLU output by its weight before GEMM 2 (same math as weighting the output; see swiglu_ffn.py)."""
+        return self.resolve_impl(x_NH) in _SWIGLU_IMPLS
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

@@ -150,6 +150,10 @@ class MoELayer(DeepSpeedMoEModule):
     cuda_graph: bool = False
     # shared experts computed while the dispatch all-to-all is in flight (ep > 1; their backward likewise)
     overlap_shared_experts: bool = True
+    # the routing weights multiplied into the SwiGLU experts' rows before GEMM 2 where the rows stay on this rank
+    # (ep = 1, etp = 1, the SwiGLU Function): the combine is then a plain sum that keeps no [T*K, H] for its
+    # backward (moe/swiglu_ffn.py); False weights the experts' outputs in the combine, as every other path does
+    fold_routing_weights: bool = True
     # [B, S] or [T], 1 = real token: padding left out of the balance loss and of expert capacity; set per
     # forward by a patched HF model's hook (hf/patch.py). [B, S] also splits a [T, H] input into B sequences
     # for the sequence balance loss; a step with a KV cache's [B, S_cache + S] is ignored (``_token_split``)
@@ -366,8 +370,16 @@ class MoELayer(DeepSpeedMoEModule):
             plan.overlap_out = overlap() if overlap is not None else None
         else:
             x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK, overlap)
-        y_MH = self._run_experts(x_MH, plan)
-        return self.dispatcher.combine(y_MH, plan, routed.topk_weight_TK), plan.tokens_per_expert_E, plan.overlap_out
+        weight_TK: torch.Tensor | None = routed.topk_weight_TK
+        if (self.fold_routing_weights and self.experts.etp_size == 1 and self.dispatcher.fold_weights(plan)
+                and self.experts.folds_row_weight(x_MH)):
+            # the experts weight their rows (inside the SwiGLU, before GEMM 2): the combine keeps nothing
+            y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1,
+                                self.dispatcher.row_weights(weight_TK, plan))
+            weight_TK = None
+        else:
+            y_MH = self._run_experts(x_MH, plan)
+        return self.dispatcher.combine(y_MH, plan, weight_TK), plan.tokens_per_expert_E, plan.overlap_out
 
     def _run_experts(self, x_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """The local experts on the dispatched rows. Sharded (etp > 1), every etp rank holds the same rows: each

@@ -140,17 +140,20 @@ class _DownGradSink(torch.autograd.Function):
 
 
 class _SwiGLUDown(torch.autograd.Function):
-    """SwiGLU + GEMM 2: ``y = (silu(h[:, :F]) * h[:, F:]) @ w2[e].T``; keeps ``h``, not the product.
+    """SwiGLU + GEMM 2: ``y = (w[n] · silu(h[:, :F]) * h[:, F:]) @ w2[e].T``; keeps ``h``, not the product.
 
-    With a ``box`` (late order) the backward returns no weight gradient: it leaves the operands in the box."""
+    ``w`` (optional, fp32 ``[N]``): each row's routing weight, folded in before GEMM 2 (see ``swiglu_ffn``); its
+    gradient ``<da[n], silu(gate) * up>`` comes out of the SwiGLU backward's pass. With a ``box`` (late order) the
+    backward returns no weight gradient for ``w2``: it leaves the operands in the box."""
 
     @staticmethod
     def forward(ctx, h_NO: Tensor, w2_EHF: Tensor, groups: Groups, gemm: str,  # type: ignore[override]
-                box: _LateDownGrad | None = None) -> Tensor:
+                box: _LateDownGrad | None = None, row_weight_N: Tensor | None = None) -> Tensor:
         _save(ctx, h_NO, w2_EHF, groups, gemm)
+        ctx.row_weight_N = row_weight_N.detach() if row_weight_N is not None else None  # [N] fp32: kept as is
         ctx.h_consumed = False
         ctx.box = box
-        return _matmul_by_expert(silu_mul_forward(h_NO), w2_EHF.transpose(-2, -1), groups, gemm)
+        return _matmul_by_expert(silu_mul_forward(h_NO, ctx.row_weight_N), w2_EHF.transpose(-2, -1), groups, gemm)
 
     @staticmethod
     def backward(ctx, grad_NH: Tensor):  # type: ignore[override]
@@ -159,31 +162,40 @@ class _SwiGLUDown(torch.autograd.Function):
                                "overwrote its saved activations; set GroupedExperts.impl='grouped_mm' for that")
         h_NO, w2_EHF, groups = _saved(ctx)
         ctx.h_consumed = True
+        weight_N = ctx.row_weight_N
         grad_NH = grad_NH.contiguous()  # y.sum().backward() sends an expanded (stride-0) grad
         need_w2 = ctx.needs_input_grad[1]
-        # one pass over h: its gradient over h, and the product silu(gate) * up over its own gradient ``da``
-        if ctx.box is not None:
+        # one pass over h: its gradient over h, and the (weighted) product over its own gradient ``da``
+        if ctx.box is not None or isinstance(groups, Tensor):
             da_NF = _matmul_by_expert(grad_NH, w2_EHF, groups, ctx.gemm)
-            silu_mul_backward_(h_NO, da_NF, product_into_da=True)
-            ctx.box.grad_NH, ctx.box.a_NF, ctx.box.groups = grad_NH, da_NF, groups
-            return h_NO, None, None, None, None
-        if isinstance(groups, Tensor):
-            da_NF = _matmul_by_expert(grad_NH, w2_EHF, groups, ctx.gemm)
-            silu_mul_backward_(h_NO, da_NF, product_into_da=need_w2)
-            return h_NO, (_weight_grad(grad_NH, da_NF, groups, ctx.gemm) if need_w2 else None), None, None, None
+            grad_weight_N = silu_mul_backward_(h_NO, da_NF, product_into_da=need_w2 or ctx.box is not None,
+                                               row_weight_N=weight_N)
+            if ctx.box is not None:
+                ctx.box.grad_NH, ctx.box.a_NF, ctx.box.groups = grad_NH, da_NF, groups
+                grad_w2 = None
+            else:
+                grad_w2 = _weight_grad(grad_NH, da_NF, groups, ctx.gemm) if need_w2 else None
+            return h_NO, grad_w2, None, None, None, grad_weight_N
         grad_w2 = torch.empty_like(w2_EHF) if need_w2 else None
-        for e, (g_nH, h_nO) in enumerate(zip(grad_NH.split(groups), h_NO.split(groups))):
+        grads_weight = []
+        weights = weight_N.split(groups) if weight_N is not None else [None] * len(groups)
+        for e, (g_nH, h_nO, w_n) in enumerate(zip(grad_NH.split(groups), h_NO.split(groups), weights)):
             da_nF = g_nH @ w2_EHF[e]
-            silu_mul_backward_(h_nO, da_nF, product_into_da=need_w2)  # over h: dead from here on
+            grads_weight.append(silu_mul_backward_(h_nO, da_nF, product_into_da=need_w2, row_weight_N=w_n))
             if grad_w2 is not None:
                 torch.mm(g_nH.t(), da_nF, out=grad_w2[e])
-        return h_NO, grad_w2, None, None, None
+        return h_NO, grad_w2, None, None, None, (torch.cat(grads_weight) if weight_N is not None else None)
 
 
 def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, backend: str,
-               cu_offsets_E1: Tensor | None = None) -> Tensor:
+               cu_offsets_E1: Tensor | None = None, row_weight_N: Tensor | None = None) -> Tensor:
     """``down(silu(gate(x)) * up(x))`` per expert over rows sorted by expert; ``counts_E`` rows each
-    (``cu_offsets_E1``: 0 then their int32 cumulative sum, if the caller has it)."""
+    (``cu_offsets_E1``: 0 then their int32 cumulative sum, if the caller has it).
+
+    ``row_weight_N`` (fp32, optional): each row's routing weight, multiplied into the SwiGLU's output before GEMM 2
+    (``y = (w · a) @ down``, which is ``w · (a @ down)``): the combine is then a plain sum over a token's rows and
+    keeps nothing for its backward, where a weighted combine keeps ``y`` (``[N, H]``) to take ``w``'s gradient;
+    here that gradient comes from the SwiGLU backward's pass, which reads ``a``'s operands anyway."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
     groups: Groups
@@ -194,13 +206,13 @@ def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, b
         gemm = grouped_gemm.backend_for(x_NH, w1_EOH, w2_EHF)
     else:
         groups = counts_E.tolist()
-    if records_graph(x_NH, w1_EOH, w2_EHF):
+    if records_graph(x_NH, w1_EOH, w2_EHF, *([row_weight_N] if row_weight_N is not None else [])):
         num_experts, hidden, width = w2_EHF.shape
         box = None
         if (x_NH.requires_grad and w2_EHF.requires_grad
                 and late_down_grad_saves_memory(x_NH.shape[0], num_experts, hidden, width)):
             box = _LateDownGrad(gemm)
             x_NH = _DownGradSink.apply(x_NH, w2_EHF, box)
-        return _SwiGLUDown.apply(_UpProj.apply(x_NH, w1_EOH, groups, gemm), w2_EHF, groups, gemm, box)
+        return _SwiGLUDown.apply(_UpProj.apply(x_NH, w1_EOH, groups, gemm), w2_EHF, groups, gemm, box, row_weight_N)
     h_NO = _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups, gemm)
-    return _matmul_by_expert(silu_mul_forward(h_NO), w2_EHF.transpose(-2, -1), groups, gemm)
+    return _matmul_by_expert(silu_mul_forward(h_NO, row_weight_N), w2_EHF.transpose(-2, -1), groups, gemm)

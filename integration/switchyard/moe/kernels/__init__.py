@@ -17,6 +17,7 @@ from switchyard.moe.kernels.ops import (
     set_fused_kernels,
     silu_mul,
     silu_mul_supported,
+    sum_copies,
     triton_available,
     unpermute_combine,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "set_fused_kernels",
     "silu_mul",
     "silu_mul_supported",
+    "sum_copies",
     "triton_available",
     "unpermute_combine",
 ]

@@ -6,6 +6,8 @@
     unpermute_combine(y_RH, weight_TK, idx_TK)    out[t] = sum_k weight[t, k] * y[idx[t, k]] in fp32, one
                                                   rounding; backward writes grad_y row by row (no atomics)
                                                   and grad_weight as fp32 dot products
+    sum_copies(y_RH, token_idx_R, idx_TK)         out[t] = sum_k y[idx[t, k]] (rows already weighted); its
+                                                  backward is the gather grad[token_idx_R]: nothing saved
     silu_mul(h_NO)                                silu(h[:, :F]) * h[:, F:] (SwiGLU) without storing
                                                   silu(gate); backward recomputes it from h
 
@@ -147,6 +149,18 @@ class _UnpermuteCombine(torch.autograd.Function):
         return (grad_y if need_y else None), grad_w, None
 
 
+class _SumCopies(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RH: torch.Tensor, token_idx_R: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(token_idx_R)
+        return _gather_sum(y_RH.contiguous(), idx_TK, None, y_RH.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TH: torch.Tensor):  # type: ignore[override]
+        (token_idx_R,) = ctx.saved_tensors
+        return grad_TH.index_select(0, token_idx_R), None, None
+
+
 class _SiluMul(torch.autograd.Function):
     """The Triton SwiGLU under autograd: saves ``h`` only (silu(gate) is recomputed in the backward)."""
 
@@ -158,7 +172,7 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, da_NF: torch.Tensor):  # type: ignore[override]
         (h_NO,) = ctx.saved_tensors
-        return _tk.silu_mul_bwd(h_NO, da_NF.contiguous())
+        return _tk.silu_mul_bwd(h_NO, da_NF.contiguous())[0]
 
 
 def records_graph(*tensors: torch.Tensor) -> bool:
@@ -182,39 +196,65 @@ def unpermute_combine(y_RH: torch.Tensor, weight_TK: torch.Tensor, idx_TK: torch
     return _UnpermuteCombine.apply(y_RH, weight_TK, idx_TK)
 
 
+def sum_copies(y_RH: torch.Tensor, token_idx_R: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k y[idx[t, k]]`` (fp32 accumulation, in y's dtype) of rows that carry their weights already
+    (``token_idx_R[r]``: the token of row r, the inverse of ``idx_TK``)."""
+    if not records_graph(y_RH):
+        return _gather_sum(y_RH.contiguous(), idx_TK, None, y_RH.dtype)
+    return _SumCopies.apply(y_RH, token_idx_R, idx_TK)
+
+
 def silu_mul_supported(h_NO: torch.Tensor) -> bool:
     return (_triton_ok(h_NO) and h_NO.dim() == 2 and h_NO.shape[0] > 0 and h_NO.shape[1] % 2 == 0
             and h_NO.stride(-1) == 1)
 
 
-def silu_mul_forward(h_NO: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``: the Triton kernel (no autograd) where it runs, else its math in PyTorch (at least
-    fp32: float64 stays float64; one rounding), which autograd can differentiate."""
-    if silu_mul_supported(h_NO):
-        return _tk.silu_mul_fwd(h_NO)
-    gate_NF, up_NF = h_NO.to(accumulation_dtype(h_NO.dtype)).chunk(2, dim=-1)
-    return (F.silu(gate_NF) * up_NF).to(h_NO.dtype)
+def silu_mul_forward(h_NO: torch.Tensor, row_weight_N: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up``, times each row's fp32 weight ``row_weight_N`` where given (the routing weight folded in
+    before GEMM 2): the Triton kernel (no autograd) where it runs, else its math in PyTorch (at least fp32:
+    float64 stays float64; one rounding), which autograd can differentiate."""
+    if silu_mul_supported(h_NO) and (row_weight_N is None or kernel_inputs_ok(row_weight_N)):
+        return _tk.silu_mul_fwd(h_NO, row_weight_N)
+    acc = accumulation_dtype(h_NO.dtype, *([row_weight_N.dtype] if row_weight_N is not None else []))
+    gate_NF, up_NF = h_NO.to(acc).chunk(2, dim=-1)
+    a_NF = F.silu(gate_NF) * up_NF
+    if row_weight_N is not None:
+        a_NF = a_NF * row_weight_N.to(acc).unsqueeze(-1)
+    return a_NF.to(h_NO.dtype)
 
 
-def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor, product_into_da: bool = False) -> torch.Tensor:
-    """SwiGLU's input gradient written over ``h_NO`` (in place, outside autograd); returns ``h_NO``.
+def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor, product_into_da: bool = False,
+                       row_weight_N: torch.Tensor | None = None) -> torch.Tensor | None:
+    """SwiGLU's input gradient written over ``h_NO`` (in place, outside autograd).
 
     For callers whose ``h`` is dead once its gradient exists: the two never take memory side by side.
-    ``product_into_da``: in the same pass, write ``silu(gate) * up`` (``silu_mul_forward``'s value) over
-    ``da_NF``, for a caller that needs the product after the gradient (GEMM 2's weight gradient): one read
-    of ``h`` instead of a recompute pass before this one.
+    ``product_into_da``: in the same pass, write the forward's value (``silu_mul_forward``'s, bit for bit) over
+    ``da_NF``, for a caller that needs it after the gradient (GEMM 2's weight gradient): one read of ``h``
+    instead of a recompute pass before this one. ``row_weight_N``: the forward was ``w[n] · silu(gate) · up``
+    and ``da_NF`` is that product's gradient; returns ``w``'s fp32 gradient ``<da[n], silu(gate[n]) · up[n]>``
+    (else None).
     """
-    if silu_mul_supported(h_NO) and h_NO.is_contiguous() and da_NF.is_contiguous():
-        return _tk.silu_mul_bwd(h_NO, da_NF, out=h_NO, a_out=da_NF if product_into_da else None)
-    acc = accumulation_dtype(h_NO.dtype, da_NF.dtype)
+    weighted = row_weight_N is not None
+    if (silu_mul_supported(h_NO) and h_NO.is_contiguous() and da_NF.is_contiguous()
+            and (not weighted or kernel_inputs_ok(row_weight_N))):
+        return _tk.silu_mul_bwd(h_NO, da_NF, out=h_NO, a_out=da_NF if product_into_da else None, w_N=row_weight_N)[1]
+    acc = accumulation_dtype(h_NO.dtype, da_NF.dtype, *([row_weight_N.dtype] if weighted else []))
     gate_NF, up_NF = h_NO.to(acc).chunk(2, dim=-1)
     sig_NF = torch.sigmoid(gate_NF)
     grad_NF = da_NF.to(acc)
+    product_NF = F.silu(gate_NF) * up_NF  # silu_mul_forward's math
+    grad_weight_N = None
+    if weighted:
+        weight_N1 = row_weight_N.to(acc).unsqueeze(-1)
+        grad_weight_N = (grad_NF * product_NF).sum(-1).to(torch.float32)
+        grad_NF = grad_NF * weight_N1
+        product_NF = product_NF * weight_N1
     d_gate_NF = grad_NF * up_NF * sig_NF * (1.0 + gate_NF * (1.0 - sig_NF))
     d_up_NF = grad_NF * gate_NF * sig_NF
     if product_into_da:
-        da_NF.copy_(F.silu(gate_NF) * up_NF)  # silu_mul_forward's math and rounding
-    return h_NO.copy_(torch.cat([d_gate_NF, d_up_NF], dim=-1))
+        da_NF.copy_(product_NF)  # and its rounding
+    h_NO.copy_(torch.cat([d_gate_NF, d_up_NF], dim=-1))
+    return grad_weight_N
 
 
 def silu_mul(h_NO: torch.Tensor) -> torch.Tensor:

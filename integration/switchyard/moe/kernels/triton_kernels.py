@@ -59,22 +59,27 @@ def _combine_bwd_kernel(grad_ptr, y_ptr, idx_ptr, w_ptr, grad_y_ptr, part_ptr, H
 
 @fast_launch
 @triton.jit
-def _silu_mul_fwd_kernel(h_ptr, a_ptr, F, stride_h, stride_a, BLOCK: tl.constexpr):
-    # a[n, :] = silu(h[n, :F]) * h[n, F:]
+def _silu_mul_fwd_kernel(h_ptr, w_ptr, a_ptr, F, stride_h, stride_a, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    # a[n, :] = silu(h[n, :F]) * h[n, F:]  (HAS_W: times the row's weight w[n], fp32)
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < F
     g = tl.load(h_ptr + r * stride_h + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(h_ptr + r * stride_h + F + cols, mask=m, other=0.0).to(tl.float32)
     a = g * tl.sigmoid(g) * u
+    if HAS_W:
+        a = a * tl.load(w_ptr + r).to(tl.float32)
     tl.store(a_ptr + r * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=m)
 
 
 @fast_launch
 @triton.jit
-def _silu_mul_bwd_kernel(h_ptr, da_ptr, dh_ptr, a_ptr, F, stride_h, stride_da, stride_dh, stride_a,
-                         WRITE_A: tl.constexpr, BLOCK: tl.constexpr):
-    # dh = d(silu(gate) * up) / d(gate, up) · da;  WRITE_A: also a = silu(gate) * up (the forward's value)
+def _silu_mul_bwd_kernel(h_ptr, da_ptr, dh_ptr, a_ptr, w_ptr, dw_ptr, F, NB, stride_h, stride_da, stride_dh,
+                         stride_a, WRITE_A: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+    # dh = d(silu(gate) * up) / d(gate, up) · da;  WRITE_A: also a = silu(gate) * up (the forward's value).
+    # HAS_W (the forward was w[n] * silu(gate) * up): ``da`` is that product's gradient; this block's share of
+    # d w[n] = <da, silu(gate) * up> goes to dw[n, block], the gate/up gradient takes w[n] * da, and WRITE_A
+    # writes the weighted product (the forward's value again)
     r = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < F
@@ -82,12 +87,18 @@ def _silu_mul_bwd_kernel(h_ptr, da_ptr, dh_ptr, a_ptr, F, stride_h, stride_da, s
     u = tl.load(h_ptr + r * stride_h + F + cols, mask=m, other=0.0).to(tl.float32)
     da = tl.load(da_ptr + r * stride_da + cols, mask=m, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
+    if HAS_W:
+        w = tl.load(w_ptr + r).to(tl.float32)
+        tl.store(dw_ptr + r * NB + tl.program_id(1), tl.sum(da * (g * sig * u), axis=0))
+        da = da * w
     dg = da * u * sig * (1.0 + g * (1.0 - sig))  # silu'(g) = sig * (1 + g * (1 - sig))
     du = da * g * sig
     tl.store(dh_ptr + r * stride_dh + cols, dg.to(dh_ptr.dtype.element_ty), mask=m)
     tl.store(dh_ptr + r * stride_dh + F + cols, du.to(dh_ptr.dtype.element_ty), mask=m)
     if WRITE_A:
         a = g * tl.sigmoid(g) * u  # the forward kernel's expression: the same bits
+        if HAS_W:
+            a = a * w
         tl.store(a_ptr + r * stride_a + cols, a.to(a_ptr.dtype.element_ty), mask=m)
 
 
@@ -123,25 +134,33 @@ def combine_backward(grad_TH: torch.Tensor, y_RH: torch.Tensor, idx_TK: torch.Te
     return grad_y_RH, grad_w_TK
 
 
-def silu_mul_fwd(h_NO: torch.Tensor) -> torch.Tensor:
+def silu_mul_fwd(h_NO: torch.Tensor, w_N: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up``, times each row's weight ``w_N`` (fp32) where given."""
     rows, width = h_NO.shape[0], h_NO.shape[1] // 2
     a_NF = torch.empty((rows, width), dtype=h_NO.dtype, device=h_NO.device)
     block = _block(width, 2048)
-    _silu_mul_fwd_kernel[(rows, triton.cdiv(width, block))](h_NO, a_NF, width, h_NO.stride(0), a_NF.stride(0),
+    _silu_mul_fwd_kernel[(rows, triton.cdiv(width, block))](h_NO, w_N if w_N is not None else h_NO, a_NF, width,
+                                                            h_NO.stride(0), a_NF.stride(0), HAS_W=w_N is not None,
                                                             BLOCK=block, num_warps=8 if block >= 2048 else 4)
     return a_NF
 
 
 def silu_mul_bwd(h_NO: torch.Tensor, da_NF: torch.Tensor, out: torch.Tensor | None = None,
-                 a_out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out`` may be ``h_NO`` itself and ``a_out`` ``da_NF`` itself: each program reads its elements of h and
-    da before writing the same ones. ``a_out`` (optional) receives ``silu(gate) * up``."""
+                 a_out: torch.Tensor | None = None, w_N: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``dh_NO``, the row weights' fp32 gradient or None). ``out`` may be ``h_NO`` itself and ``a_out``
+    ``da_NF`` itself: each program reads its elements of h and da before writing the same ones. ``a_out``
+    (optional) receives the forward's value (``silu(gate) * up``, times ``w_N`` where given)."""
     rows, width = da_NF.shape
     dh_NO = torch.empty_like(h_NO) if out is None else out
     a_NF = a_out if a_out is not None else da_NF  # not written without a_out
     block = _block(width, 2048)
-    _silu_mul_bwd_kernel[(rows, triton.cdiv(width, block))](h_NO, da_NF, dh_NO, a_NF, width, h_NO.stride(0),
-                                                            da_NF.stride(0), dh_NO.stride(0), a_NF.stride(0),
-                                                            WRITE_A=a_out is not None, BLOCK=block,
-                                                            num_warps=8 if block >= 2048 else 4)
-    return dh_NO
+    blocks = triton.cdiv(width, block)
+    dw_NB = torch.empty((rows, blocks), dtype=torch.float32, device=h_NO.device) if w_N is not None else None
+    _silu_mul_bwd_kernel[(rows, blocks)](h_NO, da_NF, dh_NO, a_NF, w_N if w_N is not None else h_NO,
+                                         dw_NB if dw_NB is not None else h_NO, width, blocks, h_NO.stride(0),
+                                         da_NF.stride(0), dh_NO.stride(0), a_NF.stride(0), WRITE_A=a_out is not None,
+                                         HAS_W=w_N is not None, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    if dw_NB is None:
+        return dh_NO, None
+    return dh_NO, (dw_NB.view(-1) if blocks == 1 else dw_NB.sum(1))

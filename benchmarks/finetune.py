@@ -30,6 +30,9 @@ gradient clipping 1.0, the same random token ids (fixed generator) for every imp
                       all three
     switchyard_torch_gemm  (opt-in) switchyard with its experts' grouped GEMMs from torch's grouped_mm even where
                       QuACK's would run (switchyard/moe/grouped_gemm.py): the A/B of QuACK's GEMMs
+    switchyard_weighted_combine  (opt-in) switchyard with ``MoELayer.fold_routing_weights = False``: the routing
+                      weights applied in the combine (which keeps each layer's expert outputs for the backward),
+                      not inside the SwiGLU experts: the A/B of that fold
     deepspeed_autoep  the same MoE as a standard transformers ``MixtralForCausalLM`` (same hidden size,
                       layers, heads, experts, top-k, expert FFN; ``output_router_logits=True`` with
                       ``router_aux_loss_coef`` 0.01 so its loss has the same router term) under DeepSpeed
@@ -124,11 +127,12 @@ ZERO_CONFIGS = {2: ZERO2_CONFIG, 3: REPO_ROOT / "configs" / "deepspeed" / "zero3
 PEAK_FLOPS = 989e12  # H200 dense bf16 datasheet value (the same constant as switchyard.train.loop)
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
 # switchyard with DeepSpeed's own ZeRO step, or its norm, clip and step (A/Bs of switchyard's, in the same rounds)
-OPTIONAL_IMPLS = ("switchyard_deepspeed_step", "switchyard_deepspeed_norm", "switchyard_torch_gemm")
+OPTIONAL_IMPLS = ("switchyard_deepspeed_step", "switchyard_deepspeed_norm", "switchyard_torch_gemm",
+                  "switchyard_weighted_combine")
 # Competitors first: switchyard's ProcessGroupManager registers its groups with DeepSpeed last, so it
 # cannot change what the others ran with.
 RUN_ORDER = ("hf_grouped_mm", "deepspeed_autoep", "switchyard_deepspeed_norm", "switchyard_deepspeed_step",
-             "switchyard_torch_gemm", "switchyard")
+             "switchyard_torch_gemm", "switchyard_weighted_combine", "switchyard")
 AUX_LOSS_COEF = 0.01
 LR, WEIGHT_DECAY, CLIP = 1e-5, 0.01, 1.0
 
@@ -207,6 +211,7 @@ class Run:
     fused_step: bool = True  # switchyard's one-pass ZeRO-1/2 step (False: DeepSpeed's)
     grouped_gemm: str | None = None  # switchyard's experts' grouped-GEMM library (None: as the environment says;
     # "torch": torch's even where QuACK would run)
+    fold_routing_weights: bool = True  # switchyard's MoELayer.fold_routing_weights
 
     @property
     def precision(self) -> str:
@@ -299,6 +304,7 @@ def build_switchyard(run: Run, aux: bool) -> Built:
             impls.add(module.impl)
         if isinstance(module, sy.MoELayer):
             module.cuda_graph = run.cuda_graph
+            module.fold_routing_weights = run.fold_routing_weights
     total, experts = count_params(model)
     engine, _, _, _ = initialize(model=model, optimizer=make_optimizer(model, run), config=ds_config(run),
                                  mpu=groups.mpu, fused_grad_norm=run.fused_grad_norm, fused_step=run.fused_step)
@@ -306,6 +312,7 @@ def build_switchyard(run: Run, aux: bool) -> Built:
     norm = "" if run.fused_grad_norm else ", DeepSpeed's grad norm and clip"
     step = "" if run.fused_step else ", DeepSpeed's ZeRO step"
     gemm = "" if run.grouped_gemm is None else f", grouped GEMMs: {run.grouped_gemm}"
+    gemm += "" if run.fold_routing_weights else ", weights in the combine"
     return Built(engine, variant=f"switchyard.patch_model (upcycle, init=copy), experts impl {sorted(impls)}{graph}{norm}{step}{gemm}",
                  keep=[groups],
                  params_total=total, params_experts=experts, grouped_gemm=run.grouped_gemm)
@@ -392,6 +399,8 @@ BUILDERS: dict[str, Callable[[Run, bool], Built]] = {
     "switchyard_deepspeed_norm": lambda run, aux: build_switchyard(
         dataclasses.replace(run, fused_grad_norm=False, fused_step=False), aux),
     "switchyard_torch_gemm": lambda run, aux: build_switchyard(dataclasses.replace(run, grouped_gemm="torch"), aux),
+    "switchyard_weighted_combine": lambda run, aux: build_switchyard(
+        dataclasses.replace(run, fold_routing_weights=False), aux),
     "deepspeed_autoep": build_deepspeed_autoep,
     "hf_grouped_mm": build_hf_grouped_mm,
 }

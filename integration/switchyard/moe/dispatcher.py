@@ -4,8 +4,8 @@
                ──all-to-all (ep>1)──▶ rows from every source rank ──regroup──▶ x_MH (by local expert)
     combine:   y_MH ──regroup⁻¹──▶ ──all-to-all⁻¹──▶ y_NH ──gather by slot, Σ_k weight·row──▶ out_TH
 
-At ep = 1 the SwiGLU experts can take each row's weight themselves (``fold_weights`` / ``row_weights``; the layer
-decides): the combine is then Σ_k row, whose backward is a gather and keeps nothing.
+At ep = 1 the SwiGLU experts can take each row's weight themselves (``fold_weights``; the layer decides): the
+combine is then Σ_k row, whose backward is a gather and keeps nothing.
 
 The local permutation has no host sync: the slots are sorted by expert and counted in one call
 (``sort_slots_by_expert``: a two-launch Triton counting sort on CUDA, ``torch.sort`` and a binary search
@@ -230,14 +230,10 @@ class TokenDispatcher:
         return permute_rows(x_recv, plan.regroup_M, plan.dest_M), plan
 
     def fold_weights(self, plan: DispatchPlan) -> bool:
-        """Whether the routing weights can ride with the rows into the experts (``row_weights``), leaving
-        ``combine`` a plain sum: at ep = 1 on the fused path, where the rows never leave this rank."""
+        """Whether the routing weights can ride with the rows into the experts (row ``n`` takes slot
+        ``plan.slot_order_N[n]``'s), leaving ``combine`` a plain sum: at ep = 1 on the fused path, where the rows
+        never leave this rank."""
         return self.ep_size == 1 and not plan.replicated and plan.row_of_slot_TK is not None
-
-    @staticmethod
-    def row_weights(weight_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Each dispatched row's routing weight (fp32 ``[N]``), in the rows' order; differentiable."""
-        return weight_TK.reshape(-1).index_select(0, plan.slot_order_N)
 
     def reduce_replicated(self, out_TH: torch.Tensor) -> torch.Tensor:
         """Each token's partial output summed over the EP ranks (in place), when every rank holds every

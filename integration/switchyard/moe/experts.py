@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from switchyard.activations import get_activation
 from switchyard.moe.grouped_gemm import TORCH_GROUPED_MM as _GROUPED_MM
 from switchyard.moe.kernels import fused_kernels_enabled, silu_mul
-from switchyard.moe.swiglu_ffn import swiglu_ffn
+from switchyard.moe.swiglu_ffn import RowWeights, swiglu_ffn
 from switchyard.parallel.tensor_shards import TensorShard, shard_parameter_
 
 TokenCounts = Tensor | list[int]
@@ -185,13 +185,13 @@ def _gathered_forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert:
 
 def _swiglu_impl(backend: str) -> ExpertsImpl:
     def forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts,
-                cu_offsets_E1: Tensor | None = None, row_weight_N: Tensor | None = None) -> Tensor:
+                cu_offsets_E1: Tensor | None = None, row_weights: RowWeights | None = None) -> Tensor:
         if x_NH.shape[0] == 0:  # all counts are 0 by contract; the loop gives zero grads without a sync
             return _loop_forward(module, x_NH, [0] * module.num_experts)  # no rows: no weight to take a gradient
         w1_EOH, _, w2_EHF, _ = module.weights()
         counts_E = torch.as_tensor(tokens_per_expert, device=x_NH.device)
         return swiglu_ffn(x_NH.to(w1_EOH.dtype).contiguous(), w1_EOH, w2_EHF, counts_E, backend, cu_offsets_E1,
-                          row_weight_N)
+                          row_weights)
     forward.__doc__ = f"SwiGLU experts as one autograd Function, {backend} GEMMs (see swiglu_ffn.py)."
     return forward
 
@@ -362,27 +362,27 @@ class GroupedExperts(nn.Module):
         return "grouped_mm"
 
     def forward(self, x_NH: Tensor, tokens_per_expert: TokenCounts, offsets: Tensor | None = None,
-                row_weight_N: Tensor | None = None) -> Tensor:
+                row_weights: RowWeights | None = None) -> Tensor:
         """Rows of ``x_NH`` are sorted by local expert; ``tokens_per_expert[e]`` rows go to expert e.
 
         ``offsets`` (optional): 0 then ``cumsum(tokens_per_expert)``, int32 on the device (``E + 1`` entries), when
         the caller has them already (the dispatcher's sort does), saving the grouped GEMMs' scan and pad.
-        ``row_weight_N`` (optional, fp32): each row's routing weight, applied inside the experts (``y = w · FFN(x)``;
-        ``folds_row_weight`` says for which inputs that is possible).
+        ``row_weights`` (optional, swiglu_ffn.RowWeights): each row's routing weight, applied inside the experts
+        (``y = w · FFN(x)``; ``folds_row_weight`` says for which inputs that is possible).
         """
         assert x_NH.dim() == 2 and x_NH.shape[-1] == self.hidden_size, f"x_NH shape {tuple(x_NH.shape)}"
         impl = self.resolve_impl(x_NH)
-        if row_weight_N is None:
+        if row_weights is None:
             y_NH = EXPERT_IMPLS[impl](self, x_NH, tokens_per_expert, offsets)
         elif impl in _SWIGLU_IMPLS:
-            y_NH = EXPERT_IMPLS[impl](self, x_NH, tokens_per_expert, offsets, row_weight_N)
+            y_NH = EXPERT_IMPLS[impl](self, x_NH, tokens_per_expert, offsets, row_weights)
         else:
             raise ValueError(f"experts impl {impl!r} takes no row weights (only {_SWIGLU_IMPLS} fold them in); "
                              "weight the rows in the combine instead")
         return y_NH.to(x_NH.dtype)
 
     def folds_row_weight(self, x_NH: Tensor) -> bool:
-        """Whether ``forward`` can take ``row_weight_N`` for these rows: the SwiGLU Function multiplies each row's
+        """Whether ``forward`` can take ``row_weights`` for these rows: the SwiGLU Function multiplies each row's
         SwiGLU output by its weight before GEMM 2 (same math as weighting the output; see swiglu_ffn.py)."""
         return self.resolve_impl(x_NH) in _SWIGLU_IMPLS
 

@@ -54,6 +54,7 @@ from switchyard.moe.experts import GroupedExperts
 from switchyard.moe.kernels import fused_kernels_enabled, routed_swiglu_combine
 from switchyard.moe.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from switchyard.moe.router import Router, RouterOutput
+from switchyard.moe.swiglu_ffn import RowWeights
 from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
 from switchyard.parallel.layout import local_expert_ids
 from switchyard.parallel.tensor_shards import (
@@ -375,7 +376,7 @@ class MoELayer(DeepSpeedMoEModule):
                 and self.experts.folds_row_weight(x_MH)):
             # the experts weight their rows (inside the SwiGLU, before GEMM 2): the combine keeps nothing
             y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1,
-                                self.dispatcher.row_weights(weight_TK, plan))
+                                RowWeights(weight_TK.reshape(-1), plan.slot_order_N))
             weight_TK = None
         else:
             y_MH = self._run_experts(x_MH, plan)

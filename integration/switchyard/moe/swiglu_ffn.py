@@ -37,6 +37,8 @@ Tensor suffixes: N rows sorted by expert, E local experts, H hidden, F expert wi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -139,21 +141,42 @@ class _DownGradSink(torch.autograd.Function):
         return grad_x_NH, grad_w2, None
 
 
+class RowWeights(NamedTuple):
+    """Each row's routing weight as a gather, ``source_S[index_N[n]]`` (fp32): taken inside the SwiGLU Function,
+    after GEMM 1 is issued, so the layer's forward issues no gather of its own before GEMM 1."""
+
+    source_S: Tensor  # e.g. the router's [T * K] combine weights, flat; differentiable
+    index_N: Tensor  # the slot of each row (int64)
+
+    def gather(self) -> Tensor:
+        return self.source_S.detach().index_select(0, self.index_N)
+
+
 class _SwiGLUDown(torch.autograd.Function):
     """SwiGLU + GEMM 2: ``y = (w[n] · silu(h[:, :F]) * h[:, F:]) @ w2[e].T``; keeps ``h``, not the product.
 
-    ``w`` (optional, fp32 ``[N]``): each row's routing weight, folded in before GEMM 2 (see ``swiglu_ffn``); its
-    gradient ``<da[n], silu(gate) * up>`` comes out of the SwiGLU backward's pass. With a ``box`` (late order) the
-    backward returns no weight gradient for ``w2``: it leaves the operands in the box."""
+    ``w`` (optional, ``RowWeights``): each row's routing weight, folded in before GEMM 2 (see ``swiglu_ffn``); its
+    gradient ``<da[n], silu(gate) * up>`` comes out of the SwiGLU backward's pass and goes back to the weights'
+    source through the gather's inverse (each source slot at most once). With a ``box`` (late order) the backward
+    returns no weight gradient for ``w2``: it leaves the operands in the box."""
 
     @staticmethod
     def forward(ctx, h_NO: Tensor, w2_EHF: Tensor, groups: Groups, gemm: str,  # type: ignore[override]
-                box: _LateDownGrad | None = None, row_weight_N: Tensor | None = None) -> Tensor:
+                box: _LateDownGrad | None = None, weight_S: Tensor | None = None,
+                index_N: Tensor | None = None) -> Tensor:
         _save(ctx, h_NO, w2_EHF, groups, gemm)
-        ctx.row_weight_N = row_weight_N.detach() if row_weight_N is not None else None  # [N] fp32: kept as is
+        ctx.row_weight_N = RowWeights(weight_S, index_N).gather() if weight_S is not None else None
+        ctx.weights_index_N, ctx.weights_source_size = index_N, (weight_S.shape[0] if weight_S is not None else 0)
         ctx.h_consumed = False
         ctx.box = box
         return _matmul_by_expert(silu_mul_forward(h_NO, ctx.row_weight_N), w2_EHF.transpose(-2, -1), groups, gemm)
+
+    @staticmethod
+    def _to_source(ctx, grad_weight_N: Tensor | None) -> Tensor | None:
+        """The rows' weight gradient back on the weights' source (zeros where no row took a weight)."""
+        if grad_weight_N is None:
+            return None
+        return grad_weight_N.new_zeros(ctx.weights_source_size).index_copy_(0, ctx.weights_index_N, grad_weight_N)
 
     @staticmethod
     def backward(ctx, grad_NH: Tensor):  # type: ignore[override]
@@ -175,7 +198,7 @@ class _SwiGLUDown(torch.autograd.Function):
                 grad_w2 = None
             else:
                 grad_w2 = _weight_grad(grad_NH, da_NF, groups, ctx.gemm) if need_w2 else None
-            return h_NO, grad_w2, None, None, None, grad_weight_N
+            return h_NO, grad_w2, None, None, None, _SwiGLUDown._to_source(ctx, grad_weight_N), None
         grad_w2 = torch.empty_like(w2_EHF) if need_w2 else None
         grads_weight = []
         weights = weight_N.split(groups) if weight_N is not None else [None] * len(groups)
@@ -184,15 +207,16 @@ class _SwiGLUDown(torch.autograd.Function):
             grads_weight.append(silu_mul_backward_(h_nO, da_nF, product_into_da=need_w2, row_weight_N=w_n))
             if grad_w2 is not None:
                 torch.mm(g_nH.t(), da_nF, out=grad_w2[e])
-        return h_NO, grad_w2, None, None, None, (torch.cat(grads_weight) if weight_N is not None else None)
+        grad_weight_N = torch.cat(grads_weight) if weight_N is not None else None
+        return h_NO, grad_w2, None, None, None, _SwiGLUDown._to_source(ctx, grad_weight_N), None
 
 
 def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, backend: str,
-               cu_offsets_E1: Tensor | None = None, row_weight_N: Tensor | None = None) -> Tensor:
+               cu_offsets_E1: Tensor | None = None, row_weights: RowWeights | None = None) -> Tensor:
     """``down(silu(gate(x)) * up(x))`` per expert over rows sorted by expert; ``counts_E`` rows each
     (``cu_offsets_E1``: 0 then their int32 cumulative sum, if the caller has it).
 
-    ``row_weight_N`` (fp32, optional): each row's routing weight, multiplied into the SwiGLU's output before GEMM 2
+    ``row_weights`` (optional): each row's routing weight, multiplied into the SwiGLU's output before GEMM 2
     (``y = (w · a) @ down``, which is ``w · (a @ down)``): the combine is then a plain sum over a token's rows and
     keeps nothing for its backward, where a weighted combine keeps ``y`` (``[N, H]``) to take ``w``'s gradient;
     here that gradient comes from the SwiGLU backward's pass, which reads ``a``'s operands anyway."""
@@ -206,13 +230,15 @@ def swiglu_ffn(x_NH: Tensor, w1_EOH: Tensor, w2_EHF: Tensor, counts_E: Tensor, b
         gemm = grouped_gemm.backend_for(x_NH, w1_EOH, w2_EHF)
     else:
         groups = counts_E.tolist()
-    if records_graph(x_NH, w1_EOH, w2_EHF, *([row_weight_N] if row_weight_N is not None else [])):
+    if records_graph(x_NH, w1_EOH, w2_EHF, *([row_weights.source_S] if row_weights is not None else [])):
         num_experts, hidden, width = w2_EHF.shape
         box = None
         if (x_NH.requires_grad and w2_EHF.requires_grad
                 and late_down_grad_saves_memory(x_NH.shape[0], num_experts, hidden, width)):
             box = _LateDownGrad(gemm)
             x_NH = _DownGradSink.apply(x_NH, w2_EHF, box)
-        return _SwiGLUDown.apply(_UpProj.apply(x_NH, w1_EOH, groups, gemm), w2_EHF, groups, gemm, box, row_weight_N)
+        weights = row_weights if row_weights is not None else (None, None)
+        return _SwiGLUDown.apply(_UpProj.apply(x_NH, w1_EOH, groups, gemm), w2_EHF, groups, gemm, box, *weights)
     h_NO = _matmul_by_expert(x_NH, w1_EOH.transpose(-2, -1), groups, gemm)
-    return _matmul_by_expert(silu_mul_forward(h_NO, row_weight_N), w2_EHF.transpose(-2, -1), groups, gemm)
+    weight_N = row_weights.gather() if row_weights is not None else None
+    return _matmul_by_expert(silu_mul_forward(h_NO, weight_N), w2_EHF.transpose(-2, -1), groups, gemm)

@@ -57,13 +57,37 @@ def test_layer_gradcheck_float64(case: str, fused: bool) -> None:
     assert gradcheck(run, (x, *params), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["softmax_raw_scaled", "capacity"])
+def test_folded_routing_weights_in_float64_equal_the_gradchecked_path(case: str) -> None:
+    """The SwiGLU Function (per-expert backend: float64 on CPU) takes the routing weights inside the experts; it
+    refuses a second backward (gradcheck's), so it is held to the weighted combine, gradchecked above: outputs and
+    every gradient in float64 to 1e-12."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(num_experts=4, aux_loss_coef=0.0, **CASES[case]), 3, 2, dtype=torch.float64).train()
+    layer.experts.impl = "swiglu_per_expert"
+    with torch.no_grad():
+        layer.router.weight.mul_(100)
+    x, cotangent = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    results = []
+    for fold in (True, False):
+        layer.fold_routing_weights = fold
+        layer.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_(True)
+        out = layer(x_in)
+        (out * cotangent).sum().backward()
+        results.append([out.detach(), x_in.grad, *(p.grad for p in layer.parameters())])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_silu_mul_fallbacks_keep_float64() -> None:
     """The PyTorch SwiGLU (CPU) computes in at least fp32, not at most: float64 stays float64."""
     h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     assert gradcheck(silu_mul, (h,), eps=1e-6, atol=1e-8)
     gate, up = h.detach().chunk(2, dim=-1)
     da = torch.randn(4, 3, dtype=torch.float64)
-    grad = silu_mul_backward_(h.detach().clone(), da.clone())
+    grad = h.detach().clone()
+    silu_mul_backward_(grad, da.clone())
     want = torch.autograd.grad((torch.nn.functional.silu(h[:, :3]) * h[:, 3:]), h, da)[0]
     torch.testing.assert_close(grad, want, atol=1e-14, rtol=1e-12)
     assert gate.dtype == up.dtype == torch.float64

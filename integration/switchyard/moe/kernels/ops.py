@@ -246,7 +246,7 @@ def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor, product_into_da:
     grad_weight_N = None
     if weighted:
         weight_N1 = row_weight_N.to(acc).unsqueeze(-1)
-        grad_weight_N = (grad_NF * product_NF).sum(-1).to(torch.float32)
+        grad_weight_N = (grad_NF * product_NF).sum(-1)
         grad_NF = grad_NF * weight_N1
         product_NF = product_NF * weight_N1
     d_gate_NF = grad_NF * up_NF * sig_NF * (1.0 + gate_NF * (1.0 - sig_NF))

@@ -210,7 +210,7 @@ def kernel_checks(device: torch.device) -> dict:
         ref.backward(da.float())
         tag = str(dtype).split(".")[-1]
         out[f"silu_mul_fwd_{tag}"] = rel(tk.silu_mul_fwd(h), ref.detach())
-        out[f"silu_mul_bwd_{tag}"] = rel(tk.silu_mul_bwd(h, da), h32.grad)
+        out[f"silu_mul_bwd_{tag}"] = rel(tk.silu_mul_bwd(h, da)[0], h32.grad)
     return out
 
 

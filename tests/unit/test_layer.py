@@ -132,6 +132,18 @@ def test_empty_batch_with_every_loss_on(shape):
 
 
 @pytest.mark.parametrize("impl", ["swiglu_per_expert", "swiglu_grouped"])
+def test_empty_batch_gives_the_router_a_zero_gradient_without_aux_losses(impl):
+    """No rows reach the experts, so nothing there can take the folded routing weights: the router's gradient is
+    still zeros from the output alone (an optimizer that skips ``None`` grads would otherwise desync its state)."""
+    layer = MoELayer(MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.0), 8, 16).train()
+    layer.experts.impl = impl
+    x = torch.randn(0, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.router.weight.grad is not None
+    assert torch.count_nonzero(layer.router.weight.grad) == 0
+
+
+@pytest.mark.parametrize("impl", ["swiglu_per_expert", "swiglu_grouped"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
 def test_folded_routing_weights_keep_no_expert_outputs_and_change_nothing(impl, capacity_factor):
     """The routing weights folded into the SwiGLU (default) vs applied in the combine: the same outputs and

@@ -11,21 +11,21 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def _add_kernel():
+def _add_kernel(interpreted: bool = False):
+    """The kernel as ``@triton.jit`` makes it, or (``interpreted``) as it does under ``TRITON_INTERPRET=1``."""
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 
     from switchyard.moe.kernels.launch import fast_launch
 
-    @fast_launch
-    @triton.jit
     def add(x_ptr, y_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask)
         tl.store(out_ptr + offs, x + alpha * tl.load(y_ptr + offs, mask=mask), mask=mask)
 
-    return add
+    return fast_launch(InterpretedFunction(add) if interpreted else triton.jit(add))
 
 
 def _launch(add, x: torch.Tensor, y: torch.Tensor, alpha: float, block: int = 64) -> torch.Tensor:
@@ -75,3 +75,21 @@ def test_a_launch_hook_takes_tritons_own_path() -> None:
     finally:
         chain.remove(hook)
     assert len(seen) == 1
+
+
+def test_an_interpreted_kernel_runs_through_tritons_interpreter() -> None:
+    """``TRITON_INTERPRET=1`` (kernels on CPU tensors, for debugging) has no compiled launcher to keep."""
+    add = _add_kernel(interpreted=True)
+    x = torch.randn(300)
+    torch.testing.assert_close(_launch(add, x, x, 1.0), 2 * x)
+    assert add.compiled == {}
+
+
+def test_under_torch_compile_tracing_the_launch_is_tritons_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dynamo traces ``kernel[grid](...)`` into its graph; the cached launcher would be opaque Python to it."""
+    add = _add_kernel()
+    x = torch.randn(300, device="cuda")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(_launch(add, x, x, 1.0), 2 * x)
+    torch.testing.assert_close(_launch(add, x, x, 1.0), 2 * x)
+    assert add.compiled == {}

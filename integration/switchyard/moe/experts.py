@@ -32,7 +32,8 @@ from switchyard.moe.swiglu_ffn import RowWeights, swiglu_ffn
 from switchyard.parallel.tensor_shards import TensorShard, shard_parameter_
 
 TokenCounts = Tensor | list[int]
-ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts, "Tensor | None"], Tensor]  # (.., cu_offsets_E1)
+# (module, x_NH, tokens_per_expert, cu_offsets_E1[, row_weights: the SwiGLU impls only])
+ExpertsImpl = Callable[["GroupedExperts", Tensor, TokenCounts, "Tensor | None"], Tensor]
 
 
 @lru_cache(maxsize=None)

@@ -372,8 +372,10 @@ class MoELayer(DeepSpeedMoEModule):
         else:
             x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK, overlap)
         weight_TK: torch.Tensor | None = routed.topk_weight_TK
-        if (self.fold_routing_weights and self.experts.etp_size == 1 and self.dispatcher.fold_weights(plan)
-                and self.experts.folds_row_weight(x_MH)):
+        # no rows (every token dropped, or none): the weighted combine still ties the routing weights into the
+        # graph, so the router's gradient is zeros rather than None
+        if (self.fold_routing_weights and self.experts.etp_size == 1 and x_MH.shape[0] > 0
+                and self.dispatcher.fold_weights(plan) and self.experts.folds_row_weight(x_MH)):
             # the experts weight their rows (inside the SwiGLU, before GEMM 2): the combine keeps nothing
             y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1,
                                 RowWeights(weight_TK.reshape(-1), plan.slot_order_N))

@@ -142,8 +142,9 @@ class _DownGradSink(torch.autograd.Function):
 
 
 class RowWeights(NamedTuple):
-    """Each row's routing weight as a gather, ``source_S[index_N[n]]`` (fp32): taken inside the SwiGLU Function,
-    after GEMM 1 is issued, so the layer's forward issues no gather of its own before GEMM 1."""
+    """Each row's routing weight as a gather, ``source_S[index_N[n]]`` (the router's fp32, float64 in a float64
+    model): taken inside the SwiGLU Function, after GEMM 1 is issued, so the layer's forward issues no gather of
+    its own before GEMM 1."""
 
     source_S: Tensor  # e.g. the router's [T * K] combine weights, flat; differentiable
     index_N: Tensor  # the slot of each row (int64)

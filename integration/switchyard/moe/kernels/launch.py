@@ -17,9 +17,10 @@ same kernel Triton would pick, launched as Triton launches it, ~2.5x less host t
 The first call with a new specialization goes through ``kernel[grid](...)`` (compiling it if needed) and keeps
 what it returns. Calls go through ``kernel[grid](...)`` every time where this cannot take the short path: a
 Triton other than the checked versions (``CHECKED_TRITON``: the launcher's argument convention is internal), a
-launch hook set (Triton's profiler reads them), ``SWITCHYARD_TRITON_FAST_LAUNCH=0``. Triton's global knobs
-(debug, instrumentation) are read when a kernel is first kept, not per call: change them before the first
-launch, as with Triton's own cache.
+launch hook set (Triton's profiler reads them), ``SWITCHYARD_TRITON_FAST_LAUNCH=0``, a kernel Triton interprets
+(``TRITON_INTERPRET=1`` makes ``@triton.jit`` an ``InterpretedFunction``), a trace by ``torch.compile`` (dynamo
+knows Triton's own launch, not this one). Triton's global knobs (debug, instrumentation) are read when a kernel
+is first kept, not per call: change them before the first launch, as with Triton's own cache.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import triton
 from triton import knobs
 from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
-CHECKED_TRITON = ((3, 6),)  # versions whose JITFunction.run this mirrors (GPU-tested: tests/unit/test_kernels.py)
+# versions whose JITFunction.run this mirrors (GPU-tested: tests/unit/test_triton_launch.py)
+CHECKED_TRITON = ((3, 6),)
 ENV_VAR = "SWITCHYARD_TRITON_FAST_LAUNCH"
 
 
@@ -53,18 +57,20 @@ def _hooked(hook: Any) -> bool:
 class FastLaunch:
     """A ``@triton.jit`` kernel whose ``[grid](...)`` launches from the cache above; ``.fn`` is the kernel."""
 
-    __slots__ = ("fn", "compiled")
+    __slots__ = ("fn", "compiled", "compiles")
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
         self.compiled: dict[tuple, Any] = {}
+        self.compiles = isinstance(fn, JITFunction)  # not an InterpretedFunction: there is a launcher to keep
 
     def __getitem__(self, grid: tuple[int, ...]):
         return lambda *args, **kwargs: self.run(grid, *args, **kwargs)
 
     def run(self, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
         runtime = knobs.runtime
-        if not ENABLED or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+        if (not ENABLED or not self.compiles or _hooked(runtime.launch_enter_hook)
+                or _hooked(runtime.launch_exit_hook) or torch.compiler.is_compiling()):
             return self.fn[grid](*args, **kwargs)
         device = driver.active.get_current_device()
         bound, specialization, options = self.fn.device_caches[device][-1](*args, **kwargs)

@@ -210,9 +210,9 @@ def silu_mul_supported(h_NO: torch.Tensor) -> bool:
 
 
 def silu_mul_forward(h_NO: torch.Tensor, row_weight_N: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(gate) * up``, times each row's fp32 weight ``row_weight_N`` where given (the routing weight folded in
-    before GEMM 2): the Triton kernel (no autograd) where it runs, else its math in PyTorch (at least fp32:
-    float64 stays float64; one rounding), which autograd can differentiate."""
+    """``silu(gate) * up``, times each row's weight ``row_weight_N`` where given (fp32, or float64 with float64
+    inputs: the routing weight folded in before GEMM 2): the Triton kernel (no autograd) where it runs, else its
+    math in PyTorch (at least fp32: float64 stays float64; one rounding), which autograd can differentiate."""
     if silu_mul_supported(h_NO) and (row_weight_N is None or kernel_inputs_ok(row_weight_N)):
         return _tk.silu_mul_fwd(h_NO, row_weight_N)
     acc = accumulation_dtype(h_NO.dtype, *([row_weight_N.dtype] if row_weight_N is not None else []))
@@ -231,8 +231,8 @@ def silu_mul_backward_(h_NO: torch.Tensor, da_NF: torch.Tensor, product_into_da:
     ``product_into_da``: in the same pass, write the forward's value (``silu_mul_forward``'s, bit for bit) over
     ``da_NF``, for a caller that needs it after the gradient (GEMM 2's weight gradient): one read of ``h``
     instead of a recompute pass before this one. ``row_weight_N``: the forward was ``w[n] · silu(gate) · up``
-    and ``da_NF`` is that product's gradient; returns ``w``'s fp32 gradient ``<da[n], silu(gate[n]) · up[n]>``
-    (else None).
+    and ``da_NF`` is that product's gradient; returns ``w``'s gradient ``<da[n], silu(gate[n]) · up[n]>``
+    in the accumulation dtype (fp32, or float64 with float64 inputs; else None).
     """
     weighted = row_weight_N is not None
     if (silu_mul_supported(h_NO) and h_NO.is_contiguous() and da_NF.is_contiguous()

@@ -34,8 +34,11 @@ def _tokens_per_rank(world: int, empty_rank: int | None, base: int = 3) -> list[
     return [0 if r == empty_rank else base + 2 * r for r in range(world)]
 
 
-def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str, on_gpu: bool = False) -> list[str]:
-    """On GPUs (NCCL) the sizes are big enough for the CUDA paths (Triton dispatch / combine, grouped GEMMs)."""
+def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str, on_gpu: bool = False,
+                 impl: str | None = None) -> list[str]:
+    """On GPUs (NCCL) the sizes are big enough for the CUDA paths (Triton dispatch / combine, grouped GEMMs).
+    ``impl``: the EP layer's experts impl where it applies (a SwiGLU one: the routing weights cross with the rows
+    and are folded into the experts); the one-process reference keeps its default (the weighted combine on CPU)."""
     from switchyard import MoEConfig, ProcessGroupManager
     from switchyard.moe.layer import MoELayer
 
@@ -59,6 +62,8 @@ def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str, on_gpu: b
             reference.router.weight.mul_(20)
         layer = MoELayer(config, hidden, ffn, groups=manager, dtype=dtype)
         layer.load_state_dict(reference.state_dict())
+        if impl is not None and layer.experts.swiglu:
+            layer.experts.impl = impl
         reference.to(device), layer.to(device)
         gen = torch.Generator().manual_seed(1)
         x_all = torch.randn(sum(counts), hidden, generator=gen).to(dtype=dtype, device=device)
@@ -109,6 +114,52 @@ def _check_cases(shape: dict, empty_rank: int | None, dtype_name: str, on_gpu: b
 def test_expert_parallel_matches_one_process(world, shape, empty_rank):
     results = run_on_ranks(_check_cases, world, shape, empty_rank, "float32", timeout_s=240)
     assert all(r == list(CASES) for r in results)
+
+
+@pytest.mark.parametrize(
+    "world, shape, empty_rank", [(2, dict(ep=2), None), (4, dict(ep=4), 1)], ids=["ep2", "ep4_rank1_empty"])
+def test_expert_parallel_with_folded_routing_weights_matches_one_process(world, shape, empty_rank):
+    """The SwiGLU experts take each received row's routing weight (sent in an all-to-all of its own): same outputs
+    and gradients as the weighted combine in one process, with ranks that send or receive no rows."""
+    results = run_on_ranks(_check_cases, world, shape, empty_rank, "float32", False, "swiglu_grouped",
+                           timeout_s=240)
+    assert all(r == list(CASES) for r in results)
+
+
+def _fold_keeps_no_expert_outputs() -> tuple[int, int]:
+    """[T*K, H]-wide tensors saved for the backward at ep = 2, folded vs weighted combine (same layer, batch)."""
+    from switchyard import MoEConfig, ProcessGroupManager
+    from switchyard.moe.layer import MoELayer
+
+    manager = ProcessGroupManager(ep=2)
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(num_experts=EXPERTS, top_k=2), HIDDEN, FFN, groups=manager)
+    layer.experts.impl = "swiglu_grouped"
+    x = torch.randn(40, HIDDEN, generator=torch.Generator().manual_seed(dist.get_rank()))
+    saved, outputs = {}, {}
+    for fold in (True, False):
+        layer.fold_routing_weights = fold
+        layer.zero_grad(set_to_none=True)
+        shapes = []
+
+        def pack(t, shapes=shapes):
+            shapes.append(tuple(t.shape))
+            return t
+
+        x_in = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(x_in)
+        out.square().sum().backward()
+        outputs[fold] = [out.detach(), x_in.grad, *(p.grad for p in layer.parameters())]
+        saved[fold] = sum(1 for shape in shapes if len(shape) == 2 and shape[1] == HIDDEN and shape[0] > 40)
+    for got, want in zip(outputs[True], outputs[False], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    return saved[True], saved[False]
+
+
+def test_folded_routing_weights_at_ep2_keep_one_expert_output_fewer():
+    for folded, weighted in run_on_ranks(_fold_keeps_no_expert_outputs, 2, timeout_s=120):
+        assert folded == weighted - 1, (folded, weighted)
 
 
 def test_expert_parallel_bf16():

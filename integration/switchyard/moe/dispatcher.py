@@ -4,8 +4,9 @@
                ──all-to-all (ep>1)──▶ rows from every source rank ──regroup──▶ x_MH (by local expert)
     combine:   y_MH ──regroup⁻¹──▶ ──all-to-all⁻¹──▶ y_NH ──gather by slot, Σ_k weight·row──▶ out_TH
 
-At ep = 1 the SwiGLU experts can take each row's weight themselves (``fold_weights``; the layer decides): the
-combine is then Σ_k row, whose backward is a gather and keeps nothing.
+The SwiGLU experts can take each row's weight themselves (``dispatch(..., weight_TK)`` hands them
+``plan.row_weights``; the layer decides): the combine is then Σ_k row, whose backward is a gather and keeps
+nothing. At ep > 1 the weights cross in an all-to-all of their own, right after the rows' (``all_to_all_after``).
 
 The local permutation has no host sync: the slots are sorted by expert and counted in one call
 (``sort_slots_by_expert``: a two-launch Triton counting sort on CUDA, ``torch.sort`` and a binary search
@@ -42,7 +43,8 @@ import torch.distributed as dist
 from switchyard.moe.kernels import fused_kernels_enabled, gather_rows, sum_copies, unpermute_combine
 from switchyard.moe.kernels.ep_regroup import CountPlan, plan_counts, regroup_index
 from switchyard.moe.kernels.expert_sort import sort_slots_by_expert
-from switchyard.parallel.all_to_all import all_to_all, all_to_all_start, exchange_counts
+from switchyard.moe.swiglu_ffn import RowWeights
+from switchyard.parallel.all_to_all import all_to_all, all_to_all_after, all_to_all_start, exchange_counts
 
 
 @dataclass
@@ -62,6 +64,7 @@ class DispatchPlan:
     row_of_slot_TK: torch.Tensor | None = None  # sent row of each slot (t, k), -1 if dropped (fused path)
     replicated: bool = False  # every EP rank holds the same tokens: combine all-reduces partial sums
     overlap_out: torch.Tensor | None = None  # what dispatch's ``overlap`` returned
+    row_weights: RowWeights | None = None  # each received row's routing weight, where dispatch carried them
 
 
 # codes for the row format each rank announces in the count exchange (same torch on every rank: same order)
@@ -110,12 +113,14 @@ class TokenDispatcher:
 
     def dispatch(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None,
-        overlap: Callable[[], torch.Tensor] | None = None,
+        overlap: Callable[[], torch.Tensor] | None = None, weight_TK: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DispatchPlan]:
         """Token copies for this rank's local experts, grouped by local expert, and the plan to undo it.
 
         ``overlap`` (work independent of the routed path, e.g. a shared expert) runs while the all-to-all
-        is in flight (at ep = 1 right away); its result comes back as ``plan.overlap_out``."""
+        is in flight (at ep = 1 right away); its result comes back as ``plan.overlap_out``. ``weight_TK``
+        (optional): the routing weights, carried to the received rows as ``plan.row_weights`` on the fused path
+        (else None there: the combine weights the rows)."""
         num_tokens, top_k = expert_TK.shape
         if not fused_kernels_enabled():
             return self._dispatch_unfused(x_TH, expert_TK, keep_TK, overlap)
@@ -131,8 +136,10 @@ class TokenDispatcher:
         if counts is None:
             plan.local_cu_offsets_L1 = cu_offsets_E1
             plan.overlap_out = overlap() if overlap is not None else None
+            if weight_TK is not None:  # gathered by the experts, after their GEMM 1 is issued (swiglu_ffn.py)
+                plan.row_weights = RowWeights(weight_TK.reshape(-1), slot_order)
             return x_NH, plan
-        return self._exchange(x_NH, plan, counts, overlap)
+        return self._exchange(x_NH, plan, counts, overlap, weight_TK)
 
     def dispatch_replicated(
         self, x_TH: torch.Tensor, expert_TK: torch.Tensor, keep_TK: torch.Tensor | None = None
@@ -207,7 +214,8 @@ class TokenDispatcher:
         return _CountExchange(plan, splits_4R, ready)
 
     def _exchange(self, x_NH: torch.Tensor, plan: DispatchPlan, counts: "_CountExchange",
-                  overlap: Callable[[], torch.Tensor] | None = None) -> tuple[torch.Tensor, DispatchPlan]:
+                  overlap: Callable[[], torch.Tensor] | None = None, weight_TK: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, DispatchPlan]:
         plan.tokens_per_local_expert_L = counts.plan.per_local_L
         plan.local_cu_offsets_L1 = counts.plan.local_cu_offsets_L1
         if counts.ready is not None:
@@ -227,13 +235,12 @@ class TokenDispatcher:
             x_recv = in_flight.wait()
         # rows arrive grouped by (source rank, local expert); the experts want (local expert, source rank)
         plan.dest_M, plan.regroup_M = regroup_index(counts.plan, x_recv.shape[0])
+        if weight_TK is not None and plan.row_of_slot_TK is not None:
+            # [N] weights, 4 bytes a row against the rows' 2 * H; their gradient crosses back before the rows'
+            weight_N = weight_TK.reshape(-1).index_select(0, plan.slot_order_N)
+            weight_recv = all_to_all_after(weight_N, x_recv, plan.output_splits, plan.input_splits, self.ep_group)
+            plan.row_weights = RowWeights(weight_recv, plan.regroup_M)
         return permute_rows(x_recv, plan.regroup_M, plan.dest_M), plan
-
-    def fold_weights(self, plan: DispatchPlan) -> bool:
-        """Whether the routing weights can ride with the rows into the experts (row ``n`` takes slot
-        ``plan.slot_order_N[n]``'s), leaving ``combine`` a plain sum: at ep = 1 on the fused path, where the rows
-        never leave this rank."""
-        return self.ep_size == 1 and not plan.replicated and plan.row_of_slot_TK is not None
 
     def reduce_replicated(self, out_TH: torch.Tensor) -> torch.Tensor:
         """Each token's partial output summed over the EP ranks (in place), when every rank holds every
@@ -245,13 +252,11 @@ class TokenDispatcher:
     def combine(self, y_MH: torch.Tensor, plan: DispatchPlan, weight_TK: torch.Tensor | None) -> torch.Tensor:
         """Weighted sum of each token's expert outputs, back on the rank and in the order it came from.
 
-        ``weight_TK`` None: the rows carry their weights already (the experts folded them in, see
-        ``fold_weights``): a plain sum, at ep = 1 on the fused path."""
-        if weight_TK is None:
-            if plan.replicated or self.ep_size > 1 or plan.row_of_slot_TK is None:
-                raise ValueError("rows weighted by the experts are combined at ep = 1 on the fused path only; "
-                                 "pass weight_TK to combine")
-            return sum_copies(y_MH, plan.token_idx_N, plan.row_of_slot_TK)
+        ``weight_TK`` None: the rows carry their weights already (the experts took ``plan.row_weights``): a
+        plain sum."""
+        if weight_TK is None and plan.row_weights is None:
+            raise ValueError("combine got no weight_TK, but dispatch carried no weights to the experts "
+                             "(plan.row_weights is None); pass the routing weights to combine")
         if plan.replicated:
             assert plan.row_of_slot_TK is not None
             return self.reduce_replicated(unpermute_combine(y_MH, weight_TK, plan.row_of_slot_TK))
@@ -262,6 +267,9 @@ class TokenDispatcher:
             y_NH = all_to_all(y_recv, plan.input_splits, plan.output_splits, self.ep_group)
         else:
             y_NH = y_MH
+        if weight_TK is None:
+            assert plan.row_of_slot_TK is not None
+            return sum_copies(y_NH, plan.token_idx_N, plan.row_of_slot_TK)
         if plan.row_of_slot_TK is not None:
             return unpermute_combine(y_NH, weight_TK, plan.row_of_slot_TK)
         weight_N = weight_TK.reshape(-1).index_select(0, plan.slot_order_N)

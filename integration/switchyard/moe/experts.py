@@ -188,7 +188,11 @@ def _swiglu_impl(backend: str) -> ExpertsImpl:
     def forward(module: "GroupedExperts", x_NH: Tensor, tokens_per_expert: TokenCounts,
                 cu_offsets_E1: Tensor | None = None, row_weights: RowWeights | None = None) -> Tensor:
         if x_NH.shape[0] == 0:  # all counts are 0 by contract; the loop gives zero grads without a sync
-            return _loop_forward(module, x_NH, [0] * module.num_experts)  # no rows: no weight to take a gradient
+            y_NH = _loop_forward(module, x_NH, [0] * module.num_experts)
+            if row_weights is not None:  # no rows to weight: the weights stay in the graph (a zero gradient; at
+                # ep > 1 their exchange's backward, which every EP rank enters, runs here too)
+                y_NH = y_NH * row_weights.source_S.index_select(0, row_weights.index_N).unsqueeze(-1).to(y_NH.dtype)
+            return y_NH
         w1_EOH, _, w2_EHF, _ = module.weights()
         counts_E = torch.as_tensor(tokens_per_expert, device=x_NH.device)
         return swiglu_ffn(x_NH.to(w1_EOH.dtype).contiguous(), w1_EOH, w2_EHF, counts_E, backend, cu_offsets_E1,
@@ -383,8 +387,9 @@ class GroupedExperts(nn.Module):
         return y_NH.to(x_NH.dtype)
 
     def folds_row_weight(self, x_NH: Tensor) -> bool:
-        """Whether ``forward`` can take ``row_weights`` for these rows: the SwiGLU Function multiplies each row's
-        SwiGLU output by its weight before GEMM 2 (same math as weighting the output; see swiglu_ffn.py)."""
+        """Whether ``forward`` can take ``row_weights`` for inputs like these: the SwiGLU Function multiplies each
+        row's SwiGLU output by its weight before GEMM 2 (same math as weighting the output; see swiglu_ffn.py).
+        Independent of the row count (it picks between the SwiGLU impls only), so EP ranks agree on it."""
         return self.resolve_impl(x_NH) in _SWIGLU_IMPLS
 
     def extra_repr(self) -> str:

@@ -54,7 +54,6 @@ from switchyard.moe.experts import GroupedExperts
 from switchyard.moe.kernels import fused_kernels_enabled, routed_swiglu_combine
 from switchyard.moe.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from switchyard.moe.router import Router, RouterOutput
-from switchyard.moe.swiglu_ffn import RowWeights
 from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
 from switchyard.parallel.layout import local_expert_ids
 from switchyard.parallel.tensor_shards import (
@@ -370,15 +369,16 @@ class MoELayer(DeepSpeedMoEModule):
             x_MH, plan = self.dispatcher.dispatch_replicated(x_TH, routed.topk_idx_TK, keep_TK)
             plan.overlap_out = overlap() if overlap is not None else None
         else:
-            x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK, overlap)
+            # decided from what every EP rank shares (config, impl, dtype, grad mode; never its row count): at
+            # ep > 1 carrying the weights is an all-to-all of its own, which every rank must enter
+            fold = (self.fold_routing_weights and self.experts.etp_size == 1
+                    and self.experts.folds_row_weight(x_TH))
+            x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK, overlap,
+                                                  routed.topk_weight_TK if fold else None)
         weight_TK: torch.Tensor | None = routed.topk_weight_TK
-        # no rows (every token dropped, or none): the weighted combine still ties the routing weights into the
-        # graph, so the router's gradient is zeros rather than None
-        if (self.fold_routing_weights and self.experts.etp_size == 1 and x_MH.shape[0] > 0
-                and self.dispatcher.fold_weights(plan) and self.experts.folds_row_weight(x_MH)):
+        if plan.row_weights is not None:
             # the experts weight their rows (inside the SwiGLU, before GEMM 2): the combine keeps nothing
-            y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1,
-                                RowWeights(weight_TK.reshape(-1), plan.slot_order_N))
+            y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1, plan.row_weights)
             weight_TK = None
         else:
             y_MH = self._run_experts(x_MH, plan)

@@ -40,6 +40,9 @@ Cost model (uniform routing: a token copy leaves its rank with probability (EP�
     dispatch = tokens × top_k × hidden × bytes_per_elem × (EP−1)/EP   (each way: sent ≈ received)
     forward  = 2 × dispatch (dispatch + combine);   forward + backward = 4 × dispatch
     counts   = EP × local experts × 8 bytes (the int64 split-size exchange, once per forward)
+    weights  = tokens × top_k × 4 bytes × (EP−1)/EP (the sent rows' fp32 routing weights, where the SwiGLU
+               experts fold them in: the training default on GPUs; once in the forward, their gradient once
+               in the backward; not part of the dispatcher step measured here, which weights in the combine)
 
 Output (rank 0, ``--out``): ``{"results": {shape: {EP: {...}}}, "cost_model": [...], "meta": {...}}``.
 CPU numbers never go to ``benchmarks/results/ep_scaling.json``.
@@ -76,14 +79,16 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "ep_scaling.json"
 MODEL_EP_SIZES = (2, 4, 8, 16, 32, 64)
 COST_FORMULA = ("per rank per step, uniform routing: dispatch = tokens*top_k*hidden*bytes_per_elem*(EP-1)/EP "
                 "each way; forward = 2*dispatch (dispatch+combine); fwd+bwd = 4*dispatch; "
-                "counts exchange = EP*local_experts*8 bytes per forward")
+                "counts exchange = EP*local_experts*8 bytes per forward; folded routing weights = "
+                "tokens*top_k*4*(EP-1)/EP each way, once forward and once backward")
 
 
 def cost_model(shape: Shape, tokens: int, ep: int, bytes_per_elem: int = 2) -> dict[str, float]:
     """Expected off-rank bytes one rank sends (≈ receives) per step; see the module docstring."""
-    dispatch = tokens * shape.top_k * shape.hidden * bytes_per_elem * (ep - 1) / ep
+    leaving = tokens * shape.top_k * (ep - 1) / ep  # token copies that leave the rank
+    dispatch = leaving * shape.hidden * bytes_per_elem
     return {"dispatch_bytes": dispatch, "forward_bytes": 2 * dispatch, "fwd_bwd_bytes": 4 * dispatch,
-            "counts_bytes": ep * (shape.experts // ep) * 8}
+            "counts_bytes": ep * (shape.experts // ep) * 8, "weights_bytes": leaving * 4}
 
 
 def cost_table(tokens: int, bytes_per_elem: int) -> list[dict]:
@@ -114,9 +119,12 @@ def print_cost_model(rows: list[dict], tokens: int, bytes_per_elem: int) -> None
     mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
     print_table(f"EP cost model: MB per rank per step, {tokens} tokens/rank, {bytes_per_elem} B/elem, uniform "
                 "routing (EP must divide the experts: mixtral_8x7b stops at 8)",
-                ["shape", "EP", "local experts", "dispatch", "fwd (disp+comb)", "fwd+bwd", "counts B"],
+                ["shape", "EP", "local experts", "dispatch", "fwd (disp+comb)", "fwd+bwd", "counts B",
+                 "folded weights kB (each way)"],
                 [[r["shape"], str(r["ep"]), str(r["local_experts"]), mb(r["dispatch_bytes"]),
-                  mb(r["forward_bytes"]), mb(r["fwd_bwd_bytes"]), str(r["counts_bytes"])] for r in rows])
+                  mb(r["forward_bytes"]), mb(r["fwd_bwd_bytes"]), str(r["counts_bytes"]),
+                  f"{r['weights_bytes'] / 1e3:,.0f}"]
+                 for r in rows])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ def test_cost_model_matches_hand_computed_bytes() -> None:
     assert m["forward_bytes"] == 134_217_728
     assert m["fwd_bwd_bytes"] == 268_435_456
     assert m["counts_bytes"] == 2 * 4 * 8
+    assert m["weights_bytes"] == 8192 * 2 * 4 / 2  # the folded routing weights: one fp32 per copy that leaves
     # olmoe, EP=8: 8192*8*2048*2 * 7/8
     o = bench.cost_model(bench.SHAPES["olmoe"], tokens=8192, ep=8, bytes_per_elem=2)
     assert o["dispatch_bytes"] == 234_881_024 and o["fwd_bwd_bytes"] == 4 * 234_881_024

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -72,3 +75,16 @@ def assert_same_over_group(tensor: torch.Tensor, group, size: int, what: str) ->
     peers = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(peers, tensor.contiguous(), group=group)
     assert all(torch.equal(p, tensor) for p in peers), f"{what} differs over the group's ranks"
+
+
+@contextmanager
+def saved_tensor_shapes() -> Iterator[list[tuple[int, ...]]]:
+    """The shapes of the tensors autograd saves for the backward inside the block (what a backward keeps)."""
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield shapes

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from harness import run_on_ranks
+from tiny_models import saved_tensor_shapes
 
 pytestmark = pytest.mark.distributed
 
@@ -140,14 +141,8 @@ def _fold_keeps_no_expert_outputs() -> tuple[int, int]:
     for fold in (True, False):
         layer.fold_routing_weights = fold
         layer.zero_grad(set_to_none=True)
-        shapes = []
-
-        def pack(t, shapes=shapes):
-            shapes.append(tuple(t.shape))
-            return t
-
         x_in = x.clone().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensor_shapes() as shapes:
             out = layer(x_in)
         out.square().sum().backward()
         outputs[fold] = [out.detach(), x_in.grad, *(p.grad for p in layer.parameters())]

@@ -6,6 +6,7 @@ import torch
 from switchyard import MoEConfig
 from switchyard.moe.capacity import capacity_keep_mask, expert_capacity
 from switchyard.moe.layer import MoELayer
+from tiny_models import saved_tensor_shapes
 
 
 def test_capacity_keeps_highest_weights_per_expert():
@@ -160,13 +161,7 @@ def test_folded_routing_weights_keep_no_expert_outputs_and_change_nothing(impl, 
         layer.fold_routing_weights = fold
         layer.zero_grad(set_to_none=True)
         x_in = x.clone().requires_grad_(True)
-        kept_rows = []
-
-        def pack(t, kept_rows=kept_rows):
-            kept_rows.append(tuple(t.shape))
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensor_shapes() as kept_rows:
             out = layer(x_in)
         (out * cotangent).sum().backward()
         results[fold] = (out.detach(), x_in.grad, *[p.grad for p in layer.parameters()],

@@ -14,6 +14,7 @@ import torch
 
 from switchyard.moe.experts import GroupedExperts
 from switchyard.moe.swiglu_ffn import swiglu_ffn
+from tiny_models import saved_tensor_shapes
 
 E, H, FF = 4, 16, 24
 IMPLS = ("swiglu_grouped", "swiglu_per_expert")
@@ -87,14 +88,8 @@ def test_saves_x_and_h_only() -> None:
     torch.manual_seed(0)
     n = 64
     for impl in IMPLS:
-        packed: list[tuple[int, ...]] = []
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            packed.append(tuple(t.shape))
-            return t
-
         ex = GroupedExperts(E, H, FF, impl=impl)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensor_shapes() as packed:
             ex(torch.randn(n, H, requires_grad=True), torch.tensor([16] * E))
         activations = sorted(s for s in packed if s[0] == n)
         assert activations == [(n, H), (n, 2 * FF)], (impl, packed)  # x for GEMM 1, h for the SwiGLU

@@ -6,7 +6,8 @@
 
 The SwiGLU experts can take each row's weight themselves (``dispatch(..., weight_TK)`` hands them
 ``plan.row_weights``; the layer decides): the combine is then Σ_k row, whose backward is a gather and keeps
-nothing. At ep > 1 the weights cross in an all-to-all of their own, right after the rows' (``all_to_all_after``).
+nothing. At ep > 1 the weights cross in an all-to-all of their own, right after the rows' (``all_to_all``'s
+``after``).
 
 The local permutation has no host sync: the slots are sorted by expert and counted in one call
 (``sort_slots_by_expert``: a two-launch Triton counting sort on CUDA, ``torch.sort`` and a binary search
@@ -44,7 +45,7 @@ from switchyard.moe.kernels import fused_kernels_enabled, gather_rows, sum_copie
 from switchyard.moe.kernels.ep_regroup import CountPlan, plan_counts, regroup_index
 from switchyard.moe.kernels.expert_sort import sort_slots_by_expert
 from switchyard.moe.swiglu_ffn import RowWeights
-from switchyard.parallel.all_to_all import all_to_all, all_to_all_after, all_to_all_start, exchange_counts
+from switchyard.parallel.all_to_all import all_to_all, all_to_all_start, exchange_counts
 
 
 @dataclass
@@ -235,10 +236,10 @@ class TokenDispatcher:
             x_recv = in_flight.wait()
         # rows arrive grouped by (source rank, local expert); the experts want (local expert, source rank)
         plan.dest_M, plan.regroup_M = regroup_index(counts.plan, x_recv.shape[0])
-        if weight_TK is not None and plan.row_of_slot_TK is not None:
+        if weight_TK is not None:  # the fused path (the unfused one carries none)
             # [N] weights, 4 bytes a row against the rows' 2 * H; their gradient crosses back before the rows'
             weight_N = weight_TK.reshape(-1).index_select(0, plan.slot_order_N)
-            weight_recv = all_to_all_after(weight_N, x_recv, plan.output_splits, plan.input_splits, self.ep_group)
+            weight_recv = all_to_all(weight_N, plan.output_splits, plan.input_splits, self.ep_group, after=x_recv)
             plan.row_weights = RowWeights(weight_recv, plan.regroup_M)
         return permute_rows(x_recv, plan.regroup_M, plan.dest_M), plan
 

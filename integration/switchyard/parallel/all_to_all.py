@@ -30,16 +30,24 @@ def _all_to_all(
 
 
 class _AllToAll(torch.autograd.Function):
+    """``after`` (optional): the output of an earlier exchange, taken as an input this one does not read. Autograd
+    runs a consumer's backward before its producer's, so on every rank this exchange's gradient moves before the
+    gradient of the exchange that made ``after``, as in the forward it moved after it. Two exchanges otherwise
+    independent in the graph could have their gradients exchanged in different orders on different ranks (a
+    mismatched collective)."""
+
     @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):  # type: ignore[override]
+    def forward(ctx, x, output_splits, input_splits, group, after=None):  # type: ignore[override]
         ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
         return _all_to_all(x, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        # through apply, not _all_to_all: under create_graph the gradient must stay differentiable
-        grad_in = _AllToAll.apply(grad_out, ctx.input_splits, ctx.output_splits, ctx.group)
-        return grad_in, None, None, None
+        grad_in = None
+        if ctx.needs_input_grad[0]:  # the same on every rank (with ``after``, x alone may not need it)
+            # through apply, not _all_to_all: under create_graph the gradient must stay differentiable
+            grad_in = _AllToAll.apply(grad_out, ctx.input_splits, ctx.output_splits, ctx.group)
+        return grad_in, None, None, None, None
 
 
 @dataclass
@@ -127,47 +135,16 @@ def all_to_all(
     output_splits: list[int],
     input_splits: list[int],
     group: dist.ProcessGroup | None = None,
+    after: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Send ``input_splits[r]`` rows of ``x`` to rank r of ``group``; receive ``output_splits[r]`` from it."""
+    """Send ``input_splits[r]`` rows of ``x`` to rank r of ``group``; receive ``output_splits[r]`` from it.
+
+    ``after``: the output of the exchange this one follows (a second exchange riding along with a first, as the
+    routing weights with the rows they weight); its backward then runs before that exchange's on every rank."""
     assert sum(input_splits) == x.shape[0], (sum(input_splits), x.shape)
     if group is not None and dist.get_world_size(group) == 1:
         return x
-    return _AllToAll.apply(x, list(output_splits), list(input_splits), group)
-
-
-class _AllToAllAfter(torch.autograd.Function):
-    """``_AllToAll`` of ``x`` with ``anchor`` as an input it does not read: autograd runs a consumer's backward
-    before its producer's, so on every rank this exchange's gradient moves before the gradient of the exchange
-    that made ``anchor``, as in the forward it moved after it. Two exchanges otherwise independent in the graph
-    could have their gradients exchanged in different orders on different ranks (a mismatched collective)."""
-
-    @staticmethod
-    def forward(ctx, x, anchor, output_splits, input_splits, group):  # type: ignore[override]
-        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
-        return _all_to_all(x, output_splits, input_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        grad_in = None
-        if ctx.needs_input_grad[0]:  # the same on every rank: the same parameters require grad everywhere
-            grad_in = _AllToAll.apply(grad_out, ctx.input_splits, ctx.output_splits, ctx.group)
-        return grad_in, None, None, None, None
-
-
-def all_to_all_after(
-    x: torch.Tensor,
-    anchor: torch.Tensor,
-    output_splits: list[int],
-    input_splits: list[int],
-    group: dist.ProcessGroup | None = None,
-) -> torch.Tensor:
-    """``all_to_all`` of ``x``, called after the exchange whose output is ``anchor``; its backward runs before
-    that exchange's backward on every rank (see ``_AllToAllAfter``): for a second exchange that rides along
-    with a first (the routing weights with the rows they weight)."""
-    assert sum(input_splits) == x.shape[0], (sum(input_splits), x.shape)
-    if group is not None and dist.get_world_size(group) == 1:
-        return x
-    return _AllToAllAfter.apply(x, anchor, list(output_splits), list(input_splits), group)
+    return _AllToAll.apply(x, list(output_splits), list(input_splits), group, after)
 
 
 def exchange_counts(counts: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -432,3 +432,6 @@ if __name__ == "__main__":
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    from switchyard.parallel.process_exit import exit_without_teardown
+
+    exit_without_teardown(0)

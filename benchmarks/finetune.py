@@ -998,4 +998,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from switchyard.parallel.process_exit import exit_without_teardown
+
     main()
+    exit_without_teardown(0)

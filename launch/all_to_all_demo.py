@@ -48,4 +48,7 @@ def _world() -> int:
 
 
 if __name__ == "__main__":
+    from switchyard.parallel.process_exit import exit_without_teardown
+
     main()
+    exit_without_teardown(0)

@@ -268,4 +268,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from switchyard.parallel.process_exit import exit_without_teardown
+
+    exit_without_teardown(main())

@@ -78,4 +78,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from switchyard.parallel.process_exit import exit_without_teardown
+
     main()
+    exit_without_teardown(0)

@@ -35,7 +35,7 @@ def build_lock_path(name: str = SHM_OP) -> Path:
     return Path(_get_build_directory(name, verbose=False)) / "lock"
 
 
-def check_build_lock(name: str = SHM_OP, stale_after_s: float = STALE_AFTER_S, poll_s: float = 1.0) -> None:
+def check_build_lock(name: str = SHM_OP, stale_after_s: float = STALE_AFTER_S, poll_s: float = 0.1) -> None:
     """Return once no build of ``name`` holds its lock; raise ``FileExistsError`` for a lock older than
     ``stale_after_s``. Only CPU ranks build the op (GPU runs communicate over NCCL)."""
     from deepspeed.accelerator import get_accelerator

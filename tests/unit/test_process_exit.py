@@ -60,6 +60,19 @@ def test_the_same_program_with_sys_exit_does_tear_down(tmp_path):
     assert (tmp_path / "teardown").read_text() == "ran"
 
 
+def test_an_interpreter_without_threading_shutdown_exits_the_usual_way(tmp_path):
+    """``threading._shutdown`` is CPython's (its finalization calls it): where it is missing, the function falls back to
+    ``sys.exit`` (the same code, the atexit handlers run, the teardown done: whatever that interpreter's own exit does)
+    rather than fail."""
+    program = PROGRAM.replace("out = Path(sys.argv[1])", "out = Path(sys.argv[1])\ndel threading._shutdown")
+    result = subprocess.run([sys.executable, "-c", program, str(tmp_path), "3"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered, no newline flush"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "teardown").read_text() == "ran"
+
+
 def test_a_thread_other_than_main_is_refused():
     from switchyard.parallel.process_exit import exit_without_teardown
 

@@ -24,7 +24,10 @@ def exit_without_teardown(code: int | None) -> NoReturn:
     ``sys.exit``."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("exit_without_teardown must be called from the main thread, as sys.exit would end it")
-    threading._shutdown()  # what Py_FinalizeEx calls first: threading's exit hooks, then a join of every thread
+    shutdown = getattr(threading, "_shutdown", None)  # what Py_FinalizeEx calls first: threading's exit hooks, then
+    if shutdown is None:  # a join of every non-daemon thread; an interpreter without it exits the usual way
+        sys.exit(code)
+    shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -76,10 +76,14 @@ def _rank_main(payload, environ, rank, world_size, port, results, collective_tim
     os._exit(code)
 
 
-# Imported once by the server CPU ranks fork from: ~2 s of a 2-core machine per launch otherwise. Not switchyard
-# (nor this module at import time): its module-level settings read the environment (SWITCHYARD_DIST_TIMEOUT_S,
-# SWITCHYARD_FUSED_KERNELS, ...), which each rank must read as the caller set it, after _rank_main sets it
-_PRELOAD = ["torch", "deepspeed", "transformers"]
+# Imported once by the server CPU ranks fork from: ~2 s of a 2-core machine per launch otherwise, ~5 s per rank of a
+# forked script (run_script_on_ranks) with the rest: the tiny model's transformers classes (1.1 s: DTensor, dynamo),
+# pyplot for the expert-load heatmap (0.9 s) and DeepSpeed's Muon, which its ZeRO optimizer check imports (1.1 s:
+# torch.compile at import). Not switchyard (nor this module at import time): its module-level settings read the
+# environment (SWITCHYARD_DIST_TIMEOUT_S, SWITCHYARD_FUSED_KERNELS, ...), which each rank must read as the caller
+# set it, after _rank_main sets it
+_PRELOAD = ["torch", "deepspeed", "transformers", "transformers.models.llama.modeling_llama", "matplotlib.pyplot",
+            "deepspeed.runtime.zero.muon.muon_optimizer"]
 
 
 def _rank_context(backend: str) -> mp.context.BaseContext:
@@ -222,4 +226,107 @@ def run_deepspeed_launcher(
         raise AssertionError(f"{' '.join(command)} did not finish within {timeout_s:.0f}s:\n{out[-6000:]}")
     result = subprocess.CompletedProcess(command, proc.returncode, out, "")
     result.master_port = port  # names the run's DeepSpeed /dev/shm segments (deepspeed_allreduce_buffer_*_<port>_<rank>)
+    return result
+
+
+def _script_rank_main(script: str, argv: list[str], environ: dict[str, str], log_path: str) -> None:
+    """One rank of ``run_script_on_ranks``: what ``python -u script argv`` would do in a fresh process with the
+    caller's environment, its output in ``log_path``, forked from the server that imported ``_PRELOAD``."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=True)  # python -u: a killed rank's lines are there
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(REPO_ROOT)
+    sys.argv = [script, *argv]
+    sys.path.insert(0, str(Path(script).parent))  # as `python script` puts the script's folder first
+    code = 0
+    try:
+        import runpy
+
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, (int, type(None))):
+            print(stop.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback, then exit status 1
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_script_on_ranks(
+    script: str | Path,
+    num_ranks: int,
+    script_args: list[str] | None = None,
+    timeout_s: float = 280.0,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """``script`` on ``num_ranks`` CPU ranks set up as the deepspeed launcher sets them up (its rank environment and
+    ``--local_rank=N``; ``num_ranks=1``: a plain ``python script``, no rank environment), each forked from the
+    server that imported ``_PRELOAD``: ~4 s of the launcher's and its node agent's imports and ~3 s of each rank's
+    fewer on a 2-core machine. For the tests whose subject is the script's work, not the launcher: those that test
+    the launcher use ``run_deepspeed_launcher``. Like the launcher, the first rank to fail ends the others (after a
+    2 s grace: every rank's own error line gets out) and is the exit status; stdout holds each rank's output in rank
+    order. Where CUDA is, ranks could not fork: the real launcher runs instead. ``env`` may not change what the
+    server's imports read, so it may only set ``SWITCHYARD_*`` variables."""
+    unsafe = sorted(k for k in (env or {}) if not k.startswith("SWITCHYARD_"))
+    if unsafe:
+        raise ValueError(f"run_script_on_ranks: env sets {unsafe}, which the preloaded modules may have read at "
+                         "import; use run_deepspeed_launcher (or run_script) for those")
+    ctx = _rank_context("gloo")
+    if ctx.get_start_method() != "forkserver":
+        if num_ranks == 1:
+            return run_script(script, script_args, timeout_s=timeout_s, env=env)
+        return run_deepspeed_launcher(script, num_ranks, script_args, timeout_s=timeout_s, env=env)
+    import tempfile
+
+    from switchyard.parallel.ports import free_port
+
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    port = free_port()
+    if num_ranks > 1:
+        base |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(num_ranks),
+                 "LOCAL_SIZE": str(num_ranks), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    with tempfile.TemporaryDirectory(prefix="ranks_") as logs:
+        log_paths = [os.path.join(logs, f"rank{rank}.log") for rank in range(num_ranks)]
+        procs = []
+        for rank in range(num_ranks):
+            environ = base | ({"RANK": str(rank), "LOCAL_RANK": str(rank)} if num_ranks > 1 else {})
+            argv = ([f"--local_rank={rank}"] if num_ranks > 1 else []) + list(script_args or [])
+            procs.append(ctx.Process(target=_script_rank_main, args=(str(script), argv, environ, log_paths[rank])))
+        for p in procs:
+            p.start()
+        deadline, first_failure, timed_out = time.monotonic() + timeout_s, None, False
+        try:
+            while any(p.exitcode is None for p in procs):
+                failed = [p for p in procs if p.exitcode not in (None, 0)]
+                if failed and first_failure is None:
+                    first_failure = (failed[0].exitcode, time.monotonic())
+                if first_failure is not None and time.monotonic() - first_failure[1] > 2.0:
+                    break
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.exitcode is None:
+                    p.kill()
+            for p in procs:
+                p.join(timeout=5)
+        out = "".join(Path(path).read_text(errors="replace") for path in log_paths if Path(path).exists())
+    command = [sys.executable, "-u", str(script), *(script_args or [])]
+    if timed_out:
+        raise AssertionError(f"{' '.join(command)} on {num_ranks} forked ranks did not finish within "
+                             f"{timeout_s:.0f}s:\n{out[-6000:]}")
+    codes = [p.exitcode for p in procs]
+    code = first_failure[0] if first_failure is not None else next((c for c in codes if c), 0)
+    result = subprocess.CompletedProcess(command, code, out, "")
+    result.master_port = port
     return result

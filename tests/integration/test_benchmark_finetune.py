@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from harness import REPO_ROOT, load_script, run_deepspeed_launcher, run_script
+from harness import REPO_ROOT, load_script, run_deepspeed_launcher, run_script, run_script_on_ranks
 
 IMPLS = ("switchyard", "deepspeed_autoep", "hf_grouped_mm")
 META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "shape", "batch", "seq_len", "steps",
@@ -17,8 +17,8 @@ META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "shape",
 
 def test_finetune_benchmark_tiny(tmp_path):
     out = tmp_path / "finetune.json"
-    proc = run_script(REPO_ROOT / "benchmarks" / "finetune.py", ["--tiny", "--device", "cpu", "--out", str(out)],
-                      timeout_s=240)
+    proc = run_script_on_ranks(REPO_ROOT / "benchmarks" / "finetune.py", 1, ["--tiny", "--device", "cpu", "--out",
+                                                                             str(out)], timeout_s=240)
     log = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, log
     data = json.loads(out.read_text())
@@ -61,10 +61,10 @@ def test_finetune_benchmark_cuda_graph_variant_with_checkpointed_rounds(tmp_path
     switchyard_deepspeed_norm (switchyard with DeepSpeed's gradient norm, clip and step) clips its first step by the
     norm the fused fp32 one gives; switchyard_deepspeed_step (DeepSpeed's step) takes the same first step."""
     out = tmp_path / "finetune.json"
-    proc = run_script(REPO_ROOT / "benchmarks" / "finetune.py",
-                      ["--tiny", "--device", "cpu", "--impls", "switchyard", "switchyard_deepspeed_norm",
-                       "switchyard_deepspeed_step", "--rounds", "1", "--variant-cuda-graph", "--gradient-checkpointing",
-                       "--out", str(out)], timeout_s=240)
+    proc = run_script_on_ranks(REPO_ROOT / "benchmarks" / "finetune.py", 1,
+                               ["--tiny", "--device", "cpu", "--impls", "switchyard", "switchyard_deepspeed_norm",
+                                "switchyard_deepspeed_step", "--rounds", "1", "--variant-cuda-graph",
+                                "--gradient-checkpointing", "--out", str(out)], timeout_s=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     data = json.loads(out.read_text())
     main = data["results"]["switchyard"]
@@ -86,9 +86,9 @@ def test_finetune_benchmark_expert_parallel_on_two_ranks(tmp_path):
     only rank 0 writes, every rank's profile, timing and (switchyard) expert load are kept; --ep that is not the world size is refused before
     anything is built."""
     out = tmp_path / "finetune_ep2.json"
-    proc = run_deepspeed_launcher(REPO_ROOT / "benchmarks" / "finetune.py", 2,
-                                  ["--tiny", "--device", "cpu", "--impls", "switchyard", "--ep", "2",
-                                   "--profile-steps", "1", "--out", str(out)], timeout_s=240)
+    proc = run_script_on_ranks(REPO_ROOT / "benchmarks" / "finetune.py", 2,
+                               ["--tiny", "--device", "cpu", "--impls", "switchyard", "--ep", "2",
+                                "--profile-steps", "1", "--out", str(out)], timeout_s=240)
     assert proc.returncode == 0, proc.stdout[-6000:]
     data = json.loads(out.read_text())
     meta, entry = data["meta"], data["results"]["switchyard"]
@@ -168,9 +168,9 @@ def test_finetune_benchmark_at_zero3(tmp_path):
     losses = {}
     for stage in (2, 3):
         out = tmp_path / f"zero{stage}.json"
-        proc = run_script(REPO_ROOT / "benchmarks" / "finetune.py",
-                          ["--tiny", "--device", "cpu", "--impls", "switchyard", "--rounds", "1",
-                           "--zero-stage", str(stage), "--out", str(out)], timeout_s=240)
+        proc = run_script_on_ranks(REPO_ROOT / "benchmarks" / "finetune.py", 1,
+                                   ["--tiny", "--device", "cpu", "--impls", "switchyard", "--rounds", "1",
+                                    "--zero-stage", str(stage), "--out", str(out)], timeout_s=240)
         assert proc.returncode == 0, proc.stdout[-4000:]
         data = json.loads(out.read_text())
         assert data["meta"]["training"]["zero_stage"] == stage

@@ -9,7 +9,7 @@ import random
 
 import torch
 
-from harness import REPO_ROOT, load_script, run_script
+from harness import REPO_ROOT, load_script, run_script_on_ranks
 
 IMPLS = ("switchyard", "switchyard_sorted", "hf_grouped_mm", "hf_batched_mm", "deepspeed_autoep")
 
@@ -20,9 +20,9 @@ def _moe_decode():
 
 def test_moe_decode_benchmark_tiny_checks_outputs(tmp_path):
     out = tmp_path / "moe_decode.json"
-    proc = run_script(REPO_ROOT / "benchmarks" / "moe_decode.py",
-                      ["--tiny", "--shapes", "mixtral_8x7b", "olmoe", "--tokens", "1", "8", "--iters", "2",
-                       "--warmup", "0", "--rounds", "2", "--out", str(out)], timeout_s=300)
+    proc = run_script_on_ranks(REPO_ROOT / "benchmarks" / "moe_decode.py", 1,
+                               ["--tiny", "--shapes", "mixtral_8x7b", "olmoe", "--tokens", "1", "8", "--iters", "2",
+                                "--warmup", "0", "--rounds", "2", "--out", str(out)], timeout_s=300)
     log = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, log
     results = json.loads(out.read_text())

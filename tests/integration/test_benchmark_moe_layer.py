@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness import REPO_ROOT, run_script
+from harness import REPO_ROOT, run_script, run_script_on_ranks
 
 SHAPES = ("mixtral_8x7b", "olmoe", "qwen3_30b_a3b")
 IMPLS = ("switchyard", "switchyard_cuda_graph", "switchyard_autograd", "switchyard_per_expert", "hf_grouped_mm",
@@ -18,8 +18,8 @@ META_KEYS = ("command", "torch", "transformers", "deepspeed", "device", "tokens"
 def test_moe_layer_benchmark_tiny(tmp_path):
     out = tmp_path / "moe_layer.json"
     # --device cpu: a test of the logic (fp32, exact comparisons) even on a machine with a GPU.
-    proc = run_script(REPO_ROOT / "benchmarks" / "moe_layer.py", ["--tiny", "--device", "cpu", "--out", str(out)],
-                      timeout_s=300)
+    proc = run_script_on_ranks(REPO_ROOT / "benchmarks" / "moe_layer.py", 1,
+                               ["--tiny", "--device", "cpu", "--out", str(out)], timeout_s=300)
     log = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, log
     results = json.loads(out.read_text())
@@ -58,9 +58,10 @@ def test_moe_layer_benchmark_tiny(tmp_path):
 def test_moe_layer_benchmark_takes_the_finetune_shape(tmp_path):
     """--shapes finetune_llama_8x (opt-in) runs, and the experts' variant label names the impl used."""
     out = tmp_path / "moe_layer.json"
-    proc = run_script(REPO_ROOT / "benchmarks" / "moe_layer.py",
-                      ["--tiny", "--device", "cpu", "--shapes", "finetune_llama_8x", "--impls", "switchyard",
-                       "switchyard_per_expert", "dense_ceiling", "--rounds", "2", "--out", str(out)], timeout_s=300)
+    proc = run_script_on_ranks(REPO_ROOT / "benchmarks" / "moe_layer.py", 1,
+                               ["--tiny", "--device", "cpu", "--shapes", "finetune_llama_8x", "--impls", "switchyard",
+                                "switchyard_per_expert", "dense_ceiling", "--rounds", "2", "--out", str(out)],
+                               timeout_s=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     results = json.loads(out.read_text())
     assert set(results) == {"finetune_llama_8x", "meta"}

@@ -1,4 +1,6 @@
-"""launch/finetune.py under the real deepspeed launcher on CPU ranks.
+"""launch/finetune.py on CPU ranks: under the real deepspeed launcher where the launcher is part of the test (the
+default run, killed ranks, an error on every rank), elsewhere on ranks forked as it starts them
+(harness.run_script_on_ranks: the same rank environment, the imports paid once).
 
 Oracle for parallel correctness: one process stepping over the same global batches. SGD keeps the
 comparison tight (Adam's normalized update amplifies float noise in near-zero gradients); the router
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import REPO_ROOT, run_deepspeed_launcher, run_script
+from harness import REPO_ROOT, run_deepspeed_launcher, run_script_on_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -29,11 +31,14 @@ GLOBAL_BATCH = 8
 
 
 def finetune(ranks: int, out: Path, overrides: list[str], env: dict[str, str] | None = None,
-             timeout_s: float = 280) -> subprocess.CompletedProcess:
+             timeout_s: float = 280, launcher: bool = False) -> subprocess.CompletedProcess:
+    """The script on ``ranks`` ranks forked as the deepspeed launcher sets them up (harness.run_script_on_ranks: the
+    imports paid once), or under the real ``deepspeed`` launcher where the launcher is part of what is tested (the
+    default run, a killed rank, an error on every rank)."""
     args = ["--config", CONFIG, f"output_dir={out}", *overrides]
-    if ranks == 1:
-        return run_script(REPO_ROOT / "launch" / "finetune.py", args, timeout_s=timeout_s, env=env)
-    return run_deepspeed_launcher(REPO_ROOT / "launch" / "finetune.py", ranks, args, timeout_s=timeout_s, env=env)
+    if launcher:
+        return run_deepspeed_launcher(REPO_ROOT / "launch" / "finetune.py", ranks, args, timeout_s=timeout_s, env=env)
+    return run_script_on_ranks(REPO_ROOT / "launch" / "finetune.py", ranks, args, timeout_s=timeout_s, env=env)
 
 
 def output_of(result) -> str:
@@ -215,7 +220,7 @@ SHORT = ["train.max_steps=8", "checkpoint.every=4", "train.eval_every=4", "data.
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    result = finetune(2, out, SHORT)
+    result = finetune(2, out, SHORT, launcher=True)
     assert result.returncode == 0, output_of(result)[-4000:]
     # ZeRO-2 with AdamW: the resumes below check that the one-pass step (zero_step.py) resumes exactly too
     assert "optimizer step: the gradient's cast, the clip, Adam and the 16-bit weights' copy" in output_of(result)
@@ -248,10 +253,11 @@ def test_killed_rank_fails_fast_and_a_kill_during_save_resumes_from_the_previous
     uninterrupted curve until rank 0 is killed while saving step 8, which leaves step 4 the latest; the next
     resume continues from it on the same curve."""
     started = time.monotonic()
-    crashed = finetune(2, tmp_path, SHORT, env={"SWITCHYARD_FAULT": "step:1:6"})
+    crashed = finetune(2, tmp_path, SHORT, env={"SWITCHYARD_FAULT": "step:1:6"}, launcher=True)
     assert crashed.returncode != 0 and "SWITCHYARD_FAULT=step:1:6: killing rank 1" in output_of(crashed)
     assert time.monotonic() - started < 120
-    killed_saving = finetune(2, tmp_path, SHORT + ["checkpoint.resume=auto"], env={"SWITCHYARD_FAULT": "save:0:8"})
+    killed_saving = finetune(2, tmp_path, SHORT + ["checkpoint.resume=auto"], env={"SWITCHYARD_FAULT": "save:0:8"},
+                              launcher=True)
     assert killed_saving.returncode != 0
     assert "SWITCHYARD_FAULT=save:0:8: killing rank 0" in output_of(killed_saving), output_of(killed_saving)[-4000:]
     assert "resumed from" in output_of(killed_saving) and "step_000004" in output_of(killed_saving)
@@ -311,7 +317,7 @@ def test_bad_config_fails_on_every_rank_before_any_step(tmp_path):
     """A layout the world cannot hold (ep=4 on 2 ranks): one config-error line from each rank, no traceback,
     nothing written, and fast (the ranks do not wait on each other for a collective timeout)."""
     started = time.monotonic()
-    result = finetune(2, tmp_path, ["parallel.ep=4"], timeout_s=120)
+    result = finetune(2, tmp_path, ["parallel.ep=4"], timeout_s=120, launcher=True)
     assert result.returncode != 0
     assert output_of(result).count("finetune: config error: ep*etp = 4*1 = 4 does not divide") == 2, \
         output_of(result)[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import REPO_ROOT, run_script
+from harness import REPO_ROOT, run_script_on_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -20,8 +20,8 @@ SMALL = ["parallel.ep=1", "data.seq_len=64", "train.warmup_steps=4", "train.eval
 
 
 def finetune(out: Path, overrides: list[str]) -> None:
-    result = run_script(REPO_ROOT / "launch" / "finetune.py", ["--config", CONFIG, f"output_dir={out}", *SMALL,
-                                                              *overrides], timeout_s=280)
+    result = run_script_on_ranks(REPO_ROOT / "launch" / "finetune.py", 1, ["--config", CONFIG, f"output_dir={out}",
+                                                                          *SMALL, *overrides], timeout_s=280)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 

@@ -19,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,serve]"
+	# DeepSpeed's CPU all-reduce op, built as its first CPU run would build it (~40 s on 2 cores), so that neither the
+	# first `make demo` nor the suite's first DeepSpeed test waits on the compiler (nothing to build where CUDA is)
+	$(RUN_ENV) $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 demo: install

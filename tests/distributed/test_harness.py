@@ -102,7 +102,8 @@ if mode == "fail_rank1" or mode == "hang":
 
 
 def _reports(output: str) -> list[dict]:
-    return sorted((json.loads(line.split(" ", 1)[1]) for line in output.splitlines() if line.startswith("RANK_REPORT ")),
+    lines = [line for line in output.splitlines() if line.startswith("RANK_REPORT ")]
+    return sorted((json.loads(line.split(" ", 1)[1]) for line in lines),
                   key=lambda r: r["env"]["RANK"] or "0")
 
 

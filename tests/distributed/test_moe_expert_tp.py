@@ -28,7 +28,9 @@ CASES = {
 }
 
 
-def _check_training(shape: dict) -> list[str]:
+def _check_training(shape: dict, fold: bool = False) -> list[str]:
+    """``fold``: the sharded layer's SwiGLU experts take the routing weights (``swiglu_grouped``, the only case that
+    can), the reference weights its combine as ever; each FFN slice weights its partial output."""
     from switchyard import MoEConfig, ProcessGroupManager
     from switchyard.parallel.tensor_parallel import full_state_dict
     from switchyard.parallel.tensor_shards import gather_tensor, shard_of
@@ -37,10 +39,15 @@ def _check_training(shape: dict) -> list[str]:
     etp, etp_group = manager.size("etp"), manager.group("etp")
     counts = [5 + 3 * r for r in range(manager.size("dp"))]
     checked = []
-    for name, kwargs in CASES.items():
+    for name, kwargs in ({"swiglu": CASES["swiglu"]} if fold else CASES).items():
         config = MoEConfig(num_experts=EXPERTS, top_k=2, aux_loss_coef=0.01, z_loss_coef=0.001, **kwargs)
         reference, layer = moe_layer_pair(config, HIDDEN, FFN, manager)
         assert layer.experts.intermediate_size == FFN // etp and layer.intermediate_size == FFN
+        combine_weights = []
+        if fold:
+            layer.experts.impl = "swiglu_grouped"
+            combine = layer.dispatcher.combine
+            layer.dispatcher.combine = lambda y, plan, weight: combine_weights.append(weight) or combine(y, plan, weight)
         gen = torch.Generator().manual_seed(1)
         x_all, g_all = torch.randn(sum(counts), HIDDEN, generator=gen), torch.randn(sum(counts), HIDDEN, generator=gen)
         ref_out, ref_xgrad = [], []
@@ -56,6 +63,7 @@ def _check_training(shape: dict) -> list[str]:
         y = layer(x)
         ((y * g_all.split(counts)[dp_rank]).sum() + layer.aux_loss).backward()
         where = f"{name} on rank {dist.get_rank()}"
+        assert combine_weights == ([None] if fold else []), f"{where}: the combine weighted the rows again"
         torch.testing.assert_close(y, ref_out[dp_rank], **TOL, msg=lambda m: f"{where}: output: {m}")
         torch.testing.assert_close(x.grad, ref_xgrad[dp_rank], **TOL, msg=lambda m: f"{where}: input grad: {m}")
 
@@ -132,6 +140,15 @@ def _check_inference_and_errors() -> list[str]:
 def test_expert_tensor_parallel_matches_one_process(world, shape):
     results = run_on_ranks(_check_training, world, shape, timeout_s=60)
     assert all(r == list(CASES) for r in results)
+
+
+@pytest.mark.parametrize("world, shape", [(2, dict(tp=2)), (4, dict(tp=2, ep=2))], ids=["tp2", "tp2xep2"])
+def test_expert_tensor_parallel_with_folded_routing_weights_matches_one_process(world, shape):
+    """The SwiGLU experts' FFN slices each weight their partial outputs (the all-reduce sums weighted slices) and
+    give partial routing-weight gradients, which the etp group sums: outputs and every gradient as the weighted
+    combine in one process, the router's gradient the same bits on the etp ranks."""
+    results = run_on_ranks(_check_training, world, shape, True, timeout_s=60)
+    assert all(r == ["swiglu"] for r in results)
 
 
 def test_expert_tensor_parallel_inference_paths_and_refusals():

@@ -54,6 +54,7 @@ from switchyard.moe.experts import GroupedExperts
 from switchyard.moe.kernels import fused_kernels_enabled, routed_swiglu_combine
 from switchyard.moe.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from switchyard.moe.router import Router, RouterOutput
+from switchyard.moe.swiglu_ffn import RowWeights
 from switchyard.parallel.deepspeed_groups import DeepSpeedMoEModule, tag_expert_parameters
 from switchyard.parallel.layout import local_expert_ids
 from switchyard.parallel.tensor_shards import (
@@ -150,9 +151,10 @@ class MoELayer(DeepSpeedMoEModule):
     cuda_graph: bool = False
     # shared experts computed while the dispatch all-to-all is in flight (ep > 1; their backward likewise)
     overlap_shared_experts: bool = True
-    # the routing weights multiplied into the SwiGLU experts' rows before GEMM 2 where the rows stay on this rank
-    # (ep = 1, etp = 1, the SwiGLU Function): the combine is then a plain sum that keeps no [T*K, H] for its
-    # backward (moe/swiglu_ffn.py); False weights the experts' outputs in the combine, as every other path does
+    # the routing weights multiplied into the SwiGLU experts' rows before GEMM 2 (the SwiGLU Function; at ep > 1
+    # they travel with the rows, at etp > 1 each FFN slice weights its partial output): the combine is then a plain
+    # sum that keeps no [T*K, H] for its backward (moe/swiglu_ffn.py); False weights the experts' outputs in the
+    # combine, as every other path does
     fold_routing_weights: bool = True
     # [B, S] or [T], 1 = real token: padding left out of the balance loss and of expert capacity; set per
     # forward by a patched HF model's hook (hf/patch.py). [B, S] also splits a [T, H] input into B sequences
@@ -371,30 +373,30 @@ class MoELayer(DeepSpeedMoEModule):
         else:
             # decided from what every EP rank shares (config, impl, dtype, grad mode; never its row count): at
             # ep > 1 carrying the weights is an all-to-all of its own, which every rank must enter
-            fold = (self.fold_routing_weights and self.experts.etp_size == 1
-                    and self.experts.folds_row_weight(x_TH))
+            fold = self.fold_routing_weights and self.experts.folds_row_weight(x_TH)
             x_MH, plan = self.dispatcher.dispatch(x_TH, routed.topk_idx_TK, keep_TK, overlap,
                                                   routed.topk_weight_TK if fold else None)
-        weight_TK: torch.Tensor | None = routed.topk_weight_TK
-        if plan.row_weights is not None:
-            # the experts weight their rows (inside the SwiGLU, before GEMM 2): the combine keeps nothing
-            y_MH = self.experts(x_MH, plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1, plan.row_weights)
-            weight_TK = None
-        else:
-            y_MH = self._run_experts(x_MH, plan)
+        y_MH = self._run_experts(x_MH, plan)
+        # folded: the experts weighted their rows (inside the SwiGLU, before GEMM 2), the combine keeps nothing
+        weight_TK = None if plan.row_weights is not None else routed.topk_weight_TK
         return self.dispatcher.combine(y_MH, plan, weight_TK), plan.tokens_per_expert_E, plan.overlap_out
 
     def _run_experts(self, x_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """The local experts on the dispatched rows. Sharded (etp > 1), every etp rank holds the same rows: each
-        computes its FFN slice's partial output, the all-reduce over the group sums them and the down bias is added
-        once. Backward: every slice takes the whole output gradient, and ``copy_to_group`` sums the slices' input
-        gradients."""
+        """The local experts on the dispatched rows (weighting them where ``plan.row_weights`` is set). Sharded
+        (etp > 1), every etp rank holds the same rows: each computes its FFN slice's partial output, the all-reduce
+        over the group sums them and the down bias is added once (the folding SwiGLU experts have none: the sum of
+        the weighted slices is the weighted output). Backward: every slice takes the whole output gradient, and
+        ``copy_to_group`` sums the slices' input gradients and, folded, their partial routing-weight gradients
+        (each slice's ``<da, silu(gate) * up>`` over its own columns)."""
         counts_L, cu_offsets_L1 = plan.tokens_per_local_expert_L, plan.local_cu_offsets_L1
+        row_weights = plan.row_weights
         if self.experts.etp_size == 1:
-            return self.experts(x_MH, counts_L, cu_offsets_L1)
+            return self.experts(x_MH, counts_L, cu_offsets_L1, row_weights)
         assert self.groups is not None
         group = self.groups.group("etp")
-        y_MH = reduce_from_group(self.experts(copy_to_group(x_MH, group), counts_L, cu_offsets_L1), group)
+        if row_weights is not None:
+            row_weights = RowWeights(copy_to_group(row_weights.source_S, group), row_weights.index_N)
+        y_MH = reduce_from_group(self.experts(copy_to_group(x_MH, group), counts_L, cu_offsets_L1, row_weights), group)
         return self.experts.add_down_bias(y_MH, counts_L)
 
     def _routed_core(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -270,11 +270,12 @@ def run_script_on_ranks(
     """``script`` on ``num_ranks`` CPU ranks set up as the deepspeed launcher sets them up (its rank environment and
     ``--local_rank=N``; ``num_ranks=1``: a plain ``python script``, no rank environment), each forked from the
     server that imported ``_PRELOAD``: ~4 s of the launcher's and its node agent's imports and ~5 s of each rank's
-    fewer on a 2-core machine (a 3-step 2-rank fine-tune: 6–9 s instead of ~14). For the tests whose subject is the script's work, not the launcher: those that test
-    the launcher use ``run_deepspeed_launcher``. Like the launcher, the first rank to fail ends the others (after a
-    2 s grace: every rank's own error line gets out) and is the exit status; stdout holds each rank's output in rank
-    order. Where CUDA is, ranks could not fork: the real launcher runs instead. ``env`` may not change what the
-    server's imports read, so it may only set ``SWITCHYARD_*`` variables."""
+    fewer on a 2-core machine (a 3-step 2-rank fine-tune: 6–9 s instead of ~14). For the tests whose subject is the
+    script's work, not the launcher: those that test the launcher use ``run_deepspeed_launcher``. Like the
+    launcher, the first rank to fail ends the others (after a 2 s grace: every rank's own error line gets out) and
+    is the exit status; stdout holds each rank's output in rank order. Where CUDA is, ranks could not fork: the
+    real launcher runs instead. ``env`` may not change what the server's imports read, so it may only set
+    ``SWITCHYARD_*`` variables."""
     unsafe = sorted(k for k in (env or {}) if not k.startswith("SWITCHYARD_"))
     if unsafe:
         raise ValueError(f"run_script_on_ranks: env sets {unsafe}, which the preloaded modules may have read at "
@@ -328,5 +329,5 @@ def run_script_on_ranks(
     codes = [p.exitcode for p in procs]
     code = first_failure[0] if first_failure is not None else next((c for c in codes if c), 0)
     result = subprocess.CompletedProcess(command, code, out, "")
-    result.master_port = port
+    result.master_port = port if num_ranks > 1 else None  # one process picks its own
     return result

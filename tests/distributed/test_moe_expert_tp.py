@@ -47,7 +47,12 @@ def _check_training(shape: dict, fold: bool = False) -> list[str]:
         if fold:
             layer.experts.impl = "swiglu_grouped"
             combine = layer.dispatcher.combine
-            layer.dispatcher.combine = lambda y, plan, weight: combine_weights.append(weight) or combine(y, plan, weight)
+
+            def recording_combine(y, plan, weight, combine=combine):  # what the combine weights the rows with
+                combine_weights.append(weight)
+                return combine(y, plan, weight)
+
+            layer.dispatcher.combine = recording_combine
         gen = torch.Generator().manual_seed(1)
         x_all, g_all = torch.randn(sum(counts), HIDDEN, generator=gen), torch.randn(sum(counts), HIDDEN, generator=gen)
         ref_out, ref_xgrad = [], []

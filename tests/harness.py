@@ -188,13 +188,17 @@ def _capture_error(fn, args, kwargs) -> str | None:
     return None
 
 
+def script_environ(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment the tests run scripts in: the caller's, one OpenMP thread (spinning OpenMP barriers make a busy
+    2-core machine far slower than one thread), unbuffered output, then ``env``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
 def run_script(
     script: str | Path, args: list[str] | None = None, timeout_s: float = 300.0, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """``python script args`` in one process, as the tests run scripts: one OpenMP thread (spinning
-    OpenMP barriers make a busy 2-core machine far slower than one thread) and unbuffered output."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(script), *(args or [])], cwd=REPO_ROOT, env=full_env,
+    """``python script args`` in one process, in ``script_environ(env)``."""
+    return subprocess.run([sys.executable, str(script), *(args or [])], cwd=REPO_ROOT, env=script_environ(env),
                           capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -213,9 +217,8 @@ def run_deepspeed_launcher(
     port = free_port()
     command = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(port), str(script)]
     command += script_args or []
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command, cwd=REPO_ROOT, env=script_environ(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True,
     )
     try:
@@ -248,10 +251,12 @@ def _script_rank_main(script: str, argv: list[str], environ: dict[str, str], log
         import runpy
 
         runpy.run_path(script, run_name="__main__")
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if not isinstance(stop.code, (int, type(None))):
+    except SystemExit as stop:  # as the interpreter ends on it: an int or None is the status, anything else printed
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
             print(stop.code, file=sys.stderr)
+            code = 1
     except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback, then exit status 1
         traceback.print_exc()
         code = 1
@@ -289,7 +294,7 @@ def run_script_on_ranks(
 
     from switchyard.parallel.ports import free_port
 
-    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    base = script_environ(env)
     port = free_port()
     if num_ranks > 1:
         base |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(num_ranks),

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import REPO_ROOT, run_deepspeed_launcher, run_script_on_ranks
+from harness import REPO_ROOT, run_deepspeed_launcher, run_script_on_ranks, script_environ
 
 pytestmark = pytest.mark.distributed
 
@@ -327,8 +327,6 @@ def test_bad_config_fails_on_every_rank_before_any_step(tmp_path):
 
 
 def test_accelerate_launch_with_deepspeed_plugin(tmp_path):
-    import os
-
     from switchyard.parallel.ports import free_port
 
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -337,7 +335,7 @@ def test_accelerate_launch_with_deepspeed_plugin(tmp_path):
                str(REPO_ROOT / "launch/finetune.py"), "--config", CONFIG, f"output_dir={tmp_path}",
                "train.max_steps=2", "data.seq_len=64", "checkpoint.every=1000", "train.cuda_graph=true"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=script_environ(None))
     assert result.returncode == 0, output_of(result)[-4000:]
     # train.cuda_graph reaches the MoE layers; they say why they run eagerly (ep=2 on GPUs: no graphs yet)
     why = "ep=2" if torch.cuda.is_available() else "input not on CUDA"

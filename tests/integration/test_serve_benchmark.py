@@ -6,24 +6,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, run_script
 
 pytest.importorskip("openai")
 
 
 def test_serve_benchmark_tiny(tmp_path):
     out = tmp_path / "serve.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "SWITCHYARD_CACHE": str(tmp_path / "cache"),
-           "SWITCHYARD_GIT_COMMIT": "0123abc"}
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "serve.py"), "--tiny", "--device", "cpu",
-               "--batches", "1,3", "--new-tokens", "4", "--clients", "2", "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(REPO_ROOT / "benchmarks" / "serve.py",
+                      ["--tiny", "--device", "cpu", "--batches", "1,3", "--new-tokens", "4", "--clients", "2",
+                       "--out", str(out)],
+                      timeout_s=300, env={"SWITCHYARD_CACHE": str(tmp_path / "cache"), "SWITCHYARD_GIT_COMMIT": "0123abc"})
     log = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, log
     results = json.loads(out.read_text())
@@ -43,7 +39,6 @@ def test_serve_benchmark_tiny(tmp_path):
 
 def test_serve_benchmark_refuses_fewer_than_two_new_tokens(tmp_path):
     """Decode speed is B*(N-1) tokens over the time after the first token: N=1 would report 0 tok/s."""
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "serve.py"), "--tiny", "--new-tokens", "1",
-                           "--out", str(tmp_path / "serve.json")], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_script(REPO_ROOT / "benchmarks" / "serve.py", ["--tiny", "--new-tokens", "1", "--out",
+                                                              str(tmp_path / "serve.json")], timeout_s=120)
     assert proc.returncode == 2 and "--new-tokens 1" in proc.stderr, proc.stderr[-2000:]

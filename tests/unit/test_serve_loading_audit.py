@@ -10,10 +10,8 @@ checks read headers and configs only.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,9 +21,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness import run_on_ranks
+from harness import REPO_ROOT, run_on_ranks, run_script
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_MOE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=96, num_local_experts=4, num_experts_per_tok=2)
 
@@ -172,8 +169,7 @@ def test_an_ep_larger_than_the_ranks_names_the_flag_and_the_launcher():
 
 
 def _serve(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "serve.py"), *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_script(REPO_ROOT / "launch" / "serve.py", args, timeout_s=120)
 
 
 def test_launch_serve_exits_2_with_one_line_before_binding_a_port(tmp_path):

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "holds every expert)")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    parser.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' (all but /health)")
+    parser.add_argument("--api-key", dest="api_key", help="require 'Authorization: Bearer KEY' (all but /health); "
+                        "SWITCHYARD_API_KEY=KEY does the same without putting the key in the launcher's log")
     parser.add_argument("--served-model-name", dest="served_model_name", help="model id in the API (default: dir name)")
     parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--max-batch", dest="max_batch", type=int, help="sequences decoding at once (default 16)")

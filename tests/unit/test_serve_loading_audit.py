@@ -10,6 +10,7 @@ checks read headers and configs only.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -167,6 +168,36 @@ def test_an_ep_larger_than_the_ranks_names_the_flag_and_the_launcher():
     assert all("--ep 4 needs 4 ranks (or a multiple) but the launcher started 2" in m for m in messages), messages
     assert all("deepspeed --num_gpus 4 launch/serve.py" in m for m in messages), messages
 
+
+
+def _serve_main(model: str, heartbeat_s: float) -> tuple[int, list[str]]:
+    """``serve.main.run`` on this rank: (its exit code, the errors it logged)."""
+    import logging
+
+    from switchyard.serve.config import ServeConfig
+    from switchyard.serve.main import run
+
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())
+    logging.getLogger("switchyard").addHandler(handler)
+    return run(ServeConfig(model=model, ep=2, port=0, heartbeat_s=heartbeat_s)), errors
+
+
+def test_settings_that_can_only_fail_are_refused_before_the_model_is_read(tmp_path, caplog):
+    """``--max-model-len`` beyond the model's context was refused once the model had loaded, and a heartbeat rarer
+    than half the collective timeout once it had loaded and warmed up (a large HF directory: after its
+    conversion). Here the weights file is a stand-in that loading would reject, and the model does not exist."""
+    from switchyard.serve.loading import load_for_serving
+
+    path = add_tokenizer(hf_dir(tmp_path / "ctx", max_position_embeddings=256))
+    with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's max_position_embeddings=256"):
+        load_for_serving(path, None, max_model_len=4096)
+    # every rank exits 2 before it looks for the (missing) model, naming the limit (half the ranks' timeout)
+    for code, errors in run_on_ranks(_serve_main, 2, str(tmp_path / "missing"), 400.0, timeout_s=60):
+        assert code == 2 and len(errors) == 1, errors
+        assert re.match(r"serve: heartbeat_s=400 must be at most half the collective timeout \((\d+)s, "
+                        r"SWITCHYARD_DIST_TIMEOUT_S\).* lower heartbeat_s to at most (\d+) ", errors[0]), errors
 
 def _serve(args: list[str]) -> subprocess.CompletedProcess:
     return run_script(REPO_ROOT / "launch" / "serve.py", args, timeout_s=120)

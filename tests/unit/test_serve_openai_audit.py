@@ -312,6 +312,21 @@ def test_every_400_has_a_code(served):
         assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"], reply
 
 
+
+def test_chat_without_a_usable_template_is_a_400_with_a_code(served, monkeypatch):
+    """A tokenizer with no chat template, and a template that raises on the messages (Mistral's refuses a
+    system role), were 400s with ``code: null``."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    cases = [(None, "chat_template_missing", "no chat template; use /v1/completions"),
+             ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
+              "invalid_value", "the chat template rejected these messages: System role not supported")]
+    for template, code, message in cases:
+        monkeypatch.setattr(served.tok, "chat_template", template)
+        with pytest.raises(openai.BadRequestError) as err:
+            served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        assert (err.value.body["param"], err.value.body["code"]) == ("messages", code), err.value.body
+        assert message in err.value.body["message"], err.value.body
+
 def test_the_bearer_scheme_is_case_insensitive_and_the_key_is_not(served):
     """RFC 7235: the auth scheme is case-insensitive; ``bearer <key>`` was a 401."""
     def status(auth: str) -> int:

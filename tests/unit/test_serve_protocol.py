@@ -42,6 +42,27 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
         ServeConfig(log_level="warn")  # was uvicorn's KeyError on rank 0 after the model had loaded
 
 
+
+def test_the_api_key_from_the_environment_and_the_model_id_of_a_relative_path(tmp_path, monkeypatch):
+    """A key passed as --api-key is in the deepspeed launcher's log (three times) and in ``ps``: the environment
+    variable keeps it out of both. ``--model .`` served the id "" (``Path(".").name``)."""
+    monkeypatch.setenv("SWITCHYARD_API_KEY", "env-key")
+    assert ServeConfig.load(None, {"model": "m"}).api_key == "env-key"
+    assert ServeConfig.load(None, {"model": "m", "api_key": "flag-key"}).api_key == "flag-key"  # the flag wins
+    (tmp_path / "key.yaml").write_text("api_key: file-key\n")
+    assert ServeConfig.load(tmp_path / "key.yaml").api_key == "file-key"  # and the file
+    monkeypatch.setenv("SWITCHYARD_API_KEY", "")
+    with pytest.raises(ValueError, match="api_key must not be empty; leave it out \\(and SWITCHYARD_API_KEY unset\\)"):
+        ServeConfig.load(None, {"model": "m"})
+    monkeypatch.delenv("SWITCHYARD_API_KEY")
+    assert ServeConfig.load(None, {"model": "m"}).api_key is None
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path / "my-model")
+    assert ServeConfig(model=".").model_id(Path(".")) == "my-model"
+    assert ServeConfig(model=".", served_model_name="org/m").model_id(Path(".")) == "org/m"
+    with pytest.raises(ValueError, match="served_model_name must not be empty"):
+        ServeConfig(model=".", served_model_name=" ")
+
 def test_requests_validate_types_and_ranges():
     ok = P.CompletionRequest(model="m", prompt="hi", stop="\n")
     assert ok.stop == ["\n"] and ok.max_tokens is None and ok.temperature == 1.0
@@ -200,13 +221,14 @@ def test_a_model_dir_without_a_tokenizer_is_an_error_naming_it(tmp_path):
 def test_max_model_len_beyond_the_model_is_refused_not_silently_lowered():
     from types import SimpleNamespace
 
-    from switchyard.serve.main import context_length
+    from switchyard.serve.loading import context_length
 
-    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=256))
-    assert context_length(ServeConfig(model="m"), model) == 256
-    assert context_length(ServeConfig(model="m", max_model_len=100), model) == 100
+    model_config = SimpleNamespace(max_position_embeddings=256)
+    assert context_length(None, model_config) == 256
+    assert context_length(100, model_config) == 100
+    assert context_length(None, SimpleNamespace()) == 2048
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's max_position_embeddings=256"):
-        context_length(ServeConfig(model="m", max_model_len=4096), model)
+        context_length(4096, model_config)
 
 
 def test_logit_bias_tools_and_content_parts_are_honoured_or_refused_never_ignored():

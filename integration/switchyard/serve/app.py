@@ -610,12 +610,14 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
     async def chat(req: P.ChatCompletionRequest, request: Request) -> Any:
         check_model(req.model)
         if not getattr(tokenizer, "chat_template", None):
-            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages",
+                           code="chat_template_missing")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as err:  # noqa: BLE001 - a template may reject a role order, etc.
-            raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from err
+            raise APIError(400, f"the chat template rejected these messages: {err}", param="messages",
+                           code="invalid_value") from err
         prompt = check_ids(_tokenize(tokenizer, text, "messages", add_special_tokens=False))
         tokens_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         params = params_of(req, budget([prompt], req.max_new_tokens, "messages", tokens_param), config.max_n,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -14,6 +15,7 @@ from switchyard.config import check_field_type
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODE_MODES = ("auto", "static", "batched", "sequential")  # switchyard.serve.runner.DECODE_MODES (kept import-light here)
+API_KEY_ENV = "SWITCHYARD_API_KEY"  # the key where neither the flag nor the file gives one
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's (uvicorn.config.LOG_LEVELS)
 
 
@@ -59,11 +61,20 @@ class ServeConfig:
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)!r}")
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("api_key must not be empty; leave it out to serve without a key")
+            raise ValueError(f"api_key must not be empty; leave it out (and {API_KEY_ENV} unset) to serve without a key")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name must not be empty; leave it out to use the model directory's name")
+
+    def model_id(self, path: Path) -> str:
+        """The id the API serves the model as: ``served_model_name``, else the directory's name (``--model .``
+        included)."""
+        return self.served_model_name or path.resolve().name
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "ServeConfig":
-        """Fields from ``path`` (YAML), then ``overrides`` (None values skipped); unknown keys are errors."""
+        """Fields from ``path`` (YAML), then ``overrides`` (None values skipped); unknown keys are errors. Without
+        an ``api_key`` in either, ``SWITCHYARD_API_KEY``'s value: a key on the command line is in the launcher's
+        log and in every local user's ``ps``."""
         values: dict[str, Any] = {}
         if path is not None:
             import yaml
@@ -75,6 +86,8 @@ class ServeConfig:
             if not isinstance(values, dict):
                 raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        if values.get("api_key") is None and os.environ.get(API_KEY_ENV) is not None:
+            values["api_key"] = os.environ[API_KEY_ENV]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

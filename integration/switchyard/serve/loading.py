@@ -12,8 +12,8 @@
 
 Only safetensors files are read (``use_safetensors=True``): nothing is unpickled. Before any weight is read
 (or any conversion starts) every rank checks what a user can get wrong — config.json, the weights files'
-presence and headers, the MoE blocks, ``--ep`` against the expert count, the tokenizer — and a failure on any
-rank is a ``ValueError`` naming the file and the fix on every rank.
+presence and headers, the MoE blocks, ``--ep`` against the expert count, ``--max-model-len`` against the model's
+context, the tokenizer — and a failure on any rank is a ``ValueError`` naming the file and the fix on every rank.
 """
 
 from __future__ import annotations
@@ -107,17 +107,18 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def load_for_serving(path: Path, groups: "ProcessGroupManager | None", dtype: str = "auto",
-                     device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
+                     device: torch.device | str = "cpu", max_model_len: int | None = None) -> tuple[nn.Module, Any]:
     """(model in eval mode on ``device``, tokenizer) for this rank. Everything a user can get wrong (config,
-    weights files, MoE blocks, ``--ep``, tokenizer) is checked on every rank before any weight is read."""
+    weights files, MoE blocks, ``--ep``, ``max_model_len``, tokenizer) is checked on every rank before any weight
+    is read."""
     import switchyard as sy
     from transformers import AutoModelForCausalLM
 
     torch_dtype = _DTYPES.get(dtype)
     if groups is not None and groups.world_size > 1:  # a rank that alone sees a bad file (its node's copy) stops all
-        adopt, tokenizer = on_every_rank(f"checking {path}", _checked, path, groups.size("ep"))
+        adopt, tokenizer = on_every_rank(f"checking {path}", _checked, path, groups.size("ep"), max_model_len)
     else:
-        adopt, tokenizer = _checked(path, 1)
+        adopt, tokenizer = _checked(path, 1, max_model_len)
     if adopt and groups is not None and groups.world_size > 1:
         path = adopted_checkpoint(path)  # then each rank reads only its experts, as below
         adopt = False
@@ -134,12 +135,25 @@ def load_for_serving(path: Path, groups: "ProcessGroupManager | None", dtype: st
     return model.eval(), tokenizer
 
 
-def _checked(path: Path, ep: int) -> tuple[bool, Any]:
+def _checked(path: Path, ep: int, max_model_len: int | None) -> tuple[bool, Any]:
     """(whether ``path`` is an HF MoE directory to adopt, its tokenizer), after every check that reads no weights."""
     raw, config = read_config(path)
+    context_length(max_model_len, config)
     adopt = not raw.get("switchyard")
     check_ep(path, check_adoptable(path, config) if adopt else _recorded_experts(raw), ep)
     return adopt, load_tokenizer(path)
+
+
+def context_length(max_model_len: int | None, model_config: Any) -> int:
+    """Prompt + completion bound: ``max_model_len``, else the model's ``max_position_embeddings`` (2048 if it has
+    none). A value beyond the model's is refused (as vLLM does), not silently lowered: the user asked for a context
+    the model was not trained for and would otherwise get a smaller one without a word."""
+    model_len = getattr(model_config, "max_position_embeddings", None)
+    if max_model_len is not None and model_len and max_model_len > model_len:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+                         f"{model_len}; leave --max-model-len out or set it to at most {model_len}")
+    bounds = [n for n in (max_model_len, model_len) if n]
+    return min(bounds) if bounds else 2048
 
 
 def _short(err: BaseException) -> str:

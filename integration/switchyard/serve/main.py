@@ -33,10 +33,10 @@ def _device() -> torch.device:
 def run(config: ServeConfig) -> int:
     import torch.distributed as dist
 
-    from switchyard.serve.loading import load_for_serving, resolve_model_dir
+    from switchyard.serve.loading import context_length, load_for_serving, resolve_model_dir
     from switchyard.hf.patch import moe_layers
     from switchyard.serve.runner import ModelRunner
-    from switchyard.serve.workers import ControlChannel, worker_loop
+    from switchyard.serve.workers import ControlChannel, check_heartbeat, worker_loop
 
     runner = None
     try:  # setup: a user mistake is a message and exit code 2 on every rank, not a traceback
@@ -45,14 +45,16 @@ def run(config: ServeConfig) -> int:
             log.warning("world %d > ep %d: the %d expert-parallel groups compute the same steps redundantly",
                         groups.world_size, config.ep, groups.size("edp"), ranks=[0])
         channel = ControlChannel()
+        check_heartbeat(config.heartbeat_s, channel)
         _check_address(config, channel)
         path = resolve_model_dir(config.model)
-        model, tokenizer = load_for_serving(path, groups if groups.world_size > 1 else None, config.dtype, _device())
+        model, tokenizer = load_for_serving(path, groups if groups.world_size > 1 else None, config.dtype, _device(),
+                                            config.max_model_len)
         rank = dist.get_rank()
         for layer in moe_layers(model):  # every rank holds every token: each computes its experts' share
             layer.replicated_tokens = True
         runner = ModelRunner(model, count_experts=rank == 0, decode=config.decode, max_batch=config.max_batch,
-                             max_model_len=context_length(config, model))
+                             max_model_len=context_length(config.max_model_len, model.config))
         runner.warmup()  # every rank: the graphs (and their all-reduces) are captured together, before serving
     except ValueError as err:
         log.error("serve: %s", err)
@@ -148,18 +150,6 @@ def _destroy_process_group(code: int, timeout_s: float = 30.0) -> None:
         os._exit(code)  # every rank has stopped; only the teardown hung
 
 
-def context_length(config: ServeConfig, model) -> int:
-    """Prompt + completion bound: the config's, else the model's ``max_position_embeddings``. A config value
-    beyond the model's is refused (as vLLM does), not silently lowered: the user asked for a context the
-    model was not trained for and would otherwise get a smaller one without a word."""
-    model_len = getattr(model.config, "max_position_embeddings", None)
-    if config.max_model_len is not None and model_len and config.max_model_len > model_len:
-        raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
-                         f"{model_len}; leave --max-model-len out or set it to at most {model_len}")
-    bounds = [n for n in (config.max_model_len, model_len) if n]
-    return min(bounds) if bounds else 2048
-
-
 def _serve_rank0(config: ServeConfig, runner, tokenizer, channel, path: Path) -> int:
     import uvicorn
 
@@ -173,7 +163,10 @@ def _serve_rank0(config: ServeConfig, runner, tokenizer, channel, path: Path) ->
                            layer_names=moe_prefixes(runner.model))
     engine = Engine(runner, tokenizer, max_batch=config.max_batch, max_model_len=runner.max_model_len,
                     broadcast=channel.send, metrics=metrics)
-    name = config.served_model_name or path.name
+    name = config.model_id(path)
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("%s's tokenizer has no chat template: /v1/chat/completions will answer 400 "
+                    "chat_template_missing (/v1/completions works); save a tokenizer with one into it", path)
     app = create_app(engine, tokenizer, name, config, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                            access_log=False, timeout_graceful_shutdown=10, lifespan="off"))

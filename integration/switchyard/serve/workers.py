@@ -57,6 +57,16 @@ class ControlChannel:
         return StepPlan.from_wire(box[0])
 
 
+def check_heartbeat(heartbeat_s: float, channel: ControlChannel) -> None:
+    """Idle workers wait for the next plan at most the channel's timeout: a heartbeat rarer than half of it would
+    let that wait time out while the server is idle. Every rank knows both numbers, so every rank raises."""
+    if channel.world_size > 1 and heartbeat_s > channel.timeout_s / 2:
+        raise ValueError(f"heartbeat_s={heartbeat_s:g} must be at most half the collective timeout "
+                         f"({channel.timeout_s:g}s, SWITCHYARD_DIST_TIMEOUT_S) or the other ranks' wait for the next "
+                         f"step times out while the server is idle; lower heartbeat_s to at most "
+                         f"{channel.timeout_s / 2:g} or raise SWITCHYARD_DIST_TIMEOUT_S")
+
+
 def worker_loop(runner: ModelRunner, channel: ControlChannel) -> int:
     """Ranks > 0: run every plan rank 0 sends until the stop plan; returns the exit code."""
 
@@ -92,11 +102,10 @@ class Rank0Loop:
         self.engine.begin_drain()  # SIGTERM (even repeated, as launchers forward it): drain
 
     def run(self) -> int:
-        if self.channel.world_size > 1 and self.heartbeat_s > self.channel.timeout_s / 2:
-            # idle workers wait for the next plan at most the channel's timeout: a rarer heartbeat kills them
-            log.error("heartbeat_s=%g must be at most half the collective timeout (%gs, SWITCHYARD_DIST_TIMEOUT_S) "
-                      "or the other ranks' wait for the next step times out while the server is idle; lower "
-                      "heartbeat_s or raise SWITCHYARD_DIST_TIMEOUT_S", self.heartbeat_s, self.channel.timeout_s)
+        try:  # the server checks this before loading (check_heartbeat); a loop built by hand is checked here
+            check_heartbeat(self.heartbeat_s, self.channel)
+        except ValueError as err:
+            log.error("%s", err)
             self.channel.send(StepPlan(stop=True))
             return 2
         thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)

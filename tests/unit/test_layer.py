@@ -86,6 +86,10 @@ def test_expert_bias_moves_against_load():
 def test_bad_layer_arguments():
     with pytest.raises(ValueError, match="needs intermediate_size"):
         MoELayer(MoEConfig(), 8)
+    # the config's size won without a word over the argument
+    with pytest.raises(ValueError, match="MoEConfig.intermediate_size=32 but intermediate_size=16 was passed"):
+        MoELayer(MoEConfig(num_experts=4, intermediate_size=32), 8, intermediate_size=16)
+    assert MoELayer(MoEConfig(num_experts=4, intermediate_size=32), 8, 32).experts.down_proj.shape == (4, 8, 32)
 
 
 def test_hidden_states_of_another_width_or_an_integer_dtype_are_refused():

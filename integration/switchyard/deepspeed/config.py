@@ -20,11 +20,12 @@ ZERO3_MESSAGE = (
 
 
 STAGE0_CLIP_MESSAGE = (
-    "{path} is ZeRO stage 0, where DeepSpeed clips with the mean of each rank's local gradient norm, and with "
-    "experts sharded over ep={ep} ranks that is not the model's norm (the step would differ from one process's). "
-    "Pass clip=0.0 here and, after engine.backward(loss), call "
-    "switchyard.deepspeed.clipping.clip_global_grad_norm_(model, {clip}, groups) as launch/finetune.py "
-    "does; or use ZeRO stage 1 or 2 (configs/deepspeed/zero1.json, zero2.json), which compute the right norm"
+    "{path} is ZeRO stage 0 with gradient_clipping={clip}, where DeepSpeed clips with the mean of each rank's local "
+    "gradient norm, and with experts sharded over ep={ep} ranks that is not the model's norm (the step would differ "
+    "from one process's). Set gradient_clipping to 0.0 (fill_deepspeed_config: clip=0.0) and, after "
+    "engine.backward(loss), call switchyard.deepspeed.clipping.clip_global_grad_norm_(model, {clip}, groups) as "
+    "launch/finetune.py does; or use ZeRO stage 1 or 2 (configs/deepspeed/zero1.json, zero2.json), which compute the "
+    "right norm"
 )
 
 

@@ -6,7 +6,8 @@ A ZeRO optimizer then gets the fused fp32 gradient norm and, at stages 1-2, the 
 with torch's Adam/AdamW inside, the step that casts, clips, updates and writes the 16-bit weights in one pass
 (``zero_step.py``).
 Every stage first checks for a build lock left by a rank killed while DeepSpeed compiled its CPU op
-(``build_lock.py``): an error, not a hang.
+(``build_lock.py``): an error, not a hang. Stage 0 with DeepSpeed's clipping is refused when experts are sharded over
+ep > 1 ranks: DeepSpeed's stage-0 norm is wrong there (``STAGE0_CLIP_MESSAGE``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ def _settings_and_stage(config: Any) -> tuple[dict[str, Any], int]:
     return settings, _stage(settings, path)
 
 
+def _check_stage0_clip(model: nn.Module, settings: dict[str, Any], config: Any) -> None:
+    """Refuse what ``fill_deepspeed_config`` refuses on the launcher's path: DeepSpeed clipping at stage 0 with
+    experts sharded over EP ranks (every rank, before the engine is built: each holds the same settings and ep)."""
+    from switchyard.deepspeed.config import STAGE0_CLIP_MESSAGE
+    from switchyard.hf.patch import moe_layers
+
+    clip = settings.get("gradient_clipping", 0.0)
+    ep = max((layer.ep_size for layer in moe_layers(model)), default=1)
+    if ep > 1 and isinstance(clip, (int, float)) and clip > 0:
+        path = "the config dict" if isinstance(config, dict) else config
+        raise ValueError(STAGE0_CLIP_MESSAGE.format(path=path, clip=clip, ep=ep))
+
+
 def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, fused_step: bool = True,
                **kwargs: Any) -> tuple:
     """``deepspeed.initialize(model=model, config=config, **kwargs)``'s four results. ``fused_grad_norm=False``
@@ -44,6 +58,8 @@ def initialize(model: nn.Module, config: Any, *, fused_grad_norm: bool = True, f
 
     check_build_lock()  # CPU ranks: DeepSpeed compiles its all-reduce op inside initialize, under a lock torch never times out
     settings, stage = _settings_and_stage(config)
+    if stage == 0:
+        _check_stage0_clip(model, settings, config)
     if stage != 3:
         result = deepspeed.initialize(model=model, config=config, **kwargs)
     else:

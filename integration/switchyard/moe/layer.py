@@ -170,6 +170,9 @@ class MoELayer(DeepSpeedMoEModule):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
+        if None not in (config.intermediate_size, intermediate_size) and config.intermediate_size != intermediate_size:
+            raise ValueError(f"MoEConfig.intermediate_size={config.intermediate_size} but intermediate_size="
+                             f"{intermediate_size} was passed to MoELayer; give one of them, or make them agree")
         ffn = config.intermediate_size or intermediate_size
         if ffn is None:
             raise ValueError("MoELayer needs intermediate_size (argument or MoEConfig.intermediate_size)")

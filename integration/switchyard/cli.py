@@ -241,7 +241,7 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     import switchyard as sy
-    from switchyard.hf.checkpoint import check_save_target, recover_interrupted_save
+    from switchyard.hf.checkpoint import _transformers_class, check_save_target, recover_interrupted_save
 
     moe_config = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init=args.init,
                               aux_loss_coef=args.aux_loss_coef, seq_aux_loss_coef=args.seq_aux_loss_coef,
@@ -251,7 +251,11 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     check_save_target(out)  # what save_pretrained would refuse, before a long load
     _dry_run_upcycle(args, moe_config)
     _note_replaced(out)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    # the class config.json names, as the dry run built: a sequence classifier keeps its head (AutoModelForCausalLM
+    # dropped its `score` and gave it a random lm_head)
+    names = getattr(model_config(args.model), "architectures", None) or []
+    model_class = (_transformers_class(names[0]) if names else None) or AutoModelForCausalLM
+    model = model_class.from_pretrained(args.model)
     sy.patch_model(model, moe_config, seed=args.seed, **_selection(args))
     sy.save_pretrained(model, args.out, tokenizer=_tokenizer_of(args.model))
     print(f"wrote {args.out}")
@@ -322,6 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import switchyard as sy
     from switchyard.hf.export import check_export
 
+    check_model_dir(args.model)  # a file or a missing directory, named as upcycle and plan name them
     with quiet_log():  # its warnings (training-only settings) are logged again by the export itself
         check_export(args.model, args.out)  # every refusal, from config.json: before gigabytes of weights are read
     model = sy.from_pretrained(args.model)

@@ -53,3 +53,25 @@ def test_upcycle_saves_the_router_loss_coefficients_given(tmp_path, capsys):
         else:
             raise AssertionError(f"--z-loss-coef {bad} was accepted")
         assert "--z-loss-coef" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_upcycle_keeps_the_task_class_and_its_head(tmp_path, capsys):
+    """The command loaded every model as AutoModelForCausalLM: a sequence classifier lost its ``score`` head and got a
+    random ``lm_head`` (exit 0). Oracle: the dense classifier's logits, which a ``copy`` upcycle keeps."""
+    from transformers import LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    dense = LlamaForSequenceClassification(config).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    assert main(["upcycle", "--model", str(tmp_path / "dense"), "--num-experts", "4", "--top-k", "2",
+                 "--out", str(tmp_path / "moe")]) == 0
+    got = sy.from_pretrained(tmp_path / "moe")
+    assert type(got).__name__ == "LlamaForSequenceClassification"
+    x = torch.randint(1, 64, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(got(x).logits, dense(x).logits, atol=1e-6, rtol=1e-5)
+    # a file where a directory belongs: named as upcycle and plan name it, not ".../config.json/config.json"
+    assert main(["export", "--model", str(tmp_path / "moe" / "config.json"), "--out", str(tmp_path / "hf")]) == 2
+    assert "a file; pass the model's directory" in capsys.readouterr().err and not (tmp_path / "hf").exists()

@@ -51,3 +51,27 @@ def test_a_lock_that_outlives_any_build_while_waited_on_is_an_error(lock):
     lock.write_text("")
     with pytest.raises(FileExistsError, match="s old: a process killed while compiling"):
         check_build_lock(stale_after_s=0.3, poll_s=0.05)
+
+
+def test_the_op_is_built_in_the_virtual_environment_with_its_ninja(tmp_path, monkeypatch):
+    """Run without the Makefile's environment, ranks built the op in torch's shared directory with the system's
+    ninja, although ``make install`` had built it in the venv: 88 s of compiling, and two ninjas rebuilding in turn."""
+    import sys
+
+    from switchyard.deepspeed.build_lock import build_in_this_environment
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "ninja").write_text("")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    build_in_this_environment()
+    assert build_lock_path() == venv / "torch_extensions" / SHM_OP / "lock"  # torch's own _get_build_directory
+    assert os.environ["PATH"] == f"{venv / 'bin'}:/usr/bin:/bin"
+    build_in_this_environment()  # once is enough
+    assert os.environ["PATH"] == f"{venv / 'bin'}:/usr/bin:/bin"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))  # the user's choice stands
+    build_in_this_environment()
+    assert build_lock_path() == tmp_path / "mine" / SHM_OP / "lock"

@@ -49,6 +49,8 @@ def test_tiny_yaml_loads_with_overrides():
         (["deepspeed=configs/deepspeed/nope.json"], r"deepspeed='configs/deepspeed/nope.json': no such file"),
         (["moe.layers=[0,1"], r"override 'moe.layers=\[0,1': the value is not valid YAML \(expected ',' or ']'"),
         (["data.source=@x"], r"not valid YAML .*if it is a string, quote it: data.source='\"@x\"'"),
+        # train.freeze is a list: the string the hint offered was refused in turn
+        (["train.freeze=*.self_attn.*"], r"\(a list: train.freeze='\[\"\*.self_attn.\*\"\]'\)"),
         (["train.lr=.nan"], "train.lr must be a finite number, got nan"),
         (["train.lr=.inf"], "train.lr must be a finite number, got inf"),
         (["train.clip=nan"], "train.clip must be a finite number, got nan"),

@@ -5,11 +5,14 @@ JIT extension build, under a lock file in the build directory that torch waits o
 while it compiles leaves the file behind, and every later CPU run then hangs inside ``deepspeed.initialize`` without
 printing anything. :func:`check_build_lock` runs first: it waits (saying so) while a fresh lock says another process
 is compiling, and raises ``FileExistsError`` (the file should not be there) with its path and the fix once the lock
-is older than any build takes.
+is older than any build takes. It first points the build where ``make install`` built the op
+(:func:`build_in_this_environment`).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +38,21 @@ def build_lock_path(name: str = SHM_OP) -> Path:
     return Path(_get_build_directory(name, verbose=False)) / "lock"
 
 
+def build_in_this_environment() -> None:
+    """In a virtual environment: torch's JIT builds go to ``<env>/torch_extensions`` (unless ``TORCH_EXTENSIONS_DIR``
+    says otherwise) with the environment's ninja first on ``PATH``, as the Makefile runs everything. Run bare
+    (``.venv/bin/deepspeed …`` without activating), a rank found the system's ninja and torch's directory shared by
+    every environment: it compiled the op again (88 s on 2 cores) although ``make install`` had built it, and two
+    ninja versions sharing one directory each took the other's build for stale and rebuilt it in turn."""
+    if sys.prefix == sys.base_prefix:  # no virtual environment: torch's default directory is this one's
+        return
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    bin_dir = os.path.join(sys.prefix, "bin")
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
+
+
 def check_build_lock(name: str = SHM_OP, stale_after_s: float = STALE_AFTER_S, poll_s: float = 0.1) -> None:
     """Return once no build of ``name`` holds its lock; raise ``FileExistsError`` for a lock older than
     ``stale_after_s``. Only CPU ranks build the op (GPU runs communicate over NCCL)."""
@@ -42,6 +60,7 @@ def check_build_lock(name: str = SHM_OP, stale_after_s: float = STALE_AFTER_S, p
 
     if get_accelerator().device_name() != "cpu":
         return
+    build_in_this_environment()
     lock, told = build_lock_path(name), False
     while (age := _lock_age_s(lock)) is not None:
         if age > stale_after_s:

@@ -335,7 +335,8 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ValueError(f"override {assignment!r}: the value is not valid YAML ({_one_line(err)}); if it is a "
-                         f"string, quote it: {dotted.strip()}='\"{raw}\"'") from None
+                         f"string, quote it: {dotted.strip()}='\"{raw}\"' (a list: {dotted.strip()}='[\"{raw}\"]')"
+                         ) from None
     if isinstance(value, str) and number_from_string(value) is not None:  # YAML 1.1 reads "5e-4" as a string
         value = number_from_string(value)
     node[keys[-1]] = value

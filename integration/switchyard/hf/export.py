@@ -39,7 +39,7 @@ from switchyard.hf.adopt import ADAPTERS as BLOCK_ADAPTERS
 from switchyard.hf.adopt import _PER_EXPERT_NAMES, moe_config_from_hf
 from switchyard.hf.checkpoint import (_parse_size, _read_json, empty_model, moe_prefixes, nonempty_path,
                                       switchyard_record)
-from switchyard.hf.patch import CONFIG_KEY
+from switchyard.hf.patch import CONFIG_KEY, _uncompiled
 from switchyard.log import get_logger
 from switchyard.moe.layer import MoELayer
 
@@ -391,10 +391,8 @@ def _remove_dead_staging(out: Path) -> None:
 
 def _save(target: nn.Module, tokenizer: Any, out: Path, shard_bytes: int | None) -> None:
     """Save into a hidden directory inside ``out`` (same file system, even when ``out`` is a mount point), then
-    move the files up: a failed save leaves ``out`` as it was (but for killed exports' staging directories, which
-    go first). An earlier export's weight files that this one did not write go: transformers' save_pretrained leaves
-    an unsharded ``model.safetensors`` (which from_pretrained then reads instead of the new shards) or a sharded
-    index."""
+    move the files up (``_move_up``): a failed save leaves ``out`` as it was (but for killed exports' staging
+    directories, which go first)."""
     created = not out.exists()
     if not created:
         _remove_dead_staging(out)
@@ -404,19 +402,91 @@ def _save(target: nn.Module, tokenizer: Any, out: Path, shard_bytes: int | None)
         target.save_pretrained(staging, **({"max_shard_size": shard_bytes} if shard_bytes is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        for earlier in out.iterdir():
-            if _WEIGHT_FILES.match(earlier.name) and not (staging / earlier.name).exists():
-                earlier.unlink()
-        # config.json (with EXPORT_KEY) first: an export killed while moving up leaves a directory marked as an export,
-        # which the next export replaces, not one of weights without a config, which it would refuse
-        for written in sorted(staging.iterdir(), key=lambda f: f.name != "config.json"):
-            os.replace(written, out / written.name)
+        _move_up(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
     staging.rmdir()
+
+
+def _move_order(name: str) -> tuple[bool, bool, str]:
+    # config.json (with EXPORT_KEY) first: an export killed while moving up leaves a directory marked as an export,
+    # which the next export replaces, not one of weights without a config, which it would refuse. An index last: the
+    # shards it names are in place before it is
+    return name != "config.json", name.endswith(".index.json"), name
+
+
+def _move_up(staging: Path, out: Path) -> None:
+    """Move the complete export in ``staging`` into ``out``, then take away the earlier export's weight files that
+    this one did not write: transformers' save_pretrained leaves an unsharded ``model.safetensors`` (which
+    from_pretrained reads instead of the new shards) or a sharded index.
+
+    Nothing of the earlier export is lost before every new file is in place: each earlier file a new one replaces
+    is first hard-linked into a second hidden directory (``out``'s entry stays, so config.json keeps its mark
+    throughout), stale weight files are moved there, not deleted, and that directory is removed only at the end.
+    An exception on the way (a failed rename, KeyboardInterrupt) removes the new files moved so far and moves the
+    earlier ones back: ``out`` is as it was. A kill on the way runs none of that and can leave a mix, as documented
+    (docs/checkpoints.md): with the same file names (the same shard layout) each rename replaces one file in
+    place, atomically but one at a time, so the weights can be part new, part earlier; with another layout the
+    weights from_pretrained reads are at every moment all the earlier ones or all the new ones (it reads an unsharded
+    file before an index, and an index is moved after its shards), though maybe beside the new config.json. The
+    next export removes the killed one's hidden directories and replaces the mix."""
+    new = sorted((entry.name for entry in staging.iterdir()), key=_move_order)
+    stale = sorted(entry.name for entry in out.iterdir() if _WEIGHT_FILES.match(entry.name) and entry.name not in new)
+    earlier = Path(tempfile.mkdtemp(prefix=_staging_prefix(), dir=out))  # a killed export's: removed like staging
+    moved: list[str] = []  # new files now in out
+    kept: list[str] = []  # earlier files now (also) in `earlier`
+    try:
+        for name in new:
+            if os.path.lexists(out / name):
+                _keep(out / name, earlier / name)
+                kept.append(name)
+            os.replace(staging / name, out / name)
+            moved.append(name)
+        for name in stale:
+            os.replace(out / name, earlier / name)
+            kept.append(name)
+    except BaseException:
+        if _put_back(out, earlier, moved, kept):
+            shutil.rmtree(earlier, ignore_errors=True)
+        raise
+    shutil.rmtree(earlier, ignore_errors=True)
+
+
+def _keep(path: Path, backup: Path) -> None:
+    """Keep ``path`` as it is now at ``backup``: a hard link (no copy, and ``path`` stays in place until a new file
+    replaces it); a rename where the file system has no hard links (then a kill before the new file is moved in
+    leaves ``path`` without that file: without config.json, the next export refuses the directory)."""
+    try:
+        os.link(path, backup, follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        os.replace(path, backup)
+
+
+def _put_back(out: Path, earlier: Path, moved: list[str], kept: list[str]) -> bool:
+    """Undo a failed ``_move_up``: the new files moved into ``out`` go, the earlier ones kept in ``earlier`` come
+    back. False, after an error naming what is where, if any could not."""
+    failed = []
+    for name in moved:
+        if name not in kept:
+            try:
+                (out / name).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                failed.append(name)
+    for name in kept:
+        try:
+            os.replace(earlier / name, out / name)
+        except OSError:
+            failed.append(name)
+    if failed:
+        log.error("the export into %s failed and %s could not be put back as they were; the earlier export's files "
+                  "that are not in %s are in %s: move them back by hand before exporting into %s again (that export "
+                  "would remove %s)", out, sorted(failed), out, earlier, out, earlier, ranks=[0])
+    return not failed
 
 
 def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None,
@@ -426,6 +496,7 @@ def export_hf(model: nn.Module, path: str | Path, tokenizer: Any = None,
     The model is only read (the written tensors share its storage while saving). ``max_shard_size`` (e.g.
     ``"5GB"``) splits the weights into shards with an index; default: transformers' own.
     """
+    model = _uncompiled(model)  # torch.compile's wrapper is no transformers class; the model it wraps is exported
     out = export_dir(path)
     shard_bytes = _parse_size(max_shard_size) if max_shard_size is not None else None
     target, zero_shared = _plan(model, out)
@@ -444,7 +515,7 @@ def export_refusal(model: nn.Module) -> str | None:
     """Why ``switchyard export`` would refuse this patched model (any destination), or None; nothing is written
     (a meta-device model will do)."""
     try:
-        _plan(model, None)
+        _plan(_uncompiled(model), None)
     except ValueError as err:
         return str(err)
     return None

@@ -157,3 +157,39 @@ def test_dense_and_adoptable_models_are_not_refused(model_type):
 def test_a_patched_model_is_not_refused_for_its_own_moe_layers():
     refuse_unadoptable(sy.patch_model(build_moe("mixtral")))
     refuse_unadoptable(sy.patch_model(build_moe("llama", intermediate_size=48), sy.MoEConfig(num_experts=4, top_k=2)))
+
+
+@pytest.mark.parametrize("model_type, fields, overrides, message", [
+    ("mixtral", {}, {"num_shared_experts": 1},
+     r"MixtralSparseMoeBlock has no shared expert, so num_shared_experts cannot be overridden"),
+    ("qwen3_moe", {}, {"num_shared_experts": 1},
+     r"Qwen3MoeSparseMoeBlock has no shared expert, so num_shared_experts cannot be overridden"),
+    ("mixtral", {}, {"shared_expert_gate": True},
+     r"MixtralSparseMoeBlock has no shared-expert gate, so shared_expert_gate cannot be overridden"),
+    ("deepseek_v3", dict(_MLA, n_routed_experts=8, n_group=4, topk_group=2, first_k_dense_replace=1),
+     {"shared_expert_gate": True}, r"DeepseekV3MoE has no shared-expert gate, so shared_expert_gate cannot be overridden"),
+    ("qwen2_moe", {}, {"num_shared_experts": 0},
+     r"num_shared_experts=0 removes Qwen2MoeSparseMoeBlock's shared expert but keeps its gate .*also pass "
+     r"shared_expert_gate=False"),
+], ids=["mixtral_adds_shared", "qwen3_moe_adds_shared", "mixtral_adds_gate", "deepseek_v3_adds_gate",
+        "qwen2_moe_drops_shared_keeps_gate"])
+def test_a_shared_expert_override_the_block_cannot_take_is_a_value_error_naming_it(model_type, fields, overrides,
+                                                                                 message):
+    """They raised a bare AssertionError ("adapter enables shared experts without naming them"; skipped under
+    ``python -O``), or named shared_expert_gate, which the user never set; the model must be left as it was."""
+    model = build_moe(model_type, **fields)
+    types, state = _snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        sy.patch_model(model, overrides=overrides)
+    after_types, after_state = _snapshot(model)
+    assert after_types == types and all(torch.equal(after_state[k], v) for k, v in state.items())
+    assert not getattr(model.config, "switchyard", None)
+
+
+def test_qwen2_moe_shared_expert_and_gate_are_dropped_together_when_both_are_overridden():
+    """What the num_shared_experts=0 message advises works: the layers have neither, and the model runs."""
+    hf = build_moe("qwen2_moe")
+    ours = sy.patch_model(copy.deepcopy(hf), overrides={"num_shared_experts": 0, "shared_expert_gate": False})
+    assert all(layer.shared_experts is None and layer.shared_expert_gate is None for layer in moe_layers(ours))
+    with torch.no_grad():
+        assert ours(ids()).logits.isfinite().all()

@@ -340,3 +340,20 @@ def test_an_empty_save_path_is_refused_not_taken_for_the_working_directory(tmp_p
     with pytest.raises(ValueError, match=r"save_pretrained path is empty \(''; an unset variable\?\)"):
         sy.save_pretrained(model, "")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_shard_size_given_as_a_string_of_digits_is_bytes_and_garbage_is_refused(tmp_path):
+    """The CLI's ``--max-shard-size 200000`` passes the string '200000', which was refused with a message saying
+    an int of bytes is allowed."""
+    model = upcycled("llama")
+    sy.save_pretrained(model, tmp_path / "digits", max_shard_size="40000")
+    sy.save_pretrained(model, tmp_path / "int", max_shard_size=40000)
+    index = json.loads((tmp_path / "digits" / INDEX_NAME).read_text())
+    assert index["weight_map"] == json.loads((tmp_path / "int" / INDEX_NAME).read_text())["weight_map"]
+    assert len(set(index["weight_map"].values())) > 1
+    torch.testing.assert_close(logits(sy.from_pretrained(tmp_path / "digits")), logits(model), atol=0, rtol=0)
+    for garbage in ("1.5", "-5", "12 34", 2.5):
+        with pytest.raises(ValueError, match=rf"max_shard_size={garbage!r} is not a size like '2GB', '500MB' or a "
+                                             r"whole number of bytes"):
+            sy.save_pretrained(model, tmp_path / "bad", max_shard_size=garbage)
+    assert not (tmp_path / "bad").exists()

@@ -340,3 +340,32 @@ def test_drop_upcycle_on_the_meta_device_is_refused_before_anything_changes():
     assert _snapshot(model)[1] == types and not getattr(model.config, "switchyard", None)
     sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2, init="copy"))  # shapes suffice for copy
     assert all(p.is_meta for p in moe_layers(model)[0].parameters())
+
+
+def test_models_built_from_one_config_object_are_patched_and_saved_apart(tmp_path):
+    """``from_config(cfg)`` does not copy ``cfg``: the record was written into the config all three share, so the
+    second model was "already patched" and the unpatched third saved (by transformers) a switchyard record."""
+    import json
+
+    from transformers import PretrainedConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **{**TINY, "intermediate_size": 48})
+    first, second, plain = (AutoModelForCausalLM.from_config(config) for _ in range(3))
+    sy.patch_model(first, sy.MoEConfig(num_experts=4, top_k=2))
+    assert first.config.switchyard and not getattr(config, "switchyard", None)
+    assert not getattr(plain.config, "switchyard", None)
+    plain.save_pretrained(tmp_path / "plain")
+    assert "switchyard" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    sy.patch_model(second, sy.MoEConfig(num_experts=4, top_k=2))  # raised "already patched"
+    assert second.config.switchyard and second.config is not first.config
+    # every module holding the config (inner model, attention, rotary) holds the patched model's own one
+    for model in (first, second):
+        held = [m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+        assert len(held) > 2 and all(c is model.config for c in held)
+    first.set_attn_implementation("eager")
+    assert {m.config._attn_implementation for m in first.modules()
+            if isinstance(getattr(m, "config", None), PretrainedConfig)} == {"eager"}
+    assert plain.config._attn_implementation == config._attn_implementation
+    with torch.no_grad():
+        assert first(ids()).logits.isfinite().all()

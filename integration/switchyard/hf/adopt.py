@@ -165,8 +165,33 @@ def moe_config_from_hf(hf_config: Any, block_class_name: str, **overrides: Any) 
     if getattr(hf_config, "router_aux_loss_coef", None) is not None:
         fields["aux_loss_coef"] = float(hf_config.router_aux_loss_coef)
     fields.update(adapter.fields(hf_config))
+    _check_shared_overrides(block_class_name, adapter, fields, overrides)
     fields.update(overrides)
     return MoEConfig.from_dict(fields)
+
+
+def _check_shared_overrides(block_class_name: str, adapter: BlockAdapter, derived: dict[str, Any],
+                            overrides: dict[str, Any]) -> None:
+    """Shared experts and their gate are read from the block: an override can drop them (its weights are then
+    discarded), never add one the block does not have."""
+    if adapter.shared_attr is None and overrides.get("num_shared_experts", 0) != 0:
+        raise ValueError(
+            f"{block_class_name} has no shared expert, so num_shared_experts cannot be overridden "
+            f"(got num_shared_experts={overrides['num_shared_experts']!r}): leave it out of overrides"
+        )
+    if adapter.shared_gate_attr is None and overrides.get("shared_expert_gate", False):
+        raise ValueError(
+            f"{block_class_name} has no shared-expert gate, so shared_expert_gate cannot be overridden "
+            f"(got shared_expert_gate={overrides['shared_expert_gate']!r}): leave it out of overrides"
+        )
+    if ("num_shared_experts" in overrides and overrides["num_shared_experts"] == 0
+            and derived.get("shared_expert_gate") and "shared_expert_gate" not in overrides):
+        raise ValueError(
+            f"overrides num_shared_experts=0 removes {block_class_name}'s shared expert but keeps its gate "
+            f"(shared_expert_gate=True, read from the block), which gates that shared expert: to drop both, also "
+            f"pass shared_expert_gate=False (their weights are discarded and the output changes); to keep the shared "
+            f"expert, leave num_shared_experts out of overrides"
+        )
 
 
 def _read_fused(experts: nn.Module, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,12 +141,17 @@ def moe_prefixes(model: nn.Module) -> list[str]:
 
 
 def _parse_size(size: int | str) -> int:
+    """Bytes of ``size``: an int of bytes, a string of digits (bytes: what the CLI's ``--max-shard-size 200000``
+    passes), or a number with a unit (``"2GB"``, ``"500MB"``, ``"1.5GiB"``)."""
     if isinstance(size, int) and not isinstance(size, bool):
         return _positive_size(size, size)
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", size.upper())
+    if isinstance(size, str) and (digits := re.fullmatch(r"\s*(\d+)\s*B?\s*", size.upper())):
+        return _positive_size(int(digits.group(1)), size)
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", size.upper()) if isinstance(size, str) else None
     if not found:
-        raise ValueError(f"max_shard_size={size!r} is not a size like '2GB', '500MB' or an int of bytes")
+        raise ValueError(f"max_shard_size={size!r} is not a size like '2GB', '500MB' or a whole number of bytes "
+                         "(200000, as an int or a string of digits)")
     return _positive_size(int(float(found.group(1)) * units[found.group(2)]), size)
 
 

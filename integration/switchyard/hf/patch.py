@@ -11,11 +11,13 @@ Everything is planned and built first — adapters resolved, targets matched, we
 new layers materialized — and only then installed, so an error leaves the model exactly as it was.
 The model stays a ``PreTrainedModel``: a forward hook adds the router losses to ``output.loss`` (like
 transformers' ``router_aux_loss_coef``) and serves ``output_router_logits``; the MoE settings go to
-``model.config.switchyard`` so a saved model rebuilds itself.
+``model.config.switchyard`` (on a copy of the config the model then holds alone: models built from one config
+object stay apart) so a saved model rebuilds itself.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import sys
@@ -108,9 +110,11 @@ def patch_model(
         if overrides:
             raise ValueError("overrides apply to adopted MoE models; put the settings in moe_config instead")
         plan = _plan_upcycle(model, moe_config, selection, groups, adapter, targets, seed)
+    own_configs = _copied_configs(model)
     # nothing above touched the model; from here on nothing can fail halfway
     for site, layer in zip(plan.sites, plan.layers):
         _install(plan, site, layer)
+    _use_own_config(model, own_configs)
     _record(model, plan, seed)
     _save_keys_as_they_are(model)
     attach_router_loss_hooks(model)
@@ -297,6 +301,29 @@ def _install(plan: PatchPlan, site: FFNSite, layer: MoELayer) -> None:
         ADAPTERS[plan.adapter].install(site, layer)
     else:
         setattr(site.parent, site.attribute, layer)
+
+
+def _copied_configs(model: nn.Module) -> dict[int, Any]:
+    """A deep copy of ``model.config``, as ``id(original) -> copy`` for it and every config nested in it
+    (``text_config``, …). Not yet used: ``_use_own_config`` puts it in once nothing can fail."""
+    from transformers import PretrainedConfig
+
+    memo: dict[int, Any] = {}
+    copy.deepcopy(model.config, memo)
+    return {key: new for key, new in memo.items() if isinstance(new, PretrainedConfig) or key == id(model.config)}
+
+
+def _use_own_config(model: nn.Module, copies: dict[int, Any]) -> None:
+    """Give the model its own config before the record is written into it. ``from_config(cfg)`` does not copy
+    ``cfg``, so models built from one config object share it: the record would mark the others as patched ("already
+    patched", and their own ``save_pretrained`` would write it). Every module holding the config or a config nested
+    in it (the inner ``*Model``, attention layers reading ``config._attn_implementation``, rotary embeddings) is
+    pointed at the copy, so that a later change of ``model.config`` (``use_cache``, ``set_attn_implementation``)
+    still reaches all of them, as transformers expects of one shared object."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if id(value) in copies and copies[id(value)] is not value:
+                object.__setattr__(module, name, copies[id(value)])
 
 
 def _record(model: nn.Module, plan: PatchPlan, seed: int) -> None:

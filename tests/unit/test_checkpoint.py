@@ -107,7 +107,8 @@ FAILURES = {
                   r"cannot read .*experts-ep000-of-001-00001-of-00001\.safetensors: truncated or corrupt"),
     "shape": (lambda p: _edit_json(p / "config.json", lambda c: c.update(intermediate_size=40)),
               r"experts-ep000.*: tensor model\.layers\.\d\.mlp\.experts\.\d\.gate_up_proj has shape \(96, 32\) in the "
-              r"checkpoint but the model built from config\.json expects \(80, 32\)"),
+              r"checkpoint but the model built from config\.json expects \(80, 32\); if that model's layers had FFNs of "
+              r"different sizes, config\.json \(one size\) cannot rebuild them"),
     "expert_count": (lambda p: _edit_json(p / "config.json", lambda c: c["switchyard"]["moe"].update(num_experts=8)),
                      r"index\.json: model\.layers\.0\.mlp has 4 experts in the checkpoint .* num_experts=8"),
     "key_not_in_index": (lambda p: _edit_json(p / INDEX_NAME, lambda i: i["weight_map"].pop("model.norm.weight")),

@@ -617,6 +617,9 @@ def _plan(model: nn.Module, wanted: dict[str, torch.Tensor], weight_map: dict[st
     return dict(plan), retie
 
 
+_FFN_TENSOR = re.compile(r"(^|\.)(experts|shared_experts?|mlp|feed_forward|ffn)\.")
+
+
 def _read_tensors(path: Path, plan: dict[str, list[tuple[str, str]]], wanted: dict[str, torch.Tensor],
                   device: torch.device | str | None) -> dict[str, torch.Tensor]:
     """Read ``plan`` lazily, file by file; every tensor's shape is checked before it is read."""
@@ -631,8 +634,12 @@ def _read_tensors(path: Path, plan: dict[str, list[tuple[str, str]]], wanted: di
                 shape = tuple(handle.get_slice(source).get_shape())
                 target = wanted[key]
                 if shape != tuple(target.shape):
+                    # the likely cause for an FFN or expert tensor: a layer resized after the config was written
+                    hint = ("; if that model's layers had FFNs of different sizes, config.json (one size) cannot "
+                            "rebuild them: load the tensors into a model built with those sizes "
+                            "(docs/upcycling.md)") if _FFN_TENSOR.search(key) else ""
                     raise CheckpointError(f"{file}: tensor {source} has shape {shape} in the checkpoint but the "
-                                          f"model built from config.json expects {tuple(target.shape)}")
+                                          f"model built from config.json expects {tuple(target.shape)}{hint}")
                 try:
                     tensor = handle.get_tensor(source)
                 except SafetensorError as err:

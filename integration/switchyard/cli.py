@@ -364,7 +364,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="decoder layers per pipeline stage, first to last (parallel.pp_layers; default: as even as "
                         "the count allows)")
     p.add_argument("--ep", type=_count, default=1,
-                   help="expert parallel degree (dp = world / (tp * pp); experts: edp = world / (tp * pp * ep))")
+                   help="expert parallel degree (dp = world / (tp * pp); experts: edp = world / (pp * ep * etp))")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="training precision (train.precision)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON instead of text")
 
@@ -449,10 +449,11 @@ def _refuse_unused_top_k(args: argparse.Namespace, model: Any) -> None:
 def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, etp: int | None = None,
                  pp: int = 1, pp_layers: list[int] | None = None) -> dict[str, Any]:
     """Parameters and model-state memory per rank of an EP (TP, PP) job (ZeRO paper's estimate, activations
-    excluded): dense parameters are replicated over dp = world / (tp·pp) ranks, each expert over
-    edp = world / (tp·pp·ep) ranks; what ``apply_tensor_parallel`` shards, each rank holds 1/tp of (experts: 1/etp,
-    etp = tp). With pp > 1 each stage is cut from a copy by ``split_model``, as the launcher cuts it, and the numbers
-    per rank are the heaviest stage's (most parameters per rank); ``stages`` lists every stage's."""
+    excluded, steady state after a step): dense parameters are replicated over dp = world / (tp·pp) ranks, each expert
+    over edp = world / (pp·ep·etp) ranks; what ``apply_tensor_parallel`` shards, each rank holds 1/tp of (experts:
+    1/etp, etp = tp). With pp > 1 each stage is cut from a copy by ``split_model``, as the launcher cuts it, and the
+    numbers per rank are the heaviest stage's (most parameters per rank, a tied LM head's copy on the last stage
+    counted: it is no parameter there, but a tensor with a gradient); ``stages`` lists every stage's."""
     from switchyard.hf.patch import moe_layers
     from switchyard.parallel.tensor_parallel import tensor_parallel_shards
     from switchyard.train.pipeline import check_pipeline_model
@@ -486,11 +487,15 @@ def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, e
     stages = []
     for held, stage_model in _pipeline_stages(model, pp, pp_layers):
         dense_rank, expert_rank = _held_per_rank(stage_model, tp, etp, ep)
+        tied_rank = _tied_head_copy_per_rank(stage_model, tp, etp)
+        copy_gib = tied_rank * (weight_b + grad_b) / gib  # the copy and its gradient, never sharded by ZeRO
         stages.append({"stage": len(stages), "layers": list(held), "params_per_rank": dense_rank + expert_rank,
-                       "model_states_gib_per_rank": {"zero0": states(dense_rank, expert_rank, False, False),
-                                                     "zero1": states(dense_rank, expert_rank, False, True),
-                                                     "zero2": states(dense_rank, expert_rank, True, True)}})
-    heaviest = max(stages, key=lambda stage: stage["params_per_rank"])  # the first of equals
+                       **({"tied_head_copy_per_rank": tied_rank} if tied_rank else {}),
+                       "model_states_gib_per_rank": {
+                           "zero0": round(states(dense_rank, expert_rank, False, False) + copy_gib, 3),
+                           "zero1": round(states(dense_rank, expert_rank, False, True) + copy_gib, 3),
+                           "zero2": round(states(dense_rank, expert_rank, True, True) + copy_gib, 3)}})
+    heaviest = max(stages, key=lambda stage: stage["params_per_rank"] + stage.get("tied_head_copy_per_rank", 0))
     numbers = {
         "world": world, "tp": tp, **({"pp": pp} if pp > 1 else {}), "etp": etp, "ep": ep, "dp": dp, "edp": edp,
         "moe_layers": len(layers), "num_experts": num_experts,
@@ -536,6 +541,20 @@ def _held_per_rank(model: Any, tp: int, etp: int, ep: int) -> tuple[int, int]:
     return dense_rank, expert_rank
 
 
+def _tied_head_copy_per_rank(stage_model: Any, tp: int, etp: int) -> int:
+    """Elements of the tied LM head's copy one rank of the last pipeline stage holds (0 elsewhere): ``split_model``
+    keeps it as a buffer, which the pipeline fills from the first stage and gives a gradient."""
+    from switchyard.parallel.tensor_parallel import tensor_parallel_shards
+    from switchyard.train.pipeline import SPLIT_ATTR
+
+    split = getattr(stage_model, SPLIT_ATTR, None)
+    head = stage_model.get_output_embeddings()
+    if split is None or not split[3] or head is None or "weight" not in head._buffers:
+        return 0
+    name = next(name for name, buffer in stage_model.named_buffers() if buffer is head.weight)
+    return head.weight.numel() // (tp if name in tensor_parallel_shards(stage_model, tp, etp) else 1)
+
+
 def _billions(count: int) -> str:
     """A parameter count as people write it: 46.70B, 8.47M."""
     return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
@@ -571,15 +590,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     split = f" (1/{n['etp']} of each one's FFN width)" if n["etp"] > 1 else ""
     pp = n.get("pp", 1)
     degrees = f"tp={n['tp']}, " + (f"pp={pp}, " if pp > 1 else "") + f"ep={n['ep']}"
-    heaviest = f" in the heaviest pipeline stage, stage {n['heaviest_stage']}" if pp > 1 else ""
+    copy = n["stages"][n["heaviest_stage"]].get("tied_head_copy_per_rank") if pp > 1 else None
+    heaviest = ((f" (+ a tied LM head's copy of {count(copy)})" if copy else "")
+                + (f" in the heaviest pipeline stage, stage {n['heaviest_stage']}" if pp > 1 else ""))
     print(f"world {n['world']}, {degrees}: dp={n['dp']} for the dense weights, edp={n['edp']} for "
           f"each expert; each rank holds {n['experts_per_rank']} experts per layer{split} and "
           f"{count(n['params_per_rank'])} parameters{heaviest}")
     if pp > 1:
         print("pipeline stages, parameters per rank: " + "; ".join(
-            f"{_stage_text(stage, pp)} {count(stage['params_per_rank'])}" for stage in n["stages"]))
+            f"{_stage_text(stage, pp)} {count(stage['params_per_rank'])}"
+            + (f" + a tied LM head's copy of {count(stage['tied_head_copy_per_rank'])}"
+               if "tied_head_copy_per_rank" in stage else "") for stage in n["stages"]))
     of_stage = f" of stage {n['heaviest_stage']}" if pp > 1 else ""
-    print(f"model states per rank{of_stage} ({n['precision']}, Adam; activations not included): ZeRO-0 "
+    print(f"model states per rank{of_stage} ({n['precision']}, Adam; the ZeRO paper's steady state, activations and "
+          "the step's fp32 gradient partition and buckets not included: a lower bound): ZeRO-0 "
           f"{states['zero0']} GiB, ZeRO-1 {states['zero1']} GiB, ZeRO-2 {states['zero2']} GiB")
     if "host_load_gib" in n:
         load = n["host_load_gib"]

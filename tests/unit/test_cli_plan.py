@@ -158,12 +158,20 @@ def test_pp_counts_the_heaviest_stage_embedding_first_head_last(tmp_path, capsys
     assert got["params_total"] == whole["params_total"]  # the model is the same, only split
     assert set(whole) == set(got) - {"pp", "heaviest_stage", "stages"}  # pp=1 prints what it printed before --pp
 
-    # a tied head: the last stage holds a copy as a buffer, not a parameter, so the first stage is the heavier
-    tied = plan(capsys, *_tiny_llama(tmp_path / "tied", tie_word_embeddings=True), "--world", "2", "--pp", "2")
-    layer = ATTENTION + NORMS + ROUTER + 4 * EXPERT
-    assert [s["params_per_rank"] for s in tied["stages"]] == [EMBEDDING + 2 * layer, 2 * layer + FINAL_NORM]
-    assert (tied["heaviest_stage"], tied["dp"], tied["edp"]) == (0, 1, 1)
-    assert tied["params_total"] == EMBEDDING + 4 * layer + FINAL_NORM  # the tied weight counted once
+    # a tied head: the last stage holds a copy as a buffer, not a parameter, which the pipeline fills from the first
+    # stage and gives a gradient; it was left out, and the first stage named the heaviest
+    vocab = 1 << 16  # a head big enough to show in GiB rounded to 3 places (the model is built on meta: no memory)
+    AutoConfig.for_model("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                         vocab_size=vocab, tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    tied = plan(capsys, "--model", str(tmp_path / "tied"), "--num-experts", "4", "--world", "2", "--pp", "2",
+                "--precision", "fp32")
+    layer, head = ATTENTION + NORMS + ROUTER + 4 * EXPERT, vocab * 64
+    assert [s["params_per_rank"] for s in tied["stages"]] == [head + 2 * layer, 2 * layer + FINAL_NORM]
+    assert [s.get("tied_head_copy_per_rank") for s in tied["stages"]] == [None, head]
+    assert (tied["heaviest_stage"], tied["dp"], tied["edp"]) == (1, 1, 1)  # by 64 elements: the final norm
+    zero0 = ((2 * layer + FINAL_NORM) * (4 + 4 + 8) + head * (4 + 4)) / GIB  # the copy: a weight and its gradient
+    assert head * 8 / GIB > 0.03 and tied["model_states_gib_per_rank"]["zero0"] == pytest.approx(zero0, abs=1e-3)
+    assert tied["params_total"] == head + 4 * layer + FINAL_NORM  # the tied weight counted once
 
 
 def test_pp_is_refused_as_the_launcher_refuses_it(tmp_path, capsys):

@@ -490,7 +490,8 @@ def test_resuming_an_earlier_checkpoint_warns_that_later_ones_will_be_saved_over
     warned = [r.getMessage() for r in caplog.records if "later checkpoints" in r.getMessage()]
     assert warned == [f"resuming from step 4 while {tmp_path} holds later checkpoints ['step_000006']: this run saves "
                       "over each one as it reaches its step (resume from the latest, or give this run another "
-                      "output_dir, to keep them)"]
+                      "output_dir, to keep them); metrics.jsonl's rows after step 4 are kept in "
+                      "metrics.after_step_000004.replaced.jsonl"]
 
 
 def test_seq_len_beyond_the_models_positions_is_warned(caplog):

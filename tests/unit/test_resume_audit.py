@@ -197,3 +197,44 @@ def test_a_model_record_of_a_newer_version_is_an_error_naming_config_json(tmp_pa
         read_record(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "switchyard": {"mode": "upcycle"}}))
     assert read_record(tmp_path) == {"mode": "upcycle"}  # records from before the version was written: version 1
+
+
+def test_checkpoints_that_lost_their_marker_are_not_taken_for_an_empty_directory(tmp_path):
+    """A clean-up of empty files takes the empty COMPLETE marker: resume=auto logged "starting fresh" at INFO, cut
+    metrics.jsonl to the new run's rows and saved over the old checkpoints; a fresh run did the same."""
+    import logging
+
+    paths = [_checkpoint(tmp_path, s) for s in (4, 8)]
+    (tmp_path / "latest").write_text(paths[1].name)
+    for path in paths:
+        (path / checkpointing.MARKER).unlink()
+    for resume in (None, "auto"):
+        with pytest.raises(ValueError, match=rf"{tmp_path} holds checkpoints of a run, none complete: step_000004 "
+                                             rf"\(no {paths[0] / checkpointing.MARKER}\), step_000008 .*touch"):
+            checkpointing.find_resume(tmp_path, resume)
+    # latest names a damaged one, an older one is whole: resumed from it, with a warning (it was silent)
+    (paths[0] / checkpointing.MARKER).write_text("")
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("switchyard").addHandler(handler)
+    try:
+        assert checkpointing.find_resume(tmp_path, "auto").step == 4
+    finally:
+        logging.getLogger("switchyard").removeHandler(handler)
+    assert len(warnings) == 1 and "step_000008, which latest names, is not complete" in warnings[0], warnings
+    assert "resuming from step_000004 instead, and this run's save at step 8 will replace it" in warnings[0]
+
+
+def test_a_resume_moves_the_later_metrics_rows_aside(tmp_path):
+    """Resuming from step 4 while metrics.jsonl held steps 1-8 deleted the rows of 5-8 at start-up, even where they
+    belong to the kept checkpoint of a branch (step 8)."""
+    from switchyard.train.metrics import MetricsWriter, replaced_rows_name
+
+    rows = [{"step": s, "loss": 10.0 - s} for s in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    writer = MetricsWriter(tmp_path, enabled=True, total_steps=8, start_step=4)
+    writer.close()
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    aside = [json.loads(line) for line in (tmp_path / replaced_rows_name(4)).read_text().splitlines()]
+    assert (kept, aside) == (rows[:4], rows[4:])

@@ -112,6 +112,16 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def damaged_checkpoints(root: Path) -> list[str]:
+    """``step_N`` directories (no save in progress) that are not complete, each with what it lacks: a save publishes
+    a directory only once its marker and meta.json are in, so these lost files afterwards (a clean-up of empty
+    files takes the empty marker)."""
+    if not root.is_dir():
+        return []
+    damaged = [p for p in root.glob("step_*") if p.name[5:].isdigit() and p.is_dir() and not _is_complete(p)]
+    return [f"{p.name} ({'; '.join(_missing(p))})" for p in sorted(damaged, key=step_of)]
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     """``path``/meta.json, checked: valid JSON, a format this version reads, the keys resume needs. Each error
     names the file (json's own names only a line; a missing key was a bare KeyError)."""
@@ -164,6 +174,14 @@ def find_resume(root: Path, resume: str | None) -> ResumePoint | None:
     step; else a checkpoint path. Starting fresh, or from another directory's checkpoint, is refused where
     ``root`` holds a run's checkpoints: this run's pruning would delete them."""
     recover(root)
+    damaged = damaged_checkpoints(root)
+    if resume in (None, "auto") and damaged and not complete_checkpoints(root):
+        # neither fresh (it would overwrite them, metrics first) nor auto (it took them for an empty directory)
+        raise ValueError(
+            f"{root} holds checkpoints of a run, none complete: {', '.join(damaged)}. Put the missing files back "
+            f"(an empty COMPLETE marker is lost to clean-ups of empty files: `touch` it once the directory is "
+            f"whole) and resume with checkpoint.resume=auto, name one with checkpoint.resume=<dir>, or choose "
+            f"another output_dir")
     if resume is None:
         found = complete_checkpoints(root)
         if found:
@@ -177,8 +195,13 @@ def find_resume(root: Path, resume: str | None) -> ResumePoint | None:
         pointer = root / "latest"
         candidate = root / pointer.read_text().strip() if pointer.is_file() else None
         if candidate is None or not _is_complete(candidate):
+            named = candidate
             found = complete_checkpoints(root)
             candidate = found[-1] if found else None
+            if named is not None and candidate is not None and named.is_dir():
+                log.warning("resume=auto: %s, which latest names, is not complete (%s): resuming from %s instead, "
+                            "and this run's save at step %d will replace it", named, "; ".join(_missing(named)),
+                            candidate.name, step_of(named), ranks=[0])
         if candidate is None:
             log.info("resume=auto: no complete checkpoint under %s, starting fresh", root, ranks=[0])
             return None
@@ -289,7 +312,9 @@ ENGINE_KEYS = ("optimizer", "lr_scheduler", "global_steps", "global_samples")
 
 def _read_engine_state(file: Path) -> dict[str, Any]:
     if not file.is_file():
-        raise ValueError(f"checkpoint is missing {file}: was it written with a different number of ranks?")
+        # only a resume in the checkpoint's own layout reads engine files (another layout reshards the model instead)
+        raise ValueError(f"checkpoint is missing {file}, though its meta.json records this run's layout: the "
+                         f"checkpoint is damaged; resume from another one (checkpoint.resume=<dir>)")
     try:
         state = torch.load(file, map_location="cpu", weights_only=False)  # our own file, written by save_engine_state
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types; none names the file

@@ -427,14 +427,17 @@ def evaluate(engine, eval_set, config: RunConfig, dp_rank: int, dp_size: int, gr
 
 def _warn_of_later_checkpoints(root: Path, step: int) -> None:
     """Resuming an earlier checkpoint starts a new branch of the run: its saves replace the later checkpoints of the
-    old branch step by step (never pruned before), and its metrics rows follow the old ones'. Say so at the start."""
+    old branch step by step (never pruned before), and the old branch's later metrics rows go aside
+    (``metrics.replaced_rows_name``). Say so at the start."""
     from switchyard.train import checkpointing
+    from switchyard.train.metrics import replaced_rows_name
 
     later = [p.name for p in checkpointing.complete_checkpoints(root) if checkpointing.step_of(p) > step]
     if later:
         log.warning("resuming from step %d while %s holds later checkpoints %s: this run saves over each one as it "
-                    "reaches its step (resume from the latest, or give this run another output_dir, to keep them)",
-                    step, root, later, ranks=[0])
+                    "reaches its step (resume from the latest, or give this run another output_dir, to keep them); "
+                    "metrics.jsonl's rows after step %d are kept in %s", step, root, later, step,
+                    replaced_rows_name(step), ranks=[0])
 
 
 def _freeze(model, patterns: list[str], plan) -> None:

@@ -13,8 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from switchyard.log import get_logger
+
 if TYPE_CHECKING:
     from switchyard.moe.layer import MoELayer
+
+log = get_logger(__name__)
 
 
 class ExpertLoad:
@@ -50,6 +54,11 @@ class ExpertLoad:
         return out
 
 
+def replaced_rows_name(start_step: int) -> str:
+    """Where a run resumed at ``start_step`` keeps the rows of later steps that metrics.jsonl held before."""
+    return f"metrics.after_step_{start_step:06d}.replaced.jsonl"
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int = 0) -> None:
         self.enabled = enabled
@@ -62,8 +71,15 @@ class MetricsWriter:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
-        if path.is_file():  # a resumed run recomputes the steps after its checkpoint: drop their old rows
-            rows = [row for row in _read_rows(path) if row["step"] <= start_step]
+        if path.is_file():  # a resumed run recomputes the steps after its checkpoint: their old rows go aside
+            every = _read_rows(path)
+            rows = [row for row in every if row["step"] <= start_step]
+            dropped = [row for row in every if row["step"] > start_step]
+            if dropped:  # a killed run's last steps, or an old branch's (its later checkpoints are kept too)
+                aside = run_dir / replaced_rows_name(start_step)
+                aside.write_text("".join(json.dumps(row) + "\n" for row in dropped))
+                log.info("metrics.jsonl: its %d rows after step %d moved to %s (this run writes those steps again)",
+                         len(dropped), start_step, aside.name)
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
             # the heatmap covers the whole run, not only the steps after the resume
             loaded = [row for row in rows if "expert_load" in row]

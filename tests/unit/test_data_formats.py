@@ -221,3 +221,45 @@ def test_a_format_that_does_not_fit_the_columns_suggests_the_one_that_does(tok, 
     (tmp_path / "odd.jsonl").write_text('{"body": "hello world"}\n')
     with pytest.raises(ValueError, match=r"set data.text_field to the right column$"):  # no other format fits
         load_datasets(DataConfig(source=str(tmp_path / "odd.jsonl"), eval_fraction=0), tok, tmp_path / "cache")
+
+
+def test_prompt_and_response_are_tokenized_as_the_text_they_make(tmp_path: Path) -> None:
+    """Tokenized apart, a SentencePiece tokenizer (Llama-2 / Mistral style: Metaspace, a word-start marker on the
+    first word) began every response with "▁": '2+2=' + '4' trained '2+2= 4'. Oracle: the tokenizer on the joined
+    text; the labels are the tokens that write response text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pairs = [("Translate to French: Hello\n", "Bonjour le monde"), ("Q: 2+2=", "4"), ("Question: what?", " Answer")]
+    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    words = " ".join(p + " " + r for p, r in pairs).split()  # merges within words: no token spans a boundary
+    spm.train_from_iterator(words * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    spm.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    cfg = DataConfig(source=str(tmp_path / "p.jsonl"), format="prompt_response", seq_len=64, packing=False,
+                     eval_fraction=0)
+    train, _ = load_datasets(cfg, tok, tmp_path / "cache")
+    for row, (prompt, response) in zip(train, pairs):
+        real = [i for i, keep in zip(row["input_ids"], row["attention_mask"]) if keep]
+        assert real == tok(prompt + response)["input_ids"] + [tok.eos_token_id]
+        assert tok.decode([t for t in row["labels"] if t != IGNORE]) == response.strip() + "</s>"
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_text_that_is_not_utf8_is_an_error_naming_the_source(suffix: str, tok, tmp_path: Path) -> None:
+    """json and csv bytes that are not UTF-8 reach Arrow unchecked: the failure was a bare UnicodeDecodeError
+    from inside datasets.map (jsonl) or the csv header scan, naming no file, column or fix."""
+    path = tmp_path / f"latin.{suffix}"
+    if suffix == "jsonl":
+        path.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "plain"}\n')
+        source, fmt, message = str(path), "text", r"data.text_field='text': data.source=.*latin.jsonl.* holds text"
+    else:
+        path.write_bytes(b"prompt,r\xe9ponse\nq,a\n")
+        source, fmt, message = str(path), "prompt_response", r"latin.csv is not UTF-8"
+    cfg = DataConfig(source=source, format=fmt, seq_len=8, packing=False, eval_fraction=0)
+    with pytest.raises(ValueError, match=message + r".*iconv -f latin1 -t utf-8"):
+        load_datasets(cfg, tok, tmp_path / "cache")

@@ -40,7 +40,7 @@ BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"
 }
 IGNORE_INDEX = -100
-_RECIPE_VERSION = 4  # bump when the processing below changes: invalidates tokenized caches (4: whole-split packing)
+_RECIPE_VERSION = 5  # bump when the processing below changes: invalidates tokenized caches (5: prompt + response as one text)
 _MAP_BATCH = 1000  # documents per datasets.map batch (the rows do not depend on it)
 
 
@@ -84,7 +84,10 @@ def _csv_text_columns(files: list[str]) -> dict[str, Any]:
     columns: dict[str, None] = {}
     for f in files:
         with open(f, newline="", encoding="utf-8-sig") as fh:  # pandas drops a BOM too
-            columns.update(dict.fromkeys(next(csv.reader(fh), [])))
+            try:
+                columns.update(dict.fromkeys(next(csv.reader(fh), [])))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{f} is not UTF-8 ({err}); re-encode it (e.g. iconv -f latin1 -t utf-8)") from None
     features = datasets.Features({c: datasets.Value("string") for c in columns})
     return {"features": features, "keep_default_na": False}
 
@@ -296,10 +299,20 @@ def _bos_prefix(tokenizer: Any) -> list[int]:
     return [bos] if bos is not None and with_special and with_special[0] == bos else []
 
 
+def _column(batch: dict[str, list], cfg: dict[str, Any], field: str) -> list[Any]:
+    """The column named by ``cfg[field]``. Bytes that are not UTF-8 in a json or csv file reach Arrow unchecked and
+    fail only here, as a bare UnicodeDecodeError naming neither the file nor the column."""
+    try:
+        return batch[cfg[field]]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data.{field}={cfg[field]!r}: data.source={cfg.get('source')!r} holds text that is not "
+                         f"UTF-8 ({err}); re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _strings(batch: dict[str, list], cfg: dict[str, Any], field: str) -> list[str | None]:
     """The column named by ``cfg[field]``, checked to hold text (or nulls): the tokenizer's own error
     for a number or a list names neither the column nor the value."""
-    values = batch[cfg[field]]
+    values = _column(batch, cfg, field)
     for value in values:
         if value is not None and not isinstance(value, str):
             raise ValueError(
@@ -312,6 +325,26 @@ def _strings(batch: dict[str, list], cfg: dict[str, Any], field: str) -> list[st
 def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each text; a map batch may have none left (all blank), where the tokenizer would raise."""
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _prompt_response_ids(tokenizer: Any, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """Each pair as (ids of ``prompt + response`` tokenized as one text, how many of them are the prompt's: the
+    tokens that end within it; one spanning the boundary writes response text, so it is the response's). Tokenized
+    apart, a SentencePiece tokenizer (Llama-2, Mistral) opened every response with a word-start "▁": the model
+    learned to answer with a space that was not in the data. A slow tokenizer has no offsets: the two apart."""
+    if not pairs:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        prompts, responses = _encode(tokenizer, [p for p, _ in pairs]), _encode(tokenizer, [r for _, r in pairs])
+        return [(p + r, len(p)) for p, r in zip(prompts, responses)]
+    encoded = tokenizer([p + r for p, r in pairs], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for ids, offsets, (prompt, _) in zip(encoded["input_ids"], encoded["offset_mapping"], pairs):
+        n_prompt = 0
+        while n_prompt < len(ids) and offsets[n_prompt][1] <= len(prompt):
+            n_prompt += 1
+        out.append((ids, n_prompt))
+    return out
 
 
 def _tokenize_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any]) -> dict[str, list]:
@@ -327,11 +360,12 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any])
         # prompt or response ("") is
         columns = zip(_strings(batch, cfg, "prompt_field"), _strings(batch, cfg, "response_field"))
         pairs = [(p, r) for p, r in columns if p is not None and r is not None]
-        for p, r in zip(_encode(tokenizer, [p for p, _ in pairs]), _encode(tokenizer, [r for _, r in pairs])):
-            examples.append((prefix + p + r + [eos], [IGNORE_INDEX] * (len(prefix) + len(p)) + r + [eos]))
+        for ids, n_prompt in _prompt_response_ids(tokenizer, pairs):
+            examples.append((prefix + ids + [eos], [IGNORE_INDEX] * (len(prefix) + n_prompt) + ids[n_prompt:] + [eos]))
     else:
+        conversations = _column(batch, cfg, "messages_field")
         try:  # a null or empty conversation (another schema in the same files) is no example, as blank text
-            examples = [chat_ids_labels(tokenizer, m) for m in batch[cfg["messages_field"]] if m not in (None, [])]
+            examples = [chat_ids_labels(tokenizer, m) for m in conversations if m not in (None, [])]
         except ValueError as e:  # name the column: the error is raised deep inside datasets.map
             raise ValueError(f"data.messages_field={cfg['messages_field']!r}: {e}") from e
     examples = [(ids, labels) for ids, labels in examples if ids]
@@ -506,7 +540,7 @@ def load_datasets(
             batch_size=_MAP_BATCH,
             remove_columns=ds.column_names,
             features=_DOC_FEATURES,
-            fn_kwargs={"tokenizer": tokenizer, "cfg": settings},
+            fn_kwargs={"tokenizer": tokenizer, "cfg": {**settings, "source": cfg.source}},  # source: for errors
             num_proc=cfg.num_proc,
             new_fingerprint=settings_hash({"in": ds._fingerprint, "tok": tok_key, "cfg": settings,
                                            "v": _RECIPE_VERSION}, 16),

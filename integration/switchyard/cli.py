@@ -238,10 +238,8 @@ def _add_upcycle_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM
-
     import switchyard as sy
-    from switchyard.hf.checkpoint import _transformers_class, check_save_target, recover_interrupted_save
+    from switchyard.hf.checkpoint import architecture_class, check_save_target, recover_interrupted_save
 
     moe_config = sy.MoEConfig(num_experts=args.num_experts, top_k=args.top_k, init=args.init,
                               aux_loss_coef=args.aux_loss_coef, seq_aux_loss_coef=args.seq_aux_loss_coef,
@@ -249,13 +247,12 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     recover_interrupted_save(out)  # as save_pretrained would, so that the notice below sees what it replaces
     check_save_target(out)  # what save_pretrained would refuse, before a long load
-    _dry_run_upcycle(args, moe_config)
+    config = model_config(args.model)
+    _dry_run_upcycle(args, config, moe_config)
     _note_replaced(out)
     # the class config.json names, as the dry run built: a sequence classifier keeps its head (AutoModelForCausalLM
     # dropped its `score` and gave it a random lm_head)
-    names = getattr(model_config(args.model), "architectures", None) or []
-    model_class = (_transformers_class(names[0]) if names else None) or AutoModelForCausalLM
-    model = model_class.from_pretrained(args.model)
+    model = architecture_class(config).from_pretrained(args.model)
     sy.patch_model(model, moe_config, seed=args.seed, **_selection(args))
     sy.save_pretrained(model, args.out, tokenizer=_tokenizer_of(args.model))
     print(f"wrote {args.out}")
@@ -273,7 +270,7 @@ def _note_replaced(out: Path) -> None:
               "like a README, are kept)", file=sys.stderr)
 
 
-def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
+def _dry_run_upcycle(args: argparse.Namespace, config: Any, moe_config: Any) -> None:
     """Patch the model on the meta device (config.json only) so that a wrong ``--layers``, a model that is
     already MoE or one switchyard cannot upcycle is an error before gigabytes of weights are read."""
     import dataclasses
@@ -282,7 +279,6 @@ def _dry_run_upcycle(args: argparse.Namespace, moe_config: Any) -> None:
     from switchyard.hf.checkpoint import CONFIG_KEY, empty_model
     from switchyard.hf.export import export_refusal
 
-    config = model_config(args.model)
     if getattr(config, CONFIG_KEY, None):
         raise ValueError(f"--model {args.model} is a switchyard checkpoint, already MoE: upcycle its dense original "
                          "(fine-tune or serve this one as it is)")
@@ -486,8 +482,9 @@ def plan_numbers(model: Any, world: int, ep: int, precision: str, tp: int = 1, e
 
     stages = []
     for held, stage_model in _pipeline_stages(model, pp, pp_layers):
-        dense_rank, expert_rank = _held_per_rank(stage_model, tp, etp, ep)
-        tied_rank = _tied_head_copy_per_rank(stage_model, tp, etp)
+        shards = tensor_parallel_shards(stage_model, tp, etp)
+        dense_rank, expert_rank = _held_per_rank(stage_model, shards, tp, ep)
+        tied_rank = _tied_head_copy_per_rank(stage_model, shards, tp)
         copy_gib = tied_rank * (weight_b + grad_b) / gib  # the copy and its gradient, never sharded by ZeRO
         stages.append({"stage": len(stages), "layers": list(held), "params_per_rank": dense_rank + expert_rank,
                        **({"tied_head_copy_per_rank": tied_rank} if tied_rank else {}),
@@ -525,12 +522,9 @@ def _pipeline_stages(model: Any, pp: int, pp_layers: list[int] | None = None) ->
         yield held, stage_model
 
 
-def _held_per_rank(model: Any, tp: int, etp: int, ep: int) -> tuple[int, int]:
+def _held_per_rank(model: Any, shards: dict[str, Any], tp: int, ep: int) -> tuple[int, int]:
     """Dense and expert parameter elements one rank holds of ``model``: 1/tp of what tensor parallelism shards
-    (experts split only at etp = tp), 1/ep of the experts."""
-    from switchyard.parallel.tensor_parallel import tensor_parallel_shards
-
-    shards = tensor_parallel_shards(model, tp, etp)
+    (``shards``: ``tensor_parallel_shards``; experts split only at etp = tp), 1/ep of the experts."""
     dense_rank = expert_rank = 0
     for name, p in model.named_parameters():
         held = p.numel() // (tp if name in shards else 1)
@@ -541,10 +535,9 @@ def _held_per_rank(model: Any, tp: int, etp: int, ep: int) -> tuple[int, int]:
     return dense_rank, expert_rank
 
 
-def _tied_head_copy_per_rank(stage_model: Any, tp: int, etp: int) -> int:
+def _tied_head_copy_per_rank(stage_model: Any, shards: dict[str, Any], tp: int) -> int:
     """Elements of the tied LM head's copy one rank of the last pipeline stage holds (0 elsewhere): ``split_model``
     keeps it as a buffer, which the pipeline fills from the first stage and gives a gradient."""
-    from switchyard.parallel.tensor_parallel import tensor_parallel_shards
     from switchyard.train.pipeline import SPLIT_ATTR
 
     split = getattr(stage_model, SPLIT_ATTR, None)
@@ -552,7 +545,7 @@ def _tied_head_copy_per_rank(stage_model: Any, tp: int, etp: int) -> int:
     if split is None or not split[3] or head is None or "weight" not in head._buffers:
         return 0
     name = next(name for name, buffer in stage_model.named_buffers() if buffer is head.weight)
-    return head.weight.numel() // (tp if name in tensor_parallel_shards(stage_model, tp, etp) else 1)
+    return head.weight.numel() // (tp if name in shards else 1)
 
 
 def _billions(count: int) -> str:

@@ -84,10 +84,7 @@ def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    names = getattr(config, "architectures", None) or []
-    model_class = _transformers_class(names[0]) if names else AutoModelForCausalLM
-    if model_class is None:
-        raise CheckpointError(f"config.json's architectures={names} names no class of the installed transformers")
+    model_class = architecture_class(config)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with no_init_weights(), init_empty_weights(include_buffers=False):
         if model_class is AutoModelForCausalLM:
@@ -96,6 +93,18 @@ def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
             model = model_class._from_config(config, **kwargs)  # what the Auto classes call
     model.tie_weights()  # built on meta, a tied head is a parameter of its own until tied: counted twice, saved twice
     return model
+
+
+def architecture_class(config: Any) -> type:
+    """The transformers class ``config.architectures`` names (``AutoModelForCausalLM`` if none): what a model saved
+    with this config is rebuilt as, its task head included."""
+    from transformers import AutoModelForCausalLM
+
+    names = getattr(config, "architectures", None) or []
+    model_class = _transformers_class(names[0]) if names else AutoModelForCausalLM
+    if model_class is None:
+        raise CheckpointError(f"config.json's architectures={names} names no class of the installed transformers")
+    return model_class
 
 
 def _transformers_class(name: str) -> type | None:

@@ -104,22 +104,23 @@ def _is_complete(path: Path) -> bool:
     return not _missing(path)
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest (lowest step) first."""
+def _step_dirs(root: Path) -> list[Path]:
+    """``step_N`` entries (no save in progress), lowest step first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and _is_complete(p)]
-    return sorted(found, key=step_of)
+    return sorted((p for p in root.glob("step_*") if p.name[5:].isdigit()), key=step_of)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest (lowest step) first."""
+    return [p for p in _step_dirs(root) if _is_complete(p)]
 
 
 def damaged_checkpoints(root: Path) -> list[str]:
     """``step_N`` directories (no save in progress) that are not complete, each with what it lacks: a save publishes
     a directory only once its marker and meta.json are in, so these lost files afterwards (a clean-up of empty
     files takes the empty marker)."""
-    if not root.is_dir():
-        return []
-    damaged = [p for p in root.glob("step_*") if p.name[5:].isdigit() and p.is_dir() and not _is_complete(p)]
-    return [f"{p.name} ({'; '.join(_missing(p))})" for p in sorted(damaged, key=step_of)]
+    return [f"{p.name} ({'; '.join(_missing(p))})" for p in _step_dirs(root) if p.is_dir() and not _is_complete(p)]
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from switchyard.log import get_logger
+from switchyard.train.chat_mask import IGNORE_INDEX, chat_ids_labels
 from switchyard.train.tiny import _resolve_cache, settings_hash, stdlib_corpus, tokenizer_fingerprint
 
 log = get_logger(__name__)
@@ -39,7 +40,6 @@ SAMPLE_BY = ("paragraph", "line", "document")
 BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"
 }
-IGNORE_INDEX = -100
 _RECIPE_VERSION = 5  # bump when the processing below changes: invalidates tokenized caches (5: prompt + response as one text)
 _MAP_BATCH = 1000  # documents per datasets.map batch (the rows do not depend on it)
 
@@ -211,85 +211,6 @@ def _check_columns(cfg: DataConfig, raw: datasets.Dataset) -> None:
                 f"data.{name}={column!r} is not a column of data.source={cfg.source!r} with data.format="
                 f"{cfg.format} (columns: {raw.column_names}); set data.{name} to the right column{other}"
             )
-
-
-def _drop_none(value: Any) -> Any:
-    """``value`` without ``None`` entries in its dicts, recursively. Arrow stores a column of messages as
-    structs with the union of their keys, so a message read back from parquet (or a hub dataset) carries
-    every key another one had, as ``None``, down to tool-call arguments (which templates render with
-    ``tojson``); transformers drops only a message's own ``None`` keys."""
-    if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
-
-
-def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and labels that keep only the assistant turns.
-
-    Renders growing prefixes with the tokenizer's own template (prompt up to each assistant turn
-    with the generation prompt, then through that turn) to find the characters of each response,
-    so the mask is exact for any template whose renders are string prefixes of each other; other
-    templates get a clear error instead of a wrong mask. The ids are those of the whole rendered
-    conversation (what ``apply_chat_template`` and the server tokenize): tokenizing the pieces apart
-    would differ where a token spans a boundary (a response starting with a newline). A token
-    overlapping a response is trained, as in transformers' ``return_assistant_tokens_mask``. An
-    assistant message that opens the conversation is context, not trained: there is no prompt to
-    render its header from (transformers refuses an empty conversation).
-    """
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        got = "a string (JSON text? store the messages as a list of objects)" if isinstance(messages, str) else (
-            type(messages).__name__)
-        raise ValueError(f"chat data: expected a list of {{role, content}} messages, got {got}")
-    messages = _drop_none(messages)
-    roleless = next((m for m in messages if "role" not in m), None)
-    if roleless is not None:  # the template's own error would be a bare jinja UndefinedError
-        raise ValueError(
-            f"chat data: a message has keys {sorted(roleless)}, no 'role'; messages must be {{role, content}} with "
-            f"roles such as system/user/assistant (ShareGPT's {{from: human/gpt, value}}: convert them first)"
-        )
-
-    def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
-        from jinja2 import TemplateError  # what apply_chat_template needs anyway
-
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
-        except (TemplateError, TypeError) as e:  # a bare jinja error from deep inside datasets.map otherwise
-            shape = [{k: type(v).__name__ for k, v in m.items()} for m in messages[:4]]
-            raise ValueError(f"the tokenizer's chat template failed on a conversation ({type(e).__name__}: {e}); "
-                             f"its first messages' keys and value types: {shape}{' …' if len(messages) > 4 else ''}; "
-                             f"fix the data or the template") from e
-
-    spans: list[tuple[int, int]] = []  # character ranges of the responses in the whole render
-    done = ""
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant" or i == 0:  # an opening assistant turn answers nothing: context
-            continue
-        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
-        if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise ValueError(
-                "the tokenizer's chat template does not render conversation prefixes as string prefixes, so "
-                "the response mask cannot be derived; use format='prompt_response' or a prefix-stable template"
-            )
-        spans.append((len(prompt), len(full)))
-        done = full
-    text = render(messages, False)
-    if not text.startswith(done):
-        raise ValueError("the tokenizer's chat template is not prefix-stable after the last assistant turn")
-    if not getattr(tokenizer, "is_fast", False):  # no offsets: tokenize the pieces between the boundaries
-        ids: list[int] = []
-        labels: list[int] = []
-        bounds = [0, *(b for span in spans for b in span), len(text)]
-        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
-            seg = tokenizer(text[start:end], add_special_tokens=False)["input_ids"] if end > start else []
-            ids += seg
-            labels += seg if k % 2 else [IGNORE_INDEX] * len(seg)
-        return ids, labels
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    trained = [any(end > lo and start < hi for lo, hi in spans) for start, end in encoded["offset_mapping"]]
-    return ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
 
 
 def _bos_prefix(tokenizer: Any) -> list[int]:

@@ -1,0 +1,156 @@
+"""Chat data: the ids of a conversation rendered by the tokenizer's own template, and labels on its assistant turns.
+
+The responses' characters are found in the render of the whole conversation (what ``apply_chat_template`` and the
+server tokenize), in one of two ways:
+
+- **prefixes** (exact for any template whose renders of growing prefixes are string prefixes of each other): the
+  conversation up to each assistant turn rendered with the generation prompt, then through that turn; the turn is
+  what the second adds to the first.
+- **located** (templates that render an assistant turn differently once later turns follow, e.g. Qwen3's hybrid
+  thinking, which writes an empty ``<think>`` block only in the turns after the last user message, and reasoning
+  templates that drop earlier turns' ``<think>`` text): the context before each assistant turn must still render
+  as in the whole conversation; the turn runs from the generation prompt's header to its content's end and the
+  end-of-turn text the template writes after it. Content the render does not hold (transformed by the template)
+  is an error, never a guessed mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+IGNORE_INDEX = -100
+Render = Callable[[list[dict[str, Any]], bool], str]
+NOT_DERIVABLE = ("the tokenizer's chat template renders {what}, so the response mask cannot be derived; use "
+                 "format='prompt_response' or a template that renders each turn as it appears in the whole conversation")
+
+
+def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and labels that keep only the assistant turns.
+
+    The ids are those of the whole rendered conversation: tokenizing the pieces apart would differ where a token
+    spans a boundary (a response starting with a newline). A token overlapping a response is trained, as in
+    transformers' ``return_assistant_tokens_mask``. An assistant message that opens the conversation is context,
+    not trained: there is no prompt to render its header from (transformers refuses an empty conversation).
+    """
+    messages = _checked(messages)
+    render = _renderer(tokenizer, messages)
+    text = render(messages, False)
+    spans = _prefix_spans(messages, render, text)
+    if spans is None:
+        spans = _located_spans(messages, render, text)
+    if not getattr(tokenizer, "is_fast", False):  # no offsets: tokenize the pieces between the boundaries
+        ids: list[int] = []
+        labels: list[int] = []
+        bounds = [0, *(b for span in spans for b in span), len(text)]
+        for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            seg = tokenizer(text[start:end], add_special_tokens=False)["input_ids"] if end > start else []
+            ids += seg
+            labels += seg if k % 2 else [IGNORE_INDEX] * len(seg)
+        return ids, labels
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    trained = [any(end > lo and start < hi for lo, hi in spans) for start, end in encoded["offset_mapping"]]
+    return ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
+
+
+def _checked(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        got = "a string (JSON text? store the messages as a list of objects)" if isinstance(messages, str) else (
+            type(messages).__name__)
+        raise ValueError(f"chat data: expected a list of {{role, content}} messages, got {got}")
+    messages = _drop_none(messages)
+    roleless = next((m for m in messages if "role" not in m), None)
+    if roleless is not None:  # the template's own error would be a bare jinja UndefinedError
+        raise ValueError(
+            f"chat data: a message has keys {sorted(roleless)}, no 'role'; messages must be {{role, content}} with "
+            f"roles such as system/user/assistant (ShareGPT's {{from: human/gpt, value}}: convert them first)"
+        )
+    return messages
+
+
+def _drop_none(value: Any) -> Any:
+    """``value`` without ``None`` entries in its dicts, recursively. Arrow stores a column of messages as
+    structs with the union of their keys, so a message read back from parquet (or a hub dataset) carries
+    every key another one had, as ``None``, down to tool-call arguments (which templates render with
+    ``tojson``); transformers drops only a message's own ``None`` keys."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _renderer(tokenizer: Any, messages: list[dict[str, Any]]) -> Render:
+    def render(msgs: list[dict[str, Any]], generation_prompt: bool) -> str:
+        from jinja2 import TemplateError  # what apply_chat_template needs anyway
+
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except (TemplateError, TypeError) as e:  # a bare jinja error from deep inside datasets.map otherwise
+            shape = [{k: type(v).__name__ for k, v in m.items()} for m in messages[:4]]
+            raise ValueError(f"the tokenizer's chat template failed on a conversation ({type(e).__name__}: {e}); "
+                             f"its first messages' keys and value types: {shape}{' …' if len(messages) > 4 else ''}; "
+                             f"fix the data or the template") from e
+
+    return render
+
+
+def _assistant_turns(messages: list[dict[str, Any]]) -> list[int]:
+    """Indices of the trained turns: an opening assistant turn answers nothing, it is context."""
+    return [i for i, m in enumerate(messages) if m.get("role") == "assistant" and i > 0]
+
+
+def _prefix_spans(messages: list[dict[str, Any]], render: Render, text: str) -> list[tuple[int, int]] | None:
+    """Each response's character range in ``text`` from prefix renders; ``None`` if they are not string prefixes."""
+    spans: list[tuple[int, int]] = []
+    done = ""
+    for i in _assistant_turns(messages):
+        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            return None
+        spans.append((len(prompt), len(full)))
+        done = full
+    return spans if text.startswith(done) else None
+
+
+def _located_spans(messages: list[dict[str, Any]], render: Render, text: str) -> list[tuple[int, int]]:
+    """Each response's character range in ``text``, found between the context that precedes it (which must render
+    as in ``text``) and the next response's context: from the generation prompt's header, through the content, to
+    the end-of-turn text the template writes after it."""
+    turns = _assistant_turns(messages)
+    contexts = [render(messages[:i], False) for i in turns]
+    spans: list[tuple[int, int]] = []
+    for k, (i, context) in enumerate(zip(turns, contexts)):
+        if not text.startswith(context) or (spans and len(context) < spans[-1][1]):
+            raise ValueError(NOT_DERIVABLE.format(
+                what=f"the conversation before message {i} differently once later turns follow"))
+        limit = len(contexts[k + 1]) if k + 1 < len(contexts) else len(text)
+        prompt = render(messages[:i], True)
+        header = prompt[len(context):] if prompt.startswith(context) else ""
+        start = len(context) + len(header) if text.startswith(header, len(context), limit) else len(context)
+        content, at = _find_content(messages[i].get("content"), text[:limit], start)
+        if at < 0:
+            raise ValueError(NOT_DERIVABLE.format(
+                what=f"assistant message {i}'s content in a form not found in the conversation's render"))
+        own = render(messages[: i + 1], False)  # this turn last: what the template writes after its content
+        closing = own[own.rfind(content) + len(content):] if content in own else ""
+        end = at + len(content)
+        while closing and not text.startswith(closing, end, limit):
+            closing = closing[:-1]
+        spans.append((start, end + len(closing)))
+    return spans
+
+
+def _find_content(content: Any, text: str, start: int) -> tuple[str, int]:
+    """``(the content as rendered, where it starts in text)`` at or after ``start``, ``(…, -1)`` if absent. Tried
+    as written, stripped (templates trim), and without a ``<think>…</think>`` part (reasoning templates drop
+    earlier turns' reasoning)."""
+    if not isinstance(content, str) or not content.strip():
+        return "", -1
+    forms = [content, content.strip()]
+    if "</think>" in content:
+        forms.append(content.split("</think>")[-1].strip())
+    for form in forms:
+        if form and (at := text.find(form, start)) >= 0:
+            return form, at
+    return forms[-1], -1

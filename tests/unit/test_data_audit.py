@@ -150,7 +150,7 @@ def test_blank_tiny_and_unreadable_data_give_clear_errors(tok, tmp_path: Path) -
         load("tiny.txt", "hi\n\nthere\n", seq_len=128)
     with pytest.raises(ValueError, match=r"data.source=.*bad.jsonl.*could not be read .*JSON parse error"):
         load("bad.jsonl", '{"text": "aaa"}\n{"text": \n')
-    with pytest.raises(ValueError, match=r"data.messages_field='messages': the tokenizer's chat template failed"):
+    with pytest.raises(ValueError, match=r"data.messages_field='messages', row 0: the tokenizer's chat template failed"):
         load("none.jsonl", json.dumps({"messages": [{"role": "user", "content": None},
                                                     {"role": "assistant", "content": "x"}]}) + "\n", format="chat")
     # whitespace-only lines are no documents (they were trained as "  <eos>")

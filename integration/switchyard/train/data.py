@@ -41,6 +41,7 @@ BUILDERS = {
     ".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"
 }
 _RECIPE_VERSION = 5  # bump when the processing below changes: invalidates tokenized caches (5: prompt + response as one text)
+ROW_COLUMN = "__source_row"  # each raw row's number in data.source (from 0), for errors that name the row
 _MAP_BATCH = 1000  # documents per datasets.map batch (the rows do not depend on it)
 
 
@@ -234,10 +235,10 @@ def _strings(batch: dict[str, list], cfg: dict[str, Any], field: str) -> list[st
     """The column named by ``cfg[field]``, checked to hold text (or nulls): the tokenizer's own error
     for a number or a list names neither the column nor the value."""
     values = _column(batch, cfg, field)
-    for value in values:
+    for value, row in zip(values, batch[ROW_COLUMN]):
         if value is not None and not isinstance(value, str):
             raise ValueError(
-                f"data.{field}={cfg[field]!r}: the column holds a {type(value).__name__} ({str(value)[:60]!r}), not "
+                f"data.{field}={cfg[field]!r}: row {row} holds a {type(value).__name__} ({str(value)[:60]!r}), not "
                 f"text; point data.{field} at a text column or write the values as strings"
             )
     return values
@@ -284,11 +285,14 @@ def _tokenize_batch(batch: dict[str, list], tokenizer: Any, cfg: dict[str, Any])
         for ids, n_prompt in _prompt_response_ids(tokenizer, pairs):
             examples.append((prefix + ids + [eos], [IGNORE_INDEX] * (len(prefix) + n_prompt) + ids[n_prompt:] + [eos]))
     else:
-        conversations = _column(batch, cfg, "messages_field")
-        try:  # a null or empty conversation (another schema in the same files) is no example, as blank text
-            examples = [chat_ids_labels(tokenizer, m) for m in conversations if m not in (None, [])]
-        except ValueError as e:  # name the column: the error is raised deep inside datasets.map
-            raise ValueError(f"data.messages_field={cfg['messages_field']!r}: {e}") from e
+        # a null or empty conversation (another schema in the same files) is no example, as blank text
+        for messages, row in zip(_column(batch, cfg, "messages_field"), batch[ROW_COLUMN]):
+            if messages in (None, []):
+                continue
+            try:
+                examples.append(chat_ids_labels(tokenizer, messages))
+            except ValueError as e:  # name the column and the row: the error is raised deep inside datasets.map
+                raise ValueError(f"data.messages_field={cfg['messages_field']!r}, row {row}: {e}") from e
     examples = [(ids, labels) for ids, labels in examples if ids]
     return {"input_ids": [i for i, _ in examples], "labels": [lab for _, lab in examples],
             "n": [len(i) for i, _ in examples]}
@@ -410,6 +414,27 @@ def _to_examples(cfg: DataConfig, docs: datasets.Dataset, pad: int, split: str, 
     return rows
 
 
+# why a row of each format gives no document (the tokenizer turning text into no tokens aside)
+_NO_DOCUMENT = {
+    "text": "blank, whitespace-only or null data.text_field",
+    "prompt_response": "a null or missing data.prompt_field or data.response_field",
+    "chat": "a null, missing or empty data.messages_field",
+}
+
+
+def _log_rows_without_document(cfg: DataConfig, split: str, n_rows: int, n_docs: int) -> None:
+    """Rows skipped as no document are counted: blank lines of a text file are routine (info), but a structured
+    row without its field is likely another schema mixed into the files (warning)."""
+    if n_docs == n_rows:
+        return
+    message = f"{split}: {n_rows - n_docs} of {n_rows} rows of data.source={cfg.source!r} are no document " \
+              f"({_NO_DOCUMENT[cfg.format]}) and are skipped"
+    if cfg.format == "text":
+        log.info(message, ranks=[0])
+    else:
+        log.warning(f"{message}; check that data.format={cfg.format} and its field names fit those rows", ranks=[0])
+
+
 def load_datasets(
     cfg: DataConfig, tokenizer: Any, cache_dir: str | os.PathLike | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
@@ -435,6 +460,8 @@ def load_datasets(
     if len(raw) == 0:
         raise ValueError(f"data.source={cfg.source!r} has no rows; point data.source at data")
     _check_columns(cfg, raw)
+    raw = raw.add_column(ROW_COLUMN, np.arange(len(raw)),  # before max_samples and the split: source numbering
+                         new_fingerprint=settings_hash({"in": raw._fingerprint, "column": ROW_COLUMN}, 16))
     if cfg.max_samples is not None and len(raw) > cfg.max_samples:
         raw = raw.select(range(cfg.max_samples))
     splits: dict[str, datasets.Dataset] = {"train": raw}
@@ -467,6 +494,7 @@ def load_datasets(
                                            "v": _RECIPE_VERSION}, 16),
             desc=f"tokenize {split}",
         )
+        _log_rows_without_document(cfg, split, len(ds), len(docs))
         key = {"in": docs._fingerprint, "seq_len": cfg.seq_len, "packing": cfg.packing, "v": _RECIPE_VERSION}
         out[split] = _to_examples(cfg, docs, pad, split, settings_hash(key, 16))
         if split == "train" and len(out[split]) == 0:

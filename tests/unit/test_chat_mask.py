@@ -21,8 +21,9 @@ from switchyard.train.data import DataConfig, load_datasets
 from switchyard.train.tiny import build_tokenizer
 
 IGNORE = -100
-# Qwen3's rule, in a template of ours: the assistant turns after the last user message open with a <think> block
-# (empty unless the content carries one), earlier ones drop it; the generation prompt is the bare header.
+# Qwen3's rule, in a template of ours: an assistant turn after the last user message opens with a <think> block when
+# it is the last message or has reasoning (empty unless the content carries one), earlier ones drop it; the
+# generation prompt is the bare header.
 THINKING = (
     "{%- set ns = namespace(last_user=-1) %}"
     "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
@@ -31,8 +32,10 @@ THINKING = (
     "{%- set answer = m.content.split('</think>')[-1].lstrip('\\n') %}"
     "{%- set thought = m.content.split('</think>')[0].split('<think>')[-1].strip('\\n') if '</think>' in m.content else '' %}"
     "{{- '<|im_start|>assistant\\n' }}{% generation %}"
-    "{%- if loop.index0 > ns.last_user %}{{- '<think>\\n' + thought + '\\n</think>\\n\\n' }}{%- endif %}"
-    "{{- answer + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or thought) %}"
+    "{{- '<think>\\n' + thought + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- answer }}{%- for call in m.tool_calls or [] %}{{- '<tool_call>' + call.function.name + '</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}{% endgeneration %}"
     "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
@@ -48,6 +51,12 @@ CONVERSATIONS = [
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
      {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n6"}],
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\nhello\n"}],  # one turn: prefix-stable
+    # a tool call with no content, before the last user message (so rendered without its <think> block there)
+    [{"role": "user", "content": "Weather?"},
+     {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                                         "arguments": {}}}]},
+     {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."},
+     {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "You are welcome."}],
 ]
 
 
@@ -120,8 +129,10 @@ def test_multi_turn_chat_data_trains_under_it(tokenizers, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("template, what", [
-    # the thinking template rewriting the content: nowhere to find it, no guessed mask
-    (THINKING.replace("{{- answer + ", "{{- (answer | upper) + "), "content in a form not found"),
+    # the content rewritten, and the turn written otherwise when it is last: nowhere to find it, no guessed mask
+    ("{% for m in messages %}{% if m.role == 'assistant' %}<a>{{ m.content | upper }}{% if loop.last %}!{% endif %}"
+     "</a>{% else %}<u>{{ m.content }}</u>{% endif %}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}",
+     "content in a form not found"),
     # the context before a turn is rendered differently once later turns follow
     ("{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}", "before message 2"),
 ])

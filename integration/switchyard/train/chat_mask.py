@@ -128,12 +128,13 @@ def _located_spans(messages: list[dict[str, Any]], render: Render, text: str) ->
         prompt = render(messages[:i], True)
         header = prompt[len(context):] if prompt.startswith(context) else ""
         start = len(context) + len(header) if text.startswith(header, len(context), limit) else len(context)
-        content, at = _find_content(messages[i].get("content"), text[:limit], start)
+        own = render(messages[: i + 1], False)  # this turn last, as the template writes it
+        turn = own[len(prompt):] if own.startswith(prompt) else ""
+        content, at = _find_content(messages[i].get("content"), turn, text[:limit], start)
         if at < 0:
             raise ValueError(NOT_DERIVABLE.format(
                 what=f"assistant message {i}'s content in a form not found in the conversation's render"))
-        own = render(messages[: i + 1], False)  # this turn last: what the template writes after its content
-        closing = own[own.rfind(content) + len(content):] if content in own else ""
+        closing = own[own.rfind(content) + len(content):] if content in own else ""  # its end-of-turn text
         end = at + len(content)
         while closing and not text.startswith(closing, end, limit):
             closing = closing[:-1]
@@ -141,16 +142,18 @@ def _located_spans(messages: list[dict[str, Any]], render: Render, text: str) ->
     return spans
 
 
-def _find_content(content: Any, text: str, start: int) -> tuple[str, int]:
-    """``(the content as rendered, where it starts in text)`` at or after ``start``, ``(…, -1)`` if absent. Tried
-    as written, stripped (templates trim), and without a ``<think>…</think>`` part (reasoning templates drop
-    earlier turns' reasoning)."""
-    if not isinstance(content, str) or not content.strip():
-        return "", -1
-    forms = [content, content.strip()]
-    if "</think>" in content:
-        forms.append(content.split("</think>")[-1].strip())
+def _find_content(content: Any, turn: str, text: str, start: int) -> tuple[str, int]:
+    """``(the turn's text as rendered, where it starts in text)`` at or after ``start``, ``(…, -1)`` if absent. Tried:
+    the content as written, stripped (templates trim), without a ``<think>…</think>`` part (reasoning templates drop
+    earlier turns' reasoning); then the whole turn as the template writes it last (``turn``: an empty content with
+    tool calls), with and without its reasoning block."""
+    forms = [content, content.strip(), _after_think(content)] if isinstance(content, str) else []
+    forms += [turn, _after_think(turn)]
     for form in forms:
         if form and (at := text.find(form, start)) >= 0:
             return form, at
-    return forms[-1], -1
+    return "", -1
+
+
+def _after_think(text: str) -> str:
+    return text.split("</think>")[-1].strip() if "</think>" in text else ""

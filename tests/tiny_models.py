@@ -88,3 +88,19 @@ def saved_tensor_shapes() -> Iterator[list[tuple[int, ...]]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield shapes
+
+
+class WithoutOffsets:
+    """A fast tokenizer seen as a slow one (``is_fast`` False, no offset mappings): the chat masking's other path."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        assert "return_offsets_mapping" not in kwargs
+        return self._tokenizer(*args, **kwargs)

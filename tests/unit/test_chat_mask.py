@@ -19,6 +19,7 @@ pytest.importorskip("datasets")  # not on the GPU image; CI installs it
 from switchyard.train.chat_mask import chat_ids_labels
 from switchyard.train.data import DataConfig, load_datasets
 from switchyard.train.tiny import build_tokenizer
+from tiny_models import WithoutOffsets
 
 IGNORE = -100
 # Qwen3's rule, in a template of ours: an assistant turn after the last user message opens with a <think> block when
@@ -92,19 +93,8 @@ def test_labels_match_transformers_generation_mask(tokenizers, index: int) -> No
 
 def test_without_offsets_the_same_labels(tokenizers) -> None:
     tok, _ = tokenizers
-
-    class NoOffsets:
-        is_fast = False
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(tok, name)
-
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            assert "return_offsets_mapping" not in kwargs
-            return tok(*args, **kwargs)
-
     for msgs in CONVERSATIONS:
-        ids, labels = chat_ids_labels(NoOffsets(), msgs)
+        ids, labels = chat_ids_labels(WithoutOffsets(tok), msgs)
         kept = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
         want = tok.decode([t for t, lab in zip(*chat_ids_labels(tok, msgs)) if lab != IGNORE])
         assert kept == want

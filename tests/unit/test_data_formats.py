@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 import switchyard.train.data as data_mod
 from switchyard.train.data import DataConfig, chat_ids_labels, load_datasets
+from tiny_models import WithoutOffsets
 from switchyard.train.tiny import build_tokenizer
 
 IGNORE = -100
@@ -105,20 +106,10 @@ def test_chat_ids_are_the_whole_conversation_tokenized(tok, content: str) -> Non
 def test_chat_without_offsets_tokenizes_between_the_boundaries(tok) -> None:
     """A tokenizer without offset mappings (not ``is_fast``) gets the pieces between response boundaries."""
 
-    class NoOffsets:
-        is_fast = False
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(tok, name)
-
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            assert "return_offsets_mapping" not in kwargs
-            return tok(*args, **kwargs)
-
     msgs = [{"role": "system", "content": "terse"}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
             {"role": "assistant", "content": "6"}]
-    assert chat_ids_labels(NoOffsets(), msgs) == chat_ids_labels(tok, msgs)
+    assert chat_ids_labels(WithoutOffsets(tok), msgs) == chat_ids_labels(tok, msgs)
 
 
 def test_chat_rows_from_parquet_render_only_their_own_keys(tok, tmp_path: Path) -> None:

@@ -36,6 +36,8 @@ log = get_logger(__name__)
 
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 KNOWN_PATHS = (*GENERATE_PATHS, "/v1/models", "/health", "/metrics")
+ROUTES = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /v1/models/{id}", "GET /health",
+          "GET /metrics")
 DISCONNECT_POLL_S = 0.25
 # a sequence that ended unfinished while its client waits (``SeqOutput.error_code``): the status its request gets
 ERROR_STATUS = {ENGINE_FAILED: 500, NONFINITE_LOGITS: 500, SHUTTING_DOWN: 503}
@@ -48,8 +50,19 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(P.error_body(status, message, param, code), status_code=status)
+def _error(status: int, message: str, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(P.error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def wrong_route(method: str, path: str, allow: str | None) -> str:
+    """A 404 / 405's message: OpenAI's "Invalid URL (METHOD PATH)" and the fix — the method the route takes
+    (``allow``, the 405's Allow header), or the routes there are; a path that lacks the ``/v1`` prefix is most often a
+    base URL without it (the ``openai`` client appends ``/chat/completions`` to its ``base_url``)."""
+    if allow:
+        return f"Invalid method for URL ({method} {path}): this route takes {allow} only"
+    missing_v1 = f"; did you mean /v1{path}? (a client's base_url ends with /v1)" if f"/v1{path}" in KNOWN_PATHS else ""
+    return f"Invalid URL ({method} {path}): this server serves {', '.join(ROUTES)}{missing_v1}"
 
 
 def validation_error(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
@@ -468,7 +481,11 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:
         if err.status_code == 400:  # FastAPI's only 400: a body json.loads refused for more than its syntax
             return _error(400, *unparsable_body(err.__cause__))
-        return _error(err.status_code, str(err.detail))
+        headers = dict(err.headers or {})  # a 405's Allow header, which RFC 9110 requires
+        if err.status_code in (404, 405):  # the router's: no route, or not with this method
+            return _error(err.status_code, wrong_route(request.method, request.url.path, headers.get("Allow")),
+                          headers=headers)
+        return _error(err.status_code, str(err.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception) -> JSONResponse:

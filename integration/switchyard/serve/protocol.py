@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Tag, field_validator, model_validator
 
@@ -90,7 +90,14 @@ PromptIds = Annotated[list[list[int]], Tag("list[token_ids]")]
 UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
     "top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "stop_token_ids": ([],),
     "include_stop_str_in_output": (False,), "use_beam_search": (False,), "guided_json": (), "guided_regex": (),
-    "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "audio": (), "modalities": (["text"],)}
+    "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "audio": (), "modalities": (["text"],),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "prompt_logprobs": (),
+    "truncate_prompt_tokens": (), "allowed_token_ids": ([],), "bad_words": ([],)}
+# vLLM's chat-only extensions, which change the rendered prompt or the reply (``chat_template_kwargs={"enable_thinking":
+# false}`` for Qwen3, ``continue_final_message`` to prefill the answer): ignored, the server answered another prompt
+CHAT_UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
+    **UNSUPPORTED_SETTINGS, "add_generation_prompt": (True,), "continue_final_message": (False,),
+    "chat_template_kwargs": ({},), "chat_template": (), "documents": (), "echo": (False,)}
 
 
 def _same(value: Any, off: Any) -> bool:
@@ -116,10 +123,12 @@ class _SamplingRequest(_Request):
     ignore_eos: bool = False
     return_token_ids: bool = False
 
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_SETTINGS  # the endpoint's registry
+
     @model_validator(mode="before")
     @classmethod
     def _unsupported_settings(cls, data: Any) -> Any:
-        for name, off in UNSUPPORTED_SETTINGS.items():
+        for name, off in cls.unsupported.items():
             value = data.get(name) if isinstance(data, dict) else None
             if value is not None and not any(_same(value, o) for o in off):
                 raise FieldError(name, f"{name}={value!r} is not supported by this server; leave {name} out")
@@ -221,6 +230,8 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    unsupported: ClassVar[dict[str, tuple[Any, ...]]] = CHAT_UNSUPPORTED_SETTINGS
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

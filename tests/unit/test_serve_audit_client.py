@@ -1,0 +1,147 @@
+"""The server as the official ``openai`` client (and curl) uses it, in one process (engine + uvicorn threads): what a
+client audit found — vLLM extensions that changed the prompt or the text dropped without a word, 404 / 405 errors that
+named neither the URL nor the fix, a 405 without its ``Allow`` header.
+
+Oracles: transformers' ``apply_chat_template`` (what the ignored chat fields would have rendered), RFC 9110 (a 405
+carries ``Allow``), the ``openai`` client's own URL building (``base_url`` + ``/chat/completions``).
+
+    python -m pytest -q tests/unit/test_serve_audit_client.py
+"""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+
+import switchyard as sy  # noqa: E402
+
+MODEL, KEY, CONTEXT = "serve-tiny-moe", "audit-client-key", 128
+USER = [{"role": "user", "content": "def add(a, b):"}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from switchyard.parallel.ports import free_port
+    from switchyard.serve.app import create_app
+    from switchyard.serve.config import ServeConfig
+    from switchyard.serve.engine import Engine, ModelRunner
+    from switchyard.serve.loading import build_tiny_moe
+    from switchyard.serve.metrics import ServeMetrics
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = tmp_path_factory.getbasetemp()
+    path = build_tiny_moe(base / MODEL, base / "serve-cache")
+    model, tok = sy.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    engine = Engine(ModelRunner(model, decode="sequential", max_batch=2, max_model_len=CONTEXT), tok, eos_token_ids=[])
+    app = create_app(engine, tok, MODEL, ServeConfig(model=MODEL, api_key=KEY), ServeMetrics())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    stop = threading.Event()
+
+    def engine_loop() -> None:
+        while not stop.is_set():
+            if engine.step() is None:
+                engine.wait_for_work(0.02)
+
+    workers = [threading.Thread(target=server.run, daemon=True), threading.Thread(target=engine_loop, daemon=True)]
+    for worker in workers:
+        worker.start()
+    while not server.started:
+        assert workers[0].is_alive(), "uvicorn did not start"
+        workers[0].join(0.02)
+    root = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(client=openai.OpenAI(base_url=f"{root}/v1", api_key=KEY, max_retries=0, timeout=30),
+                          root=root, tok=tok)
+    server.should_exit = True
+    stop.set()
+    for worker in workers:
+        worker.join(10)
+    torch.set_num_threads(threads)
+
+
+def test_vllm_chat_fields_that_change_the_prompt_are_refused_not_ignored(served):
+    """``chat_template_kwargs`` (Qwen3's ``enable_thinking``), ``add_generation_prompt: false``,
+    ``continue_final_message`` (prefill the answer), a ``chat_template`` and chat ``echo`` were dropped as unknown
+    fields: the server rendered its default prompt, not the one the client asked for (transformers renders another),
+    and answered it with a 200."""
+    client, tok = served.client, served.tok
+    prefill = [*USER, {"role": "assistant", "content": "    return"}]
+    asked = {"chat_template_kwargs": ({"enable_thinking": False}, USER), "add_generation_prompt": (False, USER),
+             "continue_final_message": (True, prefill), "chat_template": ("{{ messages[0]['content'] }}", USER),
+             "echo": (True, USER)}
+    for name, (value, messages) in asked.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body={name: value})
+        assert (err.value.param, err.value.code) == (name, "invalid_value"), (name, err.value.body)
+        assert f"leave {name} out" in err.value.message, err.value.message
+    # what they would have changed: transformers renders another prompt than the server's default one
+    served_ids = client.chat.completions.create(model=MODEL, messages=prefill, max_tokens=1,
+                                                extra_body={"return_token_ids": True}).model_extra["prompt_token_ids"]
+    render = lambda **kw: tok(tok.apply_chat_template(prefill, tokenize=False, **kw),  # noqa: E731
+                              add_special_tokens=False).input_ids
+    assert served_ids == render(add_generation_prompt=True)
+    assert render(add_generation_prompt=False, continue_final_message=True) != served_ids
+    # the "off" values still pass, as vLLM's clients send them
+    off = {"chat_template_kwargs": {}, "add_generation_prompt": True, "continue_final_message": False, "echo": False}
+    assert client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2,
+                                          extra_body=off).usage.completion_tokens == 2
+
+
+def test_vllm_fields_that_change_the_text_or_the_prompt_are_refused_on_both_endpoints(served):
+    """``skip_special_tokens: false`` (special tokens in the text), ``prompt_logprobs``, ``truncate_prompt_tokens``,
+    ``allowed_token_ids`` and ``bad_words`` were ignored: a 200 without what was asked for."""
+    client = served.client
+    asked = {"skip_special_tokens": False, "spaces_between_special_tokens": False, "prompt_logprobs": 1,
+             "truncate_prompt_tokens": 4, "allowed_token_ids": [5, 6], "bad_words": ["def"]}
+    calls = (lambda body: client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body=body),
+             lambda body: client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, extra_body=body))
+    for call in calls:
+        for name, value in asked.items():
+            with pytest.raises(openai.BadRequestError) as err:
+                call({name: value})
+            assert (err.value.param, err.value.code) == (name, "invalid_value"), (name, err.value.body)
+        off = {"skip_special_tokens": True, "spaces_between_special_tokens": True, "allowed_token_ids": [],
+               "bad_words": [], "prompt_logprobs": None}
+        assert call(off).usage.completion_tokens == 2
+    # completions' own echo is OpenAI's and stays honoured
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=True).choices[0].text.startswith("x")
+
+
+def get(url: str, method: str = "GET") -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(url, method=method, data=b"{}" if method == "POST" else None,
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read().decode()
+
+
+def test_a_wrong_method_is_a_405_with_allow_and_a_wrong_url_names_the_fix(served):
+    """A 405 came without the ``Allow`` header RFC 9110 requires and both said only "Method Not Allowed" /
+    "Not Found"; a client whose ``base_url`` lacks ``/v1`` (the most common mistake) got a bare "Not Found"."""
+    status, headers, body = get(f"{served.root}/v1/chat/completions")
+    assert status == 405 and headers.get("allow") == "POST", (status, headers)
+    assert "Invalid method for URL (GET /v1/chat/completions)" in body and "takes POST" in body, body
+    status, headers, _ = get(f"{served.root}/v1/models", "POST")
+    assert status == 405 and headers.get("allow") == "GET"
+    no_v1 = openai.OpenAI(base_url=served.root, api_key=KEY, max_retries=0, timeout=30)
+    with pytest.raises(openai.NotFoundError) as err:
+        no_v1.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
+    assert err.value.body["message"].startswith("Invalid URL (POST /chat/completions)"), err.value.body
+    assert "did you mean /v1/chat/completions?" in err.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as err:
+        served.client.post("/chat/completion", body={}, cast_to=object)  # a typo: the routes are listed
+    assert "Invalid URL (POST /v1/chat/completion)" in err.value.message and "POST /v1/chat/completions" in \
+        err.value.message and "did you mean" not in err.value.message

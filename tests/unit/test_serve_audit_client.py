@@ -1,8 +1,9 @@
 """The server as the official ``openai`` client (and curl) uses it, in one process (engine + uvicorn threads): what a
-client audit found — vLLM extensions that changed the prompt or the text dropped without a word, 404 / 405 errors that
-named neither the URL nor the fix, a 405 without its ``Allow`` header.
+client audit found — vLLM extensions that changed the prompt or the text dropped without a word (now honoured where
+transformers' apply_chat_template takes them, refused otherwise), 404 / 405 errors that named neither the URL nor the
+fix, a 405 without its ``Allow`` header.
 
-Oracles: transformers' ``apply_chat_template`` (what the ignored chat fields would have rendered), RFC 9110 (a 405
+Oracles: transformers' ``apply_chat_template`` (the prompt the chat-template settings render), RFC 9110 (a 405
 carries ``Allow``), the ``openai`` client's own URL building (``base_url`` + ``/chat/completions``).
 
     python -m pytest -q tests/unit/test_serve_audit_client.py
@@ -43,6 +44,7 @@ def served(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     path = build_tiny_moe(base / MODEL, base / "serve-cache")
     model, tok = sy.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    tok.chat_template += "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
     engine = Engine(ModelRunner(model, decode="sequential", max_batch=2, max_model_len=CONTEXT), tok, eos_token_ids=[])
     app = create_app(engine, tok, MODEL, ServeConfig(model=MODEL, api_key=KEY), ServeMetrics())
     port = free_port()
@@ -71,31 +73,59 @@ def served(tmp_path_factory):
 
 
 def test_vllm_chat_fields_that_change_the_prompt_are_refused_not_ignored(served):
-    """``chat_template_kwargs`` (Qwen3's ``enable_thinking``), ``add_generation_prompt: false``,
-    ``continue_final_message`` (prefill the answer), a ``chat_template`` and chat ``echo`` were dropped as unknown
-    fields: the server rendered its default prompt, not the one the client asked for (transformers renders another),
-    and answered it with a 200."""
-    client, tok = served.client, served.tok
-    prefill = [*USER, {"role": "assistant", "content": "    return"}]
-    asked = {"chat_template_kwargs": ({"enable_thinking": False}, USER), "add_generation_prompt": (False, USER),
-             "continue_final_message": (True, prefill), "chat_template": ("{{ messages[0]['content'] }}", USER),
-             "echo": (True, USER)}
-    for name, (value, messages) in asked.items():
+    """A ``chat_template``, ``documents`` and chat ``echo`` were dropped as unknown fields: the server rendered its
+    default prompt, not the one the client asked for, and answered it with a 200."""
+    client = served.client
+    asked = {"chat_template": "{{ messages[0]['content'] }}", "documents": [{"text": "x"}], "echo": True}
+    for name, value in asked.items():
         with pytest.raises(openai.BadRequestError) as err:
-            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body={name: value})
+            client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2, extra_body={name: value})
         assert (err.value.param, err.value.code) == (name, "invalid_value"), (name, err.value.body)
         assert f"leave {name} out" in err.value.message, err.value.message
-    # what they would have changed: transformers renders another prompt than the server's default one
-    served_ids = client.chat.completions.create(model=MODEL, messages=prefill, max_tokens=1,
-                                                extra_body={"return_token_ids": True}).model_extra["prompt_token_ids"]
-    render = lambda **kw: tok(tok.apply_chat_template(prefill, tokenize=False, **kw),  # noqa: E731
-                              add_special_tokens=False).input_ids
-    assert served_ids == render(add_generation_prompt=True)
-    assert render(add_generation_prompt=False, continue_final_message=True) != served_ids
-    # the "off" values still pass, as vLLM's clients send them
-    off = {"chat_template_kwargs": {}, "add_generation_prompt": True, "continue_final_message": False, "echo": False}
     assert client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2,
-                                          extra_body=off).usage.completion_tokens == 2
+                                          extra_body={"echo": False}).usage.completion_tokens == 2
+
+
+def served_prompt(served, messages: list[dict], **body) -> list[int]:
+    reply = served.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                                  extra_body={"return_token_ids": True, **body})
+    return reply.model_extra["prompt_token_ids"]
+
+
+def test_chat_template_settings_render_as_transformers_renders_them(served):
+    """``chat_template_kwargs`` (Qwen3's ``enable_thinking``), ``add_generation_prompt`` and ``continue_final_message``
+    (prefill the answer) were ignored: the server answered its default prompt. Oracle: transformers'
+    apply_chat_template with the same settings."""
+    tok = served.tok
+    prefill = [*USER, {"role": "assistant", "content": "    return"}]
+
+    def render(messages: list[dict], **settings) -> list[int]:
+        text = tok.apply_chat_template(messages, tokenize=False, **settings)
+        return tok(text, add_special_tokens=False).input_ids
+
+    default = render(USER, add_generation_prompt=True)
+    assert served_prompt(served, USER) == default
+    no_thinking = render(USER, add_generation_prompt=True, enable_thinking=False)
+    assert no_thinking != default  # the fixture's template reads enable_thinking
+    assert served_prompt(served, USER, chat_template_kwargs={"enable_thinking": False}) == no_thinking
+    assert served_prompt(served, USER, add_generation_prompt=False) == render(USER, add_generation_prompt=False)
+    continued = render(prefill, continue_final_message=True)
+    assert served_prompt(served, prefill, add_generation_prompt=False, continue_final_message=True) == continued
+    assert continued != render(prefill, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("body, messages, param, says", [
+    ({"continue_final_message": True}, "prefill", "continue_final_message", "send add_generation_prompt: false"),
+    ({"continue_final_message": True, "add_generation_prompt": False}, "user", "continue_final_message",
+     "has role 'user'"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "user", "chat_template_kwargs", "may not set ['tokenize']"),
+])
+def test_chat_template_settings_that_cannot_work_are_a_400(served, body: dict, messages: str, param: str,
+                                                           says: str) -> None:
+    chat = [*USER, {"role": "assistant", "content": "x"}] if messages == "prefill" else USER
+    with pytest.raises(openai.BadRequestError) as err:
+        served.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=1, extra_body=body)
+    assert err.value.param == param and says in err.value.message, err.value.body
 
 
 def test_vllm_fields_that_change_the_text_or_the_prompt_are_refused_on_both_endpoints(served):

@@ -29,6 +29,7 @@ WRONG: dict[str, list[object]] = {
     "prompt": [5, [True, False], [[True]], [1.5], True], "echo": ["true", 1], "logprobs": [False, True, "1"],
     "best_of": [True, "1"], "suffix": [5], "messages": ["hi", [5], {"role": "user"}], "top_logprobs": [True, "2"],
     "tools": ["x"], "functions": ["x"], "tool_choice": [5], "function_call": [5], "response_format": ["text"],
+    "add_generation_prompt": ["true", 1], "continue_final_message": ["true", 1], "chat_template_kwargs": ["x", [1]],
 }
 CHAT_LOGPROBS_WRONG = [1, "true"]  # chat's logprobs is a boolean
 MESSAGE_WRONG = {"role": [5], "content": [5, [{"type": "text", "text": 5}], [{"type": "text", "text": True}]],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import re
 import time
@@ -459,6 +460,13 @@ class _Generation:
                        total_tokens=self.prompt_tokens + completion)
 
 
+def _named_parameters(function: Any) -> set[str]:
+    """``function``'s own parameter names (not its ``**kwargs``): for apply_chat_template, what a template variable
+    in ``chat_template_kwargs`` must not be (``tokenize``, ``return_dict`` … would change what it returns)."""
+    kinds = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    return {name for name, p in inspect.signature(function).parameters.items() if p.kind not in kinds}
+
+
 def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeConfig,
                metrics: ServeMetrics) -> "Guard":
     """The ASGI app for uvicorn: the FastAPI routes behind the ``Guard`` (``.app`` is the FastAPI object)."""
@@ -467,6 +475,7 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
     vocab_size = int(getattr(engine.runner.model.config, "vocab_size", 0) or len(tokenizer))
     max_len = engine.max_model_len
     logprobs_of = _Logprobs(tokenizer)
+    template_parameters = _named_parameters(tokenizer.apply_chat_template) | {"messages"}  # the template's own
 
     # -- errors ---------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -630,8 +639,17 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages",
                            code="chat_template_missing")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        template_kwargs = req.chat_template_kwargs or {}
+        taken = sorted(set(template_kwargs) & template_parameters)
+        if taken:
+            raise APIError(400, f"chat_template_kwargs may not set {taken}: they are apply_chat_template's own "
+                           "parameters, not template variables; leave them out (add_generation_prompt and "
+                           "continue_final_message are request fields of their own)", param="chat_template_kwargs",
+                           code="invalid_value")
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                                 continue_final_message=req.continue_final_message, tokenize=False,
+                                                 **template_kwargs)
         except Exception as err:  # noqa: BLE001 - a template may reject a role order, etc.
             raise APIError(400, f"the chat template rejected these messages: {err}", param="messages",
                            code="invalid_value") from err

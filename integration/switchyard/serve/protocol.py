@@ -93,11 +93,10 @@ UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
     "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "audio": (), "modalities": (["text"],),
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "prompt_logprobs": (),
     "truncate_prompt_tokens": (), "allowed_token_ids": ([],), "bad_words": ([],)}
-# vLLM's chat-only extensions, which change the rendered prompt or the reply (``chat_template_kwargs={"enable_thinking":
-# false}`` for Qwen3, ``continue_final_message`` to prefill the answer): ignored, the server answered another prompt
+# vLLM's chat-only extensions this server does not take, which change the rendered prompt or the reply (a request's
+# own template, RAG documents, chat echo): ignored, the server would answer another prompt
 CHAT_UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
-    **UNSUPPORTED_SETTINGS, "add_generation_prompt": (True,), "continue_final_message": (False,),
-    "chat_template_kwargs": ({},), "chat_template": (), "documents": (), "echo": (False,)}
+    **UNSUPPORTED_SETTINGS, "chat_template": (), "documents": (), "echo": (False,)}
 
 
 def _same(value: Any, off: Any) -> bool:
@@ -242,6 +241,23 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's chat-template extensions, passed to transformers' apply_chat_template as it takes them
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # prefill: the reply continues the last (assistant) message
+    chat_template_kwargs: dict[str, Any] | None = None  # template variables, e.g. Qwen3's {"enable_thinking": false}
+
+    @model_validator(mode="after")
+    def _chat_template_settings(self) -> "ChatCompletionRequest":
+        """What apply_chat_template would refuse deep inside, said as the request's mistake."""
+        if self.continue_final_message and self.add_generation_prompt:
+            raise FieldError("continue_final_message", "continue_final_message continues the last message instead of "
+                             "opening a new assistant turn, so it cannot go with add_generation_prompt: true (the "
+                             "default); send add_generation_prompt: false with it")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise FieldError("continue_final_message", f"continue_final_message continues the last message, which "
+                             f"here has role {self.messages[-1].role!r}; end messages with the assistant text to "
+                             "continue")
+        return self
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> "ChatCompletionRequest":

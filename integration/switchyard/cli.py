@@ -13,7 +13,9 @@ import contextlib
 import json
 import logging
 import re
+import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -102,7 +104,7 @@ def model_config(model: str, flag: str = "--model") -> Any:
     local = check_model_dir(model, flag)
     try:
         return AutoConfig.from_pretrained(str(local) if local.exists() else model)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a model_type this transformers does not know, or none
         what = "cannot read its config.json" if local.exists() else "no such directory, and as a hub id it failed"
         raise ValueError(f"{flag} {model}: {what}: {_one_line(err)}") from None
 
@@ -201,13 +203,26 @@ def _int_list(text: str) -> list[int]:
     return indices
 
 
+def _module_name(text: str) -> str:
+    """A ``--targets`` / ``--exclude`` name; a ``re:`` one must compile (refused naming the flag, not ``targets=``)."""
+    if text.startswith("re:"):
+        try:
+            re.compile(text[3:])
+        except re.error as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({err})") from None
+    return text
+
+
 def _add_selection_args(p: argparse.ArgumentParser, use: str) -> None:
     """``patch_model``'s name-based selection (docs/upcycling.md, "Which layers"), as the run config's ``moe.*``."""
-    p.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+    from switchyard.hf.architectures import ADAPTERS
+
+    p.add_argument("--targets", type=_module_name, nargs="+", default=None, metavar="NAME",
                    help=f"FFN module names to make MoE ({use}), matched like peft: exact, .-suffix or re:<regex>")
-    p.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="FFN module names to leave dense")
-    p.add_argument("--adapter", default=None,
-                   help="how to read the FFNs named by --targets (an architecture outside the registry), e.g. llama")
+    p.add_argument("--exclude", type=_module_name, nargs="+", default=None, metavar="NAME",
+                   help="FFN module names to leave dense")
+    p.add_argument("--adapter", choices=sorted(ADAPTERS), default=None,
+                   help="how to read the FFNs named by --targets (an architecture outside the registry)")
 
 
 def _selection(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,16 +262,52 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     recover_interrupted_save(out)  # as save_pretrained would, so that the notice below sees what it replaces
     check_save_target(out)  # what save_pretrained would refuse, before a long load
+    _refuse_foreign_files(out, args.out)
+    _check_writable(args.out, out.parent)  # the save's staging directory goes beside out
     config = model_config(args.model)
     _dry_run_upcycle(args, config, moe_config)
     _note_replaced(out)
     # the class config.json names, as the dry run built: a sequence classifier keeps its head (AutoModelForCausalLM
     # dropped its `score` and gave it a random lm_head)
-    model = architecture_class(config).from_pretrained(args.model)
+    try:
+        model = architecture_class(config).from_pretrained(args.model)
+    except OSError as err:  # a config.json without weight files beside it
+        raise ValueError(f"--model {args.model}: cannot load its weights: {_one_line(err)}") from None
     sy.patch_model(model, moe_config, seed=args.seed, **_selection(args))
     sy.save_pretrained(model, args.out, tokenizer=_tokenizer_of(args.model))
     print(f"wrote {args.out}")
     return 0
+
+
+def _refuse_foreign_files(out: Path, typed: str) -> None:
+    """``save_pretrained`` keeps the files it finds in ``out`` beside the checkpoint (an earlier save's README or
+    tokenizer): a mistyped ``--out`` naming a directory of other files would get a checkpoint mixed into them.
+    ``out`` holding config.json is a checkpoint (replaced) or another model (``check_save_target`` refuses it)."""
+    if not out.is_dir() or (out / "config.json").is_file():
+        return
+    names = sorted(entry.name for entry in out.iterdir())
+    if names:
+        shown = ", ".join(names[:4]) + (" …" if len(names) > 4 else "")
+        raise ValueError(f"--out {typed}: {out} is not empty ({shown}) and holds no switchyard checkpoint, so the "
+                         "checkpoint's files would be mixed into it: upcycle into a new or empty directory")
+
+
+def _check_writable(typed: str, where: Path) -> None:
+    """The save creates its directories in ``where`` (or the nearest folder above it that exists): a path under a
+    file, or in a folder this user cannot write to, failed there only after the whole model was loaded. A directory
+    created and removed at once tells, for root and read-only mounts too."""
+    base = where
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out {typed}: {base} is a file, so no directory can be created under it: choose a path "
+                         "outside it")
+    try:
+        with tempfile.TemporaryDirectory(dir=base, prefix=".switchyard-write-check-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {typed}: cannot create a directory in {base} ({err.strerror or err}): choose a "
+                         "directory you can write to") from None
 
 
 def _note_replaced(out: Path) -> None:
@@ -320,11 +371,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     import io
 
     import switchyard as sy
+    from switchyard.hf.checkpoint import CONFIG_KEY
     from switchyard.hf.export import check_export
 
-    check_model_dir(args.model)  # a file or a missing directory, named as upcycle and plan name them
+    # a file or a missing directory, named as upcycle and plan name them; then the kind of model
+    if not getattr(model_config(args.model), CONFIG_KEY, None):
+        raise ValueError(f"--model {args.model} is not a switchyard checkpoint (its config.json has no {CONFIG_KEY!r} "
+                         "record), and export turns one into a transformers MoE checkpoint: upcycle a dense model "
+                         f"first (switchyard upcycle --model {args.model} --num-experts N --top-k K --out DIR) and "
+                         "export DIR; an HF MoE model is a transformers checkpoint already")
     with quiet_log():  # its warnings (training-only settings) are logged again by the export itself
         check_export(args.model, args.out)  # every refusal, from config.json: before gigabytes of weights are read
+    _check_writable(args.out, Path(args.out).resolve())  # the export's staging directory goes inside out
     model = sy.from_pretrained(args.model)
     with contextlib.redirect_stderr(io.StringIO()) as notes:  # "no tokenizer files" goes after the export, not
         tokenizer = _tokenizer_of(args.model)                 # before an error that makes it moot
@@ -630,6 +688,29 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+# the settings library errors name in their API's terms (patch_model's arguments, MoEConfig's and the run config's
+# fields); a mention is the name before "=", "*" (``ep*etp``), " must " or " matched ", not a value of None or empty
+_SETTINGS = ("num_experts", "top_k", "layers", "every_n", "targets", "exclude", "adapter", "seed", "tp", "pp", "ep",
+             "etp", "parallel.pp", "parallel.pp_layers")
+_SETTING = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(_SETTINGS, key=len, reverse=True)))
+                      + r")(?=\s*[=*]| must | matched )(?!=None\b|=\[\]|=\(\))")
+
+
+def _with_flags(message: str, args: argparse.Namespace) -> str:
+    """``message`` and the flags behind the settings it names (``top_k=8`` was ``--top-k 8``): the library's
+    messages speak its API, which Python users rely on; the command's user typed flags."""
+    parts = {}
+    for name in _SETTING.findall(message):
+        dest = name.removeprefix("parallel.")
+        value = getattr(args, dest, None)  # None: not a flag of this command, or not given (the model's own value)
+        if dest in parts or value is None:
+            continue
+        sep = "," if dest == "layers" else " "  # --layers is one comma-separated word; nargs flags are words
+        typed = sep.join(shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value]))
+        parts[dest] = f"{name} is --{dest.replace('_', '-')} {typed}"
+    return f"{message} (on the command line: {', '.join(parts.values())})" if parts else message
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchyard", description="expert-parallel MoE for Hugging Face models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -639,8 +720,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][2](args)
     except (ValueError, OSError) as err:  # user mistakes: bad settings, missing or unreadable files
-        print(f"switchyard {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"switchyard {args.command}: error: {_with_flags(_one_line(err), args)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a save or an export interrupted keeps what was there (docs/checkpoints.md)
+        print(f"switchyard {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

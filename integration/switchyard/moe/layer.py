@@ -36,7 +36,7 @@ Tensor suffixes: T tokens, K top-k, E global experts, L local experts, M rows fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -89,6 +89,17 @@ ALL_EXPERTS_MIN_COPIES_PER_EXPERT = 2
 
 # the unsorted inference paths: (x_TH, w1_LOH, w2_LHF, idx_TK, weight_TK, keep_TK, first_expert=, num_experts=)
 INFERENCE_PATHS = {"small_batch": routed_swiglu_combine, "all_experts": all_experts_swiglu_combine}
+
+# how to fix each entry of ``MoELayer._ep_signature`` that differs between EP ranks (the rest are how it was built)
+_PEER_FIXES = {
+    "dtype": "cast the model the same way on every rank",
+    "training": "call model.train() or model.eval() on every rank alike",
+    "grad_enabled": "run the forward with autograd on (or under torch.no_grad()) on every rank alike",
+    "replicated_tokens": "set replicated_tokens on every EP rank alike",
+    "fold_routing_weights": "set fold_routing_weights on every EP rank alike",
+    "experts_impl": "set experts.impl on every EP rank alike",
+}
+_BUILD_FIX = "build the layer from the same MoEConfig and hidden size on every rank"
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
@@ -218,6 +229,7 @@ class MoELayer(DeepSpeedMoEModule):
         self._bias_counts_E: torch.Tensor | None = None
         self._graph: LayerGraph | None = None
         self._graph_skip_reason: str | None = None  # last reason logged for running eagerly
+        self._ep_peers_checked = False  # the EP ranks compared their ``_ep_signature`` (first forward at ep > 1)
         self._register_state_dict_hook(_experts_to_global_ids)
         self._register_load_state_dict_pre_hook(_experts_from_global_ids, with_module=True)
 
@@ -255,6 +267,8 @@ class MoELayer(DeepSpeedMoEModule):
         if not shape or shape[-1] != self.hidden_size or not hidden_states.is_floating_point():
             raise ValueError(f"MoELayer expects [..., {self.hidden_size}] floating-point hidden states, got "
                              f"{tuple(shape)} {hidden_states.dtype}")
+        if self.ep_size > 1 and not self._ep_peers_checked:
+            self._check_ep_peers(hidden_states.dtype)
         real_T, num_sequences = self._token_split(shape, hidden_states.device)
         x_TH = hidden_states.reshape(-1, self.hidden_size)
         if self.tp_token_slices > 1:
@@ -278,6 +292,36 @@ class MoELayer(DeepSpeedMoEModule):
             out_TH = out_TH + (shared_TH if shared_TH is not None else self._shared_forward(x_TH))
         self._record(routed, tokens_per_expert_E, keep_TK, real_T, num_sequences)
         return out_TH.reshape(shape)
+
+    def _ep_signature(self, dtype: torch.dtype) -> dict[str, Any]:
+        """What every EP rank's layer must share: its config and shapes, the dtype its rows cross in, and the modes
+        that choose its collectives (grad mode: the backward's all-to-alls and the routing weights' own; replicated
+        tokens: an all-reduce instead of all-to-alls)."""
+        config = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
+        return {**config, "intermediate_size": self.intermediate_size, "hidden_size": self.hidden_size,
+                "dtype": dtype, "training": self.training, "grad_enabled": torch.is_grad_enabled(),
+                "replicated_tokens": self.replicated_tokens, "fold_routing_weights": self.fold_routing_weights,
+                "experts_impl": self.experts.impl}
+
+    def _check_ep_peers(self, dtype: torch.dtype) -> None:
+        """Once, at the first forward at ep > 1: every rank raises, naming each EP rank's value, where the EP ranks'
+        signatures differ. Ranks that disagree on the expert count exchange count matrices of different sizes (gloo
+        aborts a rank, NCCL reads garbage); on the grad mode or replicated tokens they enter different collectives
+        (a hang); on top_k, a capacity or a width they run silently different models. At the forward, not at
+        construction: a layer may be built on one rank alone, but its forward at ep > 1 is a collective anyway."""
+        group = self.dispatcher.ep_group
+        mine = self._ep_signature(dtype)
+        gathered: list[Any] = [None] * self.ep_size
+        dist.all_gather_object(gathered, mine, group=group)
+        keys = dict.fromkeys(key for signature in gathered for key in signature)  # mine, unless the code differs
+        differ = [key for key in keys if len({repr(signature.get(key)) for signature in gathered}) > 1]
+        if differ:
+            per_key = "; ".join(f"different {key} (" + ", ".join(
+                f"EP rank {r}: {signature.get(key)}" for r, signature in enumerate(gathered)) + ")" for key in differ)
+            fixes = dict.fromkeys(_PEER_FIXES.get(key, _BUILD_FIX) for key in differ)
+            raise ValueError(f"the EP ranks of this MoE layer (global ranks {dist.get_process_group_ranks(group)}) run "
+                             f"it with {per_key}: {'; '.join(fixes)}")
+        self._ep_peers_checked = True
 
     def _routed_forward(self, x_NH: torch.Tensor, routed: RouterOutput, keep_NK: torch.Tensor | None,
                         shared_input_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

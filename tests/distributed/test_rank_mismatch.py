@@ -70,6 +70,33 @@ def test_a_layer_built_or_called_differently_on_one_rank_fails_on_every_rank_nam
         assert FIXES.get(case, "build the layer from the same MoEConfig and hidden size on every rank") in message
 
 
+def _patched_differently_on_rank_1(layers: list[list[int]]) -> str:
+    """``patch_model`` with another layer selection on rank 1: the ranks' first MoE layers are other modules, or the
+    models hold other numbers of them (their collectives would pair one layer's with another's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import switchyard as sy
+
+    manager = sy.ProcessGroupManager(ep=2)
+    config = AutoConfig.for_model("llama", hidden_size=16, intermediate_size=24, num_hidden_layers=3,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    sy.patch_model(model, sy.MoEConfig(num_experts=4, top_k=2), groups=manager, layers=layers[dist.get_rank()])
+    with pytest.raises(ValueError) as caught:
+        model(torch.randint(0, 32, (1, 5)))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("layers, differ", [
+    ([[0, 1], [1, 2]], "different patched_as (EP rank 0: ('model.layers.0.mlp', 2), EP rank 1: ('model.layers.1.mlp', 2))"),
+    ([[0, 1], [0]], "different patched_as (EP rank 0: ('model.layers.0.mlp', 2), EP rank 1: ('model.layers.0.mlp', 1))"),
+])
+def test_ranks_that_patched_other_layers_fail_on_every_rank(layers, differ):
+    for message in run_on_ranks(_patched_differently_on_rank_1, 2, layers, timeout_s=60):
+        assert differ in message and "patch the same layers on every rank" in message, message
+
+
 def _uneven_batches_checked_once() -> tuple[int, float]:
     """[B, S, H] batches of other lengths on each rank (rank 0 none at all, then some) through an ep=2 layer vs the
     same weights at ep=1; a layer built on rank 0 alone (never called) takes no collective."""

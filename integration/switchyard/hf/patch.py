@@ -297,6 +297,7 @@ def _upcycled_layer(dense: DenseFFN, config: MoEConfig, groups, seed: int) -> Mo
 # -- installing and recording ---------------------------------------------------------------------------
 def _install(plan: PatchPlan, site: FFNSite, layer: MoELayer) -> None:
     layer.train(site.parent.training)
+    layer.patched_as = (site.qualified_name, len(plan.layers))  # what its EP peers must have patched alike
     if plan.mode == "upcycle" and plan.adapter is not None:
         ADAPTERS[plan.adapter].install(site, layer)
     else:

@@ -98,6 +98,7 @@ _PEER_FIXES = {
     "replicated_tokens": "set replicated_tokens on every EP rank alike",
     "fold_routing_weights": "set fold_routing_weights on every EP rank alike",
     "experts_impl": "set experts.impl on every EP rank alike",
+    "patched_as": "patch the same layers on every rank (the same moe.targets / exclude / layers / every_n)",
 }
 _BUILD_FIX = "build the layer from the same MoEConfig and hidden size on every rank"
 
@@ -230,6 +231,9 @@ class MoELayer(DeepSpeedMoEModule):
         self._graph: LayerGraph | None = None
         self._graph_skip_reason: str | None = None  # last reason logged for running eagerly
         self._ep_peers_checked = False  # the EP ranks compared their ``_ep_signature`` (first forward at ep > 1)
+        # (its module name, the MoE layers patched into the model), set by patch_model: ranks that patched different
+        # layers pair one layer's collectives with another's
+        self.patched_as: tuple[str, int] | None = None
         self._register_state_dict_hook(_experts_to_global_ids)
         self._register_load_state_dict_pre_hook(_experts_from_global_ids, with_module=True)
 
@@ -301,7 +305,7 @@ class MoELayer(DeepSpeedMoEModule):
         return {**config, "intermediate_size": self.intermediate_size, "hidden_size": self.hidden_size,
                 "dtype": dtype, "training": self.training, "grad_enabled": torch.is_grad_enabled(),
                 "replicated_tokens": self.replicated_tokens, "fold_routing_weights": self.fold_routing_weights,
-                "experts_impl": self.experts.impl}
+                "experts_impl": self.experts.impl, "patched_as": self.patched_as}
 
     def _check_ep_peers(self, dtype: torch.dtype) -> None:
         """Once, at the first forward at ep > 1: every rank raises, naming each EP rank's value, where the EP ranks'

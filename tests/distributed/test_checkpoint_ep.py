@@ -214,7 +214,7 @@ def test_a_save_or_load_failing_on_one_rank_fails_on_every_rank(tmp_path):
         assert len(errors) == 3, f"rank {rank} did not fail both saves and the load: {errors}"
         assert "holds another model" in errors[0]
         assert "No space left on device" in errors[1]
-        assert "experts-ep001-of-002-00001-of-00001.safetensors (listed in model.safetensors.index.json) is missing" \
+        assert "experts-ep001-of-002-00001-of-00001.safetensors (listed in switchyard.safetensors.index.json) is missing" \
             in errors[2]
     assert "failed on rank 0" in results[1][0] and "failed on rank 1" in results[0][1]
     assert "from_pretrained" in results[0][2] and "failed on rank 1" in results[0][2]

@@ -80,7 +80,7 @@ def test_an_ep2_checkpoint_resumed_at_ep1_puts_every_expert_at_its_index(tmp_pat
     assert "failed on rank 1" in results[0][1]
 
     model_dir = tmp_path / "step_000003" / "model"
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    index = json.loads((model_dir / "switchyard.safetensors.index.json").read_text())["weight_map"]
     loaded = sy.from_pretrained(model_dir)  # ep=1, as load_model reads a checkpoint at another layout
     prefixes = moe_prefixes(loaded)
     assert len(prefixes) == 2

@@ -87,6 +87,6 @@ def test_a_failed_resave_keeps_the_step_and_failures_reach_every_rank(tmp_path):
     point = checkpointing.find_resume(root, "auto")
     assert point is not None and point.path.name == "step_000005" and point.step == 5
     model_dir = point.path / "model"
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index = json.loads((model_dir / "switchyard.safetensors.index.json").read_text())
     with safe_open(str(model_dir / index["weight_map"]["model.norm.weight"]), "pt") as f:
         assert torch.equal(f.get_tensor("model.norm.weight"), torch.ones(32))  # the first save's weights

@@ -50,7 +50,7 @@ def test_upcycle_then_export_loads_in_transformers(tmp_path):
     assert run.returncode == 0, run.stderr
     record = json.loads((moe / "config.json").read_text())["switchyard"]
     assert record["moe"]["num_experts"] == 4 and record["moe"]["init"] == "drop_upcycle" and record["seed"] == 1
-    assert (moe / "tokenizer.json").is_file() and (moe / "model.safetensors.index.json").is_file()
+    assert (moe / "tokenizer.json").is_file() and (moe / "switchyard.safetensors.index.json").is_file()
 
     run = _cli("export", "--model", str(moe), "--out", str(hf))
     assert run.returncode == 0, run.stderr

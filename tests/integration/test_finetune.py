@@ -244,7 +244,7 @@ def test_default_run_learns_and_writes_everything(uninterrupted):
     assert (ckpts / "latest").read_text() == "step_000008"
     for step in (4, 8):
         assert (ckpts / f"step_{step:06d}" / "COMPLETE").is_file()
-        assert (ckpts / f"step_{step:06d}" / "model" / "model.safetensors.index.json").is_file()
+        assert (ckpts / f"step_{step:06d}" / "model" / "switchyard.safetensors.index.json").is_file()
 
 
 def test_killed_rank_fails_fast_and_a_kill_during_save_resumes_from_the_previous_checkpoint(uninterrupted, tmp_path):

@@ -112,13 +112,13 @@ FAILURES = {
     "expert_count": (lambda p: _edit_json(p / "config.json", lambda c: c["switchyard"]["moe"].update(num_experts=8)),
                      r"index\.json: model\.layers\.0\.mlp has 4 experts in the checkpoint .* num_experts=8"),
     "key_not_in_index": (lambda p: _edit_json(p / INDEX_NAME, lambda i: i["weight_map"].pop("model.norm.weight")),
-                         r"tensor model\.norm\.weight is not in .*model\.safetensors\.index\.json"),
+                         r"tensor model\.norm\.weight is not in .*switchyard\.safetensors\.index\.json"),
     "tensor_the_model_lacks": (lambda p: _edit_json(p / INDEX_NAME, lambda i: i["weight_map"].update(
         {"model.layers.9.mlp.router.weight": _expert_file(p).name})),
         r"index\.json lists 1 tensors the model built from config\.json does not have, e\.g\. \['model\.layers\.9"),
-    "no_index": (lambda p: (p / INDEX_NAME).unlink(), r"model\.safetensors\.index\.json is missing"),
+    "no_index": (lambda p: (p / INDEX_NAME).unlink(), r"switchyard\.safetensors\.index\.json is missing"),
     "truncated_index": (lambda p: (p / INDEX_NAME).write_text((p / INDEX_NAME).read_text()[:100]),
-                        r"model\.safetensors\.index\.json is not valid JSON .*truncated or hand-edited"),
+                        r"switchyard\.safetensors\.index\.json is not valid JSON .*truncated or hand-edited"),
     "truncated_config": (lambda p: (p / "config.json").write_text("{"), r"config\.json is not valid JSON"),
     "tensor_not_in_file": (lambda p: _edit_json(p / INDEX_NAME, lambda i: i["weight_map"].update(
         {"model.norm.weight": _expert_file(p).name})), r"experts-ep000.* lacks tensor model\.norm\.weight"),

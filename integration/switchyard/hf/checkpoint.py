@@ -6,8 +6,9 @@
 Layout (see docs/checkpoints.md): global rank 0 writes the dense tensors once
 (``dense-00001-of-0000N.safetensors``); each EP rank's first expert-data-parallel replica writes its
 experts (``experts-ep{r:03d}-of-{ep:03d}-00001-of-0000N.safetensors``), keyed by *global* expert id
-(``…mlp.experts.{id}.gate_up_proj``); rank 0 writes one ``model.safetensors.index.json`` covering every
-key of the whole model, plus ``config.json`` carrying the ``switchyard`` record that rebuilds the model.
+(``…mlp.experts.{id}.gate_up_proj``); rank 0 writes one ``switchyard.safetensors.index.json`` covering every
+key of the whole model (not transformers' ``model.safetensors.index.json``, which transformers would follow into our
+shards and load as the dense model with fresh FFNs, silently), plus ``config.json`` carrying the ``switchyard`` record that rebuilds the model.
 Everything is written into ``.<name>.saving`` beside ``out`` and swapped in by two renames (``out`` aside to
 ``.<name>.replaced``, then the new directory into place): a kill between them leaves ``out`` missing, and the
 next load or save renames the earlier checkpoint back (``recover_interrupted_save``).
@@ -49,10 +50,12 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
+INDEX_NAME = "switchyard.safetensors.index.json"
+LEGACY_INDEX_NAME = "model.safetensors.index.json"  # checkpoints saved before 2026-12-02: still read
 # Shards, never carried from the earlier save into a new one (nor the ``.tmp`` shards that saves before the
 # directory swap left behind when interrupted)
-_OUR_FILES = re.compile(r"^(dense|experts-ep\d+-of-\d+)-\d{5}-of-\d{5}\.safetensors(\.tmp)?$")
+_OUR_FILES = re.compile(r"^((dense|experts-ep\d+-of-\d+)-\d{5}-of-\d{5}\.safetensors(\.tmp)?|"
+                        + re.escape(LEGACY_INDEX_NAME) + ")$")
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<id>\d+)\.(?P<name>" + "|".join(EXPERT_PARAM_NAMES) + r")$")
 # Initializers that need real weights (drop_upcycle reads the dense statistics); rebuilding only needs
 # the shapes, which these share with the substitute, and every tensor is overwritten by the load.
@@ -526,8 +529,14 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
+def index_path(path: Path) -> Path:
+    """The checkpoint's index: ``INDEX_NAME``, or the name older checkpoints wrote."""
+    legacy = path / LEGACY_INDEX_NAME
+    return legacy if not (path / INDEX_NAME).is_file() and legacy.is_file() else path / INDEX_NAME
+
+
 def _read_index(path: Path) -> dict[str, Any]:
-    index_file = path / INDEX_NAME
+    index_file = index_path(path)
     if not index_file.is_file():
         raise CheckpointError(f"{index_file} is missing; switchyard checkpoints list every tensor there")
     index = _read_json(index_file)
@@ -590,7 +599,7 @@ def _check_experts(model: nn.Module, weight_map: dict[str, str], index_file: Pat
 @contextlib.contextmanager
 def _open(file: Path) -> Iterator[Any]:
     if not file.is_file():
-        raise CheckpointError(f"shard file {file} (listed in {INDEX_NAME}) is missing")
+        raise CheckpointError(f"shard file {file} (listed in {index_path(file.parent).name}) is missing")
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             yield handle
@@ -639,7 +648,7 @@ def _read_tensors(path: Path, plan: dict[str, list[tuple[str, str]]], wanted: di
             present = set(handle.keys())
             for key, source in pairs:
                 if source not in present:
-                    raise CheckpointError(f"{file} lacks tensor {source}, which {INDEX_NAME} places there")
+                    raise CheckpointError(f"{file} lacks tensor {source}, which {index_path(path).name} places there")
                 shape = tuple(handle.get_slice(source).get_shape())
                 target = wanted[key]
                 if shape != tuple(target.shape):
@@ -690,14 +699,14 @@ def _load(path: Path, groups: "ProcessGroupManager | None", dtype: torch.dtype |
     model = empty_model(config, dtype)
     _repatch(model, record, groups)
     setattr(model.config, CONFIG_KEY, copy.deepcopy(record))
-    _check_experts(model, index["weight_map"], path / INDEX_NAME)
+    _check_experts(model, index["weight_map"], index_path(path))
 
     whole, prefixes = set(model.state_dict()), set(moe_prefixes(model))
     if stage is not None:
         split_model(model, *stage)
     wanted = model.state_dict(keep_vars=True)
     tied = index.get("metadata", {}).get("tied_weights", {})
-    plan, retie = _plan(model, wanted, index["weight_map"], tied, path / INDEX_NAME, whole - set(wanted), prefixes)
+    plan, retie = _plan(model, wanted, index["weight_map"], tied, index_path(path), whole - set(wanted), prefixes)
     state = _read_tensors(path, plan, wanted, device)
     # assign=True makes new Parameter objects: keep DeepSpeed's expert tags (allreduce, group_name) and HF's flags
     attributes = {name: dict(p.__dict__) for name, p in model.named_parameters(remove_duplicate=False)}

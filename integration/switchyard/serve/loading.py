@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from switchyard.hf.checkpoint import inner_model_hint, on_every_rank, recover_interrupted_save
+from switchyard.hf.checkpoint import index_path, inner_model_hint, on_every_rank, recover_interrupted_save
 from switchyard.log import get_logger
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def build_tiny_moe(out: str | Path, cache_dir: str | Path | None = None, num_exp
     from switchyard.train.tiny import build_tiny_dense_model, build_tokenizer
 
     out = Path(out)
-    if (out / "model.safetensors.index.json").is_file():
+    if index_path(out).is_file():
         return out
     tokenizer = build_tokenizer(cache_dir, **TINY_TOKENIZER_KW)
     dense = build_tiny_dense_model(cache_dir, tokenizer, **{**TINY_MODEL_KW, **model_overrides})
@@ -75,7 +75,7 @@ def _save_aside(model: nn.Module, tokenizer: Any, out: Path) -> Path:
         try:
             os.rename(tmp, out)
         except OSError:
-            if not (out / "model.safetensors.index.json").is_file():
+            if not index_path(out).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -288,7 +288,7 @@ def convert_hf_moe_dir(src: str | Path, out: str | Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, out = Path(src), Path(out)
-    if (out / "model.safetensors.index.json").is_file():
+    if index_path(out).is_file():
         return out
     model = AutoModelForCausalLM.from_pretrained(src, use_safetensors=True, dtype="auto")
     sy.patch_model(model)
@@ -327,7 +327,7 @@ def adopted_checkpoint(path: Path) -> Path:
 
     out = cache_dir() / "adopted" / f"{path.resolve().name}-{_source_key(path)}"
     status: list[str | None] = [None]
-    if dist.get_rank() == 0 and not (out / "model.safetensors.index.json").is_file():
+    if dist.get_rank() == 0 and not index_path(out).is_file():
         log.info("converting %s into a switchyard checkpoint at %s (once; then each rank reads only its "
                  "experts)", path, out)
         code = f"from switchyard.serve.loading import convert_hf_moe_dir; convert_hf_moe_dir({str(path)!r}, {str(out)!r})"

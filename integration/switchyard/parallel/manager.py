@@ -53,7 +53,16 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except dist.DistNetworkError as err:  # rank 0 hosts the rendezvous store on MASTER_PORT
+        if "EADDRINUSE" not in str(err) and "address already in use" not in str(err).lower():
+            raise
+        raise ValueError(
+            f"MASTER_PORT={os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use (another deepspeed or "
+            "torchrun job on this host, e.g. a server beside a fine-tune?): start this job on a free port, "
+            "`deepspeed --master_port <port> …` (torchrun: --master-port)"
+        ) from None
 
 
 def release_shm_allreduce_buffer() -> None:

@@ -240,12 +240,16 @@ def test_prompt_and_response_are_tokenized_as_the_text_they_make(tmp_path: Path)
         assert tok.decode([t for t in row["labels"] if t != IGNORE]) == response.strip() + "</s>"
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "txt"])
 def test_text_that_is_not_utf8_is_an_error_naming_the_source(suffix: str, tok, tmp_path: Path) -> None:
     """json and csv bytes that are not UTF-8 reach Arrow unchecked: the failure was a bare UnicodeDecodeError
-    from inside datasets.map (jsonl) or the csv header scan, naming no file, column or fix."""
+    from inside datasets.map (jsonl) or the csv header scan, naming no file, column or fix; a .txt file's was
+    named but its fix said the file did not parse."""
     path = tmp_path / f"latin.{suffix}"
-    if suffix == "jsonl":
+    if suffix == "txt":
+        path.write_bytes(b"caf\xe9 au lait\n")
+        source, fmt, message = str(path), "text", r"latin.txt.* could not be read \(UnicodeDecodeError"
+    elif suffix == "jsonl":
         path.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "plain"}\n')
         source, fmt, message = str(path), "text", r"data.text_field='text': data.source=.*latin.jsonl.* holds text"
     else:

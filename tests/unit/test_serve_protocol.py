@@ -60,6 +60,11 @@ def test_the_api_key_from_the_environment_and_the_model_id_of_a_relative_path(tm
     monkeypatch.chdir(tmp_path / "my-model")
     assert ServeConfig(model=".").model_id(Path(".")) == "my-model"
     assert ServeConfig(model=".", served_model_name="org/m").model_id(Path(".")) == "org/m"
+    # a fine-tune checkpoint: every one is .../checkpoints/step_N/model, so the run and the step name it
+    step = tmp_path / "runs" / "qwen3_moe" / "checkpoints" / "step_000400" / "model"
+    assert ServeConfig(model=str(step)).model_id(step) == "qwen3_moe-step_000400"
+    assert ServeConfig(model=str(step), served_model_name="m").model_id(step) == "m"
+    assert ServeConfig(model="x").model_id(tmp_path / "other" / "model") == "model"  # not a fine-tune's layout
     with pytest.raises(ValueError, match="served_model_name must not be empty"):
         ServeConfig(model=".", served_model_name=" ")
 

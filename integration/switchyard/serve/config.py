@@ -67,8 +67,14 @@ class ServeConfig:
 
     def model_id(self, path: Path) -> str:
         """The id the API serves the model as: ``served_model_name``, else the directory's name (``--model .``
-        included)."""
-        return self.served_model_name or path.resolve().name
+        included); a fine-tune checkpoint's ``<run>/checkpoints/step_N/model`` is ``<run>-step_N`` (every one of them
+        is named ``model``)."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = path.resolve()
+        if path.name == "model" and path.parent.name.startswith("step_") and path.parent.parent.name == "checkpoints":
+            return f"{path.parent.parent.parent.name}-{path.parent.name}"
+        return path.name
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> "ServeConfig":

@@ -179,9 +179,11 @@ def _load_raw(cfg: DataConfig, cache: Path) -> datasets.Dataset:
                              f"{' …' if len(files) > 3 else ''}); point data.source at data") from e
         except datasets.exceptions.DatasetGenerationError as e:  # says only "An error occurred …"
             cause = e.__cause__ or e.__context__
+            fix = ("re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)" if isinstance(cause, UnicodeDecodeError)
+                   else f"fix the file (a {builder} file that does not parse?)")
             raise ValueError(f"data.source={cfg.source!r}: the {builder} files {files[:3]}"
                              f"{' …' if len(files) > 3 else ''} could not be read ({type(cause).__name__}: {cause}); "
-                             f"fix the file (a {builder} file that does not parse?)") from e
+                             f"{fix}") from e
     name, config, split = (cfg.source.split(":", 2) + ["", ""])[:3]
     try:
         return datasets.load_dataset(

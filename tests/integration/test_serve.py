@@ -364,7 +364,7 @@ BAD = {
                                                            "messages": [{"role": "user", "content": "x"}]}, None, 400),
     "functions": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                            "functions": [{"name": "f", "parameters": {}}]}, None, 400),
-    "top_k (vLLM's, not honoured)": ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 5}, None, 400),
+    "min_p (vLLM's, not honoured)": ("/v1/completions", {"model": MODEL, "prompt": "x", "min_p": 0.5}, None, 400),
     "image part": ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, None, 400),
     "unknown route": ("/v1/engines", {"model": MODEL}, None, 404),

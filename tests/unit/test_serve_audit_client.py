@@ -45,6 +45,7 @@ def served(tmp_path_factory):
     path = build_tiny_moe(base / MODEL, base / "serve-cache")
     model, tok = sy.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     tok.chat_template += "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    model.generation_config.top_k = 1  # the model's own sampling default: greedy unless a request sets top_k
     engine = Engine(ModelRunner(model, decode="sequential", max_batch=2, max_model_len=CONTEXT), tok, eos_token_ids=[])
     app = create_app(engine, tok, MODEL, ServeConfig(model=MODEL, api_key=KEY), ServeMetrics())
     port = free_port()
@@ -175,3 +176,16 @@ def test_a_wrong_method_is_a_405_with_allow_and_a_wrong_url_names_the_fix(served
         served.client.post("/chat/completion", body={}, cast_to=object)  # a typo: the routes are listed
     assert "Invalid URL (POST /v1/chat/completion)" in err.value.message and "POST /v1/chat/completions" in \
         err.value.message and "did you mean" not in err.value.message
+
+
+def test_the_models_generation_config_gives_the_sampling_defaults(served):
+    """A request that leaves top_k out takes the generation_config's (1 here: the greedy tokens whatever the seed);
+    one that sends it samples. The server used temperature 1 / top_p 1 / no top_k for every model."""
+    client, prompt = served.client, "def add(a, b):"
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    for seed in (1, 2, 3):
+        assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=seed).choices[0].text == greedy
+    sampled = {client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, seed=seed,
+                                         extra_body={"top_k": -1}).choices[0].text for seed in range(4)}
+    assert sampled != {greedy}
+

@@ -263,7 +263,7 @@ def test_logit_bias_tools_and_content_parts_are_honoured_or_refused_never_ignore
     off = dict(top_k=-1, min_p=0.0, repetition_penalty=1.0, min_tokens=0, stop_token_ids=[], use_beam_search=False,
                modalities=["text"], guided_json=None)
     P.ChatCompletionRequest(model="m", messages=user, **off)
-    for name, value in (("top_k", 5), ("min_p", 0.1), ("repetition_penalty", 1.2), ("min_tokens", 3), ("stop_token_ids",
+    for name, value in (("min_p", 0.1), ("repetition_penalty", 1.2), ("min_tokens", 3), ("stop_token_ids",
                         [2]), ("guided_json", {"type": "object"}), ("modalities", ["text", "audio"])):
         with pytest.raises(ValidationError, match=f"{name}=.* is not supported by this server; leave {name} out"):
             P.CompletionRequest(model="m", prompt="x", **{name: value})
@@ -302,7 +302,7 @@ def test_a_400_from_a_request_level_check_names_its_field_without_pydantics_pref
               "stream_options is only allowed with stream=true"),
              (P.CompletionRequest, dict(prompt="x", frequency_penalty=2.5), "frequency_penalty", "less than or equal"),
              (P.CompletionRequest, dict(prompt=[]), "prompt", "prompt must not be an empty list"),
-             (P.CompletionRequest, dict(prompt="x", top_k=5), "top_k", "top_k=5 is not supported by this server"),
+             (P.CompletionRequest, dict(prompt="x", min_p=0.5), "min_p", "min_p=0.5 is not supported by this server"),
              (P.CompletionRequest, dict(prompt="x", max_tokens=0), "max_tokens", "greater than or equal to 1"),
              (P.ChatCompletionRequest, dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
               "tools", "tools (and functions) are not supported"),

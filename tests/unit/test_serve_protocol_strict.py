@@ -29,7 +29,8 @@ WRONG: dict[str, list[object]] = {
     "prompt": [5, [True, False], [[True]], [1.5], True], "echo": ["true", 1], "logprobs": [False, True, "1"],
     "best_of": [True, "1"], "suffix": [5], "messages": ["hi", [5], {"role": "user"}], "top_logprobs": [True, "2"],
     "tools": ["x"], "functions": ["x"], "tool_choice": [5], "function_call": [5], "response_format": ["text"],
-    "add_generation_prompt": ["true", 1], "continue_final_message": ["true", 1], "chat_template_kwargs": ["x", [1]],
+    "top_k": ["1", True, 1.5], "add_generation_prompt": ["true", 1], "continue_final_message": ["true", 1],
+    "chat_template_kwargs": ["x", [1]],
 }
 CHAT_LOGPROBS_WRONG = [1, "true"]  # chat's logprobs is a boolean
 MESSAGE_WRONG = {"role": [5], "content": [5, [{"type": "text", "text": 5}], [{"type": "text", "text": True}]],
@@ -96,8 +97,8 @@ def test_what_json_allows_is_still_taken():
 
 
 def test_an_unsupported_settings_off_value_must_have_its_json_type():
-    """``"top_k": false`` compared equal to the "off" 0 (and ``"use_beam_search": 0`` to false) and passed."""
-    for name, value in (("top_k", False), ("use_beam_search", 0), ("include_stop_str_in_output", 0)):
+    """``"min_p": false`` compared equal to the "off" 0 (and ``"use_beam_search": 0`` to false) and passed."""
+    for name, value in (("min_p", False), ("use_beam_search", 0), ("include_stop_str_in_output", 0)):
         message, param, code = _refused(P.CompletionRequest, dict(model="m", prompt="x", **{name: value}))
         assert (param, code) == (name, "invalid_value") and "is not supported by this server" in message, message
 

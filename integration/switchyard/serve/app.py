@@ -31,7 +31,7 @@ from switchyard.serve.config import ServeConfig
 from switchyard.serve.engine import (ENGINE_FAILED, NONFINITE_LOGITS, SHUTTING_DOWN, Engine, EngineDraining, Sequence,
                                      SeqOutput)
 from switchyard.serve.metrics import CONTENT_TYPE, ServeMetrics
-from switchyard.serve.sampling import SamplingParams
+from switchyard.serve.sampling import GENERATION_DEFAULTS, SamplingParams, generation_defaults
 
 log = get_logger(__name__)
 
@@ -476,6 +476,10 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
     max_len = engine.max_model_len
     logprobs_of = _Logprobs(tokenizer)
     template_parameters = _named_parameters(tokenizer.apply_chat_template) | {"messages"}  # the template's own
+    sampling_defaults = generation_defaults(engine.runner.model)
+    if sampling_defaults:
+        log.info("sampling defaults from the model's generation_config.json for requests that leave them out: %s",
+                 sampling_defaults, ranks=[0])
 
     # -- errors ---------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -542,7 +546,9 @@ def create_app(engine: Engine, tokenizer: Any, model_name: str, config: ServeCon
         if bad:
             raise APIError(400, f"logit_bias names token ids {bad[:5]} outside the vocabulary [0, {vocab_size})",
                            param="logit_bias", code="invalid_value")
-        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        sampling = {name: getattr(req, name) if name in req.model_fields_set else sampling_defaults.get(
+            name, getattr(req, name)) for name in GENERATION_DEFAULTS}  # sent (not null) wins, then the model's
+        return SamplingParams(max_tokens=max_tokens, **sampling, seed=req.seed,
                               stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos, logprobs=logprobs,
                               logit_bias=req.logit_bias_ids, presence_penalty=req.presence_penalty,
                               frequency_penalty=req.frequency_penalty)

@@ -86,9 +86,9 @@ PromptIds = Annotated[list[list[int]], Tag("list[token_ids]")]
 
 # Settings this server does not implement, with the values that mean "off" (vLLM's sampling and structured-output
 # extensions, OpenAI's audio output): any other value is a 400 naming the field, not an unknown field dropped
-# without a word, so a client tuned for vLLM (``extra_body={"top_k": 1}``) learns that it is not honoured.
+# without a word, so a client tuned for vLLM (``extra_body={"min_p": 0.1}``) learns that it is not honoured.
 UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
-    "top_k": (-1, 0), "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "stop_token_ids": ([],),
+    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "stop_token_ids": ([],),
     "include_stop_str_in_output": (False,), "use_beam_search": (False,), "guided_json": (), "guided_regex": (),
     "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "audio": (), "modalities": (["text"],),
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "prompt_logprobs": (),
@@ -110,6 +110,7 @@ class _SamplingRequest(_Request):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)  # vLLM's extension: the k most likely tokens only; -1 or 0 is off
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None

@@ -29,6 +29,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # the k most likely tokens only (vLLM's and generate()'s top_k); 0 or -1 is off
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -44,6 +45,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (-1 or 0: off), got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
@@ -103,12 +106,15 @@ def choice_logits(logits_RV: torch.Tensor, params_R: list[SamplingParams],
 
 
 def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from the last position's logits ``[V]`` (temperature, then nucleus, then a draw)."""
+    """One token id from the last position's logits ``[V]`` (temperature, then top-k, then nucleus, then a draw: the
+    order of generate()'s warpers and vLLM's sampler)."""
     if params.greedy:
         return int(torch.argmax(logits_V))
     logits_V = logits_V.float()
     # the largest shifted to 0 first (softmax does not change): near SAMPLING_EPS the division cannot reach +inf
     scaled_V = (logits_V - logits_V.max()) / params.temperature
+    if 0 < params.top_k < scaled_V.numel():  # ties with the k-th stay, as in generate()'s TopKLogitsWarper
+        scaled_V = scaled_V.masked_fill(scaled_V < torch.topk(scaled_V, params.top_k).values[-1], float("-inf"))
     if params.top_p < 1:
         sorted_V, order_V = torch.sort(scaled_V, descending=True)
         probs_V = torch.softmax(sorted_V, dim=-1)
@@ -233,3 +239,18 @@ def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
     """Index of the earliest stop string in ``text`` beginning at or after ``start`` (-1: none)."""
     hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else -1
+
+
+# sampling settings a model's generation_config.json may carry, used for the ones a request leaves out (as vLLM does)
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k")
+
+
+def generation_defaults(model: Any) -> dict[str, Any]:
+    """The sampling settings the model's ``generation_config`` sets (those differing from transformers' defaults:
+    Qwen3's temperature 0.6, top_p 0.95, top_k 20), which a request's unset fields take; ``{}`` without one."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    written = config.to_diff_dict()
+    return {name: written[name] for name in GENERATION_DEFAULTS if written.get(name) is not None}
+

@@ -118,6 +118,41 @@ def test_multi_turn_chat_data_trains_under_it(tokenizers, tmp_path: Path) -> Non
         assert [lab != IGNORE for lab in row["labels"][:n]] == [bool(m) for m in ref["assistant_masks"]]
 
 
+# Two more rules of real templates, in templates of ours (the tags mark what the oracle trains):
+OTHER_TEMPLATES = {
+    # DeepSeek-R1's: the generation prompt opens the reasoning ("<A><think>\n"), while earlier turns keep only the
+    # answer after "<A>": the header is what of it the whole render holds, "<A>", and is not trained
+    "reasoning_prompt": (
+        "{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<A>' }}{% generation %}"
+        "{{- m.content.split('</think>')[-1].lstrip() + '<E>' }}{% endgeneration %}"
+        "{%- else %}{{- '<U>' + m.content }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<A><think>\\n' }}{%- endif %}"),
+    # Phi-3's: an eos after the conversation's last message when no generation prompt follows, so the render before
+    # an assistant turn ends in an eos the whole conversation does not have there (every multi-turn chat was refused);
+    # the last turn ends with it, and it is trained with that turn
+    "eos_after_the_last_message": (
+        "{%- for m in messages %}{{- '<|' + m.role + '|>\\n' }}{%- if m.role == 'assistant' %}{% generation %}"
+        "{{- m.content + '<|end|>\\n' }}{% endgeneration %}{%- else %}{{- m.content + '<|end|>\\n' }}{%- endif %}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}"
+        "{%- else %}{% generation %}{{- eos_token }}{% endgeneration %}{%- endif %}"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_TEMPLATES))
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_other_template_rules_match_transformers_generation_mask(tokenizers, name: str, index: int) -> None:
+    oracle = copy.deepcopy(tokenizers[1])
+    oracle.chat_template = OTHER_TEMPLATES[name]
+    tok = copy.deepcopy(oracle)
+    tok.chat_template = OTHER_TEMPLATES[name].replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    msgs = CONVERSATIONS[index]
+    assert tok.apply_chat_template(msgs, tokenize=False) == oracle.apply_chat_template(msgs, tokenize=False)
+    ids, labels = chat_ids_labels(tok, msgs)
+    ref = oracle.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == ref["input_ids"]
+    assert [lab != IGNORE for lab in labels] == [bool(m) for m in ref["assistant_masks"]]
+
+
 @pytest.mark.parametrize("template, what", [
     # the content rewritten, and the turn written otherwise when it is last: nowhere to find it, no guessed mask
     ("{% for m in messages %}{% if m.role == 'assistant' %}<a>{{ m.content | upper }}{% if loop.last %}!{% endif %}"

@@ -9,9 +9,13 @@ server tokenize), in one of two ways:
 - **located** (templates that render an assistant turn differently once later turns follow, e.g. Qwen3's hybrid
   thinking, which writes an empty ``<think>`` block only in the turns after the last user message, and reasoning
   templates that drop earlier turns' ``<think>`` text): the context before each assistant turn must still render
-  as in the whole conversation; the turn runs from the generation prompt's header to its content's end and the
-  end-of-turn text the template writes after it. Content the render does not hold (transformed by the template)
-  is an error, never a guessed mask.
+  as in the whole conversation (but for an eos some templates, Phi-3's, write after the last message only); the turn
+  runs from the generation prompt's header (what of it the render holds: DeepSeek-R1's prompt opens ``<think>``,
+  its history does not) to its content's end and the end-of-turn text the template writes after it. Content the
+  render does not hold (transformed by the template) is an error, never a guessed mask. Checked against
+  transformers' ``{% generation %}`` mask on 19 public templates (Qwen3, Qwen2.5, Llama-2/3, Mistral, Gemma-2/3,
+  Phi-3.5/4, OLMo-2, SmolLM2/3, DeepSeek-R1/V3, gpt-oss), where the two differ only in whether the newline after
+  an end-of-turn token is trained (here it is, as the ChatML rule in docs/finetune.md says).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def chat_ids_labels(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[lis
     text = render(messages, False)
     spans = _prefix_spans(messages, render, text)
     if spans is None:
-        spans = _located_spans(messages, render, text)
+        spans = _located_spans(messages, render, text, getattr(tokenizer, "eos_token", None))
     if not getattr(tokenizer, "is_fast", False):  # no offsets: tokenize the pieces between the boundaries
         ids: list[int] = []
         labels: list[int] = []
@@ -113,33 +117,51 @@ def _prefix_spans(messages: list[dict[str, Any]], render: Render, text: str) -> 
     return spans if text.startswith(done) else None
 
 
-def _located_spans(messages: list[dict[str, Any]], render: Render, text: str) -> list[tuple[int, int]]:
+def _located_spans(messages: list[dict[str, Any]], render: Render, text: str,
+                   eos: str | None) -> list[tuple[int, int]]:
     """Each response's character range in ``text``, found between the context that precedes it (which must render
     as in ``text``) and the next response's context: from the generation prompt's header, through the content, to
     the end-of-turn text the template writes after it."""
     turns = _assistant_turns(messages)
-    contexts = [render(messages[:i], False) for i in turns]
+    prompts = [render(messages[:i], True) for i in turns]
+    contexts = [_context(render(messages[:i], False), eos, text) for i in turns]
     spans: list[tuple[int, int]] = []
-    for k, (i, context) in enumerate(zip(turns, contexts)):
+    for k, (i, context, prompt) in enumerate(zip(turns, contexts, prompts)):
         if not text.startswith(context) or (spans and len(context) < spans[-1][1]):
             raise ValueError(NOT_DERIVABLE.format(
                 what=f"the conversation before message {i} differently once later turns follow"))
         limit = len(contexts[k + 1]) if k + 1 < len(contexts) else len(text)
-        prompt = render(messages[:i], True)
-        header = prompt[len(context):] if prompt.startswith(context) else ""
-        start = len(context) + len(header) if text.startswith(header, len(context), limit) else len(context)
+        header = full_header = prompt[len(context):] if prompt.startswith(context) else ""
+        while header and not text.startswith(header, len(context), limit):  # the part history holds: R1's
+            header = header[:-1]  # prompt opens "<think>\n", its earlier turns do not
+        start = len(context) + len(header)
         own = render(messages[: i + 1], False)  # this turn last, as the template writes it
         turn = own[len(prompt):] if own.startswith(prompt) else ""
         content, at = _find_content(messages[i].get("content"), turn, text[:limit], start)
+        if at < 0 and start > len(context):  # a partly matched header may have run into the content
+            content, at = _find_content(messages[i].get("content"), turn, text[:limit], len(context))
+            start = min(start, at) if at >= 0 else start
         if at < 0:
             raise ValueError(NOT_DERIVABLE.format(
                 what=f"assistant message {i}'s content in a form not found in the conversation's render"))
         closing = own[own.rfind(content) + len(content):] if content in own else ""  # its end-of-turn text
         end = at + len(content)
+        if not text.startswith(closing, end, limit):  # this turn written last closes otherwise (Phi-3's eos,
+            before = render(messages[: i + 1], True)  # gpt-oss' <|return|>): as history, a prompt following
+            closing = before[before.rfind(content) + len(content):] if content in before else closing
+            closing = closing.removesuffix(full_header) if full_header else closing
         while closing and not text.startswith(closing, end, limit):
             closing = closing[:-1]
         spans.append((start, end + len(closing)))
     return spans
+
+
+def _context(context: str, eos: str | None, text: str) -> str:
+    """The render before a turn as the whole conversation holds it: without the eos a template writes after a
+    conversation's last message only (Phi-3: ``{% else %}{{ eos_token }}`` when no generation prompt follows)."""
+    if eos and not text.startswith(context) and context.endswith(eos) and text.startswith(context[: -len(eos)]):
+        return context[: -len(eos)]
+    return context
 
 
 def _find_content(content: Any, turn: str, text: str, start: int) -> tuple[str, int]:

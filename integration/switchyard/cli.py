@@ -97,6 +97,15 @@ def check_model_dir(model: str, flag: str = "--model") -> Path:
     return local
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """``path``'s JSON object, ``{}`` for one that is not (check_export then names what is wrong with it)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def model_config(model: str, flag: str = "--model") -> Any:
     """``config.json`` of a local model dir or hub id, or a one-line ``ValueError`` naming ``model``."""
     from transformers import AutoConfig
@@ -374,8 +383,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from switchyard.hf.checkpoint import CONFIG_KEY
     from switchyard.hf.export import check_export
 
-    # a file or a missing directory, named as upcycle and plan name them; then the kind of model
-    if not getattr(model_config(args.model), CONFIG_KEY, None):
+    # a file or a missing directory, named as upcycle and plan name them; then the kind of model, from the local
+    # config.json alone (a hub lookup of a mistyped path waited on the network)
+    local = check_model_dir(args.model)
+    config_file = local / "config.json"
+    if config_file.is_file() and not _json_object(config_file).get(CONFIG_KEY):
         raise ValueError(f"--model {args.model} is not a switchyard checkpoint (its config.json has no {CONFIG_KEY!r} "
                          "record), and export turns one into a transformers MoE checkpoint: upcycle a dense model "
                          f"first (switchyard upcycle --model {args.model} --num-experts N --top-k K --out DIR) and "
@@ -696,14 +708,16 @@ _SETTING = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(_SETTINGS
                       + r")(?=\s*[=*]| must | matched )(?!=None\b|=\[\]|=\(\))")
 
 
-def _with_flags(message: str, args: argparse.Namespace) -> str:
-    """``message`` and the flags behind the settings it names (``top_k=8`` was ``--top-k 8``): the library's
-    messages speak its API, which Python users rely on; the command's user typed flags."""
+def _with_flags(message: str, args: argparse.Namespace, argv: list[str]) -> str:
+    """``message`` and the flags the user typed (``argv``) behind the settings it names (``top_k=8`` was
+    ``--top-k 8``): the library's messages speak its API, which Python users rely on; the command's user typed
+    flags. A default the user did not type (``--tp 1``) is not credited to them."""
+    typed_flags = {word.split("=", 1)[0] for word in argv if word.startswith("--")}
     parts = {}
     for name in _SETTING.findall(message):
         dest = name.removeprefix("parallel.")
-        value = getattr(args, dest, None)  # None: not a flag of this command, or not given (the model's own value)
-        if dest in parts or value is None:
+        value = getattr(args, dest, None)
+        if dest in parts or value is None or f"--{dest.replace('_', '-')}" not in typed_flags:
             continue
         sep = "," if dest == "layers" else " "  # --layers is one comma-separated word; nargs flags are words
         typed = sep.join(shlex.quote(str(v)) for v in (value if isinstance(value, list) else [value]))
@@ -716,11 +730,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter))
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][2](args)
     except (ValueError, OSError) as err:  # user mistakes: bad settings, missing or unreadable files
-        print(f"switchyard {args.command}: error: {_with_flags(_one_line(err), args)}", file=sys.stderr)
+        print(f"switchyard {args.command}: error: {_with_flags(_one_line(err), args, argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a save or an export interrupted keeps what was there (docs/checkpoints.md)
         print(f"switchyard {args.command}: interrupted", file=sys.stderr)

@@ -97,6 +97,34 @@ def test_ranks_that_patched_other_layers_fail_on_every_rank(layers, differ):
         assert differ in message and "patch the same layers on every rank" in message, message
 
 
+def _compiled_at_ep2() -> list[float]:
+    """A patched model under torch.compile: dynamo cannot trace the peers' all_gather_object (its process group), so
+    the check runs outside the graph (it crashed the first forward: InternalTorchDynamoError)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import switchyard as sy
+
+    manager = sy.ProcessGroupManager(ep=2)
+    config = AutoConfig.for_model("llama", hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
+    torch.manual_seed(0)
+    model = sy.patch_model(AutoModelForCausalLM.from_config(config), sy.MoEConfig(num_experts=4, top_k=2),
+                           groups=manager)
+    compiled = torch.compile(model, backend="eager")
+    ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(dist.get_rank()))
+    losses = []
+    for _ in range(2):
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss))
+    return losses
+
+
+def test_a_compiled_model_checks_its_peers_outside_the_graph():
+    for losses in run_on_ranks(_compiled_at_ep2, 2, timeout_s=120):
+        assert len(losses) == 2 and all(loss == loss for loss in losses)
+
+
 def _uneven_batches_checked_once() -> tuple[int, float]:
     """[B, S, H] batches of other lengths on each rank (rank 0 none at all, then some) through an ep=2 layer vs the
     same weights at ep=1; a layer built on rank 0 alone (never called) takes no collective."""

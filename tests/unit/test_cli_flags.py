@@ -166,3 +166,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     assert main(argv) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == "switchyard upcycle: interrupted"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_default_the_user_did_not_type_is_not_credited_to_them(tmp_path, capsys):
+    """`plan --ep 3` names --ep and --num-experts as typed, not "tp is --tp 1" (argparse's default)."""
+    line = error(capsys, ["plan", "--model", config_only(tmp_path / "dense"), "--num-experts", "4", "--world", "8",
+                          "--ep", "3"])
+    assert "ep is --ep 3" in line and "--tp" not in line and "--pp" not in line, line

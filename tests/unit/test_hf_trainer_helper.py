@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import switchyard as sy
+from switchyard.deepspeed import hf_trainer
 from switchyard.deepspeed.hf_trainer import moe_optimizer_cls_and_kwargs
 from tiny_models import build
 
@@ -44,6 +45,26 @@ def arguments(stage: int | None = None, save_strategy: str = "no") -> SimpleName
 def test_trainer_checkpoints_are_refused_with_what_to_use_instead():
     with pytest.raises(ValueError, match=r"save_strategy='steps'.*switchyard.save_pretrained\(trainer.model"):
         moe_optimizer_cls_and_kwargs(arguments(save_strategy="steps"), patched())
+
+
+def test_a_deepspeed_optimizer_section_is_refused():
+    """Trainer builds DeepSpeed's optimizer from such a section and never calls create_optimizer."""
+    args = arguments(stage=2)
+    args.hf_deepspeed_config.config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4}}
+    with pytest.raises(ValueError, match=r'my_ds.json has an "optimizer" section.*Remove the section'):
+        moe_optimizer_cls_and_kwargs(args, patched())
+
+
+def test_ep_without_deepspeed_is_refused():
+    """Without deepspeed= Trainer wraps the model in DDP, which broadcasts rank 0's experts to every rank."""
+    model = patched()
+    for layer in sy.hf.patch.moe_layers(model):
+        layer.ep_size = 2
+    with pytest.raises(ValueError, match=r"ep=2 ranks, and TrainingArguments has no deepspeed config.*DDP"):
+        moe_optimizer_cls_and_kwargs(arguments(), model)
+    for layer in sy.hf.patch.moe_layers(model):
+        layer.ep_size = 1
+    hf_trainer._check(arguments(), model)  # one process or DDP at ep=1: Trainer's own path, nothing refused
 
 
 def test_zero3_is_refused():

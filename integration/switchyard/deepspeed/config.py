@@ -83,7 +83,7 @@ def _read(path: Path) -> dict[str, Any]:
     return config
 
 
-def _stage(config: dict[str, Any], path: Path) -> int:
+def stage_of(config: dict[str, Any], path: Path) -> int:
     """``zero_optimization.stage``, 0 if absent. DeepSpeed drops "auto" values silently (stage 0), while the
     loop picks its clipping by the stage: switchyard wants the number written out."""
     zero = config.get("zero_optimization", {})
@@ -98,7 +98,7 @@ def _stage(config: dict[str, Any], path: Path) -> int:
 
 def zero_stage(path: str | Path) -> int:
     path = Path(path)
-    return _stage(_read(path), path)
+    return stage_of(_read(path), path)
 
 
 def _fill(config: dict[str, Any], key: str, value: Any, source: str, path: Path) -> None:
@@ -128,7 +128,7 @@ def fill_deepspeed_config(
     agree with ``clip`` but DeepSpeed gets 0.0 (it must not clip again with its own norm)."""
     path = Path(path)
     config = _read(path)
-    stage = _stage(config, path)
+    stage = stage_of(config, path)
     if stage == 3:
         # the optimizer offloads as at stage 2 (tests/integration/test_finetune_offload_gpu.py); the weights do not
         if (config.get("zero_optimization", {}).get("offload_param") or {}).get("device", "none") != "none":

@@ -25,11 +25,11 @@ log = get_logger(__name__)
 def _settings_and_stage(config: Any) -> tuple[dict[str, Any], int]:
     """``deepspeed.initialize``'s ``config`` (a dict, or the path of a JSON file) as a dict, and its ZeRO stage
     (checked as the launcher checks it: a number written out)."""
-    from switchyard.deepspeed.config import _read, _stage
+    from switchyard.deepspeed.config import _read, stage_of
 
     path = Path("(the config dict)") if isinstance(config, dict) else Path(config)
     settings = config if isinstance(config, dict) else _read(path)
-    return settings, _stage(settings, path)
+    return settings, stage_of(settings, path)
 
 
 def _check_stage0_clip(model: nn.Module, settings: dict[str, Any], config: Any) -> None:

@@ -44,6 +44,17 @@ SAVE_MESSAGE = (
     "switchyard.save_pretrained(trainer.model, path) on every rank (reload with switchyard.from_pretrained); "
     "launch/finetune.py's checkpoints resume"
 )
+NO_DEEPSPEED_MESSAGE = (
+    "the model's experts are split over ep={ep} ranks, and TrainingArguments has no deepspeed config: Trainer would "
+    "wrap the model in DDP, which copies rank 0's experts to every rank and averages expert gradients over the whole "
+    "world. Pass TrainingArguments(deepspeed=\"configs/deepspeed/zero2.json\")"
+)
+OPTIMIZER_SECTION_MESSAGE = (
+    "{path} has an \"optimizer\" section: Trainer then hands DeepSpeed its own optimizer of every parameter in one "
+    "group and never asks for switchyard's, whose expert groups ZeRO-1/2 require (\"None of the param groups are "
+    "marked as MoE\"). Remove the section; TrainingArguments' optim, learning_rate, adam_beta1/2 and weight_decay "
+    "choose the optimizer"
+)
 MPU_MESSAGE = (
     "the model's MoE layers were built with tp={tp}, pp={pp}: Trainer gives deepspeed.initialize no mpu, so DeepSpeed "
     "would reduce dense gradients over the whole world, not switchyard's data-parallel groups. Use Trainer with expert "
@@ -52,7 +63,7 @@ MPU_MESSAGE = (
 
 
 def _check(args: Any, model: nn.Module) -> None:
-    from switchyard.deepspeed.config import _stage
+    from switchyard.deepspeed.config import stage_of
     from switchyard.hf.patch import moe_layers
 
     layers = moe_layers(model)
@@ -62,15 +73,19 @@ def _check(args: Any, model: nn.Module) -> None:
     if args.save_strategy != "no":
         raise ValueError(SAVE_MESSAGE.format(strategy=getattr(args.save_strategy, "value", args.save_strategy)))
     hf_config = getattr(args, "hf_deepspeed_config", None)
+    ep = max((layer.ep_size for layer in layers), default=1)
     if hf_config is None:
+        if ep > 1:
+            raise ValueError(NO_DEEPSPEED_MESSAGE.format(ep=ep))
         return
     path = args.deepspeed if isinstance(args.deepspeed, str) else "the deepspeed config"
     settings = hf_config.config
-    stage = _stage(settings, path)
+    if "optimizer" in settings:
+        raise ValueError(OPTIMIZER_SECTION_MESSAGE.format(path=path))
+    stage = stage_of(settings, path)
     if stage == 3:
         raise ValueError(STAGE3_MESSAGE.format(path=path))
     clip = settings.get("gradient_clipping", 0.0)
-    ep = max((layer.ep_size for layer in layers), default=1)
     if stage == 0 and ep > 1 and isinstance(clip, (int, float)) and clip > 0:
         raise ValueError(STAGE0_CLIP_MESSAGE.format(path=path, clip=clip, ep=ep))
 

@@ -101,6 +101,8 @@ _PEER_FIXES = {
     "patched_as": "patch the same layers on every rank (the same moe.targets / exclude / layers / every_n)",
 }
 _BUILD_FIX = "build the layer from the same MoEConfig and hidden size on every rank"
+# MoEConfig fields that shape only how the weights were made, not the forward (a load rewrites init as "copy")
+_BUILD_ONLY = ("init", "extra")
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
@@ -301,12 +303,13 @@ class MoELayer(DeepSpeedMoEModule):
         """What every EP rank's layer must share: its config and shapes, the dtype its rows cross in, and the modes
         that choose its collectives (grad mode: the backward's all-to-alls and the routing weights' own; replicated
         tokens: an all-reduce instead of all-to-alls)."""
-        config = {f.name: getattr(self.config, f.name) for f in fields(self.config)}
+        config = {f.name: getattr(self.config, f.name) for f in fields(self.config) if f.name not in _BUILD_ONLY}
         return {**config, "intermediate_size": self.intermediate_size, "hidden_size": self.hidden_size,
                 "dtype": dtype, "training": self.training, "grad_enabled": torch.is_grad_enabled(),
                 "replicated_tokens": self.replicated_tokens, "fold_routing_weights": self.fold_routing_weights,
                 "experts_impl": self.experts.impl, "patched_as": self.patched_as}
 
+    @torch.compiler.disable  # dynamo cannot trace all_gather_object's process group: run it outside the graph
     def _check_ep_peers(self, dtype: torch.dtype) -> None:
         """Once, at the first forward at ep > 1: every rank raises, naming each EP rank's value, where the EP ranks'
         signatures differ. Ranks that disagree on the expert count exchange count matrices of different sizes (gloo
@@ -323,8 +326,9 @@ class MoELayer(DeepSpeedMoEModule):
             per_key = "; ".join(f"different {key} (" + ", ".join(
                 f"EP rank {r}: {signature.get(key)}" for r, signature in enumerate(gathered)) + ")" for key in differ)
             fixes = dict.fromkeys(_PEER_FIXES.get(key, _BUILD_FIX) for key in differ)
-            raise ValueError(f"the EP ranks of this MoE layer (global ranks {dist.get_process_group_ranks(group)}) run "
-                             f"it with {per_key}: {'; '.join(fixes)}")
+            name = f" {self.patched_as[0]}" if self.patched_as else ""
+            raise ValueError(f"the EP ranks of the MoE layer{name} (global ranks {dist.get_process_group_ranks(group)}) "
+                             f"run it with {per_key}: {'; '.join(fixes)}")
         self._ep_peers_checked = True
 
     def _routed_forward(self, x_NH: torch.Tensor, routed: RouterOutput, keep_NK: torch.Tensor | None,

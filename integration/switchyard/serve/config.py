@@ -72,8 +72,9 @@ class ServeConfig:
         if self.served_model_name:
             return self.served_model_name
         path = path.resolve()
-        if path.name == "model" and path.parent.name.startswith("step_") and path.parent.parent.name == "checkpoints":
-            return f"{path.parent.parent.parent.name}-{path.parent.name}"
+        step, checkpoints, run = path.parent, path.parent.parent, path.parent.parent.parent
+        if path.name == "model" and step.name.startswith("step_") and checkpoints.name == "checkpoints" and run.name:
+            return f"{run.name}-{step.name}"
         return path.name
 
     @classmethod

@@ -78,10 +78,8 @@ def test_the_template_is_not_prefix_stable(tokenizers) -> None:
     assert not tok.apply_chat_template(msgs, tokenize=False).startswith(first_turn)
 
 
-@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
-def test_labels_match_transformers_generation_mask(tokenizers, index: int) -> None:
-    tok, oracle = tokenizers
-    msgs = CONVERSATIONS[index]
+def assert_labels_match_the_oracle(tok: Any, oracle: Any, msgs: list[dict]) -> None:
+    """Our ids and labels against transformers' tokenization and {% generation %} mask of the tagged template."""
     assert tok.apply_chat_template(msgs, tokenize=False) == oracle.apply_chat_template(msgs, tokenize=False)
     ids, labels = chat_ids_labels(tok, msgs)
     ref = oracle.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -89,6 +87,11 @@ def test_labels_match_transformers_generation_mask(tokenizers, index: int) -> No
     assert [lab != IGNORE for lab in labels] == [bool(m) for m in ref["assistant_masks"]]
     assert all(lab in (IGNORE, t) for lab, t in zip(labels, ids))
     assert sum(ref["assistant_masks"]) > 0
+
+
+@pytest.mark.parametrize("index", range(len(CONVERSATIONS)))
+def test_labels_match_transformers_generation_mask(tokenizers, index: int) -> None:
+    assert_labels_match_the_oracle(*tokenizers, CONVERSATIONS[index])
 
 
 def test_without_offsets_the_same_labels(tokenizers) -> None:
@@ -145,12 +148,7 @@ def test_other_template_rules_match_transformers_generation_mask(tokenizers, nam
     oracle.chat_template = OTHER_TEMPLATES[name]
     tok = copy.deepcopy(oracle)
     tok.chat_template = OTHER_TEMPLATES[name].replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    msgs = CONVERSATIONS[index]
-    assert tok.apply_chat_template(msgs, tokenize=False) == oracle.apply_chat_template(msgs, tokenize=False)
-    ids, labels = chat_ids_labels(tok, msgs)
-    ref = oracle.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    assert ids == ref["input_ids"]
-    assert [lab != IGNORE for lab in labels] == [bool(m) for m in ref["assistant_masks"]]
+    assert_labels_match_the_oracle(tok, oracle, CONVERSATIONS[index])
 
 
 @pytest.mark.parametrize("template, what", [

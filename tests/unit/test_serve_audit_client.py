@@ -11,17 +11,16 @@ carries ``Allow``), the ``openai`` client's own URL building (``base_url`` + ``/
 
 from __future__ import annotations
 
-import threading
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
 import switchyard as sy  # noqa: E402
+from serving import in_process_server  # noqa: E402
 
 MODEL, KEY, CONTEXT = "serve-tiny-moe", "audit-client-key", 128
 USER = [{"role": "user", "content": "def add(a, b):"}]
@@ -29,48 +28,18 @@ USER = [{"role": "user", "content": "def add(a, b):"}]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import uvicorn
     from transformers import AutoTokenizer
 
-    from switchyard.parallel.ports import free_port
-    from switchyard.serve.app import create_app
-    from switchyard.serve.config import ServeConfig
-    from switchyard.serve.engine import Engine, ModelRunner
     from switchyard.serve.loading import build_tiny_moe
-    from switchyard.serve.metrics import ServeMetrics
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     base = tmp_path_factory.getbasetemp()
     path = build_tiny_moe(base / MODEL, base / "serve-cache")
     model, tok = sy.from_pretrained(path), AutoTokenizer.from_pretrained(path)
     tok.chat_template += "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
     model.generation_config.top_k = 1  # the model's own sampling default: greedy unless a request sets top_k
-    engine = Engine(ModelRunner(model, decode="sequential", max_batch=2, max_model_len=CONTEXT), tok, eos_token_ids=[])
-    app = create_app(engine, tok, MODEL, ServeConfig(model=MODEL, api_key=KEY), ServeMetrics())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    stop = threading.Event()
-
-    def engine_loop() -> None:
-        while not stop.is_set():
-            if engine.step() is None:
-                engine.wait_for_work(0.02)
-
-    workers = [threading.Thread(target=server.run, daemon=True), threading.Thread(target=engine_loop, daemon=True)]
-    for worker in workers:
-        worker.start()
-    while not server.started:
-        assert workers[0].is_alive(), "uvicorn did not start"
-        workers[0].join(0.02)
-    root = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(client=openai.OpenAI(base_url=f"{root}/v1", api_key=KEY, max_retries=0, timeout=30),
-                          root=root, tok=tok)
-    server.should_exit = True
-    stop.set()
-    for worker in workers:
-        worker.join(10)
-    torch.set_num_threads(threads)
+    with in_process_server(model, tok, MODEL, KEY, max_batch=2, max_model_len=CONTEXT) as (root, _):
+        yield SimpleNamespace(client=openai.OpenAI(base_url=f"{root}/v1", api_key=KEY, max_retries=0, timeout=30),
+                              root=root, tok=tok)
 
 
 def test_vllm_chat_fields_that_change_the_prompt_are_refused_not_ignored(served):

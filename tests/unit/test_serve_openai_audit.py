@@ -21,6 +21,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 import switchyard as sy  # noqa: E402
+from serving import in_process_server  # noqa: E402
 from switchyard.serve import protocol as P  # noqa: E402
 from switchyard.serve.sampling import SamplingParams  # noqa: E402
 
@@ -30,47 +31,17 @@ PROMPTS = ["def hello(world):\n    return", "import os\n"]
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import uvicorn
     from transformers import AutoTokenizer
 
-    from switchyard.parallel.ports import free_port
-    from switchyard.serve.app import create_app
-    from switchyard.serve.config import ServeConfig
-    from switchyard.serve.engine import Engine, ModelRunner
     from switchyard.serve.loading import build_tiny_moe
-    from switchyard.serve.metrics import ServeMetrics
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     base = tmp_path_factory.getbasetemp()
     path = build_tiny_moe(base / MODEL, base / "serve-cache")
     model, tok = sy.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    # no EOS ids: every answer runs to max_tokens, whatever this torch build's tiny weights say (as the engine tests)
-    engine = Engine(ModelRunner(model, decode="sequential", max_batch=4, max_model_len=CONTEXT), tok, eos_token_ids=[])
-    app = create_app(engine, tok, MODEL, ServeConfig(model=MODEL, api_key=KEY), ServeMetrics())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    stop = threading.Event()
-
-    def engine_loop() -> None:
-        while not stop.is_set():
-            if engine.step() is None:
-                engine.wait_for_work(0.02)
-
-    workers = [threading.Thread(target=server.run, daemon=True), threading.Thread(target=engine_loop, daemon=True)]
-    for worker in workers:
-        worker.start()
-    while not server.started:
-        assert workers[0].is_alive(), "uvicorn did not start"
-        workers[0].join(0.02)
-    base_url = f"http://127.0.0.1:{port}/v1"
-    yield SimpleNamespace(client=openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60),
-                          base_url=base_url, model=model, tok=tok, engine=engine)
-    server.should_exit = True
-    stop.set()
-    for worker in workers:
-        worker.join(10)
-    torch.set_num_threads(threads)
+    with in_process_server(model, tok, MODEL, KEY, max_batch=4, max_model_len=CONTEXT) as (root, engine):
+        base_url = f"{root}/v1"
+        yield SimpleNamespace(client=openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=60),
+                              base_url=base_url, model=model, tok=tok, engine=engine)
 
 
 def greedy(model, ids: list[int], max_new_tokens: int, presence: float = 0.0, frequency: float = 0.0) -> list[int]:

@@ -222,15 +222,23 @@ def _module_name(text: str) -> str:
     return text
 
 
-def _add_selection_args(p: argparse.ArgumentParser, use: str) -> None:
-    """``patch_model``'s name-based selection (docs/upcycling.md, "Which layers"), as the run config's ``moe.*``."""
+def _adapter_name(name: str) -> str:
+    """An ``--adapter`` of the registry, checked when given: importing the registry to build the parser imported
+    DeepSpeed, whose accelerator notice then opened ``switchyard layout --json``'s stdout."""
     from switchyard.hf.architectures import ADAPTERS
 
+    if name not in ADAPTERS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(map(repr, sorted(ADAPTERS)))})")
+    return name
+
+
+def _add_selection_args(p: argparse.ArgumentParser, use: str) -> None:
+    """``patch_model``'s name-based selection (docs/upcycling.md, "Which layers"), as the run config's ``moe.*``."""
     p.add_argument("--targets", type=_module_name, nargs="+", default=None, metavar="NAME",
                    help=f"FFN module names to make MoE ({use}), matched like peft: exact, .-suffix or re:<regex>")
     p.add_argument("--exclude", type=_module_name, nargs="+", default=None, metavar="NAME",
                    help="FFN module names to leave dense")
-    p.add_argument("--adapter", choices=sorted(ADAPTERS), default=None,
+    p.add_argument("--adapter", type=_adapter_name, default=None,
                    help="how to read the FFNs named by --targets (an architecture outside the registry)")
 
 

@@ -105,24 +105,21 @@ def _compiled_at_ep2() -> list[float]:
     import switchyard as sy
 
     manager = sy.ProcessGroupManager(ep=2)
-    config = AutoConfig.for_model("llama", hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+    config = AutoConfig.for_model("llama", hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=32)
     torch.manual_seed(0)
     model = sy.patch_model(AutoModelForCausalLM.from_config(config), sy.MoEConfig(num_experts=4, top_k=2),
                            groups=manager)
     compiled = torch.compile(model, backend="eager")
     ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(dist.get_rank()))
-    losses = []
-    for _ in range(2):
-        loss = compiled(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(float(loss))
-    return losses
+    loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return [float(loss)]
 
 
 def test_a_compiled_model_checks_its_peers_outside_the_graph():
     for losses in run_on_ranks(_compiled_at_ep2, 2, timeout_s=120):
-        assert len(losses) == 2 and all(loss == loss for loss in losses)
+        assert len(losses) == 1 and losses[0] == losses[0]  # a loss (not NaN), not a crash
 
 
 def _uneven_batches_checked_once() -> tuple[int, float]:
